@@ -1,0 +1,45 @@
+"""Shared CLI plumbing: consoles, settings and the engine for the current invocation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from rich.console import Console
+from sqlalchemy.engine import Engine
+
+from membercare.config import Settings
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class _State:
+    debug: bool = False
+    _settings: Settings | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
+
+    @cached_property
+    def engine(self) -> Engine:
+        from membercare.db import engine_from_settings
+
+        return engine_from_settings(self.settings)
+
+
+state = _State()
+
+
+def migrated_engine() -> Engine:
+    """The configured database, upgraded to the latest schema first (idempotent and quick)."""
+    from membercare.db import current_revision, head_revision, upgrade
+
+    engine = state.engine
+    if current_revision(engine) != head_revision():
+        upgrade(state.settings.db_url)
+    return engine

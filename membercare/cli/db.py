@@ -1,0 +1,43 @@
+"""``membercare db ...``: schema migrations."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from membercare.cli import app
+from membercare.cli.common import console, state
+from membercare.db import current_revision, head_revision, upgrade
+
+db_app = typer.Typer(help="Database schema: create or upgrade with Alembic migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _redacted(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("heads", help="Target revision (default: latest).")) -> None:
+    """Create the database or upgrade it to the latest schema, keeping existing data."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    url = state.settings.db_url
+    before = current_revision(state.engine)
+    upgrade(url, revision)
+    after = current_revision(state.engine)
+    if before == after:
+        console.print(f"database {_redacted(url)} is already at revision {after}")
+    else:
+        console.print(f"database {_redacted(url)} upgraded from {before or 'empty'} to {after}")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Show the database URL (password hidden) and its schema revision."""
+    url = state.settings.db_url
+    cur, head = current_revision(state.engine), head_revision()
+    note = "up to date" if cur == head else f"needs upgrade to {head}: run `membercare db upgrade`"
+    console.print(f"{_redacted(url)}: revision {cur or 'none'} ({note})")

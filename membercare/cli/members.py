@@ -1,0 +1,81 @@
+"""``membercare members ...``: look up one member."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from membercare.cli import app
+from membercare.cli.common import console, migrated_engine
+from membercare.errors import InputError
+from membercare.members import member_profile
+
+members_app = typer.Typer(help="Look up members: profile, consents, tier, orders and coupons.", no_args_is_help=True)
+app.add_typer(members_app, name="members")
+
+
+@members_app.command("show")
+def show(
+    member: str = typer.Argument(..., help="The shop's member id (external id)."),
+    orders: int = typer.Option(5, "--orders", help="How many recent orders to list."),
+    reveal: bool = typer.Option(False, "--reveal", help="Show full email and phone (they are masked by default)."),
+) -> None:
+    """Show a member's profile, consents, tier history, recent orders and coupons."""
+    with migrated_engine().connect() as conn:
+        p = member_profile(conn, member, recent_orders=orders)
+    if p is None:
+        raise InputError(f"no member with id {member!r}")
+    m = p.member
+    from membercare.delivery.contract import redact
+
+    email = m["email"] if reveal else redact(m["email"])
+    phone = m["phone"] if reveal else redact(m["phone"])
+    head = Table.grid(padding=(0, 2))
+    for label, value in [
+        ("member", f"{m['external_id']}  {m['name']}"),
+        ("email / phone", f"{email} / {phone}"),
+        ("locale / timezone", f"{m['locale']} / {m['timezone']}"),
+        ("birthday / age group", f"{m['birthday'] or '-'} / {m['age_group'] or '-'}"),
+        ("region / city", f"{m['region'] or '-'} / {m['city'] or '-'}"),
+        ("joined", f"{m['joined_at']:%Y-%m-%d %H:%M} UTC"),
+        ("tier / points", f"{m['tier']} / {m['points_balance']:,}"),
+        ("channel preference", m["preferred_channels"].replace(",", " > ")),
+        ("purchases", f"{p.purchase_count} orders, {p.purchase_total / 100:,.2f} {p.currency} in total"),
+        ("push devices", f"{p.live_devices} live, {p.dead_devices} invalidated"),
+    ]:
+        head.add_row(f"[bold]{label}[/]", str(value))
+    console.print(head)
+
+    t = Table(title="Consent (current)", show_lines=False)
+    for col in ("channel", "purpose", "state", "source", "since"):
+        t.add_column(col)
+    for c in p.consents:
+        t.add_row(c["channel"], c["purpose"], "[green]granted[/]" if c["granted"] else "[red]revoked[/]",
+                  c["source"], f"{c['changed_at']:%Y-%m-%d}")
+    console.print(t)
+
+    if p.tiers:
+        t = Table(title="Tier history")
+        for col in ("tier", "from", "to", "reason"):
+            t.add_column(col)
+        for h in p.tiers:
+            t.add_row(h["tier"], f"{h['valid_from']:%Y-%m-%d}", f"{h['valid_to']:%Y-%m-%d}" if h["valid_to"] else "-",
+                      h["reason"])
+        console.print(t)
+
+    t = Table(title=f"Recent orders ({len(p.orders)})")
+    for col in ("order", "placed", "status", "total", "categories"):
+        t.add_column(col)
+    for o in p.orders:
+        t.add_row(o["external_id"], f"{o['placed_at']:%Y-%m-%d}", o["status"],
+                  f"{o['total_minor'] / 100:,.2f} {o['currency']}", o["categories"] or "")
+    console.print(t)
+
+    t = Table(title=f"Coupons ({len(p.coupons)})")
+    for col in ("code", "value", "expires", "state"):
+        t.add_column(col)
+    for c in p.coupons:
+        value = f"{c['percent_off']}% off" if c["kind"] == "percent" else f"{c['amount_minor'] / 100:,.0f} {c['currency']}"
+        state = f"redeemed {c['redeemed_at']:%Y-%m-%d}" if c["redeemed_at"] else "open"
+        t.add_row(c["code"], value, f"{c['expires_at']:%Y-%m-%d}", state)
+    console.print(t)

@@ -1,0 +1,82 @@
+"""Explicit configuration objects, read from the environment once and passed around.
+
+Nothing in the core reads ``os.environ`` on its own: a command builds a :class:`Settings`
+with :meth:`Settings.from_env` and hands it (or the parts it needs) down. Tests build
+``Settings(...)`` directly.
+
+Environment variables (all optional):
+
+``MEMBERCARE_HOME``           working folder for the embedded defaults (default ``./.membercare``)
+``MEMBERCARE_DATABASE_URL``   SQLAlchemy URL; default SQLite file ``$MEMBERCARE_HOME/membercare.db``.
+                              ``postgresql://`` URLs are rewritten to the psycopg 3 driver.
+``MEMBERCARE_TEMPLATES_DIR``  template folder (default: the project's ``templates/``)
+``MEMBERCARE_SHOP_TIMEZONE``  IANA zone of the shop (default ``Asia/Taipei``)
+``MEMBERCARE_SHOP_LOCALE``    shop default locale (default ``zh-TW``)
+``MEMBERCARE_SHOP_CURRENCY``  ISO 4217 currency (default ``TWD``)
+``MEMBERCARE_SHOP_COUNTRY``   default region for phone numbers without a country code (default ``TW``)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_templates_dir() -> Path:
+    """The project's ``templates/`` in a checkout, else the copy bundled into the wheel."""
+    in_checkout = PROJECT_ROOT / "templates"
+    if in_checkout.is_dir():
+        return in_checkout
+    return Path(__file__).resolve().parent / "_bundled_templates"
+
+
+def normalise_database_url(url: str) -> str:
+    """Point bare ``postgresql://`` URLs at psycopg 3 (SQLAlchemy would otherwise pick psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=lambda: Path.cwd() / ".membercare")
+    database_url: str | None = None
+    templates_dir: Path = field(default_factory=default_templates_dir)
+    shop_timezone: str = "Asia/Taipei"
+    shop_locale: str = "zh-TW"
+    shop_currency: str = "TWD"
+    shop_country: str = "TW"
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return normalise_database_url(self.database_url)
+        return f"sqlite:///{self.home / 'membercare.db'}"
+
+    @classmethod
+    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        s = cls()
+        if env.get("MEMBERCARE_HOME"):
+            s = replace(s, home=Path(env["MEMBERCARE_HOME"]).expanduser().resolve())
+        if env.get("MEMBERCARE_DATABASE_URL"):
+            s = replace(s, database_url=env["MEMBERCARE_DATABASE_URL"])
+        if env.get("MEMBERCARE_TEMPLATES_DIR"):
+            s = replace(s, templates_dir=Path(env["MEMBERCARE_TEMPLATES_DIR"]).expanduser().resolve())
+        for key, attr in (
+            ("MEMBERCARE_SHOP_TIMEZONE", "shop_timezone"),
+            ("MEMBERCARE_SHOP_LOCALE", "shop_locale"),
+            ("MEMBERCARE_SHOP_CURRENCY", "shop_currency"),
+            ("MEMBERCARE_SHOP_COUNTRY", "shop_country"),
+        ):
+            if env.get(key):
+                s = replace(s, **{attr: env[key]})
+        return s
+
+    def ensure_home(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home

@@ -1,0 +1,1 @@
+"""Delivery: routing, policies, the outbox ledger and dispatch (Prefect-free)."""

@@ -1,0 +1,134 @@
+"""The contract between rendering, the delivery engine and the channel adapters.
+
+Rendering produces channel *content* (:class:`EmailContent`, :class:`SmsContent`,
+:class:`PushContent`); the delivery engine wraps it in an :class:`OutboundMessage` with our ids and
+the recipient address; a :class:`ChannelAdapter` sends it and returns a typed :data:`SendResult`:
+
+* :class:`Accepted`: the provider took the message; ``provider_message_id`` maps engagement back.
+* :class:`TransientFailure`: try again later (5xx, timeout, dropped connection, 429). ``retry_after``
+  is the provider's hint in seconds; ``throttled`` marks rate limiting, which the engine *defers*
+  rather than counting against the error budget.
+* :class:`PermanentFailure`: do not retry this address on this channel. ``reason`` is one of
+  :class:`FailureReason`; ``fallback`` says whether another channel may be tried (an unregistered push
+  token falls back to email; a recipient who replied STOP does not make us try another channel for
+  the same marketing message unless the campaign says so).
+
+Configuration problems (bad API key, unknown account, missing credentials) are *raised* as
+:class:`membercare.errors.ConfigurationError`, never returned: they would fail every message, so
+they must stop the run and never be swallowed or retried.
+
+Adapters must be thread-safe: the dispatcher calls ``send`` from a bounded pool of worker threads.
+Adapters never log full addresses, tokens or secrets; use :func:`redact`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from membercare.models import Channel, Purpose
+
+
+@dataclass(frozen=True)
+class EmailContent:
+    subject: str
+    html: str
+    text: str
+    preheader: str | None = None
+    # Extra headers, e.g. List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) for marketing mail.
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SmsContent:
+    body: str
+    encoding: str  # "GSM-7" or "UCS-2"
+    segments: int
+
+
+@dataclass(frozen=True)
+class PushContent:
+    title: str
+    body: str
+    # FCM data payload: string keys and values only. The engine adds our message id.
+    data: Mapping[str, str] = field(default_factory=dict)
+
+
+Content = EmailContent | SmsContent | PushContent
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """One message to one address on one channel, ready for a provider."""
+
+    message_id: str  # our id; goes into the provider request (custom_args / callback URL / FCM data)
+    idempotency_key: str  # the outbox key: campaign, occurrence, member (and coupon where relevant)
+    channel: Channel
+    purpose: Purpose
+    to: str  # email address, E.164 phone number, or push token
+    content: Content
+    campaign: str = ""
+    categories: tuple[str, ...] = ()
+
+
+class FailureReason(StrEnum):
+    INVALID_RECIPIENT = "invalid_recipient"
+    OPTED_OUT = "opted_out"
+    UNREGISTERED_TOKEN = "unregistered_token"
+    REJECTED = "rejected"  # provider refused the content or the request shape
+    BLOCKED = "blocked"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    provider_message_id: str
+    status: int | None = None
+
+
+@dataclass(frozen=True)
+class TransientFailure:
+    reason: str
+    retry_after: float | None = None
+    throttled: bool = False
+    status: int | None = None
+
+
+@dataclass(frozen=True)
+class PermanentFailure:
+    reason: FailureReason
+    detail: str = ""
+    fallback: bool = True
+    status: int | None = None
+    provider_code: str | None = None
+
+
+SendResult = Accepted | TransientFailure | PermanentFailure
+
+
+@runtime_checkable
+class ChannelAdapter(Protocol):
+    """A provider adapter for one channel. Extension point: implement ``send`` and ``close``."""
+
+    channel: Channel
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        """Send one message. Returns a typed result; raises ``ConfigurationError`` on bad credentials."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and pools."""
+        ...
+
+
+def redact(value: str | None) -> str:
+    """A log-safe form of an email address, phone number or token: keep just enough to tell them apart."""
+    if not value:
+        return "-"
+    if "@" in value:
+        local, _, domain = value.partition("@")
+        return f"{local[:1]}***@{domain}"
+    if value.startswith("+"):
+        return f"{value[:4]}***{value[-2:]}"
+    return f"{value[:4]}***({len(value)})"
