@@ -1,0 +1,3 @@
+from membercare.cli import main
+
+main()
