@@ -1,3 +1,6 @@
+"""``python -m membercare.cli``."""
+
 from membercare.cli import main
 
-main()
+if __name__ == "__main__":
+    main()
