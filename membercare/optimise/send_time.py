@@ -1,0 +1,202 @@
+"""Best send hour per member, and the next delivery time at that hour.
+
+Evidence: the local hours (in the member's own timezone) of past opens, clicks and purchases, weighted
+by how strongly they signal attention (defaults: open 1, click 2, purchase 3). Per member we build a
+24-bin histogram and smooth it with a wrapped Gaussian kernel (σ = 1.5 h by default), because 23:00 and
+00:00 are neighbours and a member who opened at 19:00 and 21:00 is most likely reachable at 20:00.
+
+Few events are noisy, so the member's smoothed histogram ``h_m`` is combined with their segment's
+normalised profile ``q_s`` (the pooled, smoothed histogram of all members of the segment) as a
+Dirichlet-style prior of ``prior_weight`` pseudo-events::
+
+    score_m(h) = h_m(h) + prior_weight · q_s(h)
+
+A member with no history gets exactly the segment's typical hour; one with many events gets their own.
+The best hour is the argmax of ``score`` **over allowed hours only** (outside quiet hours; default
+09:00-21:00 local, i.e. hours 9..20), so the result can never fall into quiet hours.
+:func:`next_delivery_at` turns a best hour into the next aware-UTC instant at that local hour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from membercare.timeutil import UTC, ensure_utc
+
+HOURS = 24
+DEFAULT_WEIGHTS = {"open": 1.0, "click": 2.0, "purchase": 3.0}
+DEFAULT_BANDWIDTH = 1.5
+DEFAULT_PRIOR_WEIGHT = 3.0
+DEFAULT_MIN_EVENTS = 3
+DEFAULT_HOUR = 10
+
+
+@dataclass(frozen=True)
+class AllowedHours:
+    """Local hours in which marketing may be delivered: ``start <= hour < end`` (wraps past midnight
+    when ``start > end``, e.g. ``AllowedHours(20, 2)`` allows 20:00-01:59)."""
+
+    start: int = 9
+    end: int = 21
+
+    def __post_init__(self):
+        if not (0 <= self.start < HOURS and 0 <= self.end <= HOURS) or self.start == self.end % HOURS:
+            raise ValueError(f"invalid allowed hours {self.start}-{self.end}")
+
+    def mask(self) -> np.ndarray:
+        h = np.arange(HOURS)
+        if self.start < self.end:
+            return (h >= self.start) & (h < self.end)
+        return (h >= self.start) | (h < self.end)
+
+    def clamp(self, hour: int) -> int:
+        """The allowed hour nearest to ``hour`` on the clock (ties go to the later hour)."""
+        m = self.mask()
+        if m[hour % HOURS]:
+            return hour % HOURS
+        allowed = np.flatnonzero(m)
+        d = np.abs(allowed - hour % HOURS)
+        circ = np.minimum(d, HOURS - d)
+        best = np.flatnonzero(circ == circ.min())
+        return int(allowed[best[-1]])
+
+
+def kernel_matrix(bandwidth: float = DEFAULT_BANDWIDTH) -> np.ndarray:
+    """24 x 24 circulant smoothing matrix; each column sums to 1 (total weight is preserved)."""
+    if bandwidth <= 0:
+        return np.eye(HOURS)
+    d = np.abs(np.arange(HOURS)[:, None] - np.arange(HOURS)[None, :])
+    d = np.minimum(d, HOURS - d)
+    k = np.exp(-0.5 * (d / bandwidth) ** 2)
+    return k / k.sum(axis=0, keepdims=True)
+
+
+def hour_histograms(n_members: int, member_index, local_hour, weight=None) -> np.ndarray:
+    """``(members, 24)`` weighted counts from long-form events (member index, local hour 0-23, weight)."""
+    mi = np.asarray(member_index, dtype=np.int64)
+    h = np.asarray(local_hour, dtype=np.int64)
+    if np.any((h < 0) | (h >= HOURS)):
+        raise ValueError("local hours must be in 0..23")
+    w = np.ones(mi.size) if weight is None else np.asarray(weight, dtype=float)
+    out = np.zeros((n_members, HOURS))
+    np.add.at(out, (mi, h), w)
+    return out
+
+
+def event_weights(kinds, weights: dict[str, float] | None = None) -> np.ndarray:
+    """Per-event weights from event kinds (``open``/``click``/``purchase``); unknown kinds weigh 1."""
+    table = DEFAULT_WEIGHTS if weights is None else weights
+    return np.array([float(table.get(k, 1.0)) for k in kinds])
+
+
+def local_hours(instants_utc, timezones) -> np.ndarray:
+    """The local hour of each aware instant in the matching IANA zone (vectorised per zone)."""
+    instants = list(instants_utc)
+    tzs = np.asarray(list(timezones), dtype=object)
+    out = np.empty(len(instants), dtype=np.int64)
+    for tz in set(tzs.tolist()):
+        zone = ZoneInfo(tz)
+        for i in np.flatnonzero(tzs == tz):
+            out[i] = ensure_utc(instants[i]).astimezone(zone).hour
+    return out
+
+
+@dataclass(frozen=True)
+class SendTimes:
+    hour: np.ndarray  # best local hour per member (always allowed)
+    source: np.ndarray  # "member" (own data, >= min_events) / "segment" (fallback) / "default"
+    events: np.ndarray  # weighted event count per member
+    segment_hour: np.ndarray  # the segment's typical allowed hour, per segment code
+
+
+def best_hours(
+    histograms: np.ndarray,
+    segment,
+    *,
+    n_segments: int | None = None,
+    allowed: AllowedHours = AllowedHours(),
+    bandwidth: float = DEFAULT_BANDWIDTH,
+    prior_weight: float = DEFAULT_PRIOR_WEIGHT,
+    min_events: float = DEFAULT_MIN_EVENTS,
+    default_hour: int = DEFAULT_HOUR,
+) -> SendTimes:
+    """Best allowed local send hour per member (see the module docstring).
+
+    ``segment`` is an integer code per member (any grouping: the campaign segment, age group, ...).
+    A segment with no events at all uses the population profile; with no events anywhere every member
+    gets ``default_hour`` (clamped into the allowed hours).
+    """
+    H = np.asarray(histograms, dtype=float)
+    if H.ndim != 2 or H.shape[1] != HOURS:
+        raise ValueError("histograms must have shape (members, 24)")
+    seg = np.asarray(segment, dtype=np.int64)
+    S = int(seg.max()) + 1 if n_segments is None else int(n_segments)
+    mask = allowed.mask()
+    K = kernel_matrix(bandwidth)
+    smooth = H @ K.T  # row m: sum_j H[m, j] * K[:, j]
+
+    seg_tot = np.zeros((S, HOURS))
+    np.add.at(seg_tot, seg, smooth)
+    pop = seg_tot.sum(axis=0)
+    fallback = allowed.clamp(default_hour)
+    if pop.sum() > 0:
+        pop_profile = pop / pop.sum()
+    else:
+        pop_profile = np.zeros(HOURS)
+        pop_profile[fallback] = 1.0
+    sums = seg_tot.sum(axis=1, keepdims=True)
+    profile = np.where(sums > 0, seg_tot / np.where(sums > 0, sums, 1.0), pop_profile)
+    segment_hour = np.where(mask, profile, -np.inf).argmax(axis=1)
+
+    score = smooth + prior_weight * profile[seg]
+    hour = np.where(mask, score, -np.inf).argmax(axis=1)
+    events = H.sum(axis=1)
+    source = np.where(events >= min_events, "member", "segment").astype(object)
+    if pop.sum() == 0:
+        source[:] = "default"
+    else:
+        # Members with too little data take their segment's hour outright (no member-level noise).
+        hour = np.where(events >= min_events, hour, segment_hour[seg])
+    return SendTimes(hour=hour.astype(np.int64), source=source, events=events, segment_hour=segment_hour)
+
+
+def next_delivery_at(now: datetime, timezone: str, hour: int, *, minute: int = 0) -> datetime:
+    """The next aware-UTC instant at ``hour:minute`` local time in ``timezone``.
+
+    If ``now`` is already inside that hour (``hour:minute <= local now < hour+1:00``) the answer is
+    ``now``: the member is in their best hour, deliver immediately rather than a day later. Otherwise it
+    is today's or tomorrow's ``hour:minute``, which is at most 24 h away (25 h across a DST fall-back).
+    A wall time skipped by a DST spring-forward resolves to the instant one hour later on the clock
+    (zoneinfo's ``fold=0`` rule), still within the allowed window.
+    """
+    if not (0 <= hour < HOURS and 0 <= minute < 60):
+        raise ValueError(f"invalid local time {hour}:{minute}")
+    now = ensure_utc(now)
+    zone = ZoneInfo(timezone)
+    local = now.astimezone(zone)
+    start = datetime(local.year, local.month, local.day, hour, minute, tzinfo=zone)
+    if start.astimezone(UTC) <= now and local.hour == hour:
+        return now
+    if start.astimezone(UTC) > now:
+        return start.astimezone(UTC)
+    d = local.date() + timedelta(days=1)
+    return datetime(d.year, d.month, d.day, hour, minute, tzinfo=zone).astimezone(UTC)
+
+
+def next_delivery_times(now: datetime, timezones, hours) -> list[datetime]:
+    """:func:`next_delivery_at` for many members; computed once per distinct (timezone, hour)."""
+    tzs, hs = list(timezones), [int(h) for h in hours]
+    if len(tzs) != len(hs):
+        raise ValueError("timezones and hours must have the same length")
+    cache: dict[tuple[str, int], datetime] = {}
+    out = []
+    for tz, h in zip(tzs, hs, strict=True):
+        key = (tz, h)
+        if key not in cache:
+            cache[key] = next_delivery_at(now, tz, h)
+        out.append(cache[key])
+    return out
