@@ -37,6 +37,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from membercare.cli import db as _db  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
+    from membercare.cli import sandbox as _sandbox  # noqa: F401
 
 
 _register()

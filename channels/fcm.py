@@ -1,0 +1,245 @@
+"""Push notifications through Firebase Cloud Messaging (HTTP v1), on the official ``firebase-admin`` SDK.
+
+Configuration (:class:`FirebaseConfig`, from the environment or a Prefect Secret block):
+
+``MEMBERCARE_FIREBASE_CREDENTIALS``  required; path to the service-account JSON (its ``project_id``
+                                     is the FCM project; its ``token_uri`` is where OAuth tokens come from)
+``MEMBERCARE_FCM_BASE_URL``          optional; unset means the real FCM API
+
+Decisions worth knowing:
+
+* **token, not fid.** Our devices table stores FCM *registration tokens* (what the app's
+  ``getToken()`` returns); the FCM v1 API addresses them with ``message.token``. firebase-admin 7.7
+  deprecates the ``token`` argument in favour of ``fid`` (Firebase Installation IDs), which are a
+  different identifier we do not collect. We set the ``token`` attribute after construction: same wire
+  request, no DeprecationWarning, and no ``warnings.catch_warnings`` (which is not thread-safe).
+* **URL override.** firebase-admin has no public setting for the FCM endpoint: the URL is the private
+  class attribute ``messaging._MessagingService.FCM_URL``, read once when an app's messaging service is
+  created. We set it under a lock, create the service for *our* app, and restore it, so other Firebase
+  apps in the process keep the real URL. firebase-admin is pinned for this reason; a version that moves
+  the attribute makes :class:`FirebasePushChannel` fail at start-up with a ConfigurationError, not
+  silently send to the real FCM.
+* **One retry policy.** The SDK retries 500/503 itself (5 attempts, about 7 s) on a pool of 10
+  connections for non-Google hosts. We mount our own adapter for the FCM host with retries off and a
+  pool sized for the dispatcher's threads: the delivery engine owns retries, backoff and Retry-After.
+* Each adapter owns a uniquely named Firebase app (deleted by :meth:`close`), so adapters with different
+  credentials can live in one process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from channels.base import (
+    DEFAULT_TIMEOUT_S,
+    IDEMPOTENCY_KEY_ARG,
+    MESSAGE_ID_ARG,
+    Accepted,
+    Channel,
+    ConfigurationError,
+    FailureReason,
+    OutboundMessage,
+    PermanentFailure,
+    PushContent,
+    SendResult,
+    TransientFailure,
+    normalise_base_url,
+    optional,
+    parse_retry_after,
+    redact,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+ENV_CREDENTIALS = "MEMBERCARE_FIREBASE_CREDENTIALS"
+ENV_BASE_URL = "MEMBERCARE_FCM_BASE_URL"
+FCM_PATH = "/v1/projects/{0}/messages:send"
+
+# FCM error codes (the ``errorCode`` in the FcmError detail) not already typed by the SDK.
+# Message fragments of INVALID_ARGUMENT answers that blame the token rather than the payload:
+_BAD_TOKEN_HINTS = ("registration token", "not a valid fcm registration token")
+
+_url_lock = threading.Lock()
+_app_names = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class FirebaseConfig:
+    credentials_path: Path
+    base_url: str | None = None  # None: the real FCM API
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    pool_size: int = 32
+    # Loaded from credentials_path; kept out of repr because it holds the private key.
+    service_account: Mapping = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_url", normalise_base_url(self.base_url, ENV_BASE_URL))
+        if not self.service_account:
+            path = Path(self.credentials_path).expanduser()
+            try:
+                info = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigurationError(f"{ENV_CREDENTIALS}: no such file {path}") from None
+            except (OSError, ValueError) as exc:
+                raise ConfigurationError(f"{ENV_CREDENTIALS}: cannot read a JSON service account from "
+                                         f"{path}: {type(exc).__name__}") from None
+            object.__setattr__(self, "service_account", info)
+        info = self.service_account
+        if info.get("type") != "service_account":
+            raise ConfigurationError(f"{ENV_CREDENTIALS} is not a service-account key (type={info.get('type')!r})")
+        for key in ("project_id", "private_key", "client_email", "token_uri"):
+            if not info.get(key):
+                raise ConfigurationError(f"{ENV_CREDENTIALS}: the service account has no {key!r}")
+
+    @property
+    def project_id(self) -> str:
+        return str(self.service_account["project_id"])
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "FirebaseConfig":
+        return cls(credentials_path=Path(require(env, ENV_CREDENTIALS, why="path to the service-account JSON")),
+                   base_url=optional(env, ENV_BASE_URL))
+
+
+class FirebasePushChannel:
+    """:class:`~membercare.delivery.contract.ChannelAdapter` for push via FCM HTTP v1."""
+
+    channel = Channel.PUSH
+
+    def __init__(self, config: FirebaseConfig):
+        import firebase_admin
+        from firebase_admin import credentials, messaging
+
+        self.config = config
+        try:
+            cred = credentials.Certificate(dict(config.service_account))
+        except ValueError as exc:
+            raise ConfigurationError(f"{ENV_CREDENTIALS}: invalid service account: {exc}") from None
+        self._app = firebase_admin.initialize_app(
+            cred, {"projectId": config.project_id, "httpTimeout": config.timeout_s},
+            name=f"membercare-push-{next(_app_names)}",
+        )
+        self._messaging = messaging
+        try:
+            self._service = self._create_service()
+        except Exception:
+            firebase_admin.delete_app(self._app)
+            raise
+
+    def _create_service(self):
+        from requests.adapters import HTTPAdapter
+        from firebase_admin import messaging
+
+        cls = getattr(messaging, "_MessagingService", None)
+        if cls is None or not isinstance(getattr(cls, "FCM_URL", None), str):
+            raise ConfigurationError("this firebase-admin version has no _MessagingService.FCM_URL: "
+                                     "pin the tested version (see pyproject.toml)")
+        base = self.config.base_url
+        with _url_lock:
+            original = cls.FCM_URL
+            if base:
+                cls.FCM_URL = base + FCM_PATH
+            try:
+                service = messaging._get_messaging_service(self._app)
+            finally:
+                cls.FCM_URL = original
+        url = getattr(service, "_fcm_url", "")
+        expected = (base or original.split("/v1/")[0]) + FCM_PATH.format(self.config.project_id)
+        if url != expected:
+            raise ConfigurationError(f"firebase-admin did not take the FCM URL override (got {url!r}); "
+                                     "pin the tested version")
+        session = getattr(getattr(service, "_client", None), "session", None)
+        if session is not None:
+            parts = urlsplit(url)
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.config.pool_size, max_retries=0)
+            session.mount(f"{parts.scheme}://{parts.netloc}", adapter)
+        else:  # pragma: no cover - only with an untested SDK version
+            log.warning("firebase-admin internals changed: SDK retries and pool size are the SDK's defaults")
+        return service
+
+    def build_message(self, message: OutboundMessage):
+        """The SDK ``Message`` for ``message`` (public for tests and previews)."""
+        content = message.content
+        if not isinstance(content, PushContent):
+            raise TypeError(f"FirebasePushChannel cannot send {type(content).__name__}")
+        data = {str(k): str(v) for k, v in content.data.items()}
+        data[MESSAGE_ID_ARG] = message.message_id
+        data[IDEMPOTENCY_KEY_ARG] = message.idempotency_key
+        msg = self._messaging.Message(
+            notification=self._messaging.Notification(title=content.title, body=content.body),
+            data=data,
+        )
+        msg.token = message.to  # see the module docstring: token, not fid, without the deprecation path
+        return msg
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        import google.auth.exceptions as gauth
+        from firebase_admin import exceptions as fx
+
+        msg = self.build_message(message)
+        try:
+            name = self._service.send(msg)
+        except fx.FirebaseError as exc:
+            return self._from_firebase_error(exc, message)
+        except gauth.RefreshError as exc:
+            if getattr(exc, "retryable", False):
+                return TransientFailure(reason=f"OAuth token endpoint unavailable: {type(exc).__name__}")
+            raise ConfigurationError(f"FCM OAuth token refused ({exc.args[0] if exc.args else exc}): "
+                                     f"check the service account in {ENV_CREDENTIALS}") from None
+        except gauth.TransportError as exc:
+            return TransientFailure(reason=f"OAuth token endpoint unreachable: {type(exc).__name__}")
+        return Accepted(provider_message_id=name, status=200)
+
+    def _from_firebase_error(self, exc, message: OutboundMessage) -> SendResult:
+        from firebase_admin import exceptions as fx
+        from firebase_admin import messaging
+
+        response = getattr(exc, "http_response", None)
+        status = getattr(response, "status_code", None)
+        detail = str(exc)[:500]
+        if isinstance(exc, (messaging.UnregisteredError, messaging.SenderIdMismatchError)):
+            # Both make the token useless to us: invalidate the device and fall back to another channel.
+            log.info("FCM token %s of %s is no longer valid", redact(message.to), message.message_id)
+            return PermanentFailure(FailureReason.UNREGISTERED_TOKEN, detail=detail, fallback=True, status=status,
+                                    provider_code=type(exc).__name__)
+        if isinstance(exc, (messaging.QuotaExceededError, fx.ResourceExhaustedError)):
+            retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
+            return TransientFailure(reason=f"FCM quota exceeded: {detail}", throttled=True,
+                                    retry_after=retry_after, status=status)
+        if isinstance(exc, (messaging.ThirdPartyAuthError, fx.UnauthenticatedError, fx.PermissionDeniedError)):
+            raise ConfigurationError(f"FCM refused the credentials ({type(exc).__name__}): check {ENV_CREDENTIALS}"
+                                     " and, for iOS/web, the APNs/web-push credentials in Firebase") from None
+        if isinstance(exc, fx.NotFoundError):
+            raise ConfigurationError(f"FCM answered NOT_FOUND for project {self.config.project_id!r}: check "
+                                     f"{ENV_CREDENTIALS} and {ENV_BASE_URL}") from None
+        if isinstance(exc, fx.InvalidArgumentError):
+            if any(h in detail.lower() for h in _BAD_TOKEN_HINTS):
+                return PermanentFailure(FailureReason.UNREGISTERED_TOKEN, detail=detail, fallback=True,
+                                        status=status, provider_code="INVALID_ARGUMENT")
+            return PermanentFailure(FailureReason.REJECTED, detail=detail, fallback=True, status=status,
+                                    provider_code="INVALID_ARGUMENT")
+        if isinstance(exc, (fx.UnavailableError, fx.InternalError, fx.DeadlineExceededError, fx.UnknownError,
+                            fx.AbortedError, fx.CancelledError)):
+            retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
+            return TransientFailure(reason=f"FCM {type(exc).__name__}: {detail}", status=status,
+                                    retry_after=retry_after)
+        if status is not None and status >= 500:
+            return TransientFailure(reason=f"FCM {status}: {detail}", status=status)
+        return PermanentFailure(FailureReason.REJECTED, detail=detail, fallback=True, status=status,
+                                provider_code=type(exc).__name__)
+
+    def close(self) -> None:
+        import firebase_admin
+
+        try:
+            firebase_admin.delete_app(self._app)
+        except ValueError:
+            pass  # already deleted

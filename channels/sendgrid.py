@@ -1,0 +1,259 @@
+"""Email through SendGrid's v3 Mail Send API, on the official ``sendgrid`` SDK.
+
+Configuration (:class:`SendGridConfig`, from the environment or a Prefect Secret block):
+
+``MEMBERCARE_SENDGRID_API_KEY``   required; the API key (never logged)
+``MEMBERCARE_SENDGRID_FROM``      required; sender, ``shop@example.com`` or ``Shop Name <shop@example.com>``
+``MEMBERCARE_SENDGRID_BASE_URL``  optional; unset means the real SendGrid API (set it to the sandbox)
+
+What goes into each request: the personalisation for one recipient, our message id and idempotency
+key in ``custom_args`` (SendGrid copies them into every engagement event), the message's categories,
+and the content's headers (``List-Unsubscribe`` / ``List-Unsubscribe-Post`` for marketing mail).
+
+Transport: the SDK uses urllib, which opens a new TCP (and TLS) connection per request: there is no
+keep-alive to reuse, so per-message latency includes a handshake. Each call builds its own opener,
+which makes the adapter thread-safe without locks. The SDK has no default timeout; we set one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import re
+import socket
+import urllib.error
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+
+from channels.base import (
+    DEFAULT_TIMEOUT_S,
+    IDEMPOTENCY_KEY_ARG,
+    MESSAGE_ID_ARG,
+    Accepted,
+    Channel,
+    ConfigurationError,
+    EmailContent,
+    FailureReason,
+    OutboundMessage,
+    PermanentFailure,
+    SendResult,
+    TransientFailure,
+    normalise_base_url,
+    optional,
+    parse_retry_after,
+    redact,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+ENV_API_KEY = "MEMBERCARE_SENDGRID_API_KEY"
+ENV_FROM = "MEMBERCARE_SENDGRID_FROM"
+ENV_BASE_URL = "MEMBERCARE_SENDGRID_BASE_URL"
+
+# SendGrid's 400 answers name the offending JSON field; these prefixes mean the recipient is at fault
+# (the address is malformed), everything else is a request/content problem (REJECTED).
+_RECIPIENT_FIELDS = re.compile(r"^personalizations\.\d+\.(to|cc|bcc)\.\d+\.email$")
+# Message texts SendGrid uses for sender problems: a 400/403 for these is our configuration, not the
+# message ("The from address does not match a verified Sender Identity").
+_SENDER_PROBLEMS = ("verified sender identity", "from address", "from.email")
+
+
+class _NoSecretsInDebugLogs(logging.Filter):
+    """python_http_client logs the full payload (recipient addresses) and the request headers (the API
+    key) at DEBUG. Drop exactly those records so that turning on debug logging leaks nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not (msg.startswith("PAYLOAD:") or msg.startswith("HEADERS:") or " Response: " in msg)
+
+
+_http_client_logger = logging.getLogger("python_http_client.client")
+if not any(isinstance(f, _NoSecretsInDebugLogs) for f in _http_client_logger.filters):
+    _http_client_logger.addFilter(_NoSecretsInDebugLogs())
+
+
+@dataclass(frozen=True)
+class SendGridConfig:
+    api_key: str = field(repr=False)
+    from_email: str
+    from_name: str | None = None
+    base_url: str | None = None  # None: the real SendGrid API
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not self.api_key:
+            raise ConfigurationError(f"{ENV_API_KEY} is empty")
+        if "@" not in self.from_email:
+            raise ConfigurationError(f"{ENV_FROM} must be an email address (optionally 'Name <address>')")
+        if self.timeout_s <= 0:
+            raise ConfigurationError("SendGrid timeout must be positive")
+        object.__setattr__(self, "base_url", normalise_base_url(self.base_url, ENV_BASE_URL))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "SendGridConfig":
+        name, address = parseaddr(require(env, ENV_FROM, why="the sender address of every email"))
+        if not address:
+            raise ConfigurationError(f"{ENV_FROM} is not an email address")
+        return cls(
+            api_key=require(env, ENV_API_KEY),
+            from_email=address,
+            from_name=name or None,
+            base_url=optional(env, ENV_BASE_URL),
+        )
+
+
+def _with_preheader(html: str, preheader: str | None) -> str:
+    """Insert the hidden preheader (inbox preview text) right after ``<body>`` unless the template did."""
+    if not preheader or preheader in html:
+        return html
+    from html import escape
+
+    block = (
+        '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all" aria-hidden="true">'
+        f"{escape(preheader)}</div>"
+    )
+    match = re.search(r"<body[^>]*>", html, flags=re.IGNORECASE)
+    if match:
+        return html[: match.end()] + block + html[match.end() :]
+    return block + html
+
+
+class SendGridEmailChannel:
+    """:class:`~membercare.delivery.contract.ChannelAdapter` for email via SendGrid."""
+
+    channel = Channel.EMAIL
+
+    def __init__(self, config: SendGridConfig):
+        from sendgrid import SendGridAPIClient
+
+        self.config = config
+        kwargs = {"host": config.base_url} if config.base_url else {}
+        self._client = SendGridAPIClient(config.api_key, **kwargs)
+        # Propagates to every per-request child client the SDK builds.
+        self._client.client.timeout = config.timeout_s
+
+    def build_payload(self, message: OutboundMessage) -> dict:
+        """The Mail Send request body, built with the SDK's helpers (public for tests and previews)."""
+        from sendgrid.helpers.mail import Category, CustomArg, From, Header, HtmlContent, Mail, PlainTextContent, To
+
+        content = message.content
+        if not isinstance(content, EmailContent):
+            raise TypeError(f"SendGridEmailChannel cannot send {type(content).__name__}")
+        # Set addresses through the setters: the helpers' constructors parse "Name <address>" and turn
+        # anything without "@" into a *name*, which then crashes inside the SDK instead of reaching
+        # SendGrid's validation (and its clean 400 for an invalid recipient).
+        to, sender = To(), From()
+        to.email = message.to
+        sender.email = self.config.from_email
+        if self.config.from_name:
+            sender.name = self.config.from_name
+        mail = Mail(
+            from_email=sender,
+            to_emails=to,
+            subject=content.subject,
+            plain_text_content=PlainTextContent(content.text) if content.text else None,
+            html_content=HtmlContent(_with_preheader(content.html, content.preheader)) if content.html else None,
+        )
+        # Personalization-level custom_args: they are per recipient by meaning, SendGrid merges them into
+        # every event the same way, and the official spec types the top-level field as a string (an
+        # object there fails the contract test).
+        mail.custom_arg = [CustomArg(MESSAGE_ID_ARG, message.message_id, p=0),
+                           CustomArg(IDEMPOTENCY_KEY_ARG, message.idempotency_key, p=0)]
+        categories = list(dict.fromkeys(c for c in message.categories if c))[:10]  # SendGrid's limit: 10
+        if categories:
+            mail.category = [Category(c) for c in categories]
+        if content.headers:
+            mail.header = [Header(k, v) for k, v in content.headers.items()]
+        return mail.get()
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        from python_http_client import exceptions as hx
+
+        payload = self.build_payload(message)
+        try:
+            response = self._client.client.mail.send.post(request_body=payload)
+        except hx.HTTPError as exc:
+            return self._from_http_error(exc, message)
+        except (TimeoutError, socket.timeout) as exc:
+            return TransientFailure(reason=f"timeout: {exc}")
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                return TransientFailure(reason=f"timeout: {reason}")
+            return TransientFailure(reason=f"connection error: {type(exc).__name__}: {reason}")
+        provider_id = response.headers.get("X-Message-Id") if response.headers else None
+        if not provider_id:
+            # SendGrid always sets it on 202; without it engagement cannot be matched by provider id,
+            # but our message id in custom_args still maps events back.
+            log.warning("SendGrid accepted %s without X-Message-Id", message.message_id)
+            provider_id = ""
+        return Accepted(provider_message_id=provider_id, status=response.status_code)
+
+    def _from_http_error(self, exc, message: OutboundMessage) -> SendResult:
+        status = int(getattr(exc, "status_code", 0) or 0)
+        headers = getattr(exc, "headers", None) or {}
+        errors = _error_list(getattr(exc, "body", b""))
+        detail = "; ".join(filter(None, (e.get("message") for e in errors)))[:500]
+        if status in (401, 403):
+            # Mail Send's 403s are all account problems (key lacks mail.send, unverified sender,
+            # suspended account): each would fail every message, so stop the run.
+            raise ConfigurationError(
+                f"SendGrid refused the credentials ({status}): {detail or 'no detail'}; check {ENV_API_KEY}"
+                f" (and that {ENV_FROM} is a verified sender)"
+            )
+        if status == 404:
+            raise ConfigurationError(f"SendGrid answered 404 for /v3/mail/send: check {ENV_BASE_URL}")
+        if status == 429:
+            return TransientFailure(reason="throttled by SendGrid", throttled=True, status=status,
+                                    retry_after=parse_retry_after(_header(headers, "Retry-After"))
+                                    or _reset_delay(headers))
+        if status >= 500 or status in (408,):
+            return TransientFailure(reason=f"SendGrid {status}: {detail or 'server error'}", status=status,
+                                    retry_after=parse_retry_after(_header(headers, "Retry-After")))
+        if status == 400 and any(_RECIPIENT_FIELDS.match(str(e.get("field") or "")) for e in errors):
+            log.info("SendGrid rejected recipient %s of %s", redact(message.to), message.message_id)
+            return PermanentFailure(FailureReason.INVALID_RECIPIENT, detail=detail, status=status, fallback=True)
+        if status == 400 and any(s in detail.lower() for s in _SENDER_PROBLEMS):
+            raise ConfigurationError(f"SendGrid rejected the sender: {detail}; check {ENV_FROM}")
+        return PermanentFailure(FailureReason.REJECTED, detail=detail or f"HTTP {status}", status=status,
+                                fallback=True)
+
+    def close(self) -> None:
+        """Nothing to release: urllib opens and closes a connection per request."""
+
+
+def _error_list(body) -> list[dict]:
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        return []
+    errors = data.get("errors") if isinstance(data, dict) else None
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
+def _header(headers, name: str) -> str | None:
+    try:
+        value = headers.get(name)
+    except AttributeError:
+        return None
+    if value is None and hasattr(headers, "items"):
+        for k, v in headers.items():
+            if k.lower() == name.lower():
+                return v
+    return value
+
+
+def _reset_delay(headers) -> float | None:
+    """SendGrid's own rate-limit answer carries ``X-RateLimit-Reset`` (epoch seconds), not Retry-After."""
+    import time
+
+    value = _header(headers, "X-RateLimit-Reset")
+    try:
+        return max(0.0, float(value) - time.time()) if value else None
+    except ValueError:
+        return None

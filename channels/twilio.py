@@ -1,0 +1,229 @@
+"""SMS through Twilio's Programmable Messaging API, on the official ``twilio`` SDK.
+
+Configuration (:class:`TwilioConfig`, from the environment or a Prefect Secret block):
+
+``MEMBERCARE_TWILIO_ACCOUNT_SID``            required (``AC...``)
+``MEMBERCARE_TWILIO_AUTH_TOKEN``             required; never logged
+``MEMBERCARE_TWILIO_FROM``                   the sending number (E.164) or alphanumeric sender id, or
+``MEMBERCARE_TWILIO_MESSAGING_SERVICE_SID``  a Messaging Service (``MG...``) that picks the sender;
+                                              one of the two is required, the service wins if both are set
+``MEMBERCARE_TWILIO_BASE_URL``               optional; unset means the real Twilio API
+``MEMBERCARE_PUBLIC_URL``                    optional; our externally visible base URL. When set, every
+                                              message asks Twilio for status callbacks at
+                                              ``/webhooks/twilio/status?mid=<message id>&ik=<idempotency key>``
+
+The SDK has no base-URL setting. Setting ``client.api.base_url`` breaks as soon as ``TWILIO_REGION`` or
+``TWILIO_EDGE`` is set (the SDK rewrites the host after us), so :class:`_BaseUrlHttpClient` rewrites the
+scheme and host of every outgoing request instead, after the SDK has built the final URL.
+
+Transport: one ``requests`` session (keep-alive connection pool sized for the dispatcher's worker
+threads) shared by all threads; urllib3's pool is thread-safe. SDK-side retries are off: the delivery
+engine retries with backoff and honours ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from channels.base import (
+    CALLBACK_IDEMPOTENCY_KEY_PARAM,
+    CALLBACK_MESSAGE_ID_PARAM,
+    DEFAULT_TIMEOUT_S,
+    Accepted,
+    Channel,
+    ConfigurationError,
+    FailureReason,
+    OutboundMessage,
+    PermanentFailure,
+    SendResult,
+    SmsContent,
+    TransientFailure,
+    normalise_base_url,
+    optional,
+    parse_retry_after,
+    redact,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+ENV_ACCOUNT_SID = "MEMBERCARE_TWILIO_ACCOUNT_SID"
+ENV_AUTH_TOKEN = "MEMBERCARE_TWILIO_AUTH_TOKEN"
+ENV_FROM = "MEMBERCARE_TWILIO_FROM"
+ENV_MESSAGING_SERVICE_SID = "MEMBERCARE_TWILIO_MESSAGING_SERVICE_SID"
+ENV_BASE_URL = "MEMBERCARE_TWILIO_BASE_URL"
+ENV_PUBLIC_URL = "MEMBERCARE_PUBLIC_URL"
+STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
+
+# Twilio error codes (https://www.twilio.com/docs/api/errors) that tell us what to do with a message.
+# (reason, fallback to another channel?)
+PERMANENT_CODES: dict[int, tuple[FailureReason, bool]] = {
+    21211: (FailureReason.INVALID_RECIPIENT, True),  # invalid 'To' phone number
+    21214: (FailureReason.INVALID_RECIPIENT, True),  # 'To' number cannot be reached
+    21217: (FailureReason.INVALID_RECIPIENT, True),  # phone number does not appear to be valid
+    21614: (FailureReason.INVALID_RECIPIENT, True),  # 'To' number is not a valid mobile number
+    21612: (FailureReason.INVALID_RECIPIENT, True),  # 'To' number not reachable via SMS from this sender
+    21610: (FailureReason.OPTED_OUT, False),         # recipient replied STOP: not another channel either
+    21408: (FailureReason.BLOCKED, True),            # region not enabled for this account
+    21635: (FailureReason.BLOCKED, True),            # 'To' number cannot receive SMS (e.g. some landlines)
+    30007: (FailureReason.BLOCKED, True),            # carrier filtered the message
+    21602: (FailureReason.REJECTED, True),           # message body is required
+    21617: (FailureReason.REJECTED, True),           # body exceeds 1600 characters
+}
+# Codes that mean our settings are wrong: they would fail every message.
+CONFIGURATION_CODES = {
+    20003: "authentication failed: check " + ENV_ACCOUNT_SID + " and " + ENV_AUTH_TOKEN,
+    20404: "the account or resource does not exist: check " + ENV_ACCOUNT_SID + " and " + ENV_BASE_URL,
+    21212: "invalid 'From' number: check " + ENV_FROM,
+    21606: "the 'From' number cannot send SMS or is not owned by the account: check " + ENV_FROM,
+    21659: "the 'From' number is not a Twilio number of this account: check " + ENV_FROM,
+    21603: "neither a 'From' number nor a Messaging Service is set",
+    21701: "the Messaging Service does not exist: check " + ENV_MESSAGING_SERVICE_SID,
+    21703: "the Messaging Service has no senders: check " + ENV_MESSAGING_SERVICE_SID,
+}
+THROTTLE_CODES = {20429, 14107, 30022}  # too many requests / SMS rate limit / 10DLC throughput exceeded
+
+
+@dataclass(frozen=True)
+class TwilioConfig:
+    account_sid: str
+    auth_token: str = field(repr=False)
+    from_number: str | None = None
+    messaging_service_sid: str | None = None
+    base_url: str | None = None  # None: the real Twilio API
+    public_url: str | None = None  # our webhook base URL for status callbacks
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    pool_size: int = 32  # keep-alive connections: at least the dispatcher's worker threads
+
+    def __post_init__(self) -> None:
+        if not self.account_sid:
+            raise ConfigurationError(f"{ENV_ACCOUNT_SID} is empty")
+        if not self.auth_token:
+            raise ConfigurationError(f"{ENV_AUTH_TOKEN} is empty")
+        if not (self.from_number or self.messaging_service_sid):
+            raise ConfigurationError(f"set {ENV_FROM} or {ENV_MESSAGING_SERVICE_SID}")
+        object.__setattr__(self, "base_url", normalise_base_url(self.base_url, ENV_BASE_URL))
+        object.__setattr__(self, "public_url", normalise_base_url(self.public_url, ENV_PUBLIC_URL))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "TwilioConfig":
+        sid, token = require(env, ENV_ACCOUNT_SID), require(env, ENV_AUTH_TOKEN)
+        from_number, service = optional(env, ENV_FROM), optional(env, ENV_MESSAGING_SERVICE_SID)
+        if not (from_number or service):
+            raise ConfigurationError(f"{ENV_FROM} or {ENV_MESSAGING_SERVICE_SID} is not set: one is required")
+        return cls(account_sid=sid, auth_token=token, from_number=from_number, messaging_service_sid=service,
+                   base_url=optional(env, ENV_BASE_URL), public_url=optional(env, ENV_PUBLIC_URL))
+
+    def status_callback(self, message: OutboundMessage) -> str | None:
+        if not self.public_url:
+            return None
+        query = urlencode({CALLBACK_MESSAGE_ID_PARAM: message.message_id,
+                           CALLBACK_IDEMPOTENCY_KEY_PARAM: message.idempotency_key})
+        return f"{self.public_url}{STATUS_CALLBACK_PATH}?{query}"
+
+
+def _make_http_client(config: TwilioConfig):
+    from requests.adapters import HTTPAdapter
+    from twilio.http.http_client import TwilioHttpClient
+
+    class _BaseUrlHttpClient(TwilioHttpClient):
+        """Rewrites scheme and host (and prefixes any base path) of every request to ``base_url``, and
+        remembers the last response per thread so that error mapping can read ``Retry-After``."""
+
+        def __init__(self) -> None:
+            super().__init__(pool_connections=True, timeout=config.timeout_s)
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=config.pool_size, max_retries=0)
+            self.session.mount("https://", adapter)
+            self.session.mount("http://", adapter)
+            self._local = threading.local()
+            base = urlsplit(config.base_url) if config.base_url else None
+            self._base = base
+
+        def request(self, method, url, params=None, data=None, headers=None, auth=None, timeout=None,
+                    allow_redirects=False):
+            if self._base is not None:
+                parts = urlsplit(url)
+                url = urlunsplit((self._base.scheme, self._base.netloc, self._base.path.rstrip("/") + parts.path,
+                                  parts.query, parts.fragment))
+            self._local.response = None
+            response = super().request(method, url, params=params, data=data, headers=headers, auth=auth,
+                                       timeout=timeout, allow_redirects=allow_redirects)
+            self._local.response = response
+            return response
+
+        def last_response_here(self):
+            return getattr(self._local, "response", None)
+
+    return _BaseUrlHttpClient()
+
+
+class TwilioSmsChannel:
+    """:class:`~membercare.delivery.contract.ChannelAdapter` for SMS via Twilio."""
+
+    channel = Channel.SMS
+
+    def __init__(self, config: TwilioConfig):
+        from twilio.rest import Client
+
+        self.config = config
+        self._http = _make_http_client(config)
+        self._client = Client(config.account_sid, config.auth_token, http_client=self._http)
+        # The SDK builds its domain/version/account objects lazily; build them once here so that
+        # worker threads never race on that lazy initialisation.
+        self._messages = self._client.api.v2010.account.messages
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        import requests
+        from twilio.base.exceptions import TwilioRestException
+
+        content = message.content
+        if not isinstance(content, SmsContent):
+            raise TypeError(f"TwilioSmsChannel cannot send {type(content).__name__}")
+        kwargs: dict = {"to": message.to, "body": content.body}
+        if self.config.messaging_service_sid:
+            kwargs["messaging_service_sid"] = self.config.messaging_service_sid
+        else:
+            kwargs["from_"] = self.config.from_number
+        callback = self.config.status_callback(message)
+        if callback:
+            kwargs["status_callback"] = callback
+        try:
+            created = self._messages.create(**kwargs)
+        except TwilioRestException as exc:
+            return self._from_rest_error(exc, message)
+        except requests.Timeout as exc:
+            return TransientFailure(reason=f"timeout: {type(exc).__name__}")
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            return TransientFailure(reason=f"connection error: {type(exc).__name__}")
+        return Accepted(provider_message_id=created.sid, status=201)
+
+    def _from_rest_error(self, exc, message: OutboundMessage) -> SendResult:
+        status, code = int(exc.status or 0), int(exc.code or 0)
+        detail = f"Twilio {code or status}: {exc.msg}"[:500]
+        if code in CONFIGURATION_CODES:
+            raise ConfigurationError(f"Twilio error {code}: {CONFIGURATION_CODES[code]}")
+        if status in (401, 403):
+            raise ConfigurationError(f"Twilio refused the credentials ({status}, code {code}): "
+                                     f"check {ENV_ACCOUNT_SID} and {ENV_AUTH_TOKEN}")
+        if status == 429 or code in THROTTLE_CODES:
+            response = self._http.last_response_here()
+            retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
+            return TransientFailure(reason=detail, throttled=True, retry_after=retry_after, status=status)
+        if code in PERMANENT_CODES:
+            reason, fallback = PERMANENT_CODES[code]
+            log.info("Twilio refused %s for %s: %s", redact(message.to), message.message_id, code)
+            return PermanentFailure(reason, detail=detail, fallback=fallback, status=status, provider_code=str(code))
+        if status >= 500 or status == 408:
+            return TransientFailure(reason=detail, status=status)
+        if status == 404:
+            raise ConfigurationError(f"Twilio answered 404 (code {code}): check {ENV_ACCOUNT_SID} and {ENV_BASE_URL}")
+        return PermanentFailure(FailureReason.REJECTED, detail=detail, fallback=True, status=status,
+                                provider_code=str(code) if code else None)
+
+    def close(self) -> None:
+        if self._http.session is not None:
+            self._http.session.close()
