@@ -1,0 +1,583 @@
+"""Dispatch: claim outbox rows, send them through the channel adapters, record every outcome.
+
+The guarantees rest on one ordering: **a row is committed as ``sending`` before its provider call**,
+and its outcome is committed right after. So at any instant a message is in one of three situations:
+not yet claimed (planned/deferred: it will be sent, by this or another dispatcher), claimed and maybe
+in flight (sending: if the process dies now, the row becomes ``unknown`` and is reconciled, never
+blindly resent; see :mod:`reconcile`), or settled.
+
+Mechanics:
+
+* **Claiming** (:meth:`Dispatcher._claim`): one ``UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE
+  SKIP LOCKED) RETURNING ...`` statement. On PostgreSQL, concurrent dispatchers on one run skip each
+  other's locked rows, so no row is claimed twice. On SQLite the statement is the transaction's first
+  and only one, so it takes the database write lock for its whole read-and-update (SQLite has one writer).
+* **Pre-send checks** per claimed batch, set-based: consent and suppression are re-checked (an
+  unsubscribe that arrived after planning wins), quiet hours are applied at the actual send time, and
+  the address is resolved from the member (the ledger holds none).
+* **Sending**: a fixed pool of worker threads (bounded concurrency), each taking a token from its
+  channel's :class:`~membercare.delivery.ratelimit.TokenBucket` before calling ``adapter.send``. The main
+  thread keeps the pool fed by claiming the next batch when the in-flight count falls to half a batch.
+* **Recording**: results are written in small batches (every ``flush_every`` results or
+  ``flush_interval`` seconds), guarded by ``state = 'sending' AND claimed_by = me``.
+* **Outcomes**: ``Accepted`` -> sent. ``TransientFailure`` -> deferred with exponential backoff and full
+  jitter, never earlier than ``Retry-After``; throttling (429) pauses the channel's bucket, does not
+  count as a failure of the message and does not use up its retries. ``PermanentFailure`` -> the next
+  channel of the fallback chain (content was rendered at planning) when ``fallback`` is allowed, else
+  failed; an unregistered token is invalidated in ``devices``, an invalid or opted-out address is added
+  to the suppression list. ``ConfigurationError`` -> the run stops loudly: the affected and not-yet-sent
+  rows go back to planned, the run is paused with the reason, and the error is re-raised.
+* **Error budget**: when more than ``run.error_budget`` of the last ``error_window`` provider answers
+  were failures, the run is paused; remaining claimed rows go back to planned. Counted as failures:
+  transient failures other than throttling, permanent rejections of content or account (``rejected``,
+  ``blocked``) and adapter exceptions. Not counted: throttling, and recipient-level permanent failures
+  (invalid recipient, opted out, unregistered token), which are list attrition, not a broken run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from membercare.db import insert_for
+from membercare.delivery.contract import (
+    Accepted,
+    ChannelAdapter,
+    Content,
+    FailureReason,
+    OutboundMessage,
+    PermanentFailure,
+    SendResult,
+    TransientFailure,
+    redact,
+)
+from membercare.delivery.models import (
+    CLAIMABLE_STATES,
+    CampaignRun,
+    Decision,
+    OutboxMessage,
+    OutboxState,
+    RunStatus,
+    Suppression,
+    SuppressionReason,
+    address_hash,
+    decode_contents,
+)
+from membercare.delivery.planner import refresh_run_counts
+from membercare.delivery.policies import PolicySettings, load_policy, member_zone, quiet_hours_until
+from membercare.delivery.ratelimit import TokenBucket, Unlimited
+from membercare.delivery.reconcile import recover_stale
+from membercare.delivery.routing import MemberContext, load_contexts, route
+from membercare.errors import ConfigurationError, InputError
+from membercare.models import Channel, Device, Purpose
+from membercare.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class RunPaused(InputError):
+    """The run is paused (error budget, configuration error or an operator); resume it explicitly."""
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    workers: int = 32  # concurrent provider calls
+    batch_size: int = 200  # rows per claim
+    rate_limits: Mapping[str, float] = field(default_factory=dict)  # channel -> messages/s (absent: unlimited)
+    bursts: Mapping[str, float] = field(default_factory=dict)
+    max_transient_failures: int = 8  # then failed (throttling does not count)
+    backoff_base: float = 2.0  # seconds; attempt n waits up to base * 2**(n-1), capped
+    backoff_max: float = 600.0
+    error_window: int = 200
+    error_min_samples: int = 50
+    flush_every: int = 100
+    flush_interval: float = 0.2
+    # Keep running while the next deferred row is due within this many seconds (else return and let
+    # the scheduler call again at report.next_due_at).
+    wait_for_deferred: float = 0.0
+    lease: timedelta = timedelta(minutes=5)  # sending rows older than this are from a dead process
+
+
+@dataclass
+class DispatchReport:
+    run_id: int
+    worker: str
+    outcomes: Counter = field(default_factory=Counter)  # sent, deferred, throttled, failed, fallback, ...
+    attempts: int = 0
+    status: str = ""
+    stop_reason: str | None = None
+    next_due_at: datetime | None = None
+    recovered_unknown: int = 0
+    elapsed: float = 0.0
+
+
+@dataclass
+class _Job:
+    row: Mapping[str, Any]
+    ctx: MemberContext | None
+    channel: str
+    chain_rest: tuple[str, ...]
+    contents: dict[str, Content]
+    message: OutboundMessage | None = None
+    future: Future | None = None
+
+
+@dataclass
+class _Outcome:
+    id: int
+    values: dict[str, Any]
+    budget: bool | None = None  # True failure, False success, None not counted
+    kind: str = ""
+    side_effect: Callable[[Connection], None] | None = None
+
+
+class ErrorBudget:
+    """Sliding window over the last ``window`` provider answers; throttling is never recorded here."""
+
+    def __init__(self, budget: float, window: int, min_samples: int):
+        self.budget, self.min_samples = budget, min_samples
+        self._window: deque[bool] = deque(maxlen=window)
+
+    def record(self, failed: bool) -> None:
+        self._window.append(failed)
+
+    @property
+    def failure_rate(self) -> float:
+        return sum(self._window) / len(self._window) if self._window else 0.0
+
+    def spent(self) -> bool:
+        return len(self._window) >= self.min_samples and self.failure_rate > self.budget
+
+
+class Dispatcher:
+    """Sends one run's outbox rows. Several dispatchers may work on one run concurrently (PostgreSQL).
+
+    Collaborators are injected so that tests run with in-process fake adapters and a fake clock:
+    ``adapters`` maps a channel to a :class:`ChannelAdapter`; ``clock`` returns aware UTC datetimes;
+    ``sleep`` and ``rng`` drive waiting and backoff jitter.
+    """
+
+    def __init__(self, engine: Engine, adapters: Mapping[str, ChannelAdapter], *,
+                 config: DispatchConfig | None = None, policy: PolicySettings | None = None,
+                 clock: Callable[[], datetime] = utcnow, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None, worker_id: str | None = None):
+        self.engine, self.adapters = engine, dict(adapters)
+        self.config = config or DispatchConfig()
+        self._policy = policy
+        self.clock, self.sleep = clock, sleep
+        self.rng = rng or random.Random()
+        self.worker_id = worker_id or f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.limiters = {
+            ch: TokenBucket(rate, self.config.bursts.get(ch), sleep=sleep) if rate else Unlimited()
+            for ch, rate in ((c.value, self.config.rate_limits.get(c.value)) for c in Channel)
+        }
+        self._rng_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------------- run
+
+    def dispatch(self, run_id: int, *, resume: bool = False) -> DispatchReport:
+        """Send every due row of the run; returns when nothing is due (or the run was stopped)."""
+        t0 = time.monotonic()
+        rep = DispatchReport(run_id, self.worker_id)
+        cfg = self.config
+        with self.engine.connect() as conn:
+            policy = self._policy or load_policy(conn)
+        run = self._start(run_id, resume)
+        rep.recovered_unknown = recover_stale(self.engine, lease=cfg.lease, run_id=run_id, now=self.clock())
+        budget = ErrorBudget(run.error_budget, cfg.error_window, cfg.error_min_samples)
+        inflight: dict[Future, _Job] = {}
+        buffer: list[_Outcome] = []
+        last_flush = time.monotonic()
+        stop: str | None = None
+        config_error: ConfigurationError | None = None
+        drained = False
+        pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="mc-dispatch")
+        try:
+            while True:
+                if stop is None and not drained and len(inflight) <= cfg.batch_size // 2:
+                    if self._run_status(run_id) != RunStatus.DISPATCHING:
+                        stop = "run is no longer dispatching (paused by another dispatcher or an operator)"
+                    else:
+                        try:
+                            jobs = self._claim(run, cfg.batch_size, policy, buffer)
+                        except ConfigurationError as exc:
+                            config_error, jobs = exc, []
+                            stop = f"configuration error: {exc}"
+                        drained = not jobs and not buffer
+                        for job in jobs:
+                            job.future = pool.submit(self._send, job)
+                            inflight[job.future] = job
+                if inflight:
+                    done, _ = wait(list(inflight), timeout=cfg.flush_interval, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        job = inflight.pop(fut)
+                        if fut.cancelled():
+                            buffer.append(self._release(job, "not sent: dispatch stopped"))
+                            continue
+                        try:
+                            result = fut.result()
+                        except ConfigurationError as exc:
+                            config_error = config_error or exc
+                            buffer.append(self._release(job, "not sent: configuration error"))
+                            continue
+                        except Exception as exc:  # an adapter bug: we cannot know whether it was sent
+                            log.exception("adapter %s raised for message %s", job.channel, job.row["message_id"])
+                            result = exc
+                        rep.attempts += 1
+                        out = self._outcome(job, result, policy)
+                        if out.budget is not None:
+                            budget.record(out.budget)
+                        buffer.append(out)
+                    if config_error is not None and stop is None:
+                        stop = f"configuration error: {config_error}"
+                    if stop is None and budget.spent():
+                        stop = (f"error budget spent: {budget.failure_rate:.0%} of the last "
+                                f"{len(budget._window)} sends failed (budget {budget.budget:.0%})")
+                        self._pause(run_id, stop)
+                    if stop is not None:
+                        for fut, job in list(inflight.items()):
+                            if fut.cancel():
+                                inflight.pop(fut)
+                                buffer.append(self._release(job, "not sent: dispatch stopped"))
+                now_m = time.monotonic()
+                if buffer and (len(buffer) >= cfg.flush_every or now_m - last_flush >= cfg.flush_interval
+                               or not inflight):
+                    self._flush(buffer, rep)
+                    buffer = []
+                    last_flush = now_m
+                if inflight:
+                    continue
+                if stop is not None:
+                    break
+                if drained:
+                    next_due = self._next_due(run_id)
+                    rep.next_due_at = next_due
+                    if next_due is None:
+                        break
+                    delay = (next_due - self.clock()).total_seconds()
+                    if delay > cfg.wait_for_deferred:
+                        break
+                    self.sleep(max(delay, 0.0) + 0.001)
+                    drained = False
+        finally:
+            for fut, job in list(inflight.items()):
+                fut.cancel()
+            pool.shutdown(wait=True)
+            # Anything finished after an exception in this loop is recorded; cancelled work is released.
+            for fut, job in list(inflight.items()):
+                if fut.cancelled():
+                    buffer.append(self._release(job, "not sent: dispatcher stopped"))
+                elif fut.exception() is None:
+                    buffer.append(self._outcome(job, fut.result(), policy))
+            if buffer:
+                self._flush(buffer, rep)
+            rep.status = self._finish(run_id, config_error)
+            rep.elapsed = time.monotonic() - t0
+        rep.stop_reason = stop
+        if config_error is not None:
+            raise config_error
+        return rep
+
+    def _start(self, run_id: int, resume: bool):
+        r = CampaignRun.__table__
+        now = self.clock()
+        with self.engine.begin() as conn:
+            run = conn.execute(sa.select(r).where(r.c.id == run_id)).first()
+            if run is None:
+                raise InputError(f"no campaign run with id {run_id}")
+            if run.status == RunStatus.PAUSED and not resume:
+                raise RunPaused(f"run {run.campaign}/{run.occurrence} is paused: {run.status_reason}; resume it")
+            conn.execute(sa.update(r).where(r.c.id == run_id).values(
+                status=RunStatus.DISPATCHING.value, status_reason=None, updated_at=now,
+                started_at=sa.func.coalesce(r.c.started_at, now)))
+        return run
+
+    def _run_status(self, run_id: int) -> str:
+        r = CampaignRun.__table__
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one()
+
+    def _pause(self, run_id: int, reason: str) -> None:
+        r = CampaignRun.__table__
+        log.warning("pausing run %s: %s", run_id, reason)
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == RunStatus.DISPATCHING.value).values(
+                status=RunStatus.PAUSED.value, status_reason=reason[:500], updated_at=self.clock()))
+
+    def _finish(self, run_id: int, config_error: ConfigurationError | None) -> str:
+        r, o = CampaignRun.__table__, OutboxMessage.__table__
+        now = self.clock()
+        with self.engine.begin() as conn:
+            if config_error is not None:
+                conn.execute(sa.update(r).where(r.c.id == run_id).values(
+                    status=RunStatus.PAUSED.value, updated_at=now,
+                    status_reason=f"configuration error: {config_error}"[:500]))
+            open_rows = conn.execute(sa.select(sa.func.count()).where(
+                o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES + (OutboxState.SENDING.value,)))).scalar_one()
+            if open_rows == 0:
+                conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == RunStatus.DISPATCHING.value)
+                             .values(status=RunStatus.COMPLETED.value, finished_at=now, updated_at=now))
+            refresh_run_counts(conn, run_id)
+            return conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one()
+
+    def _next_due(self, run_id: int) -> datetime | None:
+        o = OutboxMessage.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(
+                sa.func.count().filter(o.c.next_attempt_at.is_(None)),
+                sa.func.min(o.c.next_attempt_at),
+            ).where(o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES))).one()
+        if row[0]:
+            return self.clock()  # planned rows exist (another dispatcher released them): due now
+        if row[1] is None:
+            return None
+        value = row[1]
+        if isinstance(value, str):  # SQLite aggregates lose the column type
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            from membercare.timeutil import UTC
+
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    # ---------------------------------------------------------------------------------------------- claim
+
+    def _claim(self, run, limit: int, policy: PolicySettings, buffer: list[_Outcome]) -> list[_Job]:
+        o = OutboxMessage.__table__
+        now = self.clock()
+        due = (sa.select(o.c.id)
+               .where(o.c.run_id == run.id, o.c.state.in_(CLAIMABLE_STATES),
+                      sa.or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at <= now))
+               .limit(limit).with_for_update(skip_locked=True))
+        stmt = (sa.update(o).where(o.c.id.in_(due.scalar_subquery()))
+                .values(state=OutboxState.SENDING.value, claimed_by=self.worker_id, claimed_at=now, updated_at=now)
+                .returning(o.c.id, o.c.message_id, o.c.idempotency_key, o.c.member_id, o.c.campaign, o.c.purpose,
+                           o.c.channel, o.c.fallback_channels, o.c.content, o.c.attempts, o.c.transient_failures,
+                           o.c.reason))
+        with self.engine.begin() as conn:
+            rows = [dict(r) for r in conn.execute(stmt).mappings()]
+        if not rows:
+            return []
+        purposes = {r["purpose"] for r in rows}
+        contexts: dict[tuple[int, str], MemberContext] = {}
+        with self.engine.connect() as conn:
+            for purpose in purposes:
+                ids = [r["member_id"] for r in rows if r["purpose"] == purpose]
+                ctxs = load_contexts(conn, ids, purpose, now, timedelta(days=policy.push_token_max_age_days))
+                for mid, ctx in ctxs.items():
+                    contexts[(mid, purpose)] = ctx
+        jobs: list[_Job] = []
+        for i, row in enumerate(rows):
+            ctx = contexts.get((row["member_id"], row["purpose"]))
+            chain = [row["channel"], *[c for c in row["fallback_channels"].split(",") if c]]
+            job = _Job(row, ctx, row["channel"], tuple(chain[1:]), decode_contents(row["content"]))
+            try:
+                ready = self._prepare(job, chain, now, policy)
+            except ConfigurationError:
+                # Nothing of this batch was sent: hand every row back before stopping.
+                buffer.extend(self._release(j, "not sent: configuration error") for j in jobs)
+                buffer.extend(self._release(_Job(r, None, r["channel"], (), {}), "not sent: configuration error")
+                              for r in rows[i:])
+                raise
+            if ready is None:
+                jobs.append(job)
+            else:
+                buffer.append(ready)
+        return jobs
+
+    def _prepare(self, job: _Job, chain: list[str], now: datetime, policy: PolicySettings) -> _Outcome | None:
+        """Pre-send checks. Returns an outcome when the row must not be sent now, else fills ``job.message``."""
+        row = job.row
+        if job.ctx is None:
+            return self._settle(job, OutboxState.SKIPPED, Decision.NO_REACHABLE_CHANNEL, "member no longer exists")
+        rt = route(job.ctx, chain, row["purpose"])
+        if not rt.chain:
+            return self._settle(job, rt.state, rt.code, f"checked before sending: {rt.reason}")
+        if rt.chain[0] != job.channel:
+            dropped = "; ".join(f"{r.channel}: {r.detail}" for r in rt.rejected if r.channel == job.channel)
+            note = f"{job.channel} unusable before sending ({dropped}); using {rt.chain[0]}"
+            job.channel, job.chain_rest = rt.chain[0], rt.chain[1:]
+            job.row = {**row, "reason": f"{row['reason']}; {note}"[:500]}
+        else:
+            job.chain_rest = rt.chain[1:]
+        until = quiet_hours_until(now, job.channel, row["purpose"], member_zone(job.ctx.timezone,
+                                                                                 policy.fallback_timezone), policy)
+        if until is not None:
+            return _Outcome(row["id"], self._values(job, state=OutboxState.DEFERRED, code=Decision.QUIET_HOURS,
+                                                    reason=row["reason"], next_attempt_at=until,
+                                                    last_error=f"quiet hours: deferred to {until.isoformat()}"),
+                            kind="quiet_hours")
+        content = job.contents.get(job.channel)
+        if content is None:
+            return self._settle(job, OutboxState.FAILED, Decision.PERMANENT_FAILURE,
+                                f"no rendered content for {job.channel} in the ledger")
+        if job.channel not in self.adapters:
+            raise ConfigurationError(f"no adapter configured for channel {job.channel}")
+        job.message = OutboundMessage(
+            message_id=row["message_id"], idempotency_key=row["idempotency_key"], channel=Channel(job.channel),
+            purpose=Purpose(row["purpose"]), to=job.ctx.address(job.channel) or "", content=content,
+            campaign=row["campaign"], categories=(row["campaign"],),
+        )
+        return None
+
+    # ----------------------------------------------------------------------------------------------- send
+
+    def _send(self, job: _Job) -> SendResult:
+        self.limiters[job.channel].acquire()
+        return self.adapters[job.channel].send(job.message)
+
+    # ------------------------------------------------------------------------------------------- outcomes
+
+    def _values(self, job: _Job, *, state: OutboxState, code: Decision, reason: str, attempted: bool = False,
+                next_attempt_at: datetime | None = None, **extra) -> dict[str, Any]:
+        row = job.row
+        values = dict(state=state.value, reason_code=code.value, reason=reason[:500], channel=job.channel,
+                      fallback_channels=",".join(job.chain_rest), next_attempt_at=next_attempt_at,
+                      attempts=row["attempts"] + (1 if attempted else 0),
+                      transient_failures=row["transient_failures"], claimed_by=None, claimed_at=None,
+                      updated_at=self.clock(), last_error=None, provider_message_id=None, sent_at=None)
+        values.update(extra)
+        return values
+
+    def _settle(self, job: _Job, state: OutboxState, code: Decision, reason: str) -> _Outcome:
+        return _Outcome(job.row["id"], self._values(job, state=state, code=code, reason=reason), kind=state.value)
+
+    def _release(self, job: _Job, why: str) -> _Outcome:
+        """Back to planned, untouched: the provider was never called for it in this attempt."""
+        row = job.row
+        return _Outcome(row["id"], dict(
+            state=OutboxState.PLANNED.value, reason_code=Decision.ROUTED.value, reason=row["reason"],
+            channel=row["channel"], fallback_channels=row["fallback_channels"], next_attempt_at=None,
+            attempts=row["attempts"], transient_failures=row["transient_failures"], claimed_by=None,
+            claimed_at=None, updated_at=self.clock(), last_error=why, provider_message_id=None, sent_at=None),
+            kind="released")
+
+    def _outcome(self, job: _Job, result: SendResult | BaseException, policy: PolicySettings) -> _Outcome:
+        row, now = job.row, self.clock()
+        ch = job.channel
+        if isinstance(result, Accepted):
+            why = row["reason"]
+            why = f"sent {why}" if why.startswith(f"via {ch}") else f"sent via {ch}; {why}"
+            return _Outcome(row["id"], self._values(
+                job, state=OutboxState.SENT, code=Decision.SENT, attempted=True, sent_at=now,
+                provider_message_id=result.provider_message_id, reason=why), budget=False, kind="sent")
+        if isinstance(result, TransientFailure):
+            if result.throttled:
+                wait_s = result.retry_after if result.retry_after is not None else self.config.backoff_base
+                self.limiters[ch].pause(wait_s)
+                return _Outcome(row["id"], self._values(
+                    job, state=OutboxState.DEFERRED, code=Decision.THROTTLED, attempted=True, reason=row["reason"],
+                    next_attempt_at=now + timedelta(seconds=wait_s),
+                    last_error=f"throttled by the {ch} provider (retry after {wait_s:g}s): {result.reason}"),
+                    budget=None, kind="throttled")
+            failures = row["transient_failures"] + 1
+            if failures >= self.config.max_transient_failures:
+                return _Outcome(row["id"], self._values(
+                    job, state=OutboxState.FAILED, code=Decision.RETRIES_EXHAUSTED, attempted=True,
+                    reason=f"{ch}: gave up after {failures} transient failures", transient_failures=failures,
+                    last_error=result.reason[:500]), budget=True, kind="failed")
+            delay = self._backoff(failures, result.retry_after)
+            return _Outcome(row["id"], self._values(
+                job, state=OutboxState.DEFERRED, code=Decision.RETRY, attempted=True, transient_failures=failures,
+                reason=row["reason"], next_attempt_at=now + timedelta(seconds=delay),
+                last_error=f"{ch}: transient failure #{failures}, retrying in {delay:.1f}s: {result.reason}"),
+                budget=True, kind="retry")
+        if isinstance(result, PermanentFailure):
+            effect = self._learn(job, result)
+            # Recipient-level failures (a dead token, a wrong number, an opt-out) are data attrition, not a
+            # sign that the run is broken; content or account rejections are.
+            counted = True if result.reason in (FailureReason.REJECTED, FailureReason.BLOCKED) else None
+            detail = f"{ch} failed permanently ({result.reason.value}{': ' + result.detail if result.detail else ''})"
+            if result.fallback and job.chain_rest and job.ctx is not None:
+                rt = route(job.ctx, list(job.chain_rest), row["purpose"])
+                if rt.chain and rt.chain[0] in job.contents:
+                    nxt = rt.chain[0]
+                    job.channel, job.chain_rest = nxt, rt.chain[1:]
+                    return _Outcome(row["id"], self._values(
+                        job, state=OutboxState.PLANNED, code=Decision.FALLBACK, attempted=True,
+                        reason=f"via {nxt}: fallback because {detail}", last_error=detail),
+                        budget=counted, kind="fallback", side_effect=effect)
+            if not job.chain_rest:
+                why = f"{detail}; no other channel left"
+            elif not result.fallback:
+                why = f"{detail}; this failure does not allow a fallback"
+            else:
+                why = f"{detail}; no fallback channel usable any more"
+            return _Outcome(row["id"], self._values(
+                job, state=OutboxState.FAILED, code=Decision.PERMANENT_FAILURE, attempted=True, reason=why,
+                last_error=detail), budget=counted, kind="failed", side_effect=effect)
+        # An exception from the adapter: the request may have reached the provider. Never resent blindly.
+        return _Outcome(row["id"], self._values(
+            job, state=OutboxState.UNKNOWN, code=Decision.ADAPTER_ERROR, attempted=True,
+            reason=f"{ch} adapter raised {type(result).__name__}; outcome unknown, will be reconciled",
+            last_error=str(result)[:500]), budget=True, kind="unknown")
+
+    def _backoff(self, failures: int, retry_after: float | None) -> float:
+        cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** (failures - 1)))
+        with self._rng_lock:
+            delay = self.rng.uniform(0, cap)  # "full jitter": spreads retries of a failed burst
+        return max(delay, retry_after or 0.0)
+
+    def _learn(self, job: _Job, result: PermanentFailure) -> Callable[[Connection], None] | None:
+        """What a permanent failure teaches us about the address, applied with the outcome."""
+        addr = job.message.to if job.message else None
+        if not addr:
+            return None
+        ch, now = job.channel, self.clock()
+        if result.reason == FailureReason.UNREGISTERED_TOKEN and ch == Channel.PUSH:
+            d = Device.__table__
+
+            def invalidate(conn: Connection) -> None:
+                conn.execute(sa.update(d).where(d.c.token == addr, d.c.invalidated_at.is_(None))
+                             .values(invalidated_at=now, invalid_reason="unregistered"))
+            return invalidate
+        reason = {FailureReason.INVALID_RECIPIENT: SuppressionReason.INVALID,
+                  FailureReason.OPTED_OUT: SuppressionReason.UNSUBSCRIBE}.get(result.reason)
+        if reason is None:
+            return None
+        h = address_hash(ch, addr)
+
+        def suppress(conn: Connection) -> None:
+            s = Suppression.__table__
+            conn.execute(insert_for(conn, s).on_conflict_do_nothing(index_elements=["channel", "address_hash"]),
+                         dict(channel=ch, address_hash=h, member_id=None, reason=reason.value,
+                              source=f"dispatch:{ch}", created_at=now))
+        log.info("suppressing %s address %s after %s", ch, redact(addr), result.reason.value)
+        return suppress
+
+    def _flush(self, outcomes: list[_Outcome], rep: DispatchReport) -> None:
+        o = OutboxMessage.__table__
+        # Group by the set of columns so each group is one executemany.
+        groups: dict[tuple[str, ...], list[dict]] = {}
+        for out in outcomes:
+            groups.setdefault(tuple(sorted(out.values)), []).append({"_id": out.id, **out.values})
+        with self.engine.begin() as conn:
+            changed = 0
+            for cols, params in groups.items():
+                stmt = (sa.update(o).where(o.c.id == sa.bindparam("_id"), o.c.state == OutboxState.SENDING.value,
+                                           o.c.claimed_by == self.worker_id)
+                        .values({c: sa.bindparam(c) for c in cols}))
+                res = conn.execute(stmt, params)
+                changed += res.rowcount if res.rowcount and res.rowcount > 0 else 0
+            for out in outcomes:
+                if out.side_effect is not None:
+                    out.side_effect(conn)
+        for out in outcomes:
+            rep.outcomes[out.kind] += 1
+        if changed < len(outcomes):
+            log.warning("%d of %d outcomes were not recorded: their rows were recovered as unknown meanwhile "
+                        "(lease too short?)", len(outcomes) - changed, len(outcomes))

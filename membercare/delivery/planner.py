@@ -1,0 +1,324 @@
+"""Planning: turn a campaign occurrence and its members into outbox rows, before any provider is called.
+
+:func:`plan_run` creates (or finds) the ``campaign_runs`` row of ``(campaign, occurrence)`` and, per batch
+of members, in one transaction:
+
+1. loads members, consents, live devices, suppressions, the run's existing rows and (for marketing)
+   the members' recent active messages, set-based (a handful of queries per batch, never per member);
+2. skips members who already have a row for this occurrence (rerunning planning adds nothing);
+3. assigns a variant (extension point: ``assign``; a ``"holdout"`` answer records a skipped row);
+4. routes (:mod:`routing`), applies the frequency cap with priority preemption and quiet hours
+   (:mod:`policies`);
+5. renders the content of *every channel of the fallback chain* (so dispatch needs no templates and a
+   retry or a fallback sends exactly what was planned) and
+6. inserts the rows with ``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING``.
+
+Members we decide not to message get a row too (state skipped or suppressed, with the reason), so
+the ledger accounts for everyone the segment selected.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from membercare.db import insert_for, is_sqlite
+from membercare.delivery.contract import Content
+from membercare.delivery.models import (
+    ACTIVE_STATES,
+    CampaignRun,
+    Decision,
+    OutboxMessage,
+    OutboxState,
+    RunStatus,
+    encode_contents,
+)
+from membercare.delivery.policies import (
+    PolicySettings,
+    RecentMessage,
+    apply_frequency_cap,
+    load_policy,
+    member_zone,
+    quiet_hours_until,
+)
+from membercare.delivery.routing import MemberContext, candidate_order, load_contexts, route
+from membercare.errors import InputError
+from membercare.models import Channel, Purpose
+from membercare.timeutil import ensure_utc, utcnow
+
+HOLDOUT = "holdout"
+# PostgreSQL advisory lock taken by every planning batch: frequency-cap decisions read other runs'
+# rows and then write, so two campaigns planned concurrently must not both take a member's last slot.
+PLAN_LOCK_KEY = 0x6D63_706C  # "mcpl"
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What planning needs to know about a campaign occurrence (built from the campaign definition)."""
+
+    campaign: str
+    occurrence: str  # e.g. "2026-11-23" for a daily campaign; unique per campaign
+    purpose: Purpose
+    channels: tuple[Channel, ...]  # the channels the campaign may use
+    priority: int = 0  # higher wins frequency-cap slots (see policies)
+    error_budget: float = 0.5  # see dispatcher.ErrorBudget
+
+    def __post_init__(self) -> None:
+        if not self.campaign or "|" in self.campaign or "|" in self.occurrence or not self.occurrence:
+            raise InputError("campaign and occurrence must be non-empty and must not contain '|'")
+        Purpose(self.purpose)
+        for ch in self.channels:
+            Channel(ch)
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One member to message. ``coupon_code`` makes one message per coupon (it joins the idempotency key)."""
+
+    member_id: int
+    coupon_code: str | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)  # extra template variables for this member
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    campaign: str
+    occurrence: str
+    channel: Channel
+    purpose: Purpose
+    member: Mapping[str, Any]  # the members row
+    message_id: str  # for tracking links and unsubscribe URLs
+    as_of: datetime
+    coupon_code: str | None = None
+    variant: str | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Renderer(Protocol):
+    """Extension point: render one channel's content (``membercare.rendering`` provides the real one).
+
+    Raising aborts the batch (its transaction rolls back); since planning is idempotent, fix the
+    template and rerun.
+    """
+
+    def __call__(self, request: RenderRequest) -> Content: ...
+
+
+# Extension point (experiments, holdouts): the variant of a member, or HOLDOUT to record but not send.
+Assigner = Callable[[MemberContext, Recipient], str | None]
+
+
+@dataclass
+class PlanReport:
+    run_id: int
+    inserted: int = 0
+    already_planned: int = 0
+    preempted: int = 0
+    by_state: Counter = field(default_factory=Counter)  # of inserted rows
+    by_reason: Counter = field(default_factory=Counter)
+
+
+def idempotency_key(campaign: str, occurrence: str, member_id: int, coupon_code: str | None = None) -> str:
+    key = f"{campaign}|{occurrence}|{member_id}"
+    return f"{key}|{coupon_code}" if coupon_code else key
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def get_or_create_run(engine: Engine, spec: PlanSpec, as_of: datetime) -> int:
+    r = CampaignRun.__table__
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            insert_for(conn, r).on_conflict_do_nothing(index_elements=["campaign", "occurrence"]),
+            dict(campaign=spec.campaign, occurrence=spec.occurrence, purpose=spec.purpose.value
+                 if isinstance(spec.purpose, Purpose) else spec.purpose, priority=spec.priority, as_of=as_of,
+                 status=RunStatus.PLANNED.value, error_budget=spec.error_budget, counts="{}",
+                 created_at=now, updated_at=now),
+        )
+        row = conn.execute(sa.select(r.c.id, r.c.purpose).where(
+            r.c.campaign == spec.campaign, r.c.occurrence == spec.occurrence)).one()
+    if row.purpose != spec.purpose:
+        raise InputError(f"run {spec.campaign}/{spec.occurrence} exists with purpose {row.purpose}")
+    return row.id
+
+
+def plan_run(
+    engine: Engine,
+    spec: PlanSpec,
+    member_batches: Iterable[Sequence[int | Recipient]],
+    as_of: datetime,
+    renderer: Renderer,
+    *,
+    policy: PolicySettings | None = None,
+    assign: Assigner | None = None,
+    message_ids: Callable[[], str] = new_message_id,
+) -> PlanReport:
+    """Plan one campaign occurrence. Idempotent: rerunning it inserts only rows that do not exist yet."""
+    as_of = ensure_utc(as_of)
+    run_id = get_or_create_run(engine, spec, as_of)
+    if policy is None:
+        with engine.connect() as conn:
+            policy = load_policy(conn)
+    report = PlanReport(run_id)
+    for batch in member_batches:
+        recipients = [b if isinstance(b, Recipient) else Recipient(int(b)) for b in batch]
+        if recipients:
+            with engine.begin() as conn:
+                _plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, assign, message_ids, report)
+    with engine.begin() as conn:
+        refresh_run_counts(conn, run_id, reopen=report.inserted > 0)
+    return report
+
+
+def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[Recipient], as_of: datetime,
+                renderer: Renderer, policy: PolicySettings, assign: Assigner | None,
+                message_ids: Callable[[], str], report: PlanReport) -> None:
+    o, r = OutboxMessage.__table__, CampaignRun.__table__
+    now = utcnow()
+    # Serialise planning batches. SQLite: make the first statement a write so this transaction holds the
+    # write lock from here on (a read-then-write transaction could otherwise fail with a stale snapshot).
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(updated_at=now))
+    if not is_sqlite(conn):
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PLAN_LOCK_KEY)))
+
+    purpose = spec.purpose.value if isinstance(spec.purpose, Purpose) else spec.purpose
+    by_key: dict[str, Recipient] = {}
+    for rc in recipients:
+        by_key.setdefault(idempotency_key(spec.campaign, spec.occurrence, rc.member_id, rc.coupon_code), rc)
+    ids = list({rc.member_id for rc in by_key.values()})
+    existing = set(conn.execute(sa.select(o.c.idempotency_key).where(o.c.idempotency_key.in_(list(by_key)))).scalars())
+    report.already_planned += len(existing)
+    todo = {k: rc for k, rc in by_key.items() if k not in existing}
+    if not todo:
+        return
+
+    contexts = load_contexts(conn, ids, purpose, as_of, timedelta(days=policy.push_token_max_age_days))
+    recent: dict[int, list[RecentMessage]] = defaultdict(list)
+    if purpose == Purpose.MARKETING:
+        for row in conn.execute(
+            sa.select(o.c.id, o.c.member_id, o.c.campaign, o.c.priority, o.c.channel, o.c.state, o.c.scheduled_at)
+            .where(o.c.member_id.in_(ids), o.c.purpose == Purpose.MARKETING.value, o.c.run_id != run_id,
+                   o.c.state.in_(ACTIVE_STATES), o.c.scheduled_at > as_of - policy.cap_window,
+                   o.c.scheduled_at <= as_of)
+        ):
+            recent[row.member_id].append(RecentMessage(row.id, row.campaign, row.priority, row.channel, row.state,
+                                                       row.scheduled_at))
+
+    rows: list[dict] = []
+    pending_preempt: dict[str, tuple[int, ...]] = {}
+    for key, rc in todo.items():
+        ctx = contexts.get(rc.member_id)
+        base = dict(message_id=message_ids(), run_id=run_id, campaign=spec.campaign, occurrence=spec.occurrence,
+                    member_id=rc.member_id, idempotency_key=key, coupon_code=rc.coupon_code, variant=None,
+                    purpose=purpose, priority=spec.priority, channel=None, fallback_channels="", content=None,
+                    attempts=0, transient_failures=0, scheduled_at=as_of, next_attempt_at=None, created_at=now,
+                    updated_at=now)
+        if ctx is None:
+            raise InputError(f"member id {rc.member_id} does not exist")
+        variant = assign(ctx, rc) if assign else None
+        base["variant"] = variant
+        if variant == HOLDOUT:
+            rows.append({**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.HOLDOUT.value,
+                         "reason": "held out of this campaign (control group)"})
+            continue
+        order, not_allowed = candidate_order(ctx.preferred, spec.channels)
+        rt = route(ctx, order, purpose, not_allowed)
+        if not rt.chain:
+            rows.append({**base, "state": rt.state.value, "reason_code": rt.code.value, "reason": rt.reason[:500]})
+            continue
+        chain, reason = rt.chain, rt.reason
+        if purpose == Purpose.MARKETING:
+            cap = apply_frequency_cap(chain, recent.get(rc.member_id, ()), priority=spec.priority, settings=policy)
+            if cap.capped:
+                rows.append({**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.FREQUENCY_CAP.value,
+                             "reason": f"{cap.reason}; would have gone {reason}"[:500]})
+                continue
+            chain = cap.chain
+            if cap.preempt:
+                pending_preempt[key] = cap.preempt
+            if cap.reason:
+                reason = f"{reason}; {cap.reason}"
+        base.update(channel=chain[0], fallback_channels=",".join(chain[1:]))
+        until = quiet_hours_until(as_of, chain[0], purpose, member_zone(ctx.timezone, policy.fallback_timezone),
+                                  policy)
+        if until is not None:
+            base.update(state=OutboxState.DEFERRED.value, next_attempt_at=until, reason_code=Decision.QUIET_HOURS.value,
+                        reason=f"{reason}; quiet hours: deferred to {until.isoformat()}"[:500])
+        else:
+            base.update(state=OutboxState.PLANNED.value, reason_code=Decision.ROUTED.value, reason=reason[:500])
+        contents = {
+            ch: renderer(RenderRequest(campaign=spec.campaign, occurrence=spec.occurrence, channel=Channel(ch),
+                                       purpose=Purpose(purpose), member=ctx.row or {}, message_id=base["message_id"],
+                                       as_of=as_of, coupon_code=rc.coupon_code, variant=variant, context=rc.context))
+            for ch in chain
+        }
+        base["content"] = encode_contents(contents)
+        rows.append(base)
+
+    if pending_preempt:
+        _preempt(conn, spec, pending_preempt, rows, recent, todo, policy, report)
+
+    ins = insert_for(conn, o).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(o.c.idempotency_key)
+    inserted = set(conn.execute(ins, rows).scalars()) if rows else set()
+    report.inserted += len(inserted)
+    report.already_planned += len(rows) - len(inserted)
+    for row in rows:
+        if row["idempotency_key"] in inserted:
+            report.by_state[row["state"]] += 1
+            report.by_reason[row["reason_code"]] += 1
+
+
+def _preempt(conn, spec, pending, rows, recent, todo, policy, report) -> None:
+    """Take frequency-cap slots from lower-priority unsent rows; a row a dispatcher claimed meanwhile is kept."""
+    o = OutboxMessage.__table__
+    wanted = sorted({i for ids in pending.values() for i in ids})
+    now = utcnow()
+    got = set(conn.execute(
+        sa.update(o).where(o.c.id.in_(wanted), o.c.state.in_((OutboxState.PLANNED.value, OutboxState.DEFERRED.value)))
+        .values(state=OutboxState.SKIPPED.value, reason_code=Decision.PREEMPTED.value,
+                reason=f"frequency cap: slot taken by higher-priority campaign {spec.campaign} "
+                       f"(priority {spec.priority})"[:500],
+                next_attempt_at=None, updated_at=now)
+        .returning(o.c.id)
+    ).scalars())
+    report.preempted += len(got)
+    for row in rows:
+        ids = pending.get(row["idempotency_key"])
+        if not ids or all(i in got for i in ids):
+            continue
+        # Lost a race with a dispatcher: re-check the cap with the slots we actually freed.
+        active = len(recent.get(row["member_id"], ())) - sum(1 for i in ids if i in got)
+        if policy.marketing_cap is not None and active >= policy.marketing_cap:
+            row.update(state=OutboxState.SKIPPED.value, reason_code=Decision.FREQUENCY_CAP.value, content=None,
+                       channel=None, fallback_channels="", next_attempt_at=None,
+                       reason=f"frequency cap: {active} marketing messages in {policy.cap_window_days}d "
+                              f"(cap {policy.marketing_cap}); a lower-priority message was already sending")
+
+
+def run_counts(conn: Connection, run_id: int) -> dict[str, int]:
+    o = OutboxMessage.__table__
+    return {s: n for s, n in conn.execute(
+        sa.select(o.c.state, sa.func.count()).where(o.c.run_id == run_id).group_by(o.c.state))}
+
+
+def refresh_run_counts(conn: Connection, run_id: int, *, reopen: bool = False) -> dict[str, int]:
+    """Store the state counts on the run; ``reopen`` puts a completed run back to planned (new rows arrived)."""
+    r = CampaignRun.__table__
+    counts = run_counts(conn, run_id)
+    values: dict[str, Any] = dict(counts=json.dumps(counts, sort_keys=True), updated_at=utcnow())
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(**values))
+    if reopen:
+        conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == RunStatus.COMPLETED.value)
+                     .values(status=RunStatus.PLANNED.value, finished_at=None))
+    return counts

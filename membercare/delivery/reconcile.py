@@ -1,0 +1,181 @@
+"""Crash recovery and reconciliation of messages whose outcome we do not know.
+
+A row is ``sending`` from the moment a dispatcher committed its claim until it recorded the
+provider's answer. If the process dies in between, the provider may or may not have accepted the
+message. Policy (see ``docs/delivery.md``):
+
+1. :func:`recover_stale` turns ``sending`` rows whose claim is older than the lease into ``unknown``
+   (reason ``in_flight_at_crash``). They are **never** resent automatically at this point.
+2. :func:`reconcile_unknown` looks each unknown row up in the provider's records (a
+   :class:`ProviderRecords` source, e.g. the sandbox's ``GET /sandbox/messages``) and marks the ones it
+   finds ``sent``. Provider events (delivered, opened, bounced...) carrying our message id do the same
+   through :func:`mark_sent_from_event`, whenever they arrive.
+3. After the grace period, rows still without a record stay ``unknown`` for **marketing** (no duplicate
+   is preferred to no loss; the reason says so) and go back to ``planned`` for **transactional**
+   messages (no loss is preferred: an order confirmation must arrive, and a rare duplicate is the price,
+   because none of SendGrid's mail send, Twilio's Messages or FCM's v1 send deduplicates on a client key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from membercare.delivery.models import Decision, OutboxMessage, OutboxState
+from membercare.models import Purpose
+from membercare.timeutil import ensure_utc, utcnow
+
+
+class ProviderRecords(Protocol):
+    """Extension point: which of our message ids a provider has a record of.
+
+    Returns ``{message_id: provider_message_id}`` for the ids it knows. Implementations must not raise
+    for ids they do not know; a lookup that cannot be made at all should raise, so that nothing is
+    concluded from silence.
+    """
+
+    def lookup(self, message_ids: Sequence[str]) -> Mapping[str, str]: ...
+
+
+@dataclass
+class StaticRecords:
+    """Records handed in directly (tests; a provider export loaded by an operator)."""
+
+    records: Mapping[str, str] = field(default_factory=dict)
+
+    def lookup(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        return {m: self.records[m] for m in message_ids if m in self.records}
+
+
+class SandboxRecords:
+    """The provider sandbox's record of accepted messages (``GET {base_url}/sandbox/messages``).
+
+    Each record is a JSON object with our message id and the provider's id; the field names are
+    configurable because the sandbox speaks for three providers.
+    """
+
+    def __init__(self, base_url: str, *, message_id_field: str = "message_id",
+                 provider_id_field: str = "provider_message_id", timeout: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.message_id_field, self.provider_id_field, self.timeout = message_id_field, provider_id_field, timeout
+
+    def lookup(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        import httpx
+
+        resp = httpx.get(f"{self.base_url}/sandbox/messages", timeout=self.timeout)
+        resp.raise_for_status()
+        body = resp.json()
+        items = body.get("messages", body) if isinstance(body, dict) else body
+        wanted = set(message_ids)
+        return {str(i[self.message_id_field]): str(i.get(self.provider_id_field) or "")
+                for i in items if i.get(self.message_id_field) in wanted}
+
+
+def recover_stale(engine: Engine, *, lease: timedelta, run_id: int | None = None,
+                  now: datetime | None = None) -> int:
+    """Mark ``sending`` rows claimed before ``now - lease`` as ``unknown``. Returns how many.
+
+    The lease must be longer than the slowest send (adapter timeout plus rate-limit wait) plus the
+    dispatcher's flush interval; a live dispatcher's late answer for a row recovered this way is
+    ignored (its update is guarded by ``state = 'sending'``) and reconciliation settles the row.
+    """
+    o = OutboxMessage.__table__
+    now = ensure_utc(now or utcnow())
+    cond = [o.c.state == OutboxState.SENDING.value, o.c.claimed_at <= now - lease]
+    if run_id is not None:
+        cond.append(o.c.run_id == run_id)
+    with engine.begin() as conn:
+        res = conn.execute(
+            sa.update(o).where(*cond).values(
+                state=OutboxState.UNKNOWN.value, reason_code=Decision.IN_FLIGHT_AT_CRASH.value,
+                reason=sa.func.substr(sa.literal("in flight when dispatcher ") + sa.func.coalesce(o.c.claimed_by, "?")
+                                      + sa.literal(" stopped; the provider may or may not have accepted it"), 1, 500),
+                updated_at=now,
+            )
+        )
+        return res.rowcount or 0
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    found_sent: int = 0
+    left_unknown: int = 0
+    requeued: int = 0
+
+
+def reconcile_unknown(engine: Engine, *, run_id: int | None = None, records: ProviderRecords | None = None,
+                      grace: timedelta = timedelta(hours=1), now: datetime | None = None,
+                      batch_size: int = 500) -> ReconcileReport:
+    """Settle ``unknown`` rows: provider record -> sent; past grace -> final unknown (marketing) or resend."""
+    o = OutboxMessage.__table__
+    now = ensure_utc(now or utcnow())
+    rep = ReconcileReport()
+    last_id = 0
+    while True:
+        cond = [o.c.state == OutboxState.UNKNOWN.value, o.c.id > last_id]
+        if run_id is not None:
+            cond.append(o.c.run_id == run_id)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(o.c.id, o.c.message_id, o.c.purpose, o.c.claimed_at, o.c.updated_at,
+                                          o.c.reason_code).where(*cond).order_by(o.c.id).limit(batch_size)).all()
+        if not rows:
+            return rep
+        last_id = rows[-1].id
+        rep.checked += len(rows)
+        found = dict(records.lookup([r.message_id for r in rows])) if records is not None else {}
+        with engine.begin() as conn:
+            for r in rows:
+                if r.message_id in found:
+                    rep.found_sent += _mark_sent(conn, r.message_id, found[r.message_id], now,
+                                                 "reconciled: the provider has a record of it")
+                    continue
+                since = r.claimed_at or r.updated_at
+                if since > now - grace:
+                    continue  # events may still arrive
+                if r.purpose == Purpose.TRANSACTIONAL:
+                    res = conn.execute(sa.update(o).where(o.c.id == r.id, o.c.state == OutboxState.UNKNOWN.value).values(
+                        state=OutboxState.PLANNED.value, next_attempt_at=None, claimed_by=None, claimed_at=None,
+                        reason_code=Decision.RESENT_AFTER_UNKNOWN.value, updated_at=now,
+                        reason="outcome unknown and no provider record after the grace period; resending "
+                               "(transactional: no loss over no duplicate; a duplicate is possible)"))
+                    rep.requeued += res.rowcount or 0
+                elif r.reason_code != Decision.UNKNOWN_NOT_RESENT:
+                    conn.execute(sa.update(o).where(o.c.id == r.id, o.c.state == OutboxState.UNKNOWN.value).values(
+                        reason_code=Decision.UNKNOWN_NOT_RESENT.value, updated_at=now,
+                        reason="outcome unknown and no provider record after the grace period; not resent "
+                               "(marketing: no duplicate over no loss)"))
+                    rep.left_unknown += 1
+                else:
+                    rep.left_unknown += 1
+
+
+def _mark_sent(conn: Connection, message_id: str, provider_message_id: str | None, at: datetime, why: str) -> int:
+    o = OutboxMessage.__table__
+    res = conn.execute(
+        sa.update(o).where(
+            o.c.message_id == message_id,
+            sa.or_(o.c.state.in_((OutboxState.UNKNOWN.value, OutboxState.SENDING.value, OutboxState.DEFERRED.value)),
+                   sa.and_(o.c.state == OutboxState.PLANNED.value, o.c.attempts > 0)),
+        ).values(state=OutboxState.SENT.value, reason_code=Decision.RECONCILED.value, reason=why[:500],
+                 provider_message_id=sa.func.coalesce(o.c.provider_message_id, provider_message_id or None),
+                 sent_at=sa.func.coalesce(o.c.sent_at, at), next_attempt_at=None, updated_at=utcnow())
+    )
+    return res.rowcount or 0
+
+
+def mark_sent_from_event(conn: Connection, message_id: str, *, provider_message_id: str | None = None,
+                         at: datetime | None = None, source: str = "provider event") -> bool:
+    """A provider event carrying our message id proves the provider accepted the message.
+
+    Called by the webhook receiver for every event. Settles rows that are unknown, still sending, or
+    waiting for a retry after an ambiguous transient failure (a timeout after the provider accepted),
+    which prevents the retry from sending a duplicate. Returns whether a row changed.
+    """
+    return _mark_sent(conn, message_id, provider_message_id, ensure_utc(at or utcnow()), f"reconciled: {source}") > 0
+
