@@ -14,6 +14,9 @@ Environment variables (all optional):
 ``MEMBERCARE_SHOP_LOCALE``    shop default locale (default ``zh-TW``)
 ``MEMBERCARE_SHOP_CURRENCY``  ISO 4217 currency (default ``TWD``)
 ``MEMBERCARE_SHOP_COUNTRY``   default region for phone numbers without a country code (default ``TW``)
+``MEMBERCARE_PUBLIC_URL``     externally visible base URL of ``membercare serve`` (links, callbacks;
+                              default ``http://127.0.0.1:8080``)
+``MEMBERCARE_SECRET_KEY``     signs unsubscribe/preference tokens; required to send (never in the repo)
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Settings:
     shop_locale: str = "zh-TW"
     shop_currency: str = "TWD"
     shop_country: str = "TW"
+    public_url: str = "http://127.0.0.1:8080"
+    secret_key: str | None = field(default=None, repr=False)
 
     @property
     def db_url(self) -> str:
@@ -72,6 +77,8 @@ class Settings:
             ("MEMBERCARE_SHOP_LOCALE", "shop_locale"),
             ("MEMBERCARE_SHOP_CURRENCY", "shop_currency"),
             ("MEMBERCARE_SHOP_COUNTRY", "shop_country"),
+            ("MEMBERCARE_PUBLIC_URL", "public_url"),
+            ("MEMBERCARE_SECRET_KEY", "secret_key"),
         ):
             if env.get(key):
                 s = replace(s, **{attr: env[key]})

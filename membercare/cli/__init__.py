@@ -38,6 +38,8 @@ def _register() -> None:
     from membercare.cli import db as _db  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
     from membercare.cli import sandbox as _sandbox  # noqa: F401
+    from membercare.cli import serve as _serve  # noqa: F401
+    from membercare.cli import templates as _templates  # noqa: F401
 
 
 _register()

@@ -4,6 +4,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import membercare.delivery.models  # noqa: F401
+import membercare.engagement.models  # noqa: F401
 import membercare.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from membercare.db import make_engine
 

@@ -1,0 +1,200 @@
+"""Signed member links: unsubscribe and preference-centre URLs.
+
+Every marketing message carries a link that lets the member change their preferences or leave
+without logging in, and every marketing email carries it in ``List-Unsubscribe`` (RFC 8058
+one-click). Such a link must identify exactly one member, must not be guessable from a member id,
+and must keep working for months (mail sits in inboxes), so the token is:
+
+* a 10-byte payload: version (1 byte), member id (8 bytes, big-endian), scope (1 byte: which channel
+  the link unsubscribes from; ``all`` for the preference centre);
+* followed by the first 16 bytes (128 bits) of ``HMAC-SHA256(secret, "membercare.link" + payload)``;
+* base64url without padding: 35 characters, short enough for an SMS.
+
+Tokens are deterministic (one member and scope always gives the same token), so re-rendering a
+message for a retry yields the same bytes, and they never expire: revoking them means rotating the
+secret. Rotation is supported by verifying against several secrets (new first, old after) while the
+old mail ages out.
+
+URLs (served by the webhook receiver)::
+
+    GET  {public_url}/u/{token}              confirmation page
+    POST {public_url}/u/{token}              RFC 8058 one-click (body ``List-Unsubscribe=One-Click``)
+    GET  {public_url}/u/{token}/preferences  preference centre
+
+Configuration (read by :meth:`LinkSigner.from_settings`): ``MEMBERCARE_SECRET_KEY`` (required for
+anything that sends) and ``MEMBERCARE_PUBLIC_URL`` (default ``http://127.0.0.1:8080``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+from typing import Any
+
+from membercare.errors import ConfigurationError, InputError
+
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
+# Used only for previews, the pre-flight check and the gallery, never for a message that is sent:
+# links signed with it are recognisably unusable (see LinkSigner.preview).
+PREVIEW_SECRET = "membercare-preview-only-not-a-secret"
+_VERSION = 1
+_DOMAIN = b"membercare.link"
+_SIG_BYTES = 16
+_PAYLOAD = struct.Struct(">BQB")
+
+
+class LinkScope(StrEnum):
+    """What a token lets its holder change. ``ALL`` opens the preference centre / leaves everything."""
+
+    ALL = "all"
+    EMAIL = "email"
+    SMS = "sms"
+    PUSH = "push"
+
+
+_SCOPE_CODES = {LinkScope.ALL: 0, LinkScope.EMAIL: 1, LinkScope.SMS: 2, LinkScope.PUSH: 3}
+_SCOPES_BY_CODE = {v: k for k, v in _SCOPE_CODES.items()}
+
+
+class InvalidTokenError(InputError):
+    """A link token that is malformed or not signed by any of our secrets."""
+
+
+@dataclass(frozen=True)
+class LinkClaims:
+    member_id: int
+    scope: LinkScope
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: bytes, payload: bytes) -> bytes:
+    return hmac.new(secret, _DOMAIN + payload, hashlib.sha256).digest()[:_SIG_BYTES]
+
+
+def sign_member_token(member_id: int, secret: str | bytes, scope: LinkScope | str = LinkScope.ALL) -> str:
+    """The token for ``member_id`` and ``scope``, signed with ``secret``."""
+    if not secret:
+        raise ConfigurationError("MEMBERCARE_SECRET_KEY is not set: cannot sign unsubscribe links")
+    if member_id < 0:
+        raise ValueError("member id must be non-negative")
+    key = secret.encode() if isinstance(secret, str) else secret
+    payload = _PAYLOAD.pack(_VERSION, member_id, _SCOPE_CODES[LinkScope(scope)])
+    return _b64(payload + _mac(key, payload))
+
+
+def verify_member_token(token: str, secrets: str | bytes | Sequence[str | bytes]) -> LinkClaims:
+    """Check ``token`` against the current secret and any older ones; return what it grants.
+
+    Raises :class:`InvalidTokenError` for anything that is not a token we signed. Comparison is
+    constant-time. ``secrets`` may be one secret or a sequence (newest first) during a rotation.
+    """
+    if isinstance(secrets, (str, bytes)):
+        secrets = [secrets]
+    keys = [s.encode() if isinstance(s, str) else s for s in secrets if s]
+    if not keys:
+        raise ConfigurationError("no secret configured to verify link tokens")
+    try:
+        raw = _unb64(token)
+    except (binascii.Error, ValueError):
+        raise InvalidTokenError("malformed link token") from None
+    if len(raw) != _PAYLOAD.size + _SIG_BYTES:
+        raise InvalidTokenError("malformed link token")
+    payload, sig = raw[: _PAYLOAD.size], raw[_PAYLOAD.size :]
+    # Check every key (no early exit) so timing does not reveal which one matched.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(sig, _mac(key, payload))
+    if not ok:
+        raise InvalidTokenError("link token signature does not verify")
+    version, member_id, scope_code = _PAYLOAD.unpack(payload)
+    if version != _VERSION or scope_code not in _SCOPES_BY_CODE:
+        raise InvalidTokenError("unsupported link token")
+    return LinkClaims(member_id=member_id, scope=_SCOPES_BY_CODE[scope_code])
+
+
+@dataclass(frozen=True)
+class LinkSigner:
+    """Builds a member's unsubscribe and preference URLs. Cheap to call; safe to share between threads."""
+
+    secret: str
+    public_url: str = DEFAULT_PUBLIC_URL
+    is_preview: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.secret:
+            raise ConfigurationError("MEMBERCARE_SECRET_KEY is not set: cannot sign unsubscribe links")
+        object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+
+    @classmethod
+    def preview(cls, public_url: str = DEFAULT_PUBLIC_URL) -> "LinkSigner":
+        """A signer for previews and checks: the links look real but the receiver never accepts them."""
+        return cls(secret=PREVIEW_SECRET, public_url=public_url, is_preview=True)
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, env: Mapping[str, str] | None = None, *,
+                      allow_preview: bool = False) -> "LinkSigner":
+        """The signer for ``settings`` (``secret_key`` / ``public_url`` attributes), else the environment.
+
+        Without a secret: a :class:`ConfigurationError`, or the preview signer if ``allow_preview``
+        (previews, the pre-flight check and the gallery must work on a fresh checkout).
+        """
+        env = os.environ if env is None else env
+        secret = getattr(settings, "secret_key", None) or env.get("MEMBERCARE_SECRET_KEY") or ""
+        public = getattr(settings, "public_url", None) or env.get("MEMBERCARE_PUBLIC_URL") or DEFAULT_PUBLIC_URL
+        if not secret:
+            if allow_preview:
+                return cls.preview(public)
+            raise ConfigurationError("MEMBERCARE_SECRET_KEY is not set: cannot sign unsubscribe links")
+        return cls(secret=secret, public_url=public)
+
+    def token(self, member_id: int, scope: LinkScope | str = LinkScope.ALL) -> str:
+        return sign_member_token(member_id, self.secret, scope)
+
+    def unsubscribe_url(self, member_id: int, scope: LinkScope | str = LinkScope.ALL) -> str:
+        return f"{self.public_url}/u/{self.token(member_id, scope)}"
+
+    def preferences_url(self, member_id: int) -> str:
+        return f"{self.public_url}/u/{self.token(member_id, LinkScope.ALL)}/preferences"
+
+    def verify(self, token: str) -> LinkClaims:
+        return verify_member_token(token, self.secret)
+
+
+def add_utm(url: str, *, source: str, medium: str, campaign: str, content: str | None = None) -> str:
+    """``url`` with UTM parameters added (existing ``utm_*`` parameters in ``url`` win).
+
+    Only http(s) URLs are tagged: app deep links and ``mailto:`` are returned unchanged.
+    Memoised: a campaign tags the same few URLs for every member.
+    """
+    return _add_utm(url, source, medium, campaign, content)
+
+
+@lru_cache(maxsize=16384)
+def _add_utm(url: str, source: str, medium: str, campaign: str, content: str | None) -> str:
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return url
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    present = {k for k, _ in query}
+    extra = [("utm_source", source), ("utm_medium", medium), ("utm_campaign", campaign)]
+    if content:
+        extra.append(("utm_content", content))
+    query += [(k, v) for k, v in extra if k not in present]
+    return urlunsplit(parts._replace(query=urlencode(query)))

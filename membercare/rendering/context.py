@@ -1,0 +1,317 @@
+"""Template contexts, built per batch of members with a handful of set-based queries.
+
+:class:`ContextBuilder` loads, for a batch of member ids, everything the templates use, in six
+queries whatever the batch size (members, open coupons, purchase statistics, last orders with their
+lines, purchased products, campaign coupons) plus two per run that are cached on the builder (the
+tier table and the co-purchase model). Never one query per member.
+
+The context of one member (all plain dicts, lists, ints, strings and datetimes)::
+
+    member          id, external_id, name, first_name, locale, timezone, tier, points_balance,
+                    birthday, joined_at, region, city, country
+    stats           orders_365, spend_365_minor, orders_total, last_order_at, currency
+    coupons         open coupons, soonest expiry first: code, kind, amount_minor, percent_off,
+                    currency, min_spend_minor, issued_at, expires_at, campaign
+    coupon          the coupon this message is about (see ContextBuilder.build), or None
+    last_order      the most recent purchase: external_id, placed_at, delivered_at, total_minor,
+                    currency, status, lines [{sku, name, category, quantity, amount_minor, url}]
+    recent_orders   the last three purchases, newest first (same shape as last_order)
+    recent_items    distinct products of the last orders (newest first, up to 6)
+    recommendations products to suggest [{sku, name, category, price_minor, currency, url}]
+    tier_progress   next tier and what is missing to reach it, or None at the top tier
+    offer           the campaign's offer step for this member's value (campaign.yaml ``offer``), or None
+    unsubscribe_url, preferences_url   the member's signed links (membercare.links)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from membercare.campaigns import Campaign
+from membercare.links import LinkScope, LinkSigner
+from membercare.models import PURCHASE_STATUSES, Coupon, Member, Order, OrderLine, Product, Tier
+
+BATCH = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
+LOOKBACK_DAYS = 365
+RECENT_ORDERS = 3
+
+
+@dataclass
+class CoPurchaseModel:
+    """Item-to-item co-occurrence ("bought together") from order lines, computed in SQL once per run.
+
+    Similarity is the cosine of the order-incidence vectors, ``n(a,b) / sqrt(n(a) * n(b))``, which
+    keeps best-sellers from being everyone's top recommendation. A member's candidates are scored by
+    the summed similarity to what they bought; gaps are filled with best-sellers of their favourite
+    categories, then overall best-sellers.
+    """
+
+    neighbours: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    products: dict[int, dict] = field(default_factory=dict)
+    bestsellers: list[int] = field(default_factory=list)  # product ids, most orders first
+    by_category: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, conn: Connection, as_of: datetime, *, lookback_days: int = LOOKBACK_DAYS,
+             min_support: int = 2, top_k: int = 20) -> "CoPurchaseModel":
+        o, a, b, p = Order.__table__, OrderLine.__table__.alias("a"), OrderLine.__table__.alias("b"), Product.__table__
+        since = as_of - timedelta(days=lookback_days)
+        window = sa.and_(o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at >= since, o.c.placed_at <= as_of)
+        counts = dict(conn.execute(
+            sa.select(a.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
+            .join(o, o.c.id == a.c.order_id).where(window, a.c.product_id.is_not(None)).group_by(a.c.product_id)
+        ).all())
+        pairs = conn.execute(
+            sa.select(a.c.product_id, b.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
+            .select_from(a.join(b, sa.and_(a.c.order_id == b.c.order_id, a.c.product_id != b.c.product_id))
+                         .join(o, o.c.id == a.c.order_id))
+            .where(window, a.c.product_id.is_not(None), b.c.product_id.is_not(None))
+            .group_by(a.c.product_id, b.c.product_id)
+            .having(sa.func.count(sa.distinct(a.c.order_id)) >= min_support)
+        ).all()
+        neigh: dict[int, list[tuple[int, float]]] = defaultdict(list)
+        for x, y, n in pairs:
+            neigh[x].append((y, n / math.sqrt(counts[x] * counts[y])))
+        neighbours = {x: sorted(v, key=lambda t: (-t[1], t[0]))[:top_k] for x, v in neigh.items()}
+        products = {r.id: dict(r._mapping) for r in conn.execute(
+            sa.select(p.c.id, p.c.sku, p.c.name, p.c.category, p.c.price_minor, p.c.currency))}
+        best = sorted((pid for pid in counts if pid in products), key=lambda pid: (-counts[pid], pid))
+        by_cat: dict[str, list[int]] = defaultdict(list)
+        for pid in best:
+            by_cat[products[pid]["category"]].append(pid)
+        return cls(neighbours, products, best, dict(by_cat))
+
+    def recommend(self, bought: Sequence[int], n: int, categories: Sequence[str] = ()) -> list[int]:
+        owned = set(bought)
+        scores: dict[int, float] = defaultdict(float)
+        for pid in owned:
+            for other, sim in self.neighbours.get(pid, ()):
+                if other not in owned:
+                    scores[other] += sim
+        picked = [pid for pid, _ in sorted(scores.items(), key=lambda t: (-t[1], t[0]))][:n]
+        for pool in [*(self.by_category.get(c, ()) for c in categories), self.bestsellers]:
+            for pid in pool:
+                if len(picked) >= n:
+                    return picked
+                if pid not in owned and pid not in picked:
+                    picked.append(pid)
+        return picked
+
+
+def _chunks(ids: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+def product_view(product: dict, url_pattern: str) -> dict:
+    return {
+        "sku": product["sku"], "name": product["name"], "category": product["category"],
+        "price_minor": product.get("price_minor"), "currency": product.get("currency") or "TWD",
+        "url": url_pattern.format(sku=product["sku"]),
+    }
+
+
+def tier_progress(tiers: list[dict], current: str, spend_minor: int, orders: int) -> dict | None:
+    """How far the member is from the next tier (either bar reaches it), or ``None`` at the top."""
+    ranked = sorted(tiers, key=lambda t: t["rank"])
+    rank = next((t["rank"] for t in ranked if t["code"] == current), 0)
+    nxt = next((t for t in ranked if t["rank"] > rank), None)
+    if nxt is None:
+        return None
+    return {
+        "current": current,
+        "next": nxt["code"],
+        "spend_needed_minor": max(0, nxt["upgrade_spend_minor"] - spend_minor),
+        "orders_needed": max(0, nxt["upgrade_orders"] - orders),
+        "window_days": nxt["window_days"],
+    }
+
+
+class ContextBuilder:
+    """Per-run loader of template contexts for one campaign. Reuse it for every batch of the run."""
+
+    def __init__(self, campaign: Campaign, signer: LinkSigner, shop: dict, *, recommendations: int = 3):
+        self.campaign = campaign
+        self.signer = signer
+        self.shop = shop
+        self.n_recommendations = int(campaign.params.get("recommendations", recommendations))
+        self.url_pattern = shop.get("product_url") or (str(shop.get("website", "")).rstrip("/") + "/products/{sku}")
+        self._model: CoPurchaseModel | None = None
+        self._model_as_of: datetime | None = None
+        self._tiers: list[dict] | None = None
+
+    def model(self, conn: Connection, as_of: datetime) -> CoPurchaseModel:
+        # One model per run; a run keeps one as_of, so recompute only if it changes by over a day.
+        if self._model is None or abs((as_of - self._model_as_of).total_seconds()) > 86400:
+            self._model, self._model_as_of = CoPurchaseModel.load(conn, as_of), as_of
+        return self._model
+
+    def tiers(self, conn: Connection) -> list[dict]:
+        if self._tiers is None:
+            self._tiers = [dict(r._mapping) for r in conn.execute(sa.select(Tier.__table__))]
+        return self._tiers
+
+    def build(self, conn: Connection, member_ids: Sequence[int], as_of: datetime) -> dict[int, dict]:
+        """Contexts by member id (members that do not exist are left out).
+
+        ``coupon`` is, for campaigns with ``message_per: coupon``, the member's soonest-expiring
+        open coupon (use :func:`with_coupon` to pick another); otherwise the newest open coupon
+        issued by this campaign (e.g. the birthday coupon), or ``None``.
+        """
+        out: dict[int, dict] = {}
+        ids = list(dict.fromkeys(member_ids))
+        for chunk in _chunks(ids):
+            out.update(self._build_chunk(conn, chunk, as_of))
+        return out
+
+    def _build_chunk(self, conn: Connection, ids: Sequence[int], as_of: datetime) -> dict[int, dict]:
+        m, c, o, ol, p = Member.__table__, Coupon.__table__, Order.__table__, OrderLine.__table__, Product.__table__
+        members = conn.execute(sa.select(m).where(m.c.id.in_(ids))).mappings().all()
+        if not members:
+            return {}
+        coupons: dict[int, list[dict]] = defaultdict(list)
+        for r in conn.execute(
+            sa.select(c.c.member_id, c.c.code, c.c.kind, c.c.amount_minor, c.c.percent_off, c.c.currency,
+                      c.c.min_spend_minor, c.c.issued_at, c.c.expires_at, c.c.campaign)
+            .where(c.c.member_id.in_(ids), c.c.redeemed_at.is_(None), c.c.expires_at > as_of, c.c.issued_at <= as_of)
+            .order_by(c.c.member_id, c.c.expires_at, c.c.id)
+        ).mappings():
+            coupons[r["member_id"]].append({k: v for k, v in r.items() if k != "member_id"})
+
+        since = as_of - timedelta(days=LOOKBACK_DAYS)
+        purchase = sa.and_(o.c.member_id.in_(ids), o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at <= as_of)
+        in_window = o.c.placed_at >= since
+        stats = {r.member_id: r for r in conn.execute(
+            sa.select(o.c.member_id,
+                      sa.func.count().label("orders_total"),
+                      sa.func.count().filter(in_window).label("orders_365"),
+                      sa.func.coalesce(sa.func.sum(o.c.total_minor).filter(in_window), 0).label("spend_365_minor"),
+                      sa.func.max(o.c.placed_at).label("last_order_at"))
+            .where(purchase).group_by(o.c.member_id))}
+
+        # The last few orders per member, with their lines (one window-function query).
+        rn = sa.func.row_number().over(partition_by=o.c.member_id, order_by=(o.c.placed_at.desc(), o.c.id.desc()))
+        recent = sa.select(o.c.id, o.c.member_id, o.c.external_id, o.c.placed_at, o.c.delivered_at, o.c.status,
+                           o.c.total_minor, o.c.currency, rn.label("rn")).where(purchase).subquery()
+        orders: dict[int, dict[int, dict]] = defaultdict(dict)
+        for r in conn.execute(
+            sa.select(recent, ol.c.sku, ol.c.category, ol.c.quantity, ol.c.amount_minor, ol.c.product_id,
+                      p.c.name.label("product_name"), p.c.price_minor, ol.c.line_no)
+            .select_from(recent.outerjoin(ol, ol.c.order_id == recent.c.id).outerjoin(p, p.c.id == ol.c.product_id))
+            .where(recent.c.rn <= RECENT_ORDERS)
+            .order_by(recent.c.member_id, recent.c.rn, ol.c.line_no)
+        ).mappings():
+            order = orders[r["member_id"]].setdefault(r["id"], {
+                "external_id": r["external_id"], "placed_at": r["placed_at"], "delivered_at": r["delivered_at"],
+                "status": r["status"], "total_minor": r["total_minor"], "currency": r["currency"], "lines": []})
+            if r["sku"] is not None:
+                order["lines"].append({
+                    "sku": r["sku"], "name": r["product_name"] or r["sku"], "category": r["category"],
+                    "quantity": r["quantity"], "amount_minor": r["amount_minor"],
+                    "url": self.url_pattern.format(sku=r["sku"]), "product_id": r["product_id"]})
+
+        bought: dict[int, list[int]] = defaultdict(list)
+        cats: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for r in conn.execute(
+            sa.select(o.c.member_id, ol.c.product_id, ol.c.category, sa.func.count())
+            .join(ol, ol.c.order_id == o.c.id).where(purchase, in_window)
+            .group_by(o.c.member_id, ol.c.product_id, ol.c.category)
+        ):
+            if r[1] is not None:
+                bought[r[0]].append(r[1])
+            cats[r[0]][r[2]] += r[3]
+
+        model = self.model(conn, as_of) if self.n_recommendations else None
+        tiers = self.tiers(conn)
+        out = {}
+        for row in members:
+            mid = row["id"]
+            st = stats.get(mid)
+            fav = sorted(cats[mid], key=lambda k: (-cats[mid][k], k))[:2]
+            recs = []
+            if model is not None:
+                recs = [product_view(model.products[pid], self.url_pattern)
+                        for pid in model.recommend(bought[mid], self.n_recommendations, fav)]
+            out[mid] = self.assemble(
+                member=dict(row), coupons=coupons.get(mid, []), orders=list(orders.get(mid, {}).values()),
+                stats={
+                    "orders_total": int(st.orders_total) if st else 0,
+                    "orders_365": int(st.orders_365) if st else 0,
+                    "spend_365_minor": int(st.spend_365_minor) if st else 0,
+                    "last_order_at": st.last_order_at if st else None,
+                    "favourite_categories": fav,
+                },
+                recommendations=recs, tiers=tiers)
+        return out
+
+    def assemble(self, *, member: dict, coupons: list[dict], orders: list[dict], stats: dict,
+                 recommendations: list[dict], tiers: list[dict]) -> dict[str, Any]:
+        """The context of one member from already loaded rows (also used by the sample contexts)."""
+        mid = member["id"]
+        name = (member.get("name") or "").strip()
+        view = {k: member.get(k) for k in ("id", "external_id", "name", "locale", "timezone", "tier",
+                                           "points_balance", "birthday", "joined_at", "region", "city", "country")}
+        view["first_name"] = name.split()[0] if name and " " in name else name
+        stats = {**stats, "currency": (orders[0]["currency"] if orders else self.shop.get("currency", "TWD"))}
+        seen, recent_items = set(), []
+        for order in orders:
+            for it in order["lines"]:
+                if it["sku"] not in seen:
+                    seen.add(it["sku"])
+                    recent_items.append(it)
+        if self.campaign.per_coupon:
+            coupon = coupons[0] if coupons else None
+        else:
+            own = [c for c in coupons if c.get("campaign") == self.campaign.name]
+            coupon = max(own, key=lambda c: c["issued_at"]) if own else None
+        offer = None
+        if self.campaign.offer is not None:
+            step = self.campaign.offer.for_spend(stats["spend_365_minor"])
+            offer = {"kind": self.campaign.offer.kind.value, "amount_minor": step.amount_minor,
+                     "percent_off": step.percent_off, "currency": self.campaign.offer.currency,
+                     "min_spend_minor": self.campaign.offer.min_spend_minor,
+                     "valid_days": self.campaign.offer.valid_days, "label": step.label}
+        return {
+            "member": view,
+            "stats": stats,
+            "coupons": coupons,
+            "coupon": coupon,
+            "last_order": orders[0] if orders else None,
+            "recent_orders": orders,
+            "recent_items": recent_items[:6],
+            "recommendations": recommendations,
+            "tier_progress": tier_progress(tiers, member.get("tier") or "silver", stats["spend_365_minor"],
+                                           stats["orders_365"]),
+            "offer": offer,
+            "unsubscribe_url": self.signer.unsubscribe_url(mid, LinkScope.ALL),
+            "preferences_url": self.signer.preferences_url(mid),
+            "email_unsubscribe_url": self.signer.unsubscribe_url(mid, LinkScope.EMAIL),
+        }
+
+
+def with_coupon(context: dict, code: str) -> dict:
+    """A copy of ``context`` whose ``coupon`` is the member's open coupon ``code`` (per-coupon campaigns)."""
+    for c in context["coupons"]:
+        if c["code"] == code:
+            return {**context, "coupon": c}
+    raise KeyError(f"member has no open coupon {code!r}")
+
+
+def with_order(context: dict, external_id: str) -> dict:
+    """A copy of ``context`` whose ``last_order`` is order ``external_id`` (``message_per: order`` campaigns).
+
+    The order must be one of the member's last three purchases (``recent_orders``), which holds for
+    campaigns triggered shortly after an order event.
+    """
+    for o in context["recent_orders"]:
+        if o["external_id"] == external_id:
+            return {**context, "last_order": o}
+    raise KeyError(f"order {external_id!r} is not among the member's recent purchases")

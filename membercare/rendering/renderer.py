@@ -1,0 +1,317 @@
+"""Render a campaign's message for one member on one channel.
+
+The delivery engine creates one :class:`CampaignRenderer` per campaign run and calls, per batch::
+
+    renderer = CampaignRenderer(campaign, settings)            # or load_campaign(name, settings)
+    contexts = renderer.build_context(conn, member_ids, as_of)  # a few set-based queries
+    for member_id, ctx in contexts.items():
+        content = renderer.render(Channel.SMS, ctx, message_id=...)   # SmsContent / EmailContent / PushContent
+
+``render`` raises :class:`~membercare.rendering.engine.RenderError` when a template fails and
+:class:`~membercare.rendering.engine.ContentLimitError` when the result breaks a channel limit
+(more SMS segments than the campaign allows, push text over its limits, an FCM payload of 4 KB or
+more). The engine should record such a message as failed for that member: it is never truncated.
+
+A renderer is safe to share between threads once built (compiled templates and formatters are
+cached under a lock; rendering itself holds no shared mutable state).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.runtime import new_context
+from sqlalchemy.engine import Connection
+
+from membercare.campaigns import Campaign, load_campaign
+from membercare.config import Settings
+from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
+from membercare.links import LinkSigner
+from membercare.models import Channel
+from membercare.rendering import helpers
+from membercare.rendering import sms as smslen
+from membercare.rendering.context import ContextBuilder
+from membercare.rendering.engine import (
+    Compiled,
+    ContentLimitError,
+    Part,
+    RenderError,
+    TemplateStore,
+    context_line,
+)
+from membercare.rendering.locales import Formatter, fallback_chain, language_of
+from membercare.timeutil import utcnow
+
+FCM_PAYLOAD_LIMIT = 4096  # bytes, notification + data
+MESSAGE_ID_PLACEHOLDER = "0" * 36  # reserve room for the id the engine adds, when checking sizes
+_WS = re.compile(r"\s+")
+_BLANKS = re.compile(r"\n{3,}")
+
+_STORES: dict[str, TemplateStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def store_for(settings: Settings) -> TemplateStore:
+    """The process-wide compiled-template store of a templates folder (compiled once, reused by every run)."""
+    key = str(settings.templates_dir)
+    with _STORES_LOCK:
+        if key not in _STORES:
+            _STORES[key] = TemplateStore(settings.templates_dir, shop_locale=settings.shop_locale)
+        return _STORES[key]
+
+
+def reset_stores() -> None:
+    """Forget compiled templates (after editing files in a long-lived process, and in tests)."""
+    with _STORES_LOCK:
+        _STORES.clear()
+
+
+class CampaignRenderer:
+    def __init__(self, campaign: Campaign | str, settings: Settings | None = None, *,
+                 signer: LinkSigner | None = None, store: TemplateStore | None = None):
+        self.settings = settings or Settings.from_env()
+        self.campaign = load_campaign(campaign, self.settings) if isinstance(campaign, str) else campaign
+        self.store = store or store_for(self.settings)
+        self.signer = signer or LinkSigner.from_settings(self.settings)
+        self.shop_all = self.store.shop()
+        self.builder = ContextBuilder(self.campaign, self.signer, self.shop_all)
+        self._formatters: dict[tuple[str, str], Formatter] = {}
+        self._locales: dict[tuple[Channel, str | None], str] = {}
+        self._shop_views: dict[str, dict] = {}
+        self._optout: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.sms_price_minor = int((self.shop_all.get("sms") or {}).get("price_per_segment_minor", 0))
+
+    # -- contexts ----------------------------------------------------------------------------------
+    def build_context(self, conn: Connection, member_ids: Sequence[int], as_of: datetime) -> dict[int, dict]:
+        """Template contexts for a batch of members (see :mod:`membercare.rendering.context`)."""
+        return self.builder.build(conn, member_ids, as_of)
+
+    # -- locale and helpers ------------------------------------------------------------------------
+    def template_locale(self, channel: Channel, member_locale: str | None) -> str:
+        """The locale whose templates this member gets on ``channel`` (member locale, language, defaults)."""
+        key = (channel, member_locale)
+        loc = self._locales.get(key)
+        if loc is None:
+            chain = fallback_chain(member_locale, self.campaign.default_locale, self.settings.shop_locale)
+            loc = self.store.resolve_locale(self.campaign.name, channel, chain)
+            if loc is None:
+                raise RenderError(f"no {channel.value} templates for any of {chain}",
+                                  file=f"templates/{self.campaign.name}", code="missing-locale")
+            self._locales[key] = loc
+        return loc
+
+    def formatter(self, template_locale: str, member_locale: str | None, timezone: str | None) -> Formatter:
+        raw_key = (template_locale, member_locale, timezone)
+        f = self._formatters.get(raw_key)  # type: ignore[arg-type]
+        if f is None:
+            f = self._formatters[raw_key] = self._formatter(template_locale, member_locale, timezone)  # type: ignore[index]
+        return f
+
+    def _formatter(self, template_locale: str, member_locale: str | None, timezone: str | None) -> Formatter:
+        # Format in the member's own locale when it is a variant of the template's language (en-GB
+        # dates for an en template), else in the template's locale so text and numbers agree.
+        fmt_locale = template_locale
+        if member_locale:
+            try:
+                if language_of(member_locale) == language_of(template_locale):
+                    fmt_locale = member_locale
+            except ValueError:
+                pass
+        key = (fmt_locale, timezone or self.settings.shop_timezone)
+        f = self._formatters.get(key)
+        if f is None:
+            with self._lock:
+                f = self._formatters.get(key)
+                if f is None:
+                    try:
+                        f = Formatter(fmt_locale, timezone=key[1], currency_symbols=self.shop_all.get("currency_symbols"),
+                                      default_currency=self.settings.shop_currency)
+                    except Exception:  # unknown zone or locale in member data: shop defaults, not a failure
+                        f = Formatter(template_locale, timezone=self.settings.shop_timezone,
+                                      currency_symbols=self.shop_all.get("currency_symbols"),
+                                      default_currency=self.settings.shop_currency)
+                    self._formatters[key] = f
+        return f
+
+    def shop_view(self, locale: str) -> dict:
+        """``shop`` in templates: shop.yaml with per-locale values resolved for ``locale``."""
+        view = self._shop_views.get(locale)
+        if view is None:
+            lang = language_of(locale)
+            view = {}
+            for k, v in self.shop_all.items():
+                if isinstance(v, dict) and any(isinstance(x, str) for x in v.values()) and k not in ("currency_symbols",):
+                    v = v.get(locale) or v.get(lang) or v.get(self.settings.shop_locale) or next(iter(v.values()))
+                view[k] = v
+            self._shop_views[locale] = view
+        return view
+
+    def _vars(self, channel: Channel, context: Mapping[str, Any], locale: str, message_id: str | None,
+              as_of: datetime | None) -> dict:
+        member = context["member"]
+        fmt = self.formatter(locale, member.get("locale"), member.get("timezone"))
+        return {
+            **helpers.GLOBALS,
+            **context,
+            "shop": self.shop_view(locale),
+            "campaign": {"name": self.campaign.name, "purpose": self.campaign.purpose.value},
+            "is_marketing": self.campaign.is_marketing,
+            "message_id": message_id or "",
+            "_fmt": fmt,
+            "_locale": locale,
+            "_channel": channel.value,
+            "_campaign": self.campaign.utm_name,
+            "_as_of": as_of or context.get("as_of") or utcnow(),
+        }
+
+    def _run(self, compiled: Compiled, variables: dict) -> str:
+        try:
+            return _render(compiled.template, variables)
+        except TemplateError as exc:
+            raise self._located(compiled, exc, variables) from None
+        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
+            raise self._located(compiled, exc, variables) from None
+
+    def _located(self, compiled: Compiled, exc: Exception, variables: dict) -> RenderError:
+        """A RenderError with the file and line of the failing template expression."""
+        tpl = compiled.debug_template or compiled.template
+        if compiled.debug_template is not None and compiled.debug_template is not compiled.template:
+            try:  # re-run the un-inlined twin, whose line numbers map back to the files
+                tpl.render(variables)
+            except Exception as again:  # noqa: BLE001 - we only want its traceback
+                exc = again
+        line = context_line(exc, tpl.filename) if getattr(tpl, "filename", None) else None
+        file, fline = compiled.locate(line)
+        code = "undefined" if type(exc).__name__ == "UndefinedError" else "render"
+        msg = getattr(exc, "message", None) or str(exc)
+        return RenderError(f"{type(exc).__name__}: {msg}" if code == "render" else f"undefined variable: {msg}",
+                           file=file, line=fline, code=code)
+
+    def _part(self, part: Part, locale: str) -> Compiled | None:
+        return self.store.get(self.campaign.name, part, locale)
+
+    # -- rendering ---------------------------------------------------------------------------------
+    def render(self, channel: Channel | str, context: Mapping[str, Any], *, message_id: str | None = None,
+               as_of: datetime | None = None) -> Content:
+        channel = Channel(channel)
+        if channel not in self.campaign.channels:
+            raise RenderError(f"campaign {self.campaign.name} does not use channel {channel.value}", code="channel")
+        locale = self.template_locale(channel, context["member"].get("locale"))
+        variables = self._vars(channel, context, locale, message_id, as_of)
+        if channel == Channel.SMS:
+            return self.render_sms(locale, variables)
+        if channel == Channel.PUSH:
+            return self.render_push(locale, variables, message_id)
+        return self.render_email(locale, variables)
+
+    def render_email(self, locale: str, v: dict) -> EmailContent:
+        subject = _WS.sub(" ", self._run(self._part(Part.EMAIL_SUBJECT, locale), v)).strip()
+        pre = self._part(Part.EMAIL_PREHEADER, locale)
+        preheader = _WS.sub(" ", self._run(pre, v)).strip() if pre else None
+        v = {**v, "subject": subject, "preheader": preheader or ""}
+        html = self._run(self._part(Part.EMAIL_HTML, locale), v)
+        text = self._run(self._part(Part.EMAIL_TEXT, locale), v)
+        text = _BLANKS.sub("\n\n", text).strip() + "\n"
+        headers: dict[str, str] = {}
+        if self.campaign.is_marketing:
+            # RFC 8058: an HTTPS URI that accepts a POST "List-Unsubscribe=One-Click", plus RFC 2369's mailto.
+            targets = [f"<{v['email_unsubscribe_url']}>"]
+            mailto = self.shop_all.get("unsubscribe_mailto")
+            if mailto:
+                targets.append(f"<mailto:{mailto}?subject=unsubscribe>")
+            headers["List-Unsubscribe"] = ", ".join(targets)
+            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        if not subject:
+            raise ContentLimitError("email subject renders empty", file=self._part(Part.EMAIL_SUBJECT, locale).files[0],
+                                    code="empty")
+        return EmailContent(subject=subject, html=html, text=text, preheader=preheader, headers=headers)
+
+    def sms_optout(self, locale: str) -> str:
+        text = self._optout.get(locale)
+        if text is None:
+            _, text = self.store.layout_text("sms_optout.{loc}.txt", locale, self.settings.shop_locale)
+            self._optout[locale] = text = text.strip()
+        return text
+
+    def render_sms(self, locale: str, v: dict) -> SmsContent:
+        compiled = self._part(Part.SMS, locale)
+        body = self._run(compiled, v).strip()
+        if self.campaign.is_marketing:
+            optout = self.sms_optout(locale)
+            if optout and optout not in body:
+                body = f"{body} {optout}"
+        m = smslen.measure(body)
+        if m.segments > self.campaign.sms.max_segments:
+            raise ContentLimitError(
+                f"SMS is {m.segments} segments ({m.units} {m.encoding} units), over the campaign's "
+                f"max_segments {self.campaign.sms.max_segments}", file=compiled.files[0], code="sms-too-long")
+        if not body:
+            raise ContentLimitError("SMS renders empty", file=compiled.files[0], code="empty")
+        return SmsContent(body=body, encoding=m.encoding, segments=m.segments)
+
+    def render_push(self, locale: str, v: dict, message_id: str | None = None) -> PushContent:
+        tc, bc = self._part(Part.PUSH_TITLE, locale), self._part(Part.PUSH_BODY, locale)
+        title = _WS.sub(" ", self._run(tc, v)).strip()
+        body = self._run(bc, v).strip()
+        data: dict[str, str] = {}
+        dc = self._part(Part.PUSH_DATA, locale)
+        if dc is not None:
+            for key, (tpl, line) in dc.template.items():
+                try:
+                    data[key] = _render(tpl, v).strip()
+                except Exception as exc:  # noqa: BLE001 - located below
+                    msg = getattr(exc, "message", None) or str(exc)
+                    raise RenderError(f"{type(exc).__name__}: {msg}", file=dc.files[0], line=line,
+                                      code="undefined" if type(exc).__name__ == "UndefinedError" else "render") from None
+        data["campaign"] = self.campaign.name
+        if message_id:
+            data["message_id"] = message_id
+        rules = self.campaign.push
+        if len(title) > rules.title_max:
+            raise ContentLimitError(f"push title is {len(title)} characters, over {rules.title_max}",
+                                    file=tc.files[0], code="push-too-long")
+        if len(body) > rules.body_max:
+            raise ContentLimitError(f"push body is {len(body)} characters, over {rules.body_max}",
+                                    file=bc.files[0], code="push-too-long")
+        if not title or not body:
+            raise ContentLimitError("push title or body renders empty", file=(tc if not title else bc).files[0],
+                                    code="empty")
+        size = fcm_payload_size(title, body, data if message_id else {**data, "message_id": MESSAGE_ID_PLACEHOLDER})
+        if size >= FCM_PAYLOAD_LIMIT:
+            raise ContentLimitError(f"FCM payload is {size} bytes; FCM refuses 4096 or more",
+                                    file=(dc or bc).files[0], code="push-payload")
+        return PushContent(title=title, body=body, data=data)
+
+    def sms_cost_minor(self, content: SmsContent) -> int:
+        """Estimated carrier cost (shop.yaml ``sms.price_per_segment_minor`` per segment)."""
+        return smslen.cost_minor(content.segments, self.sms_price_minor)
+
+
+def _render(template, variables: dict) -> str:
+    """``Template.render`` without its per-call merge of the globals ChainMap into a new dict.
+
+    ``variables`` already holds the helper globals (see ``_vars``) and is built fresh for each
+    message, so Jinja may use it as the context directly (``shared=True``). This halves the cost of
+    rendering a short SMS or push. Errors go through Jinja's handler as in ``render`` so that
+    tracebacks keep pointing at template lines.
+    """
+    ctx = new_context(template.environment, template.name, template.blocks, variables, shared=True)
+    try:
+        return template.environment.concat(template.root_render_func(ctx))
+    except Exception:
+        return template.environment.handle_exception()
+
+
+def fcm_payload_size(title: str, body: str, data: Mapping[str, str]) -> int:
+    """Bytes of the FCM message's notification + data, as FCM counts them (UTF-8 JSON)."""
+    payload = {"notification": {"title": title, "body": body}, "data": dict(data)}
+    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
