@@ -1,0 +1,343 @@
+"""The webhook receiver: signed provider webhooks, app push tracking and the member link pages.
+
+``create_app(config, engine)`` builds a FastAPI app from an explicit :class:`ReceiverConfig` and a
+SQLAlchemy engine (no globals, so tests and the benchmark run several side by side)::
+
+    POST /webhooks/sendgrid         SendGrid Event Webhook (ECDSA P-256 over timestamp + raw body)
+    POST /webhooks/twilio/status    Twilio status callbacks (X-Twilio-Signature)
+    POST /webhooks/twilio/inbound   Twilio inbound SMS: STOP / START / HELP (answers TwiML)
+    POST /track/push                the shop's app: push received / opened / dismissed (HMAC-SHA256)
+    GET  /u/{token}                 unsubscribe + preference page, in the member's language
+    GET  /u/{token}/preferences     the same page (the link rendering puts in messages)
+    POST /u/{token}                 RFC 8058 one-click (List-Unsubscribe=One-Click) or the page's forms
+    GET  /healthz                   liveness + database check
+
+Guarantees:
+
+* Authentication comes before anything else: a missing signature is 401, a wrong, garbled or stale one
+  is 403, and neither touches the database. An endpoint without a configured secret answers 503.
+* The signature is checked over the exact bytes received (never re-serialised JSON), and the Twilio
+  signature over ``MEMBERCARE_PUBLIC_URL`` + path + query as the provider called it.
+* A body that is not the provider's shape is 400 (after authentication).
+* Accepted events are committed, with their effects, before the 2xx answer: a provider that sees a
+  2xx may forget the event, anything else makes it retry. A retried delivery is stored once
+  (``engagement_events`` unique key), so retries are harmless.
+* One request is one transaction and one bulk insert (SendGrid posts ~1000 events at a time). Database
+  work runs in the threadpool; SQLite writers are serialised in-process (see ``store.writer_lock``).
+
+Nothing here logs an address, a token (link tokens are in the path: uvicorn's access log is off in
+``membercare serve`` for that reason) or a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from urllib.parse import parse_qsl
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+
+from channels.fcm_webhooks import SIGNATURE_HEADER as PUSH_SIGNATURE_HEADER
+from channels.fcm_webhooks import verify_push_tracking
+from channels.push_events import parse_push_body
+from channels.sendgrid_events import parse_sendgrid_body
+from channels.sendgrid_webhooks import SIGNATURE_HEADER as SG_SIGNATURE_HEADER
+from channels.sendgrid_webhooks import TIMESTAMP_HEADER as SG_TIMESTAMP_HEADER
+from channels.sendgrid_webhooks import verify_sendgrid_signature
+from channels.twilio_events import parse_inbound, parse_status_callback, twilio_handles_reply
+from channels.twilio_webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
+from channels.twilio_webhooks import verify_twilio_signature
+from membercare.delivery.contract import redact
+from membercare.engagement.events import EngagementEvent, InboundCommand, MalformedPayload
+from membercare.engagement.store import IngestResult, ingest_events, writer_lock
+from membercare.errors import InputError
+from membercare.links import LinkScope, verify_member_token
+from membercare.models import Channel, ConsentSource, Member
+from membercare.receiver import pages
+from membercare.receiver.config import ReceiverConfig
+from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
+from membercare.timeutil import utcnow
+
+log = logging.getLogger("membercare.receiver")
+
+ONE_CLICK = ("List-Unsubscribe", "One-Click")
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes without buffering them."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _Reject(413, "body too large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Reject(413, "body too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _accepted(result: IngestResult) -> JSONResponse:
+    return JSONResponse({"received": result.received, "stored": result.stored, "duplicates": result.duplicates})
+
+
+def _form(body: bytes) -> dict[str, str]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reject(400, "form body is not UTF-8") from None
+    # Blank values are kept: Twilio signs them.
+    return dict(parse_qsl(text, keep_blank_values=True))
+
+
+def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
+    """The receiver for ``config`` writing to ``engine`` (already migrated)."""
+    app = FastAPI(title="membercare receiver", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.config = config
+    app.state.engine = engine
+
+    @app.exception_handler(_Reject)
+    async def _reject(_request: Request, exc: _Reject) -> Response:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status)
+
+    async def store(events: list[EngagementEvent], what: str) -> IngestResult:
+        started = time.perf_counter()
+        result = await run_in_threadpool(ingest_events, engine, events)
+        log.info("%s: %d events, %d new, %d duplicates, %d suppressions, %d consent changes, %d devices "
+                 "invalidated in %.1f ms", what, result.received, result.stored, result.duplicates, result.suppressed,
+                 result.consent_changes, result.devices_invalidated, (time.perf_counter() - started) * 1000)
+        return result
+
+    # -- SendGrid -----------------------------------------------------------------------------------------------------
+
+    @app.post("/webhooks/sendgrid")
+    async def sendgrid_webhook(request: Request) -> Response:
+        if not config.sendgrid_public_key:
+            raise _Reject(503, "SendGrid webhook verification key is not configured")
+        signature = request.headers.get(SG_SIGNATURE_HEADER)
+        timestamp = request.headers.get(SG_TIMESTAMP_HEADER)
+        if not signature or not timestamp:
+            raise _Reject(401, "missing SendGrid signature headers")
+        body = await _read_body(request, config.max_body_bytes)
+        if not verify_sendgrid_signature(config.sendgrid_public_key, body, signature, timestamp,
+                                         tolerance_s=config.signature_tolerance_s):
+            log.warning("rejected SendGrid webhook: bad or stale signature (%d bytes)", len(body))
+            raise _Reject(403, "invalid or expired signature")
+        try:
+            events = parse_sendgrid_body(body)
+        except MalformedPayload as exc:
+            raise _Reject(400, str(exc)) from None
+        return _accepted(await store(events, "sendgrid"))
+
+    # -- Twilio -------------------------------------------------------------------------------------------------------
+
+    async def twilio_params(request: Request) -> dict[str, str]:
+        if not config.twilio_auth_token:
+            raise _Reject(503, "Twilio auth token is not configured")
+        signature = request.headers.get(TWILIO_SIGNATURE_HEADER)
+        if not signature:
+            raise _Reject(401, "missing X-Twilio-Signature")
+        body = await _read_body(request, 1024 * 1024)
+        params = _form(body)
+        # Twilio signs the URL it called: our public base URL, the path and the query exactly as sent.
+        query = request.url.query
+        url = f"{config.public_url}{request.url.path}" + (f"?{query}" if query else "")
+        if not verify_twilio_signature(config.twilio_auth_token, url, params, signature):
+            log.warning("rejected Twilio webhook to %s: bad signature", request.url.path)
+            raise _Reject(403, "invalid signature")
+        return params
+
+    @app.post("/webhooks/twilio/status")
+    async def twilio_status(request: Request) -> Response:
+        params = await twilio_params(request)
+        try:
+            event = parse_status_callback(params, dict(request.query_params))
+        except MalformedPayload as exc:
+            raise _Reject(400, str(exc)) from None
+        await store([event], "twilio status")
+        return Response(status_code=204)
+
+    @app.post("/webhooks/twilio/inbound")
+    async def twilio_inbound(request: Request) -> Response:
+        params = await twilio_params(request)
+        try:
+            event = parse_inbound(params)
+        except MalformedPayload as exc:
+            raise _Reject(400, str(exc)) from None
+        result = await store([event], "twilio inbound")
+        reply = None
+        if event.command is not None:
+            member_id = result.member_ids[0] if result.member_ids else None
+            locale = await run_in_threadpool(_member_locale, engine, member_id)
+            reply = _keyword_reply(config, event, locale or config.shop_locale)
+        return Response(content=_twiml(reply), media_type="application/xml")
+
+    # -- Push tracking ------------------------------------------------------------------------------------------------
+
+    @app.post("/track/push")
+    async def track_push(request: Request) -> Response:
+        if not config.push_tracking_secret:
+            raise _Reject(503, "push tracking secret is not configured")
+        signature = request.headers.get(PUSH_SIGNATURE_HEADER)
+        if not signature:
+            raise _Reject(401, f"missing {PUSH_SIGNATURE_HEADER}")
+        body = await _read_body(request, 4 * 1024 * 1024)
+        if not verify_push_tracking(config.push_tracking_secret, body, signature):
+            raise _Reject(403, "invalid signature")
+        try:
+            events = parse_push_body(body)
+        except MalformedPayload as exc:
+            raise _Reject(400, str(exc)) from None
+        # The report's time is inside the signed body; bound it so that a captured request cannot be
+        # replayed forever (within the window the dedupe key makes a replay a no-op).
+        now = utcnow()
+        oldest = now - timedelta(seconds=config.push_max_age_s)
+        newest = now + timedelta(seconds=config.signature_tolerance_s)
+        if any(not (oldest <= e.occurred_at <= newest) for e in events):
+            raise _Reject(403, "report timestamp outside the accepted window")
+        return _accepted(await store(events, "push"))
+
+    # -- Member links -------------------------------------------------------------------------------------------------
+
+    def claims(token: str):
+        if not config.secret_key:
+            raise _Reject(503, "MEMBERCARE_SECRET_KEY is not configured")
+        try:
+            return verify_member_token(token, config.link_secrets)
+        except InputError:
+            return None
+
+    def page(status: int, *, locale: str | None, token: str, error_key: str | None = None, member=None,
+             scope: str = "all", notice: str | None = None) -> HTMLResponse:
+        model = pages.PageModel(
+            locale=locale, shop=config.shop_name_for(pages.language(locale)), action=f"{config.public_url}/u/{token}",
+            name=member.name if member else "",
+            account=redact(member.email) if member and member.email else (redact(member.phone) if member else ""),
+            scope=scope, state=member.consents if member else None, notice=notice, error_key=error_key,
+        )
+        headers = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex", "Referrer-Policy": "no-referrer"}
+        return HTMLResponse(pages.render_page(model), status_code=status, headers=headers)
+
+    @app.get("/u/{token}", response_class=HTMLResponse)
+    @app.get("/u/{token}/preferences", response_class=HTMLResponse)
+    async def member_page(token: str) -> Response:
+        c = claims(token)
+        if c is None:
+            return page(403, locale=config.shop_locale, token=token, error_key="invalid")
+        member = await run_in_threadpool(_load, engine, c.member_id)
+        if member is None:
+            return page(404, locale=config.shop_locale, token=token, error_key="not_found")
+        return page(200, locale=member.locale, token=token, member=member, scope=c.scope.value)
+
+    @app.post("/u/{token}")
+    @app.post("/u/{token}/preferences")
+    async def member_post(token: str, request: Request) -> Response:
+        c = claims(token)
+        if c is None:
+            return page(403, locale=config.shop_locale, token=token, error_key="invalid")
+        form = _form(await _read_body(request, 64 * 1024))
+        scope = c.scope.value
+        channels = [ch.value for ch in Channel] if c.scope is LinkScope.ALL else [scope]
+        if form.get(ONE_CLICK[0]) == ONE_CLICK[1]:
+            # RFC 8058: a one-click POST from the mail client unsubscribes at once. It comes from an email's
+            # List-Unsubscribe header, so "all" scope means marketing email.
+            targets = [Channel.EMAIL.value] if c.scope is LinkScope.ALL else [scope]
+            member = await run_in_threadpool(_change, engine, c.member_id, "unsubscribe", targets,
+                                              ConsentSource.LIST_UNSUBSCRIBE, None)
+            if member is None:
+                return PlainTextResponse("unknown member", status_code=404)
+            return PlainTextResponse("unsubscribed", status_code=200)
+        action = form.get("action")
+        if action == "unsubscribe":
+            member = await run_in_threadpool(_change, engine, c.member_id, "unsubscribe", channels,
+                                              ConsentSource.UNSUBSCRIBE_LINK, None)
+            notice_key = "unsubscribed"
+        elif action == "save":
+            member = await run_in_threadpool(_change, engine, c.member_id, "save", channels,
+                                              ConsentSource.PREFERENCE_CENTER, desired_from_form(form))
+            notice_key = "saved"
+        else:
+            raise _Reject(400, "unknown form action")
+        if member is None:
+            return page(404, locale=config.shop_locale, token=token, error_key="not_found")
+        return page(200, locale=member.locale, token=token, member=member, scope=scope,
+                    notice=pages.notice_text(notice_key, member.locale, scope))
+
+    # -- Health -------------------------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("health check: database unavailable: %s", type(exc).__name__)
+            return JSONResponse({"status": "unavailable", "database": "error"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Threadpool helpers (sync database work)
+
+
+def _load(engine: Engine, member_id: int):
+    with engine.connect() as conn:
+        return load_member(conn, member_id)
+
+
+def _change(engine: Engine, member_id: int, what: str, channels: list[str], source: ConsentSource, desired):
+    """Apply an unsubscribe or a preference form in one transaction; returns the member as it is now."""
+    now = utcnow()
+    with writer_lock(engine):
+        with engine.begin() as conn:
+            member = load_member(conn, member_id)
+            if member is None:
+                return None
+            if what == "unsubscribe":
+                unsubscribe(conn, member, channels, source=source, occurred_at=now)
+            else:
+                wanted = {k: v for k, v in desired.items() if k[0] in channels}
+                set_consents(conn, member, wanted, source=source, occurred_at=now)
+            return load_member(conn, member_id)
+
+
+def _member_locale(engine: Engine, member_id: int | None) -> str | None:
+    if member_id is None:
+        return None
+    m = Member.__table__
+    with engine.connect() as conn:
+        return conn.execute(sa.select(m.c.locale).where(m.c.id == member_id)).scalar()
+
+
+def _keyword_reply(config: ReceiverConfig, event: EngagementEvent, locale: str) -> str | None:
+    """Our SMS answer to a keyword, or ``None`` when Twilio's own opt-out handling already answered."""
+    body = str(event.raw.get("Body", ""))
+    shop = config.shop_name_for(pages.language(locale, pages.SMS_TEXT))
+    if event.command is InboundCommand.HELP:
+        # Twilio answers HELP itself only with its generic text; carriers expect the sender's own help.
+        return pages.sms_reply("help", locale, shop=shop, support=config.support_contact)
+    if twilio_handles_reply(body):
+        return None
+    kind = "stopped" if event.command is InboundCommand.STOP else "started"
+    return pages.sms_reply(kind, locale, shop=shop, support=config.support_contact)
+
+
+def _twiml(reply: str | None) -> str:
+    from twilio.twiml.messaging_response import MessagingResponse
+
+    response = MessagingResponse()
+    if reply:
+        response.message(reply)
+    return str(response)

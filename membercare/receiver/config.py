@@ -1,0 +1,159 @@
+"""Configuration of the webhook receiver: an explicit object, read from the environment once.
+
+=========================================  ==============================================================
+variable                                   meaning
+=========================================  ==============================================================
+``MEMBERCARE_PUBLIC_URL``                  the externally visible base URL of the receiver (what
+                                           providers call and links point at); Twilio signatures are
+                                           checked against it, so it must match exactly, scheme included
+``MEMBERCARE_SECRET_KEY``                  signs and verifies member links (``/u/{token}``)
+``MEMBERCARE_SECRET_KEY_PREVIOUS``         optional, comma-separated: older keys still accepted during a
+                                           rotation
+``MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY`` SendGrid's verification key (base64 DER, as shown by SendGrid)
+``MEMBERCARE_TWILIO_AUTH_TOKEN``           the Twilio account's auth token
+``MEMBERCARE_PUSH_TRACKING_SECRET``        shared secret of the shop's app for ``/track/push``
+``MEMBERCARE_WEBHOOK_TOLERANCE_S``         accepted clock difference for signed timestamps (default 300)
+``MEMBERCARE_PUSH_MAX_AGE_S``              oldest app report accepted (default 259200 = 3 days: apps
+                                           queue reports while offline)
+``MEMBERCARE_SHOP_NAME``                   shown on the preference page and in SMS help replies
+``MEMBERCARE_SUPPORT_CONTACT``             optional; added to SMS help replies (e.g. a phone number)
+=========================================  ==============================================================
+
+An endpoint whose secret is not configured answers 503 to everything (it can verify nothing, and a
+5xx makes the provider retry later instead of dropping events); ``membercare serve`` says so at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from membercare.errors import ConfigurationError
+from membercare.links import DEFAULT_PUBLIC_URL, PREVIEW_SECRET
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    public_url: str = DEFAULT_PUBLIC_URL
+    secret_key: str = ""
+    previous_secret_keys: tuple[str, ...] = ()
+    sendgrid_public_key: str | None = None
+    twilio_auth_token: str | None = None
+    push_tracking_secret: str | None = None
+    signature_tolerance_s: float = 300.0
+    push_max_age_s: float = 3 * 24 * 3600.0
+    # SendGrid batches are ~1000 events of ~1 KB; 16 MiB leaves room without letting a client exhaust memory.
+    max_body_bytes: int = 16 * 1024 * 1024
+    shop_name: str = "membercare"
+    # Per-locale shop names (from templates/_layout/shop.yaml); ``shop_name`` is the fallback.
+    shop_names: tuple[tuple[str, str], ...] = ()
+    shop_locale: str = "zh-TW"
+    support_contact: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_url", (self.public_url or DEFAULT_PUBLIC_URL).rstrip("/"))
+        if not self.public_url.startswith(("http://", "https://")):
+            raise ConfigurationError("MEMBERCARE_PUBLIC_URL must be an http(s) URL, e.g. https://shop.example/mc")
+        if self.secret_key == PREVIEW_SECRET or PREVIEW_SECRET in self.previous_secret_keys:
+            raise ConfigurationError("MEMBERCARE_SECRET_KEY is the preview secret: set a real, random secret")
+        if self.signature_tolerance_s <= 0 or self.push_max_age_s <= 0:
+            raise ConfigurationError("webhook tolerances must be positive")
+        if self.sendgrid_public_key:
+            _check_sendgrid_key(self.sendgrid_public_key)
+
+    def shop_name_for(self, locale: str) -> str:
+        names = dict(self.shop_names)
+        return names.get(locale) or names.get(locale.split("-")[0]) or self.shop_name
+
+    @property
+    def link_secrets(self) -> list[str]:
+        return [s for s in (self.secret_key, *self.previous_secret_keys) if s]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, settings: Any = None) -> ReceiverConfig:
+        env = os.environ if env is None else env
+
+        def opt(name: str) -> str | None:
+            value = (env.get(name) or "").strip()
+            return value or None
+
+        def num(name: str, default: float) -> float:
+            value = opt(name)
+            if value is None:
+                return default
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigurationError(f"{name} must be a number of seconds") from None
+
+        shop = _shop_facts(getattr(settings, "templates_dir", None))
+        names = shop.get("name")
+        shop_names = tuple(sorted((str(k), str(v)) for k, v in names.items())) if isinstance(names, dict) else ()
+        default_name = names if isinstance(names, str) else None
+        support = shop.get("support_phone") or shop.get("support_email")
+        cfg = cls(
+            public_url=opt("MEMBERCARE_PUBLIC_URL") or DEFAULT_PUBLIC_URL,
+            secret_key=opt("MEMBERCARE_SECRET_KEY") or "",
+            previous_secret_keys=tuple(p.strip() for p in (opt("MEMBERCARE_SECRET_KEY_PREVIOUS") or "").split(",")
+                                       if p.strip()),
+            sendgrid_public_key=opt("MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY"),
+            twilio_auth_token=opt("MEMBERCARE_TWILIO_AUTH_TOKEN"),
+            push_tracking_secret=opt("MEMBERCARE_PUSH_TRACKING_SECRET"),
+            signature_tolerance_s=num("MEMBERCARE_WEBHOOK_TOLERANCE_S", 300.0),
+            push_max_age_s=num("MEMBERCARE_PUSH_MAX_AGE_S", 3 * 24 * 3600.0),
+            shop_name=opt("MEMBERCARE_SHOP_NAME") or default_name or "membercare",
+            shop_names=() if opt("MEMBERCARE_SHOP_NAME") else shop_names,
+            shop_locale=opt("MEMBERCARE_SHOP_LOCALE") or getattr(settings, "shop_locale", None) or "zh-TW",
+            support_contact=opt("MEMBERCARE_SUPPORT_CONTACT") or (str(support) if support else None),
+        )
+        return cfg
+
+    def with_(self, **changes: Any) -> ReceiverConfig:
+        return replace(self, **changes)
+
+    def disabled_endpoints(self) -> list[str]:
+        """Endpoints that will answer 503 because their secret is missing (for the start-up message)."""
+        missing = []
+        if not self.sendgrid_public_key:
+            missing.append("/webhooks/sendgrid (MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY)")
+        if not self.twilio_auth_token:
+            missing.append("/webhooks/twilio/* (MEMBERCARE_TWILIO_AUTH_TOKEN)")
+        if not self.push_tracking_secret:
+            missing.append("/track/push (MEMBERCARE_PUSH_TRACKING_SECRET)")
+        if not self.secret_key:
+            missing.append("/u/{token} (MEMBERCARE_SECRET_KEY)")
+        return missing
+
+
+def _shop_facts(templates_dir) -> dict:
+    """The shop facts the templates use (name per locale, support contact), if the folder has them."""
+    if templates_dir is None:
+        return {}
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(templates_dir) / "_layout" / "shop.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_sendgrid_key(key: str) -> None:
+    """Fail at start-up, not on the first webhook, when the verification key is not a P-256 public key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from sendgrid.helpers.eventwebhook import EventWebhook
+
+    try:
+        loaded = EventWebhook().convert_public_key_to_ecdsa(key)
+    except (ValueError, TypeError):
+        raise ConfigurationError(
+            "MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY is not a base64 DER public key (copy it from SendGrid's "
+            "Event Webhook settings)"
+        ) from None
+    if not isinstance(loaded, ec.EllipticCurvePublicKey) or not isinstance(loaded.curve, ec.SECP256R1):
+        raise ConfigurationError("MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY is not an ECDSA P-256 key")
