@@ -36,6 +36,7 @@ def _global(
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from membercare.cli import db as _db  # noqa: F401
+    from membercare.cli import imports as _imports  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
     from membercare.cli import sandbox as _sandbox  # noqa: F401
     from membercare.cli import serve as _serve  # noqa: F401
@@ -48,7 +49,8 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning our errors into one line and exit code 1."""
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False returns a command's exit code (typer.Exit) instead of exiting.
+        rc = app(args=argv, standalone_mode=False)
     except MembercareError as exc:
         _fail(str(exc), exc)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         _fail(f"unexpected error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", exc)
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 def _fail(message: str, exc: BaseException) -> None:
