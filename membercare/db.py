@@ -111,6 +111,23 @@ def current_revision(engine: Engine) -> str | None:
     return ",".join(sorted(heads)) or None
 
 
+def pending_revisions(engine: Engine) -> list[str]:
+    """Migrations not yet applied to the database (empty when it is up to date).
+
+    Uses Alembic's own graph walk, so branches and ``depends_on`` are handled; comparing head
+    lists would not be (a revision reached only through ``depends_on`` is not a stored head).
+    """
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_heads()
+    if not current:
+        return [r.revision for r in script.walk_revisions()]
+    return [r.revision for r in script.iterate_revisions("heads", current)]
+
+
 def head_revision() -> str:
     """The latest revision(s) of the code, in the same form as :func:`current_revision`."""
     from alembic.script import ScriptDirectory

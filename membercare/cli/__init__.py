@@ -36,6 +36,8 @@ def _global(
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from membercare.cli import db as _db  # noqa: F401
+    from membercare.cli import demo as _demo  # noqa: F401
+    from membercare.cli import generate as _generate  # noqa: F401
     from membercare.cli import imports as _imports  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
     from membercare.cli import sandbox as _sandbox  # noqa: F401

@@ -37,9 +37,9 @@ state = _State()
 
 def migrated_engine() -> Engine:
     """The configured database, upgraded to the latest schema first (idempotent and quick)."""
-    from membercare.db import current_revision, head_revision, upgrade
+    from membercare.db import pending_revisions, upgrade
 
     engine = state.engine
-    if current_revision(engine) != head_revision():
+    if pending_revisions(engine):
         upgrade(state.settings.db_url)
     return engine

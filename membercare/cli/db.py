@@ -8,7 +8,7 @@ import typer
 
 from membercare.cli import app
 from membercare.cli.common import console, state
-from membercare.db import current_revision, head_revision, upgrade
+from membercare.db import current_revision, head_revision, pending_revisions, upgrade
 
 db_app = typer.Typer(help="Database schema: create or upgrade with Alembic migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -38,6 +38,6 @@ def db_upgrade(revision: str = typer.Argument("heads", help="Target revision (de
 def db_status() -> None:
     """Show the database URL (password hidden) and its schema revision."""
     url = state.settings.db_url
-    cur, head = current_revision(state.engine), head_revision()
-    note = "up to date" if cur == head else f"needs upgrade to {head}: run `membercare db upgrade`"
+    cur, pending = current_revision(state.engine), pending_revisions(state.engine)
+    note = f"needs upgrade to {head_revision()}: run `membercare db upgrade`" if pending else "up to date"
     console.print(f"{_redacted(url)}: revision {cur or 'none'} ({note})")
