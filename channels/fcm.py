@@ -22,6 +22,9 @@ Decisions worth knowing:
 * **One retry policy.** The SDK retries 500/503 itself (5 attempts, about 7 s) on a pool of 10
   connections for non-Google hosts. We mount our own adapter for the FCM host with retries off and a
   pool sized for the dispatcher's threads: the delivery engine owns retries, backoff and Retry-After.
+* **No calls to Google when pointed elsewhere.** With ``MEMBERCARE_FCM_BASE_URL`` set, google-auth's
+  background "regional access boundary" lookup (``iamcredentials.googleapis.com``) is switched off for the
+  adapter's credential; the OAuth token still comes from the service account's ``token_uri``.
 * Each adapter owns a uniquely named Firebase app (deleted by :meth:`close`), so adapters with different
   credentials can live in one process.
 """
@@ -67,6 +70,10 @@ FCM_PATH = "/v1/projects/{0}/messages:send"
 # Message fragments of INVALID_ARGUMENT answers that blame the token rather than the payload:
 _BAD_TOKEN_HINTS = ("registration token", "not a valid fcm registration token")
 
+# Gateway answers (502, 504 DEADLINE_EXCEEDED): the send may have completed behind the gateway. FCM's
+# own 500 INTERNAL / 503 UNAVAILABLE mean the message was not accepted.
+AMBIGUOUS_STATUSES = frozenset({502, 504})
+
 _url_lock = threading.Lock()
 _app_names = itertools.count(1)
 
@@ -109,6 +116,18 @@ class FirebaseConfig:
                    base_url=optional(env, ENV_BASE_URL))
 
 
+def _no_access_boundary_lookup(credential) -> None:
+    """Keep google-auth from calling Google when FCM is a local stand-in (the sandbox).
+
+    google-auth 2.6x starts a background "regional access boundary" lookup at
+    ``iamcredentials.googleapis.com`` (naming the service account) after each token refresh of a
+    service-account credential in the default universe. Against the sandbox that is a request to a real
+    Google host with a test identity, so with a base URL set we switch it off on *our* credential only.
+    """
+    if hasattr(credential, "_is_regional_access_boundary_lookup_required"):
+        credential._is_regional_access_boundary_lookup_required = lambda: False
+
+
 class FirebasePushChannel:
     """:class:`~membercare.delivery.contract.ChannelAdapter` for push via FCM HTTP v1."""
 
@@ -123,6 +142,8 @@ class FirebasePushChannel:
             cred = credentials.Certificate(dict(config.service_account))
         except ValueError as exc:
             raise ConfigurationError(f"{ENV_CREDENTIALS}: invalid service account: {exc}") from None
+        if config.base_url:
+            _no_access_boundary_lookup(cred.get_credential())
         self._app = firebase_admin.initialize_app(
             cred, {"projectId": config.project_id, "httpTimeout": config.timeout_s},
             name=f"membercare-push-{next(_app_names)}",
@@ -161,6 +182,9 @@ class FirebasePushChannel:
             parts = urlsplit(url)
             adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.config.pool_size, max_retries=0)
             session.mount(f"{parts.scheme}://{parts.netloc}", adapter)
+            from channels.twilio import resolve_environment_once
+
+            resolve_environment_once(session, url)
         else:  # pragma: no cover - only with an untested SDK version
             log.warning("firebase-admin internals changed: SDK retries and pool size are the SDK's defaults")
         return service
@@ -199,12 +223,20 @@ class FirebasePushChannel:
         return Accepted(provider_message_id=name, status=200)
 
     def _from_firebase_error(self, exc, message: OutboundMessage) -> SendResult:
+        import requests
         from firebase_admin import exceptions as fx
         from firebase_admin import messaging
+
+        from channels.twilio import transport_failure
 
         response = getattr(exc, "http_response", None)
         status = getattr(response, "status_code", None)
         detail = str(exc)[:500]
+        cause = getattr(exc, "cause", None)
+        if response is None and isinstance(cause, requests.RequestException):
+            # No answer at all (firebase-admin wraps the transport error): whether FCM may have accepted
+            # the message depends on where the request broke, exactly as for Twilio's requests session.
+            return transport_failure(cause)
         if isinstance(exc, (messaging.UnregisteredError, messaging.SenderIdMismatchError)):
             # Both make the token useless to us: invalidate the device and fall back to another channel.
             log.info("FCM token %s of %s is no longer valid", redact(message.to), message.message_id)
@@ -230,9 +262,10 @@ class FirebasePushChannel:
                             fx.AbortedError, fx.CancelledError)):
             retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
             return TransientFailure(reason=f"FCM {type(exc).__name__}: {detail}", status=status,
-                                    retry_after=retry_after)
+                                    retry_after=retry_after, ambiguous=status in AMBIGUOUS_STATUSES)
         if status is not None and status >= 500:
-            return TransientFailure(reason=f"FCM {status}: {detail}", status=status)
+            return TransientFailure(reason=f"FCM {status}: {detail}", status=status,
+                                    ambiguous=status in AMBIGUOUS_STATUSES)
         return PermanentFailure(FailureReason.REJECTED, detail=detail, fallback=True, status=status,
                                 provider_code=type(exc).__name__)
 

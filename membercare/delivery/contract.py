@@ -7,7 +7,13 @@ the recipient address; a :class:`ChannelAdapter` sends it and returns a typed :d
 * :class:`Accepted`: the provider took the message; ``provider_message_id`` maps engagement back.
 * :class:`TransientFailure`: try again later (5xx, timeout, dropped connection, 429). ``retry_after``
   is the provider's hint in seconds; ``throttled`` marks rate limiting, which the engine *defers*
-  rather than counting against the error budget.
+  rather than counting against the error budget. ``ambiguous`` marks a failure after which the provider
+  *may have accepted* the message: the request was (or may have been) fully written and then the answer
+  was lost (a read timeout, a connection dropped after sending, a gateway 502/504 in front of the
+  provider). Failures that happen before the request could reach the provider (connection refused, DNS,
+  connect timeout, an answer of 500/503/429 from the provider itself) are *not* ambiguous. The engine
+  never blindly retries an ambiguous failure of a marketing message (it becomes ``unknown`` and is
+  settled from provider records or events by our message id; see ``docs/delivery.md``).
 * :class:`PermanentFailure`: do not retry this address on this channel. ``reason`` is one of
   :class:`FailureReason`; ``fallback`` says whether another channel may be tried (an unregistered push
   token falls back to email; a recipient who replied STOP does not make us try another channel for
@@ -93,6 +99,8 @@ class TransientFailure:
     retry_after: float | None = None
     throttled: bool = False
     status: int | None = None
+    # True when the provider may have accepted the message despite the failure (see the module docstring).
+    ambiguous: bool = False
 
 
 @dataclass(frozen=True)

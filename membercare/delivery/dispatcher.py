@@ -22,7 +22,10 @@ Mechanics:
   ``flush_interval`` seconds), guarded by ``state = 'sending' AND claimed_by = me``.
 * **Outcomes**: ``Accepted`` -> sent. ``TransientFailure`` -> deferred with exponential backoff and full
   jitter, never earlier than ``Retry-After``; throttling (429) pauses the channel's bucket, does not
-  count as a failure of the message and does not use up its retries. ``PermanentFailure`` -> the next
+  count as a failure of the message and does not use up its retries. An *ambiguous* ``TransientFailure``
+  (the provider may have accepted it) -> ``unknown`` for marketing (never resent; reconciliation settles
+  it), deferred by at least ``ambiguous_retry_delay`` for transactional, and looked up in ``records``
+  before the resend (see :meth:`Dispatcher._ambiguous`). ``PermanentFailure`` -> the next
   channel of the fallback chain (content was rendered at planning) when ``fallback`` is allowed, else
   failed; an unregistered token is invalidated in ``devices``, an invalid or opted-out address is added
   to the suppression list. ``ConfigurationError`` -> the run stops loudly: the affected and not-yet-sent
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import random
 import socket
 import threading
@@ -45,7 +49,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -80,7 +84,7 @@ from membercare.delivery.models import (
 from membercare.delivery.planner import refresh_run_counts
 from membercare.delivery.policies import PolicySettings, load_policy, member_zone, quiet_hours_until
 from membercare.delivery.ratelimit import TokenBucket, Unlimited
-from membercare.delivery.reconcile import recover_stale
+from membercare.delivery.reconcile import ProviderRecords, recover_stale
 from membercare.delivery.routing import MemberContext, load_contexts, route
 from membercare.errors import ConfigurationError, InputError
 from membercare.models import Channel, Device, Purpose
@@ -110,6 +114,10 @@ class DispatchConfig:
     # the scheduler call again at report.next_due_at).
     wait_for_deferred: float = 0.0
     lease: timedelta = timedelta(minutes=5)  # sending rows older than this are from a dead process
+    # Transactional messages after an ambiguous failure (the provider may have accepted them) are retried
+    # no earlier than this: it gives provider events carrying our message id time to arrive and settle
+    # the row (mark_sent_from_event), and the provider records (``records=``) are checked before resending.
+    ambiguous_retry_delay: float = 30.0
 
 
 @dataclass
@@ -145,6 +153,28 @@ class _Outcome:
     side_effect: Callable[[Connection], None] | None = None
 
 
+def _take_write_lock(conn: Connection, run_id: int, now: datetime) -> None:
+    """Make a read-then-write transaction start with a write. On SQLite (WAL) a transaction that read first
+    cannot upgrade to a writer once another process has committed ("database is locked" at once, no busy
+    wait), which concurrent dispatchers on one run would hit; on PostgreSQL it locks the run's row, which
+    serialises the few run-level updates of concurrent dispatchers."""
+    r = CampaignRun.__table__
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(updated_at=now))
+
+
+def _drain(completed: "queue.SimpleQueue[Future]", timeout: float) -> list[Future]:
+    """Wait up to ``timeout`` for one completed future, then take every other one already there."""
+    try:
+        done = [completed.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            done.append(completed.get_nowait())
+        except queue.Empty:
+            return done
+
+
 class ErrorBudget:
     """Sliding window over the last ``window`` provider answers; throttling is never recorded here."""
 
@@ -168,14 +198,17 @@ class Dispatcher:
 
     Collaborators are injected so that tests run with in-process fake adapters and a fake clock:
     ``adapters`` maps a channel to a :class:`ChannelAdapter`; ``clock`` returns aware UTC datetimes;
-    ``sleep`` and ``rng`` drive waiting and backoff jitter.
+    ``sleep`` and ``rng`` drive waiting and backoff jitter. ``records`` (optional) is consulted before a
+    transactional message is resent after an ambiguous failure: found there, it is settled as sent.
     """
 
     def __init__(self, engine: Engine, adapters: Mapping[str, ChannelAdapter], *,
                  config: DispatchConfig | None = None, policy: PolicySettings | None = None,
                  clock: Callable[[], datetime] = utcnow, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None, worker_id: str | None = None):
+                 rng: random.Random | None = None, worker_id: str | None = None,
+                 records: ProviderRecords | None = None):
         self.engine, self.adapters = engine, dict(adapters)
+        self.records = records
         self.config = config or DispatchConfig()
         self._policy = policy
         self.clock, self.sleep = clock, sleep
@@ -200,6 +233,7 @@ class Dispatcher:
         rep.recovered_unknown = recover_stale(self.engine, lease=cfg.lease, run_id=run_id, now=self.clock())
         budget = ErrorBudget(run.error_budget, cfg.error_window, cfg.error_min_samples)
         inflight: dict[Future, _Job] = {}
+        completed: queue.SimpleQueue[Future] = queue.SimpleQueue()
         buffer: list[_Outcome] = []
         last_flush = time.monotonic()
         stop: str | None = None
@@ -221,10 +255,15 @@ class Dispatcher:
                         for job in jobs:
                             job.future = pool.submit(self._send, job)
                             inflight[job.future] = job
+                            job.future.add_done_callback(completed.put)
                 if inflight:
-                    done, _ = wait(list(inflight), timeout=cfg.flush_interval, return_when=FIRST_COMPLETED)
+                    # Completed futures arrive on a queue (O(1) per message); concurrent.futures.wait would
+                    # register a waiter on every in-flight future on every pass of this loop.
+                    done = _drain(completed, cfg.flush_interval)
                     for fut in done:
-                        job = inflight.pop(fut)
+                        job = inflight.pop(fut, None)
+                        if job is None:  # cancelled and released below already
+                            continue
                         if fut.cancelled():
                             buffer.append(self._release(job, "not sent: dispatch stopped"))
                             continue
@@ -296,6 +335,7 @@ class Dispatcher:
         r = CampaignRun.__table__
         now = self.clock()
         with self.engine.begin() as conn:
+            _take_write_lock(conn, run_id, now)
             run = conn.execute(sa.select(r).where(r.c.id == run_id)).first()
             if run is None:
                 raise InputError(f"no campaign run with id {run_id}")
@@ -322,6 +362,7 @@ class Dispatcher:
         r, o = CampaignRun.__table__, OutboxMessage.__table__
         now = self.clock()
         with self.engine.begin() as conn:
+            _take_write_lock(conn, run_id, now)
             if config_error is not None:
                 conn.execute(sa.update(r).where(r.c.id == run_id).values(
                     status=RunStatus.PAUSED.value, updated_at=now,
@@ -367,9 +408,12 @@ class Dispatcher:
                 .values(state=OutboxState.SENDING.value, claimed_by=self.worker_id, claimed_at=now, updated_at=now)
                 .returning(o.c.id, o.c.message_id, o.c.idempotency_key, o.c.member_id, o.c.campaign, o.c.purpose,
                            o.c.channel, o.c.fallback_channels, o.c.content, o.c.attempts, o.c.transient_failures,
-                           o.c.reason))
+                           o.c.reason, o.c.reason_code))
         with self.engine.begin() as conn:
             rows = [dict(r) for r in conn.execute(stmt).mappings()]
+        if not rows:
+            return []
+        rows = self._settle_ambiguous(rows, buffer)
         if not rows:
             return []
         purposes = {r["purpose"] for r in rows}
@@ -398,6 +442,33 @@ class Dispatcher:
             else:
                 buffer.append(ready)
         return jobs
+
+    def _settle_ambiguous(self, rows: list[dict], buffer: list[_Outcome]) -> list[dict]:
+        """Rows about to be resent after an ambiguous failure: settle those the provider has a record of."""
+        if self.records is None:
+            return rows
+        ids = [r["message_id"] for r in rows if r["reason_code"] == Decision.AMBIGUOUS_RETRY.value]
+        if not ids:
+            return rows
+        try:
+            found = dict(self.records.lookup(ids))
+        except Exception:
+            # Transactional policy is "no loss over no duplicate": without an answer, resend.
+            log.warning("provider records unavailable; resending %d message(s) after ambiguous failures", len(ids),
+                        exc_info=True)
+            return rows
+        keep = []
+        for r in rows:
+            if r["message_id"] not in found:
+                keep.append(r)
+                continue
+            job = _Job(r, None, r["channel"], tuple(c for c in r["fallback_channels"].split(",") if c), {})
+            buffer.append(_Outcome(r["id"], self._values(
+                job, state=OutboxState.SENT, code=Decision.RECONCILED, sent_at=self.clock(),
+                provider_message_id=found[r["message_id"]] or None,
+                reason=f"sent via {r['channel']}: the provider has a record of it after an ambiguous failure; "
+                       "not resent"), kind="reconciled"))
+        return keep
 
     def _prepare(self, job: _Job, chain: list[str], now: datetime, policy: PolicySettings) -> _Outcome | None:
         """Pre-send checks. Returns an outcome when the row must not be sent now, else fills ``job.message``."""
@@ -484,6 +555,8 @@ class Dispatcher:
                     next_attempt_at=now + timedelta(seconds=wait_s),
                     last_error=f"throttled by the {ch} provider (retry after {wait_s:g}s): {result.reason}"),
                     budget=None, kind="throttled")
+            if result.ambiguous:
+                return self._ambiguous(job, result, row["transient_failures"] + 1, now)
             failures = row["transient_failures"] + 1
             if failures >= self.config.max_transient_failures:
                 return _Outcome(row["id"], self._values(
@@ -525,6 +598,28 @@ class Dispatcher:
             job, state=OutboxState.UNKNOWN, code=Decision.ADAPTER_ERROR, attempted=True,
             reason=f"{ch} adapter raised {type(result).__name__}; outcome unknown, will be reconciled",
             last_error=str(result)[:500]), budget=True, kind="unknown")
+
+    def _ambiguous(self, job: _Job, result: TransientFailure, failures: int, now: datetime) -> _Outcome:
+        """The provider may have accepted the message. Marketing: no duplicate over no loss, so the row
+        becomes ``unknown`` and reconciliation settles it by our message id. Transactional: no loss over no
+        duplicate, so it is retried after ``ambiguous_retry_delay`` (provider records and events get to
+        settle it first); when retries are exhausted it is ``unknown`` too, never ``failed``."""
+        row, ch = job.row, job.channel
+        what = f"{ch}: {result.reason}; the provider may have accepted it"
+        if row["purpose"] == Purpose.TRANSACTIONAL and failures < self.config.max_transient_failures:
+            delay = max(self._backoff(failures, result.retry_after), self.config.ambiguous_retry_delay)
+            return _Outcome(row["id"], self._values(
+                job, state=OutboxState.DEFERRED, code=Decision.AMBIGUOUS_RETRY, attempted=True,
+                transient_failures=failures, reason=row["reason"], next_attempt_at=now + timedelta(seconds=delay),
+                last_error=f"{what}; transactional: resending in {delay:.0f}s unless the provider has a record of it"),
+                budget=True, kind="ambiguous_retry")
+        policy = ("marketing: not resent (no duplicate over no loss)" if row["purpose"] != Purpose.TRANSACTIONAL
+                  else f"transactional: gave up resending after {failures} failures")
+        return _Outcome(row["id"], self._values(
+            job, state=OutboxState.UNKNOWN, code=Decision.AMBIGUOUS, attempted=True, transient_failures=failures,
+            reason=f"outcome unknown after an ambiguous failure ({what}); {policy}; settled by reconciliation "
+                   "against provider records and events",
+            last_error=result.reason[:500]), budget=True, kind="unknown")
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
         cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** (failures - 1)))

@@ -10,7 +10,8 @@ provider is called; dispatch moves rows through the state machine documented in 
        ^                  │ ├──TransientFailure──────> deferred ──(due)──> sending ...
        │                  │ ├──PermanentFailure─┬────> failed
        │                  │ │                   └────> planned (next channel of the fallback chain)
-       └──Configuration───┘ └──process died─────────> unknown ──reconcile──> sent | unknown (final)
+       └──Configuration───┘ ├──process died─────────> unknown ──reconcile──> sent | unknown (final)
+                          └──ambiguous failure─────> unknown (marketing) | deferred (transactional)
     skipped / suppressed: written by planning (or by a pre-send check) and never sent.
 
 Privacy: the ledger stores **no address**. The recipient's email, phone number or push token is
@@ -100,6 +101,9 @@ class Decision(StrEnum):
     RESENT_AFTER_UNKNOWN = "resent_after_unknown"
     UNKNOWN_NOT_RESENT = "unknown_not_resent"
     ADAPTER_ERROR = "adapter_error"
+    # A transient failure after which the provider may have accepted the message (TransientFailure.ambiguous):
+    AMBIGUOUS = "ambiguous_failure"  # marketing: unknown, settled by reconciliation, never blindly resent
+    AMBIGUOUS_RETRY = "ambiguous_retry"  # transactional: retried after a delay, unless records show it sent
 
 
 class SuppressionReason(StrEnum):

@@ -50,6 +50,7 @@ from membercare.delivery.policies import (
     quiet_hours_until,
 )
 from membercare.delivery.routing import MemberContext, candidate_order, load_contexts, route
+from membercare.delivery.sqlutil import any_of, insert_returning
 from membercare.errors import InputError
 from membercare.models import Channel, Purpose
 from membercare.timeutil import ensure_utc, utcnow
@@ -197,7 +198,8 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
     for rc in recipients:
         by_key.setdefault(idempotency_key(spec.campaign, spec.occurrence, rc.member_id, rc.coupon_code), rc)
     ids = list({rc.member_id for rc in by_key.values()})
-    existing = set(conn.execute(sa.select(o.c.idempotency_key).where(o.c.idempotency_key.in_(list(by_key)))).scalars())
+    existing = set(conn.execute(sa.select(o.c.idempotency_key)
+                                .where(any_of(conn, o.c.idempotency_key, by_key))).scalars())
     report.already_planned += len(existing)
     todo = {k: rc for k, rc in by_key.items() if k not in existing}
     if not todo:
@@ -208,7 +210,7 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
     if purpose == Purpose.MARKETING:
         for row in conn.execute(
             sa.select(o.c.id, o.c.member_id, o.c.campaign, o.c.priority, o.c.channel, o.c.state, o.c.scheduled_at)
-            .where(o.c.member_id.in_(ids), o.c.purpose == Purpose.MARKETING.value, o.c.run_id != run_id,
+            .where(any_of(conn, o.c.member_id, ids), o.c.purpose == Purpose.MARKETING.value, o.c.run_id != run_id,
                    o.c.state.in_(ACTIVE_STATES), o.c.scheduled_at > as_of - policy.cap_window,
                    o.c.scheduled_at <= as_of)
         ):
@@ -269,8 +271,7 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
     if pending_preempt:
         _preempt(conn, spec, pending_preempt, rows, recent, todo, policy, report)
 
-    ins = insert_for(conn, o).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(o.c.idempotency_key)
-    inserted = set(conn.execute(ins, rows).scalars()) if rows else set()
+    inserted = set(insert_returning(conn, o, rows, conflict=["idempotency_key"], returning="idempotency_key"))
     report.inserted += len(inserted)
     report.already_planned += len(rows) - len(inserted)
     for row in rows:
@@ -285,7 +286,7 @@ def _preempt(conn, spec, pending, rows, recent, todo, policy, report) -> None:
     wanted = sorted({i for ids in pending.values() for i in ids})
     now = utcnow()
     got = set(conn.execute(
-        sa.update(o).where(o.c.id.in_(wanted), o.c.state.in_((OutboxState.PLANNED.value, OutboxState.DEFERRED.value)))
+        sa.update(o).where(any_of(conn, o.c.id, wanted), o.c.state.in_((OutboxState.PLANNED.value, OutboxState.DEFERRED.value)))
         .values(state=OutboxState.SKIPPED.value, reason_code=Decision.PREEMPTED.value,
                 reason=f"frequency cap: slot taken by higher-priority campaign {spec.campaign} "
                        f"(priority {spec.priority})"[:500],

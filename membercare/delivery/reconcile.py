@@ -55,25 +55,50 @@ class StaticRecords:
 class SandboxRecords:
     """The provider sandbox's record of accepted messages (``GET {base_url}/sandbox/messages``).
 
-    Each record is a JSON object with our message id and the provider's id; the field names are
-    configurable because the sandbox speaks for three providers.
+    The sandbox answers ``{"messages": [{"seq", "channel", "provider_id", "message_id", "idempotency_key",
+    "to", "account", "ghost", "accepted_at"}, ...], "count", "last_seq"}`` (see
+    ``membercare.sandbox.state.MessageRecord.to_json``). Records are fetched incrementally (``?since=`` the
+    last sequence number seen, in pages of ``page_size``) and kept in memory, so reconciling many batches
+    of unknown rows reads each record once. Thread-safe.
     """
 
     def __init__(self, base_url: str, *, message_id_field: str = "message_id",
-                 provider_id_field: str = "provider_message_id", timeout: float = 10.0):
+                 provider_id_field: str = "provider_id", timeout: float = 10.0, page_size: int = 50_000):
+        import threading
+
         self.base_url = base_url.rstrip("/")
         self.message_id_field, self.provider_id_field, self.timeout = message_id_field, provider_id_field, timeout
+        self.page_size = page_size
+        self._known: dict[str, str] = {}
+        self._last_seq = 0
+        self._lock = threading.Lock()
 
-    def lookup(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+    def refresh(self) -> int:
+        """Fetch the records accepted since the last call; returns how many arrived."""
         import httpx
 
-        resp = httpx.get(f"{self.base_url}/sandbox/messages", timeout=self.timeout)
-        resp.raise_for_status()
-        body = resp.json()
-        items = body.get("messages", body) if isinstance(body, dict) else body
-        wanted = set(message_ids)
-        return {str(i[self.message_id_field]): str(i.get(self.provider_id_field) or "")
-                for i in items if i.get(self.message_id_field) in wanted}
+        with self._lock:
+            added = 0
+            with httpx.Client(timeout=self.timeout) as client:
+                while True:
+                    resp = client.get(f"{self.base_url}/sandbox/messages",
+                                      params={"since": self._last_seq, "limit": self.page_size})
+                    resp.raise_for_status()
+                    body = resp.json()
+                    items = body["messages"]
+                    for item in items:
+                        mid = item.get(self.message_id_field)
+                        if mid:
+                            # The first acceptance wins: a duplicate would carry another provider id.
+                            self._known.setdefault(str(mid), str(item.get(self.provider_id_field) or ""))
+                    added += len(items)
+                    self._last_seq = int(body.get("last_seq", self._last_seq))
+                    if len(items) < self.page_size:
+                        return added
+
+    def lookup(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        self.refresh()
+        return {m: self._known[m] for m in message_ids if m in self._known}
 
 
 def recover_stale(engine: Engine, *, lease: timedelta, run_id: int | None = None,

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from membercare.delivery.models import Decision, OutboxState, Suppression, address_hash
+from membercare.delivery.sqlutil import any_of, chunk_size
 from membercare.models import Channel, Consent, Device, Member
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -159,23 +160,24 @@ def _chunks(seq: Sequence, n: int = 900) -> Iterable[Sequence]:
 
 def load_contexts(conn: Connection, member_ids: Sequence[int], purpose: str, now: datetime,
                   push_token_max_age: timedelta) -> dict[int, MemberContext]:
-    """Routing contexts for a batch of members: five queries per (up to 900-member) chunk."""
+    """Routing contexts for a batch of members: five queries per chunk (900 members on SQLite; on
+    PostgreSQL the ids travel as one array parameter, see :mod:`membercare.delivery.sqlutil`)."""
     out: dict[int, MemberContext] = {}
-    for chunk in _chunks(list(dict.fromkeys(member_ids))):
+    for chunk in _chunks(list(dict.fromkeys(member_ids)), chunk_size(conn)):
         out.update(_load_chunk(conn, chunk, purpose, now, push_token_max_age))
     return out
 
 
 def _load_chunk(conn, ids, purpose, now, max_age) -> dict[int, MemberContext]:
     m, c, d, s = Member.__table__, Consent.__table__, Device.__table__, Suppression.__table__
-    members = {r["id"]: r for r in conn.execute(sa.select(m).where(m.c.id.in_(ids))).mappings()}
+    members = {r["id"]: r for r in conn.execute(sa.select(m).where(any_of(conn, m.c.id, ids))).mappings()}
     consents: dict[int, dict] = defaultdict(dict)
     for r in conn.execute(sa.select(c.c.member_id, c.c.channel, c.c.purpose, c.c.granted)
-                          .where(c.c.member_id.in_(ids), c.c.purpose == purpose)):
+                          .where(any_of(conn, c.c.member_id, ids), c.c.purpose == purpose)):
         consents[r.member_id][(r.channel, r.purpose)] = bool(r.granted)
     tokens: dict[int, list[str]] = defaultdict(list)
     for r in conn.execute(sa.select(d.c.member_id, d.c.token)
-                          .where(d.c.member_id.in_(ids), d.c.invalidated_at.is_(None),
+                          .where(any_of(conn, d.c.member_id, ids), d.c.invalidated_at.is_(None),
                                  d.c.last_seen_at >= now - max_age)
                           .order_by(d.c.member_id, d.c.last_seen_at.desc(), d.c.id.desc())):
         tokens[r.member_id].append(r.token)
@@ -190,8 +192,9 @@ def _load_chunk(conn, ids, purpose, now, max_age) -> dict[int, MemberContext]:
             hashes[address_hash(Channel.PUSH.value, tok)] = (mid, Channel.PUSH.value)
     suppressed: dict[int, dict[str, str]] = defaultdict(dict)
     suppressed_tokens: set[str] = set()
-    for part in _chunks(list(hashes)):
-        for r in conn.execute(sa.select(s.c.address_hash, s.c.channel, s.c.reason).where(s.c.address_hash.in_(part))):
+    for part in _chunks(list(hashes), chunk_size(conn)):
+        for r in conn.execute(sa.select(s.c.address_hash, s.c.channel, s.c.reason)
+                              .where(any_of(conn, s.c.address_hash, part))):
             mid, ch = hashes[r.address_hash]
             if r.channel not in (ch, "any"):
                 continue
@@ -199,7 +202,7 @@ def _load_chunk(conn, ids, purpose, now, max_age) -> dict[int, MemberContext]:
                 suppressed_tokens.add(r.address_hash)  # another live token may still be usable
             else:
                 suppressed[mid].setdefault(ch, r.reason)
-    for r in conn.execute(sa.select(s.c.member_id, s.c.channel, s.c.reason).where(s.c.member_id.in_(ids))):
+    for r in conn.execute(sa.select(s.c.member_id, s.c.channel, s.c.reason).where(any_of(conn, s.c.member_id, ids))):
         suppressed[r.member_id].setdefault(r.channel, r.reason)
 
     out = {}
