@@ -33,6 +33,13 @@ own unsubscribe pages, and a dispatcher that learns of a dead push token). For a
    An opt-out whose member cannot be resolved is not lost: the address gets an ``unsubscribe``
    suppression, which routing honours like a revoked consent.
 
+4. settles the outbox: a new provider event that carries our message id and proves the provider took
+   the message (queued, sent, delivered, deferred, bounced, opened, clicked, complained, unsubscribed,
+   push received/opened/dismissed) marks an outbox row that is still ``unknown``, ``sending`` or
+   waiting for a retry ``sent`` (:func:`membercare.delivery.reconcile.mark_sent_from_event`). The
+   row's state is read in the member lookup of step 1, so the common case (the row is already
+   ``sent``) costs no extra statement.
+
 Everything runs in the caller's transaction: the receiver commits before it answers 2xx, so an event
 is either stored with its effects or not at all (and the provider retries).
 """
@@ -53,7 +60,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from membercare.consent import ConsentStatement, record_consents
 from membercare.db import insert_for, is_sqlite
-from membercare.delivery.models import OutboxMessage, Suppression, SuppressionReason, address_hash
+from membercare.delivery.models import OutboxMessage, OutboxState, Suppression, SuppressionReason, address_hash
+from membercare.delivery.reconcile import mark_sent_from_event
 from membercare.engagement.events import (
     REASON_OPTED_OUT,
     REASON_UNREGISTERED,
@@ -61,6 +69,7 @@ from membercare.engagement.events import (
     EngagementEvent,
     EventKind,
     InboundCommand,
+    Provider,
 )
 from membercare.engagement.models import EngagementEventRow
 from membercare.models import Channel, ConsentSource, Device, Member, Purpose
@@ -79,6 +88,7 @@ class IngestResult:
     suppressed: int = 0
     consent_changes: int = 0
     devices_invalidated: int = 0
+    settled: int = 0  # outbox rows marked sent because a provider event proved acceptance
     member_ids: list[int | None] = field(default_factory=list)
 
 
@@ -111,16 +121,32 @@ def normalise_recipient(channel: str, address: str | None) -> str | None:
 # Member resolution
 
 
-def _members_by_message(conn: Connection, message_ids: set[str]) -> dict[str, int]:
+# Outbox states that a provider event can settle (see reconcile.mark_sent_from_event); ``planned`` only
+# after an attempt (a fallback or an ambiguous failure put it back).
+_SETTLEABLE = (OutboxState.UNKNOWN.value, OutboxState.SENDING.value, OutboxState.DEFERRED.value)
+# Event kinds that prove the provider accepted the message. Not ``rejected``/``failed`` (the provider
+# refused it), ``inbound`` and ``resubscribed`` (not about one message) or ``unknown``.
+_ACCEPTANCE_KINDS = frozenset({
+    EventKind.QUEUED, EventKind.SENT, EventKind.DELIVERED, EventKind.DEFERRED, EventKind.BOUNCED, EventKind.OPENED,
+    EventKind.CLICKED, EventKind.COMPLAINED, EventKind.UNSUBSCRIBED, EventKind.PUSH_RECEIVED, EventKind.PUSH_OPENED,
+    EventKind.PUSH_DISMISSED,
+})
+
+
+def _members_by_message(conn: Connection, message_ids: set[str]) -> tuple[dict[str, int], set[str]]:
+    """``{message_id: member_id}``, and the ids whose outbox row a provider event would settle."""
     if not message_ids:
-        return {}
+        return {}, set()
     o = OutboxMessage.__table__
     found: dict[str, int] = {}
+    unsettled: set[str] = set()
     for part in _chunks(sorted(message_ids)):
-        query = sa.select(o.c.message_id, o.c.member_id).where(_in(conn, o.c.message_id, part))
-        for mid, member in conn.execute(query):
+        query = sa.select(o.c.message_id, o.c.member_id, o.c.state, o.c.attempts).where(_in(conn, o.c.message_id, part))
+        for mid, member, state, attempts in conn.execute(query):
             found[mid] = member
-    return found
+            if state in _SETTLEABLE or (state == OutboxState.PLANNED.value and attempts > 0):
+                unsettled.add(mid)
+    return found, unsettled
 
 
 def _members_by_address(conn: Connection, wanted: dict[str, set[str]]) -> dict[tuple[str, str], list[int]]:
@@ -156,7 +182,14 @@ def _members_by_address(conn: Connection, wanted: dict[str, set[str]]) -> dict[t
 
 def resolve_members(conn: Connection, events: Sequence[EngagementEvent]) -> tuple[list[int | None], dict]:
     """Member id per event (or ``None``), and the address lookup used (for effects on unresolved events)."""
-    by_message = _members_by_message(conn, {e.message_id for e in events if e.message_id and e.member_id is None})
+    members, by_address, _ = _resolve(conn, events)
+    return members, by_address
+
+
+def _resolve(conn: Connection, events: Sequence[EngagementEvent]) -> tuple[list[int | None], dict, set[str]]:
+    # Provider events never carry a member id, so every message id of a provider event is looked up here.
+    by_message, unsettled = _members_by_message(
+        conn, {e.message_id for e in events if e.message_id and e.member_id is None})
     wanted: dict[str, set[str]] = defaultdict(set)
     for e in events:
         if e.member_id is None and by_message.get(e.message_id or "") is None:
@@ -171,7 +204,7 @@ def resolve_members(conn: Connection, events: Sequence[EngagementEvent]) -> tupl
             matches = by_address.get((e.channel.value, normalise_recipient(e.channel, e.recipient) or ""))
             member = matches[0] if matches else None
         out.append(member)
-    return out, by_address
+    return out, by_address, unsettled
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,7 +232,7 @@ def ingest(conn: Connection, events: Sequence[EngagementEvent], *, apply_effects
     if not events:
         return result
     received_at = received_at or utcnow()
-    member_ids, by_address = resolve_members(conn, events)
+    member_ids, by_address, unsettled = _resolve(conn, events)
     result.member_ids = member_ids
 
     # One row per key (a batch may carry the same event twice); the first occurrence wins.
@@ -223,7 +256,23 @@ def ingest(conn: Connection, events: Sequence[EngagementEvent], *, apply_effects
     result.duplicates = result.received - result.stored
     if apply_effects and new_idx:
         _apply_effects(conn, [events[i] for i in new_idx], [member_ids[i] for i in new_idx], by_address, result)
+    if unsettled and new_idx:
+        result.settled = _settle_outbox(conn, [events[i] for i in new_idx], unsettled)
     return result
+
+
+def _settle_outbox(conn: Connection, events: Sequence[EngagementEvent], unsettled: set[str]) -> int:
+    """Mark the unsettled outbox rows that these (new) provider events prove accepted as ``sent``."""
+    proof: dict[str, EngagementEvent] = {}
+    for e in events:
+        if (e.message_id in unsettled and e.kind in _ACCEPTANCE_KINDS and e.provider != Provider.MEMBERCARE
+                and (e.message_id not in proof or e.occurred_at < proof[e.message_id].occurred_at)):
+            proof[e.message_id] = e  # the earliest event bounds when it was sent
+    settled = 0
+    for mid, e in sorted(proof.items()):
+        settled += mark_sent_from_event(conn, mid, provider_message_id=e.provider_message_id, at=e.occurred_at,
+                                        source=f"{e.provider} {e.kind.value} event")
+    return settled
 
 
 _COLUMNS = ("provider", "provider_event_id", "kind", "bounce_class", "channel", "message_id", "provider_message_id",
@@ -300,7 +349,21 @@ def ingest_events(engine: Engine, events: Sequence[EngagementEvent], *, apply_ef
     """:func:`ingest` in its own committed transaction (what the receiver calls before answering 2xx)."""
     with writer_lock(engine):
         with engine.begin() as conn:
+            take_write_lock(conn)
             return ingest(conn, events, apply_effects=apply_effects)
+
+
+def take_write_lock(conn: Connection) -> None:
+    """On SQLite, make the transaction a writer from its first statement.
+
+    :func:`ingest` reads (member lookup) before it writes. In a deferred SQLite transaction that read
+    pins a WAL snapshot, and if another process (a dispatcher) commits before our first write, the
+    upgrade to a writer fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT: the busy timeout
+    does not apply). A write that matches nothing takes the write lock up front, so we wait our turn
+    instead. PostgreSQL needs nothing.
+    """
+    if is_sqlite(conn):
+        conn.execute(sa.text("DELETE FROM engagement_events WHERE 0 = 1"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,547 @@
+"""Campaign reports computed with SQL aggregates: funnel, holdout lift, shop KPIs and trends.
+
+Nothing here loads events or orders into Python: every figure is a ``GROUP BY`` in the database, and
+Python only shapes the (few) result rows and runs the lift statistics on their sums. The definitions
+are in ``docs/reports.md``; the headline ones:
+
+* **Funnel** per campaign x segment x channel, over the outbox rows scheduled in ``[since, until)``
+  (holdout rows excluded: they are the holdout section). ``planned`` = ledger rows (every member the
+  segment selected and did not hold out, including those skipped with a reason), ``sent`` = state
+  ``sent``; ``delivered``/``opened``/``clicked`` = messages with at least one such event, where a later
+  stage implies the earlier ones (a click proves an open that a privacy proxy may have hidden); push
+  taps count as opens. ``converted`` = messages credited with at least one order by the attribution
+  model, ``revenue`` = the credited orders' totals; ``unsubscribed`` = messages followed by an
+  unsubscribe or spam complaint: carrying the message id, or, for opt-outs that carry none (SMS STOP
+  replies, one-click unsubscribes), the member's latest message sent on that channel within the
+  attribution window before it. SMS segments are summed over sent SMS; cost = segments x price.
+* **Holdout vs treated**: intent to treat. Every row of a campaign with a holdout is in an arm (holdout
+  rows vs all others, sent or not); the outcome is a purchase within the attribution window after the
+  row's ``scheduled_at``. Lift with :mod:`membercare.optimise.lift` (Newcombe interval for conversion,
+  Welch for revenue per member).
+* **KPIs** as of ``until`` over the trailing ``active_days`` (365): active members (at least one purchase),
+  repurchase rate (buyers with two or more purchases / buyers), average order value, purchase frequency,
+  members by tier, and an estimated customer lifetime value
+  ``AOV x purchases per buyer per year x expected lifetime``, where the expected lifetime is
+  ``1 / (1 - retention)`` years from the year-over-year buyer retention (capped; an assumed default when
+  the previous year has too few buyers). When BG/NBD churn scores exist, their mean expected purchases
+  over the fit's horizon x AOV is shown too.
+* **Trends** per day or ISO week in the shop's timezone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from membercare.db import is_sqlite
+from membercare.delivery.models import OutboxMessage, OutboxState
+from membercare.delivery.planner import HOLDOUT
+from membercare.engagement.attribution import (
+    AttributionResult,
+    AttributionSettings,
+    compute_attributions,
+    within_window,
+)
+from membercare.engagement.attribution_models import Attribution, ConversionType, SmsMessageSegments
+from membercare.engagement.events import EventKind, InboundCommand
+from membercare.engagement.models import EngagementEventRow
+from membercare.errors import InputError
+from membercare.models import PURCHASE_STATUSES, Member, Order, Tier
+from membercare.optimise.lift import BinaryLift, MeanLift, MeanSummary, binary_lift, mean_lift
+from membercare.timeutil import ensure_utc, utcnow
+
+Granularity = Literal["day", "week"]
+O, E, A = OutboxMessage.__table__, EngagementEventRow.__table__, Attribution.__table__
+NO_CHANNEL = "-"  # funnel rows of members who got no channel (skipped before routing chose one)
+
+_DELIVERED = (EventKind.DELIVERED.value, EventKind.PUSH_RECEIVED.value)
+_OPENED = (EventKind.OPENED.value, EventKind.PUSH_OPENED.value)
+_CLICKED = (EventKind.CLICKED.value,)
+_OPTED_OUT = (EventKind.UNSUBSCRIBED.value, EventKind.COMPLAINED.value)
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What to report on. ``segments`` maps a campaign to its segment name (from its definition)."""
+
+    since: datetime
+    until: datetime
+    campaign: str | None = None
+    granularity: Granularity = "day"
+    timezone: str = "Asia/Taipei"
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    sms_price_minor: int = 0
+    currency: str = "TWD"
+    segments: Mapping[str, str] = field(default_factory=dict)
+    refresh: bool = True  # recompute attributions and the SMS segment cache first
+    active_days: int = 365
+    default_lifetime_years: float = 3.0
+    max_lifetime_years: float = 10.0
+    min_buyers_for_retention: int = 30
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "since", ensure_utc(self.since))
+        object.__setattr__(self, "until", ensure_utc(self.until))
+        if self.until <= self.since:
+            raise InputError("--until must be after --since")
+        if self.granularity not in ("day", "week"):
+            raise InputError("granularity must be day or week")
+        ZoneInfo(self.timezone)
+
+
+@dataclass
+class FunnelRow:
+    campaign: str
+    segment: str | None
+    channel: str
+    planned: int = 0
+    sent: int = 0
+    delivered: int = 0
+    opened: int = 0
+    clicked: int = 0
+    converted: int = 0  # messages credited with at least one order
+    orders: int = 0
+    revenue_minor: int = 0
+    coupons: int = 0  # credited coupon redemptions
+    unsubscribed: int = 0
+    sms_segments: int = 0
+    sms_cost_minor: int = 0
+
+    def rate(self, numerator: str, denominator: str = "sent") -> float | None:
+        d = getattr(self, denominator)
+        return getattr(self, numerator) / d if d else None
+
+    def add(self, other: FunnelRow) -> None:
+        for name in ("planned", "sent", "delivered", "opened", "clicked", "converted", "orders", "revenue_minor",
+                     "coupons", "unsubscribed", "sms_segments", "sms_cost_minor"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class HoldoutRow:
+    campaign: str
+    segment: str | None
+    treated_n: int
+    treated_converters: int
+    treated_revenue_minor: int
+    holdout_n: int
+    holdout_converters: int
+    holdout_revenue_minor: int
+    conversion: BinaryLift | None  # None when an arm is empty
+    revenue: MeanLift | None  # revenue per member (minor units); None when an arm has < 2 members
+
+
+@dataclass
+class Kpis:
+    as_of: datetime
+    window_days: int
+    members_total: int
+    members_by_tier: dict[str, int]
+    new_members: int  # joined in [since, until)
+    active_members: int
+    buyers: int
+    orders: int
+    revenue_minor: int
+    aov_minor: float | None
+    repurchase_rate: float | None
+    purchases_per_buyer_per_year: float | None
+    retention_rate: float | None
+    expected_lifetime_years: float | None
+    lifetime_assumed: bool
+    clv_minor: float | None
+    period_orders: int
+    period_revenue_minor: int
+    bgnbd: dict[str, Any] | None = None
+
+
+@dataclass
+class TrendPoint:
+    bucket: date
+    sent: int = 0
+    delivered: int = 0
+    opened: int = 0
+    clicked: int = 0
+    unsubscribed: int = 0
+    conversions: int = 0
+    revenue_minor: int = 0
+
+
+@dataclass
+class Report:
+    options: ReportOptions
+    generated_at: datetime
+    funnel: list[FunnelRow]
+    totals: FunnelRow
+    holdouts: list[HoldoutRow]
+    kpis: Kpis
+    trends: list[TrendPoint]
+    attribution: AttributionResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.options
+        return _jsonable({
+            "since": o.since, "until": o.until, "campaign": o.campaign, "granularity": o.granularity,
+            "timezone": o.timezone, "currency": o.currency, "generated_at": self.generated_at,
+            "attribution": {"model": o.attribution.model.value, "window_seconds": o.attribution.window_seconds,
+                            "touch": {k: v.value for k, v in o.attribution.touch.items()}},
+            "funnel": [asdict(r) for r in self.funnel], "totals": asdict(self.totals),
+            "holdouts": [asdict(h) for h in self.holdouts], "kpis": asdict(self.kpis),
+            "trends": [asdict(t) for t in self.trends],
+        })
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_report(engine: Engine, options: ReportOptions) -> Report:
+    """Refresh the derived tables (unless ``options.refresh`` is off) and compute every section."""
+    attribution = None
+    if options.refresh:
+        from membercare.reports.sms import refresh_sms_segments
+
+        # Conversions up to one window after the range can still be credited to its messages.
+        end = min(options.until + options.attribution.window, max(utcnow(), options.until))
+        attribution = compute_attributions(engine, options.since, end, options.attribution)
+        refresh_sms_segments(engine)
+    with engine.connect() as conn:
+        funnel = funnel_rows(conn, options)
+        totals = FunnelRow(campaign="all", segment=None, channel="all")
+        for row in funnel:
+            totals.add(row)
+        return Report(options=options, generated_at=utcnow(), funnel=funnel, totals=totals,
+                      holdouts=holdout_rows(conn, options), kpis=kpis(conn, options),
+                      trends=trends(conn, options), attribution=attribution)
+
+
+def _scope(options: ReportOptions, table=O) -> list:
+    cond = [table.c.scheduled_at >= options.since, table.c.scheduled_at < options.until]
+    if options.campaign:
+        cond.append(table.c.campaign == options.campaign)
+    return cond
+
+
+def _flag(condition) -> sa.ColumnElement:
+    return sa.func.max(sa.case((condition, 1), else_=0))
+
+
+def _sum_if(condition, value=1) -> sa.ColumnElement:
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, value), else_=0)), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Funnel
+
+
+def orphan_optouts(conn: Connection, options: ReportOptions) -> sa.Subquery:
+    """Message ids credited with an opt-out that carried no message id (STOP reply, one-click unsubscribe):
+    the member's latest message sent on that channel within the attribution window before it."""
+    seconds = options.attribution.window_seconds
+    optout = sa.or_(E.c.kind == EventKind.UNSUBSCRIBED.value,
+                    sa.and_(E.c.kind == EventKind.INBOUND.value, E.c.reason == InboundCommand.STOP.value))
+    ranked = sa.select(
+        O.c.message_id,
+        sa.func.row_number().over(partition_by=E.c.id, order_by=[O.c.sent_at.desc(), O.c.id.desc()]).label("rn"),
+    ).select_from(E.join(O, sa.and_(
+        O.c.member_id == E.c.member_id, O.c.channel == E.c.channel, O.c.state == OutboxState.SENT.value,
+        O.c.sent_at.is_not(None), within_window(conn, E.c.occurred_at, O.c.sent_at, seconds),
+    ))).where(
+        E.c.message_id.is_(None), E.c.member_id.is_not(None), optout,
+        E.c.occurred_at >= options.since, E.c.occurred_at < options.until + options.attribution.window,
+        *_scope(options),
+    ).subquery("ranked_optouts")
+    return sa.select(ranked.c.message_id).where(ranked.c.rn == 1).distinct().subquery("orphan_optouts")
+
+
+def funnel_rows(conn: Connection, options: ReportOptions) -> list[FunnelRow]:
+    model = options.attribution.model.value
+    credit = sa.select(
+        A.c.message_id,
+        _sum_if(A.c.conversion_type == ConversionType.ORDER.value).label("orders"),
+        _sum_if(A.c.conversion_type == ConversionType.ORDER.value, A.c.revenue_minor).label("revenue"),
+        _sum_if(A.c.conversion_type == ConversionType.COUPON.value).label("coupons"),
+    ).where(A.c.model == model).group_by(A.c.message_id).subquery("credit")
+    orphans = orphan_optouts(conn, options)
+    seg = SmsMessageSegments.__table__
+    channel = sa.func.coalesce(O.c.channel, NO_CHANNEL)
+    per_message = sa.select(
+        O.c.id, O.c.campaign, channel.label("channel"), O.c.state,
+        _flag(E.c.kind.in_(_DELIVERED + _OPENED + _CLICKED)).label("delivered"),
+        _flag(E.c.kind.in_(_OPENED + _CLICKED)).label("opened"),
+        _flag(E.c.kind.in_(_CLICKED)).label("clicked"),
+        _flag(E.c.kind.in_(_OPTED_OUT)).label("opted_out"),
+    ).select_from(O.outerjoin(E, E.c.message_id == O.c.message_id)).where(
+        *_scope(options), sa.or_(O.c.variant.is_(None), O.c.variant != HOLDOUT),
+    ).group_by(O.c.id, O.c.campaign, channel, O.c.state).subquery("per_message")
+    pm_outbox = O.alias("pm_outbox")
+    sent = per_message.c.state == OutboxState.SENT.value
+    query = sa.select(
+        per_message.c.campaign, per_message.c.channel,
+        sa.func.count().label("planned"),
+        _sum_if(sent).label("sent"),
+        sa.func.coalesce(sa.func.sum(per_message.c.delivered), 0).label("delivered"),
+        sa.func.coalesce(sa.func.sum(per_message.c.opened), 0).label("opened"),
+        sa.func.coalesce(sa.func.sum(per_message.c.clicked), 0).label("clicked"),
+        _sum_if(credit.c.orders > 0).label("converted"),
+        sa.func.coalesce(sa.func.sum(credit.c.orders), 0).label("orders"),
+        sa.func.coalesce(sa.func.sum(credit.c.revenue), 0).label("revenue"),
+        sa.func.coalesce(sa.func.sum(credit.c.coupons), 0).label("coupons"),
+        _sum_if(sa.or_(per_message.c.opted_out == 1, orphans.c.message_id.is_not(None))).label("unsubscribed"),
+        _sum_if(sa.and_(sent, per_message.c.channel == "sms"), sa.func.coalesce(seg.c.segments, 0)).label("segments"),
+    ).select_from(
+        per_message.join(pm_outbox, pm_outbox.c.id == per_message.c.id)
+        .outerjoin(credit, credit.c.message_id == pm_outbox.c.message_id)
+        .outerjoin(orphans, orphans.c.message_id == pm_outbox.c.message_id)
+        .outerjoin(seg, seg.c.message_id == pm_outbox.c.message_id)
+    ).group_by(per_message.c.campaign, per_message.c.channel).order_by(per_message.c.campaign, per_message.c.channel)
+    out = []
+    for r in conn.execute(query):
+        out.append(FunnelRow(
+            campaign=r.campaign, segment=options.segments.get(r.campaign), channel=r.channel, planned=int(r.planned),
+            sent=int(r.sent), delivered=int(r.delivered), opened=int(r.opened), clicked=int(r.clicked),
+            converted=int(r.converted), orders=int(r.orders), revenue_minor=int(r.revenue), coupons=int(r.coupons),
+            unsubscribed=int(r.unsubscribed), sms_segments=int(r.segments),
+            sms_cost_minor=int(r.segments) * options.sms_price_minor,
+        ))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Holdout vs treated
+
+
+def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
+    o = Order.__table__
+    held = sa.select(O.c.campaign).where(*_scope(options), O.c.variant == HOLDOUT).distinct()
+    is_holdout = sa.case((O.c.variant == HOLDOUT, 1), else_=0)
+    per_row = sa.select(
+        O.c.id, O.c.campaign, is_holdout.label("holdout"),
+        sa.func.coalesce(sa.func.sum(o.c.total_minor), 0).label("revenue"), sa.func.count(o.c.id).label("orders"),
+    ).select_from(O.outerjoin(o, sa.and_(
+        o.c.member_id == O.c.member_id, o.c.status.in_(PURCHASE_STATUSES),
+        within_window(conn, o.c.placed_at, O.c.scheduled_at, options.attribution.window_seconds),
+    ))).where(*_scope(options), O.c.campaign.in_(held)).group_by(O.c.id, O.c.campaign, is_holdout).subquery("per_row")
+    # Squares summed exactly on PostgreSQL (numeric); SQLite has no big integers, so doubles there.
+    big = sa.Float if is_sqlite(conn) else sa.Numeric
+    rev = sa.cast(per_row.c.revenue, big)
+    query = sa.select(
+        per_row.c.campaign, per_row.c.holdout, sa.func.count().label("n"),
+        _sum_if(per_row.c.orders > 0).label("converters"),
+        sa.func.coalesce(sa.func.sum(per_row.c.revenue), 0).label("revenue"),
+        sa.func.coalesce(sa.func.sum(rev * rev), 0).label("revenue_sq"),
+    ).group_by(per_row.c.campaign, per_row.c.holdout)
+    arms: dict[str, dict[int, Any]] = {}
+    for r in conn.execute(query):
+        arms.setdefault(r.campaign, {})[int(r.holdout)] = r
+    out = []
+    for campaign in sorted(arms):
+        t, h = arms[campaign].get(0), arms[campaign].get(1)
+        tn, hn = (int(t.n) if t else 0), (int(h.n) if h else 0)
+        tc, hc = (int(t.converters) if t else 0), (int(h.converters) if h else 0)
+        conversion = binary_lift(tc, tn, hc, hn, confidence=options.confidence) if tn and hn else None
+        revenue = None
+        if tn >= 2 and hn >= 2:
+            revenue = mean_lift(MeanSummary.from_sums(tn, _num(t.revenue), _num(t.revenue_sq)),
+                                MeanSummary.from_sums(hn, _num(h.revenue), _num(h.revenue_sq)),
+                                confidence=options.confidence)
+        out.append(HoldoutRow(
+            campaign=campaign, segment=options.segments.get(campaign), treated_n=tn, treated_converters=tc,
+            treated_revenue_minor=int(t.revenue) if t else 0, holdout_n=hn, holdout_converters=hc,
+            holdout_revenue_minor=int(h.revenue) if h else 0, conversion=conversion, revenue=revenue))
+    return out
+
+
+def _num(value):
+    """Sums as exact integers where they are (MeanSummary.from_sums then computes the variance exactly)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    return int(value)  # int, or an integral Decimal from PostgreSQL's numeric
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KPIs
+
+
+def kpis(conn: Connection, options: ReportOptions) -> Kpis:
+    m, o, t = Member.__table__, Order.__table__, Tier.__table__
+    until = options.until
+    year = timedelta(days=options.active_days)
+    start, prev = until - year, until - 2 * year
+    purchase = o.c.status.in_(PURCHASE_STATUSES)
+
+    members_total = conn.execute(sa.select(sa.func.count()).select_from(m).where(m.c.joined_at < until)).scalar_one()
+    new_members = conn.execute(sa.select(sa.func.count()).select_from(m).where(
+        m.c.joined_at >= options.since, m.c.joined_at < until)).scalar_one()
+    by_tier_rows = conn.execute(
+        sa.select(m.c.tier, sa.func.count(), sa.func.min(t.c.rank)).select_from(m.outerjoin(t, t.c.code == m.c.tier))
+        .where(m.c.joined_at < until).group_by(m.c.tier)
+    ).all()
+    by_tier = {tier: int(n) for tier, n, _ in sorted(by_tier_rows, key=lambda r: (r[2] is None, r[2] or 0, r[0]))}
+
+    per_buyer = sa.select(o.c.member_id, sa.func.count().label("n"), sa.func.sum(o.c.total_minor).label("spend")).where(
+        purchase, o.c.placed_at >= start, o.c.placed_at < until).group_by(o.c.member_id).subquery("per_buyer")
+    buyers, orders, revenue, repeaters = conn.execute(sa.select(
+        sa.func.count(), sa.func.coalesce(sa.func.sum(per_buyer.c.n), 0),
+        sa.func.coalesce(sa.func.sum(per_buyer.c.spend), 0), _sum_if(per_buyer.c.n >= 2),
+    )).one()
+    buyers, orders, revenue, repeaters = int(buyers), int(orders), int(revenue), int(repeaters)
+
+    prior, retained = _retention(conn, o, purchase, prev, start, until)
+
+    period_orders, period_revenue = conn.execute(sa.select(
+        sa.func.count(), sa.func.coalesce(sa.func.sum(o.c.total_minor), 0)
+    ).where(purchase, o.c.placed_at >= options.since, o.c.placed_at < until)).one()
+
+    aov = revenue / orders if orders else None
+    per_year = (orders / buyers) * (365.0 / options.active_days) if buyers else None
+    retention = retained / prior if prior else None
+    assumed = prior < options.min_buyers_for_retention or retention is None
+    if assumed:
+        lifetime = options.default_lifetime_years
+    else:
+        lifetime = options.max_lifetime_years if retention >= 1 else min(options.max_lifetime_years,
+                                                                           1.0 / (1.0 - retention))
+    clv = aov * per_year * lifetime if aov is not None and per_year is not None else None
+    return Kpis(
+        as_of=until, window_days=options.active_days, members_total=int(members_total), members_by_tier=by_tier,
+        new_members=int(new_members), active_members=buyers, buyers=buyers, orders=orders, revenue_minor=revenue,
+        aov_minor=aov, repurchase_rate=repeaters / buyers if buyers else None, purchases_per_buyer_per_year=per_year,
+        retention_rate=retention, expected_lifetime_years=lifetime, lifetime_assumed=assumed, clv_minor=clv,
+        period_orders=int(period_orders), period_revenue_minor=int(period_revenue),
+        bgnbd=_bgnbd(conn, until, aov),
+    )
+
+
+def _retention(conn: Connection, o, purchase, prev: datetime, start: datetime, until: datetime) -> tuple[int, int]:
+    """(buyers of the previous window, how many of them bought again in the current one)."""
+    before = sa.select(o.c.member_id).where(purchase, o.c.placed_at >= prev, o.c.placed_at < start).distinct()
+    now_ = sa.select(o.c.member_id).where(purchase, o.c.placed_at >= start, o.c.placed_at < until).distinct()
+    b, n = before.subquery("before"), now_.subquery("now")
+    prior, retained = conn.execute(sa.select(sa.func.count(b.c.member_id), sa.func.count(n.c.member_id))
+                                   .select_from(b.outerjoin(n, n.c.member_id == b.c.member_id))).one()
+    return int(prior), int(retained)
+
+
+def _bgnbd(conn: Connection, until: datetime, aov: float | None) -> dict[str, Any] | None:
+    """Mean BG/NBD expected purchases of the latest churn scoring on or before ``until`` (if scored)."""
+    names = set(sa.inspect(conn).get_table_names())
+    if not {"churn_scores", "churn_model_fits"} <= names:
+        return None
+    cs, fit = sa.table("churn_scores", sa.column("as_of_date"), sa.column("fit_id"), sa.column("p_alive"),
+                       sa.column("expected_purchases")), sa.table("churn_model_fits", sa.column("id"),
+                                                                 sa.column("horizon_days"))
+    latest = conn.execute(sa.select(sa.func.max(cs.c.as_of_date)).where(cs.c.as_of_date <= until.date())).scalar()
+    if latest is None:
+        return None
+    n, expected, alive, horizon = conn.execute(
+        sa.select(sa.func.count(), sa.func.avg(cs.c.expected_purchases), sa.func.avg(cs.c.p_alive),
+                  sa.func.max(fit.c.horizon_days))
+        .select_from(cs.join(fit, fit.c.id == cs.c.fit_id)).where(cs.c.as_of_date == latest)
+    ).one()
+    if not n:
+        return None
+    expected = float(expected)
+    return {"as_of_date": latest if isinstance(latest, date) else date.fromisoformat(str(latest)),
+            "scored_buyers": int(n), "horizon_days": int(horizon) if horizon is not None else None,
+            "mean_expected_purchases": expected, "mean_p_alive": float(alive),
+            "expected_revenue_per_buyer_minor": expected * aov if aov is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trends
+
+
+def _utc_offset_minutes(tz: str, at: datetime) -> int:
+    off = at.astimezone(ZoneInfo(tz)).utcoffset() or timedelta(0)
+    return int(off.total_seconds() // 60)
+
+
+def bucket_expr(conn: Connection, col, options: ReportOptions):
+    """The local calendar day (or the Monday of the ISO week) of a timestamp, in the shop's timezone.
+
+    PostgreSQL converts with the zone's rules; SQLite applies the zone's UTC offset at ``until`` (exact
+    for zones without daylight saving time, such as Asia/Taipei; an hour off around a DST change).
+    """
+    if is_sqlite(conn):
+        shift = f"{_utc_offset_minutes(options.timezone, options.until):+d} minutes"
+        if options.granularity == "week":
+            return sa.func.date(col, shift, "weekday 0", "-6 days")
+        return sa.func.date(col, shift)
+    local = sa.func.timezone(options.timezone, col)
+    if options.granularity == "week":
+        return sa.cast(sa.func.date_trunc("week", local), sa.Date)
+    return sa.cast(local, sa.Date)
+
+
+def _as_date(value) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+def trends(conn: Connection, options: ReportOptions) -> list[TrendPoint]:
+    points: dict[date, TrendPoint] = {}
+
+    def point(bucket) -> TrendPoint:
+        d = _as_date(bucket)
+        return points.setdefault(d, TrendPoint(d))
+
+    camp = [O.c.campaign == options.campaign] if options.campaign else []
+    b = bucket_expr(conn, O.c.sent_at, options)
+    for bucket, n in conn.execute(sa.select(b, sa.func.count()).where(
+            O.c.state == OutboxState.SENT.value, O.c.sent_at >= options.since, O.c.sent_at < options.until, *camp
+    ).group_by(b)):
+        point(bucket).sent = int(n)
+
+    b = bucket_expr(conn, E.c.occurred_at, options)
+    query = sa.select(
+        b, sa.func.count(sa.distinct(sa.case((E.c.kind.in_(_DELIVERED), E.c.message_id)))),
+        sa.func.count(sa.distinct(sa.case((E.c.kind.in_(_OPENED), E.c.message_id)))),
+        sa.func.count(sa.distinct(sa.case((E.c.kind.in_(_CLICKED), E.c.message_id)))),
+        _sum_if(sa.or_(E.c.kind.in_(_OPTED_OUT),
+                       sa.and_(E.c.kind == EventKind.INBOUND.value, E.c.reason == InboundCommand.STOP.value))),
+    ).where(E.c.occurred_at >= options.since, E.c.occurred_at < options.until)
+    if options.campaign:
+        query = query.select_from(E.join(O, O.c.message_id == E.c.message_id)).where(*camp)
+    for bucket, delivered, opened, clicked, unsub in conn.execute(query.group_by(b)):
+        p = point(bucket)
+        p.delivered, p.opened, p.clicked, p.unsubscribed = int(delivered), int(opened), int(clicked), int(unsub)
+
+    b = bucket_expr(conn, A.c.converted_at, options)
+    acamp = [A.c.campaign == options.campaign] if options.campaign else []
+    for bucket, n, revenue in conn.execute(sa.select(b, sa.func.count(), sa.func.sum(A.c.revenue_minor)).where(
+            A.c.model == options.attribution.model.value, A.c.conversion_type == ConversionType.ORDER.value,
+            A.c.converted_at >= options.since, A.c.converted_at < options.until, *acamp).group_by(b)):
+        p = point(bucket)
+        p.conversions, p.revenue_minor = int(n), int(revenue or 0)
+
+    # Every bucket of the range, so that a quiet day shows as zero rather than disappearing from a chart.
+    tz = ZoneInfo(options.timezone)
+    first = options.since.astimezone(tz).date()
+    last = (options.until - timedelta(microseconds=1)).astimezone(tz).date()
+    step = timedelta(days=7 if options.granularity == "week" else 1)
+    if options.granularity == "week":
+        first -= timedelta(days=first.weekday())
+    d = first
+    while d <= last:
+        points.setdefault(d, TrendPoint(d))
+        d += step
+    return [points[k] for k in sorted(points)]
