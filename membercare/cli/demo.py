@@ -1,21 +1,44 @@
-"""``membercare demo``: the main job on the embedded defaults.
+"""``membercare demo``: the main job, end to end, on embedded defaults.
 
-Creates (or upgrades) the SQLite database under ``$MEMBERCARE_HOME`` (default ``./.membercare``),
-generates a demo shop the first time, and prints what the shop holds. Later stages (the day's
-lifecycle campaigns through the Prefect flows, the sandbox, engagement, reports) plug in here.
-Running it again reuses the shop: nothing is generated or sent twice.
+On a fresh machine it uses:
+
+* a SQLite database in ``$MEMBERCARE_HOME`` (default ``./.membercare``), and a generated demo shop of a few
+  thousand members on the first run (``as_of`` = today);
+* Prefect's local ephemeral mode, with a *persistent* ``PREFECT_HOME`` under ``$MEMBERCARE_HOME/prefect`` so
+  that the runs can be browsed afterwards in the Prefect UI (the command to open it is printed);
+* a generated ``MEMBERCARE_SECRET_KEY`` stored in ``$MEMBERCARE_HOME/secret_key`` (mode 600) when none is set;
+* the provider sandbox and the webhook receiver on free loopback ports, in-process threads: the adapters talk
+  to the sandbox through the real SDKs (a locally generated service-account key runs firebase-admin's real
+  OAuth flow), and the sandbox's simulated recipients post signed engagement webhooks to the receiver.
+
+It runs the day's lifecycle campaigns through the Prefect flows (scoring first), waits until the sandbox's
+webhook queue has drained, runs ``sync-engagement``, and ends with a summary table, the paths of the HTML
+report and the template gallery, and the command that opens the Prefect UI on these runs.
+
+Running it again the same day sends nothing twice: every message has an outbox key per campaign occurrence,
+and the second run says so. Setting ``PREFECT_API_URL`` runs the flows on that server instead.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import socket
+import stat
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 import typer
 from rich.table import Table
 
 from membercare.cli import app
-from membercare.cli.common import console, migrated_engine, state
+from membercare.cli.common import console, err_console, migrated_engine, state
 from membercare.models import (
     PURCHASE_STATUSES,
     Consent,
@@ -25,6 +48,29 @@ from membercare.models import (
     Order,
 )
 from membercare.timeutil import utcnow
+
+# The day's lifecycle campaigns, in the order the calendar (prefect.yaml) runs them; extra run parameters.
+DAY_PLAN: tuple[tuple[str, dict], ...] = (
+    ("birthday", {}),
+    ("coupon_expiry", {"occurrence_tag": "d3", "segment_params": {"days": 3}}),
+    ("coupon_expiry", {"occurrence_tag": "d1", "segment_params": {"days": 1}}),
+    ("welcome_day0", {}),
+    ("welcome_day3", {}),
+    ("welcome_day7", {}),
+    ("vip_appreciation", {}),  # monthly occurrence key: sent once a month, whichever day the demo runs first
+    ("tier_upgrade", {}),
+    ("churn_winback", {}),
+    ("recommendations", {}),
+    ("post_purchase_care", {}),
+)
+# Demo credentials: the sandbox accepts exactly these; they are not secrets anywhere else.
+SENDGRID_KEY = "SG.membercare-demo"
+TWILIO_SID = "AC" + "d" * 32
+TWILIO_TOKEN = "membercare-demo-auth-token"
+FCM_PROJECT = "membercare-demo"
+SA_EMAIL = f"push@{FCM_PROJECT}.iam.gserviceaccount.com"
+# Demo sending rates (messages/s) for the shared Prefect rate limits: fast, but still exercised.
+DEMO_RATES = {"email": 500.0, "sms": 200.0, "push": 500.0}
 
 
 def shop_overview(conn: sa.Connection, as_of=None) -> list[tuple[str, str]]:
@@ -60,35 +106,313 @@ def shop_overview(conn: sa.Connection, as_of=None) -> list[tuple[str, str]]:
     ]
 
 
+# ------------------------------------------------------------------------------------------- environment
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _private_file(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def demo_secret_key(home: Path) -> str:
+    """MEMBERCARE_SECRET_KEY for the demo: the environment's, else one generated once and kept in the home."""
+    if os.environ.get("MEMBERCARE_SECRET_KEY"):
+        return os.environ["MEMBERCARE_SECRET_KEY"]
+    path = home / "secret_key"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    key = secrets.token_urlsafe(32)
+    _private_file(path, key + "\n")
+    return key
+
+
+def prefect_env(home: Path) -> dict[str, str]:
+    """Prefect settings of the demo: local ephemeral mode with a persistent home (unless an API is configured)."""
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
+    if not os.environ.get("PREFECT_API_URL"):
+        env["PREFECT_HOME"] = str(home / "prefect")
+    return env
+
+
+def service_account(home: Path, token_uri: str) -> tuple[Path, str]:
+    """The demo's FCM service-account key (generated once; its token_uri follows the sandbox's port)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    path = home / "sandbox" / "service-account.json"
+    info = None
+    if path.is_file():
+        info = json.loads(path.read_text(encoding="utf-8"))
+        key = serialization.load_pem_private_key(info["private_key"].encode(), password=None)
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+    info = {"type": "service_account", "project_id": FCM_PROJECT, "private_key_id": "demo-key-1",
+            "private_key": private_pem, "client_email": SA_EMAIL, "client_id": "1",
+            "auth_uri": token_uri.rsplit("/", 1)[0] + "/auth", "token_uri": token_uri,
+            "auth_provider_x509_cert_url": "", "client_x509_cert_url": "", "universe_domain": "googleapis.com"}
+    _private_file(path, json.dumps(info))
+    return path, public_pem
+
+
+@dataclass
+class DemoServices:
+    sandbox: object
+    receiver: object
+    receiver_thread: threading.Thread
+    receiver_url: str
+    env: dict[str, str]
+
+    def stop(self) -> None:
+        self.receiver.should_exit = True
+        self.receiver_thread.join(10)
+        self.sandbox.stop()
+
+
+def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServices:
+    """The provider sandbox and the webhook receiver on free loopback ports, wired to each other."""
+    import uvicorn
+
+    from membercare.receiver import ReceiverConfig, create_app
+    from membercare.sandbox import SandboxConfig, SandboxServer
+
+    receiver_url = f"http://127.0.0.1:{_free_port()}"
+    push_secret = secrets.token_urlsafe(24)
+    base = dict(seed=seed, sendgrid_api_keys=[SENDGRID_KEY], twilio_accounts={TWILIO_SID: TWILIO_TOKEN},
+                webhook_url=receiver_url, push_tracking_secret=push_secret)
+    sandbox = SandboxServer(SandboxConfig(**base)).start()
+    sa_path, public_pem = service_account(home, sandbox.token_uri)
+    sandbox.app.initial_config = SandboxConfig(**base, fcm_service_accounts={SA_EMAIL: public_pem},
+                                               fcm_require_known_service_account=True)
+    sandbox.reset(config=True)
+
+    config = ReceiverConfig.from_env(settings=state.settings).with_(
+        public_url=receiver_url, secret_key=secret_key, sendgrid_public_key=sandbox.sendgrid_public_key,
+        twilio_auth_token=TWILIO_TOKEN, push_tracking_secret=push_secret)
+    port = int(receiver_url.rsplit(":", 1)[1])
+    server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=port,
+                                           log_level="critical", access_log=False, server_header=False))
+    # (critical: a webhook refused with 5xx while SQLite is busy is retried by the sandbox, and the summary
+    # reports any it gave up on; the tracebacks would only bury the progress display.)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - not the main thread
+    thread = threading.Thread(target=server.run, name="membercare-receiver", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sandbox.stop()
+            raise RuntimeError("the webhook receiver did not start")
+        time.sleep(0.05)
+    env = {
+        "MEMBERCARE_SENDGRID_API_KEY": SENDGRID_KEY,
+        "MEMBERCARE_SENDGRID_FROM": "Good Days Living <hello@gooddays.example>",
+        "MEMBERCARE_SENDGRID_BASE_URL": sandbox.url,
+        "MEMBERCARE_TWILIO_ACCOUNT_SID": TWILIO_SID,
+        "MEMBERCARE_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "MEMBERCARE_TWILIO_FROM": "+886223456789",
+        "MEMBERCARE_TWILIO_BASE_URL": sandbox.url,
+        "MEMBERCARE_FIREBASE_CREDENTIALS": str(sa_path),
+        "MEMBERCARE_FCM_BASE_URL": sandbox.url,
+        "MEMBERCARE_PUBLIC_URL": receiver_url,
+        "MEMBERCARE_SECRET_KEY": secret_key,
+        "MEMBERCARE_PUSH_TRACKING_SECRET": push_secret,
+        # The demo's credentials are these variables; skip the Secret block lookups.
+        "MEMBERCARE_NO_SECRET_BLOCKS": "1",
+    }
+    return DemoServices(sandbox, server, thread, receiver_url, env)
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def engagement_counts(conn: sa.Connection, since) -> dict[str, int]:
+    from membercare.engagement.models import EngagementEventRow
+
+    e = EngagementEventRow.__table__
+    return dict(conn.execute(sa.select(e.c.kind, sa.func.count()).where(e.c.received_at >= since)
+                             .group_by(e.c.kind)).all())
+
+
+def _report(home: Path, env: dict[str, str]) -> tuple[Path | None, str]:
+    """The HTML report through ``membercare report --html`` when the reports module is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("membercare.reports") is None:
+        return None, "the reports module (membercare.reports) is not installed in this build"
+    path = home / "report.html"
+    # Import the report command explicitly: it works whether or not the CLI registers it yet.
+    code = ("import sys, importlib, membercare.cli as c\n"
+            "try:\n    importlib.import_module('membercare.cli.report')\nexcept ImportError:\n    pass\n"
+            "c.main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "report", "--html", str(path)],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 or not path.is_file():
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        return None, "membercare report failed: " + (detail[-1] if detail else f"exit {proc.returncode}")
+    return path, ""
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
 @app.command("demo")
 def demo(
-    members: int = typer.Option(3000, "--members", help="Size of the demo shop generated on the first run."),
-    seed: int = typer.Option(7, "--seed", help="Random seed of the demo shop."),
+    members: int = typer.Option(3000, "--members", min=1, help="Size of the demo shop generated on the first run."),
+    seed: int = typer.Option(7, "--seed", min=0, help="Random seed of the demo shop and the simulated recipients."),
+    drain_timeout: float = typer.Option(60.0, "--drain-timeout", help="Seconds to wait for simulated engagement."),
 ) -> None:
-    """Run the main job on embedded defaults: SQLite, a generated demo shop, and a summary."""
-    from membercare.generator import generate_shop
-
+    """Run the main job on embedded defaults: a demo shop, the day's campaigns through Prefect, engagement."""
     started = time.monotonic()
+    settings = state.settings
+    home = settings.ensure_home()
+    secret_key = demo_secret_key(home)
+    os.environ.update(prefect_env(home))  # before Prefect is imported anywhere in this process
+    os.environ["MEMBERCARE_SECRET_KEY"] = secret_key
     engine = migrated_engine()
-    console.print(f"[bold]membercare demo[/] database: {state.settings.db_url}")
+    # In the demo the receiver settles rows from provider events while the dispatcher is still recording
+    # its own answers; the dispatcher then warns that those rows were "recovered" (they were settled as
+    # sent, correctly). Keep that benign race from burying the progress display; errors still show.
+    import logging
+
+    logging.getLogger("membercare.delivery.dispatcher").setLevel(logging.ERROR)
+    console.print(f"[bold]membercare demo[/] · home {home} · database {settings.db_url}")
+
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     with engine.connect() as conn:
         existing = conn.execute(sa.select(sa.func.count()).select_from(Member.__table__)).scalar_one()
-    if existing:
-        console.print(f"using the existing demo shop ({existing:,} members)")
-    else:
-        from rich.progress import Progress
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console, transient=False)
+    with progress:
+        if existing:
+            console.print(f"using the existing demo shop ({existing:,} members)")
+        else:
+            from membercare.generator import generate_shop
 
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"generating a demo shop of {members:,} members", total=members)
+            gen = progress.add_task(f"generating a demo shop of {members:,} members", total=members)
             summary = generate_shop(engine, members=members, seed=seed,
-                                    progress=lambda done, total: progress.update(task, completed=done, total=total))
-        console.print(f"generated a demo shop of {members:,} members in {summary.seconds:.1f} s (seed {seed})")
+                                    progress=lambda done, total: progress.update(gen, completed=done, total=total))
+            console.print(f"generated a demo shop of {members:,} members in {summary.seconds:.1f} s (seed {seed})")
+
+        svc_task = progress.add_task("starting the provider sandbox and the webhook receiver", total=1)
+        services = start_services(home, engine, secret_key, seed)
+        os.environ.update(services.env)
+        progress.update(svc_task, completed=1)
+        try:
+            results, sync = _run_day(progress, services, drain_timeout)
+        finally:
+            services.stop()
+
+    _print_summary(engine, home, results, sync, services, started)
+
+
+def _run_day(progress, services: DemoServices, drain_timeout: float):
+    """The day's flows, in calendar order, each a Prefect flow run."""
+    boot = progress.add_task("starting Prefect (local ephemeral mode; first start takes 10-20 s)", total=1)
+    from flows.campaign import CampaignRunParameters, run_campaign
+    from flows.engagement import sync_engagement
+    from flows.ratelimits import ensure_limits
+    from flows.scoring import score_members
+
+    t0 = time.monotonic()
+    ensure_limits(DEMO_RATES)
+    progress.update(boot, completed=1)
+    progress.console.print(f"Prefect ready: {time.monotonic() - t0:.1f} s")
+    flows = progress.add_task("score-members", total=len(DAY_PLAN) + 2)
+    t0 = time.monotonic()
+    score_members()
+    progress.console.print(f"score-members: {time.monotonic() - t0:.1f} s")
+    progress.advance(flows)
+    results = []
+    for name, extra in DAY_PLAN:
+        label = name + (f" ({extra['occurrence_tag']})" if extra.get("occurrence_tag") else "")
+        progress.update(flows, description=f"run-campaign {label}")
+        t0 = time.monotonic()
+        result = run_campaign(CampaignRunParameters(campaign=name, wait_for_deferred_s=5.0, **extra))
+        result["seconds"] = time.monotonic() - t0
+        results.append((label, result))
+        progress.advance(flows)
+    progress.update(flows, description="waiting for the simulated engagement webhooks")
+    t0 = time.monotonic()
+    drained = services.sandbox.drain(timeout=drain_timeout)
+    progress.console.print(f"engagement webhooks drained: {time.monotonic() - t0:.1f} s")
+    progress.update(flows, description="sync-engagement")
+    t0 = time.monotonic()
+    sync = sync_engagement(records_url=services.sandbox.url)
+    progress.console.print(f"sync-engagement: {time.monotonic() - t0:.1f} s")
+    sync["drained"] = drained
+    sync["webhooks"] = services.sandbox.stats().get("webhooks", {})
+    progress.advance(flows)
+    progress.update(flows, description="done")
+    return results, sync
+
+
+def _print_summary(engine, home: Path, results, sync, services: DemoServices, started: float) -> None:
+    t = Table(title=f"Today's lifecycle campaigns ({utcnow():%Y-%m-%d})")
+    for col, just in (("campaign", "left"), ("occurrence", "left"), ("segment", "right"), ("new", "right"),
+                      ("email", "right"), ("sms", "right"), ("push", "right"), ("deferred", "right"),
+                      ("skipped", "right"), ("suppressed", "right"), ("failed", "right"), ("s", "right")):
+        t.add_column(col, justify=just)
+    new_total = sent_now = 0
+    for label, r in results:
+        new_total += r["newly_planned"]
+        sent_now += r["sent_now"]
+        t.add_row(label, r["occurrence"], f"{r['segment_size']:,}", f"{r['newly_planned']:,}",
+                  *(f"{r['sent'].get(ch, 0):,}" for ch in ("email", "sms", "push")), f"{r['deferred']:,}",
+                  f"{sum(r['skipped'].values()):,}", f"{sum(r['suppressed'].values()):,}",
+                  f"{sum(r['failed'].values()):,}", f"{r.get('seconds', 0):.1f}")
+    console.print(t)
     with engine.connect() as conn:
+        events = engagement_counts(conn, utcnow().replace(hour=0, minute=0, second=0, microsecond=0))
         rows = shop_overview(conn)
-    table = Table(title="Demo shop", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    e = Table(title="Engagement today (simulated recipients, via signed webhooks)", show_header=False)
+    e.add_column(style="bold")
+    e.add_column(justify="right")
+    for kind in sorted(events):
+        e.add_row(kind, f"{events[kind]:,}")
+    e.add_row("settled by sync-engagement", f"{sync.get('settled_from_events', 0) + sync.get('reconciled_from_records', 0):,}")
+    hooks = sync.get("webhooks") or {}
+    if hooks:
+        def total(suffix: str) -> int:
+            return sum(v for k, v in hooks.items() if k.endswith(suffix))
+
+        e.add_row("webhook posts (ok / retried attempts / given up)",
+                  f"{total('.posted'):,} / {total('.failed_attempts'):,} / {total('.gave_up'):,}")
+    console.print(e)
+    shop = Table(title="Demo shop", show_header=False)
+    shop.add_column(style="bold")
+    shop.add_column()
     for label, value in rows:
-        table.add_row(label, value)
-    console.print(table)
-    console.print(f"done in {time.monotonic() - started:.1f} s. Try: membercare members show <member id>")
+        shop.add_row(label, value)
+    console.print(shop)
+    if new_total == 0:
+        console.print("[bold green]nothing sent twice:[/] every message of today's campaign occurrences was already "
+                      "planned by an earlier run (outbox keys), so this run sent nothing new.")
+    else:
+        console.print(f"{sent_now:,} messages accepted by the sandbox providers in this run.")
+    if not sync.get("drained", True):
+        err_console.print("[yellow]note:[/] the sandbox still had engagement webhooks queued at the end")
+
+    from membercare.rendering.gallery import write_gallery
+
+    gallery = write_gallery(home / "gallery", state.settings)
+    report, why = _report(home, services.env)
+    console.print(f"[bold]HTML report:[/] {report}" if report else f"[bold]HTML report:[/] not written ({why})")
+    console.print(f"[bold]message gallery:[/] {gallery}")
+    ui = (f"PREFECT_HOME={home / 'prefect'} prefect server start   # then open http://127.0.0.1:4200/runs"
+          if not os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") == str(home / "prefect")
+          else f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    console.print(f"[bold]Prefect UI on these runs:[/] {ui}")
+    console.print(f"done in {time.monotonic() - started:.1f} s.")

@@ -285,6 +285,10 @@ def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
             return JSONResponse({"status": "unavailable", "database": "error"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    # Event-triggered messages (order delivered, bad review, ...): POST /triggers/{event}.
+    from membercare.receiver.triggers import TriggerConfig, build_trigger_router
+
+    app.include_router(build_trigger_router(engine, TriggerConfig(config.trigger_secret)))
     return app
 
 

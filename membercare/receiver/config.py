@@ -42,6 +42,8 @@ class ReceiverConfig:
     sendgrid_public_key: str | None = None
     twilio_auth_token: str | None = None
     push_tracking_secret: str | None = None
+    # HMAC secret of POST /triggers/{event} (event-triggered messages); unset disables the endpoint.
+    trigger_secret: str | None = None
     signature_tolerance_s: float = 300.0
     push_max_age_s: float = 3 * 24 * 3600.0
     # SendGrid batches are ~1000 events of ~1 KB; 16 MiB leaves room without letting a client exhaust memory.
@@ -101,6 +103,7 @@ class ReceiverConfig:
             sendgrid_public_key=opt("MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY"),
             twilio_auth_token=opt("MEMBERCARE_TWILIO_AUTH_TOKEN"),
             push_tracking_secret=opt("MEMBERCARE_PUSH_TRACKING_SECRET"),
+            trigger_secret=opt("MEMBERCARE_TRIGGER_SECRET"),
             signature_tolerance_s=num("MEMBERCARE_WEBHOOK_TOLERANCE_S", 300.0),
             push_max_age_s=num("MEMBERCARE_PUSH_MAX_AGE_S", 3 * 24 * 3600.0),
             shop_name=opt("MEMBERCARE_SHOP_NAME") or default_name or "membercare",

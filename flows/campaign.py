@@ -1,0 +1,315 @@
+"""``run-campaign``: one campaign occurrence, as Prefect tasks over :mod:`membercare.runner`.
+
+Stages (each a task; never one task per message):
+
+1. ``prepare`` - load the campaign, compute the occurrence key, run the template pre-flight check;
+2. ``resolve-segment`` - segment size and the audience's member keys (no contact data);
+3. ``plan`` - one task per group of up to ``group_size`` members (coupons, contexts, routing, policies,
+   rendering, outbox rows); a failed group is retried alone, idempotently;
+4. ``dispatch`` - one task per dispatcher pass (``dispatchers`` of them side by side on PostgreSQL, each a
+   claim loop over the same run: ``FOR UPDATE SKIP LOCKED`` keeps them apart), more passes while retries
+   fall due within ``wait_for_deferred_s``; a progress artifact moves while it sends;
+5. ``summarise`` - table and markdown artifacts, one log line of counts.
+
+At most one run per campaign occurrence: the deployments have ``concurrency_limit: 1`` and the outbox's
+idempotency key makes a second run (or a rerun after a crash) send nothing twice anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from flows.common import (
+    artifact_key,
+    engine_for,
+    file_link,
+    resolved_env,
+    retry_transient,
+    run_logger,
+    settings_from,
+)
+from membercare import runner
+from membercare.errors import ConfigurationError
+from membercare.models import Channel
+from membercare.timeutil import parse_as_of, utcnow
+
+
+class CampaignRunParameters(BaseModel):
+    """Parameters of ``run-campaign`` (one object, validated before the flow starts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    campaign: str = Field(description="campaign name: a folder of templates/ with a campaign.yaml")
+    as_of: str | None = Field(default=None, description="date (start of that day, shop time) or ISO datetime; "
+                                                        "default: now")
+    dry_run: bool = Field(default=False, description="plan and render in memory, send nothing, write nothing")
+    limit: int | None = Field(default=None, ge=0, description="at most this many members (tests, canaries)")
+    channels: list[Channel] | None = Field(default=None, description="only these of the campaign's channels")
+    segment_params: dict[str, Any] = Field(default_factory=dict, description="segment parameter overrides")
+    occurrence_tag: str | None = Field(default=None, description="separates several schedules of one campaign")
+    holdout_rate: float | None = Field(default=None, ge=0.0, lt=1.0, description="default: campaign params or 10 %")
+    members: list[int] | None = Field(default=None, description="explicit audience (member ids) instead of the "
+                                                                "segment: event-triggered messages")
+    order_ref: str | None = Field(default=None, description="the order a message_per: order message is about")
+    event_ref: str | None = Field(default=None, description="the event a triggered message answers")
+    occurrence_at: str | None = Field(default=None, description="ISO instant the occurrence key is taken from")
+    group_size: int = Field(default=runner.DEFAULT_GROUP_SIZE, ge=100, description="members per planning task")
+    dispatchers: int = Field(default=1, ge=1, le=16, description="parallel dispatcher passes (PostgreSQL)")
+    resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
+    wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
+                                       description="keep sending retries that fall due within this time")
+
+    @field_validator("as_of")
+    @classmethod
+    def _as_of(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_as_of(v)  # raises ValueError with a clear message
+        return v
+
+    def options(self, shop_timezone: str) -> runner.RunOptions:
+        return runner.RunOptions(
+            as_of=parse_as_of(self.as_of, shop_timezone) if self.as_of else None, dry_run=self.dry_run,
+            limit=self.limit, channels=tuple(self.channels) if self.channels else None,
+            segment_params=dict(self.segment_params), occurrence_tag=self.occurrence_tag,
+            holdout_rate=self.holdout_rate, members=tuple(self.members) if self.members is not None else None,
+            order_ref=self.order_ref, event_ref=self.event_ref,
+            occurrence_at=parse_as_of(self.occurrence_at, shop_timezone) if self.occurrence_at else None)
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters.get("params") or {}
+    name = params.get("campaign") if isinstance(params, dict) else getattr(params, "campaign", None)
+    suffix = "-dry-run" if (params.get("dry_run") if isinstance(params, dict) else getattr(params, "dry_run", False)) else ""
+    return f"{name or 'campaign'}{suffix}-{utcnow():%Y%m%d-%H%M%S}"
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare(settings, campaign: str, options: runner.RunOptions) -> runner.PreparedRun:
+    """Load the campaign, compute its occurrence key, run the template pre-flight check."""
+    return runner.prepare(settings, campaign, options)
+
+
+@task(name="resolve-segment", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def resolve_segment(prepared: runner.PreparedRun) -> runner.Audience:
+    engine = engine_for(prepared.settings)
+    audience = runner.resolve_audience(engine, prepared)
+    run_logger().info("%s/%s: %s has %d members (%d in this run)", prepared.name, prepared.occurrence,
+                          audience.source, audience.size, len(audience))
+    return audience
+
+
+@task(name="plan", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30],
+      retry_condition_fn=retry_transient, task_run_name="plan-group-{index}")
+def plan(prepared: runner.PreparedRun, group: list, index: int) -> runner.PlanOutcome:
+    engine = engine_for(prepared.settings)
+    out = runner.plan_group(engine, prepared, group)
+    run_logger().info("%s/%s group %d: %d members, %d new rows, %d already planned", prepared.name,
+                          prepared.occurrence, index, len(group), out.inserted, out.already_planned)
+    return out
+
+
+@task(name="dry-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def dry_run(prepared: runner.PreparedRun, audience: runner.Audience) -> runner.DryRunReport:
+    return runner.dry_run(engine_for(prepared.settings), prepared, audience)
+
+
+@task(name="dispatch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
+      retry_condition_fn=retry_transient, task_run_name="dispatch-{run_id}-pass-{index}")
+def dispatch(settings, run_id: int, adapters, limiters, progress_id, index: int, *, config=None,
+             records=None, resume: bool = False) -> runner.DispatchOutcome:
+    """One dispatcher pass; a poller moves the progress artifact while the pass sends."""
+    engine = engine_for(settings)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["out"] = runner.dispatch_round(engine, run_id, adapters, config=config, limiters=limiters,
+                                                  records=records, resume=resume)
+        except BaseException as exc:  # re-raised in the task thread below
+            result["exc"] = exc
+
+    worker = threading.Thread(target=work, name=f"membercare-dispatch-{run_id}", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(1.0)
+        if progress_id is not None:
+            _update_progress(engine, run_id, progress_id)
+    if "exc" in result:
+        raise result["exc"]
+    out: runner.DispatchOutcome = result["out"]
+    run_logger().info("run %s pass %d: %d provider calls, outcomes %s, status %s%s", run_id, index, out.attempts,
+                          dict(sorted(out.outcomes.items())), out.status,
+                          f" ({out.stop_reason})" if out.stop_reason else "")
+    return out
+
+
+def _update_progress(engine, run_id: int, progress_id) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    done, total = runner.run_progress(engine, run_id)
+    try:
+        update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0)
+    except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a send over it
+        pass
+
+
+@task(name="summarise", cache_policy=NO_CACHE)
+def summarise(prepared: runner.PreparedRun, run_id: int | None, audience_size: int, newly_planned: int,
+              sent_since: datetime) -> runner.RunSummary:
+    return runner.summarise(engine_for(prepared.settings), run_id, campaign=prepared.name,
+                            occurrence=prepared.occurrence, segment_size=audience_size, newly_planned=newly_planned,
+                            sent_since=sent_since)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def build_adapters(env: dict[str, str], channels):
+    """Adapters for the channels a run may use; a channel without credentials stops the run now, loudly."""
+    from channels.registry import build_channels
+
+    try:
+        return build_channels(env, channels=[Channel(c) for c in channels])
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc} (set it in the environment or run `membercare setup-blocks`)") from None
+
+
+def limiters_for(channels, logger) -> dict:
+    from flows.ratelimits import shared_limiters
+
+    try:
+        found, missing = shared_limiters(channels)
+    except Exception as exc:  # noqa: BLE001 - no API (plain local run): the dispatcher's own limits apply
+        logger.warning("cannot read global concurrency limits (%s): this worker's own rate limits apply",
+                       type(exc).__name__)
+        return {}
+    for ch in missing:
+        logger.warning("no global concurrency limit membercare-%s: %s is limited per worker only "
+                       "(create it with `membercare setup-blocks`)", ch, ch)
+    return found
+
+
+def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatchers: int, wait_for_deferred_s: float,
+                           progress_id=None, records=None, max_passes: int = 20,
+                           resume: bool = False) -> runner.DispatchOutcome:
+    """Dispatcher passes until nothing is due within ``wait_for_deferred_s`` (quiet hours wait for later)."""
+    from membercare.db import is_sqlite
+
+    engine = engine_for(settings)
+    parallel = 1 if is_sqlite(engine) else dispatchers
+    total = runner.DispatchOutcome(run_id)
+    for i in range(1, max_passes + 1):
+        futures = [dispatch.submit(settings, run_id, quote(adapters), quote(limiters), progress_id, i * 100 + k,
+                                   records=quote(records), resume=resume and i == 1) for k in range(parallel)]
+        for f in futures:
+            total = total.merge(f.result())
+        if total.stop_reason or total.next_due_at is None:
+            break
+        delay = (total.next_due_at - utcnow()).total_seconds()
+        if delay > wait_for_deferred_s:
+            break
+        time.sleep(max(0.0, delay) + 0.05)
+        total.next_due_at = None
+    return total
+
+
+def publish(summary: runner.RunSummary, *, prepared: runner.PreparedRun, audience: runner.Audience,
+            preview: str | None, dry: runner.DryRunReport | None = None) -> None:
+    """The run's table and markdown artifacts (counts and links only: no personal data)."""
+    key = artifact_key(prepared.name, "dry-run" if summary.dry_run else "run")
+    create_table_artifact(summary.table(), key=key,
+                          description=f"{prepared.name} {prepared.occurrence}" + (" (dry run)" if summary.dry_run
+                                                                                   else ""))
+    lines = [f"# {prepared.name} · {prepared.occurrence}" + (" · dry run" if summary.dry_run else ""), "",
+             f"*{prepared.campaign.description}*", "",
+             f"- audience: {audience.source}: **{audience.size:,}** members ({len(audience):,} in this run)",
+             f"- purpose: {prepared.campaign.purpose.value}, priority {prepared.campaign.priority}, channels "
+             f"{', '.join(c.value for c in prepared.spec.channels)}, holdout {prepared.holdout_rate:.0%}",
+             f"- status: **{summary.status}**; {'would send' if summary.dry_run else 'sent'} "
+             f"**{summary.sent_total:,}** ({', '.join(f'{k} {v:,}' for k, v in sorted(summary.sent.items())) or '-'})",
+             f"- deferred {summary.deferred:,}, suppressed {sum(summary.suppressed.values()):,}, skipped "
+             f"{sum(summary.skipped.values()):,}, failed {sum(summary.failed.values()):,}"]
+    if not summary.dry_run and summary.newly_planned == 0 and summary.planned:
+        lines.append("- nothing new: every member of this occurrence was already planned by an earlier run")
+    if dry is not None and dry.already_planned:
+        lines.append(f"- {dry.already_planned:,} members already planned for this occurrence (would get nothing)")
+    if preview:
+        lines += ["", f"[Rendered preview of the templates]({preview}) (sample members, preview-only links)"]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(prepared.name, "report"),
+                             description=f"{prepared.name} {prepared.occurrence}")
+
+
+# --------------------------------------------------------------------------------------------------- flow
+
+
+@flow(name="run-campaign", flow_run_name=_flow_run_name, log_prints=False)
+def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
+    """Run one campaign occurrence: resolve, plan (in batch groups), dispatch, summarise."""
+    logger = run_logger()
+    started = utcnow()
+    env = resolved_env()
+    settings = settings_from(env)
+    prepared = prepare(settings, params.campaign, params.options(settings.shop_timezone))
+    audience = resolve_segment(prepared)
+    try:
+        preview = file_link(runner.write_preview(settings, prepared.name))
+    except Exception as exc:  # noqa: BLE001 - the preview is a convenience for operators
+        logger.warning("could not write the preview of %s: %s", prepared.name, exc)
+        preview = None
+
+    if params.dry_run:
+        rep = dry_run(prepared, quote(audience))
+        summary = runner.dry_run_summary(rep)
+        publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
+        logger.info("dry run %s", summary.line())
+        # Samples stay in this process (the caller's terminal); they are never logged or put in artifacts.
+        return {**_asdict(summary), "already_planned": rep.already_planned, "coupons_to_issue": rep.coupons_to_issue,
+                "samples": [vars(s) for s in rep.samples]}
+
+    adapters = build_adapters(env, prepared.spec.channels)
+    try:
+        run_id = runner.ensure_run(engine_for(settings), prepared)
+        planned = runner.PlanOutcome(run_id)
+        for i, group in enumerate(audience.groups(params.group_size), 1):
+            planned = planned.merge(plan(prepared, quote(group), i))
+        progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
+                                               description=f"{prepared.name} {prepared.occurrence}: dispatch")
+        limiters = limiters_for(prepared.spec.channels, logger)
+        sent = dispatch_until_settled(settings, run_id, adapters, limiters, dispatchers=params.dispatchers,
+                                      wait_for_deferred_s=params.wait_for_deferred_s, progress_id=progress_id,
+                                      resume=params.resume)
+        _update_progress(engine_for(settings), run_id, progress_id)
+    finally:
+        from channels.registry import close_channels
+
+        close_channels(adapters)
+    summary = summarise(prepared, run_id, audience.size, planned.inserted, started)
+    publish(summary, prepared=prepared, audience=audience, preview=preview)
+    logger.info("%s", summary.line())
+    if sent.stop_reason:
+        logger.warning("run %s stopped: %s", run_id, sent.stop_reason)
+    return _asdict(summary)
+
+
+def _asdict(summary: runner.RunSummary) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(summary)
+
+
+__all__ = ["CampaignRunParameters", "run_campaign", "dispatch_until_settled", "build_adapters", "limiters_for"]

@@ -1,0 +1,135 @@
+"""Provider rate limits shared by every worker, through Prefect global concurrency limits.
+
+Each provider allows a sustained rate per account or sender (Twilio's per-number rate, SendGrid's per-key
+rate, FCM's per-project quota). When several workers dispatch at once, a per-process token bucket would
+multiply that rate by the number of workers. So each channel has a Prefect **global concurrency limit**
+used as a rate limit: ``limit`` = the burst, ``slot_decay_per_second`` = the sustained rate (messages/s).
+Names: ``membercare-email``, ``membercare-sms``, ``membercare-push``. ``membercare setup-blocks`` creates
+them from ``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` (messages/s; defaults below).
+
+:class:`SharedRateLimiter` plugs into the dispatcher in place of its local token bucket. Asking the
+Prefect API for every single message would cost a round trip per message, so it takes slots in small
+chunks (about a fifth of a second's worth, never more than the burst) and hands them out locally; the
+limit still holds across workers because every chunk is taken from the shared limit.
+
+``rate_limit(..., strict=True)`` is used throughout: without ``strict`` Prefect silently does nothing when
+the named limit does not exist. :func:`shared_limiters` checks once per flow run which limits exist; a
+channel without one falls back to the dispatcher's own limiter and the flow logs a warning saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+
+from membercare.models import Channel
+
+log = logging.getLogger("membercare.flows")
+
+PREFIX = "membercare-"
+# Sustained messages/s when MEMBERCARE_RATE_LIMIT_<CHANNEL> is not set: conservative defaults that match a
+# single Twilio long-code sender's order of magnitude and typical SendGrid/FCM account limits.
+DEFAULT_RATES: dict[str, float] = {"email": 100.0, "sms": 10.0, "push": 200.0}
+
+
+def limit_name(channel: Channel | str) -> str:
+    return PREFIX + Channel(channel).value
+
+
+def configured_rates(env: Mapping[str, str]) -> dict[str, float]:
+    """Messages/s per channel from ``MEMBERCARE_RATE_LIMIT_EMAIL`` / ``_SMS`` / ``_PUSH`` (else the defaults)."""
+    out = {}
+    for ch in Channel:
+        raw = (env.get(f"MEMBERCARE_RATE_LIMIT_{ch.value.upper()}") or "").strip()
+        try:
+            rate = float(raw) if raw else DEFAULT_RATES[ch.value]
+        except ValueError:
+            from membercare.errors import ConfigurationError
+
+            raise ConfigurationError(f"MEMBERCARE_RATE_LIMIT_{ch.value.upper()} must be messages per second") from None
+        if rate <= 0:
+            from membercare.errors import ConfigurationError
+
+            raise ConfigurationError(f"MEMBERCARE_RATE_LIMIT_{ch.value.upper()} must be positive")
+        out[ch.value] = rate
+    return out
+
+
+def burst_for(rate: float) -> int:
+    """Slots of the global limit: one second's worth (at least 1) lets a fresh worker start smoothly."""
+    return max(1, int(round(rate)))
+
+
+def ensure_limits(rates: Mapping[str, float]) -> list[str]:
+    """Create or update the global concurrency limits (``setup-blocks``, and the demo). Returns their names."""
+    from prefect import get_client
+
+    names = []
+    with get_client(sync_client=True) as client:
+        for ch, rate in rates.items():
+            name = limit_name(ch)
+            client.upsert_global_concurrency_limit_by_name(name, burst_for(rate), slot_decay_per_second=float(rate))
+            names.append(name)
+    return names
+
+
+class SharedRateLimiter:
+    """The dispatcher's limiter interface (``acquire``, ``reserve``, ``pause``) over a global limit."""
+
+    def __init__(self, name: str, *, limit: int, rate: float):
+        self.name = name
+        self.rate = float(rate)
+        # Chunk: about 0.2 s worth of slots, at most the limit (a chunk larger than the limit never fits).
+        self.chunk = max(1, min(int(limit), int(round(self.rate / 5)) or 1))
+        self._tokens = 0
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+
+    def _take_chunk(self) -> None:
+        from prefect.concurrency.sync import rate_limit
+
+        rate_limit(self.name, occupy=self.chunk, strict=True)
+        self._tokens += self.chunk
+
+    def acquire(self) -> float:
+        started = time.monotonic()
+        with self._lock:  # threads queue here; the one holding the lock refills for everyone
+            wait = self._paused_until - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            if self._tokens <= 0:
+                self._take_chunk()
+            self._tokens -= 1
+        return time.monotonic() - started
+
+    def reserve(self) -> float:
+        # The dispatcher only uses reserve() through acquire(); waiting happens inside acquire here.
+        return 0.0
+
+    def pause(self, seconds: float) -> None:
+        """A provider said Retry-After: stop this worker's sends for that long and drop unspent slots."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + max(0.0, seconds))
+            self._tokens = 0
+
+
+def shared_limiters(channels: Iterable[Channel | str]) -> tuple[dict[str, SharedRateLimiter], list[str]]:
+    """Limiters for the channels whose global limit exists and is active; and the channels without one."""
+    from prefect import get_client
+
+    found: dict[str, SharedRateLimiter] = {}
+    missing: list[str] = []
+    with get_client(sync_client=True) as client:
+        for ch in channels:
+            ch = Channel(ch).value
+            try:
+                gcl = client.read_global_concurrency_limit_by_name(limit_name(ch))
+            except Exception:  # noqa: BLE001 - ObjectNotFound (or an older server): treat as absent
+                gcl = None
+            if gcl is None or not gcl.active or not gcl.slot_decay_per_second:
+                missing.append(ch)
+                continue
+            found[ch] = SharedRateLimiter(gcl.name, limit=gcl.limit, rate=gcl.slot_decay_per_second)
+    return found, missing

@@ -1,0 +1,71 @@
+"""prefect.yaml, the campaign calendar: every deployment's entrypoint imports, its parameters validate
+against the flow signature, its schedules are valid cron expressions in a valid time zone, and the
+campaign deployments name real campaigns (whose segment parameters exist)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = yaml.safe_load((ROOT / "prefect.yaml").read_text(encoding="utf-8"))
+DEPLOYMENTS = SPEC["deployments"]
+
+
+def load_flow(entrypoint: str):
+    path, _, name = entrypoint.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+def test_names_are_unique_and_expected_jobs_are_scheduled():
+    names = [d["name"] for d in DEPLOYMENTS]
+    assert len(names) == len(set(names))
+    for required in ("birthday", "coupon-expiry-3d", "coupon-expiry-1d", "welcome-day0", "welcome-day3", "welcome-day7",
+                     "vip-appreciation", "churn-winback", "tier-review", "post-purchase-care", "recommendations",
+                     "score-members", "sync-engagement", "dispatch-due", "trigger-message"):
+        assert required in names
+
+
+@pytest.mark.parametrize("dep", DEPLOYMENTS, ids=lambda d: d["name"])
+def test_deployment_is_valid(dep):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    flow = load_flow(dep["entrypoint"])
+    params = dep.get("parameters") or {}
+    sig = inspect.signature(flow.fn)
+    assert set(params) <= set(sig.parameters), f"unknown parameters {set(params) - set(sig.parameters)}"
+    if dep.get("schedules"):
+        # A scheduled run gets nothing but these parameters: they must be complete and valid.
+        flow.validate_parameters(params)
+        assert dep.get("concurrency_limit") == 1
+    for sched in dep.get("schedules") or []:
+        assert sched["timezone"] == "Asia/Taipei"
+        CronSchedule(cron=sched["cron"], timezone=sched["timezone"])  # raises on a bad cron or zone
+    assert dep["work_pool"]["name"] == "membercare"
+    text = yaml.safe_dump(dep).lower()
+    assert "api_key" not in text and "auth_token" not in text and "secret" not in text
+
+
+@pytest.mark.parametrize("dep", [d for d in DEPLOYMENTS if d["entrypoint"].endswith(":run_campaign")],
+                         ids=lambda d: d["name"])
+def test_campaign_deployments_name_real_campaigns(dep):
+    from membercare import runner
+    from membercare.config import Settings
+    from segments.base import ref
+
+    p = dep["parameters"]["params"]
+    prepared = runner.prepare(Settings(), p["campaign"], runner.RunOptions(
+        segment_params=p.get("segment_params", {}), occurrence_tag=p.get("occurrence_tag")), check=False)
+    if prepared.campaign.segment is not None:
+        ref(prepared.campaign.segment.name, **prepared.segment_params)  # unknown parameters raise
+
+
+def test_coupon_expiry_reminders_do_not_share_an_occurrence():
+    tags = {d["parameters"]["params"].get("occurrence_tag") for d in DEPLOYMENTS
+            if d.get("parameters", {}).get("params", {}).get("campaign") == "coupon_expiry"}
+    assert tags == {"d3", "d1"}
