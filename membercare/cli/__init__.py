@@ -35,15 +35,19 @@ def _global(
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
+    from membercare.cli import blocks as _blocks  # noqa: F401
+    from membercare.cli import campaign as _campaign  # noqa: F401
     from membercare.cli import db as _db  # noqa: F401
     from membercare.cli import demo as _demo  # noqa: F401
     from membercare.cli import generate as _generate  # noqa: F401
     from membercare.cli import imports as _imports  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
+    from membercare.cli import report as _report  # noqa: F401
     from membercare.cli import sandbox as _sandbox  # noqa: F401
+    from membercare.cli import segments as _segments  # noqa: F401
     from membercare.cli import serve as _serve  # noqa: F401
     from membercare.cli import templates as _templates  # noqa: F401
-
+    from membercare.cli import trigger as _trigger  # noqa: F401
 
 _register()
 

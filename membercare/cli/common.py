@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from membercare.config import Settings
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @dataclass

@@ -4,7 +4,9 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import membercare.delivery.models  # noqa: F401
+import membercare.engagement.attribution_models  # noqa: F401
 import membercare.engagement.models  # noqa: F401
+import membercare.scoring_models  # noqa: F401
 import membercare.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from membercare.db import make_engine
 
