@@ -54,7 +54,7 @@ from channels.twilio_webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
 from channels.twilio_webhooks import verify_twilio_signature
 from membercare.delivery.contract import redact
 from membercare.engagement.events import EngagementEvent, InboundCommand, MalformedPayload
-from membercare.engagement.store import IngestResult, ingest_events, writer_lock
+from membercare.engagement.store import IngestResult, ingest_events, take_write_lock, writer_lock
 from membercare.errors import InputError
 from membercare.links import LinkScope, verify_member_token
 from membercare.models import Channel, ConsentSource, Member
@@ -306,6 +306,8 @@ def _change(engine: Engine, member_id: int, what: str, channels: list[str], sour
     now = utcnow()
     with writer_lock(engine):
         with engine.begin() as conn:
+            # Read-then-write on SQLite must be a writer from the start (see take_write_lock).
+            take_write_lock(conn)
             member = load_member(conn, member_id)
             if member is None:
                 return None
