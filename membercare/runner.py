@@ -79,14 +79,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 1000  # members per planning batch (one transaction)
 DEFAULT_GROUP_SIZE = 20_000  # members per planning task in the flow (a few seconds of work)
 
-# campaign.yaml files written before the segment library settled on its parameter names. Mapped here so
-# existing campaigns keep working; new campaigns should use the segment's own names (docs/segments.md).
-SEGMENT_PARAM_ALIASES: dict[str, dict[str, str]] = {
-    "coupon_expiring": {"within_days": "days"},
-    "new_members": {"joined_days_ago": "day"},
-}
-
-
 class RenderFailed(DataError):
     """A message could not be rendered for one member (template error or over a channel limit).
 
@@ -200,15 +192,12 @@ def holdout_rate_for(campaign: Campaign, override: float | None = None) -> float
 
 
 def segment_params_for(campaign: Campaign, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The campaign's segment parameters with legacy names mapped and ``overrides`` applied."""
+    """The campaign's segment parameters with ``overrides`` applied."""
     if campaign.segment is None:
         if overrides:
             raise InputError(f"campaign {campaign.name} is event-triggered: it has no segment parameters")
         return {}
-    aliases = SEGMENT_PARAM_ALIASES.get(campaign.segment.name, {})
-    params = {aliases.get(k, k): v for k, v in campaign.segment.params.items()}
-    params.update({aliases.get(k, k): v for k, v in (overrides or {}).items()})
-    return params
+    return {**campaign.segment.params, **(overrides or {})}
 
 
 # --------------------------------------------------------------------------------------------- prepare

@@ -83,7 +83,7 @@ def test_options_are_validated(settings):
         runner.prepare(settings, "service_recovery", runner.RunOptions(holdout_rate=0.1), check=False)
 
 
-def test_campaign_segment_params_are_mapped_to_the_segment_names(settings):
+def test_campaign_segment_params_reach_the_segment(settings):
     p = runner.prepare(settings, "coupon_expiry", runner.RunOptions(as_of=AS_OF), check=False)
     assert p.segment_params == {"days": 3} and p.holdout_rate == assignment.DEFAULT_HOLDOUT_RATE
     p = runner.prepare(settings, "welcome_day7", runner.RunOptions(as_of=AS_OF), check=False)
@@ -92,6 +92,16 @@ def test_campaign_segment_params_are_mapped_to_the_segment_names(settings):
                        runner.RunOptions(as_of=AS_OF, segment_params={"days": 1}, occurrence_tag="d1"), check=False)
     assert p.segment_params == {"days": 1} and p.occurrence == "once:d1"
     assert runner.prepare(settings, "service_recovery", runner.RunOptions(as_of=AS_OF), check=False).holdout_rate == 0
+
+
+def test_every_campaigns_segment_parameters_are_valid_for_its_segment(settings):
+    from membercare.campaigns import list_campaigns
+    from segments.base import ref
+
+    scheduled = [c for c in list_campaigns(settings) if c.segment is not None]
+    assert scheduled
+    for c in scheduled:
+        ref(c.segment.name, **c.segment.params)  # an unknown segment or parameter raises
 
 
 # ----------------------------------------------------------------------------------------- with a database
