@@ -182,7 +182,7 @@ class FirebasePushChannel:
             parts = urlsplit(url)
             adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.config.pool_size, max_retries=0)
             session.mount(f"{parts.scheme}://{parts.netloc}", adapter)
-            from channels.twilio import resolve_environment_once
+            from channels.base import resolve_environment_once
 
             resolve_environment_once(session, url)
         else:  # pragma: no cover - only with an untested SDK version
@@ -227,7 +227,7 @@ class FirebasePushChannel:
         from firebase_admin import exceptions as fx
         from firebase_admin import messaging
 
-        from channels.twilio import transport_failure
+        from channels.base import transport_failure
 
         response = getattr(exc, "http_response", None)
         status = getattr(response, "status_code", None)

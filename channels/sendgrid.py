@@ -165,7 +165,7 @@ class SendGridEmailChannel:
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=config.pool_size, max_retries=0)
             session.mount("https://", adapter)
             session.mount("http://", adapter)
-            from channels.twilio import resolve_environment_once
+            from channels.base import resolve_environment_once
 
             resolve_environment_once(session, self._url)
             self._session = session
@@ -237,7 +237,7 @@ class SendGridEmailChannel:
     def _send_pooled(self, payload: dict, message: OutboundMessage) -> SendResult:
         import requests
 
-        from channels.twilio import transport_failure
+        from channels.base import transport_failure
 
         # Serialised as the SDK does (json.dumps, UTF-8), so the provider sees the same bytes.
         body = json.dumps(payload).encode("utf-8")

@@ -21,7 +21,7 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 from sandbox_fixtures import *  # noqa: F403
 
 from channels.sendgrid import SendGridConfig, SendGridEmailChannel
-from channels.twilio import transport_failure
+from channels.base import transport_failure
 from membercare.delivery.contract import EmailContent, OutboundMessage, TransientFailure
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
 from membercare.delivery.fakes import FakeAdapter, seed_members, simple_renderer
