@@ -341,3 +341,31 @@ def test_concurrent_dispatchers_on_postgres_send_each_message_once(pg_url):
     assert sum(r.outcomes["sent"] for r in reports) == 3000
     assert sum(1 for r in reports if r.outcomes["sent"] > 0) >= 2  # the work was actually shared
     engine.dispose()
+
+
+def test_rows_settled_by_provider_events_during_the_send_are_not_blamed_on_the_lease(sqlite_engine, caplog):
+    # The provider's webhook (delivered, opened, ...) can reach the receiver before the dispatcher records
+    # the provider's answer; the receiver then settles the row as sent. That is expected, not a lost lease.
+    run_id = plan(sqlite_engine, 6)
+
+    def event_arrives_first(message, _n):
+        with sqlite_engine.begin() as conn:
+            assert mark_sent_from_event(conn, message.message_id, provider_message_id=f"pm-{message.message_id}")
+        return None  # then the provider's own answer: accepted
+
+    caplog.set_level("DEBUG", logger="membercare.delivery.dispatcher")
+    Dispatcher(sqlite_engine, adapters(email=event_arrives_first), config=FAST, policy=NOPOLICY).dispatch(run_id)
+    assert states(sqlite_engine, run_id)["sent"] == 6
+    assert "lease too short" not in caplog.text
+    assert "already settled as sent by provider events" in caplog.text
+
+    # A row taken away by recovery (another dispatcher's lease expiry) is still reported.
+    run2 = plan(sqlite_engine, 3, name="promo2")
+
+    def recovered_meanwhile(message, _n):
+        recover_stale(sqlite_engine, lease=timedelta(0))
+        return None
+
+    caplog.clear()
+    Dispatcher(sqlite_engine, adapters(email=recovered_meanwhile), config=FAST, policy=NOPOLICY).dispatch(run2)
+    assert "lease too short" in caplog.text

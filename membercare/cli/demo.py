@@ -281,12 +281,6 @@ def demo(
     os.environ.update(prefect_env(home))  # before Prefect is imported anywhere in this process
     os.environ["MEMBERCARE_SECRET_KEY"] = secret_key
     engine = migrated_engine()
-    # In the demo the receiver settles rows from provider events while the dispatcher is still recording
-    # its own answers; the dispatcher then warns that those rows were "recovered" (they were settled as
-    # sent, correctly). Keep that benign race from burying the progress display; errors still show.
-    import logging
-
-    logging.getLogger("membercare.delivery.dispatcher").setLevel(logging.ERROR)
     console.print(f"[bold]membercare demo[/] · home {home} · database {settings.db_url}")
 
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

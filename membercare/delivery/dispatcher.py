@@ -668,11 +668,27 @@ class Dispatcher:
                         .values({c: sa.bindparam(c) for c in cols}))
                 res = conn.execute(stmt, params)
                 changed += res.rowcount if res.rowcount and res.rowcount > 0 else 0
+            settled = 0
+            if changed < len(outcomes):
+                # Rows we no longer hold. A provider event that arrived before our own answer was recorded
+                # settles the row as sent (reconcile.mark_sent_from_event): expected, and correct. Only
+                # the rest (recovered as unknown by another dispatcher) point at a lease that is too short.
+                settled = conn.execute(
+                    sa.select(sa.func.count()).select_from(o).where(
+                        # (rows we reconciled ourselves are ours, and already counted in ``changed``)
+                        o.c.id.in_([out.id for out in outcomes
+                                    if out.values.get("reason_code") != Decision.RECONCILED.value]),
+                        o.c.state == OutboxState.SENT.value,
+                        o.c.reason_code == Decision.RECONCILED.value)
+                ).scalar_one()
             for out in outcomes:
                 if out.side_effect is not None:
                     out.side_effect(conn)
         for out in outcomes:
             rep.outcomes[out.kind] += 1
-        if changed < len(outcomes):
+        if settled:
+            log.debug("%d of %d outcomes were already settled as sent by provider events", settled, len(outcomes))
+        lost = len(outcomes) - changed - settled
+        if lost > 0:
             log.warning("%d of %d outcomes were not recorded: their rows were recovered as unknown meanwhile "
-                        "(lease too short?)", len(outcomes) - changed, len(outcomes))
+                        "(lease too short?)", lost, len(outcomes))
