@@ -144,3 +144,28 @@ def test_unknown_member_and_bad_names_are_input_errors(engine):
         plan_run(engine, spec(), [[12345]], NOON_TPE, simple_renderer)
     with pytest.raises(InputError):
         spec(name="a|b")
+
+
+def test_prefer_hook_reorders_channels_but_routing_still_checks_consent(engine):
+    with engine.begin() as conn:
+        a, b = seed_members(conn, 2, preferred="email,sms,push", consent=(("email", "marketing"), ("push", "marketing")))
+    # A strategy asks for SMS first; member a has no SMS consent, so routing falls to the next allowed one.
+    prefer = {a: ["sms", "push", "email"], b: None}
+    plan_run(engine, spec(), [[a, b]], NOON_TPE, simple_renderer, prefer=lambda ctx, rc: prefer[rc.member_id])
+    got = {r["member_id"]: (r["channel"], r["fallback_channels"]) for r in rows(engine)}
+    assert got[a] == ("push", "email")
+    assert got[b] == ("email", "push")  # None keeps the member's stated preference
+
+
+def test_deliver_at_hook_defers_to_the_chosen_instant_and_respects_quiet_hours(engine):
+    with engine.begin() as conn:
+        a, b, c = seed_members(conn, 3, preferred="sms,email")
+    at = {a: NOON_TPE + timedelta(hours=5),  # 17:00 Taipei
+          b: NOON_TPE + timedelta(hours=11),  # 23:00 Taipei: inside SMS quiet hours -> their end
+          c: NOON_TPE - timedelta(hours=1)}  # in the past: send now
+    plan_run(engine, spec(), [[a, b, c]], NOON_TPE, simple_renderer, deliver_at=lambda ctx, rc, ch: at[rc.member_id])
+    got = {r["member_id"]: r for r in rows(engine)}
+    assert (got[a]["state"], got[a]["reason_code"], got[a]["next_attempt_at"]) == ("deferred", "send_time", at[a])
+    assert got[b]["reason_code"] == "quiet_hours"
+    assert got[b]["next_attempt_at"] == datetime(2026, 11, 24, 1, tzinfo=UTC)
+    assert (got[c]["state"], got[c]["reason_code"], got[c]["next_attempt_at"]) == ("planned", "routed", None)

@@ -91,6 +91,7 @@ class Decision(StrEnum):
     FREQUENCY_CAP = "frequency_cap"
     PREEMPTED = "preempted"  # a higher-priority campaign took this member's frequency-cap slot
     QUIET_HOURS = "quiet_hours"
+    SEND_TIME = "send_time"  # deferred to the member's best send time (campaign option)
     HOLDOUT = "holdout"
     RETRY = "retry"  # transient failure, retrying later
     THROTTLED = "throttled"

@@ -6,9 +6,11 @@ of members, in one transaction:
 1. loads members, consents, live devices, suppressions, the run's existing rows and (for marketing)
    the members' recent active messages, set-based (a handful of queries per batch, never per member);
 2. skips members who already have a row for this occurrence (rerunning planning adds nothing);
-3. assigns a variant (extension point: ``assign``; a ``"holdout"`` answer records a skipped row);
-4. routes (:mod:`routing`), applies the frequency cap with priority preemption and quiet hours
-   (:mod:`policies`);
+3. assigns a variant (extension point: ``assign``; a ``"holdout"`` answer records a skipped row) and
+   the channel order (extension point: ``prefer``, e.g. the best_engagement strategy; default the
+   member's own preference);
+4. routes (:mod:`routing`), applies the frequency cap with priority preemption, the send time
+   (extension point: ``deliver_at``) and quiet hours (:mod:`policies`);
 5. renders the content of *every channel of the fallback chain* (so dispatch needs no templates and a
    retry or a fallback sends exactly what was planned) and
 6. inserts the rows with ``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING``.
@@ -115,6 +117,14 @@ class Renderer(Protocol):
 
 # Extension point (experiments, holdouts): the variant of a member, or HOLDOUT to record but not send.
 Assigner = Callable[[MemberContext, Recipient], str | None]
+# Extension point (routing strategies such as best_engagement): the member's channel order to use instead
+# of their stated preference (``ctx.preferred``), or None to keep it. Consent, reachability and the
+# campaign's allowed channels are still checked by routing: a strategy can only reorder.
+Preferrer = Callable[[MemberContext, Recipient], Sequence[str] | None]
+# Extension point (best send time): when this member should get the message (UTC), or None for now.
+# An instant after ``as_of`` defers the row to it (reason_code ``send_time``); quiet hours still apply
+# to the chosen instant, and the dispatcher re-checks them when it sends.
+DeliveryTimer = Callable[[MemberContext, Recipient, str], datetime | None]
 
 
 @dataclass
@@ -164,6 +174,8 @@ def plan_run(
     policy: PolicySettings | None = None,
     assign: Assigner | None = None,
     message_ids: Callable[[], str] = new_message_id,
+    prefer: Preferrer | None = None,
+    deliver_at: DeliveryTimer | None = None,
 ) -> PlanReport:
     """Plan one campaign occurrence. Idempotent: rerunning it inserts only rows that do not exist yet."""
     as_of = ensure_utc(as_of)
@@ -176,7 +188,8 @@ def plan_run(
         recipients = [b if isinstance(b, Recipient) else Recipient(int(b)) for b in batch]
         if recipients:
             with engine.begin() as conn:
-                _plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, assign, message_ids, report)
+                _plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, assign, message_ids, report,
+                            prefer=prefer, deliver_at=deliver_at)
     with engine.begin() as conn:
         refresh_run_counts(conn, run_id, reopen=report.inserted > 0)
     return report
@@ -184,7 +197,8 @@ def plan_run(
 
 def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[Recipient], as_of: datetime,
                 renderer: Renderer, policy: PolicySettings, assign: Assigner | None,
-                message_ids: Callable[[], str], report: PlanReport) -> None:
+                message_ids: Callable[[], str], report: PlanReport, *, prefer: Preferrer | None = None,
+                deliver_at: DeliveryTimer | None = None) -> None:
     o, r = OutboxMessage.__table__, CampaignRun.__table__
     now = utcnow()
     # Serialise planning batches. SQLite: make the first statement a write so this transaction holds the
@@ -234,7 +248,8 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
             rows.append({**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.HOLDOUT.value,
                          "reason": "held out of this campaign (control group)"})
             continue
-        order, not_allowed = candidate_order(ctx.preferred, spec.channels)
+        preferred = (prefer(ctx, rc) if prefer else None) or ctx.preferred
+        order, not_allowed = candidate_order(preferred, spec.channels)
         rt = route(ctx, order, purpose, not_allowed)
         if not rt.chain:
             rows.append({**base, "state": rt.state.value, "reason_code": rt.code.value, "reason": rt.reason[:500]})
@@ -252,9 +267,14 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
             if cap.reason:
                 reason = f"{reason}; {cap.reason}"
         base.update(channel=chain[0], fallback_channels=",".join(chain[1:]))
-        until = quiet_hours_until(as_of, chain[0], purpose, member_zone(ctx.timezone, policy.fallback_timezone),
+        at = deliver_at(ctx, rc, chain[0]) if deliver_at else None
+        at = ensure_utc(at) if at is not None and at > as_of else None
+        until = quiet_hours_until(at or as_of, chain[0], purpose, member_zone(ctx.timezone, policy.fallback_timezone),
                                   policy)
-        if until is not None:
+        if at is not None and until is None:
+            base.update(state=OutboxState.DEFERRED.value, next_attempt_at=at, reason_code=Decision.SEND_TIME.value,
+                        reason=f"{reason}; send time: deferred to {at.isoformat()}"[:500])
+        elif until is not None:
             base.update(state=OutboxState.DEFERRED.value, next_attempt_at=until, reason_code=Decision.QUIET_HOURS.value,
                         reason=f"{reason}; quiet hours: deferred to {until.isoformat()}"[:500])
         else:
