@@ -169,3 +169,16 @@ def test_deliver_at_hook_defers_to_the_chosen_instant_and_respects_quiet_hours(e
     assert got[b]["reason_code"] == "quiet_hours"
     assert got[b]["next_attempt_at"] == datetime(2026, 11, 24, 1, tzinfo=UTC)
     assert (got[c]["state"], got[c]["reason_code"], got[c]["next_attempt_at"]) == ("planned", "routed", None)
+
+
+def test_global_control_members_get_a_skipped_row_with_their_own_reason(engine):
+    from membercare.delivery.planner import GLOBAL_CONTROL
+
+    with engine.begin() as conn:
+        a, b = seed_members(conn, 2)
+    plan_run(engine, spec(), [[a, b]], NOON_TPE, simple_renderer,
+             assign=lambda ctx, rc: GLOBAL_CONTROL if rc.member_id == a else None)
+    got = {r["member_id"]: r for r in rows(engine)}
+    assert (got[a]["state"], got[a]["reason_code"], got[a]["variant"], got[a]["content"]) == (
+        "skipped", "global_control", "global_control", None)
+    assert got[b]["state"] == "planned"

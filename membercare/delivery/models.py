@@ -93,6 +93,7 @@ class Decision(StrEnum):
     QUIET_HOURS = "quiet_hours"
     SEND_TIME = "send_time"  # deferred to the member's best send time (campaign option)
     HOLDOUT = "holdout"
+    GLOBAL_CONTROL = "global_control"  # programme-wide control group: no marketing at all
     RETRY = "retry"  # transient failure, retrying later
     THROTTLED = "throttled"
     PERMANENT_FAILURE = "permanent_failure"

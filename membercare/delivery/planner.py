@@ -58,6 +58,8 @@ from membercare.models import Channel, Purpose
 from membercare.timeutil import ensure_utc, utcnow
 
 HOLDOUT = "holdout"
+# Members of the programme-wide control group (no marketing at all, to measure the whole programme).
+GLOBAL_CONTROL = "global_control"
 # PostgreSQL advisory lock taken by every planning batch: frequency-cap decisions read other runs'
 # rows and then write, so two campaigns planned concurrently must not both take a member's last slot.
 PLAN_LOCK_KEY = 0x6D63_706C  # "mcpl"
@@ -115,7 +117,8 @@ class Renderer(Protocol):
     def __call__(self, request: RenderRequest) -> Content: ...
 
 
-# Extension point (experiments, holdouts): the variant of a member, or HOLDOUT to record but not send.
+# Extension point (experiments, holdouts): the variant of a member, or HOLDOUT / GLOBAL_CONTROL to record
+# but not send.
 Assigner = Callable[[MemberContext, Recipient], str | None]
 # Extension point (routing strategies such as best_engagement): the member's channel order to use instead
 # of their stated preference (``ctx.preferred``), or None to keep it. Consent, reachability and the
@@ -247,6 +250,10 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
         if variant == HOLDOUT:
             rows.append({**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.HOLDOUT.value,
                          "reason": "held out of this campaign (control group)"})
+            continue
+        if variant == GLOBAL_CONTROL:
+            rows.append({**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.GLOBAL_CONTROL.value,
+                         "reason": "in the programme's global control group (receives no marketing)"})
             continue
         preferred = (prefer(ctx, rc) if prefer else None) or ctx.preferred
         order, not_allowed = candidate_order(preferred, spec.channels)
