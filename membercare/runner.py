@@ -491,6 +491,14 @@ def make_assigner(prepared: PreparedRun):
     return assign
 
 
+def make_plan_hooks(engine: Engine, prepared: PreparedRun) -> dict[str, Any]:
+    """The planner's extension points for this run: ``assign`` (holdout, global control, variants),
+    ``prefer`` (routing strategy) and ``deliver_at`` (send time), as keyword arguments of
+    :func:`~membercare.delivery.planner.plan_run` / ``_plan_batch``. Built once per planning group, so
+    anything learnt from engagement history is read once, not per member."""
+    return {"assign": make_assigner(prepared)}
+
+
 # ------------------------------------------------------------------------------------------------ plan
 
 
@@ -535,7 +543,7 @@ def plan_group(engine: Engine, prepared: PreparedRun, entries: Sequence[Audience
             yield recipients
 
     report = plan_run(engine, prepared.spec, batches(), prepared.as_of, adapter, policy=policy,
-                      assign=make_assigner(prepared))
+                      **make_plan_hooks(engine, prepared))
     return PlanOutcome.from_report(report)
 
 
@@ -589,7 +597,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     if renderer is None:
         renderer = make_renderer(prepared, preview=not prepared.settings.secret_key)
     adapter = PlannerRenderer(renderer)
-    assign = make_assigner(prepared)
+    hooks = make_plan_hooks(engine, prepared)
     spec = prepared.spec
     rep = DryRunReport(prepared.name, prepared.occurrence, audience.size, len(audience))
     state, reason, send, deferred = Counter(), Counter(), Counter(), Counter()
@@ -616,8 +624,9 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
                     return mid
 
                 # The planner's batch function: the same decisions as plan_run, inside our transaction.
-                _planner._plan_batch(conn, run_id, spec, recipients, prepared.as_of, adapter, pol, assign,
-                                     mint, report)
+                _planner._plan_batch(conn, run_id, spec, recipients, prepared.as_of, adapter, pol,
+                                     hooks["assign"], mint, report,
+                                     **{k: v for k, v in hooks.items() if k != "assign"})
                 rep.already_planned += report.already_planned
                 # Only the rows this transaction inserted carry a message id minted here.
                 created = conn.execute(
@@ -1029,7 +1038,7 @@ __all__ = [
     "PlannerRenderer", "PreparedRun", "RenderFailed", "RenderedSample", "RunOptions", "RunSummary", "SyncReport",
     "EVENT_ALIASES", "TriggeredRun", "find_member", "plan_trigger", "trigger_events",
     "coupon_code", "dispatch_round", "dry_run", "dry_run_summary", "ensure_run", "holdout_rate_for",
-    "issue_offer_coupons", "make_assigner", "make_renderer", "occurrence_key", "plan_group", "prepare",
+    "issue_offer_coupons", "make_assigner", "make_plan_hooks", "make_renderer", "occurrence_key", "plan_group", "prepare",
     "recipients_for_batch", "resolve_audience", "run_campaign", "run_progress", "segment_params_for",
     "summarise", "sync_engagement", "write_preview",
 ]
