@@ -1,7 +1,12 @@
 """One Prefect test harness per test session (it takes ~20 s to start; pay it once).
 
-Import with ``from prefect_fixtures import prefect_harness`` (or move into conftest.py). Test task bodies
-with ``task.fn(...)``; run whole flows only for smoke tests.
+Import with ``from prefect_fixtures import prefect_harness``. Test task bodies with ``task.fn(...)``; run
+whole flows only for smoke tests.
+
+Each module that imports the fixture gets its own pytest fixture definition, hence its own
+session-scoped instance. Only the first instance starts the harness; later ones reuse it. Two harnesses
+in one process would leave Prefect's process-wide events worker posting to the first server while the
+flow runs of the second are recorded on the second, so task runs counted through the API go missing.
 """
 
 from __future__ import annotations
@@ -10,11 +15,21 @@ import os
 
 import pytest
 
+_running = False
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
+    global _running
+    if _running:  # started by another module's instance, which stops it last (set up first, torn down last)
+        yield
+        return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        _running = True
+        try:
+            yield
+        finally:
+            _running = False

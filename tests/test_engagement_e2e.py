@@ -159,7 +159,7 @@ def test_engagement_lands_once_opt_outs_stick_and_the_report_shows_it(sandbox, s
                 engagement_rules=[{"match": {"channel": "sms", "mid": plan[stopper].message_id},
                                    "rates": {"unsubscribed": 1.0}}],
             )
-            report = Dispatcher(engine, adapters, config=FAST).dispatch(run1)
+            report = Dispatcher(engine, adapters, config=FAST, policy=NOPOLICY).dispatch(run1)
             assert report.outcomes["sent"] == len(members)
             stored = wait_for_quiet(sandbox, engine)
 
@@ -214,7 +214,7 @@ def test_engagement_lands_once_opt_outs_stick_and_the_report_shows_it(sandbox, s
             # The next campaign: neither opt-out is reached on the channel they left.
             spec2 = PlanSpec("winter_sale", as_of.date().isoformat(), Purpose.MARKETING, ALL)
             run2 = plan_run(engine, spec2, [members], datetime.now(UTC), render, policy=NOPOLICY).run_id
-            Dispatcher(engine, adapters, config=FAST).dispatch(run2)
+            Dispatcher(engine, adapters, config=FAST, policy=NOPOLICY).dispatch(run2)
             wait_for_quiet(sandbox, engine)
             with engine.connect() as c:
                 second = {r.member_id: r for r in c.execute(sa.select(O).where(O.c.run_id == run2))}
