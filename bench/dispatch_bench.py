@@ -10,6 +10,11 @@ client (``bench/sandbox_ceiling.py``) reaches against the same sandbox, weighted
 
     .venv/bin/python bench/dispatch_bench.py [--messages 10000 100000] [--latency-ms 0 50]
         [--db sqlite postgres] [--workers 128] [--processes 1] [--ceiling-seconds 4]
+        [--planned-cache DIR] [--profile DIR]
+
+``--planned-cache`` keeps planned SQLite databases and dispatches from a copy (a 1M plan takes minutes);
+``--profile`` writes cProfile output of each dispatcher process and of the sandbox. Each row also reports
+CPU milliseconds per message of the dispatcher processes and of the sandbox, and the projected 1M time.
 
 PostgreSQL needs MEMBERCARE_TEST_POSTGRES_URL. Writes bench/results/dispatch_bench.{json,md}.
 """
@@ -18,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,20 +94,32 @@ def dispatcher_process(args) -> None:
     adapters = build_channels(os.environ)
     cfg = DispatchConfig(workers=args.workers, batch_size=args.batch_size, flush_every=200)
     dispatcher = Dispatcher(engine, adapters, config=cfg, policy=PolicySettings(marketing_cap=None, quiet_hours=None))
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    if prof is not None:
+        prof.enable()
     rep = dispatcher.dispatch(args.run_id, resume=True)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(os.path.join(args.profile, f"dispatcher-{os.getpid()}.prof"))
+    cpu = time.process_time() - cpu0
     elapsed = time.perf_counter() - t0
     close_channels(adapters)
     engine.dispose()
-    print(json.dumps({"sent": rep.outcomes["sent"], "outcomes": dict(rep.outcomes), "elapsed": elapsed,
+    print(json.dumps({"sent": rep.outcomes["sent"], "outcomes": dict(rep.outcomes), "elapsed": elapsed, "cpu_s": cpu,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
-def run_configuration(db: str, n: int, args, env: dict[str, str]) -> dict:
-    """Seed and plan in this process, then time ``args.processes`` dispatcher processes on the run."""
-    from delivery_db_bench import fresh_database, seed_members_split
+def _plan(url: str, n: int) -> tuple[int, float]:
+    """Seed ``n`` members and plan the bench campaign into the database at ``url``: (run id, plan seconds)."""
+    from delivery_db_bench import seed_members_split
 
     from membercare.db import make_engine
     from membercare.delivery.fakes import simple_renderer
@@ -108,35 +127,88 @@ def run_configuration(db: str, n: int, args, env: dict[str, str]) -> dict:
     from membercare.delivery.policies import PolicySettings
     from membercare.models import Channel, Purpose
 
-    with fresh_database(db) as url:
-        engine = make_engine(url)
-        ids = seed_members_split(engine, n)
-        t0 = time.perf_counter()
-        spec = PlanSpec("bench", "2026-11-23", Purpose.MARKETING, (Channel.EMAIL, Channel.SMS, Channel.PUSH))
-        rep = plan_run(engine, spec, [ids[i : i + 2000] for i in range(0, len(ids), 2000)],
-                       datetime.now(timezone.utc), simple_renderer,
-                       policy=PolicySettings(marketing_cap=None, quiet_hours=None))
-        plan_s = time.perf_counter() - t0
-        engine.dispose()
-        cmd = [sys.executable, __file__, "--dispatcher", "--url", url, "--run-id", str(rep.run_id),
+    engine = make_engine(url)
+    ids = seed_members_split(engine, n)
+    t0 = time.perf_counter()
+    spec = PlanSpec("bench", "2026-11-23", Purpose.MARKETING, (Channel.EMAIL, Channel.SMS, Channel.PUSH))
+    rep = plan_run(engine, spec, [ids[i : i + 2000] for i in range(0, len(ids), 2000)],
+                   datetime.now(timezone.utc), simple_renderer,
+                   policy=PolicySettings(marketing_cap=None, quiet_hours=None))
+    plan_s = time.perf_counter() - t0
+    if url.startswith("sqlite"):
+        with engine.connect() as conn:  # fold the WAL into the main file so that a plain copy is complete
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    return rep.run_id, plan_s
+
+
+@contextlib.contextmanager
+def planned_database(db: str, n: int, cache: Path | None):
+    """A database with ``n`` members and the bench run planned: (url, run id, plan seconds or None).
+
+    With ``cache`` (SQLite only) the planned database is kept there and each configuration dispatches from a
+    fresh copy of it: planning a million members takes minutes, and dispatch must start from planned rows.
+    """
+    from delivery_db_bench import fresh_database
+
+    if cache is None or db != "sqlite":
+        with fresh_database(db) as url:
+            run_id, plan_s = _plan(url, n)
+            yield url, run_id, plan_s
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    master, meta = cache / f"planned-{n}.db", cache / f"planned-{n}.json"
+    plan_s = None
+    if not (master.exists() and meta.exists()):
+        with fresh_database(db) as url:
+            run_id, plan_s = _plan(url, n)
+            shutil.copyfile(url.removeprefix("sqlite:///"), master)
+        meta.write_text(json.dumps({"run_id": run_id, "plan_s": plan_s}))
+    run_id = json.loads(meta.read_text())["run_id"]
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        copy = Path(tmp) / "bench.db"
+        shutil.copyfile(master, copy)
+        yield f"sqlite:///{copy}", run_id, plan_s
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc), 0.0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def run_configuration(db: str, n: int, args, env: dict[str, str], sandbox_pid: int | None = None) -> dict:
+    """Seed and plan in this process (or copy a planned database), then time ``args.processes`` dispatcher
+    processes on the run; CPU seconds of the dispatchers and of the sandbox during dispatch are reported."""
+    with planned_database(db, n, args.planned_cache) as (url, run_id, plan_s):
+        cmd = [sys.executable, __file__, "--dispatcher", "--url", url, "--run-id", str(run_id),
                "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+        if args.profile:
+            cmd += ["--profile", args.profile]
         procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(args.processes)]
         for p in procs:
             line = p.stdout.readline()
             if line.strip() != "ready":
                 raise SystemExit(f"dispatcher did not start: {line!r} {p.stderr.read()[-3000:]}")
+        sandbox_cpu0 = _proc_cpu_s(sandbox_pid) if sandbox_pid else 0.0
         t0 = time.perf_counter()
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
         outs = [p.communicate() for p in procs]
         wall = time.perf_counter() - t0
+        sandbox_cpu = _proc_cpu_s(sandbox_pid) - sandbox_cpu0 if sandbox_pid else 0.0
         if any(p.returncode for p in procs):
             raise SystemExit("\n".join(o[1][-3000:] for o in outs))
         reports = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     return {"plan_s": plan_s, "dispatch_s": wall, "sent": sum(r["sent"] for r in reports),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in reports),
+            "dispatcher_cpu_s": sum(r["cpu_s"] for r in reports), "sandbox_cpu_s": sandbox_cpu,
+            "outcomes": [r["outcomes"] for r in reports],
             "sent_per_process": [r["sent"] for r in reports]}
 
 
@@ -170,6 +242,10 @@ def main() -> None:
     ap.add_argument("--ceiling-concurrency", type=int, default=64)
     ap.add_argument("--processes", type=int, default=1, help="dispatcher processes on the run")
     ap.add_argument("--label", default="")
+    ap.add_argument("--planned-cache", type=Path, default=None,
+                    help="SQLite: keep planned databases in this folder and dispatch from a copy (1M runs)")
+    ap.add_argument("--profile", default=None,
+                    help="folder: write cProfile output of every dispatcher process and of the sandbox there")
     ap.add_argument("--dispatcher", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--run-id", type=int, help=argparse.SUPPRESS)
@@ -179,7 +255,10 @@ def main() -> None:
 
     from sandbox_ceiling import start_sandbox
 
-    proc, url = start_sandbox(0.0)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        args.profile = os.path.abspath(args.profile)
+    proc, url = start_sandbox(0.0, profile=os.path.join(args.profile, "sandbox.prof") if args.profile else None)
     results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +273,7 @@ def main() -> None:
                     for n in args.messages:
                         configure_sandbox(url, latency)
                         load = os.getloadavg()[0]
-                        r = run_configuration(db, n, args, env)
+                        r = run_configuration(db, n, args, env, proc.pid)
                         import httpx
 
                         stats = httpx.get(url + "/sandbox/stats").json()
@@ -202,8 +281,13 @@ def main() -> None:
                                "workers": args.workers, "processes": args.processes, "sent": r["sent"],
                                "sent_per_process": r["sent_per_process"],
                                "dispatch_msgs_per_s": round(n / r["dispatch_s"]),
-                               "plan_members_per_s": round(n / r["plan_s"]),
+                               "plan_members_per_s": round(n / r["plan_s"]) if r["plan_s"] else None,
                                "peak_rss_mb": round(r["peak_rss_mb"]),
+                               # CPU milliseconds per message: dispatcher processes and the sandbox
+                               "dispatcher_cpu_ms_per_msg": round(1000 * r["dispatcher_cpu_s"] / n, 3),
+                               "sandbox_cpu_ms_per_msg": round(1000 * r["sandbox_cpu_s"] / n, 3),
+                               "projected_1m_s": round(1_000_000 * r["dispatch_s"] / n),
+                               "outcomes": r["outcomes"],
                                "ceiling_mixed_per_s": round(ceiling["mixed"]),
                                "ceiling": {k: round(v) for k, v in ceiling.items()},
                                "ratio_to_ceiling": round(n / r["dispatch_s"] / ceiling["mixed"], 3),
@@ -215,16 +299,23 @@ def main() -> None:
                         results.append(row)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(10)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a loaded machine: do not lose the figures over a slow shutdown
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
     RESULTS.mkdir(exist_ok=True)
     out_json = RESULTS / "dispatch_bench.json"
     history = json.loads(out_json.read_text()) if out_json.exists() else []
     history += results
     out_json.write_text(json.dumps(history, indent=1))
-    lines = ["| label | db | messages | latency | processes x workers | dispatch msg/s | ceiling msg/s (mix) | ratio | peak RSS MB "
-             "| duplicates | load 1m |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['db']} | {r['messages']:,} | {r['latency_ms']:g} ms | {r['workers']} | "
-              f"{r['dispatch_msgs_per_s']:,} | {r['ceiling_mixed_per_s']:,} | {r['ratio_to_ceiling']:.2f} | "
+    lines = ["| label | db | messages | latency | processes x workers | dispatch msg/s | CPU ms/msg dispatcher + sandbox "
+             "| ceiling msg/s (mix) | ratio | peak RSS MB | duplicates | load 1m |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['db']} | {r['messages']:,} | {r['latency_ms']:g} ms | "
+              f"{r.get('processes', 1)} x {r['workers']} | {r['dispatch_msgs_per_s']:,} | "
+              f"{r.get('dispatcher_cpu_ms_per_msg', '-')} + {r.get('sandbox_cpu_ms_per_msg', '-')} | "
+              f"{r['ceiling_mixed_per_s']:,} | {r['ratio_to_ceiling']:.2f} | "
               f"{r['peak_rss_mb']} | {r['duplicates']} | {r['loadavg_1m_at_start']} |" for r in history]
     (RESULTS / "dispatch_bench.md").write_text("\n".join(lines) + "\n")
 

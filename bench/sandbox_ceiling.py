@@ -24,8 +24,16 @@ import time
 SANDBOX = "import sys, membercare.cli as c, membercare.cli.sandbox; c.main(sys.argv[1:])"
 
 
-def start_sandbox(latency_ms: float) -> tuple[subprocess.Popen, str]:
-    args = [sys.executable, "-c", SANDBOX, "sandbox", "--port", "0", "--latency-ms", str(latency_ms)]
+# The same, under cProfile: the profile is written to the path in argv[1] when the sandbox stops (SIGINT).
+SANDBOX_PROFILED = ("import cProfile, sys, membercare.cli as c, membercare.cli.sandbox\n"
+                    "out = sys.argv.pop(1)\nprof = cProfile.Profile()\nprof.enable()\n"
+                    "try:\n    c.main(sys.argv[1:])\nfinally:\n    prof.disable()\n    prof.dump_stats(out)\n")
+
+
+def start_sandbox(latency_ms: float, *, profile: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``membercare sandbox`` on a free port in its own session; ``profile``: cProfile output path."""
+    code = [SANDBOX] if profile is None else [SANDBOX_PROFILED, profile]
+    args = [sys.executable, "-c", *code, "sandbox", "--port", "0", "--latency-ms", str(latency_ms)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     line = proc.stdout.readline()

@@ -190,3 +190,141 @@ def _cause_name(error) -> str:
     if len(args) > 1 and isinstance(args[1], BaseException):
         return type(args[1]).__name__
     return type(error).__name__
+
+
+# -- urllib3 keep-alive transport (SendGrid, Twilio) -----------------------------------------------------
+
+
+class KeepAliveTransport:
+    """A thread-safe HTTP/1.1 keep-alive connection pool on ``urllib3``, for the adapters' provider calls.
+
+    Why not ``requests``: measured against the sandbox, a ``requests`` session costs about 0.6 ms of CPU per
+    call (request preparation, settings merging, cookie jars, adapter look-ups) versus about 0.25 ms for the
+    same call on the ``urllib3`` pool underneath it, and the dispatcher is CPU-bound on those calls at high
+    rates. What the adapters send is unchanged: the SDKs still build every request (URL, headers, body);
+    this class only puts the bytes on the wire.
+
+    Behaviour matches the ``requests`` sessions it replaces: no retries (the delivery engine retries), no
+    redirects, one timeout for connect and read, proxies from ``HTTP(S)_PROXY``/``NO_PROXY`` and the CA
+    bundle from ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` (else certifi's, as requests does), read once at
+    construction. Transport errors are raised as ``urllib3`` exceptions; :func:`urllib3_failure` maps them
+    to a :class:`TransientFailure` with the same ambiguity rules as :func:`transport_failure`.
+    """
+
+    def __init__(self, base_url: str, *, pool_size: int, timeout_s: float):
+        import os
+        from urllib.parse import urlsplit
+
+        import urllib3
+        from requests.utils import get_environ_proxies
+
+        scheme = urlsplit(base_url).scheme
+        self.timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
+        kwargs: dict = dict(num_pools=4, maxsize=pool_size, block=False, retries=False, timeout=self.timeout)
+        if scheme == "https":
+            import certifi
+
+            kwargs.update(cert_reqs="CERT_REQUIRED",
+                          ca_certs=os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+                          or certifi.where())
+        proxy = get_environ_proxies(base_url).get(scheme) or get_environ_proxies(base_url).get("all")
+        self._pool = urllib3.ProxyManager(proxy, **kwargs) if proxy else urllib3.PoolManager(**kwargs)
+
+    def request(self, method: str, url: str, *, body: bytes | None, headers: Mapping[str, str]):
+        """Send one request; returns the ``urllib3`` response with its body read (the connection goes back
+        to the pool). Raises ``urllib3.exceptions.HTTPError`` subclasses on transport errors."""
+        return self._pool.urlopen(method, url, body=body, headers=dict(headers), retries=False, redirect=False,
+                                  preload_content=True, timeout=self.timeout)
+
+    def connections_opened(self) -> int:
+        """TCP connections opened so far (keep-alive reuses them; for tests and diagnostics)."""
+        pools = self._pool.pools
+        return sum(pools[key].num_connections for key in pools.keys())
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+def urllib3_failure(exc: BaseException) -> TransientFailure:
+    """:func:`transport_failure` for the ``urllib3`` exceptions of :class:`KeepAliveTransport`.
+
+    Not ambiguous: failures establishing the connection (``NewConnectionError``, DNS, connect timeout, TLS
+    handshake, proxy): nothing was sent. Ambiguous: a read timeout and a connection lost after the request
+    was written (``ProtocolError``), where the provider may have accepted the message.
+    """
+    from urllib3 import exceptions as ux
+
+    name = type(exc).__name__
+    if isinstance(exc, ux.ConnectTimeoutError):  # includes NewConnectionError and NameResolutionError
+        kind = "connect timeout" if type(exc) is ux.ConnectTimeoutError else "connection error before sending"
+        return TransientFailure(reason=f"{kind}: {name}")
+    if isinstance(exc, ux.ReadTimeoutError):
+        return TransientFailure(reason=f"read timeout after sending: {name}", ambiguous=True)
+    if isinstance(exc, ux.ProtocolError):
+        return TransientFailure(reason=f"connection lost after sending: {_cause_name(exc)}", ambiguous=True)
+    if isinstance(exc, (ux.SSLError, ux.ProxyError)):
+        return TransientFailure(reason=f"connection error before sending: {name}")
+    if isinstance(exc, ux.TimeoutError):  # pool timeouts and the like: nothing was written
+        return TransientFailure(reason=f"timeout before sending: {name}")
+    return TransientFailure(reason=f"request error: {name}")
+
+
+def _requests_error(exc: BaseException, request):
+    """The ``requests`` exception a ``requests`` session would have raised for a ``urllib3`` error, so that
+    SDKs that handle ``requests`` exceptions (firebase-admin) and :func:`transport_failure` see the same."""
+    import requests
+    from urllib3 import exceptions as ux
+
+    if type(exc) is ux.ConnectTimeoutError:
+        return requests.ConnectTimeout(exc, request=request)
+    if isinstance(exc, ux.ReadTimeoutError):
+        return requests.ReadTimeout(exc, request=request)
+    if isinstance(exc, ux.SSLError):
+        return requests.exceptions.SSLError(exc, request=request)
+    if isinstance(exc, ux.ProxyError):
+        return requests.exceptions.ProxyError(exc, request=request)
+    if isinstance(exc, (ux.ProtocolError, ux.NewConnectionError)):
+        return requests.ConnectionError(exc, request=request)  # ProtocolError inside: lost after sending
+    return requests.RequestException(exc, request=request)
+
+
+def keep_alive_adapter(transport: KeepAliveTransport):
+    """A ``requests`` transport adapter that sends through :class:`KeepAliveTransport`.
+
+    For SDKs that own a ``requests`` session we cannot replace (firebase-admin's ``AuthorizedSession``, which
+    adds the OAuth token to each request): mounted on that session for the provider's host, it replaces
+    ``requests.adapters.HTTPAdapter``, whose per-request work (TLS context and pool-key look-ups, a CA-bundle
+    ``stat``, cookie extraction) was a third of the session's cost. Errors are re-raised as the ``requests``
+    exceptions ``HTTPAdapter`` raises for them.
+    """
+    import requests
+    from requests.structures import CaseInsensitiveDict
+    from requests.utils import get_encoding_from_headers
+    from urllib3.exceptions import HTTPError
+
+    class _KeepAliveAdapter(requests.adapters.BaseAdapter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transport = transport
+
+        def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+            body = request.body.encode("utf-8") if isinstance(request.body, str) else request.body
+            try:
+                raw = transport.request(request.method, request.url, body=body, headers=request.headers)
+            except HTTPError as exc:
+                raise _requests_error(exc, request) from exc
+            response = requests.Response()
+            response.status_code = raw.status
+            response.reason = raw.reason
+            response.headers = CaseInsensitiveDict(raw.headers)
+            response.encoding = get_encoding_from_headers(response.headers)
+            response._content = raw.data
+            response.url = request.url
+            response.request = request
+            response.connection = self
+            return response
+
+        def close(self):
+            transport.close()
+
+    return _KeepAliveAdapter()

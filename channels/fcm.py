@@ -20,8 +20,10 @@ Decisions worth knowing:
   the attribute makes :class:`FirebasePushChannel` fail at start-up with a ConfigurationError, not
   silently send to the real FCM.
 * **One retry policy.** The SDK retries 500/503 itself (5 attempts, about 7 s) on a pool of 10
-  connections for non-Google hosts. We mount our own adapter for the FCM host with retries off and a
-  pool sized for the dispatcher's threads: the delivery engine owns retries, backoff and Retry-After.
+  connections for non-Google hosts. We mount our own ``requests`` transport adapter for the FCM host
+  (:func:`channels.base.keep_alive_adapter`: a keep-alive urllib3 pool sized for the dispatcher's threads,
+  retries off, about a third less CPU per message than ``HTTPAdapter``): the delivery engine owns retries,
+  backoff and Retry-After. The SDK's ``AuthorizedSession`` still adds the OAuth token to every request.
 * **No calls to Google when pointed elsewhere.** With ``MEMBERCARE_FCM_BASE_URL`` set, google-auth's
   background "regional access boundary" lookup (``iamcredentials.googleapis.com``) is switched off for the
   adapter's credential; the OAuth token still comes from the service account's ``token_uri``.
@@ -83,7 +85,7 @@ class FirebaseConfig:
     credentials_path: Path
     base_url: str | None = None  # None: the real FCM API
     timeout_s: float = DEFAULT_TIMEOUT_S
-    pool_size: int = 32
+    pool_size: int = 128  # keep-alive connections, opened lazily: at least the dispatcher's worker threads
     # Loaded from credentials_path; kept out of repr because it holds the private key.
     service_account: Mapping = field(default_factory=dict, repr=False, compare=False)
 
@@ -156,7 +158,6 @@ class FirebasePushChannel:
             raise
 
     def _create_service(self):
-        from requests.adapters import HTTPAdapter
         from firebase_admin import messaging
 
         cls = getattr(messaging, "_MessagingService", None)
@@ -179,11 +180,11 @@ class FirebasePushChannel:
                                      "pin the tested version")
         session = getattr(getattr(service, "_client", None), "session", None)
         if session is not None:
-            parts = urlsplit(url)
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.config.pool_size, max_retries=0)
-            session.mount(f"{parts.scheme}://{parts.netloc}", adapter)
-            from channels.base import resolve_environment_once
+            from channels.base import KeepAliveTransport, keep_alive_adapter, resolve_environment_once
 
+            parts = urlsplit(url)
+            transport = KeepAliveTransport(url, pool_size=self.config.pool_size, timeout_s=self.config.timeout_s)
+            session.mount(f"{parts.scheme}://{parts.netloc}", keep_alive_adapter(transport))
             resolve_environment_once(session, url)
         else:  # pragma: no cover - only with an untested SDK version
             log.warning("firebase-admin internals changed: SDK retries and pool size are the SDK's defaults")

@@ -234,3 +234,71 @@ def test_adapters_are_thread_safe_under_a_worker_pool(sandbox, adapters):
     assert stats["duplicates_by_message_id_total"] == 0
     assert len({r.provider_message_id for r in results}) == 180
     assert threading.active_count() < 100
+
+
+# ---------------------------------------------------------------------- keep-alive transports
+
+
+def _transport(adapter):
+    """The KeepAliveTransport under each adapter (SendGrid's own, Twilio's http client, FCM's session adapter)."""
+    if isinstance(adapter, SendGridEmailChannel):
+        return adapter._transport
+    if isinstance(adapter, TwilioSmsChannel):
+        return adapter._http.transport
+    return adapter._service._client.session.get_adapter(adapter._service._fcm_url).transport
+
+
+@pytest.mark.parametrize("channel,to", [(Channel.EMAIL, "mei@example.com"), (Channel.SMS, MOBILE),
+                                        (Channel.PUSH, "device-token-0001")])
+def test_sequential_sends_reuse_one_kept_alive_connection(sandbox, adapters, channel, to):
+    # No simulated STOP replies or uninstalls: every send must be accepted.
+    sandbox.configure(engagement={ch: {"unsubscribed": 0.0, "complained": 0.0} for ch in ("email", "sms", "push")})
+    adapter = type(adapters[channel])(adapters[channel].config)  # a fresh pool
+    try:
+        results = [adapter.send(message(channel, to, f"m-{i}")) for i in range(12)]
+        assert all(isinstance(r, Accepted) for r in results), results
+        assert _transport(adapter).connections_opened() == 1
+    finally:
+        adapter.close()
+
+
+@pytest.mark.parametrize("channel,to", [(Channel.EMAIL, "mei@example.com"), (Channel.SMS, MOBILE),
+                                        (Channel.PUSH, "device-token-0001")])
+def test_keep_alive_transport_failures_keep_their_ambiguity(sandbox, adapters, channel, to, channel_env):
+    # Answer lost after the request was written (held past the timeout, connection dropped): ambiguous.
+    sandbox.configure(engagement={ch: {"unsubscribed": 0.0, "complained": 0.0} for ch in ("email", "sms", "push")})
+    adapter = fast(adapters[channel])
+    try:
+        adapter.send(message(channel, to, "m-warm"))  # a pooled connection exists: the faults hit a reused one
+        sandbox.configure(**{channel.value: {"timeout_rate": 1.0}})
+        held = adapter.send(message(channel, to, "m-timeout"))
+        sandbox.configure(**{channel.value: {"timeout_rate": 0.0, "drop_rate": 1.0}})
+        dropped = adapter.send(message(channel, to, "m-drop"))
+        sandbox.configure(**{channel.value: {"drop_rate": 0.0}})
+        after = adapter.send(message(channel, to, "m-after"))  # the pool recovers from broken connections
+    finally:
+        adapter.close()
+    for result in (held, dropped):
+        assert isinstance(result, TransientFailure) and result.ambiguous, result
+    assert isinstance(after, Accepted), after
+    # Nothing could be sent (connection refused): transient and not ambiguous.
+    refused = dict(channel_env, MEMBERCARE_SENDGRID_BASE_URL="http://127.0.0.1:9",
+                   MEMBERCARE_TWILIO_BASE_URL="http://127.0.0.1:9", MEMBERCARE_FCM_BASE_URL="http://127.0.0.1:9")
+    built = build_channels(refused, channels=[channel])
+    try:
+        result = built[channel].send(message(channel, to, "m-refused"))
+    finally:
+        close_channels(built)
+    assert isinstance(result, TransientFailure) and not result.ambiguous, result
+
+
+def test_urllib3_errors_map_to_the_same_ambiguity_as_requests_errors():
+    from urllib3 import exceptions as ux
+
+    from channels.base import urllib3_failure
+
+    assert not urllib3_failure(ux.ConnectTimeoutError(None, "connect timed out")).ambiguous
+    assert not urllib3_failure(ux.NewConnectionError(None, "refused")).ambiguous
+    assert urllib3_failure(ux.ReadTimeoutError(None, "/", "read timed out")).ambiguous
+    lost = urllib3_failure(ux.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset")))
+    assert lost.ambiguous and "ConnectionResetError" in lost.reason
