@@ -6,9 +6,11 @@ Stages (each a task; never one task per message):
 2. ``resolve-segment`` - segment size and the audience's member keys (no contact data);
 3. ``plan`` - one task per group of up to ``group_size`` members (coupons, contexts, routing, policies,
    rendering, outbox rows); a failed group is retried alone, idempotently;
-4. ``dispatch`` - one task per dispatcher pass (``dispatchers`` of them side by side on PostgreSQL, each a
-   claim loop over the same run: ``FOR UPDATE SKIP LOCKED`` keeps them apart), more passes while retries
-   fall due within ``wait_for_deferred_s``; a progress artifact moves while it sends;
+4. ``dispatch`` - one task per dispatcher pass: one dispatcher in the task's process, or with
+   ``dispatchers`` > 1 that many dispatcher *processes* on the same run (one per core: the SDK work is
+   CPU-bound under one GIL; claims stay disjoint through ``FOR UPDATE SKIP LOCKED`` on PostgreSQL and
+   SQLite's single writer, see :mod:`membercare.delivery.pool`); more passes while retries fall due within
+   ``wait_for_deferred_s``; a progress artifact moves while it sends;
 5. ``summarise`` - table and markdown artifacts, one log line of counts.
 
 At most one run per campaign occurrence: the deployments have ``concurrency_limit: 1`` and the outbox's
@@ -63,7 +65,13 @@ class CampaignRunParameters(BaseModel):
     event_ref: str | None = Field(default=None, description="the event a triggered message answers")
     occurrence_at: str | None = Field(default=None, description="ISO instant the occurrence key is taken from")
     group_size: int = Field(default=runner.DEFAULT_GROUP_SIZE, ge=100, description="members per planning task")
-    dispatchers: int = Field(default=1, ge=1, le=16, description="parallel dispatcher passes (PostgreSQL)")
+    processes: int | None = Field(default=None, ge=0, le=runner.MAX_PROCESSES,
+                                  description="worker processes that read and render planning batches (the "
+                                              "flow's process keeps every write); default and 0: plan in "
+                                              "the flow's process")
+    dispatchers: int = Field(default=1, ge=1, le=16,
+                             description="dispatcher processes on the run (2 on a 2-core machine uses both cores; "
+                                         "rate limits are shared between them); 1: in the task's process")
     resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
     wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                        description="keep sending retries that fall due within this time")
@@ -82,7 +90,8 @@ class CampaignRunParameters(BaseModel):
             segment_params=dict(self.segment_params), occurrence_tag=self.occurrence_tag,
             holdout_rate=self.holdout_rate, members=tuple(self.members) if self.members is not None else None,
             order_ref=self.order_ref, event_ref=self.event_ref,
-            occurrence_at=parse_as_of(self.occurrence_at, shop_timezone) if self.occurrence_at else None)
+            occurrence_at=parse_as_of(self.occurrence_at, shop_timezone) if self.occurrence_at else None,
+            processes=self.processes)
 
 
 def _flow_run_name() -> str:
@@ -158,6 +167,51 @@ def dispatch(settings, run_id: int, adapters, limiters, progress_id, index: int,
     return out
 
 
+@task(name="dispatch-processes", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
+      retry_condition_fn=retry_transient, task_run_name="dispatch-{run_id}-pass-{index}-x{processes}")
+def dispatch_processes(settings, run_id: int, channels: list[str], limiters, progress_id, index: int,
+                       processes: int, *, config=None, resume: bool = False) -> runner.DispatchOutcome:
+    """One dispatcher pass made of ``processes`` dispatcher processes on the run (see membercare.delivery.pool)."""
+    from membercare.delivery import pool
+
+    engine = engine_for(settings)
+    env = resolved_env()
+    shared = [{"channel": str(Channel(ch).value), "name": lim.name, "limit": lim.chunk, "rate": lim.rate}
+              for ch, lim in (limiters or {}).items() if hasattr(lim, "chunk")]
+    if shared and not env.get("PREFECT_API_URL"):
+        # The processes take their rate-limit slots from this flow's Prefect API (possibly the temporary
+        # local server this process started).
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            env["PREFECT_API_URL"] = str(client.api_url)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["out"] = pool.dispatch_processes(settings.db_url, run_id, processes, env=env, config=config,
+                                                    channels=channels, resume=resume, shared_limits=shared)
+        except BaseException as exc:  # re-raised in the task thread below
+            result["exc"] = exc
+
+    worker = threading.Thread(target=work, name=f"membercare-dispatch-{run_id}", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(1.0)
+        if progress_id is not None:
+            _update_progress(engine, run_id, progress_id)
+    if "exc" in result:
+        raise result["exc"]
+    m = pool.merge_reports(result["out"])
+    due = datetime.fromisoformat(m["next_due_at"]) if m["next_due_at"] else None
+    out = runner.DispatchOutcome(run_id, m["attempts"], m["outcomes"], m["status"], m["stop_reason"], due,
+                                 m["recovered_unknown"], m["elapsed"])
+    run_logger().info("run %s pass %d (%d processes): %d provider calls, outcomes %s, status %s%s", run_id, index,
+                      processes, out.attempts, dict(sorted(out.outcomes.items())), out.status,
+                      f" ({out.stop_reason})" if out.stop_reason else "")
+    return out
+
+
 def _update_progress(engine, run_id: int, progress_id) -> None:
     from prefect.artifacts import update_progress_artifact
 
@@ -207,17 +261,22 @@ def limiters_for(channels, logger) -> dict:
 def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatchers: int, wait_for_deferred_s: float,
                            progress_id=None, records=None, max_passes: int = 20,
                            resume: bool = False) -> runner.DispatchOutcome:
-    """Dispatcher passes until nothing is due within ``wait_for_deferred_s`` (quiet hours wait for later)."""
-    from membercare.db import is_sqlite
+    """Dispatcher passes until nothing is due within ``wait_for_deferred_s`` (quiet hours wait for later).
 
-    engine = engine_for(settings)
-    parallel = 1 if is_sqlite(engine) else dispatchers
+    ``dispatchers`` > 1: each pass is that many dispatcher processes (SQLite and PostgreSQL alike); their
+    adapters are built from the flow's environment for the channels of ``adapters``, and ``records`` (a
+    provider-records source for transactional resends) is not available to them.
+    """
     total = runner.DispatchOutcome(run_id)
+    channels = sorted(str(Channel(c).value) for c in adapters)
     for i in range(1, max_passes + 1):
-        futures = [dispatch.submit(settings, run_id, quote(adapters), quote(limiters), progress_id, i * 100 + k,
-                                   records=quote(records), resume=resume and i == 1) for k in range(parallel)]
-        for f in futures:
-            total = total.merge(f.result())
+        if dispatchers > 1:
+            f = dispatch_processes.submit(settings, run_id, channels, quote(limiters), progress_id, i, dispatchers,
+                                          resume=resume and i == 1)
+        else:
+            f = dispatch.submit(settings, run_id, quote(adapters), quote(limiters), progress_id, i,
+                                records=quote(records), resume=resume and i == 1)
+        total = total.merge(f.result())
         if total.stop_reason or total.next_due_at is None:
             break
         delay = (total.next_due_at - utcnow()).total_seconds()
@@ -312,4 +371,5 @@ def _asdict(summary: runner.RunSummary) -> dict[str, Any]:
     return asdict(summary)
 
 
-__all__ = ["CampaignRunParameters", "run_campaign", "dispatch_until_settled", "build_adapters", "limiters_for"]
+__all__ = ["CampaignRunParameters", "run_campaign", "dispatch_until_settled", "dispatch_processes", "build_adapters",
+           "limiters_for"]

@@ -17,12 +17,18 @@ of members, in one transaction:
 
 Members we decide not to message get a row too (state skipped or suppressed, with the reason), so
 the ledger accounts for everyone the segment selected.
+
+:func:`prepare_batch` (reads and rendering, no lock) and :func:`write_prepared` (the planning lock, the
+frequency cap against other runs' rows, the insert) split a batch so that the first half can run in
+worker processes while one process writes (``runner.plan_group``, ``RunOptions.processes``);
+``_plan_batch`` runs both in one transaction under the lock.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import insert_for, is_sqlite
-from membercare.delivery.contract import Content
+from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
 from membercare.delivery.models import (
     ACTIVE_STATES,
     CampaignRun,
@@ -41,7 +47,7 @@ from membercare.delivery.models import (
     OutboxMessage,
     OutboxState,
     RunStatus,
-    encode_contents,
+    decode_contents,
 )
 from membercare.delivery.policies import (
     PolicySettings,
@@ -52,7 +58,7 @@ from membercare.delivery.policies import (
     quiet_hours_until,
 )
 from membercare.delivery.routing import MemberContext, candidate_order, load_contexts, route
-from membercare.delivery.sqlutil import any_of, insert_returning
+from membercare.delivery.sqlutil import any_of, chunk_size, insert_many_sqlite, insert_returning
 from membercare.errors import InputError
 from membercare.models import Channel, Purpose
 from membercare.timeutil import ensure_utc, utcnow
@@ -202,43 +208,105 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
                 renderer: Renderer, policy: PolicySettings, assign: Assigner | None,
                 message_ids: Callable[[], str], report: PlanReport, *, prefer: Preferrer | None = None,
                 deliver_at: DeliveryTimer | None = None) -> None:
-    o, r = OutboxMessage.__table__, CampaignRun.__table__
-    now = utcnow()
+    """Plan one batch in ``conn``'s transaction: every decision and the insert under the planning lock.
+
+    The serial path (and the dry run). :func:`prepare_batch` + :func:`write_prepared` split the same work
+    so that the reading and rendering can run in other processes, outside the lock.
+    """
+    _take_plan_lock(conn, run_id)
+    batch = prepare_batch(conn, spec, recipients, as_of, renderer, policy, assign, message_ids, prefer=prefer,
+                          deliver_at=deliver_at, run_id=run_id, cap_now=True)
+    report.already_planned += batch.already_planned
+    _write(conn, run_id, spec, batch, as_of, policy, report, deliver_at=deliver_at)
+
+
+def _take_plan_lock(conn: Connection, run_id: int) -> None:
     # Serialise planning batches. SQLite: make the first statement a write so this transaction holds the
     # write lock from here on (a read-then-write transaction could otherwise fail with a stale snapshot).
-    conn.execute(sa.update(r).where(r.c.id == run_id).values(updated_at=now))
+    r = CampaignRun.__table__
+    conn.execute(sa.update(r).where(r.c.id == run_id).values(updated_at=utcnow()))
     if not is_sqlite(conn):
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PLAN_LOCK_KEY)))
 
-    purpose = spec.purpose.value if isinstance(spec.purpose, Purpose) else spec.purpose
-    by_key: dict[str, Recipient] = {}
-    for rc in recipients:
-        by_key.setdefault(idempotency_key(spec.campaign, spec.occurrence, rc.member_id, rc.coupon_code), rc)
-    ids = list({rc.member_id for rc in by_key.values()})
-    existing = set(conn.execute(sa.select(o.c.idempotency_key)
-                                .where(any_of(conn, o.c.idempotency_key, by_key))).scalars())
-    report.already_planned += len(existing)
-    todo = {k: rc for k, rc in by_key.items() if k not in existing}
-    if not todo:
-        return
 
-    contexts = load_contexts(conn, ids, purpose, as_of, timedelta(days=policy.push_token_max_age_days))
+@dataclass
+class PreparedBatch:
+    """A batch decided and rendered up to (optionally) the frequency cap, ready for :func:`write_prepared`.
+
+    ``rows`` are complete outbox rows. ``pending_cap`` holds, for routed marketing rows whose frequency cap
+    is still to be applied (see :func:`prepare_batch`), ``key -> (chain, route reason, send-time instant,
+    member time zone)``; their content covers the whole chain. Plain data: it crosses process boundaries.
+    """
+
+    keys: list[str]
+    rows: list[dict]
+    pending_cap: dict[str, tuple[tuple[str, ...], str, datetime | None, str | None]] = field(default_factory=dict)
+    already_planned: int = 0
+
+
+def _recent_messages(conn: Connection, run_id: int | None, ids: Sequence[int], as_of: datetime,
+                     policy: PolicySettings) -> dict[int, list[RecentMessage]]:
+    """The members' active marketing rows of *other* runs in the cap window (see :mod:`policies`)."""
+    o = OutboxMessage.__table__
     recent: dict[int, list[RecentMessage]] = defaultdict(list)
-    if purpose == Purpose.MARKETING:
+    for part in _chunks(list(ids), chunk_size(conn)):
         for row in conn.execute(
             sa.select(o.c.id, o.c.member_id, o.c.campaign, o.c.priority, o.c.channel, o.c.state, o.c.scheduled_at)
-            .where(any_of(conn, o.c.member_id, ids), o.c.purpose == Purpose.MARKETING.value, o.c.run_id != run_id,
+            .where(any_of(conn, o.c.member_id, part), o.c.purpose == Purpose.MARKETING.value, o.c.run_id != run_id,
                    o.c.state.in_(ACTIVE_STATES), o.c.scheduled_at > as_of - policy.cap_window,
                    o.c.scheduled_at <= as_of)
         ):
             recent[row.member_id].append(RecentMessage(row.id, row.campaign, row.priority, row.channel, row.state,
                                                        row.scheduled_at))
+    return recent
 
-    rows: list[dict] = []
-    pending_preempt: dict[str, tuple[int, ...]] = {}
+
+def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipient], as_of: datetime,
+                  renderer: Renderer, policy: PolicySettings, assign: Assigner | None,
+                  message_ids: Callable[[], str] | Sequence[str], *, prefer: Preferrer | None = None,
+                  deliver_at: DeliveryTimer | None = None, run_id: int | None = None,
+                  cap_now: bool = False) -> PreparedBatch:
+    """Decide and render a batch: reads only (existing rows, routing contexts, recent messages), no lock.
+
+    Members already planned for the occurrence are left out (``already_planned``). With ``cap_now`` the
+    frequency cap is applied here, from the other runs' rows as they are now: only correct inside the
+    planning lock (the serial path). Without it the cap is left to :func:`write_prepared`, which applies
+    it under the lock; the content then covers every channel of the routed chain, since the cap can only
+    drop channels. ``message_ids`` is a minting function or a sequence of ids used in order (one per
+    member to plan).
+    """
+    o = OutboxMessage.__table__
+    now = utcnow()
+    mint = message_ids if callable(message_ids) else iter(message_ids).__next__
+    purpose = spec.purpose.value if isinstance(spec.purpose, Purpose) else spec.purpose
+    by_key: dict[str, Recipient] = {}
+    for rc in recipients:
+        by_key.setdefault(idempotency_key(spec.campaign, spec.occurrence, rc.member_id, rc.coupon_code), rc)
+    batch = PreparedBatch(list(by_key), [])
+    if not by_key:
+        return batch
+    existing: set[str] = set()
+    for part in _chunks(list(by_key), chunk_size(conn)):
+        existing.update(conn.execute(sa.select(o.c.idempotency_key).where(any_of(conn, o.c.idempotency_key, part)))
+                        .scalars())
+    batch.already_planned = len(existing)
+    todo = {k: rc for k, rc in by_key.items() if k not in existing}
+    if not todo:
+        return batch
+    ids = list({rc.member_id for rc in todo.values()})
+    contexts = load_contexts(conn, ids, purpose, as_of, timedelta(days=policy.push_token_max_age_days))
+    marketing = purpose == Purpose.MARKETING
+    recent = _recent_messages(conn, run_id, ids, as_of, policy) if marketing and cap_now else None
+
+    rows = batch.rows
     for key, rc in todo.items():
         ctx = contexts.get(rc.member_id)
-        base = dict(message_id=message_ids(), run_id=run_id, campaign=spec.campaign, occurrence=spec.occurrence,
+        base = dict(message_id=mint(), run_id=run_id, campaign=spec.campaign, occurrence=spec.occurrence,
                     member_id=rc.member_id, idempotency_key=key, coupon_code=rc.coupon_code, variant=None,
                     purpose=purpose, priority=spec.priority, channel=None, fallback_channels="", content=None,
                     attempts=0, transient_failures=0, scheduled_at=as_of, next_attempt_at=None, created_at=now,
@@ -262,49 +330,180 @@ def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[
             rows.append({**base, "state": rt.state.value, "reason_code": rt.code.value, "reason": rt.reason[:500]})
             continue
         chain, reason = rt.chain, rt.reason
-        if purpose == Purpose.MARKETING:
+        if marketing and recent is not None:
             cap = apply_frequency_cap(chain, recent.get(rc.member_id, ()), priority=spec.priority, settings=policy)
             if cap.capped:
-                rows.append({**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.FREQUENCY_CAP.value,
-                             "reason": f"{cap.reason}; would have gone {reason}"[:500]})
+                rows.append(_capped(base, cap.reason, reason))
                 continue
             chain = cap.chain
             if cap.preempt:
-                pending_preempt[key] = cap.preempt
+                base["_preempt"] = cap.preempt
             if cap.reason:
                 reason = f"{reason}; {cap.reason}"
-        base.update(channel=chain[0], fallback_channels=",".join(chain[1:]))
-        at = deliver_at(ctx, rc, chain[0]) if deliver_at else None
-        at = ensure_utc(at) if at is not None and at > as_of else None
-        until = quiet_hours_until(at or as_of, chain[0], purpose, member_zone(ctx.timezone, policy.fallback_timezone),
-                                  policy)
-        if at is not None and until is None:
-            base.update(state=OutboxState.DEFERRED.value, next_attempt_at=at, reason_code=Decision.SEND_TIME.value,
-                        reason=f"{reason}; send time: deferred to {at.isoformat()}"[:500])
-        elif until is not None:
-            base.update(state=OutboxState.DEFERRED.value, next_attempt_at=until, reason_code=Decision.QUIET_HOURS.value,
-                        reason=f"{reason}; quiet hours: deferred to {until.isoformat()}"[:500])
-        else:
-            base.update(state=OutboxState.PLANNED.value, reason_code=Decision.ROUTED.value, reason=reason[:500])
+        at = _send_time(deliver_at, ctx, rc, chain[0], as_of)
+        _schedule(base, chain, reason, at, ctx.timezone, purpose, as_of, policy)
+        if marketing and recent is None:
+            batch.pending_cap[key] = (tuple(chain), reason, at, ctx.timezone)
         contents = {
             ch: renderer(RenderRequest(campaign=spec.campaign, occurrence=spec.occurrence, channel=Channel(ch),
                                        purpose=Purpose(purpose), member=ctx.row or {}, message_id=base["message_id"],
                                        as_of=as_of, coupon_code=rc.coupon_code, variant=variant, context=rc.context))
             for ch in chain
         }
-        base["content"] = encode_contents(contents)
+        base["content"] = fast_encode_contents(contents)
         rows.append(base)
+    return batch
 
+
+def _capped(base: dict, cap_reason: str, route_reason: str) -> dict:
+    return {**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.FREQUENCY_CAP.value,
+            "reason": f"{cap_reason}; would have gone {route_reason}"[:500], "channel": None, "fallback_channels": "",
+            "content": None, "next_attempt_at": None}
+
+
+def _send_time(deliver_at: DeliveryTimer | None, ctx: MemberContext, rc: Recipient, first: str,
+               as_of: datetime) -> datetime | None:
+    at = deliver_at(ctx, rc, first) if deliver_at else None
+    return ensure_utc(at) if at is not None and at > as_of else None
+
+
+def _schedule(row: dict, chain: Sequence[str], reason: str, at: datetime | None, timezone: str | None, purpose: str,
+              as_of: datetime, policy: PolicySettings) -> None:
+    """Channel, state and reason of a routed row: due now, at its send time, or after quiet hours."""
+    row.update(channel=chain[0], fallback_channels=",".join(chain[1:]))
+    until = quiet_hours_until(at or as_of, chain[0], purpose, member_zone(timezone, policy.fallback_timezone), policy)
+    if at is not None and until is None:
+        row.update(state=OutboxState.DEFERRED.value, next_attempt_at=at, reason_code=Decision.SEND_TIME.value,
+                   reason=f"{reason}; send time: deferred to {at.isoformat()}"[:500])
+    elif until is not None:
+        row.update(state=OutboxState.DEFERRED.value, next_attempt_at=until, reason_code=Decision.QUIET_HOURS.value,
+                   reason=f"{reason}; quiet hours: deferred to {until.isoformat()}"[:500])
+    else:
+        row.update(state=OutboxState.PLANNED.value, next_attempt_at=None, reason_code=Decision.ROUTED.value,
+                   reason=reason[:500])
+
+
+def write_prepared(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, as_of: datetime,
+                   policy: PolicySettings, report: PlanReport, *, deliver_at: DeliveryTimer | None = None) -> None:
+    """Take the planning lock, apply the frequency cap to the batch's pending rows and insert it.
+
+    Rows whose key got planned since :func:`prepare_batch` read (another planner of the same occurrence)
+    are counted as already planned. The cap reads the other runs' rows under the lock, so concurrently
+    planned campaigns never both take a member's last slot.
+    """
+    _take_plan_lock(conn, run_id)
+    report.already_planned += batch.already_planned
+    if batch.rows:
+        o = OutboxMessage.__table__
+        keys = [r["idempotency_key"] for r in batch.rows]
+        existing: set[str] = set()
+        for part in _chunks(keys, chunk_size(conn)):
+            existing.update(conn.execute(sa.select(o.c.idempotency_key)
+                                         .where(any_of(conn, o.c.idempotency_key, part))).scalars())
+        if existing:
+            report.already_planned += len(existing)
+            batch.rows = [r for r in batch.rows if r["idempotency_key"] not in existing]
+    for row in batch.rows:
+        row["run_id"] = run_id
+    if batch.pending_cap and batch.rows:
+        _cap_pending(conn, run_id, spec, batch, as_of, policy, deliver_at)
+    _write(conn, run_id, spec, batch, as_of, policy, report, deliver_at=deliver_at)
+
+
+def _cap_pending(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, as_of: datetime,
+                 policy: PolicySettings, deliver_at: DeliveryTimer | None) -> None:
+    pending = batch.pending_cap
+    rows = [r for r in batch.rows if r["idempotency_key"] in pending]
+    recent = _recent_messages(conn, run_id, list({r["member_id"] for r in rows}), as_of, policy)
+    purpose = spec.purpose.value if isinstance(spec.purpose, Purpose) else spec.purpose
+    new_head: list[dict] = []
+    for i, row in enumerate(batch.rows):
+        info = pending.get(row["idempotency_key"])
+        if info is None:
+            continue
+        chain, reason, at, tz = info
+        cap = apply_frequency_cap(chain, recent.get(row["member_id"], ()), priority=spec.priority, settings=policy)
+        if cap.capped:
+            batch.rows[i] = _capped(row, cap.reason, reason)
+            continue
+        if cap.preempt:
+            row["_preempt"] = cap.preempt
+        if cap.chain == chain and not cap.reason:
+            continue
+        if cap.reason:
+            reason = f"{reason}; {cap.reason}"
+        if cap.chain != chain:
+            contents = decode_contents(row["content"])
+            row["content"] = fast_encode_contents({ch: contents[ch] for ch in cap.chain})
+        if cap.chain[0] != chain[0] and deliver_at is not None:
+            new_head.append(row)  # the send time is the new first channel's: asked again below
+        _schedule(row, cap.chain, reason, at, tz, purpose, as_of, policy)
+        pending[row["idempotency_key"]] = (cap.chain, reason, at, tz)
+    if new_head:
+        # Rare (a per-channel cap dropped the first channel): the send-time hook needs the routing context.
+        ctxs = load_contexts(conn, [r["member_id"] for r in new_head], purpose, as_of,
+                             timedelta(days=policy.push_token_max_age_days))
+        for row in new_head:
+            chain, reason, _, tz = pending[row["idempotency_key"]]
+            rc = Recipient(row["member_id"], coupon_code=row["coupon_code"])
+            at = _send_time(deliver_at, ctxs[row["member_id"]], rc, chain[0], as_of)
+            _schedule(row, chain, reason, at, tz, purpose, as_of, policy)
+
+
+def _write(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, as_of: datetime,
+           policy: PolicySettings, report: PlanReport, *, deliver_at: DeliveryTimer | None = None) -> None:
+    """Preempt what the batch's cap decisions took, then insert (``ON CONFLICT DO NOTHING``) and count."""
+    o = OutboxMessage.__table__
+    rows = batch.rows
+    pending_preempt: dict[str, tuple[int, ...]] = {}
+    for row in rows:
+        ids = row.pop("_preempt", None)
+        if ids:
+            pending_preempt[row["idempotency_key"]] = ids
     if pending_preempt:
-        _preempt(conn, spec, pending_preempt, rows, recent, todo, policy, report)
-
-    inserted = set(insert_returning(conn, o, rows, conflict=["idempotency_key"], returning="idempotency_key"))
+        recent = _recent_messages(conn, run_id, list({r["member_id"] for r in rows
+                                                      if r["idempotency_key"] in pending_preempt}), as_of, policy)
+        _preempt(conn, spec, pending_preempt, rows, recent, None, policy, report)
+    if not rows:
+        return
+    if is_sqlite(conn):
+        inserted = {r["idempotency_key"] for r in rows}
+        if insert_many_sqlite(conn, o, rows, conflict=["idempotency_key"]) != len(rows):
+            # Some key existed (not possible under the planning lock after the existence check, but cheap
+            # to be exact about): ours are the rows whose stored message id is the one we minted.
+            mine = {r["idempotency_key"]: r["message_id"] for r in rows}
+            stored: dict[str, str] = {}
+            for part in _chunks(list(mine), chunk_size(conn)):
+                stored.update(conn.execute(sa.select(o.c.idempotency_key, o.c.message_id)
+                                           .where(any_of(conn, o.c.idempotency_key, part))).all())
+            inserted = {k for k, mid in mine.items() if stored.get(k) == mid}
+    else:
+        inserted = set(insert_returning(conn, o, rows, conflict=["idempotency_key"], returning="idempotency_key"))
     report.inserted += len(inserted)
     report.already_planned += len(rows) - len(inserted)
     for row in rows:
         if row["idempotency_key"] in inserted:
             report.by_state[row["state"]] += 1
             report.by_reason[row["reason_code"]] += 1
+
+
+_KIND = {EmailContent: "email", SmsContent: "sms", PushContent: "push"}
+
+
+def fast_encode_contents(contents: Mapping[str, Content]) -> bytes:
+    """:func:`~membercare.delivery.models.encode_contents`'s format (zlib-compressed JSON, read back by
+    ``decode_contents``), about 40 % cheaper: fields are read directly instead of through
+    ``dataclasses.asdict`` (a recursive deep copy), and zlib runs at level 1. Level 1 costs ~10 % more
+    bytes than level 6 on our HTML mail and halves the compression time, which at a million members is
+    minutes of CPU against a few hundred MB of ledger."""
+    payload = {}
+    for ch, c in contents.items():
+        d = {"kind": _KIND[type(c)], **c.__dict__}
+        for key in ("headers", "data"):
+            if key in d:
+                d[key] = dict(d[key])
+        payload[ch] = d
+    return zlib.compress(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), 1)
 
 
 def _preempt(conn, spec, pending, rows, recent, todo, policy, report) -> None:

@@ -66,4 +66,43 @@ def insert_returning(conn: Connection, table: sa.Table, rows: Sequence[Mapping[s
     return list(conn.execute(stmt).scalars())
 
 
-__all__ = ["CHUNK", "any_of", "chunk_size", "insert_returning"]
+def insert_many_sqlite(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], *,
+                       conflict: Sequence[str]) -> int:
+    """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` of many rows through one DBAPI ``executemany``;
+    returns how many rows were inserted. SQLite only.
+
+    SQLAlchemy's executemany path processes every bound value through the column types one by one
+    (a third of the planning process's CPU at a million rows of 25 columns). Here each column's bind
+    processor is looked up once and repeated values (a batch shares its timestamps) are processed once,
+    so what is stored is exactly what SQLAlchemy would store. Every row must have the same keys.
+    """
+    if not rows:
+        return 0
+    cols = list(rows[0])
+    dialect = conn.dialect
+    procs = [table.c[c].type._cached_bind_processor(dialect) for c in cols]
+    memo: dict[tuple[int, Any], Any] = {}
+    params = []
+    for r in rows:
+        values = []
+        for i, c in enumerate(cols):
+            v = r[c]
+            proc = procs[i]
+            if proc is not None and v is not None:
+                key = (i, v)
+                try:
+                    v = memo[key]
+                except KeyError:
+                    v = memo[key] = proc(v)
+                except TypeError:  # unhashable value: process it every time
+                    v = proc(v)
+            values.append(v)
+        params.append(tuple(values))
+    prep = dialect.identifier_preparer
+    sql = (f"INSERT INTO {prep.format_table(table)} ({', '.join(prep.quote(c) for c in cols)}) "
+           f"VALUES ({', '.join('?' for _ in cols)}) "
+           f"ON CONFLICT ({', '.join(prep.quote(c) for c in conflict)}) DO NOTHING")
+    return conn.exec_driver_sql(sql, params).rowcount
+
+
+__all__ = ["CHUNK", "any_of", "chunk_size", "insert_many_sqlite", "insert_returning"]
