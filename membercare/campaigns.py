@@ -23,12 +23,17 @@ Example::
       kind: amount
       steps: [{min_spend_minor: 0, amount_minor: 20000}]
       valid_days: 30
+    optimise:               # optional, all opt-in (see Optimise and docs/optimisation.md)
+      routing: best_engagement      # preference (default) | best_engagement
+      send_time: best_hour          # immediate (default) | best_hour
+      variants: {names: [a, b], goal: click, floor: 0.05, promote_at: 0.95}
 
 Loading validates everything and reports errors with the file and the field.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -124,6 +129,69 @@ class PushRules(BaseModel):
     body_max: int = Field(default=178, ge=20, le=1000)
 
 
+VARIANT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,15}$"
+# Names the planner uses for control rows (outbox_messages.variant); a template variant may not take them.
+RESERVED_VARIANT_NAMES = frozenset({"holdout", "global_control"})
+
+
+class VariantTest(BaseModel):
+    """An A/B/n test of template variants (``optimise.variants``), allocated by a Thompson-sampling bandit.
+
+    The first name is the control (the default copy). A variant's template files are
+    ``<part>@<variant>.<locale>.<ext>``; a part a variant does not override falls back to the plain file.
+    See ``docs/optimisation.md`` for the allocation between runs and winner promotion.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    names: tuple[str, ...] = Field(min_length=2, max_length=8, description="variant names; the first is the control")
+    goal: Literal["click", "conversion"] = Field(default="click", description="what the bandit maximises per message")
+    floor: float = Field(default=0.05, ge=0.0, le=0.5, description="minimum share per variant until a winner")
+    promote_at: float = Field(default=0.95, gt=0.5, le=1.0, description="P(best) at which the leader is promoted")
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for n in v:
+            if not re.match(VARIANT_NAME_PATTERN, n):
+                raise ValueError(f"variant name {n!r} must be 1-16 lower-case letters, digits or '_', "
+                                 f"starting with a letter")
+            if n in RESERVED_VARIANT_NAMES:
+                raise ValueError(f"variant name {n!r} is reserved for control rows")
+        if len(set(v)) != len(v):
+            raise ValueError("variant names are listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _floor(self) -> "VariantTest":
+        if self.floor > 1.0 / len(self.names):
+            raise ValueError(f"floor {self.floor} is impossible with {len(self.names)} variants "
+                             f"(at most 1/{len(self.names)} = {1.0 / len(self.names):.4f})")
+        return self
+
+    @property
+    def control(self) -> str:
+        return self.names[0]
+
+
+class Optimise(BaseModel):
+    """The campaign's ``optimise:`` block: opt-in optimisation strategies applied at planning time.
+
+    ``routing``: ``preference`` (default: the member's stated channel order) or ``best_engagement``
+    (the consented, reachable channel most likely to engage this member, from engagement history).
+    ``send_time``: ``immediate`` (default) or ``best_hour`` (deliver within the next 24 h at the
+    member's best local hour, outside quiet hours). ``variants``: an optional :class:`VariantTest`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    routing: Literal["preference", "best_engagement"] = "preference"
+    send_time: Literal["immediate", "best_hour"] = "immediate"
+    variants: VariantTest | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.routing == "preference" and self.send_time == "immediate" and self.variants is None
+
+
 class Campaign(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -144,6 +212,8 @@ class Campaign(BaseModel):
     push: PushRules = Field(default_factory=PushRules)
     # Free-form knobs for the templates (e.g. how many recommendations to show).
     params: dict[str, Any] = Field(default_factory=dict)
+    # Opt-in optimisation: routing strategy, send time, variant test (see Optimise).
+    optimise: Optimise = Field(default_factory=Optimise)
     directory: Path | None = Field(default=None, exclude=True)
 
     @field_validator("channels")

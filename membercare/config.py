@@ -17,6 +17,10 @@ Environment variables (all optional):
 ``MEMBERCARE_PUBLIC_URL``     externally visible base URL of ``membercare serve`` (links, callbacks;
                               default ``http://127.0.0.1:8080``)
 ``MEMBERCARE_SECRET_KEY``     signs unsubscribe/preference tokens; required to send (never in the repo)
+``MEMBERCARE_GLOBAL_CONTROL_RATE``  share of members in the programme-wide control group, who get no
+                              marketing at all (default ``0`` = off; e.g. ``0.05``)
+``MEMBERCARE_GLOBAL_CONTROL_SALT``  names the control group's measurement period (default ``membercare``);
+                              changing it draws a new group (see docs/optimisation.md)
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from membercare.errors import ConfigurationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +61,15 @@ class Settings:
     shop_country: str = "TW"
     public_url: str = "http://127.0.0.1:8080"
     secret_key: str | None = field(default=None, repr=False)
+    global_control_rate: float = 0.0
+    global_control_salt: str = "membercare"
+
+    def __post_init__(self) -> None:
+        rate = self.global_control_rate
+        if not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
+            raise ConfigurationError(f"MEMBERCARE_GLOBAL_CONTROL_RATE must be a number in [0, 1), got {rate!r}")
+        if not self.global_control_salt or "\x1f" in self.global_control_salt:
+            raise ConfigurationError("MEMBERCARE_GLOBAL_CONTROL_SALT must be a non-empty text")
 
     @property
     def db_url(self) -> str:
@@ -82,6 +97,17 @@ class Settings:
         ):
             if env.get(key):
                 s = replace(s, **{attr: env[key]})
+        if env.get("MEMBERCARE_GLOBAL_CONTROL_RATE"):
+            raw = env["MEMBERCARE_GLOBAL_CONTROL_RATE"].strip()
+            try:
+                rate = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+            except ValueError:
+                    raise ConfigurationError(
+                    f"MEMBERCARE_GLOBAL_CONTROL_RATE must be a number in [0, 1) such as 0.05 (or 5%), got {raw!r}"
+                ) from None
+            s = replace(s, global_control_rate=rate)
+        if env.get("MEMBERCARE_GLOBAL_CONTROL_SALT"):
+            s = replace(s, global_control_salt=env["MEMBERCARE_GLOBAL_CONTROL_SALT"])
         return s
 
     def ensure_home(self) -> Path:

@@ -143,3 +143,12 @@ def test_sql_holdout_and_control_agree_with_python(engine):
     assert ctrl == {i for i in ids if a.in_global_control(i, "2026", 0.2)}
     assert 60 < len(held) < 180 and ctrl  # a real split, not all or nothing
     assert text == a.bucket_of_text("holdout\x1fé\x1f9")  # UTF-8 on both sides
+
+
+def test_variant_picker_matches_assign_variant():
+    shares = {"b": 0.6, "a": 0.4, "c": 0.0}
+    pick = a.variant_picker("promo", "2026-11", shares)
+    got = [pick(m) for m in range(1, 5001)]
+    assert got == [a.assign_variant(m, "promo", "2026-11", shares) for m in range(1, 5001)]
+    assert "c" not in got and 0.55 < got.count("b") / len(got) < 0.65
+    assert a.variant_picker("promo", "2026-11", {"a": 0.0, "b": 1.0})(7) == "b"  # a promoted winner

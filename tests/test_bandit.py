@@ -102,3 +102,13 @@ def test_invalid_inputs():
     with pytest.raises(ValueError):
         allocate([])
     assert allocate(_v(Only=(0, 0))).winner == "Only"
+
+
+def test_threshold_one_never_promotes_even_when_p_best_is_one():
+    from membercare.optimise.bandit import allocate, stats_from_mapping
+
+    stats = stats_from_mapping({"a": (10_000, 100), "b": (10_000, 2_000)})
+    rep = allocate(stats, seed=1, threshold=1.0, floor=0.5)
+    assert rep.winner is None
+    assert rep.shares == {"a": 0.5, "b": 0.5}
+    assert allocate(stats, seed=1, threshold=0.95).winner == "b"

@@ -89,3 +89,50 @@ def test_unknown_campaign_lists_choices(tmp_path):
     with pytest.raises(UnknownNameError):
         load_campaign("_layout", settings)
     assert campaign_names(tmp_path) == ["promo"]
+
+
+def test_optimise_block_defaults_and_values(tmp_path):
+    c = load_campaign("promo", _write(tmp_path, "promo", GOOD))
+    assert c.optimise.routing == "preference" and c.optimise.send_time == "immediate"
+    assert c.optimise.variants is None and c.optimise.is_default
+    c = load_campaign("promo", _write(tmp_path, "promo", GOOD + """
+optimise:
+  routing: best_engagement
+  send_time: best_hour
+  variants: {names: [a, b, c], goal: conversion, floor: 0.1, promote_at: 0.99}
+"""))
+    v = c.optimise.variants
+    assert (c.optimise.routing, c.optimise.send_time) == ("best_engagement", "best_hour")
+    assert v.names == ("a", "b", "c") and v.control == "a" and v.goal == "conversion" and v.floor == 0.1
+    assert load_campaign("churn_winback", Settings()).optimise.variants.names == ("a", "b")
+
+
+@pytest.mark.parametrize("block, fragment", [
+    ("routing: fastest", "optimise.routing"),
+    ("send_time: later", "optimise.send_time"),
+    ("variants: {names: [a]}", "optimise.variants.names"),
+    ("variants: {names: [a, b, c, d, e, f, g, h, i]}", "optimise.variants.names"),
+    ("variants: {names: [a, a]}", "listed twice"),
+    ("variants: {names: [a, B]}", "variant name 'B'"),
+    ("variants: {names: [a, holdout]}", "reserved"),
+    ("variants: {names: [a, b], goal: revenue}", "optimise.variants.goal"),
+    ("variants: {names: [a, b, c], floor: 0.4}", "floor 0.4 is impossible with 3 variants"),
+    ("variants: {names: [a, b], promote_at: 0.5}", "optimise.variants.promote_at"),
+    ("variants: {names: [a, b], winner: b}", "optimise.variants.winner"),
+])
+def test_invalid_optimise_blocks_name_the_field(tmp_path, block, fragment):
+    with pytest.raises(CampaignDefinitionError) as err:
+        load_campaign("promo", _write(tmp_path, "promo", GOOD + "optimise:\n  " + block + "\n"))
+    assert fragment in str(err.value) and "campaign.yaml" in str(err.value)
+
+
+def test_global_control_settings_from_the_environment():
+    from membercare.errors import ConfigurationError
+
+    s = Settings.from_env({"MEMBERCARE_GLOBAL_CONTROL_RATE": "0.05", "MEMBERCARE_GLOBAL_CONTROL_SALT": "2026"})
+    assert (s.global_control_rate, s.global_control_salt) == (0.05, "2026")
+    assert Settings.from_env({"MEMBERCARE_GLOBAL_CONTROL_RATE": "5%"}).global_control_rate == 0.05
+    assert Settings.from_env({}).global_control_rate == 0.0
+    for bad in ("abc", "1.5", "-0.1"):
+        with pytest.raises(ConfigurationError, match="MEMBERCARE_GLOBAL_CONTROL_RATE"):
+            Settings.from_env({"MEMBERCARE_GLOBAL_CONTROL_RATE": bad})

@@ -151,3 +151,22 @@ def test_stated_preference_leans_members_without_history_and_yields_to_evidence(
     seen = EngagementCounts(np.tile([10, 0, 10], (n, 1)), np.tile([5, 0, 0], (n, 1)))
     a, b = posterior_params(seen, group, rates, preferred=preferred, preference_weight=0.5)
     assert np.all(choose_channels(a, b, eligible, rng=np.random.default_rng(4)).greedy == EMAIL)
+
+
+def test_rates_from_sql_totals_equal_group_rates():
+    from membercare.optimise.channel_choice import overall_rates, rates_from_totals
+
+    rng = np.random.default_rng(5)
+    sends = rng.integers(0, 6, (300, 3))
+    eng = rng.binomial(sends, 0.2)
+    group = rng.integers(0, 5, 300)
+    N = np.zeros((5, 3))
+    E = np.zeros((5, 3))
+    np.add.at(N, group, sends)
+    np.add.at(E, group, eng)
+    expected = group_rates(EngagementCounts(sends, eng), group, 5)
+    assert np.allclose(rates_from_totals(N, E), expected)
+    assert np.allclose(overall_rates(N, E), E.sum(0) / N.sum(0))
+    assert np.allclose(overall_rates(np.zeros((2, 3)), np.zeros((2, 3))), 0.05)
+    with pytest.raises(ValueError):
+        rates_from_totals(N, N + 1)

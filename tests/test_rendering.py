@@ -389,3 +389,50 @@ def test_co_purchase_model_scores_by_cosine(engine):
     top, sim = model.neighbours[a][0]
     assert top == b and sim == pytest.approx(3 / (4 * 3) ** 0.5)
     assert model.recommend([a], 2)[0] == b
+
+
+# -- template variants ----------------------------------------------------------------------------------
+
+VARIANTS_YAML = "optimise:\n  variants: {names: [a, b]}\n"
+
+
+def test_variant_parts_override_and_fall_back_to_the_plain_parts(tmp_path):
+    r = _mini(tmp_path, {**BASIC, "email_subject@b.en.txt": "B subject {{ member.name }}",
+                         "push_title@b.en.txt": "B title", "email@b.en.html": "<p>B body {{ variant }}</p>"},
+              VARIANTS_YAML)
+    ctx = ctx_for(r, "en", name="Tom")
+    plain, a, b = (r.render(Channel.EMAIL, ctx, variant=v) for v in (None, "a", "b"))
+    assert plain.subject == a.subject == "Hi Tom & co" and "Hello Tom" in a.html
+    assert b.subject == "B subject Tom" and "B body b" in b.html
+    assert "B body b" in b.text and "Hello" not in b.text  # text derived from the variant's own HTML
+    assert r.render(Channel.PUSH, ctx, variant="b").title == "B title"
+    assert r.render(Channel.PUSH, ctx, variant="b").body == r.render(Channel.PUSH, ctx).body  # not overridden
+    assert r.render(Channel.SMS, ctx, variant="b").body == r.render(Channel.SMS, ctx).body
+    with pytest.raises(RenderError, match="no template variant 'c'"):
+        r.render(Channel.EMAIL, ctx, variant="c")
+
+
+def test_variant_is_refused_without_a_variant_test(tmp_path):
+    r = _mini(tmp_path, BASIC)
+    with pytest.raises(RenderError, match="has no template variant 'b'"):
+        r.render(Channel.SMS, ctx_for(r, "en"), variant="b")
+
+
+def test_variant_file_names_parse():
+    from membercare.rendering.engine import parse_filename, parse_template_filename, part_filename
+
+    assert parse_template_filename("email_subject@b.en.txt") == (Part.EMAIL_SUBJECT, "en", "b")
+    assert parse_template_filename("push_data@v2.json") == (Part.PUSH_DATA, None, "v2")
+    assert parse_template_filename("sms.zh-TW.txt") == (Part.SMS, "zh-TW", None)
+    assert parse_template_filename("sms@B.en.txt") is None and parse_template_filename("sms@.en.txt") is None
+    assert parse_filename("sms@b.en.txt") is None and parse_filename("sms.en.txt") == (Part.SMS, "en")
+    assert part_filename(Part.EMAIL_HTML, "en", "b") == "email@b.en.html"
+
+
+def test_churn_winback_variants_differ_in_subject_only_where_overridden():
+    r = renderer("churn_winback")
+    for loc in ("zh-TW", "en"):
+        ctx = ctx_for(r, loc)
+        a, b = (r.render(Channel.EMAIL, ctx, variant=v) for v in ("a", "b"))
+        assert a.subject != b.subject and a.html.count("<table") == b.html.count("<table")
+        assert r.render(Channel.PUSH, ctx, variant="a").title != r.render(Channel.PUSH, ctx, variant="b").title

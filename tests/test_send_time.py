@@ -99,3 +99,34 @@ def test_batch_next_delivery_matches_single():
     tzs = ["Asia/Taipei", "Asia/Taipei", "Europe/London"]
     hours = [20, 9, 9]
     assert next_delivery_times(now, tzs, hours) == [next_delivery_at(now, tz, h) for tz, h in zip(tzs, hours, strict=True)]
+
+
+def test_whole_day_and_hours_outside_quiet_hours():
+    from datetime import time
+
+    assert AllowedHours(0, 24).mask().all()
+    assert (lambda h: (h.start, h.end))(AllowedHours.outside(time(21), time(9))) == (9, 21)
+    assert (lambda h: (h.start, h.end))(AllowedHours.outside(time(21, 30), time(8, 30))) == (9, 21)
+    assert (lambda h: (h.start, h.end))(AllowedHours.outside(time(1), time(5))) == (5, 1)  # wraps midnight
+    assert AllowedHours.outside(None, None).mask().all()
+    with pytest.raises(ValueError):
+        AllowedHours(5, 5)
+
+
+def test_scoring_in_chunks_with_shared_profiles_equals_scoring_everyone():
+    from membercare.optimise.send_time import profiles_from_totals
+
+    rng = np.random.default_rng(3)
+    n = 600
+    seg = rng.integers(0, 4, n)
+    centre = np.array([9, 13, 18, 20])[seg]
+    counts = rng.poisson(1.0, n)
+    rows = [(m, int((centre[m] + rng.integers(-2, 3)) % 24)) for m in range(n) for _ in range(counts[m])]
+    H = hour_histograms(n, [r[0] for r in rows], [r[1] for r in rows])
+    whole = best_hours(H, seg, n_segments=4)
+    totals = np.zeros((4, 24))
+    np.add.at(totals, seg, H)
+    prof = profiles_from_totals(totals)
+    parts = [best_hours(H[i:i + 97], seg[i:i + 97], profiles=prof) for i in range(0, n, 97)]
+    assert np.array_equal(np.concatenate([p.hour for p in parts]), whole.hour)
+    assert np.array_equal(prof.hour, whole.segment_hour)

@@ -179,3 +179,19 @@ def test_cli_preview_sample(tmp_path):
                env_extra={"MEMBERCARE_HOME": str(tmp_path / "home"), "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr
     assert "回覆STOP取消" in res.stdout and "UCS-2" in res.stdout and "segment" in res.stdout
+
+
+def test_every_variant_is_checked_with_file_and_line(tpl):
+    f = tpl / "churn_winback" / "email_subject@b.en.txt"
+    f.write_text("{{ member.first_name }}\n{{ coupon.nickname }}\n")
+    p = _one(check_campaign("churn_winback", _settings(tpl)), "undefined")
+    assert p.file == "templates/churn_winback/email_subject@b.en.txt" and p.line == 2 and "variant b" in p.message
+
+
+def test_variant_file_of_an_undeclared_variant_is_an_error(tpl):
+    (tpl / "churn_winback" / "push_title@c.en.txt").write_text("C\n")
+    p = _one(check_campaign("churn_winback", _settings(tpl)), "variant")
+    assert p.severity == "error" and p.file == "templates/churn_winback/push_title@c.en.txt" and "'c'" in p.message
+    (tpl / "vip_appreciation" / "push_title@b.en.txt").write_text("B\n")
+    p = _one(check_campaign("vip_appreciation", _settings(tpl)), "variant")
+    assert "no variant test" in p.message

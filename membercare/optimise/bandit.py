@@ -13,6 +13,8 @@ Before a run the planner asks :func:`allocate` for the shares of the next run:
    the losers current, which matters when appeal drifts (seasonality, fatigue).
 3. Promotion: when the leader's ``P(best) >= threshold`` (default 0.95) and every variant has at least
    ``min_sends`` sends, the leader is the winner and gets the whole traffic (the test is over).
+   A threshold of exactly 1.0 never promotes (Monte-Carlo ``P(best)`` can reach 1.0 exactly): use it
+   with ``floor = 1/K`` for a fixed equal split.
 
 Before any data all posteriors are equal and the shares are exactly uniform. The Monte-Carlo error of
 ``P(best)`` with the default 20,000 draws is at most 0.0035 (one standard error); the RNG is seeded from
@@ -165,7 +167,7 @@ def allocate(
     lead = int(np.argmax(p_best))
     if len(variants) == 1:
         winner = names[0]
-    elif p_best[lead] >= threshold:
+    elif p_best[lead] >= threshold and threshold < 1.0:  # 1.0: never promote (a fixed split)
         if all(v.sends >= min_sends for v in variants):
             winner = names[lead]
         else:

@@ -85,9 +85,27 @@ def group_rates(counts: EngagementCounts, group, n_groups: int | None = None, *,
     E = np.zeros((G, C))
     np.add.at(N, group, counts.sends)
     np.add.at(E, group, counts.engagements)
-    tot_n, tot_e = N.sum(axis=0), E.sum(axis=0)
-    overall = np.where(tot_n > 0, tot_e / np.maximum(tot_n, 1), base_rate)
-    return (E + group_strength * overall) / (N + group_strength)
+    return rates_from_totals(N, E, group_strength=group_strength, base_rate=base_rate)
+
+
+def rates_from_totals(sends: np.ndarray, engagements: np.ndarray, *, group_strength: float = DEFAULT_GROUP_STRENGTH,
+                      base_rate: float = 0.05) -> np.ndarray:
+    """:func:`group_rates` from per group x channel totals (e.g. a SQL ``GROUP BY`` of the history)."""
+    N = np.asarray(sends, dtype=float)
+    E = np.asarray(engagements, dtype=float)
+    if N.shape != E.shape or N.ndim != 2:
+        raise ValueError("sends and engagements must be 2-D arrays of the same shape")
+    if np.any(E < 0) or np.any(E > N):
+        raise ValueError("need 0 <= engagements <= sends")
+    return (E + group_strength * overall_rates(N, E, base_rate=base_rate)) / (N + group_strength)
+
+
+def overall_rates(sends: np.ndarray, engagements: np.ndarray, *, base_rate: float = 0.05) -> np.ndarray:
+    """Each channel's pooled rate over all groups (``base_rate`` for a channel with no sends): the prior
+    of a member whose group has no history at all."""
+    tot_n = np.asarray(sends, dtype=float).sum(axis=0)
+    tot_e = np.asarray(engagements, dtype=float).sum(axis=0)
+    return np.where(tot_n > 0, tot_e / np.maximum(tot_n, 1), base_rate)
 
 
 def fit_prior_strength(counts: EngagementCounts, group, rates: np.ndarray, *, min_sends: int = 2,

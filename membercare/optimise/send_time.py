@@ -20,7 +20,7 @@ The best hour is the argmax of ``score`` **over allowed hours only** (outside qu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -38,14 +38,33 @@ DEFAULT_HOUR = 10
 @dataclass(frozen=True)
 class AllowedHours:
     """Local hours in which marketing may be delivered: ``start <= hour < end`` (wraps past midnight
-    when ``start > end``, e.g. ``AllowedHours(20, 2)`` allows 20:00-01:59)."""
+    when ``start > end``, e.g. ``AllowedHours(20, 2)`` allows 20:00-01:59; ``AllowedHours(0, 24)`` is
+    the whole day)."""
 
     start: int = 9
     end: int = 21
 
     def __post_init__(self):
-        if not (0 <= self.start < HOURS and 0 <= self.end <= HOURS) or self.start == self.end % HOURS:
+        whole_day = self.start == 0 and self.end == HOURS
+        if not (0 <= self.start < HOURS and 0 <= self.end <= HOURS) or (self.start == self.end % HOURS
+                                                                           and not whole_day):
             raise ValueError(f"invalid allowed hours {self.start}-{self.end}")
+
+    @classmethod
+    def outside(cls, quiet_start: time | None, quiet_end: time | None) -> "AllowedHours":
+        """The whole local hours outside quiet hours ``[quiet_start, quiet_end)`` (which may wrap midnight).
+
+        An hour is allowed only if all of it is outside: quiet hours 21:30-08:30 allow 09:00-20:59.
+        ``None`` (no quiet hours) allows the whole day.
+        """
+        if quiet_start is None or quiet_end is None:
+            return cls(0, HOURS)
+        start = quiet_end.hour + (1 if (quiet_end.minute or quiet_end.second) else 0)
+        end = quiet_start.hour
+        start %= HOURS
+        if start == end % HOURS:
+            raise ValueError(f"quiet hours {quiet_start}-{quiet_end} leave no whole hour to deliver in")
+        return cls(start, end if end else HOURS) if start < (end or HOURS) else cls(start, end)
 
     def mask(self) -> np.ndarray:
         h = np.arange(HOURS)
@@ -113,6 +132,41 @@ class SendTimes:
     segment_hour: np.ndarray  # the segment's typical allowed hour, per segment code
 
 
+@dataclass(frozen=True)
+class GroupProfiles:
+    """Normalised, smoothed hour profiles of member groups (segments), the fallback of :func:`best_hours`.
+
+    ``profile[s]`` sums to 1; ``hour[s]`` is the group's typical (highest) allowed hour. A group with no
+    events has the population profile; ``has_data`` is False when nobody has any events, in which case
+    every profile puts all weight on the default hour.
+    """
+
+    profile: np.ndarray  # (groups, 24)
+    hour: np.ndarray  # (groups,)
+    has_data: bool
+
+
+def profiles_from_totals(totals: np.ndarray, *, allowed: AllowedHours = AllowedHours(),
+                         bandwidth: float = DEFAULT_BANDWIDTH, default_hour: int = DEFAULT_HOUR) -> GroupProfiles:
+    """:class:`GroupProfiles` from raw weighted event counts per group and local hour (``(groups, 24)``),
+    e.g. a SQL ``GROUP BY`` over the whole history, so that members can then be scored in chunks."""
+    T = np.asarray(totals, dtype=float)
+    if T.ndim != 2 or T.shape[1] != HOURS:
+        raise ValueError("totals must have shape (groups, 24)")
+    seg_tot = T @ kernel_matrix(bandwidth).T
+    pop = seg_tot.sum(axis=0)
+    fallback = allowed.clamp(default_hour)
+    if pop.sum() > 0:
+        pop_profile = pop / pop.sum()
+    else:
+        pop_profile = np.zeros(HOURS)
+        pop_profile[fallback] = 1.0
+    sums = seg_tot.sum(axis=1, keepdims=True)
+    profile = np.where(sums > 0, seg_tot / np.where(sums > 0, sums, 1.0), pop_profile)
+    hour = np.where(allowed.mask(), profile, -np.inf).argmax(axis=1) if len(profile) else np.zeros(0, np.int64)
+    return GroupProfiles(profile=profile, hour=hour.astype(np.int64), has_data=bool(pop.sum() > 0))
+
+
 def best_hours(
     histograms: np.ndarray,
     segment,
@@ -123,45 +177,41 @@ def best_hours(
     prior_weight: float = DEFAULT_PRIOR_WEIGHT,
     min_events: float = DEFAULT_MIN_EVENTS,
     default_hour: int = DEFAULT_HOUR,
+    profiles: GroupProfiles | None = None,
 ) -> SendTimes:
     """Best allowed local send hour per member (see the module docstring).
 
     ``segment`` is an integer code per member (any grouping: the campaign segment, age group, ...).
     A segment with no events at all uses the population profile; with no events anywhere every member
-    gets ``default_hour`` (clamped into the allowed hours).
+    gets ``default_hour`` (clamped into the allowed hours). ``profiles`` gives the segments' profiles
+    computed elsewhere (:func:`profiles_from_totals` over everyone), so that a large population can be
+    scored in chunks; by default they come from ``histograms`` themselves.
     """
     H = np.asarray(histograms, dtype=float)
     if H.ndim != 2 or H.shape[1] != HOURS:
         raise ValueError("histograms must have shape (members, 24)")
     seg = np.asarray(segment, dtype=np.int64)
-    S = int(seg.max()) + 1 if n_segments is None else int(n_segments)
     mask = allowed.mask()
     K = kernel_matrix(bandwidth)
     smooth = H @ K.T  # row m: sum_j H[m, j] * K[:, j]
-
-    seg_tot = np.zeros((S, HOURS))
-    np.add.at(seg_tot, seg, smooth)
-    pop = seg_tot.sum(axis=0)
-    fallback = allowed.clamp(default_hour)
-    if pop.sum() > 0:
-        pop_profile = pop / pop.sum()
-    else:
-        pop_profile = np.zeros(HOURS)
-        pop_profile[fallback] = 1.0
-    sums = seg_tot.sum(axis=1, keepdims=True)
-    profile = np.where(sums > 0, seg_tot / np.where(sums > 0, sums, 1.0), pop_profile)
-    segment_hour = np.where(mask, profile, -np.inf).argmax(axis=1)
+    if profiles is None:
+        S = (int(seg.max()) + 1 if seg.size else 0) if n_segments is None else int(n_segments)
+        totals = np.zeros((S, HOURS))
+        np.add.at(totals, seg, H)
+        profiles = profiles_from_totals(totals, allowed=allowed, bandwidth=bandwidth, default_hour=default_hour)
+    profile, segment_hour = profiles.profile, profiles.hour
 
     score = smooth + prior_weight * profile[seg]
     hour = np.where(mask, score, -np.inf).argmax(axis=1)
     events = H.sum(axis=1)
     source = np.where(events >= min_events, "member", "segment").astype(object)
-    if pop.sum() == 0:
+    if not profiles.has_data:
         source[:] = "default"
+        hour = segment_hour[seg] if seg.size else hour
     else:
         # Members with too little data take their segment's hour outright (no member-level noise).
         hour = np.where(events >= min_events, hour, segment_hour[seg])
-    return SendTimes(hour=hour.astype(np.int64), source=source, events=events, segment_hour=segment_hour)
+    return SendTimes(hour=np.asarray(hour, dtype=np.int64), source=source, events=events, segment_hour=segment_hour)
 
 
 def next_delivery_at(now: datetime, timezone: str, hour: int, *, minute: int = 0) -> datetime:

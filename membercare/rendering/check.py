@@ -12,8 +12,12 @@ Reports, each with the file and (where there is one) the line:
 * ``bad-link``        a link that is not an absolute http(s)/mailto/tel/app URL, or has spaces or leftovers
 * ``inline``          the email cannot be CSS-inlined without changing it
 * ``layout``          a missing or broken shared layout file
+* ``variant``         a variant file (``<part>@<variant>...``) for a variant the campaign does not declare
 * warnings: ``ucs2-forced`` (an English SMS pushed into UCS-2 by one character), ``unknown-file``,
   ``unused-channel`` (templates for a channel the campaign does not use)
+
+A campaign with a variant test (``optimise.variants``) is rendered once per variant as well as with
+the plain templates, so every variant's overrides pass the same checks.
 
 Templates are rendered against the sample members of :mod:`.samples` (a typical one and a worst
 case per locale) and, with a database connection, against real members.
@@ -39,7 +43,15 @@ from membercare.errors import ConfigurationError
 from membercare.links import LinkSigner
 from membercare.models import Channel, Coupon, Member
 from membercare.rendering import sms as smslen
-from membercare.rendering.engine import OPTIONAL, REQUIRED, Part, RenderError, TemplateStore, parse_filename, part_filename
+from membercare.rendering.engine import (
+    OPTIONAL,
+    REQUIRED,
+    Part,
+    RenderError,
+    TemplateStore,
+    parse_template_filename,
+    part_filename,
+)
 from membercare.rendering.htmltext import inline_rendered
 from membercare.rendering.renderer import CampaignRenderer, store_for
 from membercare.rendering.samples import SAMPLE_AS_OF, SAMPLE_VARIANTS, sample_context
@@ -160,10 +172,13 @@ class _Checker:
         if any(p.severity == "error" for p in self.problems.values()):
             return self.result()  # rendering broken templates would only repeat the same errors
         for locale in campaign.locales:
-            for variant in SAMPLE_VARIANTS:
-                ctx = sample_context(renderer.builder, locale, variant)
-                self.render_all(renderer, campaign, ctx, SAMPLE_AS_OF, f" (sample member {variant}, {locale})",
-                                verify_inline=variant == "typical")
+            for sample in SAMPLE_VARIANTS:
+                ctx = sample_context(renderer.builder, locale, sample)
+                for tv in _template_variants(campaign):
+                    label = f", variant {tv}" if tv else ""
+                    self.render_all(renderer, campaign, ctx, SAMPLE_AS_OF,
+                                    f" (sample member {sample}, {locale}{label})",
+                                    verify_inline=sample == "typical", variant=tv)
         if conn is not None and db_members:
             self.against_db(renderer, campaign, conn, db_members)
         return self.result()
@@ -184,11 +199,17 @@ class _Checker:
         for p in sorted(folder.iterdir()):
             if p.name == "campaign.yaml" or p.name.startswith("."):
                 continue
-            parsed = parse_filename(p.name)
+            parsed = parse_template_filename(p.name)
             if parsed is None:
                 self.add("warning", "unknown-file", "not a template part name (see docs/templates.md)", self.store.rel(p))
                 continue
-            part, loc = parsed
+            part, loc, tv = parsed
+            if tv is not None and tv not in _template_variants(campaign):
+                declared = campaign.optimise.variants
+                self.add("error", "variant", f"variant {tv!r} is not declared in optimise.variants.names"
+                         + (f" ({', '.join(declared.names)})" if declared else " (the campaign has no variant test)"),
+                         self.store.rel(p))
+                continue
             channel = next(ch for ch in Channel if part in REQUIRED[ch] or part in OPTIONAL[ch])
             if channel not in campaign.channels:
                 self.add("warning", "unused-channel", f"campaign does not use {channel.value}", self.store.rel(p))
@@ -199,17 +220,18 @@ class _Checker:
         for loc in campaign.locales:
             for channel in campaign.channels:
                 for part in REQUIRED[channel] + OPTIONAL[channel]:
-                    try:
-                        self.store.get(campaign.name, part, loc)
-                    except RenderError as exc:
-                        self.from_error(exc)
+                    for tv in _template_variants(campaign):
+                        try:
+                            self.store.get(campaign.name, part, loc, tv)
+                        except RenderError as exc:
+                            self.from_error(exc)
 
     def render_all(self, renderer: CampaignRenderer, campaign, ctx: dict, as_of: datetime, who: str,
-                   verify_inline: bool = False) -> None:
-        self._ctx = ctx
+                   verify_inline: bool = False, variant: str | None = None) -> None:
+        self._ctx, self._variant = ctx, variant
         for channel in campaign.channels:
             try:
-                content = renderer.render(channel, ctx, as_of=as_of, message_id="check-0000")
+                content = renderer.render(channel, ctx, as_of=as_of, message_id="check-0000", variant=variant)
             except RenderError as exc:
                 self.from_error(exc, who)
                 continue
@@ -218,7 +240,12 @@ class _Checker:
 
     def inspect(self, renderer, campaign, channel, locale, content, who, verify_inline) -> None:
         app = renderer.shop_all.get("app_scheme")
-        part_file = lambda part: self.store.rel(self.store.path(campaign.name, part, locale))  # noqa: E731
+        tv = self._variant
+
+        def part_file(part: Part) -> str:
+            own = tv is not None and self.store.overrides(campaign.name, part, locale, tv)
+            return self.store.rel(self.store.path(campaign.name, part, locale, tv if own else None))
+
         urls: list[tuple[str, str, int | None]] = []
         if isinstance(content, EmailContent):
             p = _Hrefs()
@@ -237,7 +264,7 @@ class _Checker:
                 self.add("warning", "ucs2-forced", f"characters {chars} force UCS-2 (70 characters per segment){who}",
                          part_file(Part.SMS))
         elif isinstance(content, PushContent):
-            data = self.store.get(campaign.name, Part.PUSH_DATA, locale)
+            data = self.store.get(campaign.name, Part.PUSH_DATA, locale, tv)
             if data is not None:
                 urls += [(content.data[k], data.files[0], line) for k, (_, line) in data.template.items()
                          if ("link" in k or "url" in k) and k in content.data]
@@ -249,7 +276,7 @@ class _Checker:
 
     def verify_inline(self, renderer, locale: str, content: EmailContent) -> None:
         """Inlining the source must give what inlining the rendered message would (compile-time safety net)."""
-        compiled = self.store.get(renderer.campaign.name, Part.EMAIL_HTML, locale)
+        compiled = self.store.get(renderer.campaign.name, Part.EMAIL_HTML, locale, self._variant)
         if compiled is None or compiled.debug_template is None:
             return
         # Same variables as the render that produced ``content``: subject/preheader are in the output.
@@ -263,7 +290,7 @@ class _Checker:
 
     def _last_vars(self, renderer, locale, content):
         ctx = self._ctx
-        v = renderer._vars(Channel.EMAIL, ctx, locale, "check-0000", SAMPLE_AS_OF)
+        v = renderer._vars(Channel.EMAIL, ctx, locale, "check-0000", SAMPLE_AS_OF, self._variant)
         return {**v, "subject": content.subject, "preheader": content.preheader or ""}
 
     def against_db(self, renderer: CampaignRenderer, campaign, conn: Connection, limit: int) -> None:
@@ -281,7 +308,16 @@ class _Checker:
             return
         contexts = renderer.build_context(conn, ids, now)
         for ctx in contexts.values():
-            self.render_all(renderer, campaign, ctx, now, f" (member {ctx['member']['external_id']})")
+            for tv in _template_variants(campaign):
+                label = f", variant {tv}" if tv else ""
+                self.render_all(renderer, campaign, ctx, now, f" (member {ctx['member']['external_id']}{label})",
+                                variant=tv)
+
+
+def _template_variants(campaign) -> tuple[str | None, ...]:
+    """What to render: the plain templates, plus each declared variant of a variant test."""
+    test = campaign.optimise.variants
+    return (None, *test.names) if test is not None else (None,)
 
 
 class _Dom(HTMLParser):

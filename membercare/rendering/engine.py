@@ -11,6 +11,10 @@ Files of a campaign folder (``templates/<campaign>/``), one per channel part and
     push_body.<loc>.txt         required for push
     push_data.<loc>.json        optional (or locale-free push_data.json): FCM data, values are templates
 
+A campaign with a variant test (``optimise.variants`` in campaign.yaml) may override any part for one
+variant with ``<part>@<variant>.<locale>.<ext>`` (``email_subject@b.en.txt``); a part the variant does not
+override comes from the plain file, so a subject-line test needs only the subject files per variant.
+
 Shared files in ``templates/_layout/``: ``email.<loc>.html`` and ``email_text.<loc>.txt`` (each with a
 ``{# @content #}`` marker where the campaign's part goes), ``sms_optout.<loc>.txt`` (appended to
 marketing SMS) and ``shop.yaml`` (shop name, address, links, currency symbols, tier names, SMS price).
@@ -26,6 +30,7 @@ text). Choosing the environment by part instead of ``select_autoescape`` avoids 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -44,6 +49,8 @@ from membercare.rendering.locales import fallback_chain, normalise_locale
 
 LAYOUT_DIR = "_layout"
 CONTENT_MARKER = "{# @content #}"
+VARIANT_SEP = "@"
+_VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")  # as campaigns.VARIANT_NAME_PATTERN
 
 
 class RenderError(MembercareError):
@@ -82,15 +89,20 @@ OPTIONAL: dict[Channel, tuple[Part, ...]] = {
 }
 
 
-def part_filename(part: Part, locale: str | None) -> str:
+def part_filename(part: Part, locale: str | None, variant: str | None = None) -> str:
     ext = EXTENSIONS.get(part, "txt")
-    return f"{part.value}.{locale}.{ext}" if locale else f"{part.value}.{ext}"
+    stem = f"{part.value}{VARIANT_SEP}{variant}" if variant else part.value
+    return f"{stem}.{locale}.{ext}" if locale else f"{stem}.{ext}"
 
 
-def parse_filename(name: str) -> tuple[Part, str | None] | None:
-    """``sms.zh-TW.txt`` -> ``(Part.SMS, "zh-TW")``; ``None`` for files that are not template parts."""
+def parse_template_filename(name: str) -> tuple[Part, str | None, str | None] | None:
+    """``sms@b.zh-TW.txt`` -> ``(Part.SMS, "zh-TW", "b")``, ``sms.en.txt`` -> ``(Part.SMS, "en", None)``;
+    ``None`` for files that are not template parts."""
     stem, _, ext = name.rpartition(".")
     part_name, _, loc = stem.partition(".")
+    part_name, at, variant = part_name.partition(VARIANT_SEP)
+    if at and not _VARIANT_NAME.match(variant):
+        return None
     try:
         part = Part(part_name)
     except ValueError:
@@ -98,11 +110,20 @@ def parse_filename(name: str) -> tuple[Part, str | None] | None:
     if ext != EXTENSIONS.get(part, "txt"):
         return None
     if not loc:
-        return (part, None) if part == Part.PUSH_DATA else None
+        return (part, None, variant or None) if part == Part.PUSH_DATA else None
     try:
-        return part, normalise_locale(loc)
+        return part, normalise_locale(loc), variant or None
     except ValueError:
         return None
+
+
+def parse_filename(name: str) -> tuple[Part, str | None] | None:
+    """``sms.zh-TW.txt`` -> ``(Part.SMS, "zh-TW")``; ``None`` for files that are not plain template parts
+    (variant files: :func:`parse_template_filename`)."""
+    parsed = parse_template_filename(name)
+    if parsed is None or parsed[2] is not None:
+        return None
+    return parsed[0], parsed[1]
 
 
 @dataclass(frozen=True)
@@ -210,8 +231,26 @@ class TemplateStore:
         except ValueError:
             return str(path)
 
-    def path(self, campaign: str, part: Part, locale: str | None) -> Path:
-        return self.root / campaign / part_filename(part, locale)
+    def path(self, campaign: str, part: Part, locale: str | None, variant: str | None = None) -> Path:
+        return self.root / campaign / part_filename(part, locale, variant)
+
+    def overrides(self, campaign: str, part: Part, locale: str | None, variant: str) -> bool:
+        """Whether ``variant`` has its own file for ``part`` in ``locale`` (else the plain part is used).
+
+        The text/plain part counts as overridden when the variant has its own text *or* HTML body (text
+        derived from the variant's HTML, never the control's copy); push data also by a locale-free file.
+        """
+        key = ("overrides", campaign, part, locale, variant)
+        hit = self._cache.get(key)
+        if hit is None:
+            names = [(part, locale)]
+            if part == Part.EMAIL_TEXT:
+                names.append((Part.EMAIL_HTML, locale))
+            elif part == Part.PUSH_DATA:
+                names.append((part, None))
+            hit = any(self.path(campaign, p, loc, variant).is_file() for p, loc in names)
+            self._cache[key] = hit  # type: ignore[assignment]
+        return bool(hit)
 
     def available(self, campaign: str) -> dict[Part, set[str | None]]:
         found: dict[Part, set[str | None]] = {}
@@ -255,26 +294,32 @@ class TemplateStore:
                           file=self.rel(self.root / LAYOUT_DIR), code="layout")
 
     # -- compiling -------------------------------------------------------------------------------
-    def get(self, campaign: str, part: Part, locale: str | None) -> Compiled | None:
-        """The compiled part, or ``None`` if that file does not exist (optional parts)."""
-        key = (campaign, part, locale)
+    def get(self, campaign: str, part: Part, locale: str | None, variant: str | None = None) -> Compiled | None:
+        """The compiled part, or ``None`` if that file does not exist (optional parts).
+
+        With ``variant``, the variant's own file when it has one, else the plain part.
+        """
+        if variant is not None and not self.overrides(campaign, part, locale, variant):
+            variant = None
+        key = (campaign, part, locale, variant)
         hit = self._cache.get(key, False)
         if hit is not False:
             return hit  # type: ignore[return-value]
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = self._build(campaign, part, locale, self.shop_locale)
+                self._cache[key] = self._build(campaign, part, locale, self.shop_locale, variant)
             return self._cache[key]
 
     def _read(self, path: Path) -> str:
         return path.read_text(encoding="utf-8")
 
-    def _build(self, campaign: str, part: Part, locale: str | None, shop_locale: str) -> Compiled | None:
-        path = self.path(campaign, part, locale)
+    def _build(self, campaign: str, part: Part, locale: str | None, shop_locale: str,
+               variant: str | None = None) -> Compiled | None:
+        path = self.path(campaign, part, locale, variant)
         if part == Part.PUSH_DATA and not path.is_file():
-            path = self.path(campaign, part, None)
+            path = self.path(campaign, part, None, variant)
         if part == Part.EMAIL_TEXT:
-            return self._text(campaign, locale, shop_locale, path)
+            return self._text(campaign, locale, shop_locale, path, variant)
         if not path.is_file():
             return None
         rel, src = self.rel(path), self._read(path)
@@ -299,13 +344,14 @@ class TemplateStore:
         tpl = _compile(HTML_ENV, inlined, f"{campaign}/email.{locale}.html:inlined", f"{rel}+layout:inlined")
         return Compiled(campaign, Part.EMAIL_HTML, locale, tpl, (rel, lrel), combined, smap, debug)
 
-    def _text(self, campaign: str, locale: str | None, shop_locale: str, path: Path) -> Compiled | None:
+    def _text(self, campaign: str, locale: str | None, shop_locale: str, path: Path,
+              variant: str | None = None) -> Compiled | None:
         """The text/plain part: the ``email_text`` file, or text derived from the HTML body; in the text layout."""
         if path.is_file():
             rel, src = self.rel(path), self._read(path)
             _compile(TEXT_ENV, src, rel, rel)
         else:
-            hpath = self.path(campaign, Part.EMAIL_HTML, locale)
+            hpath = self.path(campaign, Part.EMAIL_HTML, locale, variant)
             if not hpath.is_file():
                 return None
             rel, src = f"{self.rel(hpath)} (derived text)", html_to_text_template(self._read(hpath))

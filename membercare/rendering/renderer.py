@@ -154,7 +154,7 @@ class CampaignRenderer:
         return view
 
     def _vars(self, channel: Channel, context: Mapping[str, Any], locale: str, message_id: str | None,
-              as_of: datetime | None) -> dict:
+              as_of: datetime | None, variant: str | None = None) -> dict:
         member = context["member"]
         fmt = self.formatter(locale, member.get("locale"), member.get("timezone"))
         return {
@@ -164,6 +164,7 @@ class CampaignRenderer:
             "campaign": {"name": self.campaign.name, "purpose": self.campaign.purpose.value},
             "is_marketing": self.campaign.is_marketing,
             "message_id": message_id or "",
+            "variant": variant,
             "_fmt": fmt,
             "_locale": locale,
             "_channel": channel.value,
@@ -194,30 +195,43 @@ class CampaignRenderer:
         return RenderError(f"{type(exc).__name__}: {msg}" if code == "render" else f"undefined variable: {msg}",
                            file=file, line=fline, code=code)
 
-    def _part(self, part: Part, locale: str) -> Compiled | None:
-        return self.store.get(self.campaign.name, part, locale)
+    def _part(self, part: Part, locale: str, variant: str | None = None) -> Compiled | None:
+        return self.store.get(self.campaign.name, part, locale, variant)
+
+    def _variant(self, variant: str | None) -> str | None:
+        """The template variant to use: ``None`` for plain templates (no test, or control rows)."""
+        if variant is None:
+            return None
+        test = self.campaign.optimise.variants
+        if test is None or variant not in test.names:
+            raise RenderError(f"campaign {self.campaign.name} has no template variant {variant!r}"
+                              + (f" (its variants: {', '.join(test.names)})" if test else ""), code="variant")
+        return variant
 
     # -- rendering ---------------------------------------------------------------------------------
     def render(self, channel: Channel | str, context: Mapping[str, Any], *, message_id: str | None = None,
-               as_of: datetime | None = None) -> Content:
+               as_of: datetime | None = None, variant: str | None = None) -> Content:
+        """One channel's content for one member; ``variant`` picks that template variant's parts
+        (``<part>@<variant>.<locale>.<ext>``, falling back to the plain parts)."""
         channel = Channel(channel)
         if channel not in self.campaign.channels:
             raise RenderError(f"campaign {self.campaign.name} does not use channel {channel.value}", code="channel")
+        variant = self._variant(variant)
         locale = self.template_locale(channel, context["member"].get("locale"))
-        variables = self._vars(channel, context, locale, message_id, as_of)
+        variables = self._vars(channel, context, locale, message_id, as_of, variant)
         if channel == Channel.SMS:
-            return self.render_sms(locale, variables)
+            return self.render_sms(locale, variables, variant=variant)
         if channel == Channel.PUSH:
-            return self.render_push(locale, variables, message_id)
-        return self.render_email(locale, variables)
+            return self.render_push(locale, variables, message_id, variant=variant)
+        return self.render_email(locale, variables, variant=variant)
 
-    def render_email(self, locale: str, v: dict) -> EmailContent:
-        subject = _WS.sub(" ", self._run(self._part(Part.EMAIL_SUBJECT, locale), v)).strip()
-        pre = self._part(Part.EMAIL_PREHEADER, locale)
+    def render_email(self, locale: str, v: dict, *, variant: str | None = None) -> EmailContent:
+        subject = _WS.sub(" ", self._run(self._part(Part.EMAIL_SUBJECT, locale, variant), v)).strip()
+        pre = self._part(Part.EMAIL_PREHEADER, locale, variant)
         preheader = _WS.sub(" ", self._run(pre, v)).strip() if pre else None
         v = {**v, "subject": subject, "preheader": preheader or ""}
-        html = self._run(self._part(Part.EMAIL_HTML, locale), v)
-        text = self._run(self._part(Part.EMAIL_TEXT, locale), v)
+        html = self._run(self._part(Part.EMAIL_HTML, locale, variant), v)
+        text = self._run(self._part(Part.EMAIL_TEXT, locale, variant), v)
         text = _BLANKS.sub("\n\n", text).strip() + "\n"
         headers: dict[str, str] = {}
         if self.campaign.is_marketing:
@@ -229,7 +243,8 @@ class CampaignRenderer:
             headers["List-Unsubscribe"] = ", ".join(targets)
             headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         if not subject:
-            raise ContentLimitError("email subject renders empty", file=self._part(Part.EMAIL_SUBJECT, locale).files[0],
+            raise ContentLimitError("email subject renders empty",
+                                    file=self._part(Part.EMAIL_SUBJECT, locale, variant).files[0],
                                     code="empty")
         return EmailContent(subject=subject, html=html, text=text, preheader=preheader, headers=headers)
 
@@ -240,8 +255,8 @@ class CampaignRenderer:
             self._optout[locale] = text = text.strip()
         return text
 
-    def render_sms(self, locale: str, v: dict) -> SmsContent:
-        compiled = self._part(Part.SMS, locale)
+    def render_sms(self, locale: str, v: dict, *, variant: str | None = None) -> SmsContent:
+        compiled = self._part(Part.SMS, locale, variant)
         body = self._run(compiled, v).strip()
         if self.campaign.is_marketing:
             optout = self.sms_optout(locale)
@@ -256,12 +271,13 @@ class CampaignRenderer:
             raise ContentLimitError("SMS renders empty", file=compiled.files[0], code="empty")
         return SmsContent(body=body, encoding=m.encoding, segments=m.segments)
 
-    def render_push(self, locale: str, v: dict, message_id: str | None = None) -> PushContent:
-        tc, bc = self._part(Part.PUSH_TITLE, locale), self._part(Part.PUSH_BODY, locale)
+    def render_push(self, locale: str, v: dict, message_id: str | None = None, *,
+                    variant: str | None = None) -> PushContent:
+        tc, bc = self._part(Part.PUSH_TITLE, locale, variant), self._part(Part.PUSH_BODY, locale, variant)
         title = _WS.sub(" ", self._run(tc, v)).strip()
         body = self._run(bc, v).strip()
         data: dict[str, str] = {}
-        dc = self._part(Part.PUSH_DATA, locale)
+        dc = self._part(Part.PUSH_DATA, locale, variant)
         if dc is not None:
             for key, (tpl, line) in dc.template.items():
                 try:
