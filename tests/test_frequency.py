@@ -72,3 +72,17 @@ def test_empty_buckets_and_thin_evidence():
     assert highest_safe_frequency(table, max_unsubscribe_rate=1.0) is None  # < 100 member-weeks
     with pytest.raises(ValueError):
         frequency_table([1], [False], [False], edges=(0, 2))
+
+
+def test_table_from_sql_style_counts_equals_the_table_from_member_weeks():
+    from membercare.optimise.frequency import frequency_table_from_counts
+
+    rng = np.random.default_rng(3)
+    messages = rng.integers(1, 11, size=2_000)
+    unsub = rng.random(2_000) < 0.01 * messages
+    compl = rng.random(2_000) < 0.002 * messages
+    counts = [(m, int((messages == m).sum()), int(unsub[messages == m].sum()), int(compl[messages == m].sum()))
+              for m in np.unique(messages).tolist()]
+    assert frequency_table_from_counts(counts) == frequency_table(messages, unsub, compl)
+    with pytest.raises(ValueError, match="inconsistent counts"):
+        frequency_table_from_counts([(2, 3, 4, 0)])

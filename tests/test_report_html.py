@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from test_reports import SINCE, UNTIL, build_world
+from test_attribution import T0
+from test_reports import SINCE, UNTIL, add_variant_test, build_world
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = "import sys, membercare.cli as c, membercare.cli.report; c.main(sys.argv[1:])"
@@ -30,7 +31,15 @@ def run_cli(*args: str, db_url: str, home: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def html_report(sqlite_engine, sqlite_url, tmp_path) -> Path:
-    build_world(sqlite_engine)
+    from datetime import timedelta
+
+    shop = build_world(sqlite_engine)
+    add_variant_test(shop)  # a variant test and its click/conversion posteriors
+    run = shop.run("news")
+    control = [shop.member() for _ in range(2)]  # two members in the global control group, one of whom buys
+    for m in control:
+        shop.message(run, m, variant="global_control", state="skipped", channel=None)
+    shop.order(control[0], T0 + timedelta(hours=5), total=2_000)
     out = tmp_path / "report.html"
     res = run_cli("report", "--since", SINCE.isoformat(), "--until", UNTIL.isoformat(), "--html", str(out),
                   db_url=sqlite_url, home=tmp_path / "home")
@@ -45,10 +54,14 @@ def test_html_is_self_contained_with_charts_and_figures(html_report):
     assert "<script" not in text.lower()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
     assert "@import" not in text and "url(http" not in text
-    assert text.count("<svg") >= 5  # funnel, revenue + rate, holdout, trends, tiers
-    # Attributed revenue NT$150 and SMS cost NT$3 (2 segments x NT$1.50 from templates/_layout/shop.yaml).
-    for figure in ("Funnel by campaign and channel", "Treated vs holdout", "Members by tier", "TWD 150", "TWD 3",
-                   "spring"):
+    # funnel, revenue + rate, holdout, lift, variant posteriors, frequency, trends, tiers
+    assert text.count("<svg") >= 8
+    # Attributed revenue NT$150 + NT$70 (the variant test's order) and SMS cost NT$3 (2 segments x NT$1.50 from
+    # templates/_layout/shop.yaml).
+    for figure in ("Funnel by campaign and channel", "Treated vs holdout", "Members by tier", "TWD 220", "TWD 3",
+                   "spring", "Lift with 95 % intervals", "visit lift (points)", "Variant tests", "promo",
+                   "P(best)", "no winner yet", "Opt-outs by weekly frequency", "Highest safe weekly frequency",
+                   "global control"):
         assert figure in text, figure
 
 

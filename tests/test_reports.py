@@ -7,12 +7,13 @@ from datetime import date, timedelta
 
 import pytest
 import sqlalchemy as sa
+from scipy import stats
 
 from membercare.delivery.contract import SmsContent
 from membercare.delivery.models import OutboxMessage, encode_contents
 from membercare.engagement.models import EngagementEventRow
 from membercare.models import Member
-from membercare.optimise.lift import MeanSummary, binary_lift, mean_lift
+from membercare.optimise.lift import MeanSummary, binary_lift, mean_lift, wilson_interval
 from membercare.reports import ReportOptions, build_report
 from membercare.reports.sms import refresh_sms_segments
 from test_attribution import T0, Shop
@@ -154,3 +155,161 @@ def test_campaign_filter_and_json(world):
 def test_sms_segment_cache_is_filled_once(world):
     assert refresh_sms_segments(world.engine) == 1
     assert refresh_sms_segments(world.engine) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Experiment sections: visit lift, variants, frequency, programme lift against the global control group
+
+
+def _resolve_event_members(engine):
+    """What the receiver's store does on arrival: an event's member is its message's member."""
+    e, o = EngagementEventRow.__table__, OutboxMessage.__table__
+    with engine.begin() as c:
+        c.execute(sa.update(e).where(e.c.member_id.is_(None)).values(member_id=sa.select(o.c.member_id).where(
+            o.c.message_id == e.c.message_id).scalar_subquery()))
+
+
+def test_holdout_visit_rate_counts_clicks_and_site_visits_of_either_arm(world):
+    _resolve_event_members(world.engine)
+    (h,) = report(world.engine).holdouts
+    # m1 and m3 clicked their messages (m3 without an open event); no holdout member visited.
+    assert (h.treated_visitors, h.treated_n, h.holdout_visitors, h.holdout_n) == (2, 5, 0, 2)
+    assert h.visit.absolute_lift_ci == pytest.approx(binary_lift(2, 5, 0, 2).absolute_lift_ci)
+    # A holdout member's click without a message id (a site visit) counts for the holdout arm, inside the
+    # window only; so does a push tap.
+    with world.engine.connect() as c:
+        holdout_members = sorted(c.execute(sa.select(OutboxMessage.__table__.c.member_id).where(
+            OutboxMessage.__table__.c.variant == "holdout")).scalars())
+    m6, m7 = holdout_members
+    world.event(None, "clicked", T0 + timedelta(days=2), member=m6)
+    world.event(None, "push_opened", T0 + timedelta(days=8), member=m7)  # after the 7-day window
+    (h,) = report(world.engine, refresh=False).holdouts
+    assert (h.holdout_visitors, h.visit.control_rate) == (1, 0.5)
+
+
+def add_variant_test(s: Shop) -> dict[str, int]:
+    """Campaign 'promo' with variants a and b over two runs (and holdout rows, which are not a variant)."""
+    members = [s.member() for _ in range(30)]
+    r1 = s.run("promo", occurrence="2026-11-01")
+    r2 = s.run("promo", occurrence="2026-11-02")
+    earlier = T0 - timedelta(hours=12)
+    for i, m in enumerate(members[:20]):
+        mid = s.message(r1, m, variant="a" if i < 10 else "b", at=earlier)
+        if i < 6 or i == 10:  # a: 6 clicks of 10; b: 1 click of 10
+            s.event(mid, "clicked", earlier + timedelta(hours=1))
+    for i, m in enumerate(members[20:28]):
+        mid = s.message(r2, m, variant="a" if i < 6 else "b")
+    s.message(r2, members[28], variant="b", state="skipped", channel=None)  # planned, not sent
+    s.message(r2, members[29], variant="holdout", state="skipped", channel=None)
+    s.order(members[0], earlier + timedelta(hours=2), total=7_000)  # credited to a's click
+    return {"a_sends": 16, "b_sends": 12}
+
+
+def test_variant_section_posteriors_shares_and_promotion(engine):
+    s = Shop(engine)
+    add_variant_test(s)
+    (v,) = report(engine).variants
+    assert (v.campaign, v.goal, v.latest_occurrence, v.winner) == ("promo", "click", "2026-11-02", None)
+    a, b = v.variants
+    assert (a.name, a.rows, a.sends, a.clicks, a.conversions, a.revenue_minor) == ("a", 16, 16, 6, 1, 7_000)
+    assert (b.name, b.rows, b.sends, b.clicks, b.conversions) == ("b", 13, 12, 1, 0)
+    # Beta(1 + successes, 1 + failures) on clicks per sent message.
+    assert (a.posterior_alpha, a.posterior_beta, b.posterior_alpha, b.posterior_beta) == (7, 11, 2, 12)
+    assert a.posterior_mean == pytest.approx(7 / 18)
+    assert a.credible_interval == pytest.approx((stats.beta.ppf(0.025, 7, 11), stats.beta.ppf(0.975, 7, 11)))
+    assert a.p_best > 0.95 and a.p_best + b.p_best == pytest.approx(1.0)
+    # The latest run's realised shares (planned rows, holdout excluded): a 6 of 9, b 3 of 9.
+    assert (a.latest_share, b.latest_share) == (pytest.approx(6 / 9), pytest.approx(3 / 9))
+    # Too few sends to promote (bandit.DEFAULT_MIN_SENDS): shares keep the 5 % floor and a note says why.
+    assert a.next_share + b.next_share == pytest.approx(1.0) and b.next_share >= 0.05
+    assert any("sends" in n for n in v.notes)
+    # The campaign's own goal and threshold (campaign.yaml optimise.variants) are used when given.
+    (v,) = report(engine, refresh=False, variant_settings={"promo": {"goal": "conversion", "floor": 0.1,
+                                                                      "names": ["b", "a"]}}).variants
+    assert [x.name for x in v.variants] == ["b", "a"] and v.goal == "conversion" and v.floor == 0.1
+    assert (v.variants[1].posterior_alpha, v.variants[1].posterior_beta) == (2, 16)
+    data = json.loads(json.dumps(report(engine, refresh=False).to_dict()))
+    assert data["variants"][0]["variants"][0]["name"] == "a"
+
+
+def test_variant_section_shows_what_planning_recorded(engine):
+    s = Shop(engine)
+    add_variant_test(s)
+    va = sa.table("variant_allocations", *(sa.column(c) for c in (
+        "campaign", "occurrence", "as_of", "goal", "names", "shares", "winner", "reason", "report", "created_at")))
+    with engine.begin() as c:
+        c.execute(sa.insert(va), dict(campaign="promo", occurrence="2026-11-02", as_of=T0, goal="click", names="a,b",
+                                      shares=json.dumps({"a": 0.7, "b": 0.3}), winner=None,
+                                      reason="bandit: P(best) a 0.93", report="{}", created_at=T0))
+    (v,) = report(engine).variants
+    assert [x.planned_share for x in v.variants] == [0.7, 0.3]
+    assert (v.promoted, v.plan_reason) == (None, "bandit: P(best) a 0.93")
+
+
+def test_frequency_section_counts_member_weeks_by_messages_received(engine):
+    s = Shop(engine)
+    m1, m2, m3, m4 = (s.member() for _ in range(4))
+    run = s.run("news")
+    day = timedelta(days=1)
+    first = s.message(run, m1, at=T0)
+    s.message(run, m1, at=T0 + day)
+    s.message(run, m1, at=T0 + 2 * day)
+    s.event(first, "unsubscribed", T0 + 3 * day, member=m1)
+    s.message(run, m2, at=T0)
+    s.event(None, "complained", T0 + timedelta(hours=1), member=m2)
+    s.message(run, m3, at=T0)
+    s.message(run, m4, at=T0)
+    s.message(run, m4, at=T0 + 7 * day)  # the next week (Taipei)
+    s.message(run, m4, at=T0 + 2 * day, state="skipped", channel=None)  # not received: not counted
+    s.event(None, "unsubscribed", T0 - 2 * day, member=m3)  # a week without messages: not attributed
+    f = report(engine, max_unsubscribe_rate=0.99, max_complaint_rate=None, min_member_weeks=1).frequency
+    one, two, three = f.buckets[:3]
+    assert (one.label, one.member_weeks, one.messages, one.unsubscribes, one.complaints) == ("1", 4, 4, 0, 1)
+    assert (two.member_weeks, three.member_weeks, three.unsubscribes, three.complaints) == (0, 1, 1, 0)
+    assert three.unsubscribe_rate_ci == pytest.approx(wilson_interval(1, 1))
+    assert (f.member_weeks, f.messages) == (5, 7)
+    # The scan stops at the empty bucket 2; with a complaint ceiling, bucket 1 already fails (1 in 4).
+    assert f.highest_safe == 1
+    f = report(engine, refresh=False, max_unsubscribe_rate=0.99, max_complaint_rate=0.5, min_member_weeks=1).frequency
+    assert f.highest_safe is None
+
+
+def test_programme_lift_against_the_global_control_group(engine):
+    s = Shop(engine)
+    m1, m2, m3, m4, m5, m6 = (s.member() for _ in range(6))
+    a, b = s.run("a"), s.run("b")
+    for m in (m1, m2, m3, m4):
+        s.message(a, m)
+    s.message(b, m1, at=T0 + timedelta(days=1))
+    for m in (m5, m6):
+        s.message(a, m, variant="global_control", state="skipped", channel=None)
+        s.message(b, m, variant="global_control", state="skipped", channel=None, at=T0 + timedelta(days=1))
+    s.message(a, m4, variant="holdout", state="skipped", channel=None, campaign="c")  # a holdout is still marketed
+    s.order(m1, T0 + timedelta(hours=2), total=10_000)
+    s.order(m2, T0 - timedelta(hours=1), total=9_000)  # before the member's first message: not counted
+    s.order(m3, UNTIL + timedelta(hours=1), total=9_000)  # after the period: not counted
+    s.order(m5, T0 + timedelta(hours=3), total=4_000)
+    r = report(engine)
+    p = r.programme
+    assert (p.treated_n, p.treated_converters, p.treated_revenue_minor) == (4, 1, 10_000)
+    assert (p.control_n, p.control_converters, p.control_revenue_minor) == (2, 1, 4_000)
+    assert p.conversion.absolute_lift_ci == pytest.approx(binary_lift(1, 4, 1, 2).absolute_lift_ci)
+    expected = mean_lift(MeanSummary.from_values([10_000, 0, 0, 0]), MeanSummary.from_values([4_000, 0]))
+    assert p.revenue.absolute_lift_ci == pytest.approx(expected.absolute_lift_ci)
+    # Global-control rows are neither in the funnel nor in a campaign's holdout comparison.
+    assert {(row.campaign, row.planned) for row in r.funnel} == {("a", 4), ("b", 1)}
+    (h,) = r.holdouts
+    assert (h.campaign, h.treated_n, h.holdout_n) == ("c", 0, 1) and h.conversion is None
+    assert report(engine, refresh=False, since=UNTIL, until=UNTIL + timedelta(days=1)).programme is None
+
+
+def test_variant_settings_come_from_the_campaigns_optimise_block():
+    from types import SimpleNamespace as NS
+
+    from membercare.reports.core import variant_settings_from_campaigns
+
+    campaigns = [NS(name="plain", optimise=NS(variants=None)),
+                 NS(name="promo", optimise=NS(variants=NS(names=("a", "b"), goal="conversion", floor=0.1,
+                                                          promote_at=0.9)))]
+    assert variant_settings_from_campaigns(campaigns) == {
+        "promo": {"names": ["a", "b"], "goal": "conversion", "floor": 0.1, "promote_at": 0.9}}

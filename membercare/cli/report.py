@@ -26,14 +26,17 @@ def _shop_sms_price(settings) -> int:
     return int((data.get("sms") or {}).get("price_per_segment_minor") or 0)
 
 
-def _segments(settings) -> dict[str, str]:
-    """Campaign name -> segment name (or ``trigger:<event>``) from the campaign definitions."""
+def _campaigns(settings) -> list:
     from membercare.campaigns import list_campaigns
 
     try:
-        campaigns = list_campaigns(settings)
+        return list_campaigns(settings)
     except Exception:  # a broken definition must not stop a report; the segment column stays empty
-        return {}
+        return []
+
+
+def _segments(campaigns) -> dict[str, str]:
+    """Campaign name -> segment name (or ``trigger:<event>``) from the campaign definitions."""
     out = {}
     for c in campaigns:
         if c.segment is not None:
@@ -58,10 +61,16 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
     refresh: bool = typer.Option(True, "--refresh/--no-refresh", help="Recompute attributions for the period "
                                  "first (default) or report on the stored ones."),
+    max_unsubscribe_rate: float = typer.Option(0.005, "--max-unsubscribe-rate", min=0.0, max=1.0,
+                                               help="Frequency section: weekly unsubscribe-rate ceiling per member."),
+    max_complaint_rate: float = typer.Option(0.001, "--max-complaint-rate", min=0.0, max=1.0,
+                                             help="Frequency section: weekly complaint-rate ceiling per member."),
 ) -> None:
-    """Funnel per campaign x segment x channel, treated vs holdout lift, shop KPIs and trends."""
+    """Funnel per campaign x segment x channel, treated vs holdout lift, variant tests, frequency evidence,
+    programme lift, shop KPIs and trends."""
     from membercare.engagement.attribution import AttributionSettings
     from membercare.reports import ReportOptions, build_report
+    from membercare.reports.core import variant_settings_from_campaigns
     from membercare.timeutil import parse_as_of
 
     settings = state.settings
@@ -79,12 +88,14 @@ def report(
     if not window_days > 0:
         raise InputError("--window-days must be positive")
     attribution = AttributionSettings(window=timedelta(days=window_days), model=model)
+    campaigns = _campaigns(settings)
     if touch:
         attribution = attribution.with_level(touch)
     options = ReportOptions(
         since=start, until=end, campaign=campaign, granularity=by, timezone=settings.shop_timezone,
         attribution=attribution, sms_price_minor=_shop_sms_price(settings), currency=settings.shop_currency,
-        segments=_segments(settings), refresh=refresh,
+        segments=_segments(campaigns), refresh=refresh, variant_settings=variant_settings_from_campaigns(campaigns),
+        max_unsubscribe_rate=max_unsubscribe_rate, max_complaint_rate=max_complaint_rate,
     )
     engine = migrated_engine()
     if campaign:
@@ -140,19 +151,9 @@ def _print(rep) -> None:
                   style="bold" if r is rep.totals else None)
     console.print(t)
 
-    if rep.holdouts:
-        t = Table(title="Treated vs holdout (conversion within the window after the planned send)")
-        for col in ("campaign", "treated", "conv.", "holdout", "conv.", "lift (pts)", "95% CI", "significant",
-                    "revenue/member lift"):
-            t.add_column(col, justify="left" if col == "campaign" else "right")
-        for h in rep.holdouts:
-            c = h.conversion
-            t.add_row(h.campaign, f"{h.treated_n:,}", _pct(c.treated_rate, 2) if c else "-", f"{h.holdout_n:,}",
-                      _pct(c.control_rate, 2) if c else "-", f"{100 * c.absolute_lift:+.2f}" if c else "-",
-                      f"{100 * c.absolute_lift_ci[0]:+.2f} .. {100 * c.absolute_lift_ci[1]:+.2f}" if c else "-",
-                      ("yes" if c.significant else "no") if c else "-",
-                      _money(h.revenue.absolute_lift, cur) if h.revenue else "-")
-        console.print(t)
+    from membercare.reports.text import print_experiments
+
+    print_experiments(console, rep)  # treated vs holdout (visit, conversion, revenue), programme, variants, frequency
 
     k = rep.kpis
     t = Table(title=f"Shop KPIs (as of {k.as_of:%Y-%m-%d}, trailing {k.window_days} days)")

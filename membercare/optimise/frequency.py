@@ -108,23 +108,45 @@ class FrequencyBucket:
 
 def frequency_table(messages, unsubscribed, complained, *, edges: Sequence[int] = DEFAULT_EDGES,
                     confidence: float = 0.95) -> list[FrequencyBucket]:
-    """The rate table, one row per bucket (empty buckets included, with nan rates)."""
+    """The rate table from per-member-week arrays, one row per bucket (empty buckets included, with nan rates)."""
     msg = np.asarray(messages, dtype=np.int64)
     uns = np.asarray(unsubscribed, dtype=bool)
     com = np.asarray(complained, dtype=bool)
     if not (msg.shape == uns.shape == com.shape):
         raise ValueError("messages, unsubscribed and complained must have the same length")
+    if msg.size == 0:
+        return frequency_table_from_counts([], edges=edges, confidence=confidence)
+    values, inverse = np.unique(msg, return_inverse=True)
+    n = np.bincount(inverse, minlength=values.size)
+    u = np.bincount(inverse, weights=uns, minlength=values.size)
+    c = np.bincount(inverse, weights=com, minlength=values.size)
+    counts = [(int(values[i]), int(n[i]), int(u[i]), int(c[i])) for i in range(values.size)]
+    return frequency_table_from_counts(counts, edges=edges, confidence=confidence)
+
+
+def frequency_table_from_counts(counts, *, edges: Sequence[int] = DEFAULT_EDGES,
+                                confidence: float = 0.95) -> list[FrequencyBucket]:
+    """The rate table from aggregates: ``(messages, member_weeks, unsubscribing member-weeks, complaining
+    member-weeks)`` per exact weekly message count, as one SQL ``GROUP BY messages`` returns them (the report
+    uses this, so no member-week is loaded into Python)."""
     edges = [int(e) for e in edges]
     if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
         raise ValueError("edges must be strictly increasing integers >= 1")
+    rows_in = []
+    for messages, weeks, unsubs, complaints in counts:
+        messages, weeks, unsubs, complaints = int(messages), int(weeks), int(unsubs), int(complaints)
+        if messages < 1 or weeks < 0 or not (0 <= unsubs <= weeks and 0 <= complaints <= weeks):
+            raise ValueError(f"inconsistent counts for {messages} messages: {weeks} member-weeks, "
+                             f"{unsubs} unsubscribes, {complaints} complaints")
+        rows_in.append((messages, weeks, unsubs, complaints))
     rows = []
     for i, lo in enumerate(edges):
         hi = edges[i + 1] - 1 if i + 1 < len(edges) else None
-        sel = (msg >= lo) if hi is None else ((msg >= lo) & (msg <= hi))
-        n = int(sel.sum())
-        m = int(msg[sel].sum())
-        u = int(uns[sel].sum())
-        c = int(com[sel].sum())
+        sel = [r for r in rows_in if r[0] >= lo and (hi is None or r[0] <= hi)]
+        n = sum(r[1] for r in sel)
+        m = sum(r[0] * r[1] for r in sel)
+        u = sum(r[2] for r in sel)
+        c = sum(r[3] for r in sel)
         label = f"{lo}+" if hi is None else (str(lo) if hi == lo else f"{lo}-{hi}")
         rows.append(FrequencyBucket(
             label=label, min_messages=lo, max_messages=hi, member_weeks=n, messages=m,

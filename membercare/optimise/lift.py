@@ -259,8 +259,9 @@ class HillstromData:
     """The Hillstrom MineThatData e-mail experiment as column arrays (one element per customer).
 
     ``customer`` is the 1-based row number (a stable synthetic member id). ``spend_minor`` is the
-    two-week spend in cents. A later step inserts these as members, messages (the two e-mail arms) and
-    outcomes (visits, orders); :meth:`records` yields plain dicts for that.
+    two-week spend in cents. :mod:`membercare.optimise.hillstrom` loads the file as members, messages (the
+    two e-mail arms, the No E-Mail group as their holdout) and outcomes (visits, orders) for the ordinary
+    report; this in-memory form is the reference it is checked against.
     """
 
     customer: np.ndarray  # int64

@@ -1,4 +1,5 @@
-"""Campaign reports computed with SQL aggregates: funnel, holdout lift, shop KPIs and trends.
+"""Campaign reports computed with SQL aggregates: funnel, holdout lift, variant tests, frequency evidence,
+programme lift, shop KPIs and trends.
 
 Nothing here loads events or orders into Python: every figure is a ``GROUP BY`` in the database, and
 Python only shapes the (few) result rows and runs the lift statistics on their sums. The definitions
@@ -15,9 +16,17 @@ are in ``docs/reports.md``; the headline ones:
   replies, one-click unsubscribes), the member's latest message sent on that channel within the
   attribution window before it. SMS segments are summed over sent SMS; cost = segments x price.
 * **Holdout vs treated**: intent to treat. Every row of a campaign with a holdout is in an arm (holdout
-  rows vs all others, sent or not); the outcome is a purchase within the attribution window after the
-  row's ``scheduled_at``. Lift with :mod:`membercare.optimise.lift` (Newcombe interval for conversion,
-  Welch for revenue per member).
+  rows vs all others, sent or not; global-control rows in neither); the outcomes are a visit (a click or
+  push tap of the member, on any message or none), a purchase, and the purchases' revenue within the
+  attribution window after the row's ``scheduled_at``. Lift with :mod:`membercare.optimise.lift` (Newcombe
+  interval for rates, Welch for revenue per member).
+* **Programme lift**: members with marketing rows vs the global control group (``global_control`` rows),
+  purchases from the member's first row of the period to ``until``.
+* **Variants**: per campaign with template variants, sends, clicks and credited conversions per variant,
+  Beta posteriors on the goal, P(best), realised and next shares (:mod:`membercare.optimise.bandit`).
+* **Frequency**: member-weeks by marketing messages received, with the weeks' unsubscribe and complaint
+  rates (Wilson intervals) and the highest weekly count the evidence allows
+  (:mod:`membercare.optimise.frequency`).
 * **KPIs** as of ``until`` over the trailing ``active_days`` (365): active members (at least one purchase),
   repurchase rate (buyers with two or more purchases / buyers), average order value, purchase frequency,
   members by tier, and an estimated customer lifetime value
@@ -42,7 +51,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import is_sqlite
 from membercare.delivery.models import OutboxMessage, OutboxState
-from membercare.delivery.planner import HOLDOUT
+from membercare.delivery.planner import GLOBAL_CONTROL, HOLDOUT
 from membercare.engagement.attribution import (
     AttributionResult,
     AttributionSettings,
@@ -54,6 +63,8 @@ from membercare.engagement.events import EventKind, InboundCommand
 from membercare.engagement.models import EngagementEventRow
 from membercare.errors import InputError
 from membercare.models import PURCHASE_STATUSES, Member, Order, Tier
+from membercare.optimise import bandit
+from membercare.optimise.frequency import FrequencyBucket, frequency_table_from_counts, highest_safe_frequency
 from membercare.optimise.lift import BinaryLift, MeanLift, MeanSummary, binary_lift, mean_lift
 from membercare.timeutil import ensure_utc, utcnow
 
@@ -65,6 +76,9 @@ _DELIVERED = (EventKind.DELIVERED.value, EventKind.PUSH_RECEIVED.value)
 _OPENED = (EventKind.OPENED.value, EventKind.PUSH_OPENED.value)
 _CLICKED = (EventKind.CLICKED.value,)
 _OPTED_OUT = (EventKind.UNSUBSCRIBED.value, EventKind.COMPLAINED.value)
+# A visit: the member followed a link (any message, or a site visit recorded without one) or tapped a push.
+_VISITED = (EventKind.CLICKED.value, EventKind.PUSH_OPENED.value)
+_CONTROLS = (HOLDOUT, GLOBAL_CONTROL)
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,15 @@ class ReportOptions:
     max_lifetime_years: float = 10.0
     min_buyers_for_retention: int = 30
     confidence: float = 0.95
+    # Variant tests: campaign -> {"goal": "click"|"conversion", "floor": f, "promote_at": p} (campaign.yaml's
+    # optimise.variants); campaigns not listed use the bandit's defaults (click, 5 %, 0.95).
+    variant_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Frequency section: the ceilings of the weekly unsubscribe and complaint rates (per member-week) under
+    # which a weekly message count counts as safe, and the buckets' lower edges.
+    max_unsubscribe_rate: float = 0.005
+    max_complaint_rate: float | None = 0.001
+    frequency_edges: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    min_member_weeks: int = 100
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "since", ensure_utc(self.since))
@@ -137,6 +160,70 @@ class HoldoutRow:
     holdout_revenue_minor: int
     conversion: BinaryLift | None  # None when an arm is empty
     revenue: MeanLift | None  # revenue per member (minor units); None when an arm has < 2 members
+    treated_visitors: int = 0  # rows whose member visited (a click or push tap) within the window
+    holdout_visitors: int = 0
+    visit: BinaryLift | None = None  # visit (click) rate lift; None when an arm is empty
+
+
+@dataclass
+class VariantRow:
+    """One variant of a campaign's A/B/n test over the period: results, posterior and shares."""
+
+    name: str
+    rows: int  # outbox rows assigned this variant (sent or not)
+    sends: int
+    clicks: int  # sent messages with a click (or push tap)
+    conversions: int  # sent messages credited with an order by the attribution model
+    revenue_minor: int
+    posterior_alpha: float
+    posterior_beta: float
+    posterior_mean: float
+    credible_interval: tuple[float, float]
+    p_best: float
+    next_share: float  # the bandit's share for the next run (floor applied; 1/0 after promotion)
+    latest_share: float | None  # realised share of rows in the campaign's latest run of the period
+    planned_share: float | None = None  # the share planning recorded for that run (variant_allocations)
+
+
+@dataclass
+class VariantSection:
+    campaign: str
+    goal: str
+    floor: float
+    promote_at: float
+    latest_occurrence: str | None
+    winner: str | None  # P(best) >= promote_at with enough sends: the bandit promotes it
+    promoted: str | None  # the winner planning recorded for the latest run (variant_allocations)
+    variants: list[VariantRow]
+    notes: list[str] = field(default_factory=list)
+    plan_reason: str | None = None  # how planning decided the latest run's shares (uniform, bandit, promoted)
+
+
+@dataclass
+class FrequencySection:
+    """Weekly unsubscribe and complaint rates against marketing messages received per member that week."""
+
+    buckets: list[FrequencyBucket]
+    max_unsubscribe_rate: float
+    max_complaint_rate: float | None
+    min_member_weeks: int
+    highest_safe: int | None  # the highest weekly message count whose evidence stays under the ceilings
+    member_weeks: int
+    messages: int
+
+
+@dataclass
+class ProgrammeLift:
+    """Everyone the marketing programme selected versus the global control group (no marketing at all)."""
+
+    treated_n: int
+    treated_converters: int
+    treated_revenue_minor: int
+    control_n: int
+    control_converters: int
+    control_revenue_minor: int
+    conversion: BinaryLift | None
+    revenue: MeanLift | None
 
 
 @dataclass
@@ -184,6 +271,9 @@ class Report:
     kpis: Kpis
     trends: list[TrendPoint]
     attribution: AttributionResult | None = None
+    variants: list[VariantSection] = field(default_factory=list)
+    frequency: FrequencySection | None = None
+    programme: ProgrammeLift | None = None
 
     def to_dict(self) -> dict[str, Any]:
         o = self.options
@@ -195,6 +285,9 @@ class Report:
             "funnel": [asdict(r) for r in self.funnel], "totals": asdict(self.totals),
             "holdouts": [asdict(h) for h in self.holdouts], "kpis": asdict(self.kpis),
             "trends": [asdict(t) for t in self.trends],
+            "variants": [asdict(v) for v in self.variants],
+            "frequency": asdict(self.frequency) if self.frequency else None,
+            "programme": asdict(self.programme) if self.programme else None,
         })
 
 
@@ -231,7 +324,9 @@ def build_report(engine: Engine, options: ReportOptions) -> Report:
             totals.add(row)
         return Report(options=options, generated_at=utcnow(), funnel=funnel, totals=totals,
                       holdouts=holdout_rows(conn, options), kpis=kpis(conn, options),
-                      trends=trends(conn, options), attribution=attribution)
+                      trends=trends(conn, options), attribution=attribution,
+                      variants=variant_sections(conn, options), frequency=frequency_section(conn, options),
+                      programme=programme_lift(conn, options))
 
 
 def _scope(options: ReportOptions, table=O) -> list:
@@ -291,7 +386,7 @@ def funnel_rows(conn: Connection, options: ReportOptions) -> list[FunnelRow]:
         _flag(E.c.kind.in_(_CLICKED)).label("clicked"),
         _flag(E.c.kind.in_(_OPTED_OUT)).label("opted_out"),
     ).select_from(O.outerjoin(E, E.c.message_id == O.c.message_id)).where(
-        *_scope(options), sa.or_(O.c.variant.is_(None), O.c.variant != HOLDOUT),
+        *_scope(options), sa.or_(O.c.variant.is_(None), O.c.variant.not_in(_CONTROLS)),
     ).group_by(O.c.id, O.c.campaign, channel, O.c.state).subquery("per_message")
     pm_outbox = O.alias("pm_outbox")
     sent = per_message.c.state == OutboxState.SENT.value
@@ -330,23 +425,51 @@ def funnel_rows(conn: Connection, options: ReportOptions) -> list[FunnelRow]:
 # Holdout vs treated
 
 
+def _visited(conn: Connection, member_id, start, seconds: int) -> sa.Exists:
+    """A visit of the member within ``[start, start + window)``: a click (on any message, or a site visit
+    recorded without one) or a push tap. Correlated ``EXISTS`` on the (member_id, occurred_at) index."""
+    return sa.exists().where(E.c.member_id == member_id, E.c.kind.in_(_VISITED),
+                             within_window(conn, E.c.occurred_at, start, seconds))
+
+
+def _arm_lifts(t, c, options: ReportOptions, successes: str = "converters", *, revenue: bool = True) -> tuple[
+        BinaryLift | None, MeanLift | None]:
+    """Binary lift of ``successes`` and (with ``revenue``) Welch lift of revenue per member from two arms'
+    aggregate rows (``n``, successes, ``revenue``, ``revenue_sq``); None where an arm is too small."""
+    tn, cn = (int(t.n) if t else 0), (int(c.n) if c else 0)
+    ts, cs = (int(getattr(t, successes)) if t else 0), (int(getattr(c, successes)) if c else 0)
+    binary = binary_lift(ts, tn, cs, cn, confidence=options.confidence) if tn and cn else None
+    money = None
+    if revenue and tn >= 2 and cn >= 2:
+        money = mean_lift(MeanSummary.from_sums(tn, _num(t.revenue), _num(t.revenue_sq)),
+                          MeanSummary.from_sums(cn, _num(c.revenue), _num(c.revenue_sq)),
+                          confidence=options.confidence)
+    return binary, money
+
+
 def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
+    """Treated vs holdout per campaign with holdout rows (intent to treat; global-control rows are in neither arm)."""
     o = Order.__table__
+    seconds = options.attribution.window_seconds
     held = sa.select(O.c.campaign).where(*_scope(options), O.c.variant == HOLDOUT).distinct()
     is_holdout = sa.case((O.c.variant == HOLDOUT, 1), else_=0)
     per_row = sa.select(
-        O.c.id, O.c.campaign, is_holdout.label("holdout"),
+        O.c.id, O.c.campaign, O.c.member_id, O.c.scheduled_at, is_holdout.label("holdout"),
         sa.func.coalesce(sa.func.sum(o.c.total_minor), 0).label("revenue"), sa.func.count(o.c.id).label("orders"),
     ).select_from(O.outerjoin(o, sa.and_(
         o.c.member_id == O.c.member_id, o.c.status.in_(PURCHASE_STATUSES),
-        within_window(conn, o.c.placed_at, O.c.scheduled_at, options.attribution.window_seconds),
-    ))).where(*_scope(options), O.c.campaign.in_(held)).group_by(O.c.id, O.c.campaign, is_holdout).subquery("per_row")
+        within_window(conn, o.c.placed_at, O.c.scheduled_at, seconds),
+    ))).where(
+        *_scope(options), O.c.campaign.in_(held),
+        sa.or_(O.c.variant.is_(None), O.c.variant != GLOBAL_CONTROL),
+    ).group_by(O.c.id, O.c.campaign, O.c.member_id, O.c.scheduled_at, is_holdout).subquery("per_row")
     # Squares summed exactly on PostgreSQL (numeric); SQLite has no big integers, so doubles there.
     big = sa.Float if is_sqlite(conn) else sa.Numeric
     rev = sa.cast(per_row.c.revenue, big)
     query = sa.select(
         per_row.c.campaign, per_row.c.holdout, sa.func.count().label("n"),
         _sum_if(per_row.c.orders > 0).label("converters"),
+        _sum_if(_visited(conn, per_row.c.member_id, per_row.c.scheduled_at, seconds)).label("visitors"),
         sa.func.coalesce(sa.func.sum(per_row.c.revenue), 0).label("revenue"),
         sa.func.coalesce(sa.func.sum(rev * rev), 0).label("revenue_sq"),
     ).group_by(per_row.c.campaign, per_row.c.holdout)
@@ -356,18 +479,14 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
     out = []
     for campaign in sorted(arms):
         t, h = arms[campaign].get(0), arms[campaign].get(1)
-        tn, hn = (int(t.n) if t else 0), (int(h.n) if h else 0)
-        tc, hc = (int(t.converters) if t else 0), (int(h.converters) if h else 0)
-        conversion = binary_lift(tc, tn, hc, hn, confidence=options.confidence) if tn and hn else None
-        revenue = None
-        if tn >= 2 and hn >= 2:
-            revenue = mean_lift(MeanSummary.from_sums(tn, _num(t.revenue), _num(t.revenue_sq)),
-                                MeanSummary.from_sums(hn, _num(h.revenue), _num(h.revenue_sq)),
-                                confidence=options.confidence)
+        conversion, revenue = _arm_lifts(t, h, options)
+        visit, _ = _arm_lifts(t, h, options, "visitors", revenue=False)
         out.append(HoldoutRow(
-            campaign=campaign, segment=options.segments.get(campaign), treated_n=tn, treated_converters=tc,
-            treated_revenue_minor=int(t.revenue) if t else 0, holdout_n=hn, holdout_converters=hc,
-            holdout_revenue_minor=int(h.revenue) if h else 0, conversion=conversion, revenue=revenue))
+            campaign=campaign, segment=options.segments.get(campaign), treated_n=int(t.n) if t else 0,
+            treated_converters=int(t.converters) if t else 0, treated_revenue_minor=int(t.revenue) if t else 0,
+            holdout_n=int(h.n) if h else 0, holdout_converters=int(h.converters) if h else 0,
+            holdout_revenue_minor=int(h.revenue) if h else 0, conversion=conversion, revenue=revenue,
+            treated_visitors=int(t.visitors) if t else 0, holdout_visitors=int(h.visitors) if h else 0, visit=visit))
     return out
 
 
@@ -376,6 +495,203 @@ def _num(value):
     if isinstance(value, float):
         return int(value) if value.is_integer() and abs(value) < 2**53 else value
     return int(value)  # int, or an integral Decimal from PostgreSQL's numeric
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Variants (A/B/n tests)
+
+
+def variant_settings_from_campaigns(campaigns) -> dict[str, dict[str, Any]]:
+    """``ReportOptions.variant_settings`` from campaign definitions (their ``optimise.variants`` blocks)."""
+    out = {}
+    for c in campaigns:
+        test = getattr(getattr(c, "optimise", None), "variants", None)
+        if test is not None:
+            out[c.name] = {"names": list(test.names), "goal": test.goal, "floor": test.floor,
+                           "promote_at": test.promote_at}
+    return out
+
+
+def _recorded_allocations(conn: Connection, campaigns: list[str]) -> dict[tuple[str, str], Any]:
+    """What planning recorded per occurrence (``variant_allocations``, written by
+    :mod:`membercare.optimise.planning`): shares, promoted winner and why. Empty when the table is absent."""
+    if "variant_allocations" not in set(sa.inspect(conn).get_table_names()):
+        return {}
+    va = sa.table("variant_allocations", sa.column("campaign"), sa.column("occurrence"), sa.column("shares"),
+                  sa.column("winner"), sa.column("reason"))
+    return {(r.campaign, r.occurrence): r for r in conn.execute(
+        sa.select(va.c.campaign, va.c.occurrence, va.c.shares, va.c.winner, va.c.reason).where(
+            va.c.campaign.in_(campaigns)))}
+
+
+def _shares(text: str | None) -> dict[str, float]:
+    import json
+
+    try:
+        data = json.loads(text or "{}")
+        return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def variant_sections(conn: Connection, options: ReportOptions) -> list[VariantSection]:
+    """Per campaign with template variants in the period: sends, clicks and credited conversions per variant
+    (SQL), each variant's Beta posterior on the campaign's goal, P(best) and the bandit's next shares
+    (:func:`membercare.optimise.bandit.allocate`), and the realised shares of the latest run."""
+    r = sa.table("campaign_runs", sa.column("id"), sa.column("occurrence"))
+    credit = sa.select(
+        A.c.message_id, sa.func.count().label("orders"), sa.func.sum(A.c.revenue_minor).label("revenue"),
+    ).where(A.c.model == options.attribution.model.value, A.c.conversion_type == ConversionType.ORDER.value
+            ).group_by(A.c.message_id).subquery("variant_credit")
+    sent = O.c.state == OutboxState.SENT.value
+    clicked = sa.exists().where(E.c.message_id == O.c.message_id, E.c.kind.in_(_VISITED))
+    is_variant = [O.c.variant.is_not(None), O.c.variant.not_in(_CONTROLS)]
+    query = sa.select(
+        O.c.campaign, O.c.variant, sa.func.count().label("rows"), _sum_if(sent).label("sends"),
+        _sum_if(sa.and_(sent, clicked)).label("clicks"),
+        _sum_if(sa.and_(sent, credit.c.orders > 0)).label("conversions"),
+        sa.func.coalesce(sa.func.sum(credit.c.revenue), 0).label("revenue"),
+    ).select_from(O.outerjoin(credit, credit.c.message_id == O.c.message_id)).where(
+        *_scope(options), *is_variant).group_by(O.c.campaign, O.c.variant)
+    per_campaign: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(query):
+        per_campaign.setdefault(row.campaign, {})[row.variant] = row
+    if not per_campaign:
+        return []
+    latest_ids = sa.select(O.c.campaign, sa.func.max(O.c.run_id).label("run_id")).where(
+        *_scope(options), *is_variant).group_by(O.c.campaign).subquery("latest_run")
+    latest: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(
+        sa.select(latest_ids.c.campaign, r.c.occurrence, O.c.variant, sa.func.count().label("n"))
+        .select_from(latest_ids.join(r, r.c.id == latest_ids.c.run_id).join(O, O.c.run_id == latest_ids.c.run_id))
+        .where(*is_variant).group_by(latest_ids.c.campaign, r.c.occurrence, O.c.variant)
+    ):
+        info = latest.setdefault(row.campaign, {"occurrence": row.occurrence, "rows": {}})
+        info["rows"][row.variant] = int(row.n)
+    recorded = _recorded_allocations(conn, sorted(per_campaign))
+
+    out = []
+    for campaign in sorted(per_campaign):
+        found = per_campaign[campaign]
+        conf = dict(options.variant_settings.get(campaign) or {})
+        goal = conf.get("goal", "click")
+        configured = [n for n in conf.get("names", ()) if n in found]
+        names = configured + sorted(n for n in found if n not in configured)
+        successes = "clicks" if goal == "click" else "conversions"
+        stats_ = [bandit.VariantStats(n, int(found[n].sends), int(getattr(found[n], successes))) for n in names]
+        floor = min(float(conf.get("floor", bandit.DEFAULT_FLOOR)), 1.0 / len(names))
+        threshold = float(conf.get("promote_at", bandit.DEFAULT_THRESHOLD))
+        alloc = bandit.allocate(stats_, goal=goal, floor=floor, threshold=threshold,
+                                seed=bandit.seed_for(campaign, f"report:{options.until.isoformat()}"),
+                                confidence=options.confidence)
+        info = latest.get(campaign, {"occurrence": None, "rows": {}})
+        total = sum(info["rows"].values())
+        plan = recorded.get((campaign, info["occurrence"]))
+        planned = _shares(plan.shares) if plan is not None else {}
+        rows = []
+        for v in alloc.variants:
+            f = found[v.name]
+            rows.append(VariantRow(
+                name=v.name, rows=int(f.rows), sends=int(f.sends), clicks=int(f.clicks), conversions=int(f.conversions),
+                revenue_minor=int(f.revenue), posterior_alpha=v.posterior_alpha, posterior_beta=v.posterior_beta,
+                posterior_mean=v.posterior_mean, credible_interval=v.credible_interval, p_best=v.p_best,
+                next_share=v.share, latest_share=info["rows"].get(v.name, 0) / total if total else None,
+                planned_share=planned.get(v.name)))
+        out.append(VariantSection(campaign=campaign, goal=goal, floor=floor, promote_at=threshold,
+                                  latest_occurrence=info["occurrence"], winner=alloc.winner if len(names) > 1 else None,
+                                  promoted=plan.winner if plan is not None else None,
+                                  plan_reason=plan.reason if plan is not None else None,
+                                  variants=rows, notes=list(alloc.notes)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Frequency: opt-out rates against messages received per member-week
+
+
+def frequency_section(conn: Connection, options: ReportOptions) -> FrequencySection:
+    """Member-weeks (ISO weeks in the shop's timezone) with at least one marketing message sent, grouped by the
+    number of messages, with the member-weeks that had an unsubscribe (or STOP) and a spam complaint.
+
+    All campaigns count (the frequency cap is cross-campaign), whatever ``options.campaign``.
+    """
+    from dataclasses import replace
+
+    weekly = replace(options, granularity="week")
+    week_o = bucket_expr(conn, O.c.sent_at, weekly)
+    mw = sa.select(O.c.member_id, week_o.label("week"), sa.func.count().label("messages")).where(
+        O.c.state == OutboxState.SENT.value, O.c.purpose == "marketing",
+        O.c.sent_at >= options.since, O.c.sent_at < options.until,
+    ).group_by(O.c.member_id, week_o).subquery("member_weeks")
+    week_e = bucket_expr(conn, E.c.occurred_at, weekly)
+    unsub = sa.or_(E.c.kind == EventKind.UNSUBSCRIBED.value,
+                   sa.and_(E.c.kind == EventKind.INBOUND.value, E.c.reason == InboundCommand.STOP.value))
+    complaint = E.c.kind == EventKind.COMPLAINED.value
+    opt = sa.select(E.c.member_id, week_e.label("week"), _flag(unsub).label("unsub"),
+                    _flag(complaint).label("complaint")).where(
+        E.c.member_id.is_not(None), sa.or_(unsub, complaint),
+        E.c.occurred_at >= options.since, E.c.occurred_at < options.until,
+    ).group_by(E.c.member_id, week_e).subquery("optouts")
+    query = sa.select(
+        mw.c.messages, sa.func.count().label("member_weeks"),
+        sa.func.coalesce(sa.func.sum(opt.c.unsub), 0).label("unsubscribes"),
+        sa.func.coalesce(sa.func.sum(opt.c.complaint), 0).label("complaints"),
+    ).select_from(mw.outerjoin(opt, sa.and_(opt.c.member_id == mw.c.member_id, opt.c.week == mw.c.week))
+                  ).group_by(mw.c.messages)
+    counts = [(int(m), int(n), int(u), int(c)) for m, n, u, c in conn.execute(query)]
+    buckets = frequency_table_from_counts(counts, edges=options.frequency_edges, confidence=options.confidence)
+    safe = highest_safe_frequency(buckets, max_unsubscribe_rate=options.max_unsubscribe_rate,
+                                  max_complaint_rate=options.max_complaint_rate,
+                                  min_member_weeks=options.min_member_weeks)
+    return FrequencySection(buckets=buckets, max_unsubscribe_rate=options.max_unsubscribe_rate,
+                            max_complaint_rate=options.max_complaint_rate, min_member_weeks=options.min_member_weeks,
+                            highest_safe=safe, member_weeks=sum(b.member_weeks for b in buckets),
+                            messages=sum(b.messages for b in buckets))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Programme lift: marketing versus the global control group
+
+
+def _epoch_ms(col):
+    return sa.cast(sa.func.round((sa.func.julianday(col) - 2440587.5) * 86400000.0), sa.BigInteger)
+
+
+def programme_lift(conn: Connection, options: ReportOptions) -> ProgrammeLift | None:
+    """Members with a marketing row in the period, split into the global control group (any
+    ``global_control`` row) and everyone else; outcome: purchases from the member's first row of the
+    period to ``until``. None when the period has no global-control rows. All campaigns count."""
+    period = [O.c.scheduled_at >= options.since, O.c.scheduled_at < options.until, O.c.purpose == "marketing"]
+    if conn.execute(sa.select(O.c.id).where(*period, O.c.variant == GLOBAL_CONTROL).limit(1)).first() is None:
+        return None
+    o = Order.__table__
+    pm = sa.select(
+        O.c.member_id, _flag(O.c.variant == GLOBAL_CONTROL).label("control"),
+        sa.func.min(O.c.scheduled_at).label("first_at"),
+    ).where(*period).group_by(O.c.member_id).subquery("programme_members")
+    # Column against column: SQLite's stored text may mix formats, so compare integer milliseconds there.
+    after = (_epoch_ms(o.c.placed_at) >= _epoch_ms(pm.c.first_at)) if is_sqlite(conn) else (
+        o.c.placed_at >= pm.c.first_at)
+    per_member = sa.select(
+        pm.c.member_id, pm.c.control, sa.func.coalesce(sa.func.sum(o.c.total_minor), 0).label("revenue"),
+        sa.func.count(o.c.id).label("orders"),
+    ).select_from(pm.outerjoin(o, sa.and_(
+        o.c.member_id == pm.c.member_id, o.c.status.in_(PURCHASE_STATUSES), after, o.c.placed_at < options.until,
+    ))).group_by(pm.c.member_id, pm.c.control).subquery("programme_outcomes")
+    big = sa.Float if is_sqlite(conn) else sa.Numeric
+    rev = sa.cast(per_member.c.revenue, big)
+    arms = {int(r.control): r for r in conn.execute(sa.select(
+        per_member.c.control, sa.func.count().label("n"), _sum_if(per_member.c.orders > 0).label("converters"),
+        sa.func.coalesce(sa.func.sum(per_member.c.revenue), 0).label("revenue"),
+        sa.func.coalesce(sa.func.sum(rev * rev), 0).label("revenue_sq"),
+    ).group_by(per_member.c.control))}
+    t, c = arms.get(0), arms.get(1)
+    conversion, revenue = _arm_lifts(t, c, options)
+    return ProgrammeLift(
+        treated_n=int(t.n) if t else 0, treated_converters=int(t.converters) if t else 0,
+        treated_revenue_minor=int(t.revenue) if t else 0, control_n=int(c.n) if c else 0,
+        control_converters=int(c.converters) if c else 0, control_revenue_minor=int(c.revenue) if c else 0,
+        conversion=conversion, revenue=revenue)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ header p{margin:0;color:#cbd2d9;font-size:13px}main{padding:20px 32px;max-width:
 .card .v{font-size:24px;font-weight:600}.card .l{font-size:12px;color:#616e7c;text-transform:uppercase;
 letter-spacing:.04em}.card .s{font-size:12px;color:#7b8794}
 section{background:#fff;border-radius:8px;padding:16px 18px;margin-bottom:18px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
-section h2{font-size:16px;margin:0 0 4px}section p.note{font-size:12px;color:#616e7c;margin:0 0 10px}
+section h2{font-size:16px;margin:0 0 4px}section h3{font-size:14px;margin:12px 0 2px}section p.note{font-size:12px;color:#616e7c;margin:0 0 10px}
 .charts{display:flex;flex-wrap:wrap;gap:18px}.chart svg{max-width:100%;height:auto}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{padding:5px 8px;text-align:right;
 border-bottom:1px solid #e4e7eb}th{background:#f5f7fa;font-weight:600}td.t,th.t{text-align:left}
@@ -248,6 +248,192 @@ def _kpi_table(report: Report) -> str:
     return "<table>" + "".join(f"<tr><td class='t'>{_e(a)}</td><td>{_e(b)}</td></tr>" for a, b in rows) + "</table>"
 
 
+def _lift_chart(report: Report):
+    """Absolute lift (percentage points) of visit and conversion rate per campaign, with 95 % intervals."""
+    import altair as alt
+
+    data = []
+    for h in report.holdouts:
+        for metric, lift in (("visit rate", h.visit), ("conversion rate", h.conversion)):
+            if lift is None:
+                continue
+            data.append({"campaign": h.campaign, "metric": metric, "lift": 100 * lift.absolute_lift,
+                         "lo": 100 * lift.absolute_lift_ci[0], "hi": 100 * lift.absolute_lift_ci[1]})
+    if not data:
+        return None
+    base = alt.Chart(alt.Data(values=data))
+    colour = alt.Color("metric:N", scale=alt.Scale(domain=["visit rate", "conversion rate"],
+                                                   range=["#72B7B2", "#4C78A8"]))
+    title = "lift vs holdout, percentage points (95 % interval)"
+    x = alt.X("lift:Q", title=title)
+    points = base.mark_point(filled=True, size=70).encode(
+        y=alt.Y("campaign:N", title=None), yOffset="metric:N", x=x, color=colour,
+        tooltip=["campaign:N", "metric:N", alt.Tooltip("lift:Q", format="+.2f"), alt.Tooltip("lo:Q", format="+.2f"),
+                 alt.Tooltip("hi:Q", format="+.2f")])
+    errs = base.mark_errorbar(ticks=True).encode(y=alt.Y("campaign:N"), yOffset="metric:N",
+                                                 x=alt.X("lo:Q", title=title), x2="hi:Q", color=colour)
+    zero = alt.Chart(alt.Data(values=[{"x": 0}])).mark_rule(color="#7b8794", strokeDash=[4, 3]).encode(x="x:Q")
+    return (errs + points + zero).properties(
+        width=520, height=max(70, 50 * len({d["campaign"] for d in data})), title="Lift with 95 % intervals")
+
+
+def _lift_cells(lift) -> tuple[str, str]:
+    if lift is None:
+        return "–", "–"
+    lo, hi = lift.absolute_lift_ci
+    return f"{100 * lift.absolute_lift:+.2f}", f"{100 * lo:+.2f} … {100 * hi:+.2f}"
+
+
+def _visit_table(report: Report) -> str:
+    head = ("campaign", "treated visited", "holdout visited", "visit lift (points)", "95 % interval", "relative",
+            "significant")
+    out = ["<table><tr>" + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
+           + "</tr>"]
+    for h in report.holdouts:
+        v = h.visit
+        lift, ci = _lift_cells(v)
+        cells = [h.campaign, f"{h.treated_visitors:,} ({_pct(v.treated_rate, 2) if v else '–'})",
+                 f"{h.holdout_visitors:,} ({_pct(v.control_rate, 2) if v else '–'})", lift, ci,
+                 _pct(v.relative_lift) if v and v.relative_lift is not None else "–",
+                 ("yes" if v.significant else "no") if v else "–"]
+        out.append("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(c)}</td>" for i, c in enumerate(cells))
+                   + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def _programme_section(report: Report) -> str:
+    p, cur = report.programme, report.options.currency
+    if p is None:
+        return ""
+    c, r = p.conversion, p.revenue
+    lift, ci = _lift_cells(c)
+    rows = [
+        ("members", f"{p.treated_n:,}", f"{p.control_n:,}", "", ""),
+        ("conversion rate", _pct(c.treated_rate, 2) if c else "–", _pct(c.control_rate, 2) if c else "–",
+         f"{lift} points ({ci})" if c else "–", ("yes" if c.significant else "no") if c else "–"),
+        ("revenue per member", _money(r.treated.mean, cur) if r else "–", _money(r.control.mean, cur) if r else "–",
+         f"{_money(r.absolute_lift, cur)} ({_money(r.absolute_lift_ci[0], cur)} … {_money(r.absolute_lift_ci[1], cur)})"
+         if r else "–", ("yes" if r.significant else "no") if r else "–"),
+    ]
+    head = ("", "marketed", "global control", "lift (95 % interval)", "significant")
+    table = ("<table><tr>" + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
+             + "</tr>" + "".join("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(v)}</td>"
+                                                  for i, v in enumerate(row)) + "</tr>" for row in rows) + "</table>")
+    return ("<section><h2>Does the programme work? Marketed members vs the global control group</h2>"
+            "<p class='note'>Members in the global control group get no marketing at all. Everyone a marketing "
+            "campaign selected in the period is compared with them: purchases from the member's first planned "
+            "message to the end of the period.</p>" + table + "</section>")
+
+
+def _variant_chart(section):
+    import altair as alt
+
+    data = [{"variant": v.name, "mean": v.posterior_mean, "lo": v.credible_interval[0],
+             "hi": v.credible_interval[1], "p_best": v.p_best} for v in section.variants]
+    base = alt.Chart(alt.Data(values=data))
+    title = f"{section.goal} rate: posterior mean and 95 % credible interval"
+    x = alt.X("mean:Q", title=title, axis=alt.Axis(format="%"))
+    points = base.mark_point(filled=True, size=70, color="#4C78A8").encode(
+        y=alt.Y("variant:N", title=None, sort=[v.name for v in section.variants]), x=x,
+        tooltip=["variant:N", alt.Tooltip("mean:Q", format=".2%"), alt.Tooltip("p_best:Q", format=".3f")])
+    errs = base.mark_errorbar(ticks=True, color="#4C78A8").encode(
+        y=alt.Y("variant:N", sort=[v.name for v in section.variants]), x=alt.X("lo:Q", title=title), x2="hi:Q")
+    return (errs + points).properties(width=420, height=max(60, 30 * len(data)), title=section.campaign)
+
+
+def _variant_section(report: Report) -> str:
+    if not report.variants:
+        return ""
+    parts = ["<section><h2>Variant tests</h2><p class='note'>Each variant's goal rate has a Beta posterior "
+             "(uniform prior); P(best) is the probability that it has the highest rate. The next run's shares "
+             "follow P(best) with an exploration floor until a variant passes the promotion threshold.</p>"]
+    head = ("variant", "sends", "clicks", "conversions", "posterior Beta(a, b)", "mean", "95 % credible",
+            "P(best)", "latest share", "next share")
+    for v in report.variants:
+        status = (f"<span class='good'>winner: {_e(v.winner)}</span>" if v.winner
+                  else "<span class='muted'>no winner yet</span>")
+        if v.promoted:
+            status += f" · planning promoted {_e(v.promoted)}"
+        if v.plan_reason:
+            status += f" · latest shares: {_e(v.plan_reason)}"
+        parts.append(f"<h3>{_e(v.campaign)}</h3><p class='note'>goal {_e(v.goal)} · floor {v.floor:.0%} · promote "
+                     f"at P(best) ≥ {v.promote_at:.0%} · latest run {_e(v.latest_occurrence or '–')} · {status}"
+                     + "".join(f" · {_e(n)}" for n in v.notes) + "</p>")
+        parts.append(f"<div class='charts'><div class='chart'>{_svg(_variant_chart(v))}</div>"
+                     "<div style='flex:1;min-width:520px'><table><tr>"
+                     + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
+                     + "</tr>")
+        for row in v.variants:
+            share = row.planned_share if row.planned_share is not None else row.latest_share
+            cells = [row.name, f"{row.sends:,}", f"{row.clicks:,}", f"{row.conversions:,}",
+                     f"({row.posterior_alpha:g}, {row.posterior_beta:g})", _pct(row.posterior_mean, 2),
+                     f"{_pct(row.credible_interval[0], 2)} … {_pct(row.credible_interval[1], 2)}",
+                     f"{row.p_best:.3f}", _pct(share), _pct(row.next_share)]
+            parts.append("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(c)}</td>"
+                                          for i, c in enumerate(cells)) + "</tr>")
+        parts.append("</table></div></div>")
+    return "".join(parts) + "</section>"
+
+
+def _frequency_chart(report: Report):
+    import altair as alt
+
+    f = report.frequency
+    data = []
+    for b in f.buckets:
+        if not b.member_weeks:
+            continue
+        data.append({"messages": b.label, "metric": "unsubscribe", "rate": b.unsubscribe_rate,
+                     "lo": b.unsubscribe_rate_ci[0], "hi": b.unsubscribe_rate_ci[1]})
+        data.append({"messages": b.label, "metric": "complaint", "rate": b.complaint_rate,
+                     "lo": b.complaint_rate_ci[0], "hi": b.complaint_rate_ci[1]})
+    order = [b.label for b in f.buckets]
+    base = alt.Chart(alt.Data(values=data))
+    colour = alt.Color("metric:N", scale=alt.Scale(domain=["unsubscribe", "complaint"], range=["#F58518", "#B42318"]))
+    title = "rate per member-week (95 % interval)"
+    y = alt.Y("rate:Q", title=title, axis=alt.Axis(format="%"))
+    points = base.mark_point(filled=True, size=60).encode(
+        x=alt.X("messages:N", sort=order, title="marketing messages received that week", axis=alt.Axis(labelAngle=0)),
+        xOffset="metric:N", y=y,
+        color=colour, tooltip=["messages:N", "metric:N", alt.Tooltip("rate:Q", format=".3%")])
+    errs = base.mark_errorbar().encode(x=alt.X("messages:N", sort=order), xOffset="metric:N",
+                                                 y=alt.Y("lo:Q", title=title), y2="hi:Q", color=colour)
+    ceiling = alt.Chart(alt.Data(values=[{"y": f.max_unsubscribe_rate}])).mark_rule(
+        color="#F58518", strokeDash=[4, 3]).encode(y="y:Q")
+    return (errs + points + ceiling).properties(width=460, height=220, title="Opt-outs by weekly frequency")
+
+
+def _frequency_section(report: Report) -> str:
+    f = report.frequency
+    if f is None or not f.member_weeks:
+        return ""
+    head = ("messages / week", "member-weeks", "unsubscribe rate", "95 % interval", "complaint rate",
+            "95 % interval", "unsub. / 1,000 msgs", "complaints / 1,000 msgs")
+    rows = []
+    for b in f.buckets:
+        if not b.member_weeks:
+            continue
+        cells = [b.label, f"{b.member_weeks:,}", _pct(b.unsubscribe_rate, 3),
+                 f"{_pct(b.unsubscribe_rate_ci[0], 3)} … {_pct(b.unsubscribe_rate_ci[1], 3)}",
+                 _pct(b.complaint_rate, 3), f"{_pct(b.complaint_rate_ci[0], 3)} … {_pct(b.complaint_rate_ci[1], 3)}",
+                 f"{b.unsubscribes_per_1000_messages:.2f}", f"{b.complaints_per_1000_messages:.2f}"]
+        rows.append("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(c)}</td>" for i, c in enumerate(cells))
+                    + "</tr>")
+    complaint = "" if f.max_complaint_rate is None else f" and complaints at most {_pct(f.max_complaint_rate, 2)}"
+    safe = ("none: even one message a week is above the ceiling" if f.highest_safe is None
+            else f"{f.highest_safe} message{'s' if f.highest_safe != 1 else ''} per week")
+    return ("<section><h2>How often? Opt-outs by weekly frequency</h2><p class='note'>Each member-week with at "
+            "least one marketing message sent, by how many the member received that week, with the share of those "
+            "weeks in which the member unsubscribed (or replied STOP) or complained. Observational: members who get "
+            "more messages may differ. The cap is read conservatively from the upper 95 % bounds.</p>"
+            f"<p><b>Highest safe weekly frequency</b> (unsubscribes at most {_pct(f.max_unsubscribe_rate, 2)}"
+            f"{complaint} per member-week, buckets of at least {f.min_member_weeks} member-weeks): {_e(safe)}</p>"
+            f"<div class='charts'><div class='chart'>{_svg(_frequency_chart(report))}</div>"
+            "<div style='flex:1;min-width:520px'><table><tr>"
+            + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head)) + "</tr>"
+            + "".join(rows) + "</table></div></div></section>")
+
+
 def render_html(report: Report) -> str:
     o = report.options
     a = o.attribution
@@ -273,9 +459,17 @@ def render_html(report: Report) -> str:
                      "campaign are compared with everyone else it selected (intent to treat): a purchase within the "
                      "attribution window after the planned send. The lift is significant when its 95 % interval "
                      "excludes zero.</p>")
-        if holdout is not None:
-            parts.append(f"<div class='chart'>{_svg(holdout)}</div>")
-        parts.append(_holdout_table(report) + "</section>")
+        lift = _lift_chart(report)
+        charts = [c for c in (holdout, lift) if c is not None]
+        if charts:
+            parts.append("<div class='charts'>" + "".join(f"<div class='chart'>{_svg(c)}</div>" for c in charts)
+                         + "</div>")
+        parts.append(_holdout_table(report) + "<p class='note'>Visits: the member clicked a link (of any message, "
+                     "or a site visit recorded without one) or tapped a push within the window.</p>"
+                     + _visit_table(report) + "</section>")
+    parts.append(_programme_section(report))
+    parts.append(_variant_section(report))
+    parts.append(_frequency_section(report))
     parts.append(f"<section><h2>Trends</h2><div class='charts'><div class='chart'>{_svg(_trend_chart(report))}</div>"
                  "</div></section>")
     parts.append(f"<section><h2>Members and shop KPIs</h2><div class='charts'><div class='chart'>"
