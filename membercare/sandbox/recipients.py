@@ -13,8 +13,15 @@ project's webhooks back the way SendGrid, Twilio and the shop's app would.
 Every POST is retried with exponential backoff on non-2xx or connection errors. What a recipient does
 depends only on the seed and our message id, so a run is reproducible whatever the request order.
 
-Extension point: pass an ``EngagementModel`` (any callable ``RecipientContext -> EngagementRates``) to
-:class:`~membercare.sandbox.server.SandboxServer` to make behaviour depend on members in any way.
+Extension points, both passed to :class:`~membercare.sandbox.server.SandboxServer`:
+
+* an ``EngagementModel`` (any callable ``RecipientContext -> EngagementRates``) makes behaviour depend on
+  members in any way;
+* an ``EventClock`` (``(RecipientContext, event) -> Unix seconds``) stamps the events with simulated
+  times instead of the wall clock, so a simulation can run days of campaigns in minutes and still hand
+  the webhook receiver realistic event times (``membercare.sandbox.simulation`` does both). It stamps
+  SendGrid's ``timestamp`` and the app reports' ``occurred_at``; Twilio status callbacks carry no event
+  time in Twilio's API, so the receiver stamps those on arrival whatever the clock says.
 """
 
 from __future__ import annotations
@@ -55,6 +62,11 @@ class RecipientContext:
 
 EngagementModel = Callable[[RecipientContext], EngagementRates]
 
+EventClock = Callable[[RecipientContext, str], float]
+"""When a simulated recipient's event happens, in Unix seconds: called once per event with the message's
+context and the provider's event name (SendGrid ``processed``/``delivered``/``open``/``click``/...,
+push ``received``/``opened``/``dismissed``). Default: the wall clock at the moment the event is built."""
+
 
 def table_model(config: SandboxConfig) -> EngagementModel:
     """The configured per-channel table with the first matching rule applied."""
@@ -87,10 +99,11 @@ class Recipients:
     """Turns accepted messages into webhook calls. Runs on the server's event loop."""
 
     def __init__(self, get_config: Callable[[], SandboxConfig], state: "SandboxState",
-                 model: EngagementModel | None, signer: SendGridWebhookSigner):
+                 model: EngagementModel | None, signer: SendGridWebhookSigner, clock: EventClock | None = None):
         self._get_config = get_config
         self._state = state
         self._model = model
+        self._clock = clock
         self.signer = signer
         self._session: aiohttp.ClientSession | None = None
         self._sendgrid_events: list[dict[str, Any]] = []
@@ -166,7 +179,7 @@ class Recipients:
         outcome = dict(delivered=delivered, opened=opened, clicked=clicked, unsubscribed=unsubscribed,
                        complained=complained)
         if rec.channel == "email":
-            self._email(cfg, rec, outcome)
+            self._email(cfg, rec, outcome, ctx)
         elif rec.channel == "sms":
             if rec.extra.get("status_callback") or cfg.endpoint("twilio_inbound"):
                 self._spawn(self._sms(cfg, rec, outcome))
@@ -178,11 +191,12 @@ class Recipients:
             if unsubscribed:
                 self._state.unregistered.add(rec.to)  # uninstalled: the token is dead from now on
             if cfg.endpoint("push") and cfg.push_tracking_secret:
-                self._spawn(self._push(cfg, rec, outcome, rng.random()))
+                self._spawn(self._push(cfg, rec, outcome, rng.random(), ctx))
 
     # ---------------------------------------------------------------- SendGrid
 
-    def _email(self, cfg: SandboxConfig, rec: MessageRecord, o: dict[str, bool]) -> None:
+    def _email(self, cfg: SandboxConfig, rec: MessageRecord, o: dict[str, bool],
+               ctx: RecipientContext | None = None) -> None:
         now = int(time.time())
         base: dict[str, Any] = {}
         base.update(rec.extra.get("custom_args", {}))  # SendGrid merges custom args at the top level
@@ -218,6 +232,8 @@ class Recipients:
         for i, ev in enumerate(events):
             full = dict(base)
             full.update(ev)
+            if self._clock is not None and ctx is not None:
+                full["timestamp"] = int(self._clock(ctx, ev["event"]))
             full["sg_event_id"] = base64.urlsafe_b64encode(
                 bytes.fromhex(stable_id(cfg.seed, "sg_event", rec.seq, i, length=32))).decode().rstrip("=")
             self._state.stats.events[f"email.{ev['event']}"] += 1
@@ -293,7 +309,8 @@ class Recipients:
 
     # ---------------------------------------------------------------- push
 
-    async def _push(self, cfg: SandboxConfig, rec: MessageRecord, o: dict[str, bool], dismiss_draw: float) -> None:
+    async def _push(self, cfg: SandboxConfig, rec: MessageRecord, o: dict[str, bool], dismiss_draw: float,
+                    ctx: RecipientContext | None = None) -> None:
         await self._delay(cfg)
         url, secret = cfg.endpoint("push"), cfg.push_tracking_secret or ""
         events = []
@@ -305,8 +322,9 @@ class Recipients:
                 events.append("dismissed")
         for i, event in enumerate(events):
             self._state.stats.events[f"push.{event}"] += 1
+            at = self._clock(ctx, event) if self._clock is not None and ctx is not None else time.time()
             payload = {"event_id": stable_id(cfg.seed, "push", rec.seq, i), "message_id": rec.message_id,
-                       "idempotency_key": rec.idempotency_key, "event": event, "occurred_at": _iso(time.time()),
+                       "idempotency_key": rec.idempotency_key, "event": event, "occurred_at": _iso(at),
                        "platform": "android"}
             body = json.dumps(payload, separators=(",", ":")).encode()
             await self._post("push", url, body, lambda b: {"Content-Type": "application/json",

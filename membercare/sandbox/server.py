@@ -36,7 +36,7 @@ from channels.base import (
 from channels.sendgrid_webhooks import SendGridWebhookSigner
 from membercare.sandbox import providers as p
 from membercare.sandbox.config import CHANNELS, ConfigError, SandboxConfig, apply_patch
-from membercare.sandbox.recipients import EngagementModel, Recipients
+from membercare.sandbox.recipients import EngagementModel, EventClock, Recipients
 from membercare.sandbox.state import MessageRecord, SandboxState, TokenBucket, seeded_rng, stable_id
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,13 @@ class _Ghost:
 class SandboxApp:
     """State, configuration and handlers of one sandbox. ``build()`` returns the aiohttp application."""
 
-    def __init__(self, config: SandboxConfig | None = None, *, model: EngagementModel | None = None):
+    def __init__(self, config: SandboxConfig | None = None, *, model: EngagementModel | None = None,
+                 clock: EventClock | None = None):
         self.initial_config = config or SandboxConfig()
         self.config = self.initial_config.validate()
         self.state = SandboxState()
         self.signer = SendGridWebhookSigner.from_seed(self.config.seed)
-        self.recipients = Recipients(lambda: self.config, self.state, model, self.signer)
+        self.recipients = Recipients(lambda: self.config, self.state, model, self.signer, clock)
         # OAuth access tokens outlive /sandbox/reset: clients cache them for an hour.
         self.fcm_access_tokens: dict[str, str] = {}
 
@@ -470,8 +471,8 @@ class SandboxServer:
     """
 
     def __init__(self, config: SandboxConfig | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 model: EngagementModel | None = None):
-        self.app = SandboxApp(config, model=model)
+                 model: EngagementModel | None = None, clock: EventClock | None = None):
+        self.app = SandboxApp(config, model=model, clock=clock)
         self.host, self.port = host, port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
