@@ -35,10 +35,12 @@ def _global(
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
+    from membercare.cli import bench as _bench  # noqa: F401
     from membercare.cli import blocks as _blocks  # noqa: F401
     from membercare.cli import campaign as _campaign  # noqa: F401
     from membercare.cli import db as _db  # noqa: F401
     from membercare.cli import demo as _demo  # noqa: F401
+    from membercare.cli import experiments as _experiments  # noqa: F401
     from membercare.cli import generate as _generate  # noqa: F401
     from membercare.cli import imports as _imports  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401

@@ -1,0 +1,380 @@
+"""Outputs of ``membercare bench``: the target verdicts, the scaling verdict, results.md and the scaling chart.
+
+Everything here works on the plain ``results`` dict that :func:`membercare.benchmark.e2e.run_bench` builds
+(and writes as results.json), so a report can be rebuilt from an old results.json without rerunning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# The issue's targets on a 2-core machine.
+PLAN_RENDER_1M_S = 120.0
+DISPATCH_1M_S = 600.0
+MEMORY_1M_MB = 1024.0
+RATIO_AT_10K = 20.0
+# Scaling verdicts: time grows at most this fast (log-log slope), memory at most this fast.
+LINEAR_SLOPE_MAX = 1.15
+FLAT_MEMORY_SLOPE_MAX = 0.10
+
+STAGE_ORDER = ("segment", "plan_render", "dispatch", "summarise", "webhooks")
+STAGE_LABELS = {"segment": "segment", "plan_render": "plan and render", "dispatch": "dispatch",
+                "summarise": "summarise", "webhooks": "webhook ingestion"}
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+
+
+def _size(results: dict[str, Any], members: int) -> dict[str, Any] | None:
+    return next((s for s in results.get("sizes", []) if s["members"] == members), None)
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Our campaign flow's messages/s over the naive flow's, per baseline size.
+
+    Ours is measured on the shop of the same number of members (so slightly fewer messages, after the
+    holdout: the comparison is conservative); without that size, on the nearest one (said in the row).
+    """
+    out = []
+    sizes = results.get("sizes", [])
+    for b in results.get("baseline", []):
+        n = b.get("messages")
+        row: dict[str, Any] = {"messages": n}
+        if b.get("error") or not b.get("messages_per_s"):
+            row["error"] = b.get("error") or "the baseline measured no throughput"
+            out.append(row)
+            continue
+        if not sizes:
+            row["error"] = "no campaign size measured to compare with"
+            out.append(row)
+            continue
+        ours = _size(results, n) or min(sizes, key=lambda s: abs(math.log(s["members"] / n)))
+        ours_rate = ours["campaign_flow"]["messages_per_s"] or 0.0
+        row.update({"ours_members": ours["members"], "ours_messages_per_s": ours_rate,
+                    "baseline_messages_per_s": b["messages_per_s"],
+                    "ratio": round(ours_rate / b["messages_per_s"], 1)})
+        out.append(row)
+    return out
+
+
+def _verdict(name: str, target: str, figure: float | None, limit: float, unit: str, higher_is_better: bool = False,
+             where: str = "") -> dict[str, Any]:
+    if figure is None:
+        return {"name": name, "target": target, "figure": None, "status": "not measured",
+                "line": f"{target}: not measured{where}"}
+    met = figure >= limit if higher_is_better else figure < limit
+    fig = f"{figure:,.1f}{unit}"
+    return {"name": name, "target": target, "figure": round(figure, 2), "status": "met" if met else "missed",
+            "line": f"{target}: {'met' if met else 'MISSED'} ({fig}{where})"}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One verdict per target of the issue: met / missed (with the figure) / not measured."""
+    big = _size(results, 1_000_000)
+    where = " at 1M members" if big else " (no 1M-member run)"
+    plan = disp = mem = None
+    if big:
+        st = big["stages"]
+        plan = st["segment"]["seconds"] + st["plan_render"]["seconds"]
+        disp = st["dispatch"]["seconds"]
+        mem = (big["peak_rss_mb"].get("harness") or 0.0) + (big["peak_rss_mb"].get("workers") or 0.0)
+    ratio = next((r.get("ratio") for r in results.get("ratios") or ratios(results) if r.get("messages") == 10_000), None)
+    return [
+        _verdict("plan_render_1m", "1M-member campaign segmented, planned and rendered in under 2 minutes", plan,
+                 PLAN_RENDER_1M_S, " s", where=where),
+        _verdict("dispatch_1m", "1M-member campaign dispatched at zero provider latency in under 10 minutes", disp,
+                 DISPATCH_1M_S, " s", where=where),
+        _verdict("memory_1m", "peak memory of the campaign process (and its workers) under 1 GB at 1M", mem,
+                 MEMORY_1M_MB, " MB", where=where),
+        _verdict("ratio_10k", "at least 20x the plain Prefect implementation's throughput at 10,000 messages", ratio,
+                 RATIO_AT_10K, "x", higher_is_better=True),
+    ]
+
+
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(max(y, 1e-9)) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((x - mx) ** 2 for x in lx)
+    return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / den if den else 0.0
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b x``; (a, b). One point: the line through the origin and it."""
+    if len(xs) == 1:
+        return 0.0, ys[0] / xs[0] if xs[0] else 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    return my - b * mx, b
+
+
+def scaling_verdict(points: Sequence[tuple[int, float, float]]) -> dict[str, Any]:
+    """Does time grow linearly with members and memory stay flat? ``points`` = (members, seconds, peak MB).
+
+    Time: the log-log slope of seconds against members (1 = linear; below 1 when a fixed cost still
+    dominates the small sizes) must be at most 1.15. Memory: the log-log slope of the peak must be at most
+    0.10 (100x the members, at most 1.6x the memory). Needs two sizes at least a factor 5 apart.
+    """
+    pts = sorted(p for p in points if p[0] > 0 and p[1] > 0)
+    if len({p[0] for p in pts}) < 2 or pts[-1][0] / pts[0][0] < 5:
+        return {"status": "not measured", "line": "scaling: needs two sizes at least 5x apart"}
+    xs = [p[0] for p in pts]
+    t_slope = _slope(xs, [p[1] for p in pts])
+    mem = [p for p in pts if p[2] > 0]
+    m_slope = _slope([p[0] for p in mem], [p[2] for p in mem]) if len(mem) >= 2 else None
+    linear = t_slope <= LINEAR_SLOPE_MAX
+    flat = m_slope is not None and m_slope <= FLAT_MEMORY_SLOPE_MAX
+    per_member_us = [round(p[1] / p[0] * 1e6, 1) for p in pts]
+    a, b = linear_fit(xs, [p[1] for p in pts])
+    line = (f"time {'grows linearly' if linear else 'grows faster than linearly'} (log-log slope {t_slope:.2f}; "
+            f"{' / '.join(f'{u:g}' for u in per_member_us)} us per member at "
+            f"{' / '.join(f'{x:,}' for x in xs)} members); memory "
+            + ("not measured" if m_slope is None else
+               f"{'stays flat' if flat else 'grows'} (slope {m_slope:.2f}: {pts[0][2]:,.0f} MB -> {pts[-1][2]:,.0f} MB)"))
+    return {"status": "met" if linear and flat else "missed", "time_slope": round(t_slope, 3),
+            "memory_slope": None if m_slope is None else round(m_slope, 3), "time_linear": linear,
+            "memory_flat": flat, "us_per_member": per_member_us, "fit_intercept_s": round(a, 3),
+            "fit_s_per_member": b, "line": line}
+
+
+# ------------------------------------------------------------------------------------------------- chart
+
+
+def scaling_chart(results: dict[str, Any]):
+    """Altair chart: campaign time per stage vs members (log-log, with the linear fit dashed) and peak RSS."""
+    import altair as alt
+
+    sizes = sorted(results.get("sizes", []), key=lambda s: s["members"])
+    time_rows, mem_rows = [], []
+    for s in sizes:
+        n = s["members"]
+        time_rows.append({"members": n, "series": "campaign flow (total)", "seconds": s["campaign_flow"]["seconds"]})
+        for st in ("segment", "plan_render", "dispatch", "webhooks"):
+            secs = s["stages"][st]["seconds"]
+            if secs > 0:
+                time_rows.append({"members": n, "series": STAGE_LABELS[st], "seconds": secs})
+        for proc in ("harness", "workers", "sandbox", "receiver"):
+            v = s["peak_rss_mb"].get(proc)
+            if v:
+                mem_rows.append({"members": n, "process": proc if proc != "harness" else "campaign process",
+                                 "peak_rss_mb": v})
+    xs = [s["members"] for s in sizes]
+    fit_rows = []
+    if xs:
+        a, b = linear_fit(xs, [s["campaign_flow"]["seconds"] for s in sizes])
+        lo, hi = min(xs), max(xs)
+        steps = 24
+        for i in range(steps + 1):
+            x = lo * (hi / lo) ** (i / steps) if hi > lo else lo
+            y = a + b * x
+            if y > 0:
+                fit_rows.append({"members": x, "seconds": y, "series": "linear fit of the total"})
+    xscale = alt.Scale(type="log")
+    x = alt.X("members:Q", scale=xscale, title="members (log)")
+    points = alt.Chart(alt.Data(values=time_rows)).mark_line(point=True).encode(
+        x=x, y=alt.Y("seconds:Q", scale=alt.Scale(type="log"), title="seconds (log)"),
+        color=alt.Color("series:N", title=None), tooltip=["series:N", "members:Q", "seconds:Q"])
+    fit = alt.Chart(alt.Data(values=fit_rows)).mark_line(strokeDash=[6, 4], color="#888888").encode(
+        x=x, y=alt.Y("seconds:Q", scale=alt.Scale(type="log")), detail="series:N")
+    left = alt.layer(points, fit).properties(title="Time per stage vs members", width=360, height=260)
+    right = alt.Chart(alt.Data(values=mem_rows)).mark_line(point=True).encode(
+        x=x, y=alt.Y("peak_rss_mb:Q", title="peak RSS (MB)", scale=alt.Scale(zero=True)),
+        color=alt.Color("process:N", title=None), tooltip=["process:N", "members:Q", "peak_rss_mb:Q"],
+    ).properties(title="Peak memory vs members", width=300, height=260)
+    return alt.hconcat(left, right).resolve_scale(color="independent")
+
+
+def write_chart(out: Path, results: dict[str, Any]) -> tuple[Path, Path | None]:
+    """scaling.svg and scaling.png (the PNG is skipped, None, if the renderer cannot make one)."""
+    import vl_convert as vlc
+
+    spec = scaling_chart(results).to_dict()
+    svg = out / "scaling.svg"
+    svg.write_text(vlc.vegalite_to_svg(spec), encoding="utf-8")
+    png = out / "scaling.png"
+    try:
+        png.write_bytes(vlc.vegalite_to_png(spec, scale=2))
+    except Exception:  # noqa: BLE001 - the SVG is the primary output
+        return svg, None
+    return svg, png
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _f(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f} %"
+
+
+def markdown(results: dict[str, Any], chart: str | None = "scaling.svg") -> str:
+    m = results.get("machine", {})
+    pk = m.get("packages", {})
+    lines = ["# membercare end-to-end benchmark", "",
+             f"`{results.get('command', 'membercare bench')}` · started {results.get('started_at', '?')}, "
+             f"finished {results.get('finished_at', '?')}", "",
+             f"Machine: {m.get('cpus')} cores ({m.get('cpu_model', 'unknown CPU')}), {m.get('memory_gib', '?')} GiB, "
+             f"{m.get('platform', '')}; Python {m.get('python')}, SQLite {m.get('sqlite')}"
+             + (f", PostgreSQL {m['postgres']}" if m.get("postgres") else "")
+             + f"; prefect {pk.get('prefect')}, sendgrid {pk.get('sendgrid')}, twilio {pk.get('twilio')}, "
+               f"firebase-admin {pk.get('firebase-admin')}" + (f"; code {m['git']}" if m.get("git") else "") + ".",
+             f"Load average (1/5/15 min) before {results.get('load_before')}, after {results.get('load_after')}. "
+             f"Database: {results.get('options', {}).get('db')}. Provider latency 0 ms. "
+             f"Prefect start-up (not measured in any stage): {_f(results.get('prefect_startup_s'))} s.", ""]
+    lines += ["## Targets", ""]
+    for t in results.get("targets") or targets(results):
+        lines.append(f"- {t['line']}")
+    sc = results.get("scaling")
+    if sc:
+        lines.append(f"- scaling ({sc['status']}): {sc['line']}")
+    lines.append("")
+
+    sizes = results.get("sizes", [])
+    if sizes:
+        lines += ["## Campaign per shop size", "",
+                  "| members | audience | sent | holdout | segment s | plan+render s | dispatch s | webhooks s "
+                  "| campaign msg/s | peak RSS MB | task runs | Prefect share | load 1m | exactly once |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for s in sizes:
+            st, fl = s["stages"], s["campaign_flow"]
+            lines.append(
+                f"| {s['members']:,} | {s['audience']:,} | {s['sent']:,} | {_pct(s['holdout_share'])} "
+                f"| {_f(st['segment']['seconds'])} | {_f(st['plan_render']['seconds'])} | {_f(st['dispatch']['seconds'])} "
+                f"| {_f(st['webhooks']['seconds'])} | {_f(fl['messages_per_s'], 0)} "
+                f"| {_f((s['peak_rss_mb'].get('harness') or 0) + (s['peak_rss_mb'].get('workers') or 0), 0)} "
+                f"| {fl['task_runs']:,} | {_pct(fl['prefect_share'])} | {s['load_before'][0]} "
+                f"| {'yes' if s['verify']['exactly_once'] else 'NO'} |")
+        lines.append("")
+        for s in sizes:
+            lines += [f"### {s['members']:,} members", "",
+                      f"Audience {s['audience']:,}, ledger rows {s['planned']:,}, sent {s['sent']:,} "
+                      f"({', '.join(f'{k} {v:,}' for k, v in sorted(s['ledger']['sent_by_channel'].items()))}), "
+                      f"holdout {s['holdout']:,}; engagement events stored {s['ledger']['events_total']:,}. "
+                      f"Shop {'from the cache' if s['shop'].get('cached') else 'generated now'} "
+                      f"(generation {_f(s['shop'].get('generation_s'))} s, not a campaign stage). "
+                      f"Load {s['load_before']} -> {s['load_after']}.", "",
+                      "| stage | seconds | messages | messages/s | peak RSS MB (campaign process) | worker processes MB "
+                      "| Prefect task runs | Prefect share |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for name in STAGE_ORDER:
+                r = s["stages"][name]
+                lines.append(f"| {STAGE_LABELS[name]} | {_f(r['seconds'], 2)} | {_f(r['messages'])} "
+                             f"| {_f(r['messages_per_s'], 0)} | {_f(r['peak_rss_mb'], 0)} "
+                             f"| {_f(r['children_peak_rss_mb'], 0)} | {r['task_runs']:,} | {_pct(r['prefect_share'])} |")
+            fl = s["campaign_flow"]
+            lines.append(f"| **campaign flow** | **{_f(fl['seconds'], 2)}** | {_f(fl['messages'])} "
+                         f"| **{_f(fl['messages_per_s'], 0)}** | {_f(fl['peak_rss_mb'], 0)} "
+                         f"| {_f(fl['children_peak_rss_mb'], 0)} | {fl['task_runs']:,} | {_pct(fl['prefect_share'])} |")
+            w = s["stages"]["webhooks"]
+            p = s["peak_rss_mb"]
+            v = s["verify"]
+            lines += ["",
+                      f"Webhooks: {w['messages']:,} events; tail after dispatch {_f(w.get('tail_seconds'), 1)} s, "
+                      f"sync-engagement {_f(w.get('sync_seconds'), 1)} s; ingestion rate over the window from "
+                      f"dispatch start to drained: {_f(w['messages_per_s'], 0)} events/s"
+                      + ("" if w.get("drained", True) else f" (NOT drained: {w.get('pending_at_end')} pending)") + ".",
+                      f"Peak RSS: sandbox {_f(p.get('sandbox'), 0)} MB, receiver {_f(p.get('receiver'), 0)} MB"
+                      + (f", Prefect's local server {_f(p.get('prefect_server'), 0)} MB" if p.get("prefect_server") else "")
+                      + ".",
+                      f"Exactly once: ledger sent {v['ledger_sent']:,}, sandbox accepted {v['sandbox_accepted']:,}, "
+                      f"duplicates {v['duplicates']}"
+                      + (f", by message id: missing {v['missing_at_sandbox']}, unknown {v['unknown_at_sandbox']}, "
+                         f"more than once {v['received_more_than_once']}" if v.get("ids_checked") else "")
+                      + f" -> {'yes' if v['exactly_once'] else 'NO'}.", ""]
+
+    base = results.get("baseline", [])
+    if base:
+        lines += ["## The plain Prefect implementation (one task per message)", "",
+                  "| messages | sent | failed | seconds | messages/s | task runs | Prefect seconds | peak RSS MB "
+                  "| load 1m | note |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for b in base:
+            lines.append(f"| {_f(b.get('messages'))} | {_f(b.get('sent'))} | {_f(b.get('failed'))} "
+                         f"| {_f(b.get('seconds'))} | {_f(b.get('messages_per_s'))} | {_f(b.get('task_runs'))} "
+                         f"| {_f(b.get('prefect_seconds'))} | {_f(b.get('peak_rss_mb'), 0)} "
+                         f"| {(b.get('load_before') or ['-'])[0]} | {b.get('error') or ''} |")
+        lines.append("")
+        for r in results.get("ratios") or ratios(results):
+            if r.get("error"):
+                lines.append(f"- at {_f(r['messages'])} messages: no ratio ({r['error']})")
+            else:
+                lines.append(f"- at {r['messages']:,} messages: ours {r['ours_messages_per_s']:,.0f} msg/s "
+                             f"(campaign flow on the {r['ours_members']:,}-member shop) vs "
+                             f"{r['baseline_messages_per_s']:,.1f} msg/s: **{r['ratio']:,.1f}x**")
+        lines.append("")
+    if chart and sizes:
+        lines += ["## Scaling", "", f"![time and peak memory against members]({chart})", ""]
+        if sc:
+            lines += [sc["line"], ""]
+    lines += ["How to read these figures: docs/benchmark.md.", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """results.md, scaling.svg and scaling.png in ``out`` (results.json is written by the caller)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    if results.get("sizes"):
+        svg, png = write_chart(out, results)
+        paths["svg"] = svg
+        if png:
+            paths["png"] = png
+    md = out / "results.md"
+    md.write_text(markdown(results, "scaling.svg" if "svg" in paths else None), encoding="utf-8")
+    paths["md"] = md
+    return paths
+
+
+def rebuild(results_json: Path) -> dict[str, Path]:
+    """Rewrite results.md and the chart beside an existing results.json."""
+    results = json.loads(results_json.read_text(encoding="utf-8"))
+    return write_report(results_json.parent, results)
+
+
+def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several runs (e.g. 10k and 100k in one invocation, 1M in another).
+
+    Sizes and baseline rows are taken from every part (a later part wins for the same size); each keeps its
+    own load figures. The verdicts are recomputed; ``parts`` lists the commands and their times.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    sizes: dict[int, dict] = {}
+    base: dict[int, dict] = {}
+    for p in parts:
+        sizes.update({s["members"]: s for s in p.get("sizes", [])})
+        base.update({b["messages"]: b for b in p.get("baseline", [])})
+    out = {**parts[0], "sizes": [sizes[k] for k in sorted(sizes)], "baseline": [base[k] for k in sorted(base)],
+           "command": " ; ".join(p.get("command", "?") for p in parts),
+           "started_at": min(p.get("started_at", "") for p in parts),
+           "finished_at": max(p.get("finished_at", "") for p in parts),
+           "load_before": parts[0].get("load_before"), "load_after": parts[-1].get("load_after"),
+           "parts": [{k: p.get(k) for k in ("command", "started_at", "finished_at", "load_before", "load_after",
+                                            "prefect_startup_s")} for p in parts]}
+    out["ratios"] = ratios(out)
+    out["targets"] = targets(out)
+    out["scaling"] = scaling_verdict([(s["members"], s["campaign_flow"]["seconds"], s["peak_rss_mb"].get("harness") or 0.0)
+                                      for s in out["sizes"]])
+    return out
+
+
+def merge_files(out: Path, inputs: Sequence[Path]) -> dict[str, Path]:
+    """Merge results.json files (or folders holding one) into ``out``: results.json, results.md, the chart."""
+    parts = [json.loads(((p / "results.json") if p.is_dir() else p).read_text(encoding="utf-8")) for p in inputs]
+    merged = merge(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
+    return write_report(out, merged)
