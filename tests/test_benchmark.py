@@ -81,8 +81,11 @@ def test_bench_runs_on_postgres(tmp_path, prefect_harness):  # noqa: F811
         pytest.skip(f"{PG_ENV} is not set")
     out = tmp_path / "out"
     _run_cli(["--members", "200", "--baseline", "0", "--db", "postgres", "--postgres-url", server,
-              "--out", str(out), "--drain-timeout", "120"])
-    (size,) = json.loads((out / "results.json").read_text())["sizes"]
+              "--out", str(out), "--drain-timeout", "120", "--dispatchers", "2"])
+    results = json.loads((out / "results.json").read_text())
+    # Two dispatcher processes per pass (the flow's own option), recorded with the command that reproduces it.
+    assert results["options"]["dispatchers"] == 2 and "--dispatchers 2" in results["command"]
+    (size,) = results["sizes"]
     assert size["db"] == "postgres" and size["planned"] == 200
     assert size["verify"]["exactly_once"] and size["sent"] > 100
     assert all(size["stages"][s]["seconds"] > 0 for s in STAGES)
@@ -97,6 +100,8 @@ def test_bad_options_are_rejected_with_the_reason(tmp_path):
         BenchOptions(db="mysql").validate()
     with pytest.raises(ConfigurationError, match="--postgres-url"):
         BenchOptions(db="postgres").validate()
+    with pytest.raises(InputError, match="--dispatchers"):
+        BenchOptions(dispatchers=0).validate()
     assert parse_sizes("10k, 100000,1M", "--members") == [10_000, 100_000, 1_000_000]
     assert parse_sizes("0", "--baseline") == [0]
 

@@ -86,6 +86,8 @@ class BenchOptions:
     drain_timeout_s: float = 1800.0
     baseline_timeout_s: float | None = 1800.0
     group_size: int | None = None  # members per planning task; None: the flow's default
+    dispatchers: int = 1  # the flow's ``dispatchers`` parameter (dispatcher processes per pass)
+    processes: int | None = None  # the flow's ``processes`` parameter (planning worker processes; None: serial)
     verify_messages_up_to: int = 20_000  # compare message ids one by one up to this many sent messages
 
     def validate(self) -> "BenchOptions":
@@ -104,6 +106,10 @@ class BenchOptions:
                                      "whose user may CREATE DATABASE; a fresh database is made per size)")
         if self.seed < 0:
             raise InputError(f"--seed must be non-negative (got {self.seed})")
+        if not 1 <= self.dispatchers <= 16:
+            raise InputError(f"--dispatchers must be 1-16 (got {self.dispatchers})")
+        if self.processes is not None and not 0 <= self.processes <= 16:
+            raise InputError(f"--processes must be 0-16 (got {self.processes})")
         return self
 
 
@@ -764,6 +770,7 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
     from flows.engagement import sync_engagement
 
     from membercare import runner
+    from membercare.delivery import pool
 
     load_before = os.getloadavg()
     with shop_database(opts, workdir, members, progress) as (db_url, shop):
@@ -775,9 +782,12 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
             domain = ("prepare", "resolve_audience", "write_preview", "ensure_run", "plan_group", "dispatch_round",
                       "summarise", "sync_engagement")
             params = CampaignRunParameters(campaign=BENCH_CAMPAIGN, as_of=SHOP_DATE.isoformat(), wait_for_deferred_s=5.0,
+                                           dispatchers=opts.dispatchers, processes=opts.processes,
                                            **({"group_size": opts.group_size} if opts.group_size else {}))
             progress(f"{members:,} members: running the campaign flow")
-            with patched_environ(env), timer.patched(runner, domain), meter:
+            # With --dispatchers > 1 a pass is pool.dispatch_processes (the rounds run in child processes).
+            with (patched_environ(env), timer.patched(runner, domain), timer.patched(pool, ("dispatch_processes",)),
+                  meter):
                 meter.enter("segment")
                 t0 = time.perf_counter()
                 state = run_campaign(params, return_state=True)
@@ -807,7 +817,7 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
     # previous stage's last domain call, so Prefect's work between stages is charged to the stage it precedes.
     plan_start = timer.first_start("ensure_run", "plan_group")
     plan_end = timer.last_end("plan_group")
-    disp_end = timer.last_end("dispatch_round")
+    disp_end = timer.last_end("dispatch_round", "dispatch_processes")
     seg_end = plan_start if plan_start is not None else t0
     windows = {"segment": (t0, seg_end),
                "plan_render": (seg_end, plan_end if plan_end is not None else seg_end),
@@ -816,7 +826,7 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
                "summarise": (disp_end if disp_end is not None else (plan_end or seg_end), t1),
                "webhooks": (t1, t2)}
     domain_labels = {"segment": ("prepare", "resolve_audience", "write_preview"),
-                     "plan_render": ("ensure_run", "plan_group"), "dispatch": ("dispatch_round",),
+                     "plan_render": ("ensure_run", "plan_group"), "dispatch": ("dispatch_round", "dispatch_processes"),
                      "summarise": ("summarise",), "webhooks": ("sync_engagement",)}
     sent = ledger["states"].get("sent", 0)
     planned_rows = sum(ledger["states"].values())
@@ -898,7 +908,7 @@ def verify_exactly_once(db_url: str, services: Services, stats: dict, ledger: di
 def _on_domain_call(meter: StageMeter, label: str) -> None:
     if label in ("ensure_run", "plan_group"):
         meter.advance("plan_render", ("segment",))
-    elif label == "dispatch_round":
+    elif label in ("dispatch_round", "dispatch_processes"):
         meter.advance("dispatch", ("segment", "plan_render"))
     elif label == "summarise":
         meter.advance("summarise", ("segment", "plan_render", "dispatch"))
@@ -1036,7 +1046,8 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
                                "options": {"members": list(opts.members), "baseline": list(opts.baseline),
                                            "seed": opts.seed, "db": opts.db, "cache": str(opts.cache),
                                            "shop_date": SHOP_DATE.isoformat(), "provider_latency_ms": 0,
-                                           "campaign": BENCH_CAMPAIGN, "holdout": 0.10, "quiet_hours": "off"},
+                                           "campaign": BENCH_CAMPAIGN, "holdout": 0.10, "quiet_hours": "off",
+                                           "dispatchers": opts.dispatchers, "planning_processes": opts.processes},
                                "machine": machine_facts(opts.db, opts.postgres_url),
                                "load_before": [round(x, 2) for x in os.getloadavg()], "sizes": [], "baseline": []}
     try:
@@ -1076,4 +1087,8 @@ def _write(out: Path, results: dict[str, Any], final: bool = False) -> None:
 def _argv_of(opts: BenchOptions) -> list[str]:
     args = ["--members", ",".join(str(n) for n in opts.members), "--baseline",
             ",".join(str(n) for n in opts.baseline) or "0", "--seed", str(opts.seed), "--db", opts.db]
+    if opts.dispatchers != 1:
+        args += ["--dispatchers", str(opts.dispatchers)]
+    if opts.processes is not None:
+        args += ["--processes", str(opts.processes)]
     return args

@@ -28,6 +28,10 @@ def bench(
                                                  "MEMBERCARE_DATABASE_URL)."),
     keep: bool = typer.Option(False, "--keep", help="Keep the work folder (database copies, service logs)."),
     drain_timeout: float = typer.Option(1800.0, "--drain-timeout", help="Seconds to wait for the webhooks to drain."),
+    dispatchers: int = typer.Option(1, "--dispatchers",
+                                    help="Dispatcher processes per pass (the campaign flow's `dispatchers`)."),
+    processes: int | None = typer.Option(None, "--processes",
+                                         help="Planning worker processes (the flow's `processes`; default serial)."),
 ) -> None:
     """Measure a campaign end to end per shop size, next to the plain Prefect implementation; write
     results.json, results.md and the scaling chart (see docs/benchmark.md)."""
@@ -40,7 +44,8 @@ def bench(
     opts = BenchOptions(members=sizes, baseline=base, out=out, cache=cache, seed=seed, db=db,
                         postgres_url=postgres_url or (os.environ.get("MEMBERCARE_DATABASE_URL") if db == "postgres"
                                                       else None),
-                        keep=keep, drain_timeout_s=drain_timeout).validate()
+                        keep=keep, drain_timeout_s=drain_timeout, dispatchers=dispatchers,
+                        processes=processes).validate()
     started = time.monotonic()
 
     def say(msg: str) -> None:
