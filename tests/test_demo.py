@@ -5,6 +5,7 @@ same day, which must send nothing."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,21 +48,45 @@ def test_demo_runs_the_day_and_a_second_run_sends_nothing(tmp_path):
     o = OutboxMessage.__table__
     with engine.connect() as conn:
         sent_before = conn.execute(sa.select(sa.func.count()).where(o.c.state == "sent")).scalar_one()
-        rows_before = conn.execute(sa.select(sa.func.count()).select_from(o)).scalar_one()
+        rows_before = set(conn.execute(sa.select(o.c.campaign, o.c.occurrence, o.c.member_id, o.c.id)).all())
         # What each sent row was sent as: a resend would replace the provider id and the send time.
         sends_before = set(conn.execute(
             sa.select(o.c.id, o.c.provider_message_id, o.c.sent_at).where(o.c.state == "sent")).all())
     assert sent_before > 0
+    # Simulated purchases: a share of the clicked messages became orders, and each was attributed to its message.
+    # (How many depends on the clicks of this run: ~5 at 500 members, so possibly none.)
+    said = re.search(r"simulated purchases: ([\d,]+) orders from ([\d,]+) clicked", out)
+    assert said, out[-3000:]
+    sim_orders, attributed = _simulated_orders(engine)
+    assert sim_orders == int(said.group(1).replace(",", "")) and attributed == sim_orders, (said.group(0), attributed)
 
     second = run_demo(home)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "using the existing demo shop (500 members)" in second.stdout
     assert "nothing sent twice" in second.stdout
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(o)).scalar_one() == rows_before
+        # New rows only for members who entered a segment since the first run (the simulated purchases can
+        # move a member into one): never a second row for a member an occurrence had already planned.
+        rows_after = set(conn.execute(sa.select(o.c.campaign, o.c.occurrence, o.c.member_id, o.c.id)).all())
+        assert {r[3] for r in rows_before} <= {r[3] for r in rows_after}
+        planned_before = {r[:3] for r in rows_before}
+        assert not [r for r in rows_after if r not in rows_before and r[:3] in planned_before]
         assert conn.execute(sa.select(sa.func.count()).where(o.c.state == "sent")).scalar_one() >= sent_before
         # (A row may legitimately carry attempts > 1: a throttled or 5xx answer retried before acceptance.)
         sends_after = set(conn.execute(
             sa.select(o.c.id, o.c.provider_message_id, o.c.sent_at).where(o.c.state == "sent")).all())
         assert sends_before <= sends_after, "the second run resent messages the first run had sent"
+    assert _simulated_orders(engine) == (sim_orders, attributed), "the rerun must not import the orders again"
     engine.dispose()
+
+
+def _simulated_orders(engine) -> tuple[int, int]:
+    from membercare.engagement.attribution_models import Attribution
+    from membercare.models import Order
+
+    od, a = Order.__table__, Attribution.__table__
+    with engine.connect() as conn:
+        ids = [r for r in conn.execute(sa.select(od.c.id).where(od.c.external_id.like("SIM-%"))).scalars()]
+        attributed = conn.execute(sa.select(sa.func.count(sa.distinct(a.c.order_id)))
+                                  .where(a.c.order_id.in_(ids), a.c.message_id.is_not(None))).scalar_one() if ids else 0
+    return len(ids), attributed

@@ -188,3 +188,44 @@ def test_a_tiny_benchmark_run_goes_through_the_pipeline_and_writes_its_results(t
     opt = saved["arms"][1]
     assert any(k != "-" for r in opt["rounds"] for k in r["variants"])
     assert "optimised" in out["lift"]
+
+
+def test_demo_orders_come_from_a_share_of_clicks_and_taps_deterministically(sqlite_engine, tmp_path):
+    """The demo's simulated purchases: only clicked/tapped messages since ``since`` can convert, each at most
+    once, 20-120 s after the first click and never after ``now``; the same seed gives the same orders, and
+    importing them twice inserts nothing the second time."""
+    from membercare.importer import import_csv
+    from membercare.sandbox.simulation import demo_orders, write_orders_csv
+    from test_attribution import T0, Shop
+
+    shop = Shop(sqlite_engine)
+    run = shop.run("churn_winback")
+    clicked = []
+    for _ in range(40):
+        m = shop.member()
+        mid = shop.message(run, m)
+        shop.event(mid, "clicked", T0 + timedelta(seconds=5), member=m)
+        shop.event(mid, "clicked", T0 + timedelta(seconds=50), member=m)  # a second click: still one order at most
+        clicked.append(mid)
+    m = shop.member()
+    opened_only = shop.message(run, m)
+    shop.event(opened_only, "opened", T0, member=m)
+    m = shop.member()
+    earlier = shop.message(run, m)
+    shop.event(earlier, "clicked", T0 - timedelta(days=2), member=m)  # before `since`: not today's demo
+
+    now = T0 + timedelta(seconds=60)
+    orders = demo_orders(sqlite_engine, T0 - timedelta(hours=1), seed=3, now=now, rate=0.5)
+    assert orders == demo_orders(sqlite_engine, T0 - timedelta(hours=1), seed=3, now=now, rate=0.5)
+    assert 8 <= len(orders) <= 32  # ~20 of 40 at rate 0.5
+    assert len({o.message_id for o in orders}) == len(orders) and {o.message_id for o in orders} <= set(clicked)
+    for o in orders:
+        assert T0 + timedelta(seconds=5) < o.placed_at <= now - timedelta(seconds=1)
+        assert 49_900 <= o.amount_minor <= 329_900
+    assert demo_orders(sqlite_engine, T0 - timedelta(hours=1), seed=3, now=now, rate=0.0) == []
+    assert len(demo_orders(sqlite_engine, T0 - timedelta(hours=1), seed=3, now=now, rate=1.0)) == len(clicked)
+
+    path = write_orders_csv(orders, tmp_path / "orders.csv")
+    first = import_csv(sqlite_engine, "orders", path, rejects_path=tmp_path / "rejects.csv")
+    again = import_csv(sqlite_engine, "orders", path, rejects_path=tmp_path / "rejects.csv")
+    assert first.inserted == len(orders) and first.rejected == 0 and again.inserted == 0

@@ -305,15 +305,16 @@ def demo(
         os.environ.update(services.env)
         progress.update(svc_task, completed=1)
         try:
-            results, sync = _run_day(progress, services, drain_timeout)
+            results, sync = _run_day(progress, services, drain_timeout, engine=engine, home=home, seed=seed)
         finally:
             services.stop()
 
-    _print_summary(engine, home, results, sync, services, started)
+    _print_summary(engine, home, results, sync, services, started, rerun=bool(existing))
 
 
-def _run_day(progress, services: DemoServices, drain_timeout: float):
+def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, home: Path, seed: int):
     """The day's flows, in calendar order, each a Prefect flow run."""
+    day_started = utcnow()
     boot = progress.add_task("starting Prefect (local ephemeral mode; first start takes 10-20 s)", total=1)
     from flows.campaign import CampaignRunParameters, run_campaign
     from flows.engagement import sync_engagement
@@ -342,18 +343,44 @@ def _run_day(progress, services: DemoServices, drain_timeout: float):
     t0 = time.monotonic()
     drained = services.sandbox.drain(timeout=drain_timeout)
     progress.console.print(f"engagement webhooks drained: {time.monotonic() - t0:.1f} s")
+    purchases = simulate_purchases(engine, home, since=day_started, seed=seed)
+    progress.console.print(f"simulated purchases: {purchases['orders']:,} orders from {purchases['engaged']:,} clicked "
+                           f"or tapped messages (demo only; imported as an orders file)")
     progress.update(flows, description="sync-engagement")
     t0 = time.monotonic()
     sync = sync_engagement(records_url=services.sandbox.url)
     progress.console.print(f"sync-engagement: {time.monotonic() - t0:.1f} s")
     sync["drained"] = drained
+    sync["simulated_orders"] = purchases["orders"]
     sync["webhooks"] = services.sandbox.stats().get("webhooks", {})
     progress.advance(flows)
     progress.update(flows, description="done")
     return results, sync
 
 
-def _print_summary(engine, home: Path, results, sync, services: DemoServices, started: float) -> None:
+def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int]:
+    """Orders from a share of today's clicks and taps (the sandbox's recipients never buy anything), imported
+    through the normal order importer so that sync-engagement attributes them and the report's revenue and
+    lift sections have something to show. Order ids are derived from message ids: a rerun imports nothing new."""
+    from membercare.engagement.models import EngagementEventRow
+    from membercare.importer import import_csv
+    from membercare.sandbox.simulation import ENGAGED_KINDS, demo_orders, write_orders_csv
+
+    e = EngagementEventRow.__table__
+    with engine.connect() as conn:
+        engaged = conn.execute(sa.select(sa.func.count(sa.distinct(e.c.message_id)))
+                               .where(e.c.kind.in_(ENGAGED_KINDS), e.c.received_at >= since)).scalar_one()
+    orders = demo_orders(engine, since, seed=seed, now=utcnow())
+    if not orders:
+        return {"engaged": engaged, "orders": 0}
+    settings = state.settings
+    path = write_orders_csv(orders, home / "demo-orders.csv", currency=settings.shop_currency)
+    rep = import_csv(engine, "orders", path, settings=settings, rejects_path=home / "demo-orders.rejects.csv")
+    return {"engaged": engaged, "orders": rep.inserted}
+
+
+def _print_summary(engine, home: Path, results, sync, services: DemoServices, started: float, *,
+                   rerun: bool = False) -> None:
     t = Table(title=f"Today's lifecycle campaigns ({utcnow():%Y-%m-%d})")
     for col, just in (("campaign", "left"), ("occurrence", "left"), ("segment", "right"), ("new", "right"),
                       ("email", "right"), ("sms", "right"), ("push", "right"), ("deferred", "right"),
@@ -394,6 +421,12 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
     if new_total == 0:
         console.print("[bold green]nothing sent twice:[/] every message of today's campaign occurrences was already "
                       "planned by an earlier run (outbox keys), so this run sent nothing new.")
+    elif rerun:
+        # Members can enter a segment between two runs of the same day (the simulated purchases move some into
+        # "recommendations", for example): they get the message; those planned before are not planned again.
+        console.print(f"[bold green]nothing sent twice:[/] messages planned by an earlier run today were not planned "
+                      f"again (outbox keys); {new_total:,} new for members who entered a segment since, "
+                      f"{sent_now:,} accepted by the sandbox providers in this run.")
     else:
         console.print(f"{sent_now:,} messages accepted by the sandbox providers in this run.")
     if not sync.get("drained", True):

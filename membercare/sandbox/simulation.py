@@ -428,3 +428,46 @@ __all__ = [
     "Delivery", "HiddenTruth", "ORDER_COLUMNS", "ShopSimulation", "SimMember", "SimOrder", "TruthSettings",
     "load_members", "reachable_setup_csvs", "write_orders_csv",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Purchases for the demo (real time, no hidden truth)
+
+DEMO_CONVERSION_PER_CLICK = 0.3  # generous on purpose: a 3,000-member demo gets ~30 clicks
+DEMO_ORDER_VALUE_MINOR = (49_900, 329_900)  # NT$499-3,299, in hundredths
+ENGAGED_KINDS = ("clicked", "push_opened")  # a click (email) or a tap (push): what can lead to an order
+
+
+def demo_orders(engine: Engine, since: datetime, *, seed: int, now: datetime,
+                rate: float = DEMO_CONVERSION_PER_CLICK,
+                value_minor: tuple[int, int] = DEMO_ORDER_VALUE_MINOR) -> list[SimOrder]:
+    """Simulated orders for the demo: each message first clicked or tapped since ``since`` leads to an order
+    with probability ``rate``, placed 20-120 s after the click (never after ``now``).
+
+    The demo's recipients only open, click, bounce and unsubscribe; without orders the report's revenue and
+    lift sections would stay empty. Deterministic per message id (``seeded_rng``), so a rerun yields the
+    same order ids, which the order importer then treats as already imported.
+    """
+    from membercare.engagement.models import EngagementEventRow
+    from membercare.models import Member
+
+    e, m = EngagementEventRow.__table__, Member.__table__
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(e.c.message_id, e.c.member_id, m.c.external_id, sa.func.min(e.c.occurred_at))
+            .join(m, m.c.id == e.c.member_id)
+            .where(e.c.kind.in_(ENGAGED_KINDS), e.c.received_at >= since, e.c.message_id.is_not(None))
+            .group_by(e.c.message_id, e.c.member_id, m.c.external_id)).all()
+    now = ensure_utc(now)
+    lo, hi = value_minor
+    out = []
+    for message_id, member_id, external_id, first in rows:
+        r = seeded_rng(seed, "demo-order", message_id)
+        if r.random() >= rate:
+            continue
+        first = datetime.fromisoformat(first) if isinstance(first, str) else first
+        first = first if first.tzinfo else first.replace(tzinfo=UTC)
+        placed = min(first + timedelta(seconds=20 + 100 * r.random()), now - timedelta(seconds=1))
+        amount = int(round((lo + (hi - lo) * r.random()) / 100)) * 100
+        out.append(SimOrder(f"SIM-{message_id[:16]}", int(member_id), external_id, message_id, placed, amount))
+    return sorted(out, key=lambda o: (o.placed_at, o.order_id))
