@@ -20,6 +20,7 @@ idempotency key makes a second run (or a rerun after a crash) send nothing twice
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 import time
 from datetime import datetime
 from typing import Any
@@ -143,24 +144,10 @@ def dispatch(settings, run_id: int, adapters, limiters, progress_id, index: int,
              records=None, resume: bool = False) -> runner.DispatchOutcome:
     """One dispatcher pass; a poller moves the progress artifact while the pass sends."""
     engine = engine_for(settings)
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            result["out"] = runner.dispatch_round(engine, run_id, adapters, config=config, limiters=limiters,
-                                                  records=records, resume=resume)
-        except BaseException as exc:  # re-raised in the task thread below
-            result["exc"] = exc
-
-    worker = threading.Thread(target=work, name=f"membercare-dispatch-{run_id}", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(1.0)
-        if progress_id is not None:
-            _update_progress(engine, run_id, progress_id)
-    if "exc" in result:
-        raise result["exc"]
-    out: runner.DispatchOutcome = result["out"]
+    out: runner.DispatchOutcome = _with_progress(
+        engine, run_id, progress_id,
+        lambda: runner.dispatch_round(engine, run_id, adapters, config=config, limiters=limiters, records=records,
+                                      resume=resume))
     run_logger().info("run %s pass %d: %d provider calls, outcomes %s, status %s%s", run_id, index, out.attempts,
                           dict(sorted(out.outcomes.items())), out.status,
                           f" ({out.stop_reason})" if out.stop_reason else "")
@@ -185,24 +172,11 @@ def dispatch_processes(settings, run_id: int, channels: list[str], limiters, pro
 
         with get_client(sync_client=True) as client:
             env["PREFECT_API_URL"] = str(client.api_url)
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            result["out"] = pool.dispatch_processes(settings.db_url, run_id, processes, env=env, config=config,
-                                                    channels=channels, resume=resume, shared_limits=shared)
-        except BaseException as exc:  # re-raised in the task thread below
-            result["exc"] = exc
-
-    worker = threading.Thread(target=work, name=f"membercare-dispatch-{run_id}", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(1.0)
-        if progress_id is not None:
-            _update_progress(engine, run_id, progress_id)
-    if "exc" in result:
-        raise result["exc"]
-    m = pool.merge_reports(result["out"])
+    reports = _with_progress(
+        engine, run_id, progress_id,
+        lambda: pool.dispatch_processes(settings.db_url, run_id, processes, env=env, config=config, channels=channels,
+                                        resume=resume, shared_limits=shared))
+    m = pool.merge_reports(reports)
     due = datetime.fromisoformat(m["next_due_at"]) if m["next_due_at"] else None
     out = runner.DispatchOutcome(run_id, m["attempts"], m["outcomes"], m["status"], m["stop_reason"], due,
                                  m["recovered_unknown"], m["elapsed"])
@@ -210,6 +184,28 @@ def dispatch_processes(settings, run_id: int, channels: list[str], limiters, pro
                       processes, out.attempts, dict(sorted(out.outcomes.items())), out.status,
                       f" ({out.stop_reason})" if out.stop_reason else "")
     return out
+
+
+def _with_progress(engine, run_id: int, progress_id, work: Callable[[], Any]) -> Any:
+    """``work()`` in a worker thread while this task thread moves the run's progress artifact every second;
+    its result, or its exception re-raised here (so the task's retry policy sees it)."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["out"] = work()
+        except BaseException as exc:  # re-raised in the task thread below
+            result["exc"] = exc
+
+    worker = threading.Thread(target=target, name=f"membercare-dispatch-{run_id}", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(1.0)
+        if progress_id is not None:
+            _update_progress(engine, run_id, progress_id)
+    if "exc" in result:
+        raise result["exc"]
+    return result["out"]
 
 
 def _update_progress(engine, run_id: int, progress_id) -> None:
