@@ -68,8 +68,9 @@ class CampaignRunParameters(BaseModel):
     group_size: int = Field(default=runner.DEFAULT_GROUP_SIZE, ge=100, description="members per planning task")
     processes: int | None = Field(default=None, ge=0, le=runner.MAX_PROCESSES,
                                   description="worker processes that read and render planning batches (the "
-                                              "flow's process keeps every write); default and 0: plan in "
-                                              "the flow's process")
+                                              "flow's process keeps every write); default: one per core "
+                                              "for groups of 5,000 members or more; 0: plan in the flow's "
+                                              "process")
     dispatchers: int = Field(default=1, ge=1, le=16,
                              description="dispatcher processes on the run (2 on a 2-core machine uses both cores; "
                                          "rate limits are shared between them); 1: in the task's process")

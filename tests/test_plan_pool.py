@@ -123,7 +123,7 @@ def test_a_render_error_in_a_worker_names_the_member_and_keeps_earlier_batches(s
     assert planned == {e.member_id for e in entries[:120]}  # the three batches before the failing one
 
 
-def test_how_many_processes_plan(settings, tmp_path):
+def test_how_many_processes_plan(settings, tmp_path, monkeypatch):
     file_engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
     memory = make_engine("sqlite://")
     opts = runner.RunOptions(batch_size=1000)
@@ -132,6 +132,14 @@ def test_how_many_processes_plan(settings, tmp_path):
     assert runner.planning_processes(memory, runner.RunOptions(processes=4), 100_000) == 0
     assert runner.planning_processes(file_engine, runner.RunOptions(processes=3), 5000) == 3
     assert runner.planning_processes(file_engine, runner.RunOptions(processes=0), 100_000) == 0
+    # The default: one worker per core (capped) for large groups, serial on one core or for small groups.
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    assert runner.planning_processes(file_engine, opts, 100_000) == 2
+    assert runner.planning_processes(file_engine, opts, runner.POOL_MIN_MEMBERS - 1) == 0
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 64)
+    assert runner.planning_processes(file_engine, opts, 100_000) == runner.DEFAULT_MAX_PROCESSES
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 1)
+    assert runner.planning_processes(file_engine, opts, 100_000) == 0
     with pytest.raises(InputError, match="processes"):
         runner.RunOptions(processes=-1)
     file_engine.dispose()
