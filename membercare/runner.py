@@ -629,6 +629,13 @@ def _pool(processes: int):
             # spawn, never fork: the planning process may run threads (Prefect, dispatcher) and hold
             # database connections that a forked child must not share.
             pool = _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
+            if len(_POOLS) == 1:
+                # Stop the workers while the interpreter is whole; an executor collected during its teardown
+                # prints "Exception ignored ... 'NoneType' object has no attribute 'util'" at exit.
+                import atexit
+
+                atexit.unregister(shutdown_planning_pools)
+                atexit.register(shutdown_planning_pools)
         return pool
 
 
@@ -738,6 +745,7 @@ def _plan_group_pooled(engine: Engine, prepared: PreparedRun, entries: Sequence[
             with _POOLS_LOCK:
                 if _POOLS.get(processes) is pool:
                     del _POOLS[processes]
+            pool.shutdown(wait=False, cancel_futures=True)  # a broken pool is never reused; release it now
         raise
     from membercare.delivery.planner import refresh_run_counts
 
