@@ -22,8 +22,10 @@ Guarantees:
 * Accepted events are committed, with their effects, before the 2xx answer: a provider that sees a
   2xx may forget the event, anything else makes it retry. A retried delivery is stored once
   (``engagement_events`` unique key), so retries are harmless.
-* One request is one transaction and one bulk insert (SendGrid posts ~1000 events at a time). Database
-  work runs in the threadpool; SQLite writers are serialised in-process (see ``store.writer_lock``).
+* One request is one transaction and one bulk insert (SendGrid posts ~1000 events at a time), except
+  Twilio status callbacks (one event per request): those of concurrent requests share a transaction
+  (:mod:`membercare.receiver.group_commit`), still committed before each answer. Database work runs in
+  the threadpool; SQLite writers are serialised in-process (see ``store.writer_lock``).
 
 Nothing here logs an address, a token (link tokens are in the path: uvicorn's access log is off in
 ``membercare serve`` for that reason) or a secret.
@@ -60,6 +62,7 @@ from membercare.links import LinkScope, verify_member_token
 from membercare.models import Channel, ConsentSource, Member
 from membercare.receiver import pages
 from membercare.receiver.config import ReceiverConfig
+from membercare.receiver.group_commit import GroupCommit
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
 from membercare.timeutil import utcnow
 
@@ -105,6 +108,7 @@ def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
     app = FastAPI(title="membercare receiver", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.engine = engine
+    app.state.group_commit = grouped = GroupCommit(engine)
 
     @app.exception_handler(_Reject)
     async def _reject(_request: Request, exc: _Reject) -> Response:
@@ -164,7 +168,7 @@ def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
             event = parse_status_callback(params, dict(request.query_params))
         except MalformedPayload as exc:
             raise _Reject(400, str(exc)) from None
-        await store([event], "twilio status")
+        await grouped.store([event])
         return Response(status_code=204)
 
     @app.post("/webhooks/twilio/inbound")
