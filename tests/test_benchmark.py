@@ -154,14 +154,20 @@ def _results() -> dict:
                       _size(1_000_000, 100.0, 700.0, 1100.0, 1000.0)],
             "baseline": [{"messages": 1_000, "messages_per_s": 50.0, "sent": 1000},
                          {"messages": 10_000, "messages_per_s": 40.0, "sent": 10000},
-                         {"messages": 50_000, "error": "timed out after 600 s"}]}
+                         {"messages": 50_000, "error": "timed out after 600 s"},
+                         {"messages": 20_000, "messages_per_s": 32.0, "sent": 19000,
+                          "error": "Prefect recorded 15000 of 20001 task runs"},
+                         {"messages": 30_000, "messages_per_s": 9.0, "error": "measurement failed: OSError: x"}]}
 
 
 def test_targets_and_ratios_give_one_verdict_each_with_the_figure():
     results = _results()
     results["ratios"] = report.ratios(results)
-    assert [r.get("ratio") for r in results["ratios"]] == [16.0, 20.0, None]  # 800/50, 800/40
+    assert [r.get("ratio") for r in results["ratios"]] == [16.0, 20.0, None, 25.0, None]  # 800/50, 800/40, 800/32
     assert "timed out" in results["ratios"][2]["error"]
+    # A plain flow that ran but lost task-run records still has a throughput: the ratio carries the note.
+    assert "error" not in results["ratios"][3] and "15000 of 20001" in results["ratios"][3]["note"]
+    assert "measurement failed" in results["ratios"][4]["error"]
     by_name = {t["name"]: t for t in report.targets(results)}
     # plan+render at 1M = segment 1 s + plan 100 s -> met; dispatch 700 s -> missed; 1,100 MB -> missed.
     assert by_name["plan_render_1m"]["status"] == "met" and by_name["plan_render_1m"]["figure"] == 101.0

@@ -70,7 +70,8 @@ def bench(
     for r in results["ratios"]:
         console.print(f"[bold]plain Prefect at {r['messages']:,} messages[/]: "
                       + (r["error"] if r.get("error") else f"{r['baseline_messages_per_s']:,.1f} msg/s, "
-                                                           f"ours {r['ratio']:,.1f}x"))
+                                                           f"ours {r['ratio']:,.1f}x"
+                                                           + (f" ({r['note']})" if r.get("note") else "")))
     for t in results["targets"]:
         console.print(f"- {t['line']}")
     console.print(f"- scaling: {results['scaling']['line']}")
