@@ -7,9 +7,12 @@ Schema changes are Alembic migrations (:func:`upgrade`); nothing calls ``create_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -18,6 +21,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from membercare.config import Settings, normalise_database_url
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -63,6 +68,33 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+# PostgreSQL aborts one of two transactions that wait on each other's row locks (deadlock_detected) and may
+# refuse a serializable one (serialization_failure); either is safe to run again from the start.
+RETRYABLE_SQLSTATES = ("40P01", "40001")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A database error after which the whole transaction can simply be run again (deadlock victim)."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(exc, sa.exc.OperationalError) and getattr(orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+
+
+def in_transaction(engine: Engine, work: Callable[[sa.Connection], T], *, attempts: int = 5) -> T:
+    """``work(conn)`` in its own transaction, run again from the start if PostgreSQL picked it as a
+    deadlock victim. Two writers that touch the same rows in different orders (a dispatcher recording
+    outcomes, the receiver settling rows from provider events) can deadlock; the victim's rollback leaves
+    nothing behind, so ``work`` must only be idempotent with respect to its own earlier, rolled-back tries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                return work(conn)
+        except sa.exc.OperationalError as exc:
+            if attempt == attempts or not is_retryable(exc):
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * attempt)
+    raise AssertionError("unreachable")
 
 
 def is_sqlite(bind: Engine | sa.Connection | Session) -> bool:

@@ -59,7 +59,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from membercare.consent import ConsentStatement, record_consents
-from membercare.db import insert_for, is_sqlite
+from membercare.db import in_transaction, insert_for, is_sqlite
 from membercare.delivery.models import OutboxMessage, OutboxState, Suppression, SuppressionReason, address_hash
 from membercare.delivery.reconcile import mark_sent_from_event
 from membercare.engagement.events import (
@@ -347,10 +347,14 @@ def writer_lock(engine: Engine):
 
 def ingest_events(engine: Engine, events: Sequence[EngagementEvent], *, apply_effects: bool = True) -> IngestResult:
     """:func:`ingest` in its own committed transaction (what the receiver calls before answering 2xx)."""
+    def work(conn: Connection) -> IngestResult:
+        take_write_lock(conn)
+        return ingest(conn, events, apply_effects=apply_effects)
+
+    # A deadlock victim (PostgreSQL, against a dispatcher recording outcomes on the same rows) runs again:
+    # its rollback left nothing, so the events count as new again and nothing is applied twice.
     with writer_lock(engine):
-        with engine.begin() as conn:
-            take_write_lock(conn)
-            return ingest(conn, events, apply_effects=apply_effects)
+        return in_transaction(engine, work)
 
 
 def take_write_lock(conn: Connection) -> None:
