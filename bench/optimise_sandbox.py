@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sqlalchemy as sa  # noqa: E402
 
 from membercare.sandbox.simulation import (  # noqa: E402
+    ENGAGED_KINDS,  # a click (email) or a tap (push): the engagement goal
     HiddenTruth,
     ShopSimulation,
     TruthSettings,
@@ -74,7 +75,6 @@ SEND_LOCAL_HOUR = 10  # the static campaign's run time, shop-local (as the calen
 SENDGRID_KEY = "SG.membercare-sim"
 FCM_PROJECT = "membercare-sim"
 SA_EMAIL = f"push@{FCM_PROJECT}.iam.gserviceaccount.com"
-ENGAGED_KINDS = ("clicked", "push_opened")  # a click (email) or a tap (push): the engagement goal
 OPEN_KINDS = ("opened", "push_opened")
 
 ARMS: dict[str, dict] = {

@@ -20,8 +20,8 @@ idempotency key makes a second run (or a rerun after a crash) send nothing twice
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 

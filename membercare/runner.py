@@ -40,6 +40,7 @@ references where the message is about one), summaries are counts.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import logging
@@ -629,13 +630,6 @@ def _pool(processes: int):
             # spawn, never fork: the planning process may run threads (Prefect, dispatcher) and hold
             # database connections that a forked child must not share.
             pool = _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
-            if len(_POOLS) == 1:
-                # Stop the workers while the interpreter is whole; an executor collected during its teardown
-                # prints "Exception ignored ... 'NoneType' object has no attribute 'util'" at exit.
-                import atexit
-
-                atexit.unregister(shutdown_planning_pools)
-                atexit.register(shutdown_planning_pools)
         return pool
 
 
@@ -646,6 +640,11 @@ def shutdown_planning_pools() -> None:
         _POOLS.clear()
     for pool in pools:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Stop the workers while the interpreter is whole; an executor collected during its teardown prints
+# "Exception ignored ... 'NoneType' object has no attribute 'util'" at exit. (A no-op when no pool ran.)
+atexit.register(shutdown_planning_pools)
 
 
 @dataclass(frozen=True)

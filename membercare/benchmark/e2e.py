@@ -87,7 +87,7 @@ class BenchOptions:
     baseline_timeout_s: float | None = 1800.0
     group_size: int | None = None  # members per planning task; None: the flow's default
     dispatchers: int = 1  # the flow's ``dispatchers`` parameter (dispatcher processes per pass)
-    processes: int | None = None  # the flow's ``processes`` parameter (planning worker processes; None: serial)
+    processes: int | None = None  # the flow's ``processes`` parameter (planning workers; None: the flow's default)
     verify_messages_up_to: int = 20_000  # compare message ids one by one up to this many sent messages
 
     def validate(self) -> "BenchOptions":

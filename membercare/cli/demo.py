@@ -351,7 +351,6 @@ def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, 
     sync = sync_engagement(records_url=services.sandbox.url)
     progress.console.print(f"sync-engagement: {time.monotonic() - t0:.1f} s")
     sync["drained"] = drained
-    sync["simulated_orders"] = purchases["orders"]
     sync["webhooks"] = services.sandbox.stats().get("webhooks", {})
     progress.advance(flows)
     progress.update(flows, description="done")
@@ -362,21 +361,17 @@ def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int
     """Orders from a share of today's clicks and taps (the sandbox's recipients never buy anything), imported
     through the normal order importer so that sync-engagement attributes them and the report's revenue and
     lift sections have something to show. Order ids are derived from message ids: a rerun imports nothing new."""
-    from membercare.engagement.models import EngagementEventRow
     from membercare.importer import import_csv
-    from membercare.sandbox.simulation import ENGAGED_KINDS, demo_orders, write_orders_csv
+    from membercare.sandbox.simulation import demo_orders, engaged_since, write_orders_csv
 
-    e = EngagementEventRow.__table__
-    with engine.connect() as conn:
-        engaged = conn.execute(sa.select(sa.func.count(sa.distinct(e.c.message_id)))
-                               .where(e.c.kind.in_(ENGAGED_KINDS), e.c.received_at >= since)).scalar_one()
-    orders = demo_orders(engine, since, seed=seed, now=utcnow())
+    engaged = engaged_since(engine, since)
+    orders = demo_orders(engine, since, seed=seed, now=utcnow(), engaged=engaged)
     if not orders:
-        return {"engaged": engaged, "orders": 0}
+        return {"engaged": len(engaged), "orders": 0}
     settings = state.settings
     path = write_orders_csv(orders, home / "demo-orders.csv", currency=settings.shop_currency)
     rep = import_csv(engine, "orders", path, settings=settings, rejects_path=home / "demo-orders.rejects.csv")
-    return {"engaged": engaged, "orders": rep.inserted}
+    return {"engaged": len(engaged), "orders": rep.inserted}
 
 
 def _print_summary(engine, home: Path, results, sync, services: DemoServices, started: float, *,

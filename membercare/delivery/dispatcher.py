@@ -711,7 +711,8 @@ class Dispatcher:
         o = OutboxMessage.__table__
         # Group by the set of columns so each group is one executemany.
         groups: dict[tuple[str, ...], list[dict]] = {}
-        for out in outcomes:
+        # Rows in id order: fewer deadlocks with the receiver settling rows (see in_transaction below).
+        for out in sorted(outcomes, key=lambda out: out.id):
             groups.setdefault(tuple(sorted(out.values)), []).append({"_id": out.id, **out.values})
 
         def write(conn: Connection) -> tuple[int, int]:
@@ -740,10 +741,8 @@ class Dispatcher:
                     out.side_effect(conn)
             return changed, settled
 
-        # Row order by id lowers the odds of a deadlock with the receiver settling rows; a deadlock victim
-        # is run again (every statement here is conditional on the row's state, so a retry is harmless).
-        for params in groups.values():
-            params.sort(key=lambda p: p["_id"])
+        # A deadlock victim is run again: every statement here is conditional on the row's state (or ON
+        # CONFLICT DO NOTHING), so a rerun of a rolled-back try is harmless.
         changed, settled = in_transaction(self.engine, write)
         for out in outcomes:
             rep.outcomes[out.kind] += 1

@@ -33,7 +33,7 @@ import csv
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -367,16 +367,26 @@ class ShopSimulation:
         for message_id, member_id, at in engaged:
             if message_id in out or member_id not in self.truth.index:
                 continue
-            r = seeded_rng(self.seed, "order", message_id)
-            if r.random() >= s.conversion_per_click:
-                continue
-            placed = ensure_utc(at) + timedelta(seconds=300 + 2700 * r.random())
-            lo, hi = s.order_value_minor
-            amount = int(round((lo + (hi - lo) * r.random()) / 100)) * 100
             member = self.truth.members[self.truth.row(member_id)]
-            out[message_id] = SimOrder(f"SIM-{message_id[:16]}", member_id, member.external_id, message_id,
-                                       placed, amount)
+            order = draw_order(self.seed, "order", message_id, member_id, member.external_id, at,
+                               rate=s.conversion_per_click, delay_s=(300, 3000), value_minor=s.order_value_minor)
+            if order is not None:
+                out[message_id] = order
         return sorted(out.values(), key=lambda o: (o.placed_at, o.order_id))
+
+
+def draw_order(seed: int, tag: str, message_id: str, member_id: int, external_member_id: str, engaged_at: datetime, *,
+               rate: float, delay_s: tuple[float, float], value_minor: tuple[int, int]) -> SimOrder | None:
+    """The order an engaged message leads to, or ``None``: with probability ``rate``, placed ``delay_s``
+    after ``engaged_at`` for an amount in ``value_minor`` (rounded to whole units). Deterministic per
+    ``(seed, tag, message_id)``; the order id is derived from the message id."""
+    r = seeded_rng(seed, tag, message_id)
+    if r.random() >= rate:
+        return None
+    placed = ensure_utc(engaged_at) + timedelta(seconds=delay_s[0] + (delay_s[1] - delay_s[0]) * r.random())
+    lo, hi = value_minor
+    amount = int(round((lo + (hi - lo) * r.random()) / 100)) * 100
+    return SimOrder(f"SIM-{message_id[:16]}", member_id, external_member_id, message_id, placed, amount)
 
 
 ORDER_COLUMNS = ("order_id", "member_id", "placed_at", "status", "line_no", "sku", "product_name", "category",
@@ -426,7 +436,7 @@ def reachable_setup_csvs(members: Sequence[SimMember], directory: Path, *, at: d
 
 __all__ = [
     "Delivery", "HiddenTruth", "ORDER_COLUMNS", "ShopSimulation", "SimMember", "SimOrder", "TruthSettings",
-    "load_members", "reachable_setup_csvs", "write_orders_csv",
+    "draw_order", "load_members", "reachable_setup_csvs", "write_orders_csv",
 ]
 
 
@@ -438,16 +448,9 @@ DEMO_ORDER_VALUE_MINOR = (49_900, 329_900)  # NT$499-3,299, in hundredths
 ENGAGED_KINDS = ("clicked", "push_opened")  # a click (email) or a tap (push): what can lead to an order
 
 
-def demo_orders(engine: Engine, since: datetime, *, seed: int, now: datetime,
-                rate: float = DEMO_CONVERSION_PER_CLICK,
-                value_minor: tuple[int, int] = DEMO_ORDER_VALUE_MINOR) -> list[SimOrder]:
-    """Simulated orders for the demo: each message first clicked or tapped since ``since`` leads to an order
-    with probability ``rate``, placed 20-120 s after the click (never after ``now``).
-
-    The demo's recipients only open, click, bounce and unsubscribe; without orders the report's revenue and
-    lift sections would stay empty. Deterministic per message id (``seeded_rng``), so a rerun yields the
-    same order ids, which the order importer then treats as already imported.
-    """
+def engaged_since(engine: Engine, since: datetime) -> list[tuple[str, int, str, datetime]]:
+    """``(message_id, member_id, member external id, first click or tap)`` of every message clicked or
+    tapped since ``since`` (by receipt), one row per message."""
     from membercare.engagement.models import EngagementEventRow
     from membercare.models import Member
 
@@ -458,16 +461,30 @@ def demo_orders(engine: Engine, since: datetime, *, seed: int, now: datetime,
             .join(m, m.c.id == e.c.member_id)
             .where(e.c.kind.in_(ENGAGED_KINDS), e.c.received_at >= since, e.c.message_id.is_not(None))
             .group_by(e.c.message_id, e.c.member_id, m.c.external_id)).all()
-    now = ensure_utc(now)
-    lo, hi = value_minor
     out = []
-    for message_id, member_id, external_id, first in rows:
-        r = seeded_rng(seed, "demo-order", message_id)
-        if r.random() >= rate:
-            continue
+    for mid, member, ext, first in rows:
+        # min() over the column comes back as text on SQLite, stored as UTC
         first = datetime.fromisoformat(first) if isinstance(first, str) else first
-        first = first if first.tzinfo else first.replace(tzinfo=UTC)
-        placed = min(first + timedelta(seconds=20 + 100 * r.random()), now - timedelta(seconds=1))
-        amount = int(round((lo + (hi - lo) * r.random()) / 100)) * 100
-        out.append(SimOrder(f"SIM-{message_id[:16]}", int(member_id), external_id, message_id, placed, amount))
+        out.append((mid, int(member), ext, first if first.tzinfo else first.replace(tzinfo=UTC)))
+    return out
+
+
+def demo_orders(engine: Engine, since: datetime, *, seed: int, now: datetime,
+                rate: float = DEMO_CONVERSION_PER_CLICK, value_minor: tuple[int, int] = DEMO_ORDER_VALUE_MINOR,
+                engaged: Sequence[tuple[str, int, str, datetime]] | None = None) -> list[SimOrder]:
+    """Simulated orders for the demo: each message first clicked or tapped since ``since`` (``engaged``, when
+    the caller already read :func:`engaged_since`) leads to an order with probability ``rate``, placed 20-120 s
+    after the click (never after ``now``).
+
+    The demo's recipients only open, click, bounce and unsubscribe; without orders the report's revenue and
+    lift sections would stay empty. Deterministic per message id (``seeded_rng``), so a rerun yields the
+    same order ids, which the order importer then treats as already imported.
+    """
+    latest = ensure_utc(now) - timedelta(seconds=1)
+    out = []
+    for message_id, member_id, external_id, first in (engaged if engaged is not None else engaged_since(engine, since)):
+        order = draw_order(seed, "demo-order", message_id, member_id, external_id, first, rate=rate,
+                           delay_s=(20, 120), value_minor=value_minor)
+        if order is not None:
+            out.append(replace(order, placed_at=min(order.placed_at, latest)))
     return sorted(out, key=lambda o: (o.placed_at, o.order_id))
