@@ -58,7 +58,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from membercare.campaigns import Campaign, load_campaign
+from membercare.campaigns.definition import Campaign, load_campaign
 from membercare.config import Settings
 from membercare.db import insert_for
 from membercare.delivery.contract import ChannelAdapter, Content, EmailContent, PushContent, SmsContent
@@ -1139,7 +1139,7 @@ EVENT_ALIASES: dict[str, str] = {"order.shipped": "order.delivered"}
 
 def trigger_events(settings: Settings) -> dict[str, list[str]]:
     """Event name -> campaigns started by it (from the campaigns' ``trigger:``), aliases included."""
-    from membercare.campaigns import list_campaigns
+    from membercare.campaigns.definition import list_campaigns
 
     events: dict[str, list[str]] = defaultdict(list)
     for camp in list_campaigns(settings):

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from membercare.campaigns import CampaignDefinitionError, campaign_names, load_campaign
+from membercare.campaigns.definition import CampaignDefinitionError, campaign_names, load_campaign
 from membercare.config import Settings
 from membercare.delivery.contract import EmailContent, PushContent, SmsContent
 from membercare.errors import ConfigurationError

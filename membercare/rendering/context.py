@@ -35,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from membercare.campaigns import Campaign
+from membercare.campaigns.definition import Campaign
 from membercare.links import LinkScope, LinkSigner
 from membercare.models import PURCHASE_STATUSES, Coupon, Member, Order, OrderLine, Product, Tier
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from membercare.campaigns import campaign_names, load_campaign
+from membercare.campaigns.definition import campaign_names, load_campaign
 from membercare.config import Settings
 from membercare.delivery.contract import EmailContent, PushContent, SmsContent
 from membercare.links import LinkSigner

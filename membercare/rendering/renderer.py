@@ -29,7 +29,7 @@ from jinja2 import TemplateError
 from jinja2.runtime import new_context
 from sqlalchemy.engine import Connection
 
-from membercare.campaigns import Campaign, load_campaign
+from membercare.campaigns.definition import Campaign, load_campaign
 from membercare.config import Settings
 from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
 from membercare.links import LinkSigner

@@ -313,3 +313,10 @@ def list_campaigns(settings: Settings | None = None) -> list[Campaign]:
     """Every campaign of the templates folder, sorted by name. Raises on the first invalid one."""
     root = _templates_dir(settings)
     return [load_campaign(n, settings) for n in campaign_names(root)]
+
+
+__all__ = [
+    "CAMPAIGN_FILE", "NAME_PATTERN", "RESERVED_VARIANT_NAMES", "VARIANT_NAME_PATTERN", "Campaign",
+    "CampaignDefinitionError", "Offer", "OfferStep", "Optimise", "PushRules", "SegmentRef", "SmsRules", "Trigger",
+    "VariantTest", "campaign_names", "list_campaigns", "load_campaign", "parse_campaign",
+]
