@@ -64,6 +64,7 @@ from membercare.db import insert_for
 from membercare.delivery.contract import ChannelAdapter, Content, EmailContent, PushContent, SmsContent
 from membercare.delivery.models import CampaignRun, OutboxMessage, OutboxState, RunStatus, decode_contents
 from membercare.delivery.planner import (
+    PlanHooks,
     PlanReport,
     PlanSpec,
     Recipient,
@@ -487,7 +488,7 @@ def recipients_for_batch(conn: Connection, prepared: PreparedRun, renderer, batc
 
 def _held_out(prepared: PreparedRun, ids: Sequence[int]) -> list[int]:
     """Members who get no message (campaign holdout or programme-wide global control): no offer coupon."""
-    from membercare.optimise.planning import in_control_or_holdout
+    from membercare.optimise.hooks import in_control_or_holdout
 
     control = prepared.settings.global_control_rate if prepared.campaign.purpose == Purpose.MARKETING else 0.0
     if (prepared.holdout_rate <= 0 and control <= 0) or not ids:
@@ -496,28 +497,16 @@ def _held_out(prepared: PreparedRun, ids: Sequence[int]) -> list[int]:
                                  control_salt=prepared.settings.global_control_salt)
 
 
-def make_assigner(prepared: PreparedRun):
-    """The planner's ``assign`` hook without variants: the global control group (marketing campaigns, when
-    ``MEMBERCARE_GLOBAL_CONTROL_RATE`` > 0, answer ``"global_control"``), then the campaign holdout
-    (``"holdout"``); None when neither applies. :func:`make_plan_hooks` adds the variant test."""
-    from membercare.optimise.planning import Assigner
-
-    control = prepared.settings.global_control_rate if prepared.campaign.purpose == Purpose.MARKETING else 0.0
-    if prepared.holdout_rate <= 0 and control <= 0:
-        return None
-    return Assigner(prepared.name, prepared.occurrence, holdout_rate=prepared.holdout_rate, control_rate=control,
-                    control_salt=prepared.settings.global_control_salt)
-
-
-def make_plan_hooks(engine: Engine, prepared: PreparedRun) -> dict[str, Any]:
+def make_plan_hooks(engine: Engine, prepared: PreparedRun) -> PlanHooks:
     """The planner's extension points for this run: ``assign`` (holdout, global control, variants),
-    ``prefer`` (routing strategy) and ``deliver_at`` (send time), as keyword arguments of
-    :func:`~membercare.delivery.planner.plan_run` / ``_plan_batch``. Built once per planning group, so
+    ``prefer`` (routing strategy) and ``deliver_at`` (send time). Built once per planning group, so
     anything learnt from engagement history is read once, not per member (and cached across the groups
-    of a run: :mod:`membercare.optimise.planning`). ``assign`` is always present (possibly None)."""
-    from membercare.optimise.planning import build_hooks
+    of a run: :mod:`membercare.optimise.history`). A dry run computes variant shares without storing them."""
+    from membercare.optimise.hooks import build_hooks
 
-    return build_hooks(engine, prepared)
+    return build_hooks(engine, prepared.campaign, occurrence=prepared.occurrence, as_of=prepared.as_of,
+                       holdout_rate=prepared.holdout_rate, channels=prepared.spec.channels,
+                       settings=prepared.settings, store_allocation=not prepared.options.dry_run)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -573,8 +562,9 @@ def plan_group(engine: Engine, prepared: PreparedRun, entries: Sequence[Audience
                 recipients = recipients_for_batch(conn, prepared, renderer, batch)
             yield recipients
 
+    hooks = make_plan_hooks(engine, prepared)
     report = plan_run(engine, prepared.spec, batches(), prepared.as_of, adapter, policy=policy,
-                      message_ids=message_ids, **make_plan_hooks(engine, prepared))
+                      message_ids=message_ids, assign=hooks.assign, prefer=hooks.prefer, deliver_at=hooks.deliver_at)
     return PlanOutcome.from_report(report)
 
 
@@ -706,14 +696,14 @@ def _plan_group_pooled(engine: Engine, prepared: PreparedRun, entries: Sequence[
     size = prepared.options.batch_size
     inflight: deque = deque()
 
-    hooks: dict[str, Any] = {}
+    built: list[PlanHooks] = []
 
     def deliver_at(ctx, rc, channel):
         # Only needed when a per-channel cap drops a row's first channel (rare): the workers built the hooks
         # for everything else, so this process builds them only then.
-        if not hooks:
-            hooks.update(make_plan_hooks(engine, prepared), built=True)
-        fn = hooks.get("deliver_at")
+        if not built:
+            built.append(make_plan_hooks(engine, prepared))
+        fn = built[0].deliver_at
         return fn(ctx, rc, channel) if fn else None
 
     def write(fut) -> None:
@@ -755,7 +745,7 @@ def _plan_group_pooled(engine: Engine, prepared: PreparedRun, entries: Sequence[
 
 # State of a planning worker process (one job at a time): engines by URL, the current run's renderer and
 # the current group's hooks.
-_WORKER: dict[str, Any] = {"engines": {}, "run_key": None, "renderer": None, "token": None, "hooks": {}}
+_WORKER: dict[str, Any] = {"engines": {}, "run_key": None, "renderer": None, "token": None, "hooks": None}
 
 
 def _prepare_in_worker(job: _PlanJob):
@@ -779,8 +769,8 @@ def _prepare_in_worker(job: _PlanJob):
     with engine.connect() as conn:
         recipients = recipients_for_batch(conn, prepared, renderer, job.entries, issue_coupons=False)
         batch = prepare_batch(conn, prepared.spec, recipients, prepared.as_of, PlannerRenderer(renderer), job.policy,
-                              hooks.get("assign"), job.message_ids, prefer=hooks.get("prefer"),
-                              deliver_at=hooks.get("deliver_at"), run_id=job.run_id)
+                              hooks.assign, job.message_ids, prefer=hooks.prefer, deliver_at=hooks.deliver_at,
+                              run_id=job.run_id)
         conn.rollback()
     return batch
 
@@ -862,9 +852,8 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
                     return mid
 
                 # The planner's batch function: the same decisions as plan_run, inside our transaction.
-                _planner._plan_batch(conn, run_id, spec, recipients, prepared.as_of, adapter, pol,
-                                     hooks["assign"], mint, report,
-                                     **{k: v for k, v in hooks.items() if k != "assign"})
+                _planner.plan_batch(conn, run_id, spec, recipients, prepared.as_of, adapter, pol, mint, report,
+                                    hooks=hooks)
                 rep.already_planned += report.already_planned
                 # Only the rows this transaction inserted carry a message id minted here.
                 created = conn.execute(
@@ -1276,7 +1265,7 @@ __all__ = [
     "PlannerRenderer", "PreparedRun", "RenderFailed", "RenderedSample", "RunOptions", "RunSummary", "SyncReport",
     "EVENT_ALIASES", "TriggeredRun", "find_member", "plan_trigger", "trigger_events",
     "coupon_code", "dispatch_round", "dry_run", "dry_run_summary", "ensure_run", "holdout_rate_for",
-    "issue_offer_coupons", "make_assigner", "make_plan_hooks", "make_renderer", "occurrence_key", "plan_group", "prepare",
+    "issue_offer_coupons", "make_plan_hooks", "make_renderer", "occurrence_key", "plan_group", "prepare",
     "planning_processes", "recipients_for_batch", "resolve_audience", "run_campaign", "run_progress",
     "segment_params_for", "shutdown_planning_pools", "summarise", "sync_engagement", "write_preview",
 ]

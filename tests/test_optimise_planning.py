@@ -1,4 +1,4 @@
-"""Optimisation wired into planning (membercare/optimise/planning.py), on SQLite and PostgreSQL.
+"""Optimisation wired into planning (membercare/optimise/: hooks, history, variants), on SQLite and PostgreSQL.
 
 Small seeded databases with planted history: variant shares (uniform start, shift toward the better
 variant, promotion at the threshold, stable on rerun), best_engagement (planted best channel, consent
@@ -30,7 +30,9 @@ from membercare.delivery.routing import load_contexts
 from membercare.engagement.models import EngagementEventRow
 from membercare.errors import InputError
 from membercare.models import Consent, Member, Order
-from membercare.optimise import assignment, planning, send_time
+from membercare.optimise import assignment, send_time, variants
+from membercare.optimise import history as opt_history
+from membercare.optimise import hooks as plan_hooks
 
 UTC = timezone.utc
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 Asia/Taipei
@@ -40,9 +42,9 @@ _seq = itertools.count(1)
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    planning.clear_cache()
+    opt_history.clear_cache()
     yield
-    planning.clear_cache()
+    opt_history.clear_cache()
 
 
 # ----------------------------------------------------------------------------------------------- seeding
@@ -109,19 +111,19 @@ T1, T2, T3 = AS_OF - timedelta(days=61), AS_OF - timedelta(days=30), AS_OF
 
 
 def test_first_occurrence_is_uniform_stored_and_stable(engine):
-    alloc = planning.allocation_for(engine, "promo", "2026-09", T1, TEST)
+    alloc = variants.allocation_for(engine, "promo", "2026-09", T1, TEST)
     assert alloc.shares == {"a": 0.5, "b": 0.5} and alloc.winner is None and alloc.stored
     assert "uniform" in alloc.reason
-    again = planning.allocation_for(engine, "promo", "2026-09", T1, TEST)
+    again = variants.allocation_for(engine, "promo", "2026-09", T1, TEST)
     assert again == alloc
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(planning.VariantAllocation.__table__)).scalar_one() == 1
+        assert conn.execute(sa.select(sa.func.count()).select_from(variants.VariantAllocation.__table__)).scalar_one() == 1
 
 
 def test_shares_shift_toward_the_better_variant_and_stay_fixed_for_the_occurrence(engine):
     # 60 sends each (below min_sends 100, so no promotion yet): b clicks twice as often.
     plant_variant_history(engine, "promo", "2026-09", T1, {"a": (60, 6), "b": (60, 15)})
-    alloc = planning.allocation_for(engine, "promo", "2026-10", T2, TEST)
+    alloc = variants.allocation_for(engine, "promo", "2026-10", T2, TEST)
     assert alloc.winner is None
     assert alloc.shares["b"] > 0.7 > 0.05 <= alloc.shares["a"] < 0.3
     assert abs(sum(alloc.shares.values()) - 1) < 1e-9
@@ -130,43 +132,43 @@ def test_shares_shift_toward_the_better_variant_and_stay_fixed_for_the_occurrenc
     assert report["b"]["successes"] == 15 and "bandit" in alloc.reason
     # More evidence arriving later does not change an occurrence already allocated (rerun-stable).
     plant_variant_history(engine, "promo", "2026-08", T1 - timedelta(days=30), {"a": (50, 40)})
-    assert planning.allocation_for(engine, "promo", "2026-10", T2, TEST).shares == alloc.shares
+    assert variants.allocation_for(engine, "promo", "2026-10", T2, TEST).shares == alloc.shares
     # A dry run of a new occurrence computes but stores nothing.
-    dry = planning.allocation_for(engine, "promo", "2026-11", T3, TEST, store=False)
+    dry = variants.allocation_for(engine, "promo", "2026-11", T3, TEST, store=False)
     assert not dry.stored
     with engine.connect() as conn:
-        assert planning.stored_allocation(conn, "promo", "2026-11") is None
+        assert variants.stored_allocation(conn, "promo", "2026-11") is None
 
 
 def test_winner_is_promoted_at_the_threshold_and_promotion_is_final(engine):
     plant_variant_history(engine, "promo", "2026-09", T1, {"a": (150, 8), "b": (150, 30)})
-    alloc = planning.allocation_for(engine, "promo", "2026-10", T2, TEST)
+    alloc = variants.allocation_for(engine, "promo", "2026-10", T2, TEST)
     assert alloc.winner == "b" and alloc.shares == {"a": 0.0, "b": 1.0}
     assert alloc.reason.startswith("promoted b: P(best)") and ">= 0.95" in alloc.reason
     assert alloc.report["winner"] == "b"
     with engine.connect() as conn:
-        row = conn.execute(sa.select(planning.VariantAllocation.__table__)
-                           .where(planning.VariantAllocation.__table__.c.occurrence == "2026-10")).one()
+        row = conn.execute(sa.select(variants.VariantAllocation.__table__)
+                           .where(variants.VariantAllocation.__table__.c.occurrence == "2026-10")).one()
     assert row.winner == "b" and json.loads(row.shares) == {"a": 0.0, "b": 1.0}
     # Later occurrences send the winner only, without re-running the test.
-    nxt = planning.allocation_for(engine, "promo", "2026-11", T3, TEST)
+    nxt = variants.allocation_for(engine, "promo", "2026-11", T3, TEST)
     assert nxt.shares == {"a": 0.0, "b": 1.0} and nxt.winner == "b" and "promoted in occurrence 2026-10" in nxt.reason
     # The same evidence with a stricter threshold does not promote (P(best) is below 1 - 1e-12).
     strict = VariantTest(names=("a", "b"), promote_at=1.0)
-    other = planning.allocation_for(engine, "promo", "2026-10:x", T2, strict, store=False)
+    other = variants.allocation_for(engine, "promo", "2026-10:x", T2, strict, store=False)
     assert other.winner is None and other.shares["a"] >= 0.05
 
 
 def test_changed_variant_names_refuse_an_allocated_occurrence(engine):
-    planning.allocation_for(engine, "promo", "2026-09", T1, TEST)
+    variants.allocation_for(engine, "promo", "2026-09", T1, TEST)
     with pytest.raises(InputError, match="allocated for variants a, b"):
-        planning.allocation_for(engine, "promo", "2026-09", T1, VariantTest(names=("a", "c")))
+        variants.allocation_for(engine, "promo", "2026-09", T1, VariantTest(names=("a", "c")))
 
 
 def test_assigner_order_and_rerun_stability():
     shares = {"a": 0.3, "b": 0.7}
-    a = planning.Assigner("promo", "2026-11", holdout_rate=0.1, control_rate=0.05, control_salt="2026", shares=shares)
-    b = planning.Assigner("promo", "2026-11", holdout_rate=0.1, control_rate=0.05, control_salt="2026", shares=shares)
+    a = plan_hooks.Assigner("promo", "2026-11", holdout_rate=0.1, control_rate=0.05, control_salt="2026", shares=shares)
+    b = plan_hooks.Assigner("promo", "2026-11", holdout_rate=0.1, control_rate=0.05, control_salt="2026", shares=shares)
     got = [a(None, Recipient(m)) for m in range(1, 20_001)]
     assert got == [b(None, Recipient(m)) for m in range(1, 20_001)]
     copy = pickle.loads(pickle.dumps(a))  # planning worker processes get the hooks by pickling
@@ -201,18 +203,18 @@ def test_best_engagement_picks_the_planted_channel_and_respects_consent(engine, 
                 add_sent(conn, run, "other", "2026-10", mid, channel="sms", sent_at=at,
                          clicked_at=at + timedelta(minutes=5) if k % 4 else None)
     with engine.connect() as conn:
-        history = planning.load_channel_history(conn, AS_OF)
+        history = opt_history.load_channel_history(conn, AS_OF)
         contexts = load_contexts(conn, both + no_sms + fresh, "marketing", AS_OF, timedelta(days=90))
     i = history.row(both[0])
     assert history.sends[i].tolist() == [12, 12, 0] and history.engagements[i].tolist() == [0, 9, 0]
     assert history.row(fresh[0]) is None
     # Streaming in tiny partitions (members straddling them) gives the same arrays.
-    monkeypatch.setattr(planning, "STREAM_ROWS", 3)
+    monkeypatch.setattr(opt_history, "STREAM_ROWS", 3)
     with engine.connect() as conn:
-        small = planning.load_channel_history(conn, AS_OF)
+        small = opt_history.load_channel_history(conn, AS_OF)
     assert np.array_equal(small.member_ids, history.member_ids) and np.array_equal(small.sends, history.sends)
     assert np.array_equal(small.engagements, history.engagements) and np.allclose(small.rates, history.rates)
-    hook = planning.BestEngagement(history, campaign="promo", occurrence="2026-11", purpose="marketing",
+    hook = plan_hooks.BestEngagement(history, campaign="promo", occurrence="2026-11", purpose="marketing",
                                    allowed=("email", "sms", "push"))
     for mid in both:
         assert hook(contexts[mid], Recipient(mid)) == ("sms", "email")
@@ -224,7 +226,7 @@ def test_best_engagement_picks_the_planted_channel_and_respects_consent(engine, 
     for mid in fresh:
         assert sorted(hook(contexts[mid], Recipient(mid)) or ("email", "sms")) == ["email", "sms"]
     # A campaign that does not allow SMS leaves nothing to choose.
-    email_only = planning.BestEngagement(history, campaign="promo", occurrence="2026-11", purpose="marketing",
+    email_only = plan_hooks.BestEngagement(history, campaign="promo", occurrence="2026-11", purpose="marketing",
                                          allowed=("email",))
     assert email_only(contexts[both[0]], Recipient(both[0])) is None
 
@@ -250,15 +252,15 @@ def test_best_hour_defers_to_the_planted_hour_inside_allowed_hours(engine):
         conn.execute(Order.__table__.insert().values(
             external_id="o-hour", member_id=evening[0], placed_at=T2.replace(hour=11, minute=40), status="paid",
             total_minor=100_00, currency="TWD", updated_at=T2))
-    allowed = planning.allowed_hours(PolicySettings())
+    allowed = plan_hooks.allowed_hours(PolicySettings())
     assert (allowed.start, allowed.end) == (9, 21)
     with engine.connect() as conn:
-        hours = planning.load_hour_history(conn, AS_OF, allowed=allowed, chunk_members=3)  # several chunks
+        hours = opt_history.load_hour_history(conn, AS_OF, allowed=allowed, chunk_members=3)  # several chunks
         contexts = load_contexts(conn, [*evening, *night, newcomer, stranger], "marketing", AS_OF, timedelta(days=90))
     assert hours.hour_for(evening[0]) == (19, "member")
     assert hours.hour_for(night[0]) == (20, "member")  # the nearest allowed hour to 23:30
     assert hours.hour_for(newcomer, "25-34", "gold")[1] == "segment"
-    hook = planning.BestHour(hours, as_of=AS_OF)
+    hook = plan_hooks.BestHour(hours, as_of=AS_OF)
     assert hook(contexts[evening[0]], Recipient(evening[0]), "email") == datetime(2026, 11, 23, 11, 0, tzinfo=UTC)
     assert hook(contexts[night[0]], Recipient(night[0]), "email") == datetime(2026, 11, 23, 20, 0, tzinfo=UTC)
     # A member without history gets the typical hour of their group (age group and tier) ...
@@ -270,10 +272,10 @@ def test_best_hour_defers_to_the_planted_hour_inside_allowed_hours(engine):
 
 
 def test_allowed_hours_follow_the_quiet_hours():
-    assert (lambda a: (a.start, a.end))(planning.allowed_hours(
+    assert (lambda a: (a.start, a.end))(plan_hooks.allowed_hours(
         PolicySettings(quiet_hours=QuietHours(start=datetime(2000, 1, 1, 21, 30).time(),
                                               end=datetime(2000, 1, 1, 8, 30).time())))) == (9, 21)
-    assert planning.allowed_hours(PolicySettings(quiet_hours=None)).mask().all()
+    assert plan_hooks.allowed_hours(PolicySettings(quiet_hours=None)).mask().all()
     assert send_time.AllowedHours.outside(datetime(2000, 1, 1, 0, 0).time(),
                                           datetime(2000, 1, 1, 8, 0).time()).mask().sum() == 16
 
@@ -304,12 +306,12 @@ def test_global_control_excludes_members_from_marketing_only(shop, tmp_path):
     expected = {m for m in ids if assignment.in_global_control(m, "2026", 0.2)}
     assert 15 < len(expected) < 70
     marketing = runner.prepare(settings, "vip_appreciation", runner.RunOptions(as_of=AS_OF, members=ids), check=False)
-    assign = runner.make_plan_hooks(shop, marketing)["assign"]
+    assign = runner.make_plan_hooks(shop, marketing).assign
     got = {m for m in ids if assign(None, Recipient(m)) == GLOBAL_CONTROL}
     assert got == expected
     transactional = runner.prepare(settings, "service_recovery", runner.RunOptions(as_of=AS_OF, members=ids),
                                    check=False)
-    hook = runner.make_plan_hooks(shop, transactional)["assign"]
+    hook = runner.make_plan_hooks(shop, transactional).assign
     assert hook is None or not any(hook(None, Recipient(m)) in (GLOBAL_CONTROL, HOLDOUT) for m in ids)
     # Planned rows: skipped with reason global_control, no content.
     audience = runner.resolve_audience(shop, marketing)
@@ -342,7 +344,7 @@ def test_variant_campaign_end_to_end_through_plan_group(shop, tmp_path):
     with shop.connect() as conn:
         rows = conn.execute(sa.select(O.c.member_id, O.c.variant, O.c.channel, O.c.content, O.c.state)
                             .where(O.c.campaign == "churn_winback")).all()
-        alloc = planning.stored_allocation(conn, "churn_winback", prepared.occurrence)
+        alloc = variants.stored_allocation(conn, "churn_winback", prepared.occurrence)
     assert len(rows) == len(ids) and alloc.shares == {"a": 0.5, "b": 0.5}
     by_variant = Counter(r.variant for r in rows)
     assert by_variant["a"] > 60 and by_variant["b"] > 60 and by_variant[HOLDOUT] > 5
@@ -371,7 +373,7 @@ def test_best_hour_campaign_defers_rows_with_reason_send_time(shop, tmp_path, mo
                                                                      routing="best_engagement")})
     prepared = runner.prepare(settings, camp, runner.RunOptions(as_of=AS_OF, members=ids), check=False)
     hooks = runner.make_plan_hooks(shop, prepared)
-    assert set(hooks) == {"assign", "prefer", "deliver_at"}
+    assert isinstance(hooks.prefer, plan_hooks.BestEngagement) and isinstance(hooks.deliver_at, plan_hooks.BestHour)
     audience = runner.resolve_audience(shop, prepared)
     runner.plan_group(shop, prepared, audience.entries)
     with shop.connect() as conn:
@@ -388,7 +390,7 @@ def test_best_hour_campaign_defers_rows_with_reason_send_time(shop, tmp_path, mo
 
 def test_members_without_a_message_get_no_offer_coupon_helper():
     ids = list(range(1, 3001))
-    got = set(planning.in_control_or_holdout(ids, "promo", holdout_rate=0.1, control_rate=0.05, control_salt="s"))
+    got = set(plan_hooks.in_control_or_holdout(ids, "promo", holdout_rate=0.1, control_rate=0.05, control_salt="s"))
     expected = {m for m in ids if assignment.in_global_control(m, "s", 0.05) or assignment.in_holdout(m, "promo", 0.1)}
     assert got == expected and 300 < len(got) < 560
 
@@ -403,7 +405,7 @@ def test_dry_run_uses_the_same_hooks_and_stores_no_allocation(shop, tmp_path):
     assert rep.by_reason.get("global_control", 0) == expected > 0
     assert rep.by_reason.get("holdout", 0) > 0
     with shop.connect() as conn:
-        assert planning.stored_allocation(conn, "churn_winback", prepared.occurrence) is None
+        assert variants.stored_allocation(conn, "churn_winback", prepared.occurrence) is None
         assert conn.execute(sa.select(sa.func.count()).select_from(O)).scalar_one() == 0
 
 
@@ -426,10 +428,10 @@ def test_conversion_goal_counts_messages_credited_by_last_touch(engine):
                         run_id=run, campaign="promo", occurrence="2026-09", channel="email", variant=variant,
                         touch_kind="opened", touched_at=T1, window_seconds=604800, computed_at=T1))
     with engine.connect() as conn:
-        stats = planning.variant_stats(conn, "promo", ("a", "b"), "conversion", T2)
-        clicks = planning.variant_stats(conn, "promo", ("a", "b"), "click", T2)
-        none_yet = planning.variant_stats(conn, "promo", ("a", "b"), "conversion", T1)  # only earlier occurrences
+        stats = variants.variant_stats(conn, "promo", ("a", "b"), "conversion", T2)
+        clicks = variants.variant_stats(conn, "promo", ("a", "b"), "click", T2)
+        none_yet = variants.variant_stats(conn, "promo", ("a", "b"), "conversion", T1)  # only earlier occurrences
     assert [(s.name, s.sends, s.successes) for s in stats] == [("a", 20, 2), ("b", 20, 7)]
     assert [s.successes for s in clicks] == [0, 0] and [s.sends for s in none_yet] == [0, 0]
     test = VariantTest(names=("a", "b"), goal="conversion")
-    assert planning.allocation_for(engine, "promo", "2026-10", T2, test).shares["b"] > 0.5
+    assert variants.allocation_for(engine, "promo", "2026-10", T2, test).shares["b"] > 0.5

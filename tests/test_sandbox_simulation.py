@@ -162,7 +162,7 @@ def _bench():
 def _optimise_planning_available() -> bool:
     from membercare.campaigns import Campaign
 
-    return "optimise" in Campaign.model_fields and (ROOT / "membercare" / "optimise" / "planning.py").is_file()
+    return "optimise" in Campaign.model_fields and (ROOT / "membercare" / "optimise" / "hooks.py").is_file()
 
 
 def test_a_tiny_benchmark_run_goes_through_the_pipeline_and_writes_its_results(tmp_path):

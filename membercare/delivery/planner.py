@@ -18,10 +18,13 @@ of members, in one transaction:
 Members we decide not to message get a row too (state skipped or suppressed, with the reason), so
 the ledger accounts for everyone the segment selected.
 
-:func:`prepare_batch` (reads and rendering, no lock) and :func:`write_prepared` (the planning lock, the
-frequency cap against other runs' rows, the insert) split a batch so that the first half can run in
-worker processes while one process writes (``runner.plan_group``, ``RunOptions.processes``);
-``_plan_batch`` runs both in one transaction under the lock.
+:func:`plan_batch` plans one batch inside the caller's transaction (``plan_run`` commits each; the campaign
+dry run rolls it back). :func:`prepare_batch` (reads and rendering, no lock) and :func:`write_prepared` (the
+planning lock, the frequency cap against other runs' rows, the insert) split a batch so that the first half
+can run in worker processes while one process writes (``membercare.campaigns.plan.plan_group``,
+``RunOptions.processes``); :func:`plan_batch` runs both in one transaction under the lock.
+
+The three extension points (``assign``, ``prefer``, ``deliver_at``) travel together as :class:`PlanHooks`.
 """
 
 from __future__ import annotations
@@ -136,6 +139,20 @@ Preferrer = Callable[[MemberContext, Recipient], Sequence[str] | None]
 DeliveryTimer = Callable[[MemberContext, Recipient, str], datetime | None]
 
 
+@dataclass(frozen=True)
+class PlanHooks:
+    """The planner's extension points for one run; None leaves the default behaviour.
+
+    ``assign`` (:data:`Assigner`): variant, holdout or global control of a member. ``prefer``
+    (:data:`Preferrer`): the member's channel order. ``deliver_at`` (:data:`DeliveryTimer`): the send time.
+    ``membercare.optimise.hooks.build_hooks`` builds them from a campaign's ``optimise:`` block.
+    """
+
+    assign: Assigner | None = None
+    prefer: Preferrer | None = None
+    deliver_at: DeliveryTimer | None = None
+
+
 @dataclass
 class PlanReport:
     run_id: int
@@ -193,31 +210,31 @@ def plan_run(
         with engine.connect() as conn:
             policy = load_policy(conn)
     report = PlanReport(run_id)
+    hooks = PlanHooks(assign, prefer, deliver_at)
     for batch in member_batches:
         recipients = [b if isinstance(b, Recipient) else Recipient(int(b)) for b in batch]
         if recipients:
             with engine.begin() as conn:
-                _plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, assign, message_ids, report,
-                            prefer=prefer, deliver_at=deliver_at)
+                plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, message_ids, report, hooks=hooks)
     with engine.begin() as conn:
         refresh_run_counts(conn, run_id, reopen=report.inserted > 0)
     return report
 
 
-def _plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: list[Recipient], as_of: datetime,
-                renderer: Renderer, policy: PolicySettings, assign: Assigner | None,
-                message_ids: Callable[[], str], report: PlanReport, *, prefer: Preferrer | None = None,
-                deliver_at: DeliveryTimer | None = None) -> None:
+def plan_batch(conn: Connection, run_id: int, spec: PlanSpec, recipients: Sequence[Recipient], as_of: datetime,
+               renderer: Renderer, policy: PolicySettings, message_ids: Callable[[], str], report: PlanReport, *,
+               hooks: PlanHooks = PlanHooks()) -> None:
     """Plan one batch in ``conn``'s transaction: every decision and the insert under the planning lock.
 
-    The serial path (and the dry run). :func:`prepare_batch` + :func:`write_prepared` split the same work
-    so that the reading and rendering can run in other processes, outside the lock.
+    The caller owns the transaction: :func:`plan_run` commits it, the campaign dry run rolls it back. The
+    serial path; :func:`prepare_batch` + :func:`write_prepared` split the same work so that the reading and
+    rendering can run in other processes, outside the lock. Counts go to ``report``.
     """
     _take_plan_lock(conn, run_id)
-    batch = prepare_batch(conn, spec, recipients, as_of, renderer, policy, assign, message_ids, prefer=prefer,
-                          deliver_at=deliver_at, run_id=run_id, cap_now=True)
+    batch = prepare_batch(conn, spec, recipients, as_of, renderer, policy, hooks.assign, message_ids,
+                          prefer=hooks.prefer, deliver_at=hooks.deliver_at, run_id=run_id, cap_now=True)
     report.already_planned += batch.already_planned
-    _write(conn, run_id, spec, batch, as_of, policy, report, deliver_at=deliver_at)
+    _write(conn, run_id, spec, batch, as_of, policy, report, deliver_at=hooks.deliver_at)
 
 
 def _take_plan_lock(conn: Connection, run_id: int) -> None:

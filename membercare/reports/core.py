@@ -514,7 +514,7 @@ def variant_settings_from_campaigns(campaigns) -> dict[str, dict[str, Any]]:
 
 def _recorded_allocations(conn: Connection, campaigns: list[str]) -> dict[tuple[str, str], Any]:
     """What planning recorded per occurrence (``variant_allocations``, written by
-    :mod:`membercare.optimise.planning`): shares, promoted winner and why. Empty when the table is absent."""
+    :mod:`membercare.optimise.variants`): shares, promoted winner and why. Empty when the table is absent."""
     if "variant_allocations" not in set(sa.inspect(conn).get_table_names()):
         return {}
     va = sa.table("variant_allocations", sa.column("campaign"), sa.column("occurrence"), sa.column("shares"),
