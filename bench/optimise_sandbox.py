@@ -12,7 +12,7 @@ copy of the same shop and the same truth:
   (``floor`` 0.05, ``promote_at`` 0.95);
 * optionally ``channel``, ``time``, ``variants``: one strategy at a time (``--arms``).
 
-Each round goes through the real stages, without Prefect (the Prefect-free runner functions the flows
+Each round goes through the real stages, without Prefect (the Prefect-free campaign stages the flows
 sequence: ``prepare``, ``resolve_audience``, ``plan_group``; the ``Dispatcher`` with the real SendGrid and
 firebase-admin adapters talking HTTP to an in-process ``SandboxServer``; the sandbox's simulated recipients
 post signed webhooks to the real receiver app (``membercare.receiver.create_app`` under uvicorn); orders
@@ -310,7 +310,9 @@ def run_round(engine, services: Services, sim: ShopSimulation, r: int, as_of: da
     from membercare.engagement.attribution_models import Attribution
     from membercare.engagement.models import EngagementEventRow
     from membercare.importer import import_csv
-    from membercare.runner import RunOptions, ensure_run, make_renderer, plan_group, prepare, resolve_audience
+    from membercare.campaigns.audience import resolve_audience
+    from membercare.campaigns.occurrence import RunOptions, prepare
+    from membercare.campaigns.plan import ensure_run, make_renderer, plan_group
 
     t0 = time.monotonic()
     settings = services.settings

@@ -3,7 +3,7 @@
 Generates (once, cached) a demo shop of N members, then plans the ``birthday`` campaign (email, SMS and
 push, an offer coupon per member, the content of every channel of each member's fallback chain rendered
 and stored) for an audience of *everyone* (the segment is swapped for ``new_members(days=3650)``), through
-:func:`membercare.runner.run_campaign` without adapters: prepare, resolve the segment, plan every group.
+:func:`membercare.campaigns.run.run_campaign` without adapters: prepare, resolve the segment, plan every group.
 Nothing is sent. Reports members/s, rendered messages/s, CPU seconds (parent and render processes),
 peak RSS of the whole process tree and, at 1M members, the time against the 2-minute target.
 
@@ -61,7 +61,9 @@ import sqlalchemy as sa
 from membercare.config import Settings
 from membercare.campaigns import SegmentRef, load_campaign
 from membercare.db import make_engine, upgrade
-from membercare import runner
+from membercare.campaigns.occurrence import RunOptions
+from membercare.campaigns.plan import shutdown_planning_pools
+from membercare.campaigns.run import run_campaign
 from membercare.delivery.models import OutboxMessage
 
 url, processes, profile = {url!r}, {processes}, {profile}
@@ -69,7 +71,7 @@ upgrade(url)  # a cached shop from before a newer migration
 settings = Settings(database_url=url, secret_key="plan-bench-secret", home={home!r})
 camp = load_campaign("birthday", settings)
 camp = camp.model_copy(update={{"segment": SegmentRef(name="new_members", params={{"days": 3650}})}})
-options = runner.RunOptions(as_of=datetime.fromisoformat({as_of!r}), **({{"processes": processes}} if processes is not None else {{}}))
+options = RunOptions(as_of=datetime.fromisoformat({as_of!r}), **({{"processes": processes}} if processes is not None else {{}}))
 engine = make_engine(url)
 
 me = psutil.Process()
@@ -102,14 +104,14 @@ load0 = os.getloadavg()[0]
 t0, c0 = time.perf_counter(), os.times()
 if prof:
     prof.enable()
-result = runner.run_campaign(engine, settings, camp, options)
+result = run_campaign(engine, settings, camp, options)
 if prof:
     prof.disable()
 wall = time.perf_counter() - t0
 c1 = os.times()
 stop.set()
 sample_once()
-runner.shutdown_planning_pools()
+shutdown_planning_pools()
 o = OutboxMessage.__table__
 with engine.connect() as conn:
     rows = conn.execute(sa.select(o.c.state, o.c.fallback_channels, o.c.content.is_not(None))

@@ -1,4 +1,4 @@
-"""``run-campaign``: one campaign occurrence, as Prefect tasks over :mod:`membercare.runner`.
+"""``run-campaign``: one campaign occurrence, as Prefect tasks over the stages of :mod:`membercare.campaigns`.
 
 Stages (each a task; never one task per message):
 
@@ -40,7 +40,21 @@ from flows.common import (
     run_logger,
     settings_from,
 )
-from membercare import runner
+# The stages are called through their modules (campaigns.plan.plan_group, ...), so that the end-to-end
+# benchmark can time each domain call from the outside (bench/e2e); types are imported by name.
+import membercare.campaigns.audience
+import membercare.campaigns.dispatch
+import membercare.campaigns.dry_run
+import membercare.campaigns.occurrence
+import membercare.campaigns.plan
+import membercare.campaigns.summary
+from membercare import campaigns
+from membercare.campaigns.audience import DEFAULT_GROUP_SIZE, Audience
+from membercare.campaigns.dispatch import DispatchOutcome
+from membercare.campaigns.dry_run import DryRunReport
+from membercare.campaigns.occurrence import MAX_PROCESSES, PreparedRun, RunOptions
+from membercare.campaigns.plan import PlanOutcome
+from membercare.campaigns.summary import RunSummary
 from membercare.errors import ConfigurationError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
@@ -65,8 +79,8 @@ class CampaignRunParameters(BaseModel):
     order_ref: str | None = Field(default=None, description="the order a message_per: order message is about")
     event_ref: str | None = Field(default=None, description="the event a triggered message answers")
     occurrence_at: str | None = Field(default=None, description="ISO instant the occurrence key is taken from")
-    group_size: int = Field(default=runner.DEFAULT_GROUP_SIZE, ge=100, description="members per planning task")
-    processes: int | None = Field(default=None, ge=0, le=runner.MAX_PROCESSES,
+    group_size: int = Field(default=DEFAULT_GROUP_SIZE, ge=100, description="members per planning task")
+    processes: int | None = Field(default=None, ge=0, le=MAX_PROCESSES,
                                   description="worker processes that read and render planning batches (the "
                                               "flow's process keeps every write); default: one per core "
                                               "for groups of 5,000 members or more; 0: plan in the flow's "
@@ -85,8 +99,8 @@ class CampaignRunParameters(BaseModel):
             parse_as_of(v)  # raises ValueError with a clear message
         return v
 
-    def options(self, shop_timezone: str) -> runner.RunOptions:
-        return runner.RunOptions(
+    def options(self, shop_timezone: str) -> RunOptions:
+        return RunOptions(
             as_of=parse_as_of(self.as_of, shop_timezone) if self.as_of else None, dry_run=self.dry_run,
             limit=self.limit, channels=tuple(self.channels) if self.channels else None,
             segment_params=dict(self.segment_params), occurrence_tag=self.occurrence_tag,
@@ -109,16 +123,16 @@ def _flow_run_name() -> str:
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
-def prepare(settings, campaign: str, options: runner.RunOptions) -> runner.PreparedRun:
+def prepare(settings, campaign: str, options: RunOptions) -> PreparedRun:
     """Load the campaign, compute its occurrence key, run the template pre-flight check."""
-    return runner.prepare(settings, campaign, options)
+    return campaigns.occurrence.prepare(settings, campaign, options)
 
 
 @task(name="resolve-segment", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
-def resolve_segment(prepared: runner.PreparedRun) -> runner.Audience:
+def resolve_segment(prepared: PreparedRun) -> Audience:
     engine = engine_for(prepared.settings)
-    audience = runner.resolve_audience(engine, prepared)
+    audience = campaigns.audience.resolve_audience(engine, prepared)
     run_logger().info("%s/%s: %s has %d members (%d in this run)", prepared.name, prepared.occurrence,
                           audience.source, audience.size, len(audience))
     return audience
@@ -126,29 +140,29 @@ def resolve_segment(prepared: runner.PreparedRun) -> runner.Audience:
 
 @task(name="plan", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30],
       retry_condition_fn=retry_transient, task_run_name="plan-group-{index}")
-def plan(prepared: runner.PreparedRun, group: list, index: int) -> runner.PlanOutcome:
+def plan(prepared: PreparedRun, group: list, index: int) -> PlanOutcome:
     engine = engine_for(prepared.settings)
-    out = runner.plan_group(engine, prepared, group)
+    out = campaigns.plan.plan_group(engine, prepared, group)
     run_logger().info("%s/%s group %d: %d members, %d new rows, %d already planned", prepared.name,
                           prepared.occurrence, index, len(group), out.inserted, out.already_planned)
     return out
 
 
 @task(name="dry-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def dry_run(prepared: runner.PreparedRun, audience: runner.Audience) -> runner.DryRunReport:
-    return runner.dry_run(engine_for(prepared.settings), prepared, audience)
+def dry_run(prepared: PreparedRun, audience: Audience) -> DryRunReport:
+    return campaigns.dry_run.dry_run(engine_for(prepared.settings), prepared, audience)
 
 
 @task(name="dispatch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
       retry_condition_fn=retry_transient, task_run_name="dispatch-{run_id}-pass-{index}")
 def dispatch(settings, run_id: int, adapters, limiters, progress_id, index: int, *, config=None,
-             records=None, resume: bool = False) -> runner.DispatchOutcome:
+             records=None, resume: bool = False) -> DispatchOutcome:
     """One dispatcher pass; a poller moves the progress artifact while the pass sends."""
     engine = engine_for(settings)
-    out: runner.DispatchOutcome = _with_progress(
+    out: DispatchOutcome = _with_progress(
         engine, run_id, progress_id,
-        lambda: runner.dispatch_round(engine, run_id, adapters, config=config, limiters=limiters, records=records,
-                                      resume=resume))
+        lambda: campaigns.dispatch.dispatch_round(engine, run_id, adapters, config=config, limiters=limiters,
+                                                  records=records, resume=resume))
     run_logger().info("run %s pass %d: %d provider calls, outcomes %s, status %s%s", run_id, index, out.attempts,
                           dict(sorted(out.outcomes.items())), out.status,
                           f" ({out.stop_reason})" if out.stop_reason else "")
@@ -158,7 +172,7 @@ def dispatch(settings, run_id: int, adapters, limiters, progress_id, index: int,
 @task(name="dispatch-processes", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
       retry_condition_fn=retry_transient, task_run_name="dispatch-{run_id}-pass-{index}-x{processes}")
 def dispatch_processes(settings, run_id: int, channels: list[str], limiters, progress_id, index: int,
-                       processes: int, *, config=None, resume: bool = False) -> runner.DispatchOutcome:
+                       processes: int, *, config=None, resume: bool = False) -> DispatchOutcome:
     """One dispatcher pass made of ``processes`` dispatcher processes on the run (see membercare.delivery.pool)."""
     from membercare.delivery import pool
 
@@ -179,8 +193,8 @@ def dispatch_processes(settings, run_id: int, channels: list[str], limiters, pro
                                         resume=resume, shared_limits=shared))
     m = pool.merge_reports(reports)
     due = datetime.fromisoformat(m["next_due_at"]) if m["next_due_at"] else None
-    out = runner.DispatchOutcome(run_id, m["attempts"], m["outcomes"], m["status"], m["stop_reason"], due,
-                                 m["recovered_unknown"], m["elapsed"])
+    out = DispatchOutcome(run_id, m["attempts"], m["outcomes"], m["status"], m["stop_reason"], due,
+                          m["recovered_unknown"], m["elapsed"])
     run_logger().info("run %s pass %d (%d processes): %d provider calls, outcomes %s, status %s%s", run_id, index,
                       processes, out.attempts, dict(sorted(out.outcomes.items())), out.status,
                       f" ({out.stop_reason})" if out.stop_reason else "")
@@ -212,7 +226,7 @@ def _with_progress(engine, run_id: int, progress_id, work: Callable[[], Any]) ->
 def _update_progress(engine, run_id: int, progress_id) -> None:
     from prefect.artifacts import update_progress_artifact
 
-    done, total = runner.run_progress(engine, run_id)
+    done, total = campaigns.dispatch.run_progress(engine, run_id)
     try:
         update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0)
     except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a send over it
@@ -220,11 +234,11 @@ def _update_progress(engine, run_id: int, progress_id) -> None:
 
 
 @task(name="summarise", cache_policy=NO_CACHE)
-def summarise(prepared: runner.PreparedRun, run_id: int | None, audience_size: int, newly_planned: int,
-              sent_since: datetime) -> runner.RunSummary:
-    return runner.summarise(engine_for(prepared.settings), run_id, campaign=prepared.name,
-                            occurrence=prepared.occurrence, segment_size=audience_size, newly_planned=newly_planned,
-                            sent_since=sent_since)
+def summarise(prepared: PreparedRun, run_id: int | None, audience_size: int, newly_planned: int,
+              sent_since: datetime) -> RunSummary:
+    return campaigns.summary.summarise(engine_for(prepared.settings), run_id, campaign=prepared.name,
+                                       occurrence=prepared.occurrence, segment_size=audience_size,
+                                       newly_planned=newly_planned, sent_since=sent_since)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -257,14 +271,14 @@ def limiters_for(channels, logger) -> dict:
 
 def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatchers: int, wait_for_deferred_s: float,
                            progress_id=None, records=None, max_passes: int = 20,
-                           resume: bool = False) -> runner.DispatchOutcome:
+                           resume: bool = False) -> DispatchOutcome:
     """Dispatcher passes until nothing is due within ``wait_for_deferred_s`` (quiet hours wait for later).
 
     ``dispatchers`` > 1: each pass is that many dispatcher processes (SQLite and PostgreSQL alike); their
     adapters are built from the flow's environment for the channels of ``adapters``, and ``records`` (a
     provider-records source for transactional resends) is not available to them.
     """
-    total = runner.DispatchOutcome(run_id)
+    total = DispatchOutcome(run_id)
     channels = sorted(str(Channel(c).value) for c in adapters)
     for i in range(1, max_passes + 1):
         if dispatchers > 1:
@@ -284,8 +298,8 @@ def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatc
     return total
 
 
-def publish(summary: runner.RunSummary, *, prepared: runner.PreparedRun, audience: runner.Audience,
-            preview: str | None, dry: runner.DryRunReport | None = None) -> None:
+def publish(summary: RunSummary, *, prepared: PreparedRun, audience: Audience,
+            preview: str | None, dry: DryRunReport | None = None) -> None:
     """The run's table and markdown artifacts (counts and links only: no personal data)."""
     key = artifact_key(prepared.name, "dry-run" if summary.dry_run else "run")
     create_table_artifact(summary.table(), key=key,
@@ -323,14 +337,14 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     prepared = prepare(settings, params.campaign, params.options(settings.shop_timezone))
     audience = resolve_segment(prepared)
     try:
-        preview = file_link(runner.write_preview(settings, prepared.name))
+        preview = file_link(campaigns.dry_run.write_preview(settings, prepared.name))
     except Exception as exc:  # noqa: BLE001 - the preview is a convenience for operators
         logger.warning("could not write the preview of %s: %s", prepared.name, exc)
         preview = None
 
     if params.dry_run:
         rep = dry_run(prepared, quote(audience))
-        summary = runner.dry_run_summary(rep)
+        summary = campaigns.summary.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
         # Samples stay in this process (the caller's terminal); they are never logged or put in artifacts.
@@ -339,8 +353,8 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
 
     adapters = build_adapters(env, prepared.spec.channels)
     try:
-        run_id = runner.ensure_run(engine_for(settings), prepared)
-        planned = runner.PlanOutcome(run_id)
+        run_id = campaigns.plan.ensure_run(engine_for(settings), prepared)
+        planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
             planned = planned.merge(plan(prepared, quote(group), i))
         progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
@@ -362,7 +376,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     return _asdict(summary)
 
 
-def _asdict(summary: runner.RunSummary) -> dict[str, Any]:
+def _asdict(summary: RunSummary) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(summary)

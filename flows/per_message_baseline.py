@@ -96,19 +96,20 @@ def _shared(campaign: str, as_of: datetime, occurrence_tag: str) -> SimpleNamesp
         if shared is None:
             from channels.registry import build_channels
             from flows.common import engine_for, resolved_env, settings_from
-            from membercare import runner
+            from membercare.campaigns.occurrence import RunOptions, prepare
+            from membercare.campaigns.plan import make_renderer
             from membercare.delivery.planner import get_or_create_run
             from membercare.delivery.policies import load_policy
 
             env = resolved_env()
             settings = settings_from(env)
             engine = engine_for(settings)
-            prepared = runner.prepare(settings, campaign, runner.RunOptions(as_of=as_of, occurrence_tag=occurrence_tag))
+            prepared = prepare(settings, campaign, RunOptions(as_of=as_of, occurrence_tag=occurrence_tag))
             with engine.connect() as conn:
                 policy = load_policy(conn)
             shared = SimpleNamespace(
                 settings=settings, engine=engine, prepared=prepared, policy=policy,
-                renderer=runner.make_renderer(prepared),
+                renderer=make_renderer(prepared),
                 adapters=build_channels(env, channels=prepared.spec.channels),
                 run_id=get_or_create_run(engine, prepared.spec, prepared.as_of))
             _SHARED[key] = shared
@@ -136,13 +137,14 @@ class SendFailed(RuntimeError):
 def load_audience(campaign: str, as_of: datetime, member_ids: list[int] | None = None, limit: int | None = None,
                   occurrence_tag: str = DEFAULT_TAG) -> list[int]:
     """The campaign's segment (or the given members), at most ``limit`` of them."""
-    from membercare import runner
+    from membercare.campaigns.audience import resolve_audience
+    from membercare.campaigns.occurrence import RunOptions, prepare
 
     shared = _shared(campaign, as_of, occurrence_tag)
-    options = runner.RunOptions(as_of=as_of, occurrence_tag=occurrence_tag, limit=limit,
-                                members=tuple(member_ids) if member_ids is not None else None)
-    prepared = runner.prepare(shared.settings, shared.prepared.campaign, options, check=False)
-    audience = runner.resolve_audience(shared.engine, prepared)
+    options = RunOptions(as_of=as_of, occurrence_tag=occurrence_tag, limit=limit,
+                         members=tuple(member_ids) if member_ids is not None else None)
+    prepared = prepare(shared.settings, shared.prepared.campaign, options, check=False)
+    audience = resolve_audience(shared.engine, prepared)
     return [e.member_id for e in audience.entries]
 
 
@@ -163,7 +165,7 @@ def send_message(member_id: int, campaign: str, as_of: datetime, occurrence_tag:
 def _send_one(member_id: int, campaign: str, as_of: datetime, occurrence_tag: str) -> str:
     import sqlalchemy as sa
 
-    from membercare import runner
+    from membercare.campaigns.offers import issue_offer_coupons
     from membercare.db import is_sqlite
     from membercare.delivery.contract import Accepted, OutboundMessage
     from membercare.delivery.models import CampaignRun, Decision, OutboxMessage, OutboxState
@@ -195,7 +197,7 @@ def _send_one(member_id: int, campaign: str, as_of: datetime, occurrence_tag: st
         with shared.engine.begin() as conn:
             if is_sqlite(conn):  # take SQLite's write lock first, as the planner does (read-then-write fails)
                 conn.execute(sa.update(r).where(r.c.id == shared.run_id).values(updated_at=utcnow()))
-            runner.issue_offer_coupons(conn, prepared, [member_id])
+            issue_offer_coupons(conn, prepared, [member_id])
     with shared.engine.connect() as conn:
         context = shared.renderer.build_context(conn, [member_id], prepared.as_of)[member_id]
 

@@ -1,6 +1,6 @@
 """``trigger-message``: event-triggered messages for one member (order delivered, bad review, ...).
 
-The event names come from the campaigns' ``trigger:`` (``membercare.runner.trigger_events``). Each campaign
+The event names come from the campaigns' ``trigger:`` (``membercare.campaigns.triggers.trigger_events``). Each campaign
 the event starts runs as a ``run-campaign`` subflow with an explicit one-member audience, so it gets the same
 stages, policies, artifacts and exactly-once key as a scheduled run. A campaign whose delay has not passed
 yet (post-purchase care: seven days after delivery) is not sent now: the daily sweep of that campaign sends
@@ -15,7 +15,7 @@ from prefect import flow
 
 from flows.campaign import CampaignRunParameters, run_campaign
 from flows.common import engine_for, resolved_env, settings_from, run_logger
-from membercare import runner
+from membercare.campaigns.triggers import plan_trigger
 from membercare.timeutil import parse_as_of, utcnow
 
 
@@ -26,7 +26,7 @@ def trigger_message(event: str, member: str, order: str | None = None, ref: str 
     logger = run_logger()
     settings = settings_from(resolved_env())
     when = parse_as_of(at, settings.shop_timezone) if at else None
-    plans = runner.plan_trigger(engine_for(settings), settings, event, member, order=order, ref=ref, at=when)
+    plans = plan_trigger(engine_for(settings), settings, event, member, order=order, ref=ref, at=when)
     results = []
     now = utcnow()
     for tr in plans:

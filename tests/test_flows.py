@@ -93,10 +93,10 @@ def test_parameters_model_validates():
 def test_task_bodies_run_without_orchestration(flow_env, prefect_harness):
     from flows import campaign as fc
     from flows.common import resolved_env, settings_from
-    from membercare import runner
+    from membercare.campaigns.occurrence import RunOptions
 
     settings = settings_from(resolved_env())
-    prepared = fc.prepare.fn(settings, "welcome_day3", runner.RunOptions())
+    prepared = fc.prepare.fn(settings, "welcome_day3", RunOptions())
     audience = fc.resolve_segment.fn(prepared)
     assert audience.size == len(audience)
     rep = fc.dry_run.fn(prepared, audience)
@@ -150,13 +150,14 @@ def test_sync_engagement_flow(flow_env, prefect_harness, sandbox):
 
 def test_dispatch_due_flow_sends_rows_planned_earlier(flow_env, prefect_harness, sandbox, shop_db):
     from flows.engagement import dispatch_due
-    from membercare import runner
+    from membercare.campaigns.occurrence import RunOptions
+    from membercare.campaigns.run import run_campaign
     from membercare.config import Settings
     from membercare.db import make_engine
 
     engine = make_engine(shop_db)
     settings = Settings.from_env(flow_env)
-    res = runner.run_campaign(engine, settings, "welcome_day7", runner.RunOptions(occurrence_tag="due"))
+    res = run_campaign(engine, settings, "welcome_day7", RunOptions(occurrence_tag="due"))
     waiting = res.summary.waiting
     out = dispatch_due()
     assert out["sent"] >= waiting > 0

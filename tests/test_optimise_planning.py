@@ -3,7 +3,7 @@
 Small seeded databases with planted history: variant shares (uniform start, shift toward the better
 variant, promotion at the threshold, stable on rerun), best_engagement (planted best channel, consent
 respected), best_hour (planted hour, inside allowed hours), the global control group (marketing only),
-and an end-to-end run through ``runner.plan_group`` with a variant campaign.
+and an end-to-end run through ``plan_group`` with a variant campaign.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from membercare import runner
 from membercare.campaigns import VariantTest
+from membercare.campaigns.audience import resolve_audience
+from membercare.campaigns.dry_run import dry_run
+from membercare.campaigns.occurrence import RunOptions, prepare
+from membercare.campaigns.plan import PlannerRenderer, make_plan_hooks, plan_group
 from membercare.config import Settings
 from membercare.delivery.models import CampaignRun, OutboxMessage, decode_contents
 from membercare.delivery.planner import GLOBAL_CONTROL, HOLDOUT, Recipient
@@ -280,7 +283,7 @@ def test_allowed_hours_follow_the_quiet_hours():
                                           datetime(2000, 1, 1, 8, 0).time()).mask().sum() == 16
 
 
-# ------------------------------------------------------------------------------------ through the runner
+# --------------------------------------------------------------------- through the campaign stages
 
 
 @pytest.fixture
@@ -305,17 +308,17 @@ def test_global_control_excludes_members_from_marketing_only(shop, tmp_path):
     ids = _member_ids(shop, 200)
     expected = {m for m in ids if assignment.in_global_control(m, "2026", 0.2)}
     assert 15 < len(expected) < 70
-    marketing = runner.prepare(settings, "vip_appreciation", runner.RunOptions(as_of=AS_OF, members=ids), check=False)
-    assign = runner.make_plan_hooks(shop, marketing).assign
+    marketing = prepare(settings, "vip_appreciation", RunOptions(as_of=AS_OF, members=ids), check=False)
+    assign = make_plan_hooks(shop, marketing).assign
     got = {m for m in ids if assign(None, Recipient(m)) == GLOBAL_CONTROL}
     assert got == expected
-    transactional = runner.prepare(settings, "service_recovery", runner.RunOptions(as_of=AS_OF, members=ids),
-                                   check=False)
-    hook = runner.make_plan_hooks(shop, transactional).assign
+    transactional = prepare(settings, "service_recovery", RunOptions(as_of=AS_OF, members=ids),
+                            check=False)
+    hook = make_plan_hooks(shop, transactional).assign
     assert hook is None or not any(hook(None, Recipient(m)) in (GLOBAL_CONTROL, HOLDOUT) for m in ids)
     # Planned rows: skipped with reason global_control, no content.
-    audience = runner.resolve_audience(shop, marketing)
-    runner.plan_group(shop, marketing, audience.entries)
+    audience = resolve_audience(shop, marketing)
+    plan_group(shop, marketing, audience.entries)
     with shop.connect() as conn:
         rows = conn.execute(sa.select(O.c.member_id, O.c.state, O.c.reason_code, O.c.content, O.c.variant)
                             .where(O.c.campaign == "vip_appreciation")).all()
@@ -326,21 +329,21 @@ def test_global_control_excludes_members_from_marketing_only(shop, tmp_path):
 
 
 forwards_variant = pytest.mark.skipif(
-    "variant" not in inspect.getsource(runner.PlannerRenderer.__call__),
-    reason="runner.PlannerRenderer does not pass request.variant to the renderer yet")
+    "variant" not in inspect.getsource(PlannerRenderer.__call__),
+    reason="PlannerRenderer does not pass request.variant to the renderer yet")
 
 
 @forwards_variant
 def test_variant_campaign_end_to_end_through_plan_group(shop, tmp_path):
     settings = _settings(tmp_path)
     ids = _member_ids(shop, 300)
-    prepared = runner.prepare(settings, "churn_winback", runner.RunOptions(as_of=AS_OF, members=ids), check=False)
+    prepared = prepare(settings, "churn_winback", RunOptions(as_of=AS_OF, members=ids), check=False)
     assert prepared.campaign.optimise.variants.names == ("a", "b")
-    audience = runner.resolve_audience(shop, prepared)
+    audience = resolve_audience(shop, prepared)
     half = len(audience.entries) // 2
-    runner.plan_group(shop, prepared, audience.entries[:half])
-    runner.plan_group(shop, prepared, audience.entries[half:])  # a second group reuses the stored shares
-    runner.plan_group(shop, prepared, audience.entries)  # a rerun adds nothing
+    plan_group(shop, prepared, audience.entries[:half])
+    plan_group(shop, prepared, audience.entries[half:])  # a second group reuses the stored shares
+    plan_group(shop, prepared, audience.entries)  # a rerun adds nothing
     with shop.connect() as conn:
         rows = conn.execute(sa.select(O.c.member_id, O.c.variant, O.c.channel, O.c.content, O.c.state)
                             .where(O.c.campaign == "churn_winback")).all()
@@ -368,14 +371,14 @@ def test_best_hour_campaign_defers_rows_with_reason_send_time(shop, tmp_path, mo
 
     settings = _settings(tmp_path)
     ids = _member_ids(shop, 80)
-    prepared = runner.prepare(settings, "vip_appreciation", runner.RunOptions(as_of=AS_OF, members=ids), check=False)
+    prepared = prepare(settings, "vip_appreciation", RunOptions(as_of=AS_OF, members=ids), check=False)
     camp = prepared.campaign.model_copy(update={"optimise": Optimise(send_time="best_hour",
                                                                      routing="best_engagement")})
-    prepared = runner.prepare(settings, camp, runner.RunOptions(as_of=AS_OF, members=ids), check=False)
-    hooks = runner.make_plan_hooks(shop, prepared)
+    prepared = prepare(settings, camp, RunOptions(as_of=AS_OF, members=ids), check=False)
+    hooks = make_plan_hooks(shop, prepared)
     assert isinstance(hooks.prefer, plan_hooks.BestEngagement) and isinstance(hooks.deliver_at, plan_hooks.BestHour)
-    audience = runner.resolve_audience(shop, prepared)
-    runner.plan_group(shop, prepared, audience.entries)
+    audience = resolve_audience(shop, prepared)
+    plan_group(shop, prepared, audience.entries)
     with shop.connect() as conn:
         m = Member.__table__
         rows = conn.execute(sa.select(O.c.state, O.c.reason_code, O.c.next_attempt_at, O.c.channel, m.c.timezone)
@@ -398,9 +401,9 @@ def test_members_without_a_message_get_no_offer_coupon_helper():
 def test_dry_run_uses_the_same_hooks_and_stores_no_allocation(shop, tmp_path):
     settings = _settings(tmp_path, global_control_rate=0.1, global_control_salt="dry")
     ids = _member_ids(shop, 120)
-    prepared = runner.prepare(settings, "churn_winback",
-                              runner.RunOptions(as_of=AS_OF, members=ids, dry_run=True), check=False)
-    rep = runner.dry_run(shop, prepared, runner.resolve_audience(shop, prepared))
+    prepared = prepare(settings, "churn_winback",
+                       RunOptions(as_of=AS_OF, members=ids, dry_run=True), check=False)
+    rep = dry_run(shop, prepared, resolve_audience(shop, prepared))
     expected = sum(assignment.in_global_control(m, "dry", 0.1) for m in ids)
     assert rep.by_reason.get("global_control", 0) == expected > 0
     assert rep.by_reason.get("holdout", 0) > 0

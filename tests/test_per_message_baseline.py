@@ -117,14 +117,15 @@ def test_timeout_is_a_result_not_a_crash(tmp_path, sqlite_url):
 
 def test_audience_is_the_segment_or_the_given_members_cut_to_the_limit(baseline_env, shop_url):
     from flows.per_message_baseline import load_audience
-    from membercare import runner
+    from membercare.campaigns.audience import resolve_audience
+    from membercare.campaigns.occurrence import RunOptions, prepare
     from membercare.config import Settings
     from membercare.db import make_engine
 
     settings = Settings.from_env(baseline_env)
-    prepared = runner.prepare(settings, CAMPAIGN, runner.RunOptions(as_of=AS_OF), check=False)
+    prepared = prepare(settings, CAMPAIGN, RunOptions(as_of=AS_OF), check=False)
     engine = make_engine(shop_url)
-    segment = [e.member_id for e in runner.resolve_audience(engine, prepared).entries]
+    segment = [e.member_id for e in resolve_audience(engine, prepared).entries]
     engine.dispose()
     assert segment, "the generated shop should have churn-risk members"
     assert load_audience.fn(CAMPAIGN, AS_OF) == segment

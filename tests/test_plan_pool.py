@@ -1,4 +1,4 @@
-"""Planning with worker processes (runner.plan_group with RunOptions.processes), on SQLite and PostgreSQL.
+"""Planning with worker processes (plan_group with RunOptions.processes), on SQLite and PostgreSQL.
 
 The pooled path must write exactly what the serial path writes (same decisions, same rendered bytes for the
 same message ids), including frequency-cap decisions that it can only take under the planning lock; a rerun
@@ -9,14 +9,24 @@ after the batches before it were written.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 
-from membercare import runner
 from membercare.campaigns import SegmentRef, load_campaign
+from membercare.campaigns.audience import resolve_audience
+from membercare.campaigns.occurrence import PreparedRun, RunOptions, prepare
+from membercare.campaigns.plan import (
+    DEFAULT_MAX_PROCESSES,
+    POOL_MIN_MEMBERS,
+    PlanOutcome,
+    RenderFailed,
+    plan_group,
+    planning_processes,
+)
 from membercare.config import Settings
 from membercare.db import make_engine
 from membercare.delivery.fakes import simple_renderer
@@ -48,12 +58,12 @@ def settings(tmp_path) -> Settings:
     return Settings(home=tmp_path / "home", secret_key="test-secret-key-" + "x" * 24)
 
 
-def prepared_for(settings: Settings, processes: int, *, batch_size: int = 40) -> runner.PreparedRun:
+def prepared_for(settings: Settings, processes: int, *, batch_size: int = 40) -> PreparedRun:
     """The birthday campaign (email, SMS, push, an offer coupon) sent to every member."""
     camp = load_campaign("birthday", settings)
     camp = camp.model_copy(update={"segment": SegmentRef(name="new_members", params={"days": 3650})})
-    return runner.prepare(settings, camp, runner.RunOptions(as_of=AS_OF, batch_size=batch_size, processes=processes),
-                          check=False)
+    return prepare(settings, camp, RunOptions(as_of=AS_OF, batch_size=batch_size, processes=processes),
+                   check=False)
 
 
 def ids_from(prefix: str):
@@ -67,10 +77,10 @@ def outbox(engine, campaign: str = "birthday") -> list[dict]:
         return [{k: v for k, v in r.items() if k not in IGNORED} for r in rows]
 
 
-def plan(engine, prepared: runner.PreparedRun, prefix: str = "m") -> runner.PlanOutcome:
-    audience = runner.resolve_audience(engine, prepared)
+def plan(engine, prepared: PreparedRun, prefix: str = "m") -> PlanOutcome:
+    audience = resolve_audience(engine, prepared)
     assert audience.size == len(audience) == MEMBERS
-    return runner.plan_group(engine, prepared, audience.entries, policy=POLICY, message_ids=ids_from(prefix))
+    return plan_group(engine, prepared, audience.entries, policy=POLICY, message_ids=ids_from(prefix))
 
 
 def test_pool_writes_exactly_what_the_serial_path_writes_and_a_rerun_adds_nothing(shop, settings):
@@ -107,7 +117,7 @@ def test_a_render_error_in_a_worker_names_the_member_and_keeps_earlier_batches(s
     templates = tmp_path / "templates"
     shutil.copytree(settings.templates_dir, templates)
     prepared = prepared_for(settings, 2)
-    entries = runner.resolve_audience(shop, prepared).entries
+    entries = resolve_audience(shop, prepared).entries
     # Every channel's template fails for the members of the fourth batch of 40 (some of them get a message).
     victims = [e.member_id for e in entries[120:160]]
     for part in ("email_subject", "sms", "push_title"):
@@ -117,8 +127,8 @@ def test_a_render_error_in_a_worker_names_the_member_and_keeps_earlier_batches(s
                             + path.read_text(encoding="utf-8"), encoding="utf-8")
     broken = Settings(home=settings.home, secret_key=settings.secret_key, templates_dir=templates)
     named = "|".join(map(str, victims))
-    with pytest.raises(runner.RenderFailed, match=f"rendering (email|sms|push) for member id ({named})\\b"):
-        runner.plan_group(shop, prepared_for(broken, 2), entries, policy=PolicySettings(marketing_cap=None))
+    with pytest.raises(RenderFailed, match=f"rendering (email|sms|push) for member id ({named})\\b"):
+        plan_group(shop, prepared_for(broken, 2), entries, policy=PolicySettings(marketing_cap=None))
     planned = {r["member_id"] for r in outbox(shop)}
     assert planned == {e.member_id for e in entries[:120]}  # the three batches before the failing one
 
@@ -126,22 +136,22 @@ def test_a_render_error_in_a_worker_names_the_member_and_keeps_earlier_batches(s
 def test_how_many_processes_plan(settings, tmp_path, monkeypatch):
     file_engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
     memory = make_engine("sqlite://")
-    opts = runner.RunOptions(batch_size=1000)
-    assert runner.planning_processes(file_engine, opts, 1000) == 0  # one batch: nothing to overlap
-    assert runner.planning_processes(file_engine, opts, runner.POOL_MIN_MEMBERS - 1) == 0
-    assert runner.planning_processes(memory, runner.RunOptions(processes=4), 100_000) == 0
-    assert runner.planning_processes(file_engine, runner.RunOptions(processes=3), 5000) == 3
-    assert runner.planning_processes(file_engine, runner.RunOptions(processes=0), 100_000) == 0
+    opts = RunOptions(batch_size=1000)
+    assert planning_processes(file_engine, opts, 1000) == 0  # one batch: nothing to overlap
+    assert planning_processes(file_engine, opts, POOL_MIN_MEMBERS - 1) == 0
+    assert planning_processes(memory, RunOptions(processes=4), 100_000) == 0
+    assert planning_processes(file_engine, RunOptions(processes=3), 5000) == 3
+    assert planning_processes(file_engine, RunOptions(processes=0), 100_000) == 0
     # The default: one worker per core (capped) for large groups, serial on one core or for small groups.
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
-    assert runner.planning_processes(file_engine, opts, 100_000) == 2
-    assert runner.planning_processes(file_engine, opts, runner.POOL_MIN_MEMBERS - 1) == 0
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 64)
-    assert runner.planning_processes(file_engine, opts, 100_000) == runner.DEFAULT_MAX_PROCESSES
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 1)
-    assert runner.planning_processes(file_engine, opts, 100_000) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert planning_processes(file_engine, opts, 100_000) == 2
+    assert planning_processes(file_engine, opts, POOL_MIN_MEMBERS - 1) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert planning_processes(file_engine, opts, 100_000) == DEFAULT_MAX_PROCESSES
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert planning_processes(file_engine, opts, 100_000) == 0
     with pytest.raises(InputError, match="processes"):
-        runner.RunOptions(processes=-1)
+        RunOptions(processes=-1)
     file_engine.dispose()
     memory.dispose()
 

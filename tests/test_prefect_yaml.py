@@ -54,12 +54,12 @@ def test_deployment_is_valid(dep):
 @pytest.mark.parametrize("dep", [d for d in DEPLOYMENTS if d["entrypoint"].endswith(":run_campaign")],
                          ids=lambda d: d["name"])
 def test_campaign_deployments_name_real_campaigns(dep):
-    from membercare import runner
+    from membercare.campaigns.occurrence import RunOptions, prepare
     from membercare.config import Settings
     from segments.base import ref
 
     p = dep["parameters"]["params"]
-    prepared = runner.prepare(Settings(), p["campaign"], runner.RunOptions(
+    prepared = prepare(Settings(), p["campaign"], RunOptions(
         segment_params=p.get("segment_params", {}), occurrence_tag=p.get("occurrence_tag")), check=False)
     if prepared.campaign.segment is not None:
         ref(prepared.campaign.segment.name, **prepared.segment_params)  # unknown parameters raise

@@ -1,4 +1,4 @@
-"""The Prefect-free campaign runner (membercare/runner.py), on SQLite and PostgreSQL.
+"""The Prefect-free campaign stages (membercare/campaigns/), on SQLite and PostgreSQL.
 
 A generated shop of a few hundred members at a fixed ``as_of`` (10:00 in Taipei, outside quiet hours);
 providers are in-process fakes (the sandbox and the SDKs are covered by the flow and demo tests).
@@ -13,11 +13,18 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from membercare import runner
+from membercare.campaigns.audience import resolve_audience
+from membercare.campaigns.dispatch import dispatch_round
+from membercare.campaigns.dry_run import dry_run
+from membercare.campaigns.occurrence import RunOptions, occurrence_key, prepare
+from membercare.campaigns.offers import coupon_code
+from membercare.campaigns.run import run_campaign
+from membercare.campaigns.triggers import plan_trigger
 from membercare.config import Settings
 from membercare.delivery.fakes import FakeAdapter
 from membercare.delivery.models import CampaignRun, OutboxMessage
 from membercare.engagement.models import EngagementEventRow
+from membercare.engagement.sync import sync_engagement
 from membercare.errors import InputError
 from membercare.models import Coupon, Member
 from membercare.optimise import assignment
@@ -56,42 +63,42 @@ def counts(engine) -> tuple[int, int, int]:
     ("hourly", "2026-11-23T10"), ("daily", "2026-11-23"), ("weekly", "2026-W48"), ("monthly", "2026-11"),
     ("once", "once")])
 def test_occurrence_keys_use_the_shop_timezone(granularity, expected):
-    assert runner.occurrence_key(granularity, AS_OF, "Asia/Taipei") == expected
+    assert occurrence_key(granularity, AS_OF, "Asia/Taipei") == expected
     # 23:30 UTC on the 22nd is already the 23rd in Taipei.
     late = datetime(2026, 11, 22, 23, 30, tzinfo=UTC)
-    assert runner.occurrence_key("daily", late, "Asia/Taipei") == "2026-11-23"
-    assert runner.occurrence_key("daily", late, "UTC") == "2026-11-22"
-    assert runner.occurrence_key("daily", AS_OF, "Asia/Taipei", tag="d3") == "2026-11-23:d3"
+    assert occurrence_key("daily", late, "Asia/Taipei") == "2026-11-23"
+    assert occurrence_key("daily", late, "UTC") == "2026-11-22"
+    assert occurrence_key("daily", AS_OF, "Asia/Taipei", tag="d3") == "2026-11-23:d3"
 
 
 def test_coupon_codes_are_deterministic_and_distinct():
-    a = runner.coupon_code("birthday", "2026-11-23", 42)
-    assert a == runner.coupon_code("birthday", "2026-11-23", 42)
+    a = coupon_code("birthday", "2026-11-23", 42)
+    assert a == coupon_code("birthday", "2026-11-23", 42)
     assert a.startswith("BIRTHDAY-") and len(a) <= 64
-    assert len({runner.coupon_code("birthday", "2026-11-23", m) for m in range(2000)}) == 2000
-    assert a != runner.coupon_code("birthday", "2026-11-24", 42)
+    assert len({coupon_code("birthday", "2026-11-23", m) for m in range(2000)}) == 2000
+    assert a != coupon_code("birthday", "2026-11-24", 42)
 
 
 def test_options_are_validated(settings):
     with pytest.raises(InputError):
-        runner.RunOptions(limit=-1)
+        RunOptions(limit=-1)
     with pytest.raises(InputError):
-        runner.RunOptions(occurrence_tag="has space")
+        RunOptions(occurrence_tag="has space")
     with pytest.raises(InputError, match="does not use"):
-        runner.prepare(settings, "recommendations", runner.RunOptions(channels=("sms",)), check=False)
+        prepare(settings, "recommendations", RunOptions(channels=("sms",)), check=False)
     with pytest.raises(InputError, match="transactional"):
-        runner.prepare(settings, "service_recovery", runner.RunOptions(holdout_rate=0.1), check=False)
+        prepare(settings, "service_recovery", RunOptions(holdout_rate=0.1), check=False)
 
 
 def test_campaign_segment_params_reach_the_segment(settings):
-    p = runner.prepare(settings, "coupon_expiry", runner.RunOptions(as_of=AS_OF), check=False)
+    p = prepare(settings, "coupon_expiry", RunOptions(as_of=AS_OF), check=False)
     assert p.segment_params == {"days": 3} and p.holdout_rate == assignment.DEFAULT_HOLDOUT_RATE
-    p = runner.prepare(settings, "welcome_day7", runner.RunOptions(as_of=AS_OF), check=False)
+    p = prepare(settings, "welcome_day7", RunOptions(as_of=AS_OF), check=False)
     assert p.segment_params == {"day": 7} and p.occurrence == "once"
-    p = runner.prepare(settings, "coupon_expiry",
-                       runner.RunOptions(as_of=AS_OF, segment_params={"days": 1}, occurrence_tag="d1"), check=False)
+    p = prepare(settings, "coupon_expiry",
+                RunOptions(as_of=AS_OF, segment_params={"days": 1}, occurrence_tag="d1"), check=False)
     assert p.segment_params == {"days": 1} and p.occurrence == "once:d1"
-    assert runner.prepare(settings, "service_recovery", runner.RunOptions(as_of=AS_OF), check=False).holdout_rate == 0
+    assert prepare(settings, "service_recovery", RunOptions(as_of=AS_OF), check=False).holdout_rate == 0
 
 
 def test_every_campaigns_segment_parameters_are_valid_for_its_segment(settings):
@@ -109,13 +116,13 @@ def test_every_campaigns_segment_parameters_are_valid_for_its_segment(settings):
 
 def test_dry_run_writes_nothing_and_reports_what_would_go_out(shop, settings):
     before = counts(shop)
-    p = runner.prepare(settings, "birthday", runner.RunOptions(as_of=AS_OF, holdout_rate=0.3))
+    p = prepare(settings, "birthday", RunOptions(as_of=AS_OF, holdout_rate=0.3))
     # Birthdays of today are few in a small shop: widen the segment to the next month for a useful sample.
-    p = runner.prepare(settings, "birthday", runner.RunOptions(as_of=AS_OF, holdout_rate=0.3,
-                                                                segment_params={"days_ahead": 31}))
-    audience = runner.resolve_audience(shop, p)
+    p = prepare(settings, "birthday", RunOptions(as_of=AS_OF, holdout_rate=0.3,
+                                                 segment_params={"days_ahead": 31}))
+    audience = resolve_audience(shop, p)
     assert audience.size == len(audience) > 5
-    rep = runner.dry_run(shop, p, audience)
+    rep = dry_run(shop, p, audience)
     assert counts(shop) == before, "a dry run must not write outbox rows, runs or coupons"
     assert sum(rep.by_state.values()) == len(audience)
     assert sum(rep.would_send.values()) > 0 and rep.samples
@@ -127,8 +134,8 @@ def test_dry_run_writes_nothing_and_reports_what_would_go_out(shop, settings):
 
 def test_rerun_sends_nothing_twice_and_records_holdouts(shop, settings):
     adapters = fakes()
-    opts = runner.RunOptions(as_of=AS_OF, segment_params={"days_ahead": 31}, holdout_rate=0.25)
-    first = runner.run_campaign(shop, settings, "birthday", opts, adapters=adapters)
+    opts = RunOptions(as_of=AS_OF, segment_params={"days_ahead": 31}, holdout_rate=0.25)
+    first = run_campaign(shop, settings, "birthday", opts, adapters=adapters)
     s = first.summary
     assert s.newly_planned == s.planned == s.segment_size > 5
     sent_first = sum(a.calls for a in adapters.values())
@@ -147,7 +154,7 @@ def test_rerun_sends_nothing_twice_and_records_holdouts(shop, settings):
     assert not held & coupon_members
     assert coupon_members == {r.member_id for r in rows} - held
 
-    again = runner.run_campaign(shop, settings, "birthday", opts, adapters=adapters)
+    again = run_campaign(shop, settings, "birthday", opts, adapters=adapters)
     assert again.summary.newly_planned == 0 and again.summary.sent_now == 0
     assert sum(a.calls for a in adapters.values()) == sent_first, "a rerun must not call a provider again"
     assert again.summary.sent == s.sent
@@ -157,8 +164,8 @@ def test_rerun_sends_nothing_twice_and_records_holdouts(shop, settings):
 
 
 def test_per_coupon_campaign_keys_on_the_coupon(shop, settings):
-    res = runner.run_campaign(shop, settings, "coupon_expiry",
-                              runner.RunOptions(as_of=AS_OF, segment_params={"days": 14}, limit=20), adapters=fakes())
+    res = run_campaign(shop, settings, "coupon_expiry",
+                       RunOptions(as_of=AS_OF, segment_params={"days": 14}, limit=20), adapters=fakes())
     assert res.summary.newly_planned == 20 and res.summary.segment_size >= 20
     with shop.connect() as conn:
         keys = conn.execute(sa.select(O.c.idempotency_key, O.c.coupon_code).where(O.c.run_id == res.summary.run_id)).all()
@@ -168,31 +175,31 @@ def test_per_coupon_campaign_keys_on_the_coupon(shop, settings):
 
 
 def test_planning_without_adapters_leaves_rows_for_a_dispatcher(shop, settings):
-    res = runner.run_campaign(shop, settings, "welcome_day3", runner.RunOptions(as_of=AS_OF))
+    res = run_campaign(shop, settings, "welcome_day3", RunOptions(as_of=AS_OF))
     s = res.summary
     assert s.sent_total == 0 and s.waiting + sum(s.skipped.values()) + s.deferred + sum(s.suppressed.values()) \
         == s.planned == s.segment_size
-    out = runner.dispatch_round(shop, s.run_id, fakes())
+    out = dispatch_round(shop, s.run_id, fakes())
     assert out.outcomes.get("sent", 0) == s.waiting
 
 
 def test_explicit_member_audience_and_trigger_planning(shop, settings):
     with shop.connect() as conn:
         ext, mid = conn.execute(sa.select(Member.__table__.c.external_id, Member.__table__.c.id).limit(1)).one()
-    plans = runner.plan_trigger(shop, settings, "review.negative", ext, ref="R-1", at=AS_OF)
+    plans = plan_trigger(shop, settings, "review.negative", ext, ref="R-1", at=AS_OF)
     assert [p.campaign for p in plans] == ["service_recovery"] and plans[0].member_id == mid
-    res = runner.run_campaign(shop, settings, plans[0].campaign, plans[0].options, adapters=fakes())
+    res = run_campaign(shop, settings, plans[0].campaign, plans[0].options, adapters=fakes())
     assert res.summary.occurrence == "event-R-1" and res.summary.planned == 1
-    again = runner.run_campaign(shop, settings, plans[0].campaign, plans[0].options, adapters=fakes())
+    again = run_campaign(shop, settings, plans[0].campaign, plans[0].options, adapters=fakes())
     assert again.summary.newly_planned == 0
     with pytest.raises(InputError):
-        runner.plan_trigger(shop, settings, "no.such.event", ext)
+        plan_trigger(shop, settings, "no.such.event", ext)
     with pytest.raises(InputError):
-        runner.plan_trigger(shop, settings, "order.delivered", ext)  # needs --order
+        plan_trigger(shop, settings, "order.delivered", ext)  # needs --order
 
 
 def test_sync_engagement_settles_unknown_rows_from_events(shop, settings):
-    res = runner.run_campaign(shop, settings, "welcome_day7", runner.RunOptions(as_of=AS_OF), adapters=fakes())
+    res = run_campaign(shop, settings, "welcome_day7", RunOptions(as_of=AS_OF), adapters=fakes())
     with shop.begin() as conn:
         row = conn.execute(sa.select(O.c.id, O.c.message_id, O.c.channel).where(
             O.c.run_id == res.summary.run_id, O.c.state == "sent").limit(1)).one()
@@ -200,7 +207,7 @@ def test_sync_engagement_settles_unknown_rows_from_events(shop, settings):
         conn.execute(sa.insert(EngagementEventRow.__table__).values(
             provider="sendgrid", provider_event_id="e1", kind="delivered", channel=row.channel,
             message_id=row.message_id, occurred_at=AS_OF, received_at=AS_OF, raw="{}"))
-    rep = runner.sync_engagement(shop, now=AS_OF + timedelta(minutes=1))
+    rep = sync_engagement(shop, now=AS_OF + timedelta(minutes=1))
     assert rep.settled_from_events == 1 and rep.runs_refreshed >= 1
     with shop.connect() as conn:
         assert conn.execute(sa.select(O.c.state).where(O.c.id == row.id)).scalar_one() == "sent"

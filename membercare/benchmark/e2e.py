@@ -7,8 +7,9 @@ For every size the harness
 2. starts ``membercare sandbox`` (zero provider latency) and ``membercare serve`` (the webhook receiver) as
    separate processes, wired so that the sandbox's simulated recipients post signed webhooks to the receiver;
 3. runs the ``bench_daily`` campaign (every member of the shop, 10 % holdout) through the real Prefect flow
-   ``flows.campaign.run_campaign`` in Prefect's local ephemeral mode, timing our domain calls
-   (:mod:`membercare.runner`) from the outside so that Prefect's share of each stage is what is left;
+   ``flows.campaign.run_campaign`` in Prefect's local ephemeral mode, timing our domain calls (the stages of
+   :mod:`membercare.campaigns`, which the flows call through their modules) from the outside so that
+   Prefect's share of each stage is what is left;
 4. waits until the sandbox's webhook queue has drained and runs ``flows.engagement.sync_engagement``;
 5. reads the Prefect task runs of both flow runs from the Prefect API, the peak RSS of every process, and
    checks that every message the ledger says was sent reached the sandbox exactly once.
@@ -36,7 +37,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -505,9 +506,7 @@ class DomainTimer:
     def patched(self, module, names: Sequence[str]) -> Iterator[None]:
         saved = {}
         for name in names:
-            fn = getattr(module, name, None)
-            if fn is None:
-                continue
+            fn = getattr(module, name)  # a stage that moved must fail here, not silently go untimed
             saved[name] = fn
             setattr(module, name, self.wrap(name, getattr(fn, "__membercare_timed__", fn)))
         try:
@@ -515,6 +514,14 @@ class DomainTimer:
         finally:
             for name, fn in saved.items():
                 setattr(module, name, fn)
+
+    @contextmanager
+    def patched_all(self, targets: Sequence[tuple[Any, Sequence[str]]]) -> Iterator[None]:
+        """:meth:`patched` for several ``(module, names)`` pairs at once."""
+        with ExitStack() as stack:
+            for module, names in targets:
+                stack.enter_context(self.patched(module, names))
+            yield
 
     def spans(self, *labels: str) -> list[tuple[float, float]]:
         with self._lock:
@@ -769,8 +776,9 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
     from flows.campaign import CampaignRunParameters, run_campaign
     from flows.engagement import sync_engagement
 
-    from membercare import runner
+    from membercare.campaigns import audience, dispatch, dry_run, occurrence, plan, summary
     from membercare.delivery import pool
+    from membercare.engagement import sync
 
     load_before = os.getloadavg()
     with shop_database(opts, workdir, members, progress) as (db_url, shop):
@@ -779,15 +787,16 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
             env = {**services.env, "MEMBERCARE_TEMPLATES_DIR": str(templates)}
             meter = StageMeter(exclude=services.pids())
             timer = DomainTimer(on_call=lambda label: _on_domain_call(meter, label))
-            domain = ("prepare", "resolve_audience", "write_preview", "ensure_run", "plan_group", "dispatch_round",
-                      "summarise", "sync_engagement")
+            # The flows call these through their modules, so they see the timed wrappers. With --dispatchers > 1 a
+            # pass is pool.dispatch_processes (the rounds run in child processes).
+            domain = ((occurrence, ("prepare",)), (audience, ("resolve_audience",)), (dry_run, ("write_preview",)),
+                      (plan, ("ensure_run", "plan_group")), (dispatch, ("dispatch_round",)),
+                      (summary, ("summarise",)), (sync, ("sync_engagement",)), (pool, ("dispatch_processes",)))
             params = CampaignRunParameters(campaign=BENCH_CAMPAIGN, as_of=SHOP_DATE.isoformat(), wait_for_deferred_s=5.0,
                                            dispatchers=opts.dispatchers, processes=opts.processes,
                                            **({"group_size": opts.group_size} if opts.group_size else {}))
             progress(f"{members:,} members: running the campaign flow")
-            # With --dispatchers > 1 a pass is pool.dispatch_processes (the rounds run in child processes).
-            with (patched_environ(env), timer.patched(runner, domain), timer.patched(pool, ("dispatch_processes",)),
-                  meter):
+            with patched_environ(env), timer.patched_all(domain), meter:
                 meter.enter("segment")
                 t0 = time.perf_counter()
                 state = run_campaign(params, return_state=True)

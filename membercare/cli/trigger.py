@@ -17,12 +17,12 @@ def trigger_cmd(
     at: str = typer.Option(None, "--at", help="When the event happened (ISO datetime; default now)."),
 ) -> None:
     """Start the campaigns an event triggers, for one member, through the Prefect flow."""
-    from membercare import runner
+    from membercare.campaigns.triggers import plan_trigger
     from membercare.timeutil import parse_as_of
 
     # Validate before Prefect starts: unknown events, members and orders are one-line errors.
-    runner.plan_trigger(migrated_engine(), state.settings, event, member, order=order, ref=ref,
-                        at=parse_as_of(at, state.settings.shop_timezone) if at else None)
+    plan_trigger(migrated_engine(), state.settings, event, member, order=order, ref=ref,
+                 at=parse_as_of(at, state.settings.shop_timezone) if at else None)
     from flows.triggers import trigger_message
 
     for r in trigger_message(event=event, member=member, order=order, ref=ref, at=at):

@@ -80,7 +80,7 @@ def build_trigger_router(engine: Engine, config: TriggerConfig, settings: Settin
             return JSONResponse({"error": "body must be a JSON object with a member"}, status_code=400)
 
         def validate_and_start() -> str:
-            from membercare.runner import plan_trigger
+            from membercare.campaigns.triggers import plan_trigger
             from membercare.timeutil import parse_as_of
 
             at = parse_as_of(params["at"], settings.shop_timezone) if "at" in params else None
