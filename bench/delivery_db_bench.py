@@ -28,12 +28,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test doubles (tests/fakes.py)
 
 import sqlalchemy as sa  # noqa: E402
 
+from fakes import FakeAdapter, seed_members, simple_renderer  # noqa: E402
 from membercare.db import make_engine, upgrade  # noqa: E402
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher  # noqa: E402
-from membercare.delivery.fakes import FakeAdapter, seed_members, simple_renderer  # noqa: E402
 from membercare.delivery.planner import PlanSpec, plan_run  # noqa: E402
 from membercare.delivery.policies import PolicySettings  # noqa: E402
 from membercare.models import Channel, Purpose  # noqa: E402

@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # the test doubles (tests/fakes.py)
 
 RESULTS = ROOT / "bench" / "results"
 MIX = {"email": 1 / 3, "sms": 1 / 3, "push": 1 / 3}
@@ -120,9 +121,9 @@ def dispatcher_process(args) -> None:
 def _plan(url: str, n: int) -> tuple[int, float]:
     """Seed ``n`` members and plan the bench campaign into the database at ``url``: (run id, plan seconds)."""
     from delivery_db_bench import seed_members_split
+    from fakes import simple_renderer
 
     from membercare.db import make_engine
-    from membercare.delivery.fakes import simple_renderer
     from membercare.delivery.planner import PlanSpec, plan_run
     from membercare.delivery.policies import PolicySettings
     from membercare.models import Channel, Purpose

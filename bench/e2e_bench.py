@@ -1,4 +1,4 @@
-"""The end-to-end benchmark as a script: the same code as ``membercare bench`` (membercare/benchmark/).
+"""The end-to-end benchmark as a script: the same code as ``membercare bench`` (bench/e2e/).
 
     .venv/bin/python bench/e2e_bench.py [--members 10000,100000,1000000] [--baseline 1000,10000] [--out DIR]
         [--seed 42] [--cache /tmp/membercare-bench-cache] [--db sqlite|postgres] [--postgres-url URL] [--keep]
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["merge"]:
         if len(args) < 3:
             raise SystemExit("usage: e2e_bench.py merge OUT_DIR RESULTS_DIR_OR_JSON [...]")
-        from membercare.benchmark.report import merge_files
+        from bench.e2e.report import merge_files
 
         paths = merge_files(Path(args[1]), [Path(a) for a in args[2:]])
         print("\n".join(str(p) for p in paths.values()))

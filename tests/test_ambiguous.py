@@ -22,9 +22,9 @@ from sandbox_fixtures import *  # noqa: F403
 
 from channels.sendgrid import SendGridConfig, SendGridEmailChannel
 from channels.base import transport_failure
+from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.delivery.contract import EmailContent, OutboundMessage, TransientFailure
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
-from membercare.delivery.fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.delivery.models import OutboxMessage
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from membercare.benchmark import report
-from membercare.benchmark.e2e import STAGES, BenchOptions, parse_sizes, union_seconds
+from bench.e2e import report
+from bench.e2e.harness import STAGES, BenchOptions, parse_sizes, union_seconds
 from membercare.errors import ConfigurationError, InputError
 from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
 

@@ -31,9 +31,9 @@ import sqlalchemy as sa
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
+from fakes import seed_members, simple_renderer
 from membercare.db import insert_for, make_engine
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
-from membercare.delivery.fakes import seed_members, simple_renderer
 from membercare.delivery.models import CampaignRun, OutboxMessage, Suppression, address_hash
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings

@@ -2,6 +2,7 @@
 configuration errors, crash recovery (SIGKILL in a subprocess) and concurrent dispatchers on PostgreSQL."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -15,10 +16,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.consent import ConsentStatement, record_consents
 from membercare.delivery.contract import FailureReason, PermanentFailure, TransientFailure
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher, RunPaused
-from membercare.delivery.fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.delivery.models import CampaignRun, OutboxMessage, Suppression
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
@@ -254,9 +255,9 @@ def test_rate_limit_bounds_throughput(sqlite_engine):
 CHILD = textwrap.dedent(
     """
     import sys
+    from fakes import FakeAdapter
     from membercare.db import make_engine
     from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
-    from membercare.delivery.fakes import FakeAdapter
     from membercare.delivery.policies import PolicySettings
 
     url, run_id, record = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -277,6 +278,9 @@ def test_sigkilled_dispatcher_never_duplicates_and_leaves_no_row_unaccounted(sql
     script.write_text(CHILD)
     rnd = random.Random(42)
     kills = 0
+    # The child imports the test doubles (tests/fakes.py) as the tests do.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                                        os.environ.get("PYTHONPATH", "")])}
 
     def accepted() -> int:
         return len(record.read_text().splitlines()) if record.exists() else 0
@@ -285,7 +289,7 @@ def test_sigkilled_dispatcher_never_duplicates_and_leaves_no_row_unaccounted(sql
         # Kill at a random point of *progress* (not of time), so the test crashes mid-run however fast
         # the machine or the dispatcher is.
         target = accepted() + rnd.randint(50, 300)
-        p = subprocess.Popen([sys.executable, str(script), sqlite_url, str(run_id), str(record)])
+        p = subprocess.Popen([sys.executable, str(script), sqlite_url, str(run_id), str(record)], env=env)
         deadline = time.monotonic() + 60
         while p.poll() is None and accepted() < target and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -298,7 +302,7 @@ def test_sigkilled_dispatcher_never_duplicates_and_leaves_no_row_unaccounted(sql
     lines = record.read_text().splitlines() if record.exists() else []
     records = {ln.split()[0]: ln.split()[2] for ln in lines}
     reconcile_unknown(engine, run_id=run_id, records=StaticRecords(records), grace=timedelta(0))
-    p = subprocess.run([sys.executable, str(script), sqlite_url, str(run_id), str(record)], timeout=120)
+    p = subprocess.run([sys.executable, str(script), sqlite_url, str(run_id), str(record)], timeout=120, env=env)
     assert p.returncode == 0
     lines = record.read_text().splitlines()
     keys = Counter(ln.split()[1] for ln in lines)

@@ -75,9 +75,9 @@ CHILD = textwrap.dedent(
     """
     import sys
     from datetime import timedelta
+    from fakes import FakeAdapter
     from membercare.db import make_engine
     from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
-    from membercare.delivery.fakes import FakeAdapter
     from membercare.delivery.policies import PolicySettings
 
     url, run_id, record, lease_s = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
@@ -100,7 +100,9 @@ def test_one_of_two_concurrent_processes_sigkilled_never_duplicates_and_leaves_n
     run_id = plan_fake(engine, n)
     script, record = tmp_path / "child.py", tmp_path / "accepted.log"
     script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    # The child imports the test doubles (tests/fakes.py) as the tests do.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(os.path.abspath(__file__)),
+                                                        os.environ.get("PYTHONPATH", "")])}
 
     def accepted() -> int:
         return len(record.read_text().splitlines()) if record.exists() else 0

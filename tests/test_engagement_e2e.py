@@ -29,10 +29,10 @@ import sqlalchemy as sa
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import TWILIO_TOKEN, env_for
 
+from fakes import seed_members, simple_renderer
 from membercare.consent import current_consents
 from membercare.delivery.contract import EmailContent
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
-from membercare.delivery.fakes import seed_members, simple_renderer
 from membercare.delivery.models import OutboxMessage
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings

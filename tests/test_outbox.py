@@ -5,9 +5,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from fakes import seed_members, simple_renderer
 from membercare.consent import ConsentStatement, record_consents
 from membercare.delivery.contract import EmailContent, SmsContent
-from membercare.delivery.fakes import seed_members, simple_renderer
 from membercare.delivery.models import CampaignRun, OutboxMessage, decode_contents
 from membercare.delivery.planner import HOLDOUT, PlanSpec, Recipient, idempotency_key, plan_run
 from membercare.delivery.policies import PolicySettings

@@ -1,4 +1,4 @@
-"""The per-message baseline flow (flows/per_message_baseline.py): the naive one-task-per-message Prefect
+"""The per-message baseline flow (bench/per_message_baseline.py): the naive one-task-per-message Prefect
 implementation the benchmark compares against. It must really send, through the real SDKs and the sandbox,
 exactly once per member, and its measurement wrapper must report failures instead of crashing.
 """
@@ -71,7 +71,7 @@ def baseline_env(monkeypatch, shop_url, sandbox, service_account, tmp_path):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     yield env
-    from flows.per_message_baseline import close_shared
+    from bench.per_message_baseline import close_shared
 
     close_shared()  # SDK clients and engines belong to this test's sandbox and database
 
@@ -80,7 +80,7 @@ def baseline_env(monkeypatch, shop_url, sandbox, service_account, tmp_path):
 
 
 def test_union_of_task_body_intervals():
-    from flows.per_message_baseline import _union_seconds
+    from bench.per_message_baseline import _union_seconds
 
     assert _union_seconds([], 0, 10) == 0
     assert _union_seconds([(1, 3), (2, 4), (6, 7)], 0, 10) == pytest.approx(4)
@@ -89,7 +89,7 @@ def test_union_of_task_body_intervals():
 
 
 def test_result_has_the_fields_the_benchmark_reads():
-    from flows.per_message_baseline import BaselineResult
+    from bench.per_message_baseline import BaselineResult
 
     d = BaselineResult(messages=3, sent=2, failed=1, error="1 task runs failed").to_dict()
     for key in ("messages", "sent", "failed", "seconds", "messages_per_s", "task_runs", "peak_rss_mb",
@@ -99,7 +99,7 @@ def test_result_has_the_fields_the_benchmark_reads():
 
 
 def test_run_baseline_rejects_bad_sizes():
-    from flows.per_message_baseline import run_baseline
+    from bench.per_message_baseline import run_baseline
     from membercare.errors import InputError
 
     with pytest.raises(InputError, match="n_messages"):
@@ -107,7 +107,7 @@ def test_run_baseline_rejects_bad_sizes():
 
 
 def test_timeout_is_a_result_not_a_crash(tmp_path, sqlite_url):
-    from flows.per_message_baseline import run_baseline
+    from bench.per_message_baseline import run_baseline
 
     env = {"MEMBERCARE_DATABASE_URL": sqlite_url, "MEMBERCARE_HOME": str(tmp_path / "home")}
     res = run_baseline(5, env=env, campaign=CAMPAIGN, as_of=AS_OF, member_ids=[1, 2, 3], timeout_s=0.3)
@@ -116,7 +116,7 @@ def test_timeout_is_a_result_not_a_crash(tmp_path, sqlite_url):
 
 
 def test_audience_is_the_segment_or_the_given_members_cut_to_the_limit(baseline_env, shop_url):
-    from flows.per_message_baseline import load_audience
+    from bench.per_message_baseline import load_audience
     from membercare.campaigns.audience import resolve_audience
     from membercare.campaigns.occurrence import RunOptions, prepare
     from membercare.config import Settings
@@ -139,7 +139,7 @@ def test_audience_is_the_segment_or_the_given_members_cut_to_the_limit(baseline_
 @pytest.mark.prefect
 def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends_nothing(
         baseline_env, prefect_harness, sandbox, shop_url):
-    from flows.per_message_baseline import _count_task_runs, per_message_baseline
+    from bench.per_message_baseline import _count_task_runs, per_message_baseline
     from membercare.db import make_engine
 
     ids = _routable_members(shop_url, 20)
@@ -176,7 +176,7 @@ def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends
 
 @pytest.mark.prefect
 def test_failed_sends_are_counted_not_raised(baseline_env, prefect_harness, sandbox, shop_url):
-    from flows.per_message_baseline import _count_task_runs, per_message_baseline
+    from bench.per_message_baseline import _count_task_runs, per_message_baseline
 
     # (not push: firebase-admin retries 5xx itself for seconds)
     ids = _routable_members(shop_url, 4, channels=("email", "sms"))
@@ -194,7 +194,7 @@ def test_failed_sends_are_counted_not_raised(baseline_env, prefect_harness, sand
 @pytest.mark.slow
 def test_run_baseline_measures_a_run_in_a_subprocess(sqlite_url, sandbox, service_account, tmp_path):
     """The benchmark's entry point: a fresh process with its own ephemeral Prefect server (SQLite only)."""
-    from flows.per_message_baseline import run_baseline
+    from bench.per_message_baseline import run_baseline
 
     shop_url = _generate(sqlite_url)
     ids = _routable_members(shop_url, 5)

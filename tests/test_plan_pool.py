@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from fakes import simple_renderer
 from membercare.campaigns import SegmentRef, load_campaign
 from membercare.campaigns.audience import resolve_audience
 from membercare.campaigns.occurrence import PreparedRun, RunOptions, prepare
@@ -29,7 +30,6 @@ from membercare.campaigns.plan import (
 )
 from membercare.config import Settings
 from membercare.db import make_engine
-from membercare.delivery.fakes import simple_renderer
 from membercare.delivery.models import CampaignRun, OutboxMessage, decode_contents
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings

@@ -5,9 +5,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from fakes import seed_members
 from membercare.delivery.models import Decision, OutboxState, Suppression, address_hash
 from membercare.delivery.routing import MemberContext, candidate_order, load_contexts, route
-from membercare.delivery.fakes import seed_members
 from membercare.models import Device, Member
 
 M, T = "marketing", "transactional"

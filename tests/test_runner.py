@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from fakes import FakeAdapter
 from membercare.campaigns.audience import resolve_audience
 from membercare.campaigns.dispatch import dispatch_round
 from membercare.campaigns.dry_run import dry_run
@@ -21,7 +22,6 @@ from membercare.campaigns.offers import coupon_code
 from membercare.campaigns.run import run_campaign
 from membercare.campaigns.triggers import plan_trigger
 from membercare.config import Settings
-from membercare.delivery.fakes import FakeAdapter
 from membercare.delivery.models import CampaignRun, OutboxMessage
 from membercare.engagement.models import EngagementEventRow
 from membercare.engagement.sync import sync_engagement

@@ -14,7 +14,7 @@ For every size the harness
 5. reads the Prefect task runs of both flow runs from the Prefect API, the peak RSS of every process, and
    checks that every message the ledger says was sent reached the sandbox exactly once.
 
-Then it runs the naive one-task-per-message Prefect flow (``flows.per_message_baseline``) at the
+Then it runs the naive one-task-per-message Prefect flow (``bench.per_message_baseline``) at the
 ``--baseline`` sizes against the same sandbox set-up, for the throughput ratio. Stage definitions and how
 to read the figures: ``docs/benchmark.md``.
 """
@@ -940,13 +940,13 @@ def _dispose_flow_engine(db_url: str) -> None:
 
 
 def run_baseline_size(opts: BenchOptions, workdir: Path, templates: Path, n: int, progress: Progress) -> dict[str, Any]:
-    """The naive flow (one Prefect task per message, ``flows.per_message_baseline``) at ``n`` messages.
+    """The naive flow (one Prefect task per message, ``bench.per_message_baseline``) at ``n`` messages.
 
     It gets its own copy of a shop of ``n`` members, its own sandbox and receiver, and the same campaign and
     credentials as our flow. Without that module the row says "baseline not available" and why.
     """
     try:
-        from flows.per_message_baseline import run_baseline
+        from bench.per_message_baseline import run_baseline
     except ImportError as exc:
         return {"messages": n, "error": f"baseline not available: {exc}"}
     load_before = os.getloadavg()
@@ -1040,7 +1040,7 @@ def default_out_dir(root: Path | None = None) -> Path:
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Run every size and baseline of ``opts``; write results.json, results.md and the chart; return the results."""
-    from membercare.benchmark import report
+    from bench.e2e import report
     from membercare.config import Settings
 
     opts.validate()
@@ -1086,7 +1086,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
 
 
 def _write(out: Path, results: dict[str, Any], final: bool = False) -> None:
-    from membercare.benchmark import report
+    from bench.e2e import report
 
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     if final:

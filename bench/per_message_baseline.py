@@ -40,7 +40,7 @@ records. :func:`run_baseline` records all of this in its result instead of crash
 Run it with :func:`run_baseline` (a fresh subprocess per measurement, so the ephemeral Prefect server's
 state and memory stay out of the caller and the peak RSS is that run's own), or directly::
 
-    python -m flows.per_message_baseline --campaign birthday --as-of 2026-11-23T01:00:00Z --messages 1000
+    python -m bench.per_message_baseline --campaign birthday --as-of 2026-11-23T01:00:00Z --messages 1000
 """
 
 from __future__ import annotations
@@ -499,7 +499,7 @@ def run_baseline(n_messages: int, *, env: Mapping[str, str], campaign: str, as_o
     full_env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
     out_path = tmp / "result.json"
-    cmd = [sys.executable, "-m", "flows.per_message_baseline", "--campaign", campaign, "--as-of", as_of.isoformat(),
+    cmd = [sys.executable, "-m", "bench.per_message_baseline", "--campaign", campaign, "--as-of", as_of.isoformat(),
            "--messages", str(n_messages), "--occurrence-tag", occurrence_tag, "--out", str(out_path)]
     if member_ids is not None:
         ids_path = tmp / "members.json"
@@ -542,7 +542,7 @@ def run_baseline(n_messages: int, *, env: Mapping[str, str], campaign: str, as_o
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.per_message_baseline", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.per_message_baseline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--campaign", required=True)
     ap.add_argument("--as-of", required=True, help="ISO instant")
     ap.add_argument("--messages", type=int, required=True, help="at most this many members")

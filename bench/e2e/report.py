@@ -1,6 +1,6 @@
 """Outputs of ``membercare bench``: the target verdicts, the scaling verdict, results.md and the scaling chart.
 
-Everything here works on the plain ``results`` dict that :func:`membercare.benchmark.e2e.run_bench` builds
+Everything here works on the plain ``results`` dict that :func:`bench.e2e.harness.run_bench` builds
 (and writes as results.json), so a report can be rebuilt from an old results.json without rerunning.
 """
 

@@ -1,4 +1,6 @@
-"""In-process fakes for exercising planning and dispatch without providers (tests, demos, benchmarks).
+"""In-process test doubles for exercising planning and dispatch without providers (tests and benchmarks).
+
+Not part of the product: tests import them as ``fakes``; the bench scripts put ``tests/`` on their path.
 
 :class:`FakeAdapter` implements :class:`~membercare.delivery.contract.ChannelAdapter`; it records every
 accepted message (optionally appending one line per acceptance to a file, for crash tests that kill
