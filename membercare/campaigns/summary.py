@@ -111,8 +111,8 @@ def summarise(engine: Engine, run_id: int | None, *, campaign: str, occurrence: 
 def dry_run_summary(rep: DryRunReport) -> RunSummary:
     """A dry run in the shape of a :class:`RunSummary` (``sent`` = would be sent now)."""
     skipped = {k: v for k, v in rep.by_reason.items()
-               if k in ("holdout", "global_control", "no_consent", "no_reachable_channel", "no_allowed_channel", "frequency_cap",
-                        "preempted")}
+               if k in ("holdout", "global_control", "no_consent", "no_reachable_channel", "no_allowed_channel",
+                        "frequency_cap", "preempted")}
     return RunSummary(rep.campaign, rep.occurrence, None, "dry run", rep.audience_size, rep.considered,
                       sum(rep.by_state.values()), sent=dict(rep.would_send), deferred=sum(rep.deferred.values()),
                       suppressed={"suppressed": rep.by_state.get("suppressed", 0)} if rep.by_state.get("suppressed")

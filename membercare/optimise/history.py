@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time as _time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -83,14 +83,14 @@ def _engine_key(engine: Engine) -> str:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _utc_hour(conn: Connection, col):
+def _utc_hour(conn: Connection, col: sa.ColumnElement) -> sa.ColumnElement[int]:
     """The UTC hour of the day (0-23) of a UTCDateTime column, in SQL."""
     if is_sqlite(conn):
         return sa.cast(sa.func.strftime("%H", col), sa.Integer)  # naive UTC text on SQLite
     return sa.cast(sa.extract("hour", sa.func.timezone("UTC", col)), sa.Integer)
 
 
-def group_key(age_group, tier) -> tuple[str | None, str | None]:
+def group_key(age_group: str | None, tier: str | None) -> tuple[str | None, str | None]:
     """The key of a member's ``(age_group, tier)`` group in the histories (blank values count as unknown)."""
     return (age_group or None, tier or None)
 
@@ -105,7 +105,7 @@ def _zone_offset_hours(tz: str | None, at: datetime, fallback: str) -> int:
     return int(np.floor(off.total_seconds() / 3600.0 + 0.5)) if off is not None else 0
 
 
-def _streamed(conn: Connection, stmt, rows: int | None = None):
+def _streamed(conn: Connection, stmt: sa.Select, rows: int | None = None) -> Iterator[Sequence[sa.Row]]:
     """Result partitions of ``stmt`` (a server-side cursor on PostgreSQL)."""
     rows = rows or STREAM_ROWS
     return conn.execute(stmt, execution_options={"yield_per": rows}).partitions(rows)
@@ -134,7 +134,7 @@ class ChannelHistory:
         i = int(np.searchsorted(self.member_ids, member_id))
         return i if i < self.member_ids.size and self.member_ids[i] == member_id else None
 
-    def rate_row(self, age_group, tier) -> np.ndarray:
+    def rate_row(self, age_group: str | None, tier: str | None) -> np.ndarray:
         return self.rates[self.groups.get(group_key(age_group, tier), self.rates.shape[0] - 1)]
 
     @property
@@ -243,7 +243,7 @@ class HourHistory:
     allowed: send_time.AllowedHours
     has_data: bool
 
-    def hour_for(self, member_id: int, age_group=None, tier=None) -> tuple[int, str]:
+    def hour_for(self, member_id: int, age_group: str | None = None, tier: str | None = None) -> tuple[int, str]:
         """``(hour, source)``: the member's own best hour, else their group's, else the population's."""
         i = int(np.searchsorted(self.member_ids, member_id))
         if i < self.member_ids.size and self.member_ids[i] == member_id:
@@ -258,7 +258,7 @@ class HourHistory:
         return self.member_ids.nbytes + self.hours.nbytes + self.group_hours.nbytes
 
 
-def _hour_events(conn: Connection, as_of: datetime, lookback: timedelta, weights: Mapping[str, float]):
+def _hour_events(conn: Connection, as_of: datetime, lookback: timedelta, weights: Mapping[str, float]) -> sa.Subquery:
     """Weighted activity rows (member_id, UTC hour, weight): opens, clicks and push taps, purchases."""
     e, od = EngagementEventRow.__table__, Order.__table__
     since = as_of - lookback

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
@@ -57,7 +58,7 @@ class Assigner:
     """
 
     def __init__(self, campaign: str, occurrence: str, *, holdout_rate: float = 0.0, control_rate: float = 0.0,
-                 control_salt: str = "membercare", shares: Mapping[str, float] | None = None):
+                 control_salt: str = "membercare", shares: Mapping[str, float] | None = None) -> None:
         self.campaign, self.occurrence = campaign, occurrence
         self.holdout_rate, self.control_rate, self.control_salt = holdout_rate, control_rate, control_salt
         self.shares = dict(shares) if shares else None
@@ -70,10 +71,10 @@ class Assigner:
                          assignment.threshold(self.holdout_rate)) if self.holdout_rate > 0 else None
         self._pick = assignment.variant_picker(self.campaign, self.occurrence, self.shares) if self.shares else None
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_control", "_holdout", "_pick")}
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._setup()
 
@@ -108,7 +109,7 @@ class BestEngagement:
 
     def __init__(self, history: ChannelHistory, *, campaign: str, occurrence: str, purpose: str,
                  allowed: Sequence[str], prior_strength: float = channel_choice.DEFAULT_PRIOR_STRENGTH,
-                 preference_weight: float = channel_choice.DEFAULT_PREFERENCE_WEIGHT):
+                 preference_weight: float = channel_choice.DEFAULT_PREFERENCE_WEIGHT) -> None:
         self.history, self.purpose, self.allowed = history, str(purpose), frozenset(str(c) for c in allowed)
         self.kappa, self.weight = float(prior_strength), float(preference_weight)
         self.prefix = assignment.key_prefix(CHANNEL_DOMAIN, campaign, occurrence)
@@ -168,7 +169,7 @@ class BestHour:
     within 24 hours (the planner defers the row with reason ``send_time``).
     """
 
-    def __init__(self, history: HourHistory, *, as_of: datetime, fallback_timezone: str = "Asia/Taipei"):
+    def __init__(self, history: HourHistory, *, as_of: datetime, fallback_timezone: str = "Asia/Taipei") -> None:
         self.history, self.as_of, self.fallback = history, ensure_utc(as_of), fallback_timezone
         self._at: dict[tuple[str, int], datetime] = {}
 

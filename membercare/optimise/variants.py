@@ -139,7 +139,7 @@ def compute_allocation(conn: Connection, campaign: str, occurrence: str, as_of: 
                       reason[:500], rep.to_dict(), False)
 
 
-def _from_row(row) -> Allocation:
+def _from_row(row: sa.Row) -> Allocation:
     return Allocation(row.campaign, row.occurrence, tuple(row.names.split(",")), json.loads(row.shares), row.winner,
                       row.reason, json.loads(row.report), True)
 
@@ -150,8 +150,8 @@ def stored_allocation(conn: Connection, campaign: str, occurrence: str) -> Alloc
     return None if row is None else _from_row(row)
 
 
-def allocation_for(engine: Engine, campaign: str, occurrence: str, as_of: datetime, test: VariantTest, *, store: bool = True,
-                   min_sends: int = bandit.DEFAULT_MIN_SENDS) -> Allocation:
+def allocation_for(engine: Engine, campaign: str, occurrence: str, as_of: datetime, test: VariantTest, *,
+                   store: bool = True, min_sends: int = bandit.DEFAULT_MIN_SENDS) -> Allocation:
     """The occurrence's variant shares: the stored ones, else computed now and stored (first writer wins).
 
     ``store=False`` (dry runs) computes without writing. Raises :class:`InputError` when the occurrence was
