@@ -1243,7 +1243,7 @@ def sync_engagement(engine: Engine, *, records=None, lease: timedelta = timedelt
 
     now = ensure_utc(now or utcnow())
     rep = SyncReport()
-    rep.recovered_stale = recover_stale(engine, lease=lease, now=now)
+    rep.recovered_stale = recover_stale(engine, lease=lease, now=now).total
     o, e, r = OutboxMessage.__table__, EngagementEventRow.__table__, CampaignRun.__table__
     open_states = (OutboxState.UNKNOWN.value, OutboxState.SENDING.value, OutboxState.DEFERRED.value)
     last = 0

@@ -208,9 +208,10 @@ def test_stale_sending_rows_become_unknown_and_are_reconciled(engine):
     run_t = plan(engine, 1, name="receipt", purpose=Purpose.TRANSACTIONAL)
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        conn.execute(sa.update(O).values(state="sending", claimed_by="dead:1", claimed_at=now - timedelta(hours=2)))
+        conn.execute(sa.update(O).values(state="sending", claimed_by="dead:1", claimed_at=now - timedelta(hours=2),
+                                         attempt_started_at=now - timedelta(hours=2)))
         ids = conn.execute(sa.select(O.c.message_id).where(O.c.run_id == run_id).order_by(O.c.id)).scalars().all()
-    assert recover_stale(engine, lease=timedelta(minutes=5)) == 5
+    assert recover_stale(engine, lease=timedelta(minutes=5)).unknown == 5
     with engine.connect() as conn:
         assert "dead:1" in conn.execute(sa.select(O.c.reason).limit(1)).scalar()
     # Webhook event for one, provider record for another; the rest are past the grace period.
@@ -310,6 +311,15 @@ def test_sigkilled_dispatcher_never_duplicates_and_leaves_no_row_unaccounted(sql
     assert st["sent"] == len(keys) == n - st["unknown"]
     with engine.connect() as conn:
         assert all(conn.execute(sa.select(O.c.reason).where(O.c.state == "unknown")).scalars())
+        # Only rows whose provider call had begun can be unknown (at most one per worker thread per kill);
+        # claimed rows still waiting for a worker were never attempted and were sent after the crash.
+        unknown_unattempted = conn.execute(sa.select(sa.func.count()).where(
+            O.c.state == "unknown", O.c.attempt_started_at.is_(None))).scalar_one()
+        resent = conn.execute(sa.select(sa.func.count()).where(
+            O.c.state == "sent", O.c.reason.like("%stopped before the provider call, sent again%"))).scalar_one()
+    assert unknown_unattempted == 0
+    assert st["unknown"] <= kills * 6
+    assert resent > 0
     engine.dispose()
 
 

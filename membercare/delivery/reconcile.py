@@ -4,8 +4,10 @@ A row is ``sending`` from the moment a dispatcher committed its claim until it r
 provider's answer. If the process dies in between, the provider may or may not have accepted the
 message. Policy (see ``docs/delivery.md``):
 
-1. :func:`recover_stale` turns ``sending`` rows whose claim is older than the lease into ``unknown``
-   (reason ``in_flight_at_crash``). They are **never** resent automatically at this point.
+1. :func:`recover_stale` takes back ``sending`` rows whose claim is older than the lease: rows the
+   dispatcher never attempted (no ``attempt_started_at``: the send gate never let them through) go back
+   to ``planned`` and are sent; attempted ones become ``unknown`` (reason ``in_flight_at_crash``) and
+   are **never** resent automatically at this point.
 2. :func:`reconcile_unknown` looks each unknown row up in the provider's records (a
    :class:`ProviderRecords` source, e.g. the sandbox's ``GET /sandbox/messages``) and marks the ones it
    finds ``sent``. Provider events (delivered, opened, bounced...) carrying our message id do the same
@@ -26,6 +28,7 @@ from typing import Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from membercare.db import in_transaction
 from membercare.delivery.models import Decision, OutboxMessage, OutboxState
 from membercare.models import Purpose
 from membercare.timeutil import ensure_utc, utcnow
@@ -101,29 +104,61 @@ class SandboxRecords:
         return {m: self._known[m] for m in message_ids if m in self._known}
 
 
-def recover_stale(engine: Engine, *, lease: timedelta, run_id: int | None = None,
-                  now: datetime | None = None) -> int:
-    """Mark ``sending`` rows claimed before ``now - lease`` as ``unknown``. Returns how many.
+NEVER_ATTEMPTED_NOTE = "; its dispatcher stopped before the provider call, sent again"
 
-    The lease must be longer than the slowest send (adapter timeout plus rate-limit wait) plus the
-    dispatcher's flush interval; a live dispatcher's late answer for a row recovered this way is
-    ignored (its update is guarded by ``state = 'sending'``) and reconciliation settles the row.
+
+@dataclass(frozen=True)
+class Recovered:
+    """What :func:`recover_stale` did: rows sent back to be sent, rows whose outcome is unknown."""
+
+    unattempted: int = 0
+    unknown: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.unattempted + self.unknown
+
+
+def recover_stale(engine: Engine, *, lease: timedelta, run_id: int | None = None,
+                  now: datetime | None = None) -> Recovered:
+    """Take back ``sending`` rows of dispatchers that stopped (their claim or attempt older than ``lease``).
+
+    * Claimed but never attempted (``attempt_started_at`` unset: the send gate never let them through, so
+      no provider call began): back to ``planned``, reason ``never_attempted``. They will be sent.
+    * Attempted (the provider call may have begun): ``unknown``, reason ``in_flight_at_crash``. They are
+      never resent automatically at this point; :func:`reconcile_unknown` settles them.
+
+    The lease must be longer than the slowest send (adapter timeout) plus the dispatcher's flush interval
+    for attempted rows, and longer than a claimed batch waits for its rate-limit tokens for unattempted
+    ones; a live dispatcher's late answer for a row recovered this way is ignored (its update is guarded
+    by ``state = 'sending' AND claimed_by``) and the send gate refuses a row that is no longer its own.
     """
     o = OutboxMessage.__table__
     now = ensure_utc(now or utcnow())
-    cond = [o.c.state == OutboxState.SENDING.value, o.c.claimed_at <= now - lease]
+    base = [o.c.state == OutboxState.SENDING.value]
     if run_id is not None:
-        cond.append(o.c.run_id == run_id)
-    with engine.begin() as conn:
-        res = conn.execute(
-            sa.update(o).where(*cond).values(
-                state=OutboxState.UNKNOWN.value, reason_code=Decision.IN_FLIGHT_AT_CRASH.value,
-                reason=sa.func.substr(sa.literal("in flight when dispatcher ") + sa.func.coalesce(o.c.claimed_by, "?")
-                                      + sa.literal(" stopped; the provider may or may not have accepted it"), 1, 500),
-                updated_at=now,
-            )
-        )
-        return res.rowcount or 0
+        base.append(o.c.run_id == run_id)
+    who = sa.func.coalesce(o.c.claimed_by, "?")
+
+    def work(conn: Connection) -> Recovered:
+        never = conn.execute(sa.update(o).where(
+            *base, o.c.attempt_started_at.is_(None), o.c.claimed_at <= now - lease).values(
+            state=OutboxState.PLANNED.value, reason_code=Decision.NEVER_ATTEMPTED.value, claimed_by=None,
+            claimed_at=None, next_attempt_at=None, updated_at=now,
+            # Kept in the prose reason, which the eventual "sent ..." reason carries on, for the audit trail.
+            reason=sa.func.substr(o.c.reason + sa.literal(NEVER_ATTEMPTED_NOTE), 1, 500),
+            last_error=sa.func.substr(sa.literal("claimed by dispatcher ") + who
+                                      + sa.literal(" which stopped before the provider call; sending again"), 1, 500),
+        )).rowcount or 0
+        maybe = conn.execute(sa.update(o).where(
+            *base, o.c.attempt_started_at.is_not(None), o.c.attempt_started_at <= now - lease).values(
+            state=OutboxState.UNKNOWN.value, reason_code=Decision.IN_FLIGHT_AT_CRASH.value, updated_at=now,
+            reason=sa.func.substr(sa.literal("in flight when dispatcher ") + who
+                                  + sa.literal(" stopped; the provider may or may not have accepted it"), 1, 500),
+        )).rowcount or 0
+        return Recovered(never, maybe)
+
+    return in_transaction(engine, work)
 
 
 @dataclass
