@@ -41,6 +41,8 @@ from flows.common import (
     settings_from,
 )
 from membercare import runner
+from membercare.delivery.dispatcher import DispatchConfig
+from membercare.delivery.ratelimit import configured_rates
 from membercare.errors import ConfigurationError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
@@ -249,10 +251,21 @@ def limiters_for(channels, logger) -> dict:
         logger.warning("cannot read global concurrency limits (%s): this worker's own rate limits apply",
                        type(exc).__name__)
         return {}
+    rates = configured_rates(resolved_env(use_blocks=False))
     for ch in missing:
-        logger.warning("no global concurrency limit membercare-%s: %s is limited per worker only "
-                       "(create it with `membercare setup-blocks`)", ch, ch)
+        logger.warning("no global concurrency limit membercare-%s: %s is limited to %g/s by this worker alone "
+                       "(MEMBERCARE_RATE_LIMIT_%s; share it between workers with `membercare setup-blocks`)",
+                       ch, ch, rates[ch], ch.upper())
     return found
+
+
+def local_rate_config(adapters, limiters) -> DispatchConfig:
+    """The dispatcher's own rate limits for the channels that no shared (global) limit covers: the operator's
+    ``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` or the documented default, never unlimited."""
+    rates = configured_rates(resolved_env(use_blocks=False))
+    shared = {str(Channel(c).value) for c in (limiters or {})}
+    return DispatchConfig(rate_limits={ch: rate for ch, rate in rates.items()
+                                       if ch not in shared and Channel(ch) in {Channel(c) for c in adapters}})
 
 
 def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatchers: int, wait_for_deferred_s: float,
@@ -266,13 +279,14 @@ def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatc
     """
     total = runner.DispatchOutcome(run_id)
     channels = sorted(str(Channel(c).value) for c in adapters)
+    config = local_rate_config(adapters, limiters)
     for i in range(1, max_passes + 1):
         if dispatchers > 1:
             f = dispatch_processes.submit(settings, run_id, channels, quote(limiters), progress_id, i, dispatchers,
-                                          resume=resume and i == 1)
+                                          config=quote(config), resume=resume and i == 1)
         else:
             f = dispatch.submit(settings, run_id, quote(adapters), quote(limiters), progress_id, i,
-                                records=quote(records), resume=resume and i == 1)
+                                config=quote(config), records=quote(records), resume=resume and i == 1)
         total = total.merge(f.result())
         if total.stop_reason or total.next_due_at is None:
             break

@@ -10,6 +10,7 @@ import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
+import pytest
 import sqlalchemy as sa
 
 from membercare.consent import ConsentStatement, record_consents
@@ -257,3 +258,68 @@ def test_in_transaction_reruns_work_after_a_dropped_connection(engine):
         return conn.execute(sa.text("SELECT 41 + 1")).scalar()
 
     assert in_transaction(engine, work) == 42 and len(calls) == 2
+
+
+@pytest.mark.postgres
+def test_a_dispatcher_rides_out_terminated_database_connections(pg_url):
+    # The server terminates every connection of the dispatcher (pg_terminate_backend, as a failover or an
+    # operator would) three times during the run: the dispatcher reconnects, reruns the interrupted
+    # transaction, keeps its buffered outcomes and finishes; every member gets exactly one message.
+    from membercare.db import make_engine
+
+    engine = make_engine(pg_url)
+    admin = make_engine(pg_url)
+    run_id, ids = plan(engine, 300, preferred="email")
+    killed = []
+
+    def terminate(_message, n):
+        if n in (20, 120, 220):
+            with admin.begin() as conn:
+                killed.append(conn.execute(sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar())
+        return None
+
+    ads = adapters()
+    ads["email"] = FakeAdapter("email", terminate)
+    rep = dispatcher(engine, ads).dispatch(run_id)
+    assert len(killed) == 3 and all(k >= 1 for k in killed)
+    sent = Counter(m.message_id for m in ads["email"].accepted)
+    assert len(sent) == 300 and max(sent.values()) == 1
+    assert Counter(r.state for r in rows(engine, run_id).values()) == {"sent": 300}
+    assert rep.status == "completed"
+    engine.dispose()
+    admin.dispose()
+
+
+def test_an_outage_pauses_the_run_which_resumes_by_itself_when_the_provider_recovers(engine):
+    from membercare.delivery.contract import TransientFailure
+    from membercare.delivery.dispatcher import RunPaused
+
+    run_id, ids = plan(engine, 60, preferred="email")
+    now = [NOW]
+    down = [True]
+
+    def outage(_message, _n):
+        return TransientFailure("503 from the provider") if down[0] else None
+
+    ads = adapters()
+    ads["email"] = FakeAdapter("email", outage)
+    cfg = DispatchConfig(workers=4, batch_size=20, flush_interval=0.01, error_min_samples=10, backoff_base=1.0,
+                         backoff_max=5.0, auto_resume_after=60.0)
+
+    def d():
+        return Dispatcher(engine, ads, config=cfg, policy=NOPOLICY, clock=lambda: now[0])
+
+    rep = d().dispatch(run_id)
+    assert "error budget spent" in rep.stop_reason and rep.resume_at == NOW + timedelta(seconds=60)
+    now[0] = NOW + timedelta(seconds=30)
+    with pytest.raises(RunPaused, match="resumes automatically"):
+        d().dispatch(run_id)
+    down[0] = False  # the provider recovered
+    now[0] = NOW + timedelta(seconds=61)
+    rep = d().dispatch(run_id)
+    assert rep.status == "completed"
+    assert len({m.message_id for m in ads["email"].accepted}) == len(ads["email"].accepted) == 60
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(R.c.auto_resumes).where(R.c.id == run_id)).scalar() == 1

@@ -10,8 +10,9 @@ because they rest on the database, not on the process:
   batch (PostgreSQL skips rows another process locked; SQLite serialises the statement under its single
   write lock), so no row is claimed, hence sent, by two processes;
 * every outcome is recorded guarded by ``state = 'sending' AND claimed_by = <this process>``;
-* a process that dies leaves its in-flight rows ``sending``; they become ``unknown`` after the lease and are
-  never resent blindly (marketing), exactly as for one process.
+* a process that dies leaves its claimed rows ``sending``; after the lease, those whose provider call never
+  began (no ``attempt_started_at``) are sent again, those that may have reached the provider become
+  ``unknown`` and are never resent blindly (marketing), exactly as for one process.
 
 Rate limits stay global: a per-channel rate in ``DispatchConfig.rate_limits`` (messages/s) is split evenly
 between the processes, so together they never exceed it. Limits shared through the orchestrator (Prefect
@@ -160,6 +161,7 @@ def merge_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "stop_reason": next((r["stop_reason"] for r in reports if r.get("stop_reason")), None),
             "next_due_at": min(due) if due else None,
             "recovered_unknown": sum(r.get("recovered_unknown", 0) for r in reports),
+            "recovered_unattempted": sum(r.get("recovered_unattempted", 0) for r in reports),
             "elapsed": max((r.get("elapsed", 0.0) for r in reports), default=0.0)}
 
 
@@ -195,7 +197,8 @@ def _child(job: Mapping[str, Any]) -> dict[str, Any]:
     due = rep.next_due_at
     return {"worker": rep.worker, "attempts": rep.attempts, "outcomes": dict(rep.outcomes), "status": rep.status,
             "stop_reason": rep.stop_reason, "next_due_at": due.isoformat() if isinstance(due, datetime) else None,
-            "recovered_unknown": rep.recovered_unknown, "elapsed": rep.elapsed}
+            "recovered_unknown": rep.recovered_unknown, "recovered_unattempted": rep.recovered_unattempted,
+            "resume_at": rep.resume_at.isoformat() if rep.resume_at else None, "elapsed": rep.elapsed}
 
 
 def main() -> None:
