@@ -178,7 +178,7 @@ def dispatch_processes(settings, run_id: int, channels: list[str], limiters, pro
     reports = _with_progress(
         engine, run_id, progress_id,
         lambda: pool.dispatch_processes(settings.db_url, run_id, processes, env=env, config=config, channels=channels,
-                                        resume=resume, shared_limits=shared))
+                                        resume=resume, shared_limits=shared, child_module="flows.dispatch_process"))
     m = pool.merge_reports(reports)
     due = datetime.fromisoformat(m["next_due_at"]) if m["next_due_at"] else None
     out = runner.DispatchOutcome(run_id, m["attempts"], m["outcomes"], m["status"], m["stop_reason"], due,
