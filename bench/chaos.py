@@ -15,11 +15,13 @@ wrong. Per run it
 4. dispatches with ``--dispatchers`` processes of ``python -m membercare.delivery.pool`` while, at random
    points of progress, a dispatcher is SIGKILLed (and replaced) ``--kills`` times, the dispatchers' (and
    planner's) PostgreSQL connections are ended with ``pg_terminate_backend`` ``--terminations`` times from a
-   separate connection, and ``--stops`` members whose SMS is not sent yet text STOP: a signed Twilio
-   inbound webhook goes to the receiver and the moment its 2xx arrives is recorded;
+   separate connection, and ``--stops`` members whose SMS is not sent yet (half of them, when possible,
+   with the row already claimed) text STOP: a signed Twilio inbound webhook goes to the receiver and the
+   moment its 2xx arrives is recorded;
 5. settles: waits for the dispatchers, turns rows left ``sending`` into ``unknown`` (``recover_stale``),
    settles ``unknown`` from the sandbox's records (``reconcile_unknown`` + ``SandboxRecords``) and
-   dispatches again (``dispatch_processes``), until nothing is due (at most ``--settle-rounds`` rounds);
+   dispatches again (two dispatcher processes that return when nothing is due), until nothing is open
+   (at most ``--settle-rounds`` rounds);
 6. counts, from the ledger and the sandbox's records (``GET /sandbox/messages``).
 
 Figures (one table column and one JSON object per run; precise definitions in docs/delivery.md,
@@ -102,6 +104,7 @@ FIGURES = (
     ("reconciled", "settled by reconciler"),
     ("unknown_after", "unknown at the end"),
     ("stops_acknowledged", "STOPs acknowledged"),
+    ("stops_on_claimed_rows", "STOPs on claimed rows"),
     ("sends_after_stop", "sends after acked STOP"),
     ("members_sent_after_stop", "members sent after STOP"),
     ("max_send_after_stop_s", "latest send after STOP (s)"),
@@ -222,6 +225,7 @@ class Child:
     proc: subprocess.Popen
     log: Path
     killed: bool = False
+    started: float = field(default_factory=time.monotonic)
 
     def exit_kind(self) -> str:
         """``killed``, ``ok``, ``dropped_connection`` or ``other`` (only once it exited)."""
@@ -444,7 +448,10 @@ def send_stop(run: Run) -> bool:
     candidates = [c for c in candidates if c.member_id not in run.stops]
     if not candidates:
         return False
-    member_id, state, phone = run.rng.choice(candidates)
+    # Half of the STOPs, when there are any, hit rows already claimed by a dispatcher: the claim-time consent
+    # check has passed for those, so only a check right before the provider call can still stop them.
+    claimed = [c for c in candidates if c.state == "sending"]
+    member_id, state, phone = run.rng.choice(claimed if claimed and run.rng.random() < 0.5 else candidates)
     sid = "SM" + secrets.token_hex(16)
     url = run.receiver_url + "/webhooks/twilio/inbound"
     params = {"AccountSid": TWILIO_SID, "ApiVersion": "2010-04-01", "MessageSid": sid, "SmsSid": sid,
@@ -458,9 +465,9 @@ def send_stop(run: Run) -> bool:
             continue
         if 200 <= resp.status_code < 300:
             run.stops[member_id] = time.time()
-            run.figures["stops_on_claimed_rows"] = run.figures.get("stops_on_claimed_rows", 0) + (state == "sending")
+            run.figures["stops_on_claimed_rows"] += state == "sending"
             return True
-    run.figures["stops_unacknowledged"] = run.figures.get("stops_unacknowledged", 0) + 1
+    run.figures["stops_unacknowledged"] += 1
     return True
 
 
@@ -468,6 +475,7 @@ def phase_dispatch(run: Run, deadline: float) -> None:
     """Dispatchers at work while kills, dropped connections and STOPs land at random points of progress."""
     opts = run.opts
     planned = max(1, run.figures["planned"])
+    run.figures.update(stops_on_claimed_rows=0, stops_unacknowledged=0)
     events = sorted([(run.rng.uniform(0.05, 0.85), "kill") for _ in range(opts.kills)]
                     + [(run.rng.uniform(0.05, 0.85), "terminate") for _ in range(opts.terminations)]
                     + [(run.rng.uniform(0.02, 0.8), "stop") for _ in range(opts.stop_count)])
@@ -486,7 +494,9 @@ def phase_dispatch(run: Run, deadline: float) -> None:
         while events and progress >= events[0][0]:
             _, what = events.pop(0)
             if what == "kill" and live:
-                run.rng.choice(live).kill()
+                # Preferably one that is past its start-up (imports, adapters) and at work.
+                working = [c for c in live if time.monotonic() - c.started > 3.0]
+                run.rng.choice(working or live).kill()
                 kills += 1
             elif what == "terminate":
                 run.terminate_backends(run.targets())
@@ -524,7 +534,8 @@ def phase_settle(run: Run, deadline: float) -> None:
             run.figures["unknown_before_reconcile"] = run.states().get("unknown", 0)
         reconciled += reconcile_unknown(run.engine, run_id=run.run_id, records=records,
                                         grace=timedelta(0)).found_sent
-        if not any(run.states().get(s, 0) for s in OPEN_STATES) or time.monotonic() > deadline:
+        if (not any(run.states().get(s, 0) for s in OPEN_STATES) or i == run.opts.settle_rounds - 1
+                or time.monotonic() > deadline):
             break
         # Dispatch again, as the scheduler would: processes that return when nothing is due any more.
         live = [start_dispatcher(run) for _ in range(min(2, run.opts.dispatchers))]
