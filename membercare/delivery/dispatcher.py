@@ -472,6 +472,7 @@ class Dispatcher:
         log.warning("pausing run %s: %s", run_id, reason)
 
         def work(conn: Connection) -> datetime | None:
+            _take_write_lock(conn, run_id, now)  # SQLite: read-then-write must start as a writer
             resumes = conn.execute(sa.select(r.c.auto_resumes).where(r.c.id == run_id)).scalar_one()
             at = None
             why = reason
