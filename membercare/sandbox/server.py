@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -557,14 +558,33 @@ class SandboxServer:
         return self.app.signer.public_key_b64
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 async def serve(config: SandboxConfig, host: str, port: int, *, on_ready: Callable[[SandboxApp, int], None]
                 | None = None) -> None:
-    """Run a sandbox until cancelled (the CLI)."""
-    sandbox = SandboxApp(config)
-    runner, bound = await start_site(sandbox, host, port)
-    if on_ready:
-        on_ready(sandbox, bound)
+    """Run a sandbox until SIGINT or SIGTERM (or until cancelled), then shut it down cleanly (the CLI).
+
+    On the main thread it installs its own handlers for both signals, whatever the process inherited:
+    a non-interactive shell starts background jobs with SIGINT ignored (so Ctrl-C or ``kill -INT``
+    would do nothing), and SIGTERM's default action would end the process without the cleanup.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
     try:
-        await asyncio.Event().wait()
+        sandbox = SandboxApp(config)
+        runner, bound = await start_site(sandbox, host, port)
+        if on_ready:
+            on_ready(sandbox, bound)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
