@@ -59,10 +59,11 @@ def test_the_flow_limits_channels_without_a_global_limit_itself(monkeypatch):
 def test_sms_rate_limit_holds_at_the_provider(engine, sandbox, adapters):
     sandbox.configure(**QUIET)
     rate, n = 20.0, 70
+    now = datetime.now(UTC)  # the sandbox stamps real times: read the real clock once, use it everywhere
     with engine.begin() as conn:
-        ids = seed_members(conn, n, preferred="sms", consent=[("sms", "marketing")])
+        ids = seed_members(conn, n, preferred="sms", consent=[("sms", "marketing")], now=now)
     run_id = plan_run(engine, PlanSpec("rl", "2026-11-23", Purpose.MARKETING, (Channel.SMS,)), [ids],
-                      datetime.now(UTC), simple_renderer, policy=NOPOLICY).run_id
+                      now, simple_renderer, policy=NOPOLICY).run_id
     cfg = DispatchConfig(workers=16, batch_size=50, rate_limits={"sms": rate}, flush_interval=0.05)
     burst = max(1.0, rate / 10)
     rep = Dispatcher(engine, adapters, config=cfg, policy=NOPOLICY).dispatch(run_id)
