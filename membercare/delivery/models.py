@@ -12,6 +12,7 @@ provider is called; dispatch moves rows through the state machine documented in 
        │                  │ │                   └────> planned (next channel of the fallback chain)
        └──Configuration───┘ ├──process died─────────> unknown ──reconcile──> sent | unknown (final)
                           └──ambiguous failure─────> unknown (marketing) | deferred (transactional)
+    unknown ──reconcile: the provider confirms it never received it──> planned (sent again; no duplicate possible)
     skipped / suppressed: written by planning (or by a pre-send check) and never sent.
 
 Privacy: the ledger stores **no address**. The recipient's email, phone number or push token is
@@ -104,6 +105,9 @@ class Decision(StrEnum):
     RECONCILED = "reconciled"
     RESENT_AFTER_UNKNOWN = "resent_after_unknown"
     UNKNOWN_NOT_RESENT = "unknown_not_resent"
+    # The provider's own records show it never accepted the message (see provider_records): sent (again),
+    # marketing included, since no duplicate is possible.
+    NEVER_RECEIVED = "never_received"
     ADAPTER_ERROR = "adapter_error"
     # A transient failure after which the provider may have accepted the message (TransientFailure.ambiguous):
     AMBIGUOUS = "ambiguous_failure"  # marketing: unknown, settled by reconciliation, never blindly resent
