@@ -1221,6 +1221,7 @@ class SyncReport:
     reconciled_from_records: int = 0
     left_unknown: int = 0
     requeued: int = 0
+    never_received: int = 0  # the provider confirmed it never got them: sent again
     runs_refreshed: int = 0
 
 
@@ -1233,8 +1234,10 @@ def sync_engagement(engine: Engine, *, records=None, lease: timedelta = timedelt
     2. unknown, sending and deferred rows that a provider event names (delivered, opened, bounced... carry
        our message id) were accepted: they become ``sent`` (:func:`mark_sent_from_event`), which also
        cancels the retry of a deferred row whose first attempt really went through;
-    3. the rest is looked up in ``records`` (a ``ProviderRecords``; e.g. the sandbox) and past ``grace``
-       settled by policy (:func:`reconcile_unknown`);
+    3. the rest is looked up in ``records`` (a ``ProviderRecords``, e.g. the sandbox, or a ``ProviderVerdicts``
+       such as :func:`membercare.delivery.provider_records.provider_records_from_env`, which can also confirm
+       that a provider never received a message: those are sent again) and past ``grace`` settled by policy
+       (:func:`reconcile_unknown`);
     4. runs updated within ``lookback`` get their state counts refreshed.
     """
     from membercare.delivery.planner import refresh_run_counts
@@ -1263,6 +1266,7 @@ def sync_engagement(engine: Engine, *, records=None, lease: timedelta = timedelt
                                                                      source="engagement event"))
     rec = reconcile_unknown(engine, records=records, grace=grace, now=now)
     rep.reconciled_from_records, rep.left_unknown, rep.requeued = rec.found_sent, rec.left_unknown, rec.requeued
+    rep.never_received = rec.never_received
     with engine.begin() as conn:
         ids = conn.execute(sa.select(r.c.id).where(r.c.updated_at >= now - lookback)).scalars().all()
         for run_id in ids:
