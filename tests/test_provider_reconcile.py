@@ -40,7 +40,7 @@ from membercare.delivery.provider_records import (
     provider_records_from_env,
     trust_sendgrid_events,
 )
-from membercare.delivery.reconcile import reconcile_unknown
+from membercare.delivery.reconcile import reconcile_unknown, recover_stale
 from membercare.errors import ConfigurationError
 from membercare.models import Channel, Member, Purpose
 
@@ -223,6 +223,28 @@ def test_sms_the_provider_never_received_is_confirmed_and_sent_exactly_once(engi
         assert_each_sent_exactly_once(sandbox, engine, run_id, "sms")
     finally:
         close_channels(adapters)
+
+
+def test_sms_in_flight_at_a_crash_that_never_reached_twilio_is_sent_exactly_once(engine, sandbox, service_account):
+    """A dispatcher died after marking its attempt and before the provider call reached Twilio."""
+    env = sms_env(sandbox, service_account)
+    sandbox.configure(**QUIET)
+    run_id = plan(engine, seed(engine, 4, preferred="sms"), channels=(Channel.SMS,), name="crash-sms")
+    t = later(engine, run_id, timedelta(0))
+    with engine.begin() as conn:
+        conn.execute(sa.update(O).where(O.c.run_id == run_id).values(
+            state="sending", claimed_by="dead/1", claimed_at=t, attempt_started_at=t, attempts=1, updated_at=t))
+    assert recover_stale(engine, lease=timedelta(0), run_id=run_id, now=t).unknown == 4
+    adapters = build_channels(env, channels=[Channel.SMS])
+    try:
+        records = TwilioListRecords(engine, adapters[Channel.SMS])
+        report = reconcile_unknown(engine, run_id=run_id, records=records, grace=timedelta(hours=1),
+                                   now=t + records.settle_after + records.slack + timedelta(minutes=1))
+        assert (report.found_sent, report.never_received) == (0, 4)
+        assert Dispatcher(engine, adapters, config=FAST, policy=NOPOLICY).dispatch(run_id).outcomes["sent"] == 4
+    finally:
+        close_channels(adapters)
+    assert_each_sent_exactly_once(sandbox, engine, run_id, "sms")
 
 
 def test_sms_absence_is_not_concluded_from_an_ambiguous_list_a_changed_member_or_a_failed_lookup(

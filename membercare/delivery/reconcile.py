@@ -202,7 +202,8 @@ class ReconcileReport:
     never_received: int = 0  # the provider confirmed it never accepted them: back to planned
 
 
-def reconcile_unknown(engine: Engine, *, run_id: int | None = None, records: ProviderRecords | None = None,
+def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
+                      records: ProviderRecords | ProviderVerdicts | None = None,
                       grace: timedelta = timedelta(hours=1), now: datetime | None = None,
                       batch_size: int = 500) -> ReconcileReport:
     """Settle ``unknown`` rows: provider record -> sent; confirmed never received (a
@@ -269,7 +270,7 @@ def _send_again(conn: Connection, row_id: int, why: str, now: datetime) -> int:
     o = OutboxMessage.__table__
     res = conn.execute(sa.update(o).where(o.c.id == row_id, o.c.state == OutboxState.UNKNOWN.value).values(
         state=OutboxState.PLANNED.value, next_attempt_at=None, claimed_by=None, claimed_at=None,
-        reason_code=Decision.NEVER_RECEIVED.value, updated_at=now,
+        attempt_started_at=None, reason_code=Decision.NEVER_RECEIVED.value, updated_at=now,
         reason=(f"outcome was unknown; the provider confirms it never received it ({why}); sending it "
                 "(no duplicate possible)")[:500]))
     return res.rowcount or 0
