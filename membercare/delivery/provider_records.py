@@ -79,7 +79,8 @@ class ListedMessage:
 
     @property
     def at(self) -> datetime | None:
-        return self.sent_at or self.created_at
+        """When the provider accepted it (created the resource), which is what a send window bounds."""
+        return self.created_at or self.sent_at
 
 
 class MessageLister(Protocol):
@@ -152,15 +153,17 @@ class TwilioListRecords:
             if row.phone and row.body and now <= row.end + self.settle_after + self.look_back:
                 by_phone[row.phone].append(row)
         for phone, rows in by_phone.items():
-            first, last = min(r.start for r in rows), max(r.end for r in rows)
-            listed = [m for m in self.lister.list_messages(phone, first_day=first.date(), last_day=last.date())
-                      if m.to == phone and m.at is not None]
-            free = self._unclaimed(listed)
+            # Twilio filters on date_sent, which trails acceptance by up to the queueing limit: read that far on.
+            first, last = min(r.start for r in rows), max(r.end for r in rows) + self.settle_after
+            # Kept whatever their ``to`` looks like: Twilio filtered on the recipient, and dropping a message
+            # over formatting would make the list look emptier than it is.
+            free = self._unclaimed(list(self.lister.list_messages(phone, first_day=first.date(),
+                                                                  last_day=last.date())))
             self._match(rows, free, out, now)
         return out
 
     def _unclaimed(self, listed: list[ListedMessage]) -> list[ListedMessage]:
-        """Listed messages that no outbox row has recorded as its own (oldest first)."""
+        """Listed messages that no outbox row has recorded as its own."""
         if not listed:
             return []
         o = OutboxMessage.__table__
@@ -168,18 +171,20 @@ class TwilioListRecords:
             known = set(conn.execute(sa.select(o.c.provider_message_id)
                                      .where(any_of(conn, o.c.provider_message_id, [m.sid for m in listed])))
                         .scalars())
-        return sorted((m for m in listed if m.sid not in known), key=lambda m: (m.at, m.sid))
+        return [m for m in listed if m.sid not in known]
 
     def _match(self, rows: list[_SmsRow], free: list[ListedMessage], out: Settlement, now: datetime) -> None:
         # Matches first, over every row of the recipient: a message that is some row's exact match is not
         # evidence against another row's absence.
+        dated = sorted((m for m in free if m.at is not None), key=lambda m: (m.at, m.sid))
+        undated = len(dated) < len(free)  # a message without any date could be anyone's: no absence then
         unmatched = []
         for row in sorted(rows, key=lambda r: (r.start, r.id)):
-            match = next((m for m in free if row.start <= m.at <= row.end and m.body == row.body), None)
+            match = next((m for m in dated if row.start <= m.at <= row.end and m.body == row.body), None)
             if match is None:
                 unmatched.append(row)
                 continue
-            free.remove(match)
+            dated.remove(match)
             out.found[row.message_id] = match.sid
             out.notes[row.message_id] = "Twilio's message list has it (same recipient, body and time window)"
         for row in unmatched:
@@ -187,7 +192,7 @@ class TwilioListRecords:
                 continue
             if row.member_updated_at is None or row.member_updated_at > row.created_at:
                 continue  # the number may have changed since the send: the list we read may be the wrong one
-            if any(row.start <= m.at <= row.end for m in free):
+            if undated or any(row.start <= m.at <= row.end for m in dated):
                 continue  # something unaccounted for was sent to this number meanwhile: it may be this one
             out.never_received[row.message_id] = (
                 f"Twilio lists no message from our sender to the member's number between "
