@@ -102,6 +102,7 @@ FIGURES = (
     ("never_attempted_unsent", "never-attempted left unsent"),
     ("unknown_before_reconcile", "unknown before reconcile"),
     ("reconciled", "settled by reconciler"),
+    ("never_received", "confirmed never received (sent)"),
     ("unknown_after", "unknown at the end"),
     ("stops_acknowledged", "STOPs acknowledged"),
     ("stops_on_claimed_rows", "STOPs on claimed rows"),
@@ -524,16 +525,25 @@ def phase_settle(run: Run, deadline: float) -> None:
 
     from membercare.delivery.reconcile import SandboxRecords, reconcile_unknown, recover_stale
 
-    records = SandboxRecords(run.sandbox_url)
-    reconciled = 0
+    from membercare.delivery.provider_records import provider_records_from_env
+    from membercare.timeutil import utcnow
+
+    # The product's own provider lookups (Twilio's message list, SendGrid's event stream) plus the sandbox's
+    # record of acceptances. "Never received" may only be concluded once the providers' documented windows
+    # have passed (Twilio's 10 h queueing limit, SendGrid's 24 h of webhook retries): the bench settles as
+    # the sync-engagement run a day later would, by reconciling at now + 26 h. Nothing else is simulated.
+    records = provider_records_from_env(run.engine, run.env, also=[SandboxRecords(run.sandbox_url)])
+    later = utcnow() + timedelta(hours=26)
+    reconciled = never_received = 0
     for i in range(run.opts.settle_rounds):
         recover_stale(run.engine, lease=timedelta(0), run_id=run.run_id)  # every dispatcher has stopped
         # Provider events (status callbacks, SendGrid events, app reports) settle rows too: let them land.
         httpx.post(run.sandbox_url + "/sandbox/drain", params={"timeout": 30}, timeout=60)
         if i == 0:
             run.figures["unknown_before_reconcile"] = run.states().get("unknown", 0)
-        reconciled += reconcile_unknown(run.engine, run_id=run.run_id, records=records,
-                                        grace=timedelta(0)).found_sent
+        rec = reconcile_unknown(run.engine, run_id=run.run_id, records=records, grace=timedelta(0), now=later)
+        reconciled += rec.found_sent
+        never_received += rec.never_received
         if (not any(run.states().get(s, 0) for s in OPEN_STATES) or i == run.opts.settle_rounds - 1
                 or time.monotonic() > deadline):
             break
@@ -548,7 +558,10 @@ def phase_settle(run: Run, deadline: float) -> None:
             else:
                 run.reap(child)
     httpx.post(run.sandbox_url + "/sandbox/drain", params={"timeout": 30}, timeout=60)
+    if records is not None:
+        records.close()
     run.figures["reconciled"] = reconciled
+    run.figures["never_received"] = never_received
 
 
 def sandbox_records(url: str) -> list[dict[str, Any]]:
