@@ -99,7 +99,8 @@ FIGURES = (
     ("sent", "sent (ledger)"),
     ("accepted", "accepted (sandbox)"),
     ("duplicates", "duplicates"),
-    ("never_attempted_unsent", "never-attempted left unsent"),
+    ("never_attempted_unsent", "not sent, never reached the provider"),
+    ("unsent_without_attempt", "  of which never attempted"),
     ("unknown_before_reconcile", "unknown before reconcile"),
     ("reconciled", "settled by reconciler"),
     ("never_received", "confirmed never received (sent)"),
@@ -584,8 +585,8 @@ def measure(run: Run) -> None:
 
     o = OutboxMessage.__table__
     with run.engine.connect() as conn:
-        ledger = conn.execute(sa.select(o.c.message_id, o.c.member_id, o.c.state, o.c.reason_code)
-                              .where(o.c.run_id == run.run_id)).all()
+        ledger = conn.execute(sa.select(o.c.message_id, o.c.member_id, o.c.state, o.c.reason_code, o.c.channel,
+                                        o.c.attempt_started_at).where(o.c.run_id == run.run_id)).all()
     records = sandbox_records(run.sandbox_url)
     per_id = Counter(r["message_id"] for r in records if r["message_id"])
     states = Counter(r.state for r in ledger)
@@ -604,6 +605,13 @@ def measure(run: Run) -> None:
         duplicates=sum(n - 1 for n in per_id.values() if n > 1),
         records_without_message_id=sum(1 for r in records if not r["message_id"]),
         never_attempted_unsent=sum(1 for r in ledger if r.state in UNSENT_STATES and r.message_id not in per_id),
+        # Of those: rows whose provider call had begun when their dispatcher was killed (the request never
+        # reached the sandbox) and that no provider lookup can settle, by channel; and rows never attempted.
+        unreached_in_flight_by_channel=dict(Counter(
+            r.channel for r in ledger if r.state in UNSENT_STATES and r.message_id not in per_id
+            and r.attempt_started_at is not None)),
+        unsent_without_attempt=sum(1 for r in ledger if r.state in UNSENT_STATES and r.message_id not in per_id
+                                   and r.attempt_started_at is None),
         accepted_not_sent_in_ledger=sum(1 for r in ledger if r.state != "sent" and r.message_id in per_id),
         sent_without_record=sum(1 for r in ledger if r.state == "sent" and r.message_id not in per_id),
         unknown_after=states.get("unknown", 0),
