@@ -17,7 +17,8 @@ How an import runs (the layouts themselves are documented in ``docs/import-forma
 
 Rejected rows never stop the import. They are reported with their line number (the physical line where
 the CSV record starts, header = line 1) and a reason, and written to a rejects CSV (the original columns
-plus ``line`` and ``reason``). The rule is *reject rather than guess*.
+plus ``line`` and ``reason``, each cell made safe for spreadsheets by :func:`spreadsheet_cell`). The rule
+is *reject rather than guess*.
 
 Memory does not grow with the file: the keys already seen (to reject duplicates within the file) are
 kept in a temporary SQLite scratch file, not in a dict.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import sqlite3
 import tempfile
 import time
@@ -232,8 +234,32 @@ class _CsvSource:
         self._text.close()
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_FORMULA_START = frozenset("=+-@\t\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
+
+
+def spreadsheet_cell(text: str) -> str:
+    """A cell as written to a CSV that people open in a spreadsheet program.
+
+    A cell beginning with ``= + - @``, a tab or a carriage return is a formula to Excel, LibreOffice and
+    Google Sheets (``=HYPERLINK(...)`` in an imported name would run when the rejects report is opened):
+    it gets a leading ``'`` as OWASP's CSV-injection guidance says. Plain numbers (``-5``, ``+886912345678``)
+    are left alone, they are not formulas. Bytes that were not UTF-8 are written as U+FFFD so that the
+    report itself is UTF-8.
+    """
+    if _SURROGATE.search(text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if text and text[0] in _FORMULA_START and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
 class _RejectsWriter:
-    """Streams rejects to ``PATH.part`` and moves it into place at the end (absent when nothing was rejected)."""
+    """Streams rejects to ``PATH.part`` and moves it into place at the end (absent when nothing was rejected).
+
+    Every cell goes through :func:`spreadsheet_cell`: the report is meant to be opened in a spreadsheet.
+    """
 
     def __init__(self, path: Path, header: Sequence[str]):
         self.path = path
@@ -251,10 +277,10 @@ class _RejectsWriter:
             self.part.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.part, "w", encoding="utf-8", newline="")  # noqa: SIM115
             self._writer = csv.writer(self._file)
-            self._writer.writerow([*self._header, self._line_col, self._reason_col])
+            self._writer.writerow([spreadsheet_cell(h) for h in (*self._header, self._line_col, self._reason_col)])
         n = len(self._header)
         fields = (list(row.raw) + [""] * n)[:n]
-        self._writer.writerow([*fields, row.line, reason])
+        self._writer.writerow([*(spreadsheet_cell(f) for f in fields), row.line, spreadsheet_cell(reason)])
         self.count += 1
 
     def flush(self) -> None:
