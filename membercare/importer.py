@@ -17,6 +17,8 @@ How an import runs (the layouts themselves are documented in ``docs/import-forma
    inserted / updated / unchanged (or rejected, e.g. an order of an unknown member), changed rows are
    written with batched dialect ``INSERT ... ON CONFLICT`` and the :class:`~membercare.models.ImportRun`
    counters are advanced, all in the same commit. A process killed mid-import therefore leaves whole batches only.
+   Should the database still refuse a value (a gap in validation), the batch is applied again one unit
+   at a time and only the refused units are rejected.
 4. Importing is idempotent: rows are upserted by the shop's key (member id, order id, coupon code,
    device token, consent statement), so re-running a file, including after a kill, changes nothing
    that is already there and completes whatever is missing.
@@ -60,7 +62,7 @@ from membercare import validation as v
 from membercare.config import Settings
 from membercare.consent import ConsentStatement, record_consents
 from membercare.db import insert_for
-from membercare.errors import InputError, UnknownNameError
+from membercare.errors import InputError, MembercareError, UnknownNameError
 from membercare.models import (
     Channel,
     ConsentEvent,
@@ -1294,6 +1296,7 @@ def import_csv(
     Raises :class:`~membercare.errors.InputError` for problems with the file as a whole (missing, empty,
     not UTF-8, missing or unknown columns), always before anything is written; bad rows (including
     broken quoting, control characters and bytes that are not UTF-8 in a row) are reported, not raised.
+    A database failure raises :class:`ImportDatabaseError`, whose message never holds row values.
     """
     handler = _handler(kind)
     settings = settings or Settings.from_env()
@@ -1304,6 +1307,7 @@ def import_csv(
         raise InputError(f"no such file: {path}")
     started = time.monotonic()
     source = _CsvSource(path, handler, allow_extra_columns=allow_extra_columns)
+    report: ImportReport | None = None
     try:
         check_encoding(path)
         rejects = _RejectsWriter(Path(rejects_path) if rejects_path else default_rejects_path(path), source.header)
@@ -1319,8 +1323,50 @@ def import_csv(
         _finish_run(engine, report.run_id, "completed")
         report.elapsed_s = time.monotonic() - started
         return report
+    except sa.exc.SQLAlchemyError as exc:
+        # str(exc) carries the statement, its bound parameters and the server's detail text (which can
+        # quote the row): none of it is repeated. `from None`: not in a --debug traceback either.
+        raise ImportDatabaseError(_database_failure(path, report, exc)) from None
     finally:
         source.close()
+
+
+class ImportDatabaseError(MembercareError):
+    """The database failed during an import (not the file's fault). The message holds no row values."""
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """``IntegrityError, SQLSTATE 23505, constraint uq_x``: what a database error was, without its text.
+
+    The text of a database error quotes the statement's parameters and, on PostgreSQL, often the row
+    (``DETAIL: Key (email)=(...)``, ``Failing row contains (...)``). Only the class, the SQLSTATE and
+    the names of the table, column and constraint involved are kept.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    parts = [type(exc).__name__]  # SQLAlchemy's class (IntegrityError, DataError, ...) is the same on every database
+    if type(orig).__name__ != parts[0]:
+        parts.append(type(orig).__name__)  # the driver's: CheckViolation, StringDataRightTruncation, ...
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg
+    if sqlstate:
+        parts.append(f"SQLSTATE {sqlstate}")
+    diag = getattr(orig, "diag", None)
+    for label, attr in (("table", "table_name"), ("column", "column_name"), ("constraint", "constraint_name")):
+        name = getattr(diag, attr, None) if diag is not None else None
+        if name:
+            parts.append(f"{label} {name}")
+    errorname = getattr(orig, "sqlite_errorname", None)  # sqlite3: SQLITE_CONSTRAINT_UNIQUE, SQLITE_BUSY, ...
+    if errorname:
+        parts.append(errorname)
+    return ", ".join(parts)
+
+
+def _database_failure(path: Path, report: ImportReport | None, exc: BaseException) -> str:
+    what = describe_db_error(exc)
+    if report is None or not report.batches:
+        return f"{path.name}: the database failed before any row was imported ({what})"
+    return (f"{path.name}: the database failed during the import ({what}); {report.rows_total:,} rows up to "
+            f"batch {report.batches} had been committed (import run #{report.run_id} is marked failed). "
+            "Run the same command again to import the rest: rows already imported count as unchanged")
 
 
 def _run(engine: Engine, handler: _Handler, source: _CsvSource, ctx: _Context, report: ImportReport,
@@ -1377,6 +1423,50 @@ def _clean_key(key: Hashable | None) -> Hashable | None:
     return key
 
 
+def _commit_batch(engine: Engine, handler: _Handler, units: list[_Unit], valid: list[_Unit], ctx: _Context,
+                  report: ImportReport, *, one_by_one: bool) -> tuple[dict[str, int], int, int]:
+    """Write a batch's valid units and advance the run's counters in one transaction.
+
+    ``one_by_one`` writes each unit in its own savepoint and rejects the units the database refuses
+    (the reason names the error class and SQLSTATE, never the values).
+    """
+    counts = {INSERTED: 0, UPDATED: 0, UNCHANGED: 0}
+    with engine.begin() as conn:
+        if one_by_one:
+            for u in valid:
+                if u.rejects:  # rejected by the first attempt for a reason of its own (e.g. an unknown member)
+                    continue
+                u.outcome = None
+                try:
+                    with conn.begin_nested():
+                        handler.write(conn, [u], ctx)
+                except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
+                    u.outcome = None
+                    u.reject_all(f"the database refused this row ({describe_db_error(exc)})")
+        elif valid:
+            handler.write(conn, valid, ctx)
+        n_rows = sum(len(u.rows) for u in units)
+        n_rejected = 0
+        for u in units:
+            if u.rejects:
+                n_rejected += len(u.rows)
+            else:
+                counts[u.outcome] += len(u.rows)  # type: ignore[index]
+        runs = ImportRun.__table__
+        conn.execute(
+            runs.update()
+            .where(runs.c.id == report.run_id)
+            .values(
+                rows_total=runs.c.rows_total + n_rows,
+                rows_inserted=runs.c.rows_inserted + counts[INSERTED],
+                rows_updated=runs.c.rows_updated + counts[UPDATED],
+                rows_unchanged=runs.c.rows_unchanged + counts[UNCHANGED],
+                rows_rejected=runs.c.rows_rejected + n_rejected,
+            )
+        )
+    return counts, n_rows, n_rejected
+
+
 def _process_batch(engine: Engine, handler: _Handler, units: list[_Unit], ctx: _Context, seen: _SeenKeys,
                    report: ImportReport, rejects: _RejectsWriter, source: _CsvSource, on_batch_committed) -> None:
     keys = [_clean_key(handler.file_key(u.rows[0])) for u in units]
@@ -1405,29 +1495,14 @@ def _process_batch(engine: Engine, handler: _Handler, units: list[_Unit], ctx: _
 
     seen.add(new_keys.items())
 
-    counts = {INSERTED: 0, UPDATED: 0, UNCHANGED: 0}
-    with engine.begin() as conn:
-        if valid:
-            handler.write(conn, valid, ctx)
-        n_rows = sum(len(u.rows) for u in units)
-        n_rejected = 0
-        for u in units:
-            if u.rejects:
-                n_rejected += len(u.rows)
-            else:
-                counts[u.outcome] += len(u.rows)  # type: ignore[index]
-        runs = ImportRun.__table__
-        conn.execute(
-            runs.update()
-            .where(runs.c.id == report.run_id)
-            .values(
-                rows_total=runs.c.rows_total + n_rows,
-                rows_inserted=runs.c.rows_inserted + counts[INSERTED],
-                rows_updated=runs.c.rows_updated + counts[UPDATED],
-                rows_unchanged=runs.c.rows_unchanged + counts[UNCHANGED],
-                rows_rejected=runs.c.rows_rejected + n_rejected,
-            )
-        )
+    try:
+        counts, n_rows, n_rejected = _commit_batch(engine, handler, units, valid, ctx, report, one_by_one=False)
+    except (sa.exc.DataError, sa.exc.IntegrityError):
+        if not valid:
+            raise
+        # The database refused a value that validation let through. The batch was rolled back; apply it
+        # again one unit at a time so that only the refused rows are rejected.
+        counts, n_rows, n_rejected = _commit_batch(engine, handler, units, valid, ctx, report, one_by_one=True)
     # Committed: only now do the batch's rejects reach the report, so a crash never reports a batch twice.
     for u in units:
         for row in u.rows:

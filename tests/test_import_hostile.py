@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from test_import import MEMBER_HEADER, ORDER_HEADER, imp, member_row, read_rejects, write_csv
+from test_import import MEMBER_HEADER, ORDER_HEADER, SETTINGS, _cli, imp, member_row, read_rejects, write_csv
 
 from membercare import validation as v
+from membercare.db import make_engine
 from membercare.errors import InputError
-from membercare.importer import MAX_RECORD_CHARS, spreadsheet_cell
+from membercare.importer import MAX_RECORD_CHARS, ImportDatabaseError, spreadsheet_cell
 from membercare.models import ConsentEvent, ImportRun, Member, Order, OrderLine
 
 LEAN = "member_id,name,email,phone,joined_at"
@@ -414,3 +415,93 @@ def test_check_cell_characters():
         assert str(exc.value).startswith(reason)
     with pytest.raises(v.ValidationError, match="NUL"):
         v.check_cell_characters("a\x00", field="f", free_text=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Database errors and what the terminal shows
+
+
+def test_database_refusing_a_value_rejects_that_row_only_and_quotes_no_values(db_url, tmp_path, quiet):
+    """A value validation lets through but the database refuses: the batch is applied again row by row."""
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(sa.text("ALTER TABLE members ADD CONSTRAINT no_boom CHECK (name <> 'Boom')"))
+            else:
+                conn.execute(sa.text("CREATE TRIGGER no_boom BEFORE INSERT ON members WHEN NEW.name = 'Boom' "
+                                     "BEGIN SELECT RAISE(ABORT, 'no boom'); END"))
+        f = write_lines(tmp_path / "members.csv",
+                        [LEAN, *(lean_row(i, "Boom" if i == 4 else None) for i in range(1, 8))])
+        r = imp(engine, "members", f, batch_size=100)
+        got = rejects_by_line(r)
+        assert list(got) == [5] and got[5].startswith("the database refused this row (IntegrityError")
+        if engine.dialect.name == "postgresql":
+            assert "SQLSTATE 23514" in got[5] and "constraint no_boom" in got[5]
+        assert (r.inserted, r.rejected) == (6, 1)
+        assert set(stored_members(engine)) == {f"M{i:04d}" for i in (1, 2, 3, 5, 6, 7)}
+        # PostgreSQL's own text for this error is "Failing row contains (..., member4@example.com, ...)".
+        assert_no_contact_data(quiet(), *got.values())
+    finally:
+        engine.dispose()
+
+
+def test_a_database_failure_is_reported_without_statement_or_parameters(db_url, tmp_path, quiet):
+    engine = make_engine(db_url)
+    try:
+        f = write_lines(tmp_path / "members.csv", [LEAN, *(lean_row(i) for i in range(1, 7))])
+
+        def break_the_database(batch):
+            with engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE members RENAME TO members_gone"))
+
+        with pytest.raises(ImportDatabaseError) as exc:
+            imp(engine, "members", f, batch_size=3, on_batch_committed=break_the_database)
+        message = str(exc.value)
+        assert message.startswith("members.csv: the database failed during the import (")
+        assert "3 rows up to batch 1 had been committed" in message and "Run the same command again" in message
+        for leak in ("[SQL", "parameters", "SELECT", "M0004", "M0005"):
+            assert leak not in message
+        assert exc.value.__cause__ is None and exc.value.__suppress_context__
+        assert set(stored_members(engine, "members_gone")) == {"M0001", "M0002", "M0003"}
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(ImportRun.status)).scalar_one() == "failed"
+        assert_no_contact_data(quiet(), message)
+    finally:
+        engine.dispose()
+
+
+def test_cli_prints_line_and_column_but_no_personal_data(db_url, tmp_path):
+    """The measured defect: on PostgreSQL a NUL aborted the file and printed the bound values to stderr."""
+    f = write_lines(tmp_path / "members.csv", [LEAN, *(lean_row(i, "Bad\x00Name" if i == 5 else None)
+                                                      for i in range(1, 11)),
+                                               lean_row(11).replace("2024-01-12", "[bold]never[/]")])
+    out = _cli("members", str(f), "--batch-size", "3", db=db_url)
+    assert out.returncode == 3, out.stderr
+    assert "name contains a NUL character at character 4" in out.stdout and "│    6 │" in out.stdout
+    # A reason is printed as text, not as terminal markup.
+    assert "joined_at '[bold]never[/]' is not an ISO date" in out.stdout
+    assert "unexpected error" not in out.stdout + out.stderr
+    assert_no_contact_data(out.stdout, out.stderr)
+    engine = make_engine(db_url)
+    try:
+        assert len(stored_members(engine)) == 9
+    finally:
+        engine.dispose()
+
+
+def test_cli_names_an_unexpected_error_by_its_type_only(sqlite_engine, tmp_path, monkeypatch):
+    from membercare.cli import imports as cli_imports
+    from membercare.errors import MembercareError
+
+    def crash(*args, **kwargs):
+        raise KeyError(email(1))  # a fault whose text quotes the row being processed
+
+    monkeypatch.setattr(cli_imports, "migrated_engine", lambda: sqlite_engine)
+    monkeypatch.setattr(cli_imports.state, "_settings", SETTINGS)  # the CLI's cached settings stay untouched
+    monkeypatch.setattr(cli_imports, "import_csv", crash)
+    f = write_lines(tmp_path / "members.csv", [LEAN, lean_row(1)])
+    with pytest.raises(MembercareError) as exc:
+        cli_imports._run_import("members", f, 10, None, False)
+    assert str(exc.value) == "members.csv: unexpected KeyError during the import (run with --debug for the traceback)"
+    assert isinstance(exc.value.__cause__, KeyError)  # kept for --debug
