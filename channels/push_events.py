@@ -15,11 +15,16 @@ JSON array of reports (an app that was offline flushes its queue in one request)
 it invalidates that device. Without ``event_id`` the dedupe key is a hash of
 ``message_id + event + occurred_at`` (plus the token when there is no message id), so a resent report
 is stored once either way.
+
+The receiver takes a batch report by report (:func:`parse_push_reports`): a report with no event, no
+usable id (``message_id``/``token``/``event_id`` with a control character such as NUL, or too long) or a
+bad time is refused on its own, with its index and the reason, and the valid reports beside it are stored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -30,8 +35,10 @@ from membercare.engagement.events import (
     MalformedPayload,
     Provider,
     clip,
+    has_control,
     loads_json,
     stable_key,
+    usable_id,
 )
 from membercare.models import Channel
 from membercare.timeutil import UTC
@@ -44,6 +51,19 @@ _KINDS = {
     "unregistered": EventKind.FAILED,
 }
 MAX_REPORTS_PER_REQUEST = 1000
+_MAX_MESSAGE_ID = 32  # our message ids (outbox_messages.message_id)
+_MAX_TOKEN = 4096  # FCM registration tokens are a few hundred characters
+
+
+def _usable_or_refused(item: Mapping, name: str, max_len: int) -> str | None:
+    """The id ``item[name]``, ``None`` when absent or empty; :class:`MalformedPayload` when it cannot be one."""
+    value = item.get(name)
+    if value is None or value == "":
+        return None
+    if usable_id(value, max_len) is None:
+        raise MalformedPayload(f"{name} is not a usable id (a string of at most {max_len} characters without "
+                               "control characters)")
+    return value
 
 
 def parse_time(value: Any) -> datetime:
@@ -69,15 +89,46 @@ def parse_time(value: Any) -> datetime:
     raise MalformedPayload("occurred_at has the wrong type")
 
 
-def parse_push_body(body: bytes) -> list[EngagementEvent]:
-    """Parse the raw body. Raises :class:`MalformedPayload` for anything but a report or a list of them."""
+@dataclass(frozen=True)
+class RejectedReport:
+    """A report of a request that was refused on its own (the others of the request are stored)."""
+
+    index: int  # position in the request's array (0 for a single report)
+    error: str
+
+
+def parse_push_reports(body: bytes) -> tuple[list[tuple[int, EngagementEvent]], list[RejectedReport]]:
+    """Parse the raw body report by report: ``([(index, event)], [rejected])``.
+
+    Raises :class:`MalformedPayload` only when the body as a whole is unusable (not JSON, too deeply nested,
+    neither a report nor a list of them, empty, too many reports). A report that is wrong on its own (no
+    event, no usable id, a bad time) is rejected with its index and the reason, and the valid reports
+    beside it are kept: the app can drop exactly the ones that will never be accepted.
+    """
     data = loads_json(body)
     items = data if isinstance(data, list) else [data]
     if not items:
         raise MalformedPayload("no reports")
     if len(items) > MAX_REPORTS_PER_REQUEST:
         raise MalformedPayload(f"at most {MAX_REPORTS_PER_REQUEST} reports per request")
-    return [parse_push_report(item) for item in items]
+    events: list[tuple[int, EngagementEvent]] = []
+    rejected: list[RejectedReport] = []
+    for i, item in enumerate(items):
+        try:
+            events.append((i, parse_push_report(item)))
+        except MalformedPayload as exc:
+            rejected.append(RejectedReport(i, str(exc)))
+    return events, rejected
+
+
+def parse_push_body(body: bytes) -> list[EngagementEvent]:
+    """Parse the raw body, all or nothing: raises :class:`MalformedPayload` for anything but a report or a
+    list of valid reports (the receiver uses :func:`parse_push_reports`, which keeps the valid ones)."""
+    events, rejected = parse_push_reports(body)
+    if rejected:
+        first = rejected[0]
+        raise MalformedPayload(first.error if not events and len(rejected) == 1 else f"report {first.index}: {first.error}")
+    return [event for _, event in events]
 
 
 def parse_push_report(item: Any) -> EngagementEvent:
@@ -88,13 +139,15 @@ def parse_push_report(item: Any) -> EngagementEvent:
         raise MalformedPayload("event is missing")
     kind = _KINDS.get(name.lower(), EventKind.UNKNOWN)
     occurred = parse_time(item.get("occurred_at", item.get("timestamp")))
-    mid = item.get("message_id")
-    mid = mid if isinstance(mid, str) and mid else None
-    token = item.get("token")
-    token = token if isinstance(token, str) and token else None
+    # The app echoes ids we gave it: one with a control character or of the wrong length is a broken app,
+    # refused with the reason instead of being cleaned into an id that could belong to another message.
+    mid = _usable_or_refused(item, "message_id", _MAX_MESSAGE_ID)
+    token = _usable_or_refused(item, "token", _MAX_TOKEN)
     if mid is None and token is None:
         raise MalformedPayload("a push report needs message_id or token")
     event_id = item.get("event_id")
+    if isinstance(event_id, str) and has_control(event_id):
+        raise MalformedPayload("event_id contains control characters")
     if isinstance(event_id, str) and event_id and len(event_id) <= 120:
         dedupe = f"ev:{event_id}"
     else:
@@ -115,7 +168,7 @@ def parse_push_report(item: Any) -> EngagementEvent:
         channel=Channel.PUSH,
         occurred_at=occurred,
         raw=raw,
-        message_id=clip(mid, 32),
+        message_id=mid,
         reason=reason,
         recipient=token,
     )

@@ -28,7 +28,10 @@ anything else          unknown (raw payload kept)
 
 An element that is not a JSON object, or has no usable timestamp, is still stored as ``unknown``
 (with the receive time) rather than dropped: SendGrid would not resend it, and the raw payload is the
-only record of it.
+only record of it. For the same reason an event whose ``email``, ``membercare_message_id`` or
+``sg_message_id`` holds a control character (a NUL, say) or is absurdly long is stored without that key
+(``membercare.engagement.store`` drops it, and finds the member by the other key, if any) rather than
+refused, and an unusable ``sg_event_id`` is hashed into the dedupe key.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from membercare.engagement.events import (
     loads_json,
     payload_key,
     stable_key,
+    usable_id,
 )
 from membercare.models import Channel
 from membercare.timeutil import UTC, utcnow
@@ -126,10 +130,12 @@ def parse_sendgrid_event(item: Any, *, received_at: datetime | None = None) -> E
     if occurred is None:
         occurred, kind, reason = received_at, EventKind.UNKNOWN, "missing or invalid timestamp"
     event_id = item.get("sg_event_id")
-    if isinstance(event_id, str) and 0 < len(event_id) <= 120:
+    if usable_id(event_id, 120):
         dedupe = f"sg:{event_id}"
     elif isinstance(event_id, str) and event_id:
-        dedupe = stable_key("sg", event_id)  # never truncate an id: two long ids could collide
+        # Never truncate or strip an id (two ids could become one): a long one, or one with control
+        # characters, is hashed whole.
+        dedupe = stable_key("sg", event_id)
     else:
         dedupe = payload_key(item)
 

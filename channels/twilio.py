@@ -8,9 +8,19 @@ Configuration (:class:`TwilioConfig`, from the environment or a Prefect Secret b
 ``MEMBERCARE_TWILIO_MESSAGING_SERVICE_SID``  a Messaging Service (``MG...``) that picks the sender;
                                               one of the two is required, the service wins if both are set
 ``MEMBERCARE_TWILIO_BASE_URL``               optional; unset means the real Twilio API
-``MEMBERCARE_PUBLIC_URL``                    optional; our externally visible base URL. When set, every
-                                              message asks Twilio for status callbacks at
+``MEMBERCARE_PUBLIC_URL``                    optional; our externally visible base URL. Every message asks
+                                              Twilio for status callbacks at
                                               ``/webhooks/twilio/status?mid=<message id>&ik=<idempotency key>``
+                                              under it. Unset: ``membercare serve``'s default
+                                              (``http://127.0.0.1:8080``) when the API is local (the sandbox);
+                                              no callback against the real Twilio, which refuses callback URLs
+                                              it cannot reach (error 21609)
+
+Our message id travels with every SMS in the status-callback URL, and it is recoverable without any
+callback: :meth:`TwilioSmsChannel.list_messages` reads Twilio's message list for a recipient and a time
+window, and :class:`membercare.delivery.provider_records.TwilioListRecords` matches recipient, exact body
+and time against the ledger's stored content. The list is the path that always works (a public URL can be
+missing, wrong or down; callbacks can be lost); the callback settles rows sooner when it arrives.
 
 The SDK has no base-URL setting. Setting ``client.api.base_url`` breaks as soon as ``TWILIO_REGION`` or
 ``TWILIO_EDGE`` is set (the SDK rewrites the host after us), so :class:`_BaseUrlHttpClient` rewrites the
@@ -31,6 +41,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from channels.base import (
@@ -126,12 +137,26 @@ class TwilioConfig:
         return cls(account_sid=sid, auth_token=token, from_number=from_number, messaging_service_sid=service,
                    base_url=optional(env, ENV_BASE_URL), public_url=optional(env, ENV_PUBLIC_URL))
 
+    @property
+    def callback_base(self) -> str | None:
+        """Where status callbacks go: ``public_url``; else, against a local API (``base_url`` set: the
+        sandbox), ``membercare serve``'s default address, which that API can reach; else none (the real
+        Twilio answers 21609 for a callback URL it cannot reach, which would refuse every message)."""
+        if self.public_url:
+            return self.public_url
+        if self.base_url:
+            from membercare.links import DEFAULT_PUBLIC_URL
+
+            return DEFAULT_PUBLIC_URL
+        return None
+
     def status_callback(self, message: OutboundMessage) -> str | None:
-        if not self.public_url:
+        base = self.callback_base
+        if not base:
             return None
         query = urlencode({CALLBACK_MESSAGE_ID_PARAM: message.message_id,
                            CALLBACK_IDEMPOTENCY_KEY_PARAM: message.idempotency_key})
-        return f"{self.public_url}{STATUS_CALLBACK_PATH}?{query}"
+        return f"{base}{STATUS_CALLBACK_PATH}?{query}"
 
 
 def _form(values) -> str:
@@ -244,6 +269,51 @@ class TwilioSmsChannel:
         except requests.RequestException as exc:  # a requests-based http_client, if one is ever plugged in
             return transport_failure(exc)
         return Accepted(provider_message_id=created.sid, status=201)
+
+    def list_messages(self, to: str, *, first_day: date, last_day: date, page_size: int = 1000) -> list:
+        """Every outbound message Twilio lists for recipient ``to`` sent on ``first_day`` .. ``last_day``
+        (GMT days, inclusive), from our sender: ``GET /2010-04-01/Accounts/{sid}/Messages.json`` through the
+        SDK's ``messages.list`` with ``To``, ``From`` (when we send from a fixed number; a Messaging
+        Service's messages are kept by ``messaging_service_sid`` instead) and ``DateSent>``/``DateSent<``,
+        following ``next_page_uri`` to the last page.
+
+        The date filters are sent as midnight timestamps (``first_day`` 00:00 and the day after
+        ``last_day`` 00:00 UTC): Twilio documents them at day granularity, and whether it compares the
+        date or the instant, that range covers the whole days; callers filter the exact window.
+
+        Returns :class:`~membercare.delivery.provider_records.ListedMessage` items. Raises
+        :class:`~membercare.delivery.provider_records.ProviderLookupError` (naming no number) when any page
+        cannot be read: a partial list must never be taken for a complete one.
+        """
+        from datetime import datetime, time, timedelta
+
+        from membercare.delivery.provider_records import ListedMessage, ProviderLookupError
+        from membercare.timeutil import UTC
+
+        kwargs: dict = {"to": to, "page_size": page_size,
+                        "date_sent_after": datetime.combine(first_day, time(0), UTC),
+                        "date_sent_before": datetime.combine(last_day + timedelta(days=1), time(0), UTC)}
+        if not self.config.messaging_service_sid:
+            kwargs["from_"] = self.config.from_number
+        try:
+            items = self._messages.list(**kwargs)
+        except Exception as exc:  # the SDK's errors quote the request URL, which holds the number
+            status = getattr(exc, "status", None)
+            if status is None and len(exc.args) > 1:  # TwilioException("Unable to fetch page", response)
+                status = getattr(exc.args[1], "status_code", None)
+            raise ProviderLookupError(f"Twilio message list failed ({type(exc).__name__}"
+                                      f"{f', HTTP {status}' if isinstance(status, int) else ''})") from None
+        out = []
+        for m in items:
+            direction = str(getattr(m.direction, "value", m.direction) or "")
+            if not direction.startswith("outbound"):
+                continue
+            if self.config.messaging_service_sid and m.messaging_service_sid != self.config.messaging_service_sid:
+                continue
+            status = getattr(m.status, "value", m.status)
+            out.append(ListedMessage(sid=m.sid, to=m.to, body=m.body, status=None if status is None else str(status),
+                                     sent_at=m.date_sent, created_at=m.date_created))
+        return out
 
     def _from_rest_error(self, exc, message: OutboundMessage) -> SendResult:
         status, code = int(exc.status or 0), int(exc.code or 0)

@@ -20,6 +20,10 @@ canceled                                   rejected (reason ``canceled``)
 anything else                              unknown
 =========================================  ==================================================
 
+An id or number that cannot be a key (a control character such as NUL, or absurd length: ``MessageSid``,
+``To``, ``From``, our ``mid``) is not refused: the event is stored without it (the dedupe key becomes a hash
+of the SID), since Twilio would not resend it and the raw parameters are the only record.
+
 **Inbound messages** (``POST /webhooks/twilio/inbound``): ``MessageSid``, ``From``, ``To``, ``Body``.
 They become ``inbound`` events; the body is matched against the opt-out / opt-in / help keywords the
 way carriers and Twilio do it: the whole message, trimmed and case-insensitive, must be the keyword
@@ -46,6 +50,8 @@ from membercare.engagement.events import (
     MalformedPayload,
     Provider,
     clip,
+    stable_key,
+    usable_id,
 )
 from membercare.models import Channel
 from membercare.timeutil import utcnow
@@ -110,6 +116,14 @@ def _sid(params: Mapping[str, str]) -> str:
     return sid
 
 
+def _key(*parts: str) -> str:
+    """``kind:MessageSid[:status]``, or a hash of it when a part cannot be part of a key (a control
+    character, or too long): a Twilio SID is 34 letters and digits, and a key is never truncated, since two
+    keys could then become one."""
+    key = ":".join(parts)
+    return key if usable_id(key, 128) else stable_key(*parts)
+
+
 def parse_status_callback(params: Mapping[str, str], query: Mapping[str, str] | None = None, *,
                           received_at: datetime | None = None) -> EngagementEvent:
     """One status callback. ``query`` is the callback URL's query (our ``mid``)."""
@@ -141,7 +155,7 @@ def parse_status_callback(params: Mapping[str, str], query: Mapping[str, str] | 
         raw["_query"] = dict(query)
     return EngagementEvent(
         provider=Provider.TWILIO,
-        dedupe_key=clip(f"status:{sid}:{status}", 128),
+        dedupe_key=_key("status", sid, status),
         kind=kind,
         channel=Channel.SMS,
         occurred_at=received_at or utcnow(),
@@ -164,7 +178,7 @@ def parse_inbound(params: Mapping[str, str], *, received_at: datetime | None = N
     command = classify_inbound(params.get("Body"))
     return EngagementEvent(
         provider=Provider.TWILIO,
-        dedupe_key=clip(f"inbound:{sid}", 128),
+        dedupe_key=_key("inbound", sid),
         kind=EventKind.INBOUND,
         channel=Channel.SMS,
         occurred_at=received_at or utcnow(),

@@ -40,21 +40,22 @@ from flows.common import (
     run_logger,
     settings_from,
 )
-# The stages are called through their modules (campaigns.plan.plan_group, ...), so that the end-to-end
-# benchmark can time each domain call from the outside (bench/e2e); types are imported by name.
-import membercare.campaigns.audience
-import membercare.campaigns.dispatch
-import membercare.campaigns.dry_run
-import membercare.campaigns.occurrence
-import membercare.campaigns.plan
-import membercare.campaigns.summary
-from membercare import campaigns
+# The stages are called through their modules (plan_stage.plan_group, ...), so that the end-to-end benchmark
+# can time each domain call from the outside (bench/e2e); types are imported by name.
+from membercare.campaigns import audience as audience_stage
+from membercare.campaigns import dispatch as dispatch_stage
+from membercare.campaigns import dry_run as dry_run_stage
+from membercare.campaigns import occurrence as occurrence_stage
+from membercare.campaigns import plan as plan_stage
+from membercare.campaigns import summary as summary_stage
 from membercare.campaigns.audience import DEFAULT_GROUP_SIZE, Audience
 from membercare.campaigns.dispatch import DispatchOutcome
 from membercare.campaigns.dry_run import DryRunReport
 from membercare.campaigns.occurrence import MAX_PROCESSES, PreparedRun, RunOptions
 from membercare.campaigns.plan import PlanOutcome
 from membercare.campaigns.summary import RunSummary
+from membercare.delivery.dispatcher import DispatchConfig
+from membercare.delivery.ratelimit import configured_rates
 from membercare.errors import ConfigurationError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
@@ -125,14 +126,14 @@ def _flow_run_name() -> str:
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare(settings, campaign: str, options: RunOptions) -> PreparedRun:
     """Load the campaign, compute its occurrence key, run the template pre-flight check."""
-    return campaigns.occurrence.prepare(settings, campaign, options)
+    return occurrence_stage.prepare(settings, campaign, options)
 
 
 @task(name="resolve-segment", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def resolve_segment(prepared: PreparedRun) -> Audience:
     engine = engine_for(prepared.settings)
-    audience = campaigns.audience.resolve_audience(engine, prepared)
+    audience = audience_stage.resolve_audience(engine, prepared)
     run_logger().info("%s/%s: %s has %d members (%d in this run)", prepared.name, prepared.occurrence,
                           audience.source, audience.size, len(audience))
     return audience
@@ -142,7 +143,7 @@ def resolve_segment(prepared: PreparedRun) -> Audience:
       retry_condition_fn=retry_transient, task_run_name="plan-group-{index}")
 def plan(prepared: PreparedRun, group: list, index: int) -> PlanOutcome:
     engine = engine_for(prepared.settings)
-    out = campaigns.plan.plan_group(engine, prepared, group)
+    out = plan_stage.plan_group(engine, prepared, group)
     run_logger().info("%s/%s group %d: %d members, %d new rows, %d already planned", prepared.name,
                           prepared.occurrence, index, len(group), out.inserted, out.already_planned)
     return out
@@ -150,7 +151,7 @@ def plan(prepared: PreparedRun, group: list, index: int) -> PlanOutcome:
 
 @task(name="dry-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def dry_run(prepared: PreparedRun, audience: Audience) -> DryRunReport:
-    return campaigns.dry_run.dry_run(engine_for(prepared.settings), prepared, audience)
+    return dry_run_stage.dry_run(engine_for(prepared.settings), prepared, audience)
 
 
 @task(name="dispatch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
@@ -161,8 +162,8 @@ def dispatch(settings, run_id: int, adapters, limiters, progress_id, index: int,
     engine = engine_for(settings)
     out: DispatchOutcome = _with_progress(
         engine, run_id, progress_id,
-        lambda: campaigns.dispatch.dispatch_round(engine, run_id, adapters, config=config, limiters=limiters,
-                                                  records=records, resume=resume))
+        lambda: dispatch_stage.dispatch_round(engine, run_id, adapters, config=config, limiters=limiters,
+                                              records=records, resume=resume))
     run_logger().info("run %s pass %d: %d provider calls, outcomes %s, status %s%s", run_id, index, out.attempts,
                           dict(sorted(out.outcomes.items())), out.status,
                           f" ({out.stop_reason})" if out.stop_reason else "")
@@ -190,7 +191,7 @@ def dispatch_processes(settings, run_id: int, channels: list[str], limiters, pro
     reports = _with_progress(
         engine, run_id, progress_id,
         lambda: pool.dispatch_processes(settings.db_url, run_id, processes, env=env, config=config, channels=channels,
-                                        resume=resume, shared_limits=shared))
+                                        resume=resume, shared_limits=shared, child_module="flows.dispatch_process"))
     m = pool.merge_reports(reports)
     due = datetime.fromisoformat(m["next_due_at"]) if m["next_due_at"] else None
     out = DispatchOutcome(run_id, m["attempts"], m["outcomes"], m["status"], m["stop_reason"], due,
@@ -226,7 +227,7 @@ def _with_progress(engine, run_id: int, progress_id, work: Callable[[], Any]) ->
 def _update_progress(engine, run_id: int, progress_id) -> None:
     from prefect.artifacts import update_progress_artifact
 
-    done, total = campaigns.dispatch.run_progress(engine, run_id)
+    done, total = dispatch_stage.run_progress(engine, run_id)
     try:
         update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0)
     except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a send over it
@@ -236,9 +237,9 @@ def _update_progress(engine, run_id: int, progress_id) -> None:
 @task(name="summarise", cache_policy=NO_CACHE)
 def summarise(prepared: PreparedRun, run_id: int | None, audience_size: int, newly_planned: int,
               sent_since: datetime) -> RunSummary:
-    return campaigns.summary.summarise(engine_for(prepared.settings), run_id, campaign=prepared.name,
-                                       occurrence=prepared.occurrence, segment_size=audience_size,
-                                       newly_planned=newly_planned, sent_since=sent_since)
+    return summary_stage.summarise(engine_for(prepared.settings), run_id, campaign=prepared.name,
+                                   occurrence=prepared.occurrence, segment_size=audience_size,
+                                   newly_planned=newly_planned, sent_since=sent_since)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -263,10 +264,21 @@ def limiters_for(channels, logger) -> dict:
         logger.warning("cannot read global concurrency limits (%s): this worker's own rate limits apply",
                        type(exc).__name__)
         return {}
+    rates = configured_rates(resolved_env(use_blocks=False))
     for ch in missing:
-        logger.warning("no global concurrency limit membercare-%s: %s is limited per worker only "
-                       "(create it with `membercare setup-blocks`)", ch, ch)
+        logger.warning("no global concurrency limit membercare-%s: %s is limited to %g/s by this worker alone "
+                       "(MEMBERCARE_RATE_LIMIT_%s; share it between workers with `membercare setup-blocks`)",
+                       ch, ch, rates[ch], ch.upper())
     return found
+
+
+def local_rate_config(adapters, limiters) -> DispatchConfig:
+    """The dispatcher's own rate limits for the channels that no shared (global) limit covers: the operator's
+    ``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` or the documented default, never unlimited."""
+    rates = configured_rates(resolved_env(use_blocks=False))
+    shared = {str(Channel(c).value) for c in (limiters or {})}
+    return DispatchConfig(rate_limits={ch: rate for ch, rate in rates.items()
+                                       if ch not in shared and Channel(ch) in {Channel(c) for c in adapters}})
 
 
 def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatchers: int, wait_for_deferred_s: float,
@@ -280,13 +292,14 @@ def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatc
     """
     total = DispatchOutcome(run_id)
     channels = sorted(str(Channel(c).value) for c in adapters)
+    config = local_rate_config(adapters, limiters)
     for i in range(1, max_passes + 1):
         if dispatchers > 1:
             f = dispatch_processes.submit(settings, run_id, channels, quote(limiters), progress_id, i, dispatchers,
-                                          resume=resume and i == 1)
+                                          config=quote(config), resume=resume and i == 1)
         else:
             f = dispatch.submit(settings, run_id, quote(adapters), quote(limiters), progress_id, i,
-                                records=quote(records), resume=resume and i == 1)
+                                config=quote(config), records=quote(records), resume=resume and i == 1)
         total = total.merge(f.result())
         if total.stop_reason or total.next_due_at is None:
             break
@@ -337,14 +350,14 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     prepared = prepare(settings, params.campaign, params.options(settings.shop_timezone))
     audience = resolve_segment(prepared)
     try:
-        preview = file_link(campaigns.dry_run.write_preview(settings, prepared.name))
+        preview = file_link(dry_run_stage.write_preview(settings, prepared.name))
     except Exception as exc:  # noqa: BLE001 - the preview is a convenience for operators
         logger.warning("could not write the preview of %s: %s", prepared.name, exc)
         preview = None
 
     if params.dry_run:
         rep = dry_run(prepared, quote(audience))
-        summary = campaigns.summary.dry_run_summary(rep)
+        summary = summary_stage.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
         # Samples stay in this process (the caller's terminal); they are never logged or put in artifacts.
@@ -353,7 +366,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
 
     adapters = build_adapters(env, prepared.spec.channels)
     try:
-        run_id = campaigns.plan.ensure_run(engine_for(settings), prepared)
+        run_id = plan_stage.ensure_run(engine_for(settings), prepared)
         planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
             planned = planned.merge(plan(prepared, quote(group), i))

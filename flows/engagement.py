@@ -3,7 +3,9 @@
 ``sync-engagement`` settles what the ledger does not know yet from what came back: rows of dead
 dispatchers become ``unknown``; unknown, in-flight and retry-pending rows that a provider event names are
 ``sent`` (the event proves acceptance, and cancels a retry that would duplicate); the rest is looked up in
-the provider records when a source is configured (the sandbox's ``GET /sandbox/messages``) and settled by
+the providers' own records (Twilio's message list and SendGrid's event stream for the configured channels,
+see ``membercare.delivery.provider_records``, plus the sandbox's ``GET /sandbox/messages`` when
+``records_url`` is given): found -> ``sent``; confirmed never received -> sent again; otherwise settled by
 policy after the grace period; and the runs' state counts are refreshed for the reports.
 
 ``dispatch-due`` picks up rows deferred past their own run's flow (quiet hours end at 09:00 local time,
@@ -28,14 +30,19 @@ from membercare.engagement.sync import SyncReport
 
 @task(name="sync", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def sync(settings, records_url: str | None, grace_minutes: float, lease_minutes: float) -> SyncReport:
-    records = None
-    if records_url:
-        from membercare.delivery.reconcile import SandboxRecords
+    from membercare.delivery.provider_records import provider_records_from_env
+    from membercare.delivery.reconcile import SandboxRecords
 
-        records = SandboxRecords(records_url)
-    return engagement_sync.sync_engagement(engine_for(settings), records=records,
-                                           grace=timedelta(minutes=grace_minutes),
-                                           lease=timedelta(minutes=lease_minutes))
+    engine = engine_for(settings)
+    # Read here, not passed in: task parameters are recorded by Prefect, and the environment holds secrets.
+    records = provider_records_from_env(engine, resolved_env(),
+                                        also=[SandboxRecords(records_url)] if records_url else [])
+    try:
+        return engagement_sync.sync_engagement(engine, records=records, grace=timedelta(minutes=grace_minutes),
+                                               lease=timedelta(minutes=lease_minutes))
+    finally:
+        if records is not None:
+            records.close()
 
 
 @task(name="attribute", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
@@ -62,7 +69,7 @@ def sync_engagement(records_url: str | None = None, grace_minutes: float = 60.0,
     """Settle unknown and in-flight messages from provider events and records; refresh run counts.
 
     ``records_url``: base URL of a provider-records source speaking the sandbox's ``/sandbox/messages``
-    (none for the real providers, whose events do the settling).
+    (none for the real providers: their own lookups, built from the channel settings, do the settling).
     """
     settings = settings_from(resolved_env())
     rep = sync(settings, records_url, grace_minutes, lease_minutes)

@@ -14,7 +14,8 @@ limit still holds across workers because every chunk is taken from the shared li
 
 ``rate_limit(..., strict=True)`` is used throughout: without ``strict`` Prefect silently does nothing when
 the named limit does not exist. :func:`shared_limiters` checks once per flow run which limits exist; a
-channel without one falls back to the dispatcher's own limiter and the flow logs a warning saying so.
+channel without one is limited in each dispatcher process to ``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` (or the
+default in :data:`membercare.delivery.ratelimit.DEFAULT_RATES`), and the flow logs a warning saying so.
 """
 
 from __future__ import annotations
@@ -24,37 +25,16 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
+from membercare.delivery.ratelimit import DEFAULT_RATES, configured_rates
 from membercare.models import Channel
 
 log = logging.getLogger("membercare.flows")
 
 PREFIX = "membercare-"
-# Sustained messages/s when MEMBERCARE_RATE_LIMIT_<CHANNEL> is not set: conservative defaults that match a
-# single Twilio long-code sender's order of magnitude and typical SendGrid/FCM account limits.
-DEFAULT_RATES: dict[str, float] = {"email": 100.0, "sms": 10.0, "push": 200.0}
 
 
 def limit_name(channel: Channel | str) -> str:
     return PREFIX + Channel(channel).value
-
-
-def configured_rates(env: Mapping[str, str]) -> dict[str, float]:
-    """Messages/s per channel from ``MEMBERCARE_RATE_LIMIT_EMAIL`` / ``_SMS`` / ``_PUSH`` (else the defaults)."""
-    out = {}
-    for ch in Channel:
-        raw = (env.get(f"MEMBERCARE_RATE_LIMIT_{ch.value.upper()}") or "").strip()
-        try:
-            rate = float(raw) if raw else DEFAULT_RATES[ch.value]
-        except ValueError:
-            from membercare.errors import ConfigurationError
-
-            raise ConfigurationError(f"MEMBERCARE_RATE_LIMIT_{ch.value.upper()} must be messages per second") from None
-        if rate <= 0:
-            from membercare.errors import ConfigurationError
-
-            raise ConfigurationError(f"MEMBERCARE_RATE_LIMIT_{ch.value.upper()} must be positive")
-        out[ch.value] = rate
-    return out
 
 
 def burst_for(rate: float) -> int:
@@ -133,3 +113,7 @@ def shared_limiters(channels: Iterable[Channel | str]) -> tuple[dict[str, Shared
                 continue
             found[ch] = SharedRateLimiter(gcl.name, limit=gcl.limit, rate=gcl.slot_decay_per_second)
     return found, missing
+
+
+__all__ = ["DEFAULT_RATES", "PREFIX", "SharedRateLimiter", "burst_for", "configured_rates", "ensure_limits",
+           "limit_name", "shared_limiters"]

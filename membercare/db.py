@@ -7,6 +7,7 @@ Schema changes are Alembic migrations (:func:`upgrade`); nothing calls ``create_
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from sqlmodel import Session
 from membercare.config import Settings, normalise_database_url
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -33,13 +35,14 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         path = sa.engine.make_url(url).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, echo=echo, connect_args={"timeout": 60})
+        engine = sa.create_engine(url, echo=echo, connect_args={"timeout": 60}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN until the first write, which breaks
         # "read then write atomically"; emit BEGIN ourselves (documented SQLAlchemy recipe).
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
         return engine
-    return sa.create_engine(url, echo=echo, pool_pre_ping=True)
+    # hide_parameters: a database error's message must never carry the bound values (member data).
+    return sa.create_engine(url, echo=echo, pool_pre_ping=True, hide_parameters=True)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -73,6 +76,11 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 # PostgreSQL aborts one of two transactions that wait on each other's row locks (deadlock_detected) and may
 # refuse a serializable one (serialization_failure); either is safe to run again from the start.
 RETRYABLE_SQLSTATES = ("40P01", "40001")
+# The connection went away: the server terminated it (admin_shutdown, e.g. pg_terminate_backend; crash or
+# restart), or the link broke (class 08). The transaction is gone with it (possibly after its commit).
+DISCONNECT_SQLSTATES = ("57P01", "57P02", "57P03")
+# How long a dropped connection is retried before the error is raised: a server restart takes seconds.
+DISCONNECT_RETRY_SECONDS = 30.0
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -81,20 +89,47 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.OperationalError) and getattr(orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
-def in_transaction(engine: Engine, work: Callable[[sa.Connection], T], *, attempts: int = 5) -> T:
-    """``work(conn)`` in its own transaction, run again from the start if PostgreSQL picked it as a
-    deadlock victim. Two writers that touch the same rows in different orders (a dispatcher recording
-    outcomes, the receiver settling rows from provider events) can deadlock; the victim's rollback leaves
-    nothing behind, so ``work`` must only be idempotent with respect to its own earlier, rolled-back tries."""
-    for attempt in range(1, attempts + 1):
+def is_disconnect(exc: BaseException) -> bool:
+    """The connection was lost (SQLAlchemy invalidated it, or the server said it is shutting it down)."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return state in DISCONNECT_SQLSTATES or state.startswith("08")
+
+
+def in_transaction(engine: Engine, work: Callable[[sa.Connection], T], *, attempts: int = 5,
+                   disconnect_seconds: float = DISCONNECT_RETRY_SECONDS) -> T:
+    """``work(conn)`` in its own transaction, run again from the start when that is safe and useful:
+
+    * PostgreSQL picked it as a deadlock victim (up to ``attempts`` tries). Two writers that touch the same
+      rows in different orders (a dispatcher recording outcomes, the receiver settling rows from provider
+      events) can deadlock; the victim's rollback leaves nothing behind.
+    * The connection dropped (the server was restarted, or terminated the backend): tried again on a new
+      connection with growing pauses for up to ``disconnect_seconds``. The dropped try may have committed
+      before its answer was lost, so ``work`` must be harmless to run twice: every caller's statements are
+      conditional on the rows' state or ``ON CONFLICT DO NOTHING``.
+    """
+    deadline = time.monotonic() + disconnect_seconds
+    pause = 0.05
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             with engine.begin() as conn:
                 return work(conn)
-        except sa.exc.OperationalError as exc:
-            if attempt == attempts or not is_retryable(exc):
-                raise
-            time.sleep(random.uniform(0.01, 0.05) * attempt)
-    raise AssertionError("unreachable")
+        except sa.exc.DBAPIError as exc:
+            if is_retryable(exc) and attempt < attempts:
+                time.sleep(random.uniform(0.01, 0.05) * attempt)
+                continue
+            if is_disconnect(exc) and time.monotonic() + pause < deadline:
+                log.warning("database connection lost (%s); running the transaction again in %.2fs",
+                            type(getattr(exc, "orig", exc)).__name__, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                continue
+            raise
 
 
 def is_sqlite(bind: Engine | sa.Connection | Session) -> bool:

@@ -2,38 +2,52 @@
 
 How an import runs (the layouts themselves are documented in ``docs/import-formats.md``):
 
-1. The file is streamed: a :mod:`csv` reader over a UTF-8 text wrapper, never the whole file in memory.
+1. The file is checked as a whole before anything is written: the header (present, UTF-8, the layout's
+   columns) and the encoding (one pass of the UTF-8 decoder, see :func:`check_encoding`). Whatever can be
+   wrong after that is wrong with a row, and costs that row only.
+2. The file is streamed: a :mod:`csv` reader over numbered physical lines (:class:`_Lines`), never the
+   whole file and never more than :data:`MAX_RECORD_CHARS` of one record in memory. A record that cannot
+   be read (a quote that never closes, an over-long record) rejects its first line and the lines after
+   it are read again as rows, so a stray quote does not swallow the rows that follow it.
    Rows are grouped into *units* (one row, or for orders all consecutive lines of one order) and units
    into batches of about ``batch_size`` rows; an order's lines never straddle two batches.
-2. Each unit is checked without the database first (syntax, enumerations, amounts, dates, duplicate
-   keys within the file), then the batch is applied in **one transaction**: one ``SELECT ... WHERE key
-   IN (...)`` per batch fetches the existing rows, every unit is classified inserted / updated /
-   unchanged (or rejected, e.g. an order of an unknown member), changed rows are written with batched
-   dialect ``INSERT ... ON CONFLICT`` and the :class:`~membercare.models.ImportRun` counters are
-   advanced, all in the same commit. A process killed mid-import therefore leaves whole batches only.
-3. Importing is idempotent: rows are upserted by the shop's key (member id, order id, coupon code,
+3. Each unit is checked without the database first (characters, syntax, enumerations, amounts, dates,
+   duplicate keys within the file), then the batch is applied in **one transaction**: one
+   ``SELECT ... WHERE key IN (...)`` per batch fetches the existing rows, every unit is classified
+   inserted / updated / unchanged (or rejected, e.g. an order of an unknown member), changed rows are
+   written with batched dialect ``INSERT ... ON CONFLICT`` and the :class:`~membercare.models.ImportRun`
+   counters are advanced, all in the same commit. A process killed mid-import therefore leaves whole batches only.
+   Should the database still refuse a value (a gap in validation), the batch is applied again one unit
+   at a time and only the refused units are rejected.
+4. Importing is idempotent: rows are upserted by the shop's key (member id, order id, coupon code,
    device token, consent statement), so re-running a file, including after a kill, changes nothing
    that is already there and completes whatever is missing.
 
 Rejected rows never stop the import. They are reported with their line number (the physical line where
-the CSV record starts, header = line 1) and a reason, and written to a rejects CSV (the original columns
-plus ``line`` and ``reason``). The rule is *reject rather than guess*.
+the CSV record starts, header = line 1) and a reason that names the column but never repeats a value
+that could be personal data (:func:`membercare.validation.quoted`), and written to a rejects CSV (the
+original columns plus ``line`` and ``reason``, each cell made safe for spreadsheets by
+:func:`spreadsheet_cell`). The rule is *reject rather than guess*.
 
 Memory does not grow with the file: the keys already seen (to reject duplicates within the file) are
 kept in a temporary SQLite scratch file, not in a dict.
 
 Extension point: a new kind is a :class:`_Handler` subclass registered in :data:`HANDLERS`, with its
-column lists, a database-free :meth:`_Handler.parse` and a batched :meth:`_Handler.write`.
+column lists (and its ``free_text`` columns), a database-free :meth:`_Handler.parse` and a batched
+:meth:`_Handler.write`.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
+import re
 import sqlite3
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -48,7 +62,7 @@ from membercare import validation as v
 from membercare.config import Settings
 from membercare.consent import ConsentStatement, record_consents
 from membercare.db import insert_for
-from membercare.errors import InputError, UnknownNameError
+from membercare.errors import InputError, MembercareError, UnknownNameError
 from membercare.models import (
     Channel,
     ConsentEvent,
@@ -130,7 +144,7 @@ class _Row:
     line: int
     values: dict[str, str]  # layout column -> trimmed text, for the columns the header has
     raw: list[str]  # the fields as read, for the rejects file
-    error: str | None = None  # structural problem (wrong number of fields)
+    error: str | None = None  # a problem found while reading: fields, quoting, characters, encoding
 
 
 @dataclass
@@ -156,48 +170,202 @@ def canonical_column(name: str) -> str:
     return "_".join(name.strip().lower().replace("-", " ").split())
 
 
+# A record (one row, with any line breaks inside quoted cells) may hold at most this many characters. The
+# longest column takes 512; the bound keeps memory flat when a quote is never closed or a file has no
+# line breaks at all, and it stays below the csv module's own field limit (131,072).
+MAX_RECORD_CHARS = 65_536
+_READ_LIMIT = MAX_RECORD_CHARS + 3  # a physical line is read in pieces of at most this many characters
+
+
+class _RecordTooLong(Exception):
+    """Raised by :class:`_Lines` into the csv reader when a record outgrows :data:`MAX_RECORD_CHARS`."""
+
+
+class _Lines:
+    """The numbered physical lines of a text file, fed to :func:`csv.reader`, remembering the current record's.
+
+    ``csv.reader`` pulls one line at a time and never reads ahead, so the lines pulled during one
+    ``next(reader)`` are exactly the physical lines of that record. Keeping them lets a broken record (a
+    quote that never closes, a record that outgrows the limit) be undone: its first line is rejected and
+    the lines after it are handed to the reader again (:meth:`read_again`). A line is read with a size
+    limit, so a file without line breaks never sits in memory whole; an over-long line is skipped to its
+    end and stands in the record as ``None``.
+    """
+
+    def __init__(self, text: io.TextIOBase):
+        self._text = text
+        self._again: deque[tuple[int, str | None]] = deque()
+        self._carry: str | None = None
+        self.number = 0  # physical lines read from the file so far (a "\r\n", "\n" or "\r" ends a line)
+        self.record: list[tuple[int, str | None]] = []
+        self._chars = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def start_record(self) -> None:
+        self.record = []
+        self._chars = 0
+
+    def read_again(self, lines: Sequence[tuple[int, str | None]]) -> None:
+        self._again.extendleft(reversed(lines))
+
+    def __next__(self) -> str:
+        if self._again:
+            number, text = self._again.popleft()
+        else:
+            text = self.physical()
+            number = self.number
+        self.record.append((number, text))
+        if text is None:
+            raise _RecordTooLong
+        self._chars += len(text)
+        if self._chars > MAX_RECORD_CHARS:
+            raise _RecordTooLong
+        return text
+
+    def physical(self) -> str | None:
+        """The next physical line with its line break, or ``None`` when it is longer than the limit.
+
+        Raises StopIteration at the end of the file.
+        """
+        piece = self._piece()
+        if not piece:
+            raise StopIteration
+        self.number += 1
+        if len(piece) < _READ_LIMIT or piece.endswith("\n"):
+            return piece
+        while len(piece) == _READ_LIMIT and not piece.endswith(("\n", "\r")):
+            piece = self._piece()  # the rest of an over-long line, dropped
+        if len(piece) == _READ_LIMIT and piece.endswith("\r"):
+            # A size-limited readline can stop between the "\r" and the "\n" of one line break: the
+            # "\n" is not a line of its own.
+            nxt = self._piece()
+            if nxt != "\n":
+                self._carry = nxt or None
+        return None
+
+    def _piece(self) -> str:
+        if self._carry is not None:
+            piece, self._carry = self._carry, None
+            return piece
+        return self._text.readline(_READ_LIMIT)
+
+
+def _quote_trouble(text: str) -> tuple[str, int]:
+    """Where the csv module's strict parser gives up on ``text`` (the lines of one record).
+
+    ``("open", i)``: the quoted cell that starts in field ``i`` is still open at the end;
+    ``("after", i)``: field ``i`` has text after its closing quote; ``("", -1)``: neither.
+    Used only to name the column in a reject reason.
+    """
+    field_no, state = 0, "start"
+    for ch in text:
+        if state == "start":
+            if ch == '"':
+                state = "quoted"
+            elif ch == ",":
+                field_no += 1
+            elif ch in "\r\n":
+                return "", -1
+            else:
+                state = "plain"
+        elif state == "plain":
+            if ch == ",":
+                field_no, state = field_no + 1, "start"
+            elif ch in "\r\n":
+                return "", -1
+        elif state == "quoted":
+            if ch == '"':
+                state = "closing"
+        elif ch == '"':  # closing: a doubled quote inside the cell
+            state = "quoted"
+        elif ch == ",":
+            field_no, state = field_no + 1, "start"
+        elif ch in "\r\n":
+            return "", -1
+        else:
+            return "after", field_no
+    return ("open", field_no) if state == "quoted" else ("", -1)
+
+
+def _lenient_fields(text: str | None) -> list[str]:
+    """The fields of one physical line on its own, for the rejects file of a record that could not be read."""
+    if text is None:
+        return []
+    try:
+        return next(csv.reader([text.rstrip("\r\n")]), [])
+    except csv.Error:
+        return [text.rstrip("\r\n")]
+
+
 class _CsvSource:
-    """A streaming CSV reader that knows the line each record starts on and how many bytes it has consumed."""
+    """A streaming CSV reader that knows the physical lines of each record and how many bytes it has consumed.
+
+    Failures of the file as a whole (no header, wrong columns, the header not UTF-8) raise
+    :class:`~membercare.errors.InputError` here, before anything is written. Everything after the header
+    fails one row at a time: a row is yielded with ``error`` set and the reader carries on.
+    """
 
     def __init__(self, path: Path, handler: _Handler, *, allow_extra_columns: bool):
         self.path = path
         self.size = path.stat().st_size
         self._binary = open(path, "rb")  # noqa: SIM115 - closed in close()
         # utf-8-sig: spreadsheet programs write a byte-order mark; newline="" as the csv module requires.
-        self._text = io.TextIOWrapper(self._binary, encoding="utf-8-sig", newline="")
-        self._reader = csv.reader(self._text)
+        # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own cell, so it costs
+        # that row only and is reported on its own line (a file in another encoding is refused as a
+        # whole beforehand, see check_encoding).
+        self._text = io.TextIOWrapper(self._binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        self._lines = _Lines(self._text)
+        # strict: a quote still open at the end of the file raises instead of becoming one huge last cell.
+        self._reader = csv.reader(self._lines, strict=True)
+        self.free_text = frozenset(handler.free_text)
         try:
-            header = next(self._reader, None)
-        except UnicodeDecodeError:
-            self.close()
-            raise InputError(f"{path.name}: not UTF-8 text; save the file as UTF-8 CSV") from None
-        except csv.Error as exc:
-            self.close()
-            raise InputError(f"{path.name}: cannot read the header: {exc}") from None
-        if not header or not any(h.strip() for h in header):
-            self.close()
-            raise InputError(f"{path.name}: the file is empty (a header row is required)")
-        self.header = header
-        self.columns = [canonical_column(h) for h in header]
-        try:
+            self.header = self._read_header()
+            self.columns = [canonical_column(h) for h in self.header]
             self._check_header(handler, allow_extra_columns)
-        except InputError:
+        except BaseException:
             self.close()
             raise
         self.present = frozenset(c for c in self.columns if c in handler.all_columns)
 
+    def _read_header(self) -> list[str]:
+        name = self.path.name
+        self._lines.start_record()
+        try:
+            header = next(self._reader, None)
+        except _RecordTooLong:
+            raise InputError(f"{name}: the header row is longer than {MAX_RECORD_CHARS:,} characters; "
+                             "is this a CSV file?") from None
+        except csv.Error as exc:
+            raise InputError(f"{name}: cannot read the header row ({exc}); is this a CSV file?") from None
+        if not header or not any(h.strip() for h in header):
+            raise InputError(f"{name}: the file is empty (a header row is required)")
+        if any(_SURROGATE.search(h) for h in header):
+            raise InputError(f"{name}: not UTF-8 text; save the file as UTF-8 CSV")
+        for h in header:
+            try:
+                # Tabs and line breaks in a column name are harmless: canonical_column folds them.
+                v.check_cell_characters(h, field="the header row", free_text=True)
+            except v.ValidationError as exc:
+                raise InputError(f"{name}: {exc}; is this a CSV text file?") from None
+        return header
+
     def _check_header(self, handler: _Handler, allow_extra: bool) -> None:
-        seen: set[str] = set()
-        for c in self.columns:
-            if c in seen:
-                raise InputError(f"{self.path.name}: column {c!r} appears twice in the header")
-            seen.add(c)
+        seen = set(self.columns)
+        # Missing columns first: a file without a header has a data row there, and only this message
+        # never repeats what the row holds.
         missing = [c for c in handler.required if c not in seen]
         if missing:
             raise InputError(
                 f"{self.path.name}: missing required column(s) {', '.join(missing)} for a {handler.kind} import "
                 f"(required: {', '.join(handler.required)}; see docs/import-formats.md)"
             )
+        seen = set()
+        for c in self.columns:
+            if c in seen:
+                raise InputError(f"{self.path.name}: column {c!r} appears twice in the header")
+            seen.add(c)
         extra = [h for h, c in zip(self.header, self.columns) if c not in handler.all_columns]
         if extra and not allow_extra:
             raise InputError(
@@ -210,30 +378,213 @@ class _CsvSource:
         # The position of the byte stream under the text wrapper: exact to within one read-ahead chunk.
         return self._binary.tell()
 
+    def _label(self, index: int) -> str:
+        return self.columns[index] if 0 <= index < len(self.columns) and self.columns[index] else f"column {index + 1}"
+
     def rows(self) -> Iterator[_Row]:
         n = len(self.columns)
-        end = self._reader.line_num
-        try:
-            for fields in self._reader:
-                start, end = end + 1, self._reader.line_num
-                if not fields or not any(f.strip() for f in fields):
-                    continue  # blank lines and spreadsheet filler rows (",,,,")
-                values = {c: fields[i].strip() for i, c in enumerate(self.columns) if i < len(fields)}
-                error = None if len(fields) == n else f"expected {n} fields, found {len(fields)}"
-                yield _Row(start, values, fields, error)
-        except UnicodeDecodeError as exc:
-            raise InputError(
-                f"{self.path.name}: not UTF-8 text after line {end} ({exc.reason}); save the file as UTF-8 CSV"
-            ) from None
-        except csv.Error as exc:
-            raise InputError(f"{self.path.name}: malformed CSV after line {end}: {exc}") from None
+        lines = self._lines
+        while True:
+            lines.start_record()
+            try:
+                fields = next(self._reader)
+            except StopIteration:
+                return
+            except _RecordTooLong:
+                yield self._broken_record(self._too_long())
+                continue
+            except csv.Error as exc:
+                yield self._broken_record(self._malformed(exc))
+                continue
+            if not fields or not any(f.strip() for f in fields):
+                continue  # blank lines and spreadsheet filler rows (",,,,")
+            start, end = lines.record[0][0], lines.record[-1][0]
+            values = {c: fields[i].strip() for i, c in enumerate(self.columns) if i < len(fields)}
+            if len(fields) != n:
+                if end > start:
+                    yield self._broken_record(f"expected {n} fields, found {len(fields)}: "
+                                              f"{self._spanning_cell(fields)} spans lines {start}-{end}")
+                    continue
+                yield _Row(start, values, fields, f"expected {n} fields, found {len(fields)}")
+                continue
+            if end > start:
+                looks_like_a_row = self._row_inside_a_cell(fields, n, start)
+                if looks_like_a_row is not None:
+                    yield self._broken_record(
+                        f"{self._spanning_cell(fields)} spans lines {start}-{end}, and line {looks_like_a_row} "
+                        f"holds a whole row of {n} fields (an unbalanced quote?)")
+                    continue
+            error = None
+            if v.has_suspect_characters("".join(fields)):
+                broken = self._line_break_outside_free_text(values)
+                if broken is not None:
+                    yield self._broken_record(f"{broken} contains a line break: the quoted cell spans lines "
+                                              f"{start}-{end}")
+                    continue
+                error = self._cell_problem(values)
+            yield _Row(start, values, fields, error)
+
+    def _cell_problem(self, values: dict[str, str]) -> str | None:
+        for c in self.columns:
+            if c in self.present:
+                try:
+                    v.check_cell_characters(values.get(c, ""), field=c, free_text=c in self.free_text)
+                except v.ValidationError as exc:
+                    return str(exc)
+        return None
+
+    def _line_break_outside_free_text(self, values: dict[str, str]) -> str | None:
+        """The first column, not of free text, whose cell spans physical lines."""
+        for c in self.columns:
+            if c in self.present and c not in self.free_text:
+                text = values.get(c, "")
+                if "\n" in text or "\r" in text:
+                    return c
+        return None
+
+    @staticmethod
+    def _row_inside_a_cell(fields: list[str], n: int, start: int) -> int | None:
+        """The line of a row found inside a multi-line quoted cell, if there is one.
+
+        A legitimate line break inside a quoted cell (an address, a note) leaves pieces that are not
+        rows. A stray quote that a later stray quote happens to close leaves whole rows inside the "cell",
+        and the record may even have the right number of fields. A piece is taken for a row when, with the
+        fields on its side of the cell, it makes exactly ``n`` comma-separated fields (the first and the last
+        piece must hold a comma themselves: "a note" at the end of a row is not a row).
+        """
+        line = start
+        for k, text in enumerate(fields):
+            pieces = _LINE_BREAK.split(text)
+            last = len(pieces) - 1
+            for j, piece in enumerate(pieces):
+                commas = piece.count(",")
+                if 0 < j < last:
+                    whole = commas + 1 == n
+                elif j == 0 and last > 0:
+                    whole = commas > 0 and k + commas + 1 == n
+                elif j == last and last > 0:
+                    whole = commas > 0 and commas + 1 + (len(fields) - k - 1) == n
+                else:
+                    whole = False
+                if whole:
+                    return line + j
+            line += last
+        return None
+
+    def _spanning_cell(self, fields: list[str]) -> str:
+        for i, f in enumerate(fields):
+            if "\n" in f or "\r" in f:
+                return f"the quoted cell in {self._label(i)}"
+        return "the record"
+
+    def _record_text(self) -> str:
+        return "".join(t for _, t in self._lines.record if t is not None)
+
+    def _too_long(self) -> str:
+        record = self._lines.record
+        if len(record) == 1:
+            return f"the line is longer than {MAX_RECORD_CHARS:,} characters"
+        trouble, index = _quote_trouble(self._record_text())
+        where = f" (the quote that opens {self._label(index)} never closes?)" if trouble == "open" else ""
+        return f"the record is longer than {MAX_RECORD_CHARS:,} characters{where}"
+
+    def _malformed(self, exc: csv.Error) -> str:
+        trouble, index = _quote_trouble(self._record_text())
+        if trouble == "open" and "end of data" in str(exc):
+            return f"unterminated quote in {self._label(index)}: the quoted cell runs to the end of the file"
+        if trouble == "after":
+            return f"text after the closing quote in {self._label(index)} (a quote inside a cell must be doubled)"
+        return f"malformed CSV ({exc})"
+
+    def _broken_record(self, problem: str) -> _Row:
+        """Reject the first line of a record that cannot be read and read the lines after it again as rows.
+
+        A quote that never closes (or closes lines later, at another stray quote) makes the csv module read
+        the rows after it as one cell. Those rows are not lost: each is read again on its own, and is
+        imported or rejected by its own content.
+        """
+        record = self._lines.record
+        (start, first), end = record[0], record[-1][0]
+        if end > start:
+            self._lines.read_again(record[1:])
+            again = f"line {end}" if end == start + 1 else f"lines {start + 1}-{end}"
+            problem += (f"; lines {start}-{end} were read as one record, so line {start} is rejected "
+                        f"and {again} read again as rows")
+        raw = _lenient_fields(first)
+        values = {c: raw[i].strip() for i, c in enumerate(self.columns) if i < len(raw)}
+        return _Row(start, values, raw, problem)
 
     def close(self) -> None:
         self._text.close()
 
 
+def check_encoding(path: Path) -> None:
+    """Refuse, before anything is written, a file that is not UTF-8 text as a whole.
+
+    One pass of the C decoder settles the usual case. When some bytes are not UTF-8, the file is refused
+    if at least half of its lines with non-ASCII characters are invalid: it was saved in another encoding
+    (Big5 from an older spreadsheet export) and every such row would be rejected. Otherwise the bad bytes
+    are damage to a few rows, which the import rejects one by one with their line numbers.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return
+        except UnicodeDecodeError:
+            pass
+    bad = non_ascii = 0
+    first_bad = 0
+    with open(path, "rb") as f, io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape",
+                                                newline="") as text:
+        lines = _Lines(text)
+        while True:
+            try:
+                line = lines.physical()
+            except StopIteration:
+                break
+            if line is None or line.isascii():
+                continue
+            non_ascii += 1
+            if _SURROGATE.search(line):
+                bad += 1
+                first_bad = first_bad or lines.number
+    if bad and bad * 2 >= non_ascii:
+        raise InputError(
+            f"{path.name}: not UTF-8 text ({bad:,} of the {non_ascii:,} lines with non-ASCII characters are not "
+            f"valid UTF-8, the first is line {first_bad}); save the file as UTF-8 CSV (Excel: \"CSV UTF-8\")"
+        )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_BREAK = re.compile("\r\n|\r|\n")
+_FORMULA_START = frozenset("=+-@\t\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
+
+
+def spreadsheet_cell(text: str) -> str:
+    """A cell as written to a CSV that people open in a spreadsheet program.
+
+    A cell beginning with ``= + - @``, a tab or a carriage return is a formula to Excel, LibreOffice and
+    Google Sheets (``=HYPERLINK(...)`` in an imported name would run when the rejects report is opened):
+    it gets a leading ``'`` as OWASP's CSV-injection guidance says. Plain numbers (``-5``, ``+886912345678``)
+    are left alone, they are not formulas. Bytes that were not UTF-8 are written as U+FFFD so that the
+    report itself is UTF-8.
+    """
+    if _SURROGATE.search(text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if text and text[0] in _FORMULA_START and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
 class _RejectsWriter:
-    """Streams rejects to ``PATH.part`` and moves it into place at the end (absent when nothing was rejected)."""
+    """Streams rejects to ``PATH.part`` and moves it into place at the end (absent when nothing was rejected).
+
+    Every cell goes through :func:`spreadsheet_cell`: the report is meant to be opened in a spreadsheet.
+    """
 
     def __init__(self, path: Path, header: Sequence[str]):
         self.path = path
@@ -251,10 +602,10 @@ class _RejectsWriter:
             self.part.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.part, "w", encoding="utf-8", newline="")  # noqa: SIM115
             self._writer = csv.writer(self._file)
-            self._writer.writerow([*self._header, self._line_col, self._reason_col])
+            self._writer.writerow([spreadsheet_cell(h) for h in (*self._header, self._line_col, self._reason_col)])
         n = len(self._header)
         fields = (list(row.raw) + [""] * n)[:n]
-        self._writer.writerow([*fields, row.line, reason])
+        self._writer.writerow([*(spreadsheet_cell(f) for f in fields), row.line, spreadsheet_cell(reason)])
         self.count += 1
 
     def flush(self) -> None:
@@ -337,6 +688,9 @@ class _Handler:
     optional: tuple[str, ...] = ()
     key_column: str = ""
     groups_lines = False
+    # Columns of free text that may hold tabs and line breaks (as a spreadsheet cell can); in every other
+    # column a tab, a line break or any other control character rejects the row.
+    free_text: tuple[str, ...] = ()
 
     @property
     def all_columns(self) -> tuple[str, ...]:
@@ -347,7 +701,8 @@ class _Handler:
         return row.values.get(self.key_column) or None
 
     def describe_duplicate(self, key: Hashable, first_line: int) -> str:
-        return f"duplicate {self.key_column} {key!r} in this file (first on line {first_line}, which is kept)"
+        return (f"duplicate {self.key_column} {v.quoted(str(key))} in this file "
+                f"(first on line {first_line}, which is kept)")
 
     def parse(self, unit: _Unit, ctx: _Context) -> Any:
         """Database-free validation. Return the parsed unit or raise :class:`~membercare.validation.ValidationError`."""
@@ -374,7 +729,7 @@ def _attach_members(conn: Connection, units: list[_Unit]) -> list[_Unit]:
     for u in units:
         hit = found.get(u.parsed["member_ext"])
         if hit is None:
-            u.reject_all(f"unknown member_id {u.parsed['member_ext']!r} (import members first)")
+            u.reject_all(f"unknown member_id {v.quoted(u.parsed['member_ext'])} (import members first)")
             continue
         u.parsed["member_id"], u.parsed["tz"] = hit
         kept.append(u)
@@ -405,6 +760,7 @@ class MembersHandler(_Handler):
     optional = ("email", "phone", "country", "locale", "timezone", "birthday", "tier", "points_balance",
                 "region", "city", "age_group", "preferred_channels")
     key_column = "member_id"
+    free_text = ("name",)
     compared = ("name", "email", "phone", "country", "locale", "timezone", "birthday", "joined_at", "tier",
                 "points_balance", "region", "city", "age_group", "preferred_channels")
 
@@ -435,7 +791,7 @@ class MembersHandler(_Handler):
         if "tier" in present:
             tier = vals.get("tier", "").lower() or ctx.entry_tier
             if tier not in ctx.tiers:
-                raise v.ValidationError(f"unknown tier {vals['tier']!r} (tiers: {', '.join(ctx.tiers)})")
+                raise v.ValidationError(f"unknown tier {v.quoted(vals['tier'])} (tiers: {', '.join(ctx.tiers)})")
             rec["tier"] = tier
         if "points_balance" in present:
             rec["points_balance"] = (v.parse_int(vals["points_balance"], field="points_balance", min_value=0,
@@ -487,6 +843,7 @@ class OrdersHandler(_Handler):
     optional = ("currency", "unit_price", "delivered_at")
     key_column = "order_id"
     groups_lines = True
+    free_text = ("product_name",)
     order_columns = ("member_id", "placed_at", "status", "currency", "delivered_at")
 
     def parse(self, unit: _Unit, ctx: _Context) -> dict:
@@ -505,13 +862,15 @@ class OrdersHandler(_Handler):
                     for c in self.order_columns:
                         if vals.get(c, "") != first.values.get(c, ""):
                             raise v.ValidationError(
-                                f"{c} {vals.get(c, '')!r} differs from line {first.line} of order {order_ext!r}")
+                                f"{c} {v.quoted(vals.get(c, ''))} differs from line {first.line} "
+                                f"of order {v.quoted(order_ext)}")
                 if head is None:
                     head = self._parse_head(vals, ctx)
                 line_no = v.parse_int(vals["line_no"], field="line_no", min_value=1, max_value=MAX_INT32)
                 if line_no in seen_line_no:
                     raise v.ValidationError(
-                        f"duplicate line_no {line_no} in order {order_ext!r} (first on line {seen_line_no[line_no]})")
+                        f"duplicate line_no {line_no} in order {v.quoted(order_ext)} "
+                        f"(first on line {seen_line_no[line_no]})")
                 seen_line_no[line_no] = row.line
                 quantity = v.parse_int(vals["quantity"], field="quantity", min_value=1, max_value=MAX_INT32)
                 amount = v.parse_amount_minor(vals["line_amount"], field="line_amount")
@@ -531,7 +890,7 @@ class OrdersHandler(_Handler):
             # An order with a bad line cannot be imported partially: its total would be wrong.
             bad = min(errors)
             for row in unit.rows:
-                errors.setdefault(row.line, f"order {order_ext!r} rejected because of line {bad}")
+                errors.setdefault(row.line, f"order {v.quoted(order_ext)} rejected because of line {bad}")
             unit.rejects.update(errors)
             return None
         assert head is not None
@@ -729,10 +1088,10 @@ class CouponsHandler(_Handler):
                         hit = orders.get(p["redeemed_order_ext"])
                         if hit is None:
                             raise v.ValidationError(
-                                f"unknown redeemed_order_id {p['redeemed_order_ext']!r} (import orders first)")
+                                f"unknown redeemed_order_id {v.quoted(p['redeemed_order_ext'])} (import orders first)")
                         if hit[1] != p["member_id"]:
                             raise v.ValidationError(
-                                f"redeemed_order_id {p['redeemed_order_ext']!r} belongs to another member")
+                                f"redeemed_order_id {v.quoted(p['redeemed_order_ext'])} belongs to another member")
                         p["redeemed_order_id"] = hit[0]
             except v.ValidationError as exc:
                 u.reject_all(str(exc))
@@ -814,6 +1173,7 @@ class ConsentsHandler(_Handler):
     kind = "consents"
     required = ("member_id", "channel", "purpose", "granted", "occurred_at")
     optional = ("source", "detail")
+    free_text = ("detail",)
 
     def file_key(self, row: _Row) -> Hashable | None:
         vals = row.values
@@ -826,8 +1186,9 @@ class ConsentsHandler(_Handler):
         return (vals["member_id"], vals.get("channel", "").lower(), vals.get("purpose", "").lower(), when)
 
     def describe_duplicate(self, key: Hashable, first_line: int) -> str:
-        return (f"duplicate statement for member_id {key[0]!r}, {key[1]}/{key[2]} at the same time "  # type: ignore[index]
-                f"(first on line {first_line}, which is kept)")
+        member, channel, purpose = key[0], key[1], key[2]  # type: ignore[index]
+        return (f"duplicate statement for member_id {v.quoted(member)}, {v.quoted(channel)}/{v.quoted(purpose)} "
+                f"at the same time (first on line {first_line}, which is kept)")
 
     def parse(self, unit: _Unit, ctx: _Context) -> dict:
         vals = unit.rows[0].values
@@ -868,7 +1229,8 @@ class ConsentsHandler(_Handler):
             if key in in_batch:
                 # The same instant written differently (naive local time vs. UTC offset) escapes the raw file key.
                 p = u.parsed
-                u.reject_all(f"duplicate statement for member_id {p['member_ext']!r}, {p['channel']}/{p['purpose']} "
+                u.reject_all(f"duplicate statement for member_id {v.quoted(p['member_ext'])}, "
+                             f"{p['channel']}/{p['purpose']} "
                              f"at the same instant (first on line {in_batch[key]}, which is kept)")
                 continue
             in_batch[key] = u.first_line
@@ -932,7 +1294,9 @@ def import_csv(
     with everything up to that batch committed, which is how tests simulate a crash).
 
     Raises :class:`~membercare.errors.InputError` for problems with the file as a whole (missing, empty,
-    not UTF-8, missing or unknown columns); bad rows are reported, not raised.
+    not UTF-8, missing or unknown columns), always before anything is written; bad rows (including
+    broken quoting, control characters and bytes that are not UTF-8 in a row) are reported, not raised.
+    A database failure raises :class:`ImportDatabaseError`, whose message never holds row values.
     """
     handler = _handler(kind)
     settings = settings or Settings.from_env()
@@ -943,8 +1307,10 @@ def import_csv(
         raise InputError(f"no such file: {path}")
     started = time.monotonic()
     source = _CsvSource(path, handler, allow_extra_columns=allow_extra_columns)
-    rejects = _RejectsWriter(Path(rejects_path) if rejects_path else default_rejects_path(path), source.header)
+    report: ImportReport | None = None
     try:
+        check_encoding(path)
+        rejects = _RejectsWriter(Path(rejects_path) if rejects_path else default_rejects_path(path), source.header)
         ctx = _Context(settings=settings, present=source.present, now=utcnow(), **_load_tiers(engine))
         report = _start_run(engine, handler.kind, _source_name(path))
         try:
@@ -957,8 +1323,50 @@ def import_csv(
         _finish_run(engine, report.run_id, "completed")
         report.elapsed_s = time.monotonic() - started
         return report
+    except sa.exc.SQLAlchemyError as exc:
+        # str(exc) carries the statement, its bound parameters and the server's detail text (which can
+        # quote the row): none of it is repeated. `from None`: not in a --debug traceback either.
+        raise ImportDatabaseError(_database_failure(path, report, exc)) from None
     finally:
         source.close()
+
+
+class ImportDatabaseError(MembercareError):
+    """The database failed during an import (not the file's fault). The message holds no row values."""
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """``IntegrityError, SQLSTATE 23505, constraint uq_x``: what a database error was, without its text.
+
+    The text of a database error quotes the statement's parameters and, on PostgreSQL, often the row
+    (``DETAIL: Key (email)=(...)``, ``Failing row contains (...)``). Only the class, the SQLSTATE and
+    the names of the table, column and constraint involved are kept.
+    """
+    orig = getattr(exc, "orig", None) or exc
+    parts = [type(exc).__name__]  # SQLAlchemy's class (IntegrityError, DataError, ...) is the same on every database
+    if type(orig).__name__ != parts[0]:
+        parts.append(type(orig).__name__)  # the driver's: CheckViolation, StringDataRightTruncation, ...
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg
+    if sqlstate:
+        parts.append(f"SQLSTATE {sqlstate}")
+    diag = getattr(orig, "diag", None)
+    for label, attr in (("table", "table_name"), ("column", "column_name"), ("constraint", "constraint_name")):
+        name = getattr(diag, attr, None) if diag is not None else None
+        if name:
+            parts.append(f"{label} {name}")
+    errorname = getattr(orig, "sqlite_errorname", None)  # sqlite3: SQLITE_CONSTRAINT_UNIQUE, SQLITE_BUSY, ...
+    if errorname:
+        parts.append(errorname)
+    return ", ".join(parts)
+
+
+def _database_failure(path: Path, report: ImportReport | None, exc: BaseException) -> str:
+    what = describe_db_error(exc)
+    if report is None or not report.batches:
+        return f"{path.name}: the database failed before any row was imported ({what})"
+    return (f"{path.name}: the database failed during the import ({what}); {report.rows_total:,} rows up to "
+            f"batch {report.batches} had been committed (import run #{report.run_id} is marked failed). "
+            "Run the same command again to import the rest: rows already imported count as unchanged")
 
 
 def _run(engine: Engine, handler: _Handler, source: _CsvSource, ctx: _Context, report: ImportReport,
@@ -1003,9 +1411,65 @@ def _units(rows: Iterator[_Row], handler: _Handler) -> Iterator[_Unit]:
         yield _Unit(group)
 
 
+def _clean_key(key: Hashable | None) -> Hashable | None:
+    """``None`` for a key holding control characters or bytes that were not UTF-8.
+
+    Its row is rejected for them anyway, and such a key is no key: it is not kept in the scratch file
+    of keys seen (which, like any SQLite text, cannot hold bytes that are not UTF-8).
+    """
+    parts = key if isinstance(key, tuple) else (key,)
+    if any(isinstance(p, str) and v.has_suspect_characters(p) for p in parts):
+        return None
+    return key
+
+
+def _commit_batch(engine: Engine, handler: _Handler, units: list[_Unit], valid: list[_Unit], ctx: _Context,
+                  report: ImportReport, *, one_by_one: bool) -> tuple[dict[str, int], int, int]:
+    """Write a batch's valid units and advance the run's counters in one transaction.
+
+    ``one_by_one`` writes each unit in its own savepoint and rejects the units the database refuses
+    (the reason names the error class and SQLSTATE, never the values).
+    """
+    counts = {INSERTED: 0, UPDATED: 0, UNCHANGED: 0}
+    with engine.begin() as conn:
+        if one_by_one:
+            for u in valid:
+                if u.rejects:  # rejected by the first attempt for a reason of its own (e.g. an unknown member)
+                    continue
+                u.outcome = None
+                try:
+                    with conn.begin_nested():
+                        handler.write(conn, [u], ctx)
+                except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
+                    u.outcome = None
+                    u.reject_all(f"the database refused this row ({describe_db_error(exc)})")
+        elif valid:
+            handler.write(conn, valid, ctx)
+        n_rows = sum(len(u.rows) for u in units)
+        n_rejected = 0
+        for u in units:
+            if u.rejects:
+                n_rejected += len(u.rows)
+            else:
+                counts[u.outcome] += len(u.rows)  # type: ignore[index]
+        runs = ImportRun.__table__
+        conn.execute(
+            runs.update()
+            .where(runs.c.id == report.run_id)
+            .values(
+                rows_total=runs.c.rows_total + n_rows,
+                rows_inserted=runs.c.rows_inserted + counts[INSERTED],
+                rows_updated=runs.c.rows_updated + counts[UPDATED],
+                rows_unchanged=runs.c.rows_unchanged + counts[UNCHANGED],
+                rows_rejected=runs.c.rows_rejected + n_rejected,
+            )
+        )
+    return counts, n_rows, n_rejected
+
+
 def _process_batch(engine: Engine, handler: _Handler, units: list[_Unit], ctx: _Context, seen: _SeenKeys,
                    report: ImportReport, rejects: _RejectsWriter, source: _CsvSource, on_batch_committed) -> None:
-    keys = [handler.file_key(u.rows[0]) for u in units]
+    keys = [_clean_key(handler.file_key(u.rows[0])) for u in units]
     texts = [None if k is None else seen.text(k) for k in keys]
     first_seen = seen.first_lines(sorted({t for t in texts if t is not None}))
     new_keys: dict[str, int] = {}
@@ -1031,29 +1495,14 @@ def _process_batch(engine: Engine, handler: _Handler, units: list[_Unit], ctx: _
 
     seen.add(new_keys.items())
 
-    counts = {INSERTED: 0, UPDATED: 0, UNCHANGED: 0}
-    with engine.begin() as conn:
-        if valid:
-            handler.write(conn, valid, ctx)
-        n_rows = sum(len(u.rows) for u in units)
-        n_rejected = 0
-        for u in units:
-            if u.rejects:
-                n_rejected += len(u.rows)
-            else:
-                counts[u.outcome] += len(u.rows)  # type: ignore[index]
-        runs = ImportRun.__table__
-        conn.execute(
-            runs.update()
-            .where(runs.c.id == report.run_id)
-            .values(
-                rows_total=runs.c.rows_total + n_rows,
-                rows_inserted=runs.c.rows_inserted + counts[INSERTED],
-                rows_updated=runs.c.rows_updated + counts[UPDATED],
-                rows_unchanged=runs.c.rows_unchanged + counts[UNCHANGED],
-                rows_rejected=runs.c.rows_rejected + n_rejected,
-            )
-        )
+    try:
+        counts, n_rows, n_rejected = _commit_batch(engine, handler, units, valid, ctx, report, one_by_one=False)
+    except (sa.exc.DataError, sa.exc.IntegrityError):
+        if not valid:
+            raise
+        # The database refused a value that validation let through. The batch was rolled back; apply it
+        # again one unit at a time so that only the refused rows are rejected.
+        counts, n_rows, n_rejected = _commit_batch(engine, handler, units, valid, ctx, report, one_by_one=True)
     # Committed: only now do the batch's rejects reach the report, so a crash never reports a batch twice.
     for u in units:
         for row in u.rows:

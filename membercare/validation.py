@@ -2,7 +2,8 @@
 
 Every function takes the text as received and returns the value in membercare's canonical form, or
 raises :class:`ValidationError` with a short reason that is safe to show and log: reasons never echo
-an email address, a phone number or a push token, because rejects end up in terminal output.
+an email address, a phone number or a push token, because rejects end up in terminal output. A value
+a reason repeats goes through :func:`quoted`, which shows it only when it cannot be contact data.
 
 The rule throughout is *reject rather than guess*: ``"1,20"`` is not read as 1.20 or 120,
 ``"2026-02-30"`` is not rolled over to March, a local time that does not exist (or exists twice) in
@@ -39,6 +40,76 @@ class ValidationError(InputError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Repeating a value in a reason
+
+_PHONE_LIKE = re.compile(r"\+?[\d\s().\-]+")
+_DATE_LIKE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}(?:[T ].*)?")
+QUOTE_LIMIT = 40
+
+
+def quoted(value: str) -> str:
+    """``repr`` of a value that a reason may repeat, or a description of it when it could be personal data.
+
+    A value typed into the wrong column (or a file whose header names the columns in the wrong order)
+    puts an e-mail address or a phone number where a date or a code was expected; the reason for such a
+    row must still not print it. Hidden: anything with an ``@``, anything made of phone-number
+    characters with 7 or more digits (dates excepted), anything longer than :data:`QUOTE_LIMIT` characters.
+    """
+    text = value.strip()
+    if "@" in text:
+        return "(a value that looks like an e-mail address, not shown)"
+    if (_PHONE_LIKE.fullmatch(text) and sum(c.isdigit() for c in text) >= 7
+            and not _DATE_LIKE.fullmatch(text)):
+        return "(a value that looks like a phone number, not shown)"
+    if len(text) > QUOTE_LIMIT:
+        return f"(a {len(text)}-character value, not shown)"
+    return repr(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Characters a cell may hold
+
+# C0 and C1 control characters, DEL, the Unicode line and paragraph separators, and lone surrogates (a
+# reader decoding with ``errors="surrogateescape"`` turns every byte that is not UTF-8 into one of them).
+_SUSPECT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_FREE_TEXT_ALLOWED = frozenset("\t\n\r\u2028\u2029")
+LINE_BREAKS = frozenset("\n\r\u2028\u2029")
+
+
+def check_cell_characters(value: str, *, field: str, free_text: bool = False) -> None:
+    """Refuse a cell holding a control character, a NUL or bytes that were not UTF-8.
+
+    ``free_text`` columns (a name, a note) may hold tabs and line breaks, as a spreadsheet cell can;
+    every other column (identifiers, codes, dates, amounts) may not. PostgreSQL cannot store NUL at all,
+    and a control character in an identifier is never what the shop meant, so the row is refused rather
+    than the character dropped. The reason names the character and its position, never the value.
+    """
+    for m in _SUSPECT.finditer(value):
+        ch = m.group()
+        if free_text and ch in _FREE_TEXT_ALLOWED:
+            continue
+        where = f"at character {m.start() + 1}"
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            raise ValidationError(f"{field} is not UTF-8 text (byte 0x{code - 0xDC00:02X} {where}); "
+                                  "save the file as UTF-8")
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValidationError(f"{field} is not UTF-8 text (a lone surrogate {where})")
+        if ch == "\x00":
+            raise ValidationError(f"{field} contains a NUL character {where}")
+        if ch == "\t":
+            raise ValidationError(f"{field} contains a tab {where}")
+        if ch in LINE_BREAKS:
+            raise ValidationError(f"{field} contains a line break {where}")
+        raise ValidationError(f"{field} contains the control character U+{code:04X} {where}")
+
+
+def has_suspect_characters(text: str) -> bool:
+    """Whether :func:`check_cell_characters` needs to look at ``text`` at all (one regex search)."""
+    return _SUSPECT.search(text) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Contact data
 
 
@@ -68,7 +139,7 @@ def normalise_country(value: str) -> str:
     """ISO 3166-1 alpha-2 code (``tw`` -> ``TW``) of a region whose phone numbers we can parse."""
     code = value.strip().upper()
     if not re.fullmatch(r"[A-Z]{2}", code) or code not in _regions():
-        raise ValidationError(f"unknown country code {value.strip()!r} (expected ISO 3166 alpha-2, e.g. TW)")
+        raise ValidationError(f"unknown country code {quoted(value)} (expected ISO 3166 alpha-2, e.g. TW)")
     return code
 
 
@@ -106,7 +177,7 @@ def _normalise_locale(value: str) -> str:
     text = value.strip()
     m = _LOCALE_RE.fullmatch(text)
     if not m:
-        raise ValidationError(f"invalid locale {text!r} (expected e.g. zh-TW, en, ja-JP)")
+        raise ValidationError(f"invalid locale {quoted(text)} (expected e.g. zh-TW, en, ja-JP)")
     parts = [m["lang"].lower()]
     if m["script"]:
         parts.append(m["script"].title())
@@ -115,7 +186,7 @@ def _normalise_locale(value: str) -> str:
     try:
         Locale.parse("_".join(parts))
     except (UnknownLocaleError, ValueError):
-        raise ValidationError(f"unknown locale {text!r}") from None
+        raise ValidationError(f"unknown locale {quoted(text)}") from None
     return "-".join(parts)
 
 
@@ -127,7 +198,7 @@ def normalise_timezone(value: str) -> str:
 def _normalise_timezone(name: str) -> str:
     # zoneinfo also accepts relative file paths under the tzdata root; only plain zone names are wanted.
     if not name or not re.fullmatch(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*", name) or not valid_timezone(name):
-        raise ValidationError(f"unknown timezone {name!r} (expected an IANA name, e.g. Asia/Taipei)")
+        raise ValidationError(f"unknown timezone {quoted(name)} (expected an IANA name, e.g. Asia/Taipei)")
     return name
 
 
@@ -146,18 +217,18 @@ def parse_date(value: str, *, field: str = "date") -> date:
     """Strict ``YYYY-MM-DD`` (Feb 29 only in leap years, no rollover)."""
     text = value.strip()
     if not _DATE_RE.fullmatch(text):
-        raise ValidationError(f"{field} {text!r} is not a YYYY-MM-DD date")
+        raise ValidationError(f"{field} {quoted(text)} is not a YYYY-MM-DD date")
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise ValidationError(f"{field} {text!r} is not a calendar date") from None
+        raise ValidationError(f"{field} {quoted(text)} is not a calendar date") from None
 
 
 def parse_birthday(value: str, *, today: date | None = None) -> date:
     d = parse_date(value, field="birthday")
     today = today or utcnow().date()
     if d.year < 1900 or d > today:
-        raise ValidationError(f"birthday {value.strip()!r} is out of range (1900 .. today)")
+        raise ValidationError(f"birthday {quoted(value)} is out of range (1900 .. today)")
     return d
 
 
@@ -171,14 +242,14 @@ def parse_datetime(value: str, *, field: str = "datetime") -> datetime:
     text = value.strip()
     m = _DATETIME_RE.fullmatch(text)
     if not m:
-        raise ValidationError(f"{field} {text!r} is not an ISO date or datetime")
+        raise ValidationError(f"{field} {quoted(text)} is not an ISO date or datetime")
     try:
         d = date.fromisoformat(m["date"])
         if not m["time"]:
             return datetime(d.year, d.month, d.day)
         t = datetime.fromisoformat(f"{m['date']}T{m['time']}")
     except ValueError:
-        raise ValidationError(f"{field} {text!r} is not a valid date/time") from None
+        raise ValidationError(f"{field} {quoted(text)} is not a valid date/time") from None
     offset = m["offset"]
     if offset:
         if offset in ("Z", "z"):
@@ -187,7 +258,7 @@ def parse_datetime(value: str, *, field: str = "datetime") -> datetime:
         digits = offset[1:].replace(":", "")
         hours, minutes = int(digits[:2]), int(digits[2:])
         if hours > 23 or minutes > 59:
-            raise ValidationError(f"{field} {text!r} has an invalid UTC offset")
+            raise ValidationError(f"{field} {quoted(text)} has an invalid UTC offset")
         from datetime import timezone as _tz
 
         return t.replace(tzinfo=_tz(sign * timedelta(hours=hours, minutes=minutes)))
@@ -241,13 +312,13 @@ def parse_amount_minor(value: str, *, field: str = "amount", allow_negative: boo
     text = value.strip()
     m = _AMOUNT_RE.fullmatch(text)
     if not m:
-        raise ValidationError(f"{field} {text!r} is not an amount (e.g. 1200, 1,200 or 1200.50)")
+        raise ValidationError(f"{field} {quoted(text)} is not an amount (e.g. 1200, 1,200 or 1200.50)")
     if m["sign"] == "-" and not allow_negative:
-        raise ValidationError(f"{field} {text!r} is negative")
+        raise ValidationError(f"{field} {quoted(text)} is negative")
     try:
         amount = Decimal(m["int"].replace(",", "") + "." + (m["frac"] or "0"))
     except InvalidOperation:  # pragma: no cover - the regex admits only digits
-        raise ValidationError(f"{field} {text!r} is not an amount") from None
+        raise ValidationError(f"{field} {quoted(text)} is not an amount") from None
     minor = int(amount * 100)
     return -minor if m["sign"] == "-" else minor
 
@@ -255,7 +326,7 @@ def parse_amount_minor(value: str, *, field: str = "amount", allow_negative: boo
 def parse_int(value: str, *, field: str, min_value: int | None = None, max_value: int | None = None) -> int:
     text = value.strip().replace(",", "") if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", value.strip()) else value.strip()
     if not re.fullmatch(r"[+-]?\d+", text):
-        raise ValidationError(f"{field} {value.strip()!r} is not a whole number")
+        raise ValidationError(f"{field} {quoted(value)} is not a whole number")
     n = int(text)
     if min_value is not None and n < min_value:
         raise ValidationError(f"{field} {n} is below {min_value}")
@@ -274,7 +345,7 @@ def _currencies() -> frozenset[str]:
 def normalise_currency(value: str) -> str:
     code = value.strip().upper()
     if not re.fullmatch(r"[A-Z]{3}", code) or code not in _currencies():
-        raise ValidationError(f"unknown currency {value.strip()!r} (expected ISO 4217, e.g. TWD)")
+        raise ValidationError(f"unknown currency {quoted(value)} (expected ISO 4217, e.g. TWD)")
     return code
 
 
@@ -288,7 +359,7 @@ def parse_bool(value: str, *, field: str = "value") -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValidationError(f"{field} {value.strip()!r} is not yes/no, true/false or 1/0")
+    raise ValidationError(f"{field} {quoted(value)} is not yes/no, true/false or 1/0")
 
 
 def parse_enum(value: str, enum: type[StrEnum], *, field: str) -> str:
@@ -297,7 +368,7 @@ def parse_enum(value: str, enum: type[StrEnum], *, field: str) -> str:
         return enum(text).value
     except ValueError:
         choices = ", ".join(e.value for e in enum)
-        raise ValidationError(f"unknown {field} {value.strip()!r} (expected one of: {choices})") from None
+        raise ValidationError(f"unknown {field} {quoted(value)} (expected one of: {choices})") from None
 
 
 def parse_channel_order(value: str, *, separators: str = ">,") -> str:
@@ -307,13 +378,14 @@ def parse_channel_order(value: str, *, separators: str = ">,") -> str:
     """
     parts = [p.strip().lower() for p in re.split(f"[{re.escape(separators)}]", value.strip())]
     if not value.strip() or any(not p for p in parts):
-        raise ValidationError(f"preferred_channels {value.strip()!r} is not a list like push>email>sms")
+        raise ValidationError(f"preferred_channels {quoted(value)} is not a list like push>email>sms")
     known = {c.value for c in Channel}
     unknown = [p for p in parts if p not in known]
     if unknown:
-        raise ValidationError(f"unknown channel {unknown[0]!r} in preferred_channels (expected {', '.join(sorted(known))})")
+        raise ValidationError(f"unknown channel {quoted(unknown[0])} in preferred_channels "
+                              f"(expected {', '.join(sorted(known))})")
     if len(set(parts)) != len(parts):
-        raise ValidationError(f"preferred_channels {value.strip()!r} lists a channel twice")
+        raise ValidationError(f"preferred_channels {quoted(value)} lists a channel twice")
     return ",".join(parts)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from clock import Clock
 from membercare.db import make_engine, upgrade
 
 PG_ENV = "MEMBERCARE_TEST_POSTGRES_URL"
@@ -103,3 +104,9 @@ def sqlite_engine(sqlite_url):
     eng = make_engine(sqlite_url)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """The test's one clock, frozen at ``clock.FROZEN_NOW`` until the test moves it (see tests/clock.py)."""
+    return Clock()

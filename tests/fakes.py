@@ -29,7 +29,7 @@ from membercare.delivery.contract import (
     SmsContent,
 )
 from membercare.models import Channel, Device, Member
-from membercare.timeutil import utcnow
+from membercare.timeutil import ensure_utc
 
 Script = Callable[[OutboundMessage, int], SendResult | None]
 
@@ -84,9 +84,14 @@ def simple_renderer(request) -> EmailContent | SmsContent | PushContent:
 def seed_members(conn: Connection, n: int, *, start: int | None = None, preferred: str = "email,sms,push",
                  consent: Sequence[tuple[str, str]] = (("email", "marketing"), ("sms", "marketing"),
                                                        ("push", "marketing")),
-                 push: bool = True, timezone: str = "Asia/Taipei", now: datetime | None = None) -> list[int]:
-    """Insert ``n`` members with the given consents and (optionally) one live push token each; returns ids."""
-    now = now or utcnow()
+                 push: bool = True, timezone: str = "Asia/Taipei", now: datetime) -> list[int]:
+    """Insert ``n`` members with the given consents and (optionally) one live push token each; returns ids.
+
+    ``now`` is required: members join 100 days before it and consent the day before it, so a caller
+    that plans or revokes at fixed dates must seed at the same clock (the real one would make the
+    seeded consent newer than a fixed revocation as the calendar moves on).
+    """
+    now = ensure_utc(now)
     m = Member.__table__
     if start is None:  # continue after the members already there
         start = conn.execute(sa.select(sa.func.count()).select_from(m)).scalar_one()

@@ -39,10 +39,12 @@ FAST = DispatchConfig(workers=4, batch_size=20, backoff_base=0.005, backoff_max=
 
 
 def plan(engine, n, purpose):
+    # Seeded and planned at one reading of the real clock, the one the dispatchers here run on.
+    now = datetime.now(UTC)
     with engine.begin() as conn:
-        ids = seed_members(conn, n, preferred="email", consent=[("email", purpose.value)])
+        ids = seed_members(conn, n, preferred="email", consent=[("email", purpose.value)], now=now)
     spec = PlanSpec("amb", "2026-11-23", purpose, (Channel.EMAIL,))
-    return plan_run(engine, spec, [ids], datetime.now(UTC), simple_renderer, policy=NOPOLICY).run_id
+    return plan_run(engine, spec, [ids], now, simple_renderer, policy=NOPOLICY).run_id
 
 
 def rows(engine, run_id):

@@ -37,9 +37,10 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the full Twilio spec 
 
 
 def extract_twilio_messages_spec(full: dict) -> dict:
-    """The subset of Twilio's 2010 API spec for creating a Message: the path and every referenced component."""
+    """The subset of Twilio's 2010 API spec for creating and listing Messages: the path (POST and GET) and
+    every referenced component."""
     item = {k: v for k, v in full["paths"][TWILIO_PATH].items()
-            if k in ("post", "servers", "description", "x-twilio", "parameters")}
+            if k in ("post", "get", "servers", "description", "x-twilio", "parameters")}
     needed: set[str] = set()
 
     def walk(node):
@@ -172,3 +173,43 @@ def test_the_validator_does_catch_an_off_spec_request(sendgrid_api):
                           headers={"Authorization": "Bearer x"}, data=body, content_type="application/json")
     with pytest.raises(OpenAPIError):
         sendgrid_api.validate_request(request)
+
+
+def test_twilio_sdk_list_request_and_sandbox_page_match_the_spec(sandbox, channel_env, twilio_api):
+    """The message list the reconciler reads (``TwilioSmsChannel.list_messages``): the SDK's GET with ``To``,
+    ``From``, ``DateSent>``/``DateSent<`` and ``PageSize``, and the sandbox's pages, against the spec."""
+    import httpx
+
+    from membercare.timeutil import utcnow
+
+    sms = build_channels(channel_env, channels=[Channel.SMS])[Channel.SMS]
+    try:
+        for i in range(3):
+            sms.send(_msg(Channel.SMS, "+886912345678", SmsContent(f"Hi Mei {i}", "GSM-7", 1), mid=f"msg-list-{i}"))
+        sandbox.configure(capture_requests=10)
+        today = utcnow().date()
+        listed = sms.list_messages("+886912345678", first_day=today, last_day=today, page_size=2)
+    finally:
+        sms.close()
+    assert sorted(m.body for m in listed) == ["Hi Mei 0", "Hi Mei 1", "Hi Mei 2"]
+    first, second = sandbox.captured()  # two pages: the SDK followed next_page_uri
+    auth = "Basic " + base64.b64encode(f"{TWILIO_SID}:{TWILIO_TOKEN}".encode()).decode()
+    for captured in (first, second):
+        path, _, query = captured["path"].partition("?")
+        assert path == f"/2010-04-01/Accounts/{TWILIO_SID}/Messages.json" and captured["method"] == "GET"
+        headers = {**captured["headers"], "Authorization": auth}
+        request = MockRequest("https://api.twilio.com", "get", path, headers=headers, args=dict(parse_qsl(query)))
+        twilio_api.validate_request(request)
+    params = dict(parse_qsl(first["path"].partition("?")[2]))
+    assert params["To"] == "+886912345678" and params["From"] == "+886223456789" and params["PageSize"] == "2"
+    assert params["DateSent>"] == f"{today.isoformat()}T00:00:00Z"
+
+    # Each page the sandbox serves is a valid ListMessageResponse.
+    page = httpx.get(sandbox.url + first["path"], auth=(TWILIO_SID, TWILIO_TOKEN))
+    assert page.status_code == 200
+    body = page.json()
+    assert len(body["messages"]) == 2 and body["next_page_uri"] and body["page"] == 0
+    request = MockRequest("https://api.twilio.com", "get", first["path"].partition("?")[0], args=params)
+    twilio_api.validate_response(request, MockResponse(page.content, status_code=200, content_type="application/json"))
+    last = httpx.get(sandbox.url + body["next_page_uri"], auth=(TWILIO_SID, TWILIO_TOKEN)).json()
+    assert [m["body"] for m in last["messages"]] == ["Hi Mei 0"] and last["next_page_uri"] is None

@@ -62,9 +62,10 @@ def plan(engine, ids, *, purpose=Purpose.MARKETING, name="e2e", channels=ALL):
 
 
 def seed(engine, n, *, purpose=Purpose.MARKETING, preferred="email,sms,push"):
+    # The real clock throughout: the sandbox and the receiver stamp and check events with it.
     with engine.begin() as conn:
         return seed_members(conn, n, preferred=preferred,
-                            consent=[(c.value, purpose.value) for c in ALL])
+                            consent=[(c.value, purpose.value) for c in ALL], now=datetime.now(UTC))
 
 
 def ledger(engine, run_id):
@@ -168,7 +169,7 @@ def seed_population(engine, n):
         for g in GROUPS:
             name, share, preferred, consent, push, tweak, _ = g
             ids = seed_members(conn, n * share // total, preferred=preferred, push=push,
-                               consent=[(c, "marketing") for c in consent.split(",") if c])
+                               consent=[(c, "marketing") for c in consent.split(",") if c], now=datetime.now(UTC))
             group_of.update(dict.fromkeys(ids, g))
             if tweak == "stale_token":
                 conn.execute(sa.update(d).where(d.c.member_id.in_(ids)).values(token="stale-" + d.c.token))

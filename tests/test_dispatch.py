@@ -36,12 +36,16 @@ FAST = DispatchConfig(workers=8, batch_size=50, backoff_base=0.005, backoff_max=
                       flush_interval=0.02, error_min_samples=20)
 
 
-def plan(engine, n, *, preferred="email,sms,push", purpose=Purpose.MARKETING, name="promo", channels=("email", "sms", "push")):
+def plan(engine, n, *, preferred="email,sms,push", purpose=Purpose.MARKETING, name="promo", channels=("email", "sms", "push"),
+         now=None):
+    """Seed ``n`` members and plan them at ``now``: a test that dispatches with an injected clock passes that
+    clock's instant; otherwise the real clock is read once, as the dispatcher's default clock will be."""
+    now = now or datetime.now(UTC)
     with engine.begin() as conn:
         ids = seed_members(conn, n, preferred=preferred,
-                           consent=[(c, purpose.value) for c in ("email", "sms", "push")])
+                           consent=[(c, purpose.value) for c in ("email", "sms", "push")], now=now)
     rep = plan_run(engine, PlanSpec(name, "2026-11-23", purpose, tuple(Channel(c) for c in channels)),
-                   [ids[i : i + 500] for i in range(0, n, 500)], datetime.now(UTC), simple_renderer, policy=NOPOLICY)
+                   [ids[i : i + 500] for i in range(0, n, 500)], now, simple_renderer, policy=NOPOLICY)
     return rep.run_id
 
 
@@ -186,17 +190,17 @@ def test_configuration_error_stops_the_run_and_returns_rows_to_planned(engine):
     assert states(engine, run_id) == {"planned": 120}
 
 
-def test_pre_send_checks_honour_late_unsubscribes_and_quiet_hours(engine):
-    run_id = plan(engine, 3, preferred="sms,email")
+def test_pre_send_checks_honour_late_unsubscribes_and_quiet_hours(engine, clock):
+    run_id = plan(engine, 3, preferred="sms,email", now=clock())  # 12:00 Taipei
     with engine.begin() as conn:
         a, b, c = conn.execute(sa.select(O.c.member_id).order_by(O.c.member_id)).scalars().all()
-        t = datetime.now(UTC)
+        t = clock.advance(hours=1)  # revoked after planning
         record_consents(conn, [ConsentStatement(a, "sms", "marketing", False, "sms_stop", t),
                                ConsentStatement(b, "sms", "marketing", False, "sms_stop", t),
                                ConsentStatement(b, "email", "marketing", False, "unsubscribe_link", t)])
-    late = datetime(2026, 11, 23, 14, tzinfo=UTC)  # 22:00 Taipei
+    clock.set(datetime(2026, 11, 23, 14, tzinfo=UTC))  # 22:00 Taipei
     ad = adapters()
-    Dispatcher(engine, ad, config=FAST, policy=PolicySettings(marketing_cap=None), clock=lambda: late).dispatch(run_id)
+    Dispatcher(engine, ad, config=FAST, policy=PolicySettings(marketing_cap=None), clock=clock).dispatch(run_id)
     by = {r["member_id"]: r for r in (dict(x) for x in engine.connect().execute(sa.select(O)).mappings())}
     assert by[a]["state"] == "sent" and by[a]["channel"] == "email"  # sms revoked -> email, no quiet hours for email
     assert by[b]["state"] == "skipped" and by[b]["reason_code"] == "no_consent"
@@ -209,9 +213,10 @@ def test_stale_sending_rows_become_unknown_and_are_reconciled(engine):
     run_t = plan(engine, 1, name="receipt", purpose=Purpose.TRANSACTIONAL)
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        conn.execute(sa.update(O).values(state="sending", claimed_by="dead:1", claimed_at=now - timedelta(hours=2)))
+        conn.execute(sa.update(O).values(state="sending", claimed_by="dead:1", claimed_at=now - timedelta(hours=2),
+                                         attempt_started_at=now - timedelta(hours=2)))
         ids = conn.execute(sa.select(O.c.message_id).where(O.c.run_id == run_id).order_by(O.c.id)).scalars().all()
-    assert recover_stale(engine, lease=timedelta(minutes=5)) == 5
+    assert recover_stale(engine, lease=timedelta(minutes=5)).unknown == 5
     with engine.connect() as conn:
         assert "dead:1" in conn.execute(sa.select(O.c.reason).limit(1)).scalar()
     # Webhook event for one, provider record for another; the rest are past the grace period.
@@ -314,6 +319,15 @@ def test_sigkilled_dispatcher_never_duplicates_and_leaves_no_row_unaccounted(sql
     assert st["sent"] == len(keys) == n - st["unknown"]
     with engine.connect() as conn:
         assert all(conn.execute(sa.select(O.c.reason).where(O.c.state == "unknown")).scalars())
+        # Only rows whose provider call had begun can be unknown (at most one per worker thread per kill);
+        # claimed rows still waiting for a worker were never attempted and were sent after the crash.
+        unknown_unattempted = conn.execute(sa.select(sa.func.count()).where(
+            O.c.state == "unknown", O.c.attempt_started_at.is_(None))).scalar_one()
+        resent = conn.execute(sa.select(sa.func.count()).where(
+            O.c.state == "sent", O.c.reason.like("%stopped before the provider call, sent again%"))).scalar_one()
+    assert unknown_unattempted == 0
+    assert st["unknown"] <= kills * 6
+    assert resent > 0
     engine.dispose()
 
 

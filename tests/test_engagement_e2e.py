@@ -124,10 +124,11 @@ def posted_events(stats) -> int:
 def test_engagement_lands_once_opt_outs_stick_and_the_report_shows_it(sandbox, service_account, engine, db_url,
                                                                     tmp_path):
     sqlite = engine.dialect.name == "sqlite"
+    seeded_at = datetime.now(UTC)  # the real clock: the sandbox and the receiver stamp events with it
     with engine.begin() as c:
-        email_first = seed_members(c, 3, preferred="email,sms,push")
-        sms_first = seed_members(c, 2, preferred="sms,email,push")
-        push_first = seed_members(c, 1, preferred="push,email,sms")
+        email_first = seed_members(c, 3, preferred="email,sms,push", now=seeded_at)
+        sms_first = seed_members(c, 2, preferred="sms,email,push", now=seeded_at)
+        push_first = seed_members(c, 1, preferred="push,email,sms", now=seeded_at)
     members = email_first + sms_first + push_first
     stopper, one_clicker = sms_first[0], email_first[0]
 
@@ -263,9 +264,9 @@ def test_provider_events_settle_unknown_outbox_rows(engine):
     from membercare.engagement.events import EngagementEvent
     from membercare.engagement.store import ingest_events
 
-    with engine.begin() as c:
-        (member,) = seed_members(c, 1, push=False)
     as_of = datetime.now(UTC) - timedelta(minutes=5)
+    with engine.begin() as c:
+        (member,) = seed_members(c, 1, push=False, now=as_of)
     spec = PlanSpec("reconcile_me", "1", Purpose.MARKETING, (Channel.EMAIL,))
     run = plan_run(engine, spec, [[member]], as_of, simple_renderer, policy=NOPOLICY).run_id
     with engine.begin() as c:

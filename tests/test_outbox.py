@@ -14,8 +14,10 @@ from membercare.delivery.policies import PolicySettings
 from membercare.errors import InputError
 from membercare.models import Channel, Purpose
 
+from clock import FROZEN_NOW
+
 UTC = timezone.utc
-NOON_TPE = datetime(2026, 11, 23, 4, tzinfo=UTC)  # 12:00 in Taipei: outside quiet hours
+NOON_TPE = FROZEN_NOW  # 12:00 in Taipei: outside quiet hours; members are seeded at the same instant
 O = OutboxMessage.__table__
 
 
@@ -33,7 +35,7 @@ def rows(engine, **where):
 
 def test_planning_twice_adds_nothing(engine):
     with engine.begin() as conn:
-        ids = seed_members(conn, 25)
+        ids = seed_members(conn, 25, now=NOON_TPE)
     batches = [ids[:10], ids[10:]]
     first = plan_run(engine, spec(), batches, NOON_TPE, simple_renderer)
     snapshot = rows(engine)
@@ -51,7 +53,7 @@ def test_planning_twice_adds_nothing(engine):
 
 def test_rows_carry_route_and_content_of_every_chain_channel(engine):
     with engine.begin() as conn:
-        (mid,) = seed_members(conn, 1, preferred="sms,email,push")
+        (mid,) = seed_members(conn, 1, preferred="sms,email,push", now=NOON_TPE)
     plan_run(engine, spec(), [[mid]], NOON_TPE, simple_renderer)
     (row,) = rows(engine)
     assert row["state"] == "planned" and row["channel"] == "sms" and row["fallback_channels"] == "email,push"
@@ -65,7 +67,8 @@ def test_rows_carry_route_and_content_of_every_chain_channel(engine):
 def test_everyone_gets_a_row_with_a_reason(engine):
     now = NOON_TPE
     with engine.begin() as conn:
-        ok, no_consent, held = seed_members(conn, 3, push=False)
+        # Consent is granted the day before `now` and revoked at `now`: the revocation is the latest word.
+        ok, no_consent, held = seed_members(conn, 3, push=False, now=now)
         record_consents(conn, [ConsentStatement(no_consent, ch, "marketing", False, "preference_center", now)
                                for ch in ("email", "sms", "push")])
     plan_run(engine, spec(), [[ok, no_consent, held]], now, simple_renderer,
@@ -80,7 +83,7 @@ def test_everyone_gets_a_row_with_a_reason(engine):
 def test_quiet_hours_defer_sms_at_planning(engine):
     late = datetime(2026, 11, 23, 14, tzinfo=UTC)  # 22:00 in Taipei
     with engine.begin() as conn:
-        (mid,) = seed_members(conn, 1, preferred="sms,email")
+        (mid,) = seed_members(conn, 1, preferred="sms,email", now=NOON_TPE)
     plan_run(engine, spec(), [[mid]], late, simple_renderer)
     (row,) = rows(engine)
     assert row["state"] == "deferred" and row["reason_code"] == "quiet_hours"
@@ -90,7 +93,7 @@ def test_quiet_hours_defer_sms_at_planning(engine):
 def test_frequency_cap_and_priority_preemption_across_campaigns(engine):
     policy = PolicySettings(marketing_cap=2)
     with engine.begin() as conn:
-        ids = seed_members(conn, 3)
+        ids = seed_members(conn, 3, now=NOON_TPE)
     plan_run(engine, spec("low-a", priority=1), [ids], NOON_TPE, simple_renderer, policy=policy)
     plan_run(engine, spec("low-b", priority=1), [ids], NOON_TPE, simple_renderer, policy=policy)
     # Equal priority, cap reached: skipped with the reason.
@@ -118,7 +121,7 @@ def test_frequency_cap_and_priority_preemption_across_campaigns(engine):
 
 def test_coupon_joins_the_idempotency_key(engine):
     with engine.begin() as conn:
-        (mid,) = seed_members(conn, 1)
+        (mid,) = seed_members(conn, 1, now=NOON_TPE)
     rcpts = [Recipient(mid, coupon_code="C1"), Recipient(mid, coupon_code="C2"), Recipient(mid, coupon_code="C1")]
     rep = plan_run(engine, spec(), [rcpts], NOON_TPE, simple_renderer, policy=PolicySettings(marketing_cap=None))
     assert rep.inserted == 2
@@ -128,7 +131,7 @@ def test_coupon_joins_the_idempotency_key(engine):
 
 def test_render_error_rolls_back_the_batch(engine):
     with engine.begin() as conn:
-        ids = seed_members(conn, 4)
+        ids = seed_members(conn, 4, now=NOON_TPE)
 
     def broken(req):
         raise RuntimeError("template error")
@@ -148,7 +151,8 @@ def test_unknown_member_and_bad_names_are_input_errors(engine):
 
 def test_prefer_hook_reorders_channels_but_routing_still_checks_consent(engine):
     with engine.begin() as conn:
-        a, b = seed_members(conn, 2, preferred="email,sms,push", consent=(("email", "marketing"), ("push", "marketing")))
+        a, b = seed_members(conn, 2, preferred="email,sms,push", consent=(("email", "marketing"), ("push", "marketing")),
+                            now=NOON_TPE)
     # A strategy asks for SMS first; member a has no SMS consent, so routing falls to the next allowed one.
     prefer = {a: ["sms", "push", "email"], b: None}
     plan_run(engine, spec(), [[a, b]], NOON_TPE, simple_renderer, prefer=lambda ctx, rc: prefer[rc.member_id])
@@ -159,7 +163,7 @@ def test_prefer_hook_reorders_channels_but_routing_still_checks_consent(engine):
 
 def test_deliver_at_hook_defers_to_the_chosen_instant_and_respects_quiet_hours(engine):
     with engine.begin() as conn:
-        a, b, c = seed_members(conn, 3, preferred="sms,email")
+        a, b, c = seed_members(conn, 3, preferred="sms,email", now=NOON_TPE)
     at = {a: NOON_TPE + timedelta(hours=5),  # 17:00 Taipei
           b: NOON_TPE + timedelta(hours=11),  # 23:00 Taipei: inside SMS quiet hours -> their end
           c: NOON_TPE - timedelta(hours=1)}  # in the past: send now
@@ -175,7 +179,7 @@ def test_global_control_members_get_a_skipped_row_with_their_own_reason(engine):
     from membercare.delivery.planner import GLOBAL_CONTROL
 
     with engine.begin() as conn:
-        a, b = seed_members(conn, 2)
+        a, b = seed_members(conn, 2, now=NOON_TPE)
     plan_run(engine, spec(), [[a, b]], NOON_TPE, simple_renderer,
              assign=lambda ctx, rc: GLOBAL_CONTROL if rc.member_id == a else None)
     got = {r["member_id"]: r for r in rows(engine)}

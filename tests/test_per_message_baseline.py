@@ -53,7 +53,9 @@ def _generate(url: str) -> str:
     from membercare.generator import generate_shop
 
     engine = make_engine(url)
-    generate_shop(engine, members=120, seed=3)
+    # The shop's history ends at AS_OF, the instant its audience and routing are evaluated at: generated at
+    # the real clock, it would drift past AS_OF as the calendar moves on.
+    generate_shop(engine, members=120, seed=3, as_of=AS_OF)
     engine.dispose()
     return url
 

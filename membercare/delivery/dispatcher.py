@@ -15,11 +15,17 @@ Mechanics:
 * **Pre-send checks** per claimed batch, set-based: consent and suppression are re-checked (an
   unsubscribe that arrived after planning wins), quiet hours are applied at the actual send time, and
   the address is resolved from the member (the ledger holds none).
+* **The send gate** (:mod:`membercare.delivery.gate`), right before each provider call: consent,
+  suppression, the run's pause and the global kill switch are checked again (from a versioned view,
+  reloaded only when something that can forbid a send changed) and ``attempt_started_at`` is committed.
+  A claimed row that never passed the gate was never attempted: after a crash it is sent, not lost.
 * **Sending**: a fixed pool of worker threads (bounded concurrency), each taking a token from its
   channel's :class:`~membercare.delivery.ratelimit.TokenBucket` before calling ``adapter.send``. The main
   thread keeps the pool fed by claiming the next batch when the in-flight count falls to half a batch.
 * **Recording**: results are written in small batches (every ``flush_every`` results or
-  ``flush_interval`` seconds), guarded by ``state = 'sending' AND claimed_by = me``.
+  ``flush_interval`` seconds), guarded by ``state = 'sending' AND claimed_by = <this claim>``. Every
+  claim has its own token (``<worker id>/<claim number>``): a row that recovery took back and this same
+  dispatcher claimed again is then never sent or recorded through its older claim.
 * **Outcomes**: ``Accepted`` -> sent. ``TransientFailure`` -> deferred with exponential backoff and full
   jitter, never earlier than ``Retry-After``; throttling (429) pauses the channel's bucket, does not
   count as a failure of the message and does not use up its retries. An *ambiguous* ``TransientFailure``
@@ -28,7 +34,10 @@ Mechanics:
   before the resend (see :meth:`Dispatcher._ambiguous`). ``PermanentFailure`` -> the next
   channel of the fallback chain (content was rendered at planning) when ``fallback`` is allowed, else
   failed; an unregistered token is invalidated in ``devices``, an invalid or opted-out address is added
-  to the suppression list. ``ConfigurationError`` -> the run stops loudly: the affected and not-yet-sent
+  to the suppression list.
+* **Database faults**: every transaction runs through :func:`membercare.db.in_transaction`, which runs it
+  again from the start after a deadlock or a dropped connection (every statement here is conditional on
+  the row's state, so a rerun is harmless); buffered outcomes are kept until written. ``ConfigurationError`` -> the run stops loudly: the affected and not-yet-sent
   rows go back to planned, the run is paused with the reason, and the error is re-raised.
 * **Error budget**: when more than ``run.error_budget`` of the last ``error_window`` provider answers
   were failures, the run is paused; remaining claimed rows go back to planned. Counted as failures:
@@ -47,8 +56,9 @@ import socket
 import threading
 import time
 import uuid
+import dataclasses
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -56,7 +66,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from membercare.db import in_transaction, insert_for
+from membercare.db import in_transaction, insert_for, is_sqlite
 from membercare.delivery.contract import (
     Accepted,
     ChannelAdapter,
@@ -80,6 +90,7 @@ from membercare.delivery.models import (
     address_hash,
     decode_contents,
 )
+from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate, read_version
 from membercare.delivery.planner import refresh_run_counts
 from membercare.delivery.policies import PolicySettings, load_policy, member_zone, quiet_hours_until
 from membercare.delivery.ratelimit import TokenBucket, Unlimited
@@ -87,7 +98,7 @@ from membercare.delivery.reconcile import ProviderRecords, recover_stale
 from membercare.delivery.routing import MemberContext, load_contexts, route
 from membercare.errors import ConfigurationError, InputError
 from membercare.models import Channel, Device, Purpose
-from membercare.timeutil import utcnow
+from membercare.timeutil import UTC, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +128,10 @@ class DispatchConfig:
     # no earlier than this: it gives provider events carrying our message id time to arrive and settle
     # the row (mark_sent_from_event), and the provider records (``records=``) are checked before resending.
     ambiguous_retry_delay: float = 30.0
+    # After the error budget paused the run: try again automatically after this many seconds (doubled
+    # after each further pause, at most ``max_auto_resumes`` times). None: an operator resumes it.
+    auto_resume_after: float | None = None
+    max_auto_resumes: int = 5
 
 
 @dataclass
@@ -129,7 +144,17 @@ class DispatchReport:
     stop_reason: str | None = None
     next_due_at: datetime | None = None
     recovered_unknown: int = 0
+    recovered_unattempted: int = 0
     elapsed: float = 0.0
+    # The run was paused by the error budget and will be resumed automatically from this time on.
+    resume_at: datetime | None = None
+    gate_commits: int = 0  # send-gate transactions, and the messages they admitted or stopped
+    gate_items: int = 0
+
+
+# The gate's verdicts besides an outcome: send now, or the row is no longer ours (say nothing about it).
+GO = object()
+DROP = object()
 
 
 @dataclass(eq=False)  # identity: jobs are keys of the in-flight set
@@ -140,6 +165,8 @@ class _Job:
     chain_rest: tuple[str, ...]
     contents: dict[str, Content]
     message: OutboundMessage | None = None
+    view_version: int = 0  # delivery_controls.version read before ``ctx`` was loaded
+    gated: Any = None  # the send gate's outcome when it stopped the row before the provider call
     # Filled by _SendPool: the adapter's answer or the exception it raised; ``started``/``cancelled`` decide
     # whether a job may still be withdrawn (never once its provider call may have begun).
     result: Any = None
@@ -152,9 +179,14 @@ class _Job:
 class _Outcome:
     id: int
     values: dict[str, Any]
+    claim: str = ""  # the claim token the row is held under (recording is guarded by it)
     budget: bool | None = None  # True failure, False success, None not counted
     kind: str = ""
     side_effect: Callable[[Connection], None] | None = None
+
+
+def _outcome_for(row: Mapping[str, Any], values: dict[str, Any], **kw: Any) -> _Outcome:
+    return _Outcome(row["id"], values, claim=row["claim"], **kw)
 
 
 def _take_write_lock(conn: Connection, run_id: int, now: datetime) -> None:
@@ -275,6 +307,12 @@ class Dispatcher:
             for ch, rate in ((c.value, self.config.rate_limits.get(c.value)) for c in Channel)
         }
         self._rng_lock = threading.Lock()
+        self._gate: GroupCommit[_Job, Any] = GroupCommit(self._gate_batch)
+        self._run_id: int | None = None
+        self._active_policy: PolicySettings | None = None
+        self._gate_stop: str | None = None
+        self._held: set[int] = set()  # ids of rows this dispatcher claimed and has not recorded yet
+        self._claims = 0
 
     # ------------------------------------------------------------------------------------------------- run
 
@@ -283,10 +321,11 @@ class Dispatcher:
         t0 = time.monotonic()
         rep = DispatchReport(run_id, self.worker_id)
         cfg = self.config
-        with self.engine.connect() as conn:
-            policy = self._policy or load_policy(conn)
+        policy = self._policy or in_transaction(self.engine, load_policy)
+        self._run_id, self._active_policy, self._gate_stop = run_id, policy, None
         run = self._start(run_id, resume)
-        rep.recovered_unknown = recover_stale(self.engine, lease=cfg.lease, run_id=run_id, now=self.clock())
+        recovered = recover_stale(self.engine, lease=cfg.lease, run_id=run_id, now=self.clock())
+        rep.recovered_unknown, rep.recovered_unattempted = recovered.unknown, recovered.unattempted
         budget = ErrorBudget(run.error_budget, cfg.error_window, cfg.error_min_samples)
         inflight: set[_Job] = set()
         completed: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -319,6 +358,10 @@ class Dispatcher:
                             continue
                         inflight.discard(job)
                         result = job.result
+                        if job.gated is not None:  # stopped by the send gate: never attempted
+                            if job.gated is not DROP:
+                                buffer.append(job.gated)
+                            continue
                         if isinstance(job.error, ConfigurationError):
                             config_error = config_error or job.error
                             buffer.append(self._release(job, "not sent: configuration error"))
@@ -336,10 +379,12 @@ class Dispatcher:
                         buffer.append(out)
                     if config_error is not None and stop is None:
                         stop = f"configuration error: {config_error}"
+                    if stop is None and self._gate_stop is not None:
+                        stop = self._gate_stop
                     if stop is None and budget.spent():
                         stop = (f"error budget spent: {budget.failure_rate:.0%} of the last "
                                 f"{len(budget._window)} sends failed (budget {budget.budget:.0%})")
-                        self._pause(run_id, stop)
+                        rep.resume_at = self._pause(run_id, stop, auto_resume=True)
                     if stop is not None:
                         for job in list(inflight):
                             if pool.cancel(job):
@@ -373,12 +418,16 @@ class Dispatcher:
             for job in list(inflight):
                 if job.cancelled:
                     buffer.append(self._release(job, "not sent: dispatcher stopped"))
+                elif job.gated is not None:
+                    if job.gated is not DROP:
+                        buffer.append(job.gated)
                 elif job.error is None:
                     buffer.append(self._outcome(job, job.result, policy))
             if buffer:
                 self._flush(buffer, rep)
             rep.status = self._finish(run_id, config_error)
             rep.elapsed = time.monotonic() - t0
+            rep.gate_commits, rep.gate_items = self._gate.commits, self._gate.items
         rep.stop_reason = stop
         if config_error is not None:
             raise config_error
@@ -387,34 +436,61 @@ class Dispatcher:
     def _start(self, run_id: int, resume: bool):
         r = CampaignRun.__table__
         now = self.clock()
-        with self.engine.begin() as conn:
+
+        def work(conn: Connection):
             _take_write_lock(conn, run_id, now)
             run = conn.execute(sa.select(r).where(r.c.id == run_id)).first()
             if run is None:
                 raise InputError(f"no campaign run with id {run_id}")
+            values: dict[str, Any] = dict(status=RunStatus.DISPATCHING.value, status_reason=None, updated_at=now,
+                                          started_at=sa.func.coalesce(r.c.started_at, now), auto_resume_at=None)
             if run.status == RunStatus.PAUSED and not resume:
-                raise RunPaused(f"run {run.campaign}/{run.occurrence} is paused: {run.status_reason}; resume it")
-            conn.execute(sa.update(r).where(r.c.id == run_id).values(
-                status=RunStatus.DISPATCHING.value, status_reason=None, updated_at=now,
-                started_at=sa.func.coalesce(r.c.started_at, now)))
-        return run
+                due = run.auto_resume_at
+                if due is None or due > now:
+                    when = f"; resumes automatically at {due.isoformat()}" if due is not None else "; resume it"
+                    raise RunPaused(f"run {run.campaign}/{run.occurrence} is paused: {run.status_reason}{when}")
+                # Paused by the error budget with automatic resumption: probe the provider again. The budget
+                # window starts empty, so a provider still down pauses the run again after a few answers.
+                values["auto_resumes"] = r.c.auto_resumes + 1
+                log.warning("run %s: resuming automatically after an error-budget pause (%s)", run_id,
+                            run.status_reason)
+            conn.execute(sa.update(r).where(r.c.id == run_id).values(**values))
+            return run
+
+        return in_transaction(self.engine, work)
 
     def _run_status(self, run_id: int) -> str:
         r = CampaignRun.__table__
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one()
+        return in_transaction(self.engine, lambda conn: conn.execute(
+            sa.select(r.c.status).where(r.c.id == run_id)).scalar_one())
 
-    def _pause(self, run_id: int, reason: str) -> None:
+    def _pause(self, run_id: int, reason: str, *, auto_resume: bool = False) -> datetime | None:
+        """Pause the run; with ``auto_resume`` and ``config.auto_resume_after`` set, schedule the next probe
+        (the cool-down doubles with every automatic resumption). Returns that time, if any."""
         r = CampaignRun.__table__
+        cfg, now = self.config, self.clock()
         log.warning("pausing run %s: %s", run_id, reason)
-        with self.engine.begin() as conn:
+
+        def work(conn: Connection) -> datetime | None:
+            _take_write_lock(conn, run_id, now)  # SQLite: read-then-write must start as a writer
+            resumes = conn.execute(sa.select(r.c.auto_resumes).where(r.c.id == run_id)).scalar_one()
+            at = None
+            why = reason
+            if auto_resume and cfg.auto_resume_after is not None and resumes < cfg.max_auto_resumes:
+                at = now + timedelta(seconds=cfg.auto_resume_after * (2 ** resumes))
+                why = f"{reason}; resumes automatically at {at.isoformat()} (probe {resumes + 1} of " \
+                      f"{cfg.max_auto_resumes})"
             conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == RunStatus.DISPATCHING.value).values(
-                status=RunStatus.PAUSED.value, status_reason=reason[:500], updated_at=self.clock()))
+                status=RunStatus.PAUSED.value, status_reason=why[:500], updated_at=now, auto_resume_at=at))
+            return at
+
+        return in_transaction(self.engine, work)
 
     def _finish(self, run_id: int, config_error: ConfigurationError | None) -> str:
         r, o = CampaignRun.__table__, OutboxMessage.__table__
         now = self.clock()
-        with self.engine.begin() as conn:
+
+        def work(conn: Connection) -> str:
             _take_write_lock(conn, run_id, now)
             if config_error is not None:
                 conn.execute(sa.update(r).where(r.c.id == run_id).values(
@@ -428,13 +504,14 @@ class Dispatcher:
             refresh_run_counts(conn, run_id)
             return conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one()
 
+        return in_transaction(self.engine, work)
+
     def _next_due(self, run_id: int) -> datetime | None:
         o = OutboxMessage.__table__
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(
-                sa.func.count().filter(o.c.next_attempt_at.is_(None)),
-                sa.func.min(o.c.next_attempt_at),
-            ).where(o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES))).one()
+        row = in_transaction(self.engine, lambda conn: conn.execute(sa.select(
+            sa.func.count().filter(o.c.next_attempt_at.is_(None)),
+            sa.func.min(o.c.next_attempt_at),
+        ).where(o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES))).one())
         if row[0]:
             return self.clock()  # planned rows exist (another dispatcher released them): due now
         if row[1] is None:
@@ -442,46 +519,53 @@ class Dispatcher:
         value = row[1]
         if isinstance(value, str):  # SQLite aggregates lose the column type
             value = datetime.fromisoformat(value)
-        if value.tzinfo is None:
-            from membercare.timeutil import UTC
-
-            value = value.replace(tzinfo=UTC)
-        return value
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
     # ---------------------------------------------------------------------------------------------- claim
 
     def _claim(self, run, limit: int, policy: PolicySettings, buffer: list[_Outcome]) -> list[_Job]:
         o = OutboxMessage.__table__
         now = self.clock()
+        self._claims += 1
+        token = f"{self.worker_id}/{self._claims}"
         due = (sa.select(o.c.id)
                .where(o.c.run_id == run.id, o.c.state.in_(CLAIMABLE_STATES),
                       sa.or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at <= now))
                .limit(limit).with_for_update(skip_locked=True))
         stmt = (sa.update(o).where(o.c.id.in_(due.scalar_subquery()))
-                .values(state=OutboxState.SENDING.value, claimed_by=self.worker_id, claimed_at=now, updated_at=now)
+                .values(state=OutboxState.SENDING.value, claimed_by=token, claimed_at=now, updated_at=now,
+                        attempt_started_at=None)
                 .returning(o.c.id, o.c.message_id, o.c.idempotency_key, o.c.member_id, o.c.campaign, o.c.purpose,
                            o.c.channel, o.c.fallback_channels, o.c.content, o.c.attempts, o.c.transient_failures,
-                           o.c.reason, o.c.reason_code))
-        with self.engine.begin() as conn:
-            rows = [dict(r) for r in conn.execute(stmt).mappings()]
+                           o.c.reason, o.c.reason_code, o.c.claimed_by.label("claim")))
+        tries = 0
+
+        def claim(conn: Connection) -> list[dict]:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                # The connection dropped during an earlier try, maybe after its commit: rows it claimed for
+                # us (never attempted) would otherwise wait for the lease. Hand them back first.
+                self._release_orphans(conn, now)
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+        rows = in_transaction(self.engine, claim)
         if not rows:
             return []
+        self._held.update(r["id"] for r in rows)
         rows = self._settle_ambiguous(rows, buffer)
         if not rows:
             return []
-        purposes = {r["purpose"] for r in rows}
-        contexts: dict[tuple[int, str], MemberContext] = {}
-        with self.engine.connect() as conn:
-            for purpose in purposes:
-                ids = [r["member_id"] for r in rows if r["purpose"] == purpose]
-                ctxs = load_contexts(conn, ids, purpose, now, timedelta(days=policy.push_token_max_age_days))
-                for mid, ctx in ctxs.items():
-                    contexts[(mid, purpose)] = ctx
+        # The version is read before the view it versions: a change committed in between is then seen as
+        # newer than the view, and the gate reloads it.
+        version, contexts = in_transaction(self.engine, lambda conn: (
+            read_version(conn), self._load_contexts(conn, rows, now, policy)))
         jobs: list[_Job] = []
         for i, row in enumerate(rows):
             ctx = contexts.get((row["member_id"], row["purpose"]))
             chain = [row["channel"], *[c for c in row["fallback_channels"].split(",") if c]]
-            job = _Job(row, ctx, row["channel"], tuple(chain[1:]), decode_contents(row["content"]))
+            job = _Job(row, ctx, row["channel"], tuple(chain[1:]), decode_contents(row["content"]),
+                       view_version=version)
             try:
                 ready = self._prepare(job, chain, now, policy)
             except ConfigurationError:
@@ -495,6 +579,108 @@ class Dispatcher:
             else:
                 buffer.append(ready)
         return jobs
+
+    def _release_orphans(self, conn: Connection, now: datetime) -> None:
+        o = OutboxMessage.__table__
+        cond = [o.c.run_id == self._run_id, o.c.state == OutboxState.SENDING.value,
+                o.c.claimed_by.startswith(f"{self.worker_id}/", autoescape=True), o.c.attempt_started_at.is_(None)]
+        held = sorted(self._held)
+        if held:
+            cond.append(o.c.id.not_in(held))
+        res = conn.execute(sa.update(o).where(*cond).values(
+            state=OutboxState.PLANNED.value, claimed_by=None, claimed_at=None, updated_at=now,
+            last_error="claim answer lost with a dropped database connection; never attempted"))
+        if res.rowcount:
+            log.warning("released %d row(s) claimed through a dropped database connection", res.rowcount)
+
+    @staticmethod
+    def _load_contexts(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime,
+                       policy: PolicySettings) -> dict[tuple[int, str], MemberContext]:
+        contexts: dict[tuple[int, str], MemberContext] = {}
+        for purpose in {r["purpose"] for r in rows}:
+            ids = sorted({r["member_id"] for r in rows if r["purpose"] == purpose})
+            ctxs = load_contexts(conn, ids, purpose, now, timedelta(days=policy.push_token_max_age_days))
+            for mid, ctx in ctxs.items():
+                contexts[(mid, purpose)] = ctx
+        return contexts
+
+    # ------------------------------------------------------------------------------------------- the gate
+
+    def _gate_batch(self, jobs: Sequence[_Job]) -> dict[_Job, Any]:
+        """The send gate for a group of jobs (see :mod:`membercare.delivery.gate`): GO, DROP or an outcome."""
+        o = OutboxMessage.__table__
+        now = self.clock()
+        policy = self._active_policy or PolicySettings()
+
+        def work(conn: Connection) -> dict[_Job, Any]:
+            lock_for_gate(conn)
+            st = read_gate(conn, self._run_id)
+            stop = None
+            if st.paused_all:
+                stop = f"all sending is paused ({st.paused_reason or 'kill switch'})"
+            elif st.run_status != RunStatus.DISPATCHING:
+                stop = f"the run is {st.run_status}" + (f" ({st.run_reason})" if st.run_reason else "")
+            if stop is not None:
+                self._gate_stop = self._gate_stop or stop
+                return {j: self._release(j, f"not sent: {stop}") for j in jobs}
+            verdicts: dict[_Job, Any] = {}
+            go = [j for j in jobs if j.view_version == st.version]
+            stale = [j for j in jobs if j.view_version != st.version]
+            if stale:
+                ctxs = self._load_contexts(conn, [j.row for j in stale], now, policy)
+                for j in stale:
+                    out = self._recheck(j, ctxs.get((j.row["member_id"], j.row["purpose"])))
+                    if out is None:
+                        j.view_version = st.version
+                        go.append(j)
+                    else:
+                        verdicts[j] = out
+            if go:
+                marked: set[int] = set()
+                for token in sorted({j.row["claim"] for j in go}):
+                    marked.update(conn.execute(
+                        sa.update(o).where(o.c.id.in_([j.row["id"] for j in go if j.row["claim"] == token]),
+                                           o.c.state == OutboxState.SENDING.value, o.c.claimed_by == token)
+                        .values(attempt_started_at=now).returning(o.c.id)).scalars())
+                # The pre-send check at claim may have moved a row to another channel: record the channel it
+                # is attempted on, so that reconciliation after a crash asks the right provider.
+                moved = [j for j in go if j.channel != j.row["channel"] and j.row["id"] in marked]
+                for ch in sorted({j.channel for j in moved}):
+                    conn.execute(sa.update(o).where(o.c.id.in_([j.row["id"] for j in moved if j.channel == ch]))
+                                 .values(channel=ch))
+                for j in go:
+                    verdicts[j] = GO if j.row["id"] in marked else DROP
+            return verdicts
+
+        return in_transaction(self.engine, work)
+
+    def _recheck(self, job: _Job, ctx: MemberContext | None) -> _Outcome | None:
+        """Route the job again on a fresh view; None when its channel still may carry it (address refreshed)."""
+        row = job.row
+        if ctx is None:
+            return self._settle(job, OutboxState.SKIPPED, Decision.NO_REACHABLE_CHANNEL,
+                                "member no longer exists (checked right before sending)")
+        old = job.channel
+        rt = route(ctx, [old, *job.chain_rest], row["purpose"])
+        if not rt.chain:
+            return self._settle(job, rt.state, rt.code, f"checked right before sending: {rt.reason}")
+        if rt.chain[0] != old:
+            dropped = "; ".join(f"{r.channel}: {r.detail}" for r in rt.rejected if r.channel == old)
+            nxt = rt.chain[0]
+            if nxt not in job.contents:
+                return self._settle(job, OutboxState.FAILED, Decision.PERMANENT_FAILURE,
+                                    f"{old} no longer allowed right before sending ({dropped}) and no rendered "
+                                    f"content for {nxt}")
+            job.channel, job.chain_rest = nxt, rt.chain[1:]
+            # Not sent now (the rate-limit token was taken for the other channel): planned again on the next one.
+            return _outcome_for(row, self._values(
+                job, state=OutboxState.PLANNED, code=Decision.FALLBACK,
+                reason=f"via {nxt}: {old} no longer allowed right before sending ({dropped})"), kind="fallback")
+        job.ctx, job.chain_rest = ctx, rt.chain[1:]
+        to = ctx.address(old) or ""
+        if job.message is not None and job.message.to != to:
+            job.message = dataclasses.replace(job.message, to=to)
+        return None
 
     def _settle_ambiguous(self, rows: list[dict], buffer: list[_Outcome]) -> list[dict]:
         """Rows about to be resent after an ambiguous failure: settle those the provider has a record of."""
@@ -516,7 +702,7 @@ class Dispatcher:
                 keep.append(r)
                 continue
             job = _Job(r, None, r["channel"], tuple(c for c in r["fallback_channels"].split(",") if c), {})
-            buffer.append(_Outcome(r["id"], self._values(
+            buffer.append(_outcome_for(r, self._values(
                 job, state=OutboxState.SENT, code=Decision.RECONCILED, sent_at=self.clock(),
                 provider_message_id=found[r["message_id"]] or None,
                 reason=f"sent via {r['channel']}: the provider has a record of it after an ambiguous failure; "
@@ -541,7 +727,7 @@ class Dispatcher:
         until = quiet_hours_until(now, job.channel, row["purpose"], member_zone(job.ctx.timezone,
                                                                                  policy.fallback_timezone), policy)
         if until is not None:
-            return _Outcome(row["id"], self._values(job, state=OutboxState.DEFERRED, code=Decision.QUIET_HOURS,
+            return _outcome_for(row, self._values(job, state=OutboxState.DEFERRED, code=Decision.QUIET_HOURS,
                                                     reason=row["reason"], next_attempt_at=until,
                                                     last_error=f"quiet hours: deferred to {until.isoformat()}"),
                             kind="quiet_hours")
@@ -560,8 +746,19 @@ class Dispatcher:
 
     # ----------------------------------------------------------------------------------------------- send
 
-    def _send(self, job: _Job) -> SendResult:
+    def _send(self, job: _Job) -> SendResult | None:
         self.limiters[job.channel].acquire()
+        try:
+            verdict = self._gate.submit(job)
+        except Exception as exc:  # the database is unreachable beyond the retries: not attempted
+            why = f"the send gate could not be checked ({type(exc).__name__})"
+            log.error("run %s: %s; stopping", self._run_id, why)
+            self._gate_stop = self._gate_stop or why
+            job.gated = self._release(job, f"not sent: {why}")
+            return None
+        if verdict is not GO:
+            job.gated = verdict
+            return None
         return self.adapters[job.channel].send(job.message)
 
     # ------------------------------------------------------------------------------------------- outcomes
@@ -573,22 +770,23 @@ class Dispatcher:
                       fallback_channels=",".join(job.chain_rest), next_attempt_at=next_attempt_at,
                       attempts=row["attempts"] + (1 if attempted else 0),
                       transient_failures=row["transient_failures"], claimed_by=None, claimed_at=None,
-                      updated_at=self.clock(), last_error=None, provider_message_id=None, sent_at=None)
+                      updated_at=self.clock(), last_error=None, provider_message_id=None, sent_at=None,
+                      attempt_started_at=None)
         values.update(extra)
         return values
 
     def _settle(self, job: _Job, state: OutboxState, code: Decision, reason: str) -> _Outcome:
-        return _Outcome(job.row["id"], self._values(job, state=state, code=code, reason=reason), kind=state.value)
+        return _outcome_for(job.row, self._values(job, state=state, code=code, reason=reason), kind=state.value)
 
     def _release(self, job: _Job, why: str) -> _Outcome:
         """Back to planned, untouched: the provider was never called for it in this attempt."""
         row = job.row
-        return _Outcome(row["id"], dict(
+        return _outcome_for(row, dict(
             state=OutboxState.PLANNED.value, reason_code=Decision.ROUTED.value, reason=row["reason"],
             channel=row["channel"], fallback_channels=row["fallback_channels"], next_attempt_at=None,
             attempts=row["attempts"], transient_failures=row["transient_failures"], claimed_by=None,
-            claimed_at=None, updated_at=self.clock(), last_error=why, provider_message_id=None, sent_at=None),
-            kind="released")
+            claimed_at=None, updated_at=self.clock(), last_error=why, provider_message_id=None, sent_at=None,
+            attempt_started_at=None), kind="released")
 
     def _outcome(self, job: _Job, result: SendResult | BaseException, policy: PolicySettings) -> _Outcome:
         row, now = job.row, self.clock()
@@ -596,14 +794,14 @@ class Dispatcher:
         if isinstance(result, Accepted):
             why = row["reason"]
             why = f"sent {why}" if why.startswith(f"via {ch}") else f"sent via {ch}; {why}"
-            return _Outcome(row["id"], self._values(
+            return _outcome_for(row, self._values(
                 job, state=OutboxState.SENT, code=Decision.SENT, attempted=True, sent_at=now,
                 provider_message_id=result.provider_message_id, reason=why), budget=False, kind="sent")
         if isinstance(result, TransientFailure):
             if result.throttled:
                 wait_s = result.retry_after if result.retry_after is not None else self.config.backoff_base
                 self.limiters[ch].pause(wait_s)
-                return _Outcome(row["id"], self._values(
+                return _outcome_for(row, self._values(
                     job, state=OutboxState.DEFERRED, code=Decision.THROTTLED, attempted=True, reason=row["reason"],
                     next_attempt_at=now + timedelta(seconds=wait_s),
                     last_error=f"throttled by the {ch} provider (retry after {wait_s:g}s): {result.reason}"),
@@ -612,12 +810,12 @@ class Dispatcher:
                 return self._ambiguous(job, result, row["transient_failures"] + 1, now)
             failures = row["transient_failures"] + 1
             if failures >= self.config.max_transient_failures:
-                return _Outcome(row["id"], self._values(
+                return _outcome_for(row, self._values(
                     job, state=OutboxState.FAILED, code=Decision.RETRIES_EXHAUSTED, attempted=True,
                     reason=f"{ch}: gave up after {failures} transient failures", transient_failures=failures,
                     last_error=result.reason[:500]), budget=True, kind="failed")
             delay = self._backoff(failures, result.retry_after)
-            return _Outcome(row["id"], self._values(
+            return _outcome_for(row, self._values(
                 job, state=OutboxState.DEFERRED, code=Decision.RETRY, attempted=True, transient_failures=failures,
                 reason=row["reason"], next_attempt_at=now + timedelta(seconds=delay),
                 last_error=f"{ch}: transient failure #{failures}, retrying in {delay:.1f}s: {result.reason}"),
@@ -633,7 +831,7 @@ class Dispatcher:
                 if rt.chain and rt.chain[0] in job.contents:
                     nxt = rt.chain[0]
                     job.channel, job.chain_rest = nxt, rt.chain[1:]
-                    return _Outcome(row["id"], self._values(
+                    return _outcome_for(row, self._values(
                         job, state=OutboxState.PLANNED, code=Decision.FALLBACK, attempted=True,
                         reason=f"via {nxt}: fallback because {detail}", last_error=detail),
                         budget=counted, kind="fallback", side_effect=effect)
@@ -643,11 +841,11 @@ class Dispatcher:
                 why = f"{detail}; this failure does not allow a fallback"
             else:
                 why = f"{detail}; no fallback channel usable any more"
-            return _Outcome(row["id"], self._values(
+            return _outcome_for(row, self._values(
                 job, state=OutboxState.FAILED, code=Decision.PERMANENT_FAILURE, attempted=True, reason=why,
                 last_error=detail), budget=counted, kind="failed", side_effect=effect)
         # An exception from the adapter: the request may have reached the provider. Never resent blindly.
-        return _Outcome(row["id"], self._values(
+        return _outcome_for(row, self._values(
             job, state=OutboxState.UNKNOWN, code=Decision.ADAPTER_ERROR, attempted=True,
             reason=f"{ch} adapter raised {type(result).__name__}; outcome unknown, will be reconciled",
             last_error=str(result)[:500]), budget=True, kind="unknown")
@@ -661,14 +859,14 @@ class Dispatcher:
         what = f"{ch}: {result.reason}; the provider may have accepted it"
         if row["purpose"] == Purpose.TRANSACTIONAL and failures < self.config.max_transient_failures:
             delay = max(self._backoff(failures, result.retry_after), self.config.ambiguous_retry_delay)
-            return _Outcome(row["id"], self._values(
+            return _outcome_for(row, self._values(
                 job, state=OutboxState.DEFERRED, code=Decision.AMBIGUOUS_RETRY, attempted=True,
                 transient_failures=failures, reason=row["reason"], next_attempt_at=now + timedelta(seconds=delay),
                 last_error=f"{what}; transactional: resending in {delay:.0f}s unless the provider has a record of it"),
                 budget=True, kind="ambiguous_retry")
         policy = ("marketing: not resent (no duplicate over no loss)" if row["purpose"] != Purpose.TRANSACTIONAL
                   else f"transactional: gave up resending after {failures} failures")
-        return _Outcome(row["id"], self._values(
+        return _outcome_for(row, self._values(
             job, state=OutboxState.UNKNOWN, code=Decision.AMBIGUOUS, attempted=True, transient_failures=failures,
             reason=f"outcome unknown after an ambiguous failure ({what}); {policy}; settled by reconciliation "
                    "against provider records and events",
@@ -713,13 +911,18 @@ class Dispatcher:
         groups: dict[tuple[str, ...], list[dict]] = {}
         # Rows in id order: fewer deadlocks with the receiver settling rows (see in_transaction below).
         for out in sorted(outcomes, key=lambda out: out.id):
-            groups.setdefault(tuple(sorted(out.values)), []).append({"_id": out.id, **out.values})
+            groups.setdefault(tuple(sorted(out.values)), []).append({"_id": out.id, "_claim": out.claim, **out.values})
 
         def write(conn: Connection) -> tuple[int, int]:
+            # Side effects first (a suppression moves the send gate's version, which locks delivery_controls):
+            # every writer then takes that lock before outbox rows, the order the gate and the receiver use.
+            for out in outcomes:
+                if out.side_effect is not None:
+                    out.side_effect(conn)
             changed = 0
             for cols, params in groups.items():
                 stmt = (sa.update(o).where(o.c.id == sa.bindparam("_id"), o.c.state == OutboxState.SENDING.value,
-                                           o.c.claimed_by == self.worker_id)
+                                           o.c.claimed_by == sa.bindparam("_claim"))
                         .values({c: sa.bindparam(c) for c in cols}))
                 res = conn.execute(stmt, params)
                 changed += res.rowcount if res.rowcount and res.rowcount > 0 else 0
@@ -736,14 +939,12 @@ class Dispatcher:
                         o.c.state == OutboxState.SENT.value,
                         o.c.reason_code == Decision.RECONCILED.value)
                 ).scalar_one()
-            for out in outcomes:
-                if out.side_effect is not None:
-                    out.side_effect(conn)
             return changed, settled
 
         # A deadlock victim is run again: every statement here is conditional on the row's state (or ON
         # CONFLICT DO NOTHING), so a rerun of a rolled-back try is harmless.
         changed, settled = in_transaction(self.engine, write)
+        self._held.difference_update(out.id for out in outcomes)
         for out in outcomes:
             rep.outcomes[out.kind] += 1
         if settled:

@@ -12,6 +12,7 @@ provider is called; dispatch moves rows through the state machine documented in 
        │                  │ │                   └────> planned (next channel of the fallback chain)
        └──Configuration───┘ ├──process died─────────> unknown ──reconcile──> sent | unknown (final)
                           └──ambiguous failure─────> unknown (marketing) | deferred (transactional)
+    unknown ──reconcile: the provider confirms it never received it──> planned (sent again; no duplicate possible)
     skipped / suppressed: written by planning (or by a pre-send check) and never sent.
 
 Privacy: the ledger stores **no address**. The recipient's email, phone number or push token is
@@ -99,9 +100,14 @@ class Decision(StrEnum):
     PERMANENT_FAILURE = "permanent_failure"
     RETRIES_EXHAUSTED = "retries_exhausted"
     IN_FLIGHT_AT_CRASH = "in_flight_at_crash"
+    # Claimed by a dispatcher that stopped before the provider call began: safe to send, and sent.
+    NEVER_ATTEMPTED = "never_attempted"
     RECONCILED = "reconciled"
     RESENT_AFTER_UNKNOWN = "resent_after_unknown"
     UNKNOWN_NOT_RESENT = "unknown_not_resent"
+    # The provider's own records show it never accepted the message (see provider_records): sent (again),
+    # marketing included, since no duplicate is possible.
+    NEVER_RECEIVED = "never_received"
     ADAPTER_ERROR = "adapter_error"
     # A transient failure after which the provider may have accepted the message (TransientFailure.ambiguous):
     AMBIGUOUS = "ambiguous_failure"  # marketing: unknown, settled by reconciliation, never blindly resent
@@ -137,6 +143,10 @@ class CampaignRun(SQLModel, table=True):
     # Pause the run when more than this fraction of recent sends failed (see dispatcher.ErrorBudget).
     error_budget: float = Field(default=0.5)
     status_reason: str | None = Field(default=None, max_length=500)
+    # Paused by the error budget with automatic resumption allowed: the time of the next probe, and how
+    # many times the run was resumed that way (the cool-down doubles each time).
+    auto_resume_at: datetime | None = _ts(nullable=True, default=None)
+    auto_resumes: int = Field(default=0)
     # Last computed state -> count map (JSON); refreshed at the end of planning and of each dispatch pass.
     counts: str = Field(default="{}", sa_type=sa.Text)
     created_at: datetime = _ts(default_factory=utcnow)
@@ -186,9 +196,31 @@ class OutboxMessage(SQLModel, table=True):
     provider_message_id: str | None = Field(default=None, max_length=128)
     claimed_by: str | None = Field(default=None, max_length=64)
     claimed_at: datetime | None = _ts(nullable=True, default=None)
+    # Written immediately before the provider call, in the transaction that re-checks the send gate. A
+    # ``sending`` row without it was claimed but never attempted: recovery sends it again safely.
+    attempt_started_at: datetime | None = _ts(nullable=True, default=None)
     sent_at: datetime | None = _ts(nullable=True, default=None)
     created_at: datetime = _ts(default_factory=utcnow)
     updated_at: datetime = _ts(default_factory=utcnow)
+
+
+class DeliveryControls(SQLModel, table=True):
+    """One row (id 1): the send gate's change counter and the operator's global kill switch.
+
+    Database triggers (migration ``0008_send_gate``) add one to ``version`` whenever something that can
+    forbid a send changes: a consent revoked, an address suppressed, contact data changed, a push token
+    invalidated, a run's status changed. Dispatchers compare it with the version their view was loaded at,
+    right before each provider call (see :mod:`membercare.delivery.gate`).
+    """
+
+    __tablename__ = "delivery_controls"
+    __table_args__ = (sa.CheckConstraint("id = 1", name="ck_delivery_controls_singleton"),)
+
+    id: int = Field(default=1, primary_key=True)
+    version: int = Field(default=0, sa_type=sa.BigInteger)
+    paused_all: bool = Field(default=False)
+    paused_reason: str | None = Field(default=None, max_length=500)
+    updated_at: datetime | None = _ts(nullable=True, default=None)
 
 
 class Suppression(SQLModel, table=True):

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from membercare.db import insert_for, is_sqlite
+from membercare.db import in_transaction, insert_for, is_sqlite
 from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
 from membercare.delivery.models import (
     ACTIVE_STATES,
@@ -162,6 +162,13 @@ class PlanReport:
     by_state: Counter = field(default_factory=Counter)  # of inserted rows
     by_reason: Counter = field(default_factory=Counter)
 
+    def add(self, other: "PlanReport") -> None:
+        self.inserted += other.inserted
+        self.already_planned += other.already_planned
+        self.preempted += other.preempted
+        self.by_state.update(other.by_state)
+        self.by_reason.update(other.by_reason)
+
 
 def idempotency_key(campaign: str, occurrence: str, member_id: int, coupon_code: str | None = None) -> str:
     key = f"{campaign}|{occurrence}|{member_id}"
@@ -175,7 +182,8 @@ def new_message_id() -> str:
 def get_or_create_run(engine: Engine, spec: PlanSpec, as_of: datetime) -> int:
     r = CampaignRun.__table__
     now = utcnow()
-    with engine.begin() as conn:
+
+    def work(conn: Connection):
         conn.execute(
             insert_for(conn, r).on_conflict_do_nothing(index_elements=["campaign", "occurrence"]),
             dict(campaign=spec.campaign, occurrence=spec.occurrence, purpose=spec.purpose.value
@@ -183,8 +191,10 @@ def get_or_create_run(engine: Engine, spec: PlanSpec, as_of: datetime) -> int:
                  status=RunStatus.PLANNED.value, error_budget=spec.error_budget, counts="{}",
                  created_at=now, updated_at=now),
         )
-        row = conn.execute(sa.select(r.c.id, r.c.purpose).where(
+        return conn.execute(sa.select(r.c.id, r.c.purpose).where(
             r.c.campaign == spec.campaign, r.c.occurrence == spec.occurrence)).one()
+
+    row = in_transaction(engine, work)
     if row.purpose != spec.purpose:
         raise InputError(f"run {spec.campaign}/{spec.occurrence} exists with purpose {row.purpose}")
     return row.id
@@ -214,10 +224,14 @@ def plan_run(
     for batch in member_batches:
         recipients = [b if isinstance(b, Recipient) else Recipient(int(b)) for b in batch]
         if recipients:
-            with engine.begin() as conn:
-                plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, message_ids, report, hooks=hooks)
-    with engine.begin() as conn:
-        refresh_run_counts(conn, run_id, reopen=report.inserted > 0)
+            def work(conn: Connection) -> PlanReport:
+                # Counted per try: a try rolled back by a dropped connection or a deadlock counts nothing.
+                part = PlanReport(run_id)
+                plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, message_ids, part, hooks=hooks)
+                return part
+
+            report.add(in_transaction(engine, work))
+    in_transaction(engine, lambda conn: refresh_run_counts(conn, run_id, reopen=report.inserted > 0))
     return report
 
 

@@ -10,8 +10,9 @@ because they rest on the database, not on the process:
   batch (PostgreSQL skips rows another process locked; SQLite serialises the statement under its single
   write lock), so no row is claimed, hence sent, by two processes;
 * every outcome is recorded guarded by ``state = 'sending' AND claimed_by = <this process>``;
-* a process that dies leaves its in-flight rows ``sending``; they become ``unknown`` after the lease and are
-  never resent blindly (marketing), exactly as for one process.
+* a process that dies leaves its claimed rows ``sending``; after the lease, those whose provider call never
+  began (no ``attempt_started_at``) are sent again, those that may have reached the provider become
+  ``unknown`` and are never resent blindly (marketing), exactly as for one process.
 
 Rate limits stay global: a per-channel rate in ``DispatchConfig.rate_limits`` (messages/s) is split evenly
 between the processes, so together they never exceed it. Limits shared through the orchestrator (Prefect
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,7 +81,8 @@ def _config_from_json(data: Mapping[str, Any]):
 
 def dispatch_processes(database_url: str, run_id: int, processes: int, *, env: Mapping[str, str] | None = None,
                        config=None, channels: Iterable[str] | None = None, resume: bool = False,
-                       shared_limits: Sequence[Mapping[str, Any]] = (), python: str | None = None
+                       shared_limits: Sequence[Mapping[str, Any]] = (), python: str | None = None,
+                       child_module: str = "membercare.delivery.pool"
                        ) -> list[dict[str, Any]]:
     """Run ``processes`` dispatcher processes on ``run_id`` until each returns; their reports, in order.
 
@@ -88,7 +90,9 @@ def dispatch_processes(database_url: str, run_id: int, processes: int, *, env: M
     base URLs); ``channels`` restricts them (default: every configured channel). ``config`` is this whole
     dispatch's :class:`DispatchConfig`: its ``rate_limits`` are split between the processes.
     ``shared_limits``: ``{"channel", "name", "limit", "rate"}`` for orchestrator-wide limits (their API
-    must be reachable from the processes through ``env``). A report is a dict with ``worker``, ``attempts``,
+    must be reachable from the processes through ``env``), built in each process by ``child_module``'s
+    ``main`` (the orchestration layer's entry point, e.g. ``flows.dispatch_process``, which calls
+    :func:`main` with a limiter factory; this package never imports the orchestrator). A report is a dict with ``worker``, ``attempts``,
     ``outcomes``, ``status``, ``stop_reason``, ``next_due_at`` (ISO or None), ``recovered_unknown``,
     ``elapsed``. Raises ``ConfigurationError``/``RunPaused`` as one dispatcher would (after every process
     stopped), :class:`DispatchProcessError` when a process died.
@@ -107,7 +111,9 @@ def dispatch_processes(database_url: str, run_id: int, processes: int, *, env: M
     # The child must import this package the way the parent did (a source checkout on sys.path).
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, child_env.get("PYTHONPATH")]))
-    cmd = [python or sys.executable, "-m", "membercare.delivery.pool"]
+    if shared_limits and child_module == "membercare.delivery.pool":
+        raise InputError("shared rate limits need a child_module that can build them (flows.dispatch_process)")
+    cmd = [python or sys.executable, "-m", child_module]
     procs = [subprocess.Popen(cmd, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(processes)]
     outputs: list[tuple[str, str]] = [("", "")] * processes
@@ -160,13 +166,17 @@ def merge_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "stop_reason": next((r["stop_reason"] for r in reports if r.get("stop_reason")), None),
             "next_due_at": min(due) if due else None,
             "recovered_unknown": sum(r.get("recovered_unknown", 0) for r in reports),
+            "recovered_unattempted": sum(r.get("recovered_unattempted", 0) for r in reports),
             "elapsed": max((r.get("elapsed", 0.0) for r in reports), default=0.0)}
 
 
 # ------------------------------------------------------------------------------------------------ child
 
 
-def _child(job: Mapping[str, Any]) -> dict[str, Any]:
+LimiterFactory = Callable[[Mapping[str, Any]], Any]
+
+
+def _child(job: Mapping[str, Any], make_limiter: LimiterFactory | None = None) -> dict[str, Any]:
     from channels.registry import build_channels, close_channels
     from membercare.db import make_engine
     from membercare.delivery.dispatcher import Dispatcher, RunPaused
@@ -179,12 +189,10 @@ def _child(job: Mapping[str, Any]) -> dict[str, Any]:
     try:
         dispatcher = Dispatcher(engine, {str(getattr(k, "value", k)): v for k, v in adapters.items()},
                                 config=_config_from_json(job["config"]))
-        if job.get("shared_limits"):
-            from flows.ratelimits import SharedRateLimiter  # the orchestrator's limits (lazy: Prefect)
-
-            for spec in job["shared_limits"]:
-                dispatcher.limiters[spec["channel"]] = SharedRateLimiter(spec["name"], limit=int(spec["limit"]),
-                                                                         rate=float(spec["rate"]))
+        for spec in job.get("shared_limits") or ():
+            if make_limiter is None:
+                raise ConfigurationError("shared rate limits were given but this process cannot build them")
+            dispatcher.limiters[spec["channel"]] = make_limiter(spec)
         try:
             rep = dispatcher.dispatch(int(job["run_id"]), resume=bool(job.get("resume")))
         except (ConfigurationError, RunPaused) as exc:
@@ -195,13 +203,16 @@ def _child(job: Mapping[str, Any]) -> dict[str, Any]:
     due = rep.next_due_at
     return {"worker": rep.worker, "attempts": rep.attempts, "outcomes": dict(rep.outcomes), "status": rep.status,
             "stop_reason": rep.stop_reason, "next_due_at": due.isoformat() if isinstance(due, datetime) else None,
-            "recovered_unknown": rep.recovered_unknown, "elapsed": rep.elapsed}
+            "recovered_unknown": rep.recovered_unknown, "recovered_unattempted": rep.recovered_unattempted,
+            "resume_at": rep.resume_at.isoformat() if rep.resume_at else None, "elapsed": rep.elapsed}
 
 
-def main() -> None:
+def main(make_limiter: LimiterFactory | None = None) -> None:
+    """A dispatcher process: one JSON job on stdin, one JSON report line on stdout. ``make_limiter(spec)``
+    builds a shared limiter from a ``shared_limits`` entry (the orchestration layer passes it)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     job = json.loads(sys.stdin.read())
-    report = _child(job)
+    report = _child(job, make_limiter)
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
 

@@ -12,7 +12,33 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+from membercare.errors import ConfigurationError
+from membercare.models import Channel
+
+# Sustained messages/s per channel when MEMBERCARE_RATE_LIMIT_<CHANNEL> is not set: conservative defaults that
+# match a single Twilio long-code sender's order of magnitude and typical SendGrid/FCM account limits.
+DEFAULT_RATES: dict[str, float] = {"email": 100.0, "sms": 10.0, "push": 200.0}
+
+
+def configured_rates(env: Mapping[str, str]) -> dict[str, float]:
+    """Messages/s per channel from ``MEMBERCARE_RATE_LIMIT_EMAIL`` / ``_SMS`` / ``_PUSH`` (else the defaults).
+
+    These hold in every mode: shared by all workers through the orchestrator's global limits when those
+    exist, else applied by each dispatcher (split between the processes of one dispatch)."""
+    out = {}
+    for ch in Channel:
+        var = f"MEMBERCARE_RATE_LIMIT_{ch.value.upper()}"
+        raw = (env.get(var) or "").strip()
+        try:
+            rate = float(raw) if raw else DEFAULT_RATES[ch.value]
+        except ValueError:
+            raise ConfigurationError(f"{var} must be messages per second, not {raw[:20]!r}") from None
+        if not rate > 0 or rate == float("inf"):
+            raise ConfigurationError(f"{var} must be a positive number of messages per second")
+        out[ch.value] = rate
+    return out
 
 
 class TokenBucket:

@@ -4,13 +4,18 @@ A row is ``sending`` from the moment a dispatcher committed its claim until it r
 provider's answer. If the process dies in between, the provider may or may not have accepted the
 message. Policy (see ``docs/delivery.md``):
 
-1. :func:`recover_stale` turns ``sending`` rows whose claim is older than the lease into ``unknown``
-   (reason ``in_flight_at_crash``). They are **never** resent automatically at this point.
+1. :func:`recover_stale` takes back ``sending`` rows whose claim is older than the lease: rows the
+   dispatcher never attempted (no ``attempt_started_at``: the send gate never let them through) go back
+   to ``planned`` and are sent; attempted ones become ``unknown`` (reason ``in_flight_at_crash``) and
+   are **never** resent automatically at this point.
 2. :func:`reconcile_unknown` looks each unknown row up in the provider's records (a
    :class:`ProviderRecords` source, e.g. the sandbox's ``GET /sandbox/messages``) and marks the ones it
    finds ``sent``. Provider events (delivered, opened, bounced...) carrying our message id do the same
    through :func:`mark_sent_from_event`, whenever they arrive.
-3. After the grace period, rows still without a record stay ``unknown`` for **marketing** (no duplicate
+3. A source that can also say which messages the provider **never** received (a
+   :class:`ProviderVerdicts`, e.g. Twilio's message list in :mod:`membercare.delivery.provider_records`)
+   sends those rows again, marketing included (reason ``never_received``): no duplicate is possible.
+4. After the grace period, rows still without a record stay ``unknown`` for **marketing** (no duplicate
    is preferred to no loss; the reason says so) and go back to ``planned`` for **transactional**
    messages (no loss is preferred: an order confirmation must arrive, and a rare duplicate is the price,
    because none of SendGrid's mail send, Twilio's Messages or FCM's v1 send deduplicates on a client key).
@@ -21,11 +26,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from membercare.db import in_transaction
 from membercare.delivery.models import Decision, OutboxMessage, OutboxState
 from membercare.models import Purpose
 from membercare.timeutil import ensure_utc, utcnow
@@ -40,6 +46,35 @@ class ProviderRecords(Protocol):
     """
 
     def lookup(self, message_ids: Sequence[str]) -> Mapping[str, str]: ...
+
+
+@dataclass
+class Settlement:
+    """What a :class:`ProviderVerdicts` source concluded about a batch of message ids.
+
+    ``found``: ``{message_id: provider_message_id}`` the provider accepted. ``never_received``:
+    ``{message_id: why}`` the provider's complete records show it never accepted (the reason is stored
+    on the row, so it must name no address). ``notes``: ``{message_id: how it was found}`` (optional
+    prose for the row's reason). An id in none of them is undecided.
+    """
+
+    found: dict[str, str] = field(default_factory=dict)
+    never_received: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ProviderVerdicts(Protocol):
+    """Extension point beyond :class:`ProviderRecords`: a source that can also *confirm absence*.
+
+    ``settle(message_ids, now=...)`` returns a :class:`Settlement`. Only claim ``never_received`` when the
+    provider's records for the message's recipient and time window are complete (every page read, past
+    any queueing delay) and hold nothing that could be the message: :func:`reconcile_unknown` sends those
+    rows again, marketing included. Ids of other channels and unknown ids are simply left out. A lookup
+    that cannot be made should raise, so that nothing is concluded from silence.
+    """
+
+    def settle(self, message_ids: Sequence[str], *, now: datetime) -> Settlement: ...
 
 
 @dataclass
@@ -101,29 +136,61 @@ class SandboxRecords:
         return {m: self._known[m] for m in message_ids if m in self._known}
 
 
-def recover_stale(engine: Engine, *, lease: timedelta, run_id: int | None = None,
-                  now: datetime | None = None) -> int:
-    """Mark ``sending`` rows claimed before ``now - lease`` as ``unknown``. Returns how many.
+NEVER_ATTEMPTED_NOTE = "; its dispatcher stopped before the provider call, sent again"
 
-    The lease must be longer than the slowest send (adapter timeout plus rate-limit wait) plus the
-    dispatcher's flush interval; a live dispatcher's late answer for a row recovered this way is
-    ignored (its update is guarded by ``state = 'sending'``) and reconciliation settles the row.
+
+@dataclass(frozen=True)
+class Recovered:
+    """What :func:`recover_stale` did: rows sent back to be sent, rows whose outcome is unknown."""
+
+    unattempted: int = 0
+    unknown: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.unattempted + self.unknown
+
+
+def recover_stale(engine: Engine, *, lease: timedelta, run_id: int | None = None,
+                  now: datetime | None = None) -> Recovered:
+    """Take back ``sending`` rows of dispatchers that stopped (their claim or attempt older than ``lease``).
+
+    * Claimed but never attempted (``attempt_started_at`` unset: the send gate never let them through, so
+      no provider call began): back to ``planned``, reason ``never_attempted``. They will be sent.
+    * Attempted (the provider call may have begun): ``unknown``, reason ``in_flight_at_crash``. They are
+      never resent automatically at this point; :func:`reconcile_unknown` settles them.
+
+    The lease must be longer than the slowest send (adapter timeout) plus the dispatcher's flush interval
+    for attempted rows, and longer than a claimed batch waits for its rate-limit tokens for unattempted
+    ones; a live dispatcher's late answer for a row recovered this way is ignored (its update is guarded
+    by ``state = 'sending' AND claimed_by``) and the send gate refuses a row that is no longer its own.
     """
     o = OutboxMessage.__table__
     now = ensure_utc(now or utcnow())
-    cond = [o.c.state == OutboxState.SENDING.value, o.c.claimed_at <= now - lease]
+    base = [o.c.state == OutboxState.SENDING.value]
     if run_id is not None:
-        cond.append(o.c.run_id == run_id)
-    with engine.begin() as conn:
-        res = conn.execute(
-            sa.update(o).where(*cond).values(
-                state=OutboxState.UNKNOWN.value, reason_code=Decision.IN_FLIGHT_AT_CRASH.value,
-                reason=sa.func.substr(sa.literal("in flight when dispatcher ") + sa.func.coalesce(o.c.claimed_by, "?")
-                                      + sa.literal(" stopped; the provider may or may not have accepted it"), 1, 500),
-                updated_at=now,
-            )
-        )
-        return res.rowcount or 0
+        base.append(o.c.run_id == run_id)
+    who = sa.func.coalesce(o.c.claimed_by, "?")
+
+    def work(conn: Connection) -> Recovered:
+        never = conn.execute(sa.update(o).where(
+            *base, o.c.attempt_started_at.is_(None), o.c.claimed_at <= now - lease).values(
+            state=OutboxState.PLANNED.value, reason_code=Decision.NEVER_ATTEMPTED.value, claimed_by=None,
+            claimed_at=None, next_attempt_at=None, updated_at=now,
+            # Kept in the prose reason, which the eventual "sent ..." reason carries on, for the audit trail.
+            reason=sa.func.substr(o.c.reason + sa.literal(NEVER_ATTEMPTED_NOTE), 1, 500),
+            last_error=sa.func.substr(sa.literal("claimed by dispatcher ") + who
+                                      + sa.literal(" which stopped before the provider call; sending again"), 1, 500),
+        )).rowcount or 0
+        maybe = conn.execute(sa.update(o).where(
+            *base, o.c.attempt_started_at.is_not(None), o.c.attempt_started_at <= now - lease).values(
+            state=OutboxState.UNKNOWN.value, reason_code=Decision.IN_FLIGHT_AT_CRASH.value, updated_at=now,
+            reason=sa.func.substr(sa.literal("in flight when dispatcher ") + who
+                                  + sa.literal(" stopped; the provider may or may not have accepted it"), 1, 500),
+        )).rowcount or 0
+        return Recovered(never, maybe)
+
+    return in_transaction(engine, work)
 
 
 @dataclass
@@ -132,12 +199,16 @@ class ReconcileReport:
     found_sent: int = 0
     left_unknown: int = 0
     requeued: int = 0
+    never_received: int = 0  # the provider confirmed it never accepted them: back to planned
 
 
-def reconcile_unknown(engine: Engine, *, run_id: int | None = None, records: ProviderRecords | None = None,
+def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
+                      records: ProviderRecords | ProviderVerdicts | None = None,
                       grace: timedelta = timedelta(hours=1), now: datetime | None = None,
                       batch_size: int = 500) -> ReconcileReport:
-    """Settle ``unknown`` rows: provider record -> sent; past grace -> final unknown (marketing) or resend."""
+    """Settle ``unknown`` rows: provider record -> sent; confirmed never received (a
+    :class:`ProviderVerdicts` source) -> planned, whatever the purpose; past grace -> final unknown
+    (marketing) or resend (transactional)."""
     o = OutboxMessage.__table__
     now = ensure_utc(now or utcnow())
     rep = ReconcileReport()
@@ -153,12 +224,15 @@ def reconcile_unknown(engine: Engine, *, run_id: int | None = None, records: Pro
             return rep
         last_id = rows[-1].id
         rep.checked += len(rows)
-        found = dict(records.lookup([r.message_id for r in rows])) if records is not None else {}
+        found, never, notes = _ask(records, [r.message_id for r in rows], now)
         with engine.begin() as conn:
             for r in rows:
                 if r.message_id in found:
-                    rep.found_sent += _mark_sent(conn, r.message_id, found[r.message_id], now,
-                                                 "reconciled: the provider has a record of it")
+                    how = notes.get(r.message_id) or "the provider has a record of it"
+                    rep.found_sent += _mark_sent(conn, r.message_id, found[r.message_id], now, f"reconciled: {how}")
+                    continue
+                if r.message_id in never:
+                    rep.never_received += _send_again(conn, r.id, never[r.message_id], now)
                     continue
                 since = r.claimed_at or r.updated_at
                 if since > now - grace:
@@ -178,6 +252,28 @@ def reconcile_unknown(engine: Engine, *, run_id: int | None = None, records: Pro
                     rep.left_unknown += 1
                 else:
                     rep.left_unknown += 1
+
+
+def _ask(records, message_ids: list[str], now: datetime) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """``(found, never_received, notes)`` from a :class:`ProviderVerdicts` or a plain :class:`ProviderRecords`."""
+    if records is None:
+        return {}, {}, {}
+    if isinstance(records, ProviderVerdicts):
+        verdict = records.settle(message_ids, now=now)
+        found = dict(verdict.found)
+        return found, {m: w for m, w in verdict.never_received.items() if m not in found}, dict(verdict.notes)
+    return dict(records.lookup(message_ids)), {}, {}
+
+
+def _send_again(conn: Connection, row_id: int, why: str, now: datetime) -> int:
+    """An ``unknown`` row the provider confirms it never received goes back to ``planned``."""
+    o = OutboxMessage.__table__
+    res = conn.execute(sa.update(o).where(o.c.id == row_id, o.c.state == OutboxState.UNKNOWN.value).values(
+        state=OutboxState.PLANNED.value, next_attempt_at=None, claimed_by=None, claimed_at=None,
+        attempt_started_at=None, reason_code=Decision.NEVER_RECEIVED.value, updated_at=now,
+        reason=(f"outcome was unknown; the provider confirms it never received it ({why}); sending it "
+                "(no duplicate possible)")[:500]))
+    return res.rowcount or 0
 
 
 def _mark_sent(conn: Connection, message_id: str, provider_message_id: str | None, at: datetime, why: str) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -163,18 +164,113 @@ def clip(value: Any, limit: int) -> str | None:
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
+# No provider payload comes near this (SendGrid events are 3 levels deep, app reports 2, triggers 1); the
+# bound keeps json.loads, our own walks of the payload and its re-serialisation far from Python's
+# recursion limit, so a hostile body gets a 400 instead of a RecursionError.
+MAX_JSON_DEPTH = 32
 
-def loads_json(body: bytes) -> Any:
-    """``json.loads`` for webhook bodies, with lone UTF-16 surrogates (legal in JSON escapes, not encodable
-    in UTF-8, so the database driver would fail on them and the provider would retry forever) replaced by
-    U+FFFD. Raises :class:`MalformedPayload` for anything that is not JSON."""
+
+def loads_json(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for webhook bodies, with the checks that keep one hostile body from costing more than a 400.
+
+    * The body must be UTF-8 (a leading byte-order mark is tolerated); ``json.loads`` would otherwise guess
+      UTF-16 or UTF-32 from the first bytes.
+    * Nesting deeper than ``max_depth`` is refused before parsing (:func:`json_too_deep`).
+    * ``NaN``, ``Infinity`` and numbers that overflow to infinity are refused: they are not JSON, and
+      PostgreSQL's ``json`` type would refuse the re-serialised payload, failing the whole batch.
+    * Lone UTF-16 surrogates (legal in JSON escapes, not encodable in UTF-8, so the database driver would
+      fail on them and the provider would retry forever) are replaced by U+FFFD.
+
+    Raises :class:`MalformedPayload` with a message that quotes no content of the body.
+    """
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPayload(f"body is not UTF-8 (invalid byte at offset {exc.start})") from None
+    if json_too_deep(body, max_depth):
+        raise MalformedPayload(f"JSON nested deeper than {max_depth} levels")
+    try:
+        data = json.loads(text.removeprefix("\ufeff"), parse_constant=_not_a_number, parse_float=_finite)
+    except ValueError as exc:
         raise MalformedPayload(f"not JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(body):
         data = _clean(data)
     return data
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
+# Escapes that can hide a quote or a backslash from a byte scan; the others (\n, \u0041, ...) never
+# produce a structural character.
+_QUOTING_ESCAPE = re.compile(rb'\\[\\"]')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_SCAN_CHUNK = 1 << 20
+
+
+def json_too_deep(body: bytes, limit: int) -> bool:
+    """Whether the JSON text ``body`` nests arrays/objects more than ``limit`` levels deep, in linear time.
+
+    Brackets inside strings do not count. The scan never recurses and stops at the first chunk that goes too
+    deep; a body that is not well-formed JSON may answer either way (``json.loads`` then says what is wrong).
+    Typical webhook bodies cost about as much as ``json.loads`` itself; 16 MB of brackets about 0.1 s.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    if b"\\" in body:
+        body = _QUOTING_ESCAPE.sub(b"", body)
+    # Only quotes and brackets matter. Dropping each pair of adjacent quotes removes the strings that hold no
+    # bracket (almost all of them) and merges adjacent strings, which changes nothing outside strings.
+    structure = body.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    import numpy as np  # noqa: PLC0415 - only bodies with more brackets than the limit get here
+
+    depth, parity = 0, 0
+    for start in range(0, len(structure), _SCAN_CHUNK):
+        chars = np.frombuffer(structure, dtype=np.uint8, count=min(_SCAN_CHUNK, len(structure) - start),
+                              offset=start)
+        quote = chars == ord('"')
+        # A bracket is outside strings when an even number of quotes precedes it (uint8 wraps, parity stays).
+        outside = ((np.cumsum(quote, dtype=np.uint8) + parity) & 1) == 0
+        parity = (parity + int(np.count_nonzero(quote))) & 1
+        brackets = chars[outside & ~quote]
+        if not brackets.size:
+            continue
+        # "[" (0x5B) and "{" (0x7B) have bit 1 set, "]" (0x5D) and "}" (0x7D) do not: +1 / -1 per bracket.
+        level = np.cumsum((brackets & 2).view(np.int8) - 1, dtype=np.int64) + depth
+        if int(level.max()) > limit:
+            return True
+        depth = int(level[-1])
+    return False
+
+
+# Characters that no id, address or token can contain: C0 and C1 controls, DEL, and lone surrogates
+# (which only a broken escape produces). PostgreSQL text cannot hold NUL at all.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character or a lone surrogate."""
+    return _CONTROL.search(text) is not None
+
+
+def usable_id(value: Any, max_len: int) -> str | None:
+    """``value`` when it can serve as a lookup key (an id, an address, a token), else ``None``.
+
+    Usable means: a non-empty string of at most ``max_len`` characters without control characters. A key
+    that fails is never cleaned into something else (stripping a NUL could turn it into another member's
+    address); the raw payload keeps it as received.
+    """
+    if not isinstance(value, str) or not value or len(value) > max_len or has_control(value):
+        return None
+    return value
 
 
 def _clean(value: Any) -> Any:

@@ -47,11 +47,12 @@ is either stored with its effects or not at all (and the provider retries).
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -70,6 +71,10 @@ from membercare.engagement.events import (
     EventKind,
     InboundCommand,
     Provider,
+    clip,
+    has_control,
+    stable_key,
+    usable_id,
 )
 from membercare.engagement.models import EngagementEventRow
 from membercare.models import Channel, ConsentSource, Device, Member, Purpose
@@ -90,6 +95,8 @@ class IngestResult:
     devices_invalidated: int = 0
     settled: int = 0  # outbox rows marked sent because a provider event proved acceptance
     member_ids: list[int | None] = field(default_factory=list)
+    # {index of the input event: its fields that could not be used (see _usable)}: stored without them.
+    cleaned: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _chunks(items: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
@@ -105,16 +112,62 @@ def _in(conn: Connection, column, values: Sequence):
     return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
 
 
+# The longest address of each channel worth looking up (RFC 5321 caps a path at 256 octets; FCM tokens are
+# a few hundred characters). Longer ones, like ones with control characters, cannot belong to a member.
+_MAX_ADDRESS = {Channel.EMAIL.value: 320, Channel.SMS.value: 64, Channel.PUSH.value: 4096}
+_MAX_MESSAGE_ID = 32  # outbox_messages.message_id
+_MAX_KEY = 128  # engagement_events.provider_event_id and provider_message_id
+
+
 def normalise_recipient(channel: str, address: str | None) -> str | None:
-    """The form members and suppressions are matched on (email case-folded, phone without spaces)."""
+    """The form members and suppressions are matched on (email case-folded, phone without spaces), or
+    ``None`` when the address cannot be anybody's (control characters, absurd length)."""
     if not address:
         return None
     address = address.strip()
     if channel == Channel.EMAIL:
-        return address.lower()
-    if channel == Channel.SMS:
-        return "".join(address.split())
-    return address
+        address = address.lower()
+    elif channel == Channel.SMS:
+        address = "".join(address.split())
+    return usable_id(address, _MAX_ADDRESS.get(str(channel), 4096))
+
+
+def _usable(e: EngagementEvent) -> tuple[EngagementEvent, tuple[str, ...]]:
+    """``e`` with every lookup key it cannot use removed, and the names of the fields that were.
+
+    Providers' strings are unbounded and may hold NUL (which PostgreSQL text cannot store, failing the whole
+    batch) or other control characters. An id or address like that is never cleaned into a different one,
+    which could be another member's: our message id, the provider's message id and the recipient become
+    ``None`` (the member is then found by the other keys, or not at all), and a dedupe key is replaced by a
+    hash of it, so that a redelivery is still recognised. ``raw`` keeps the payload as received. Both
+    databases therefore store and match exactly the same thing.
+    """
+    mid, pid, to, key = e.message_id or "", e.provider_message_id or "", e.recipient or "", e.dedupe_key
+    if (len(mid) <= _MAX_MESSAGE_ID and len(pid) <= _MAX_KEY and 0 < len(key) <= _MAX_KEY
+            and len(to) <= _MAX_ADDRESS.get(str(e.channel), 4096) and not has_control(mid + pid + to + key)):
+        return e, ()  # the common case, in one scan
+    changes: dict[str, object] = {}
+    if e.message_id is not None and usable_id(e.message_id, _MAX_MESSAGE_ID) is None:
+        changes["message_id"] = None
+    if e.provider_message_id is not None and usable_id(e.provider_message_id, _MAX_KEY) is None:
+        changes["provider_message_id"] = None
+    if e.recipient is not None and normalise_recipient(e.channel, e.recipient) is None:
+        changes["recipient"] = None
+    if usable_id(e.dedupe_key, _MAX_KEY) is None:
+        changes["dedupe_key"] = stable_key("unusable key", e.dedupe_key)
+    if not changes:
+        return e, ()
+    return replace(e, **changes), tuple(sorted(changes))
+
+
+def _usable_events(events: Sequence[EngagementEvent]) -> tuple[list[EngagementEvent], dict[int, tuple[str, ...]]]:
+    out, cleaned = [], {}
+    for i, e in enumerate(events):
+        e, dropped = _usable(e)
+        out.append(e)
+        if dropped:
+            cleaned[i] = dropped
+    return out, cleaned
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,11 +235,12 @@ def _members_by_address(conn: Connection, wanted: dict[str, set[str]]) -> dict[t
 
 def resolve_members(conn: Connection, events: Sequence[EngagementEvent]) -> tuple[list[int | None], dict]:
     """Member id per event (or ``None``), and the address lookup used (for effects on unresolved events)."""
-    members, by_address, _ = _resolve(conn, events)
+    members, by_address, _ = _resolve(conn, _usable_events(events)[0])
     return members, by_address
 
 
 def _resolve(conn: Connection, events: Sequence[EngagementEvent]) -> tuple[list[int | None], dict, set[str]]:
+    # ``events`` went through _usable: every key looked up here is one the database can hold.
     # Provider events never carry a member id, so every message id of a provider event is looked up here.
     by_message, unsettled = _members_by_message(
         conn, {e.message_id for e in events if e.message_id and e.member_id is None})
@@ -215,10 +269,16 @@ def _raw_json(raw) -> str:
     return json.dumps(raw, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
+_UNENCODABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def _text(value: str | None) -> str | None:
-    # PostgreSQL text cannot hold NUL; a provider string with one must not make the batch fail forever
-    # (the provider would retry it endlessly). In ``raw`` it survives as the JSON escape \u0000.
-    return value.replace("\x00", "") if value and "\x00" in value else value
+    """A free-text column (``url``, ``reason``): NUL removed (PostgreSQL text cannot hold it; a provider string
+    with one must not make the batch fail forever) and lone surrogates (not encodable in UTF-8) replaced by
+    U+FFFD. In ``raw`` a NUL survives as the JSON escape \\u0000."""
+    if not value or not _UNENCODABLE.search(value):
+        return value
+    return _UNENCODABLE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
 
 
 def ingest(conn: Connection, events: Sequence[EngagementEvent], *, apply_effects: bool = True,
@@ -232,6 +292,7 @@ def ingest(conn: Connection, events: Sequence[EngagementEvent], *, apply_effects
     if not events:
         return result
     received_at = received_at or utcnow()
+    events, result.cleaned = _usable_events(events)
     member_ids, by_address, unsettled = _resolve(conn, events)
     result.member_ids = member_ids
 
@@ -239,15 +300,16 @@ def ingest(conn: Connection, events: Sequence[EngagementEvent], *, apply_effects
     rows: dict[tuple[str, str], dict] = {}
     index: dict[tuple[str, str], int] = {}
     for i, (e, member) in enumerate(zip(events, member_ids)):
-        key = (str(e.provider), _text(e.dedupe_key))
+        key = (str(e.provider), e.dedupe_key)
         if key in rows:
             continue
         index[key] = i
         rows[key] = dict(
-            provider=str(e.provider), provider_event_id=_text(e.dedupe_key), kind=e.kind.value,
+            provider=str(e.provider), provider_event_id=e.dedupe_key, kind=e.kind.value,
             bounce_class=e.bounce_class.value if e.bounce_class else None, channel=e.channel.value,
-            message_id=_text(e.message_id), provider_message_id=_text(e.provider_message_id), member_id=member,
-            occurred_at=e.occurred_at, received_at=received_at, url=_text(e.url), reason=_text(e.reason), raw=e.raw,
+            message_id=e.message_id, provider_message_id=e.provider_message_id, member_id=member,
+            occurred_at=e.occurred_at, received_at=received_at, url=_text(e.url), reason=clip(_text(e.reason), 500),
+            raw=e.raw,
         )
     ordered = [rows[k] for k in sorted(rows)]
     inserted = _insert_events(conn, ordered)

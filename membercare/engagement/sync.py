@@ -6,7 +6,7 @@ bounced...) carries our message id, so it proves that a message the ledger still
 minutes) applies those proofs, then hands what is left to :mod:`membercare.delivery.reconcile` (provider
 records, policy after a grace period). It lives here, not in ``membercare.delivery``, because it reads the
 engagement ledger: engagement builds on delivery (``engagement.store`` already settles rows through
-``delivery.reconcile``), and delivery never imports engagement.
+``delivery.reconcile``), and delivery stays below engagement (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from sqlalchemy.engine import Engine
 
 from membercare.delivery.models import CampaignRun, OutboxMessage, OutboxState
 from membercare.delivery.planner import refresh_run_counts
-from membercare.delivery.reconcile import ProviderRecords, mark_sent_from_event, reconcile_unknown, recover_stale
+from membercare.delivery.reconcile import (
+    ProviderRecords,
+    ProviderVerdicts,
+    mark_sent_from_event,
+    reconcile_unknown,
+    recover_stale,
+)
 from membercare.engagement.models import EngagementEventRow
 from membercare.timeutil import ensure_utc, utcnow
 
@@ -33,10 +39,12 @@ class SyncReport:
     reconciled_from_records: int = 0
     left_unknown: int = 0
     requeued: int = 0
+    never_received: int = 0  # the provider confirmed it never got them: sent again
     runs_refreshed: int = 0
 
 
-def sync_engagement(engine: Engine, *, records: ProviderRecords | None = None, lease: timedelta = timedelta(minutes=5),
+def sync_engagement(engine: Engine, *, records: ProviderRecords | ProviderVerdicts | None = None,
+                    lease: timedelta = timedelta(minutes=5),
                     grace: timedelta = timedelta(hours=1), lookback: timedelta = timedelta(days=3),
                     now: datetime | None = None) -> SyncReport:
     """Settle messages whose outcome the ledger does not know yet, then refresh the runs' counts.
@@ -45,13 +53,15 @@ def sync_engagement(engine: Engine, *, records: ProviderRecords | None = None, l
     2. unknown, sending and deferred rows that a provider event names (delivered, opened, bounced... carry
        our message id) were accepted: they become ``sent`` (:func:`mark_sent_from_event`), which also
        cancels the retry of a deferred row whose first attempt really went through;
-    3. the rest is looked up in ``records`` (a ``ProviderRecords``; e.g. the sandbox) and past ``grace``
-       settled by policy (:func:`reconcile_unknown`);
+    3. the rest is looked up in ``records`` (a ``ProviderRecords``, e.g. the sandbox, or a ``ProviderVerdicts``
+       such as :func:`membercare.delivery.provider_records.provider_records_from_env`, which can also confirm
+       that a provider never received a message: those are sent again) and past ``grace`` settled by policy
+       (:func:`reconcile_unknown`);
     4. runs updated within ``lookback`` get their state counts refreshed.
     """
     now = ensure_utc(now or utcnow())
     rep = SyncReport()
-    rep.recovered_stale = recover_stale(engine, lease=lease, now=now)
+    rep.recovered_stale = recover_stale(engine, lease=lease, now=now).total
     o, e, r = OutboxMessage.__table__, EngagementEventRow.__table__, CampaignRun.__table__
     open_states = (OutboxState.UNKNOWN.value, OutboxState.SENDING.value, OutboxState.DEFERRED.value)
     last = 0
@@ -71,6 +81,7 @@ def sync_engagement(engine: Engine, *, records: ProviderRecords | None = None, l
                                                                      source="engagement event"))
     rec = reconcile_unknown(engine, records=records, grace=grace, now=now)
     rep.reconciled_from_records, rep.left_unknown, rep.requeued = rec.found_sent, rec.left_unknown, rec.requeued
+    rep.never_received = rec.never_received
     with engine.begin() as conn:
         ids = conn.execute(sa.select(r.c.id).where(r.c.updated_at >= now - lookback)).scalars().all()
         for run_id in ids:

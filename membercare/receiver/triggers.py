@@ -4,16 +4,22 @@ Body (JSON): ``{"member": "M0000042", "order": "O123" (optional), "ref": "R9" (o
 signed like the app's push reports: header ``X-Membercare-Signature: sha256=<hex HMAC-SHA256 of the raw
 body>`` with ``MEMBERCARE_TRIGGER_SECRET``. Without the secret the endpoint answers 503.
 
+Answers: 401/403 for a missing/wrong signature (checked before anything else is read or parsed); 413 for a
+body over ``MAX_BODY`` and 400 for one that is not UTF-8 (the receiver's ``BodyLimit`` middleware, as the body
+streams in); 400 for JSON that is malformed, nested deeper than ``MAX_JSON_DEPTH`` or lacks a member, and for
+a value with a control character or over ``MAX_VALUE`` characters; 404 for an unknown event; 422 for an
+unknown member or order (or a value the database cannot hold); 202 with the flow run otherwise.
+
 The request is validated against the database (event, member, order) and answered ``202`` with the Prefect
 flow run that will do the work: a run of the ``trigger-message`` deployment (``prefect.yaml``), picked up
 by a worker. The receiver itself never sends, and never imports Prefect until a trigger arrives.
 
-Mount it with ``app.include_router(build_trigger_router(engine, TriggerConfig.from_env(), settings))``.
+Mount it with ``app.include_router(build_trigger_router(engine, TriggerConfig.from_env(), settings))`` in an
+app wrapped by :class:`membercare.receiver.app.BodyLimit` (``create_app`` does both), which bounds the body.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,10 +28,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
 from channels.fcm_webhooks import SIGNATURE_HEADER, verify_push_tracking
 from membercare.config import Settings
+from membercare.engagement.events import MalformedPayload, loads_json, usable_id
 from membercare.errors import InputError, UnknownNameError
 
 DEPLOYMENT = "trigger-message/trigger-message"
@@ -62,22 +70,18 @@ def build_trigger_router(engine: Engine, config: TriggerConfig, settings: Settin
     async def trigger(event: str, request: Request) -> JSONResponse:
         if not config.secret:
             return JSONResponse({"error": "MEMBERCARE_TRIGGER_SECRET is not configured"}, status_code=503)
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
+        # Checked before the body is read: an unsigned request costs nothing. The body itself is bounded
+        # (MAX_BODY) and checked to be UTF-8 by the receiver's BodyLimit middleware as it streams in.
         signature = request.headers.get(SIGNATURE_HEADER)
         if not signature:
             return JSONResponse({"error": "missing signature"}, status_code=401)
+        body = await request.body()
         if not verify_push_tracking(config.secret, body, signature):
             return JSONResponse({"error": "bad signature"}, status_code=403)
         try:
-            data = json.loads(body)
-            if not isinstance(data, dict) or not isinstance(data.get("member"), (str, int)):
-                raise ValueError
-            params = {"event": event, "member": str(data["member"]),
-                      **{k: str(data[k]) for k in ("order", "ref", "at") if data.get(k) is not None}}
-        except ValueError:
-            return JSONResponse({"error": "body must be a JSON object with a member"}, status_code=400)
+            params = _parameters(event, loads_json(body))
+        except MalformedPayload as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
 
         def validate_and_start() -> str:
             from membercare.campaigns.triggers import plan_trigger
@@ -94,8 +98,40 @@ def build_trigger_router(engine: Engine, config: TriggerConfig, settings: Settin
             return JSONResponse({"error": str(exc)}, status_code=404)
         except (InputError, ValueError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
+        except (DataError, OverflowError):
+            # The database (or its driver) refused a value, e.g. a member number beyond 64 bits: the request
+            # is wrong, and retrying it would fail the same way, so it must not get the 503 below.
+            return JSONResponse({"error": "a value in the request is out of range for the database"}, status_code=422)
         except Exception:  # noqa: BLE001 - Prefect unreachable or no deployment: the caller should retry
             return JSONResponse({"error": "could not start the flow run; retry later"}, status_code=503)
         return JSONResponse({"flow_run_id": run_id, "event": event}, status_code=202)
 
     return router
+
+
+# Identifiers of the shop's systems (member and order numbers, references, ISO times) are short.
+MAX_VALUE = 200
+
+
+def _parameters(event: str, data: Any) -> dict[str, str]:
+    """The flow run's parameters from the JSON body; :class:`MalformedPayload` (400) when they are unusable.
+
+    A value with a control character (NUL, which PostgreSQL text cannot hold, or any other) or longer than
+    ``MAX_VALUE`` can name no member or order, so it is refused here, with the field's name, rather than
+    reaching the database.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("member"), (str, int)) or isinstance(data["member"], bool):
+        raise MalformedPayload("body must be a JSON object with a member")
+    if usable_id(event, MAX_VALUE) is None:
+        raise MalformedPayload(f"the event name must be at most {MAX_VALUE} characters without control characters")
+    params = {"event": event}
+    for name in ("member", "order", "ref", "at"):
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise MalformedPayload(f"{name} must be a string or an integer")
+        if usable_id(str(value), MAX_VALUE) is None:
+            raise MalformedPayload(f"{name} must be at most {MAX_VALUE} characters without control characters")
+        params[name] = str(value)
+    return params

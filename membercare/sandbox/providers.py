@@ -184,10 +184,17 @@ def sms_segments(body: str) -> tuple[str, int]:
     return "UCS-2", 1 if units <= 70 else math.ceil(units / 67)
 
 
+def rfc2822(at: float) -> str:
+    """Twilio's timestamp format: ``Fri, 24 May 2019 17:44:46 +0000``."""
+    return formatdate(at, usegmt=True).replace("GMT", "+0000")
+
+
 def twilio_message_resource(*, sid: str, account_sid: str, to: str, from_: str | None, body: str,
-                            messaging_service_sid: str | None, now: float | None = None) -> dict[str, Any]:
-    """The Message resource Twilio answers a create with (201)."""
-    date = formatdate(time.time() if now is None else now, usegmt=True).replace("GMT", "+0000")
+                            messaging_service_sid: str | None, now: float | None = None,
+                            status: str | None = None, date_sent: float | None = None) -> dict[str, Any]:
+    """The Message resource Twilio answers a create with (201); a listed message passes its ``status`` and
+    ``date_sent`` (when the sandbox handed it on: at once)."""
+    date = rfc2822(time.time() if now is None else now)
     _, segments = sms_segments(body)
     uri = f"/2010-04-01/Accounts/{account_sid}/Messages/{sid}"
     return {
@@ -195,7 +202,7 @@ def twilio_message_resource(*, sid: str, account_sid: str, to: str, from_: str |
         "api_version": "2010-04-01",
         "body": body,
         "date_created": date,
-        "date_sent": None,
+        "date_sent": rfc2822(date_sent) if date_sent is not None else None,
         "date_updated": date,
         "direction": "outbound-api",
         "error_code": None,
@@ -207,10 +214,68 @@ def twilio_message_resource(*, sid: str, account_sid: str, to: str, from_: str |
         "price": None,
         "price_unit": "USD",
         "sid": sid,
-        "status": "accepted" if messaging_service_sid and not from_ else "queued",
+        "status": status or ("accepted" if messaging_service_sid and not from_ else "queued"),
         "subresource_uris": {"media": f"{uri}/Media.json", "feedback": f"{uri}/Feedback.json"},
         "to": to,
         "uri": f"{uri}.json",
+    }
+
+
+TWILIO_LIST_MAX_PAGE_SIZE = 1000
+
+
+def twilio_date_bounds(value: str) -> tuple[float, float]:
+    """``(first, last)`` Unix seconds a ``DateSent`` filter value covers, both inclusive.
+
+    Twilio documents ``YYYY-MM-DD`` (a whole GMT day) and accepts timestamps (the SDK sends
+    ``YYYY-MM-DDTHH:MM:SSZ``; the spec's examples also show ``2019-06-11 22:05:25.000`` and RFC 2822): an
+    instant covers itself. Raises ``ValueError`` for anything else.
+    """
+    from datetime import UTC, date, datetime, timedelta
+    from email.utils import parsedate_to_datetime
+
+    text = value.strip()
+    if len(text) == 10:
+        day = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
+        return day.timestamp(), (day + timedelta(days=1)).timestamp() - 1e-6
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            at = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"unsupported date {value!r}") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.timestamp(), at.timestamp()
+
+
+def twilio_list_page(*, account_sid: str, filters: list[tuple[str, str]], messages: list[dict[str, Any]],
+                     page: int, page_size: int, token: str | None, next_token: str | None,
+                     previous_token: str | None) -> dict[str, Any]:
+    """A page of Twilio's Messages list (``ListMessageResponse``): ``messages`` plus the paging fields, whose
+    URIs repeat the filters so that following ``next_page_uri`` continues the same query."""
+    from urllib.parse import urlencode
+
+    path = f"/2010-04-01/Accounts/{account_sid}/Messages.json"
+
+    def uri(number: int, token: str | None) -> str:
+        params = [*filters, ("PageSize", str(page_size)), ("Page", str(number))]
+        if token:
+            params.append(("PageToken", token))
+        return f"{path}?{urlencode(params)}"
+
+    start = page * page_size
+    return {
+        "end": start + len(messages) - 1 if messages else start,
+        "first_page_uri": uri(0, None),
+        "messages": messages,
+        "next_page_uri": uri(page + 1, next_token) if next_token else None,
+        "page": page,
+        "page_size": page_size,
+        "previous_page_uri": uri(page - 1, previous_token) if page > 0 and previous_token else None,
+        "start": start,
+        "uri": uri(page, token),
     }
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class SandboxApp:
         r = app.router
         r.add_post("/v3/mail/send", self.sendgrid_send)
         r.add_post("/2010-04-01/Accounts/{account_sid}/Messages.json", self.twilio_create)
+        r.add_get("/2010-04-01/Accounts/{account_sid}/Messages.json", self.twilio_list)
         r.add_post("/v1/projects/{project}/messages:send", self.fcm_send)
         r.add_post(TOKEN_PATH, self.fcm_token)
         r.add_get("/sandbox/health", self.health)
@@ -256,10 +258,8 @@ class SandboxApp:
         self._capture(request, raw)
         self.state.stats.requests["sms"] += 1
         account_sid = request.match_info["account_sid"]
-        user, token = _basic_auth(request.headers.get("Authorization", ""))
-        accounts = self.config.twilio_accounts
-        if not user or not token or (user != account_sid and not user.startswith("SK")) or (
-                accounts and accounts.get(account_sid) != token):
+        token = self._twilio_token(request, account_sid)
+        if token is None:
             self._reject("sms", "unauthorized")
             return web.json_response(p.twilio_unauthorized(), status=401)
         gate = await self._gate(request, "sms", raw)
@@ -304,13 +304,77 @@ class SandboxApp:
                             idempotency_key=_first(query, CALLBACK_IDEMPOTENCY_KEY_PARAM), to=to,
                             accepted_at=time.time(), account=account_sid, ghost=gate is _Ghost, attributes=attrs,
                             extra={"from": from_, "messaging_service_sid": service, "status_callback": callback,
-                                   "auth_token": token})
+                                   "auth_token": token, "body": body})
         self._accept(rec)
         if gate is _Ghost:
             self._drop(request)
         resource = p.twilio_message_resource(sid=sid, account_sid=account_sid, to=to, from_=from_, body=body,
                                              messaging_service_sid=service)
         return web.json_response(resource, status=201)
+
+    def _twilio_token(self, request: web.Request, account_sid: str) -> str | None:
+        """The auth token of a request Twilio would authenticate for ``account_sid`` (Basic auth with the
+        AccountSid or an API key ``SK...``), else None."""
+        user, token = _basic_auth(request.headers.get("Authorization", ""))
+        accounts = self.config.twilio_accounts
+        if not user or not token or (user != account_sid and not user.startswith("SK")) or (
+                accounts and accounts.get(account_sid) != token):
+            return None
+        return token
+
+    async def twilio_list(self, request: web.Request) -> web.StreamResponse:
+        """Twilio's Messages list: ``To``, ``From``, ``DateSent`` / ``DateSent<`` / ``DateSent>`` filters, newest
+        first, ``PageSize`` (default 50, at most 1000) and ``PageToken`` paging via ``next_page_uri``.
+
+        Lists every message the sandbox accepted (ghosts included: accepted, answer lost) and nothing it
+        refused or faulted before acceptance. ``date_sent`` is the acceptance time: the sandbox hands a
+        message on at once. Auditing calls, not sends: counted in ``stats.lookups``, never faulted.
+        """
+        self._capture(request, b"")
+        account_sid = request.match_info["account_sid"]
+        if self._twilio_token(request, account_sid) is None:
+            return web.json_response(p.twilio_unauthorized(), status=401)
+        self.state.stats.lookups["sms"] += 1
+        q = request.query
+        filters = [(k, q[k]) for k in ("To", "From", "DateSent", "DateSent<", "DateSent>") if k in q]
+        try:
+            page_size = int(q.get("PageSize", 50))
+            page = int(q.get("Page", 0))
+            if not 1 <= page_size <= p.TWILIO_LIST_MAX_PAGE_SIZE or page < 0:
+                raise ValueError("PageSize must be 1 to 1000 and Page at least 0")
+            low, high = -math.inf, math.inf
+            for key, value in filters:
+                if key.startswith("DateSent"):
+                    first, last = p.twilio_date_bounds(value)
+                    low = max(low, first) if key in ("DateSent", "DateSent>") else low
+                    high = min(high, last) if key in ("DateSent", "DateSent<") else high
+            token = q.get("PageToken") or None
+            direction, boundary = (token[:2], int(token[2:])) if token else ("PA", None)
+            if direction not in ("PA", "PB"):
+                raise ValueError("invalid PageToken")
+        except ValueError as exc:
+            return web.json_response(p.twilio_error(400, 20001, f"Invalid list parameters: {exc}"), status=400)
+        to, from_ = q.get("To"), q.get("From")
+        pool = self.state.sms_by_to.get(to, []) if to else [r for r in self.state.records if r.channel == "sms"]
+        matching = [r for r in pool if r.account == account_sid and (not from_ or r.extra.get("from") == from_)
+                    and low <= r.accepted_at <= high]  # in acceptance (seq) order
+        if boundary is None:
+            chosen = matching[-page_size:]
+        elif direction == "PA":  # older than the boundary
+            chosen = [r for r in matching if r.seq < boundary][-page_size:]
+        else:  # newer than the boundary
+            chosen = [r for r in matching if r.seq > boundary][:page_size]
+        older = bool(chosen) and any(r.seq < chosen[0].seq for r in matching)
+        newer = bool(chosen) and any(r.seq > chosen[-1].seq for r in matching)
+        messages = [p.twilio_message_resource(sid=r.provider_id, account_sid=account_sid, to=r.to,
+                                              from_=r.extra.get("from"), body=r.extra.get("body", ""),
+                                              messaging_service_sid=r.extra.get("messaging_service_sid"),
+                                              now=r.accepted_at, status="sent", date_sent=r.accepted_at)
+                    for r in reversed(chosen)]
+        return web.json_response(p.twilio_list_page(
+            account_sid=account_sid, filters=filters, messages=messages, page=page, page_size=page_size, token=token,
+            next_token=f"PA{chosen[0].seq}" if older else None,
+            previous_token=f"PB{chosen[-1].seq}" if newer else None))
 
     # ------------------------------------------------------------------ FCM
 
@@ -557,14 +621,33 @@ class SandboxServer:
         return self.app.signer.public_key_b64
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 async def serve(config: SandboxConfig, host: str, port: int, *, on_ready: Callable[[SandboxApp, int], None]
                 | None = None) -> None:
-    """Run a sandbox until cancelled (the CLI)."""
-    sandbox = SandboxApp(config)
-    runner, bound = await start_site(sandbox, host, port)
-    if on_ready:
-        on_ready(sandbox, bound)
+    """Run a sandbox until SIGINT or SIGTERM (or until cancelled), then shut it down cleanly (the CLI).
+
+    On the main thread it installs its own handlers for both signals, whatever the process inherited:
+    a non-interactive shell starts background jobs with SIGINT ignored (so Ctrl-C or ``kill -INT``
+    would do nothing), and SIGTERM's default action would end the process without the cleanup.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
     try:
-        await asyncio.Event().wait()
+        sandbox = SandboxApp(config)
+        runner, bound = await start_site(sandbox, host, port)
+        if on_ready:
+            on_ready(sandbox, bound)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        for sig in installed:
+            loop.remove_signal_handler(sig)

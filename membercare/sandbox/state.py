@@ -86,6 +86,7 @@ class Stats:
     faults: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # channel -> kind
     webhooks: Counter = field(default_factory=Counter)  # "<kind>.posted" / ".failed_attempts" / ".gave_up"
     events: Counter = field(default_factory=Counter)  # "<channel>.<event>"
+    lookups: Counter = field(default_factory=Counter)  # provider list calls (e.g. Twilio's Messages list), per channel
 
     def to_json(self, pending_webhooks: int) -> dict[str, Any]:
         return {
@@ -102,6 +103,7 @@ class Stats:
             "faults": {ch: dict(c) for ch, c in self.faults.items()},
             "webhooks": dict(self.webhooks),
             "events": dict(self.events),
+            "lookups": dict(self.lookups),
             "pending_webhooks": pending_webhooks,
         }
 
@@ -113,6 +115,7 @@ class SandboxState:
     def reset(self) -> None:
         self.seq = 0
         self.records: list[MessageRecord] = []
+        self.sms_by_to: dict[str, list[MessageRecord]] = defaultdict(list)  # Twilio's list filters by recipient
         self.stats = Stats()
         self.seen_message_ids: dict[str, set[str]] = defaultdict(set)  # channel -> ids
         self.seen_keys: dict[str, set[str]] = defaultdict(set)
@@ -131,6 +134,8 @@ class SandboxState:
 
     def record(self, rec: MessageRecord) -> None:
         self.records.append(rec)
+        if rec.channel == "sms":
+            self.sms_by_to[rec.to].append(rec)
         self.stats.accepted[rec.channel] += 1
         if rec.message_id:
             seen = self.seen_message_ids[rec.channel]

@@ -1,0 +1,76 @@
+"""The operator's rate limits hold in every mode, measured on the provider's side (the sandbox's accepted times).
+
+Without a Prefect global concurrency limit (the local default) each dispatcher applies
+``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` or the documented default itself; with several dispatcher processes the
+rate is split between them. These tests measure real sends through the real Twilio SDK: they take a few
+seconds by nature (a rate is a rate), and assert with the token bucket's exact bound (rate x window + burst).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from fakes import seed_members, simple_renderer
+from sandbox_fixtures import *  # noqa: F403
+from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
+from membercare.delivery.planner import PlanSpec, plan_run
+from membercare.delivery.policies import PolicySettings
+from membercare.delivery.ratelimit import DEFAULT_RATES, configured_rates
+from membercare.errors import ConfigurationError
+from membercare.models import Channel, Purpose
+
+UTC = timezone.utc
+NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
+QUIET = {"engagement": {ch: {"unsubscribed": 0.0, "complained": 0.0} for ch in ("email", "sms", "push")},
+         "webhook_max_attempts": 1}
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - window + 1e-9:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_configured_rates_come_from_the_environment_with_documented_defaults():
+    assert configured_rates({}) == DEFAULT_RATES
+    assert configured_rates({"MEMBERCARE_RATE_LIMIT_SMS": "4"})["sms"] == 4.0
+    for bad in ("fast", "0", "-1", "inf"):
+        with pytest.raises(ConfigurationError, match="MEMBERCARE_RATE_LIMIT_SMS"):
+            configured_rates({"MEMBERCARE_RATE_LIMIT_SMS": bad})
+
+
+def test_the_flow_limits_channels_without_a_global_limit_itself(monkeypatch):
+    from flows.campaign import local_rate_config
+
+    monkeypatch.setenv("MEMBERCARE_RATE_LIMIT_SMS", "4")
+    monkeypatch.setenv("MEMBERCARE_NO_SECRET_BLOCKS", "1")
+    cfg = local_rate_config({"sms": object(), "email": object()}, {})
+    assert cfg.rate_limits == {"sms": 4.0, "email": DEFAULT_RATES["email"]}
+    # A channel whose rate is shared through the orchestrator is not limited twice.
+    assert local_rate_config({"sms": object(), "email": object()}, {"sms": object()}).rate_limits == {
+        "email": DEFAULT_RATES["email"]}
+
+
+def test_sms_rate_limit_holds_at_the_provider(engine, sandbox, adapters):
+    sandbox.configure(**QUIET)
+    rate, n = 20.0, 70
+    now = datetime.now(UTC)  # the sandbox stamps real times: read the real clock once, use it everywhere
+    with engine.begin() as conn:
+        ids = seed_members(conn, n, preferred="sms", consent=[("sms", "marketing")], now=now)
+    run_id = plan_run(engine, PlanSpec("rl", "2026-11-23", Purpose.MARKETING, (Channel.SMS,)), [ids],
+                      now, simple_renderer, policy=NOPOLICY).run_id
+    cfg = DispatchConfig(workers=16, batch_size=50, rate_limits={"sms": rate}, flush_interval=0.05)
+    burst = max(1.0, rate / 10)
+    rep = Dispatcher(engine, adapters, config=cfg, policy=NOPOLICY).dispatch(run_id)
+    assert rep.outcomes["sent"] == n
+    times = [datetime.fromisoformat(m["accepted_at"]).timestamp() for m in sandbox.messages()
+             if m["channel"] == "sms"]
+    assert len(times) == n
+    # A token bucket admits at most rate x T + burst in any window T (plus one for the window's edges).
+    assert max_in_window(times, 1.0) <= rate + burst + 1
+    assert max(times) - min(times) >= (n - burst) / rate * 0.9
