@@ -9,11 +9,40 @@ the code under test (``Dispatcher(..., clock=clock)``), and move it only when th
 Tests that talk to real services whose timestamps are checked against the wall clock (webhook
 signatures, the sandbox's event times) may use the real clock instead, but then read it once and
 pass that instant everywhere, never mixing it with fixed dates.
+
+Running the suite at a chosen wall clock
+----------------------------------------
+``pytest --wall-clock 23:59`` (or ``MEMBERCARE_TEST_WALL_CLOCK=23:59``) moves the real clock of the
+test process with time-machine: the session starts there, and each test starts again at that
+instant, with time running on from it (``tick=True``), so a one-minute test begun at 23:59 crosses
+midnight in Asia/Taipei. ``WHEN`` is ``HH:MM[:SS]`` (today's date in Asia/Taipei), a naive ISO
+datetime (read in Asia/Taipei) or an aware one (``2026-11-23T23:59:00+08:00``); see
+:func:`parse_wall_clock`. A test that passes at 23:59 and at 03:00 (inside SMS quiet hours, and on
+either side of a date change) does not depend on the hour or the date.
+
+What the travel reaches: everything in the test process that reads the wall clock
+(``datetime.now``, ``time.time``, ``date.today``, ``utcnow``), the in-process sandbox and receiver
+included. ``time.monotonic`` and ``perf_counter`` are not moved (timeouts and rate limiters keep
+real durations), and the process's local timezone is left as it is. What it does not reach:
+
+* child processes: ``membercare demo`` run by ``test_demo.py``, the dispatcher processes of
+  ``test_dispatch_processes.py``, the receiver started by ``test_engagement_e2e.py`` and
+  ``test_sandbox_cli.py``, the import worker of ``test_import.py``. Those read the real clock. A
+  test that runs one must not compare the child's instants with the traveled clock; where the
+  day matters (the demo's occurrence keys) the test hands the child its instant explicitly.
+* Prefect's test server (a subprocess of ``prefect_test_harness``) stamps its own records (run
+  creation, artifacts) with the real clock; the flow engine in the test process uses the traveled
+  one. Flow tests therefore assert on what the flows did, not on when Prefect says it happened.
+* PostgreSQL's and SQLite's own ``now()``/``CURRENT_TIMESTAMP`` (server defaults).
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+import re
+from datetime import date, datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+SHOP_TZ = ZoneInfo("Asia/Taipei")
 
 # Monday 2026-11-23, 12:00 in Asia/Taipei: outside SMS quiet hours (21:00-09:00) in the shop's timezone.
 FROZEN_NOW = datetime(2026, 11, 23, 4, tzinfo=timezone.utc)
@@ -45,3 +74,26 @@ class Clock:
 
     def __repr__(self) -> str:
         return f"Clock({self._now.isoformat()})"
+
+
+_TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+
+
+def parse_wall_clock(text: str, today: date | None = None) -> datetime:
+    """The instant ``--wall-clock WHEN`` names, as an aware UTC datetime.
+
+    ``HH:MM[:SS]`` is that time on ``today`` (default: today's date in Asia/Taipei) in Asia/Taipei; a
+    naive ISO datetime is read in Asia/Taipei; an aware one is taken as it is.
+    """
+    text = text.strip()
+    try:
+        if m := _TIME_OF_DAY.match(text):
+            day = today or datetime.now(SHOP_TZ).date()
+            at = datetime.combine(day, time(*(int(g or 0) for g in m.groups())), SHOP_TZ)
+        else:
+            at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if at.tzinfo is None:
+                at = at.replace(tzinfo=SHOP_TZ)
+    except ValueError as exc:
+        raise ValueError(f"--wall-clock: not HH:MM[:SS] or an ISO datetime: {text!r}") from exc
+    return at.astimezone(timezone.utc)
