@@ -22,18 +22,27 @@ either side of a date change) does not depend on the hour or the date.
 
 What the travel reaches: everything in the test process that reads the wall clock
 (``datetime.now``, ``time.time``, ``date.today``, ``utcnow``), the in-process sandbox and receiver
-included. ``time.monotonic`` and ``perf_counter`` are not moved (timeouts and rate limiters keep
-real durations), and the process's local timezone is left as it is. What it does not reach:
+included, and every Python child process that inherits the environment: conftest.py puts
+``tests/wall_clock_child`` on ``PYTHONPATH``, whose ``sitecustomize`` moves the child's clock by the
+running test's offset (``WALL_CLOCK_TRAVEL_OFFSET_S``). So ``membercare demo`` in
+``test_demo.py``, the dispatcher processes, the CLI runs, the planning pool's workers and Prefect's
+test server (``prefect_test_harness`` starts it as a subprocess once per session, at the offset of
+the test that first needs it) all see the same moved time as the test. Without that, an in-process
+sandbox at 23:59 would refuse a child's FCM OAuth assertion signed at the real time ("Token must be
+a short-lived token ... in a reasonable timeframe"), and a child's report would see the test's
+events in its future.
 
-* child processes: ``membercare demo`` run by ``test_demo.py``, the dispatcher processes of
-  ``test_dispatch_processes.py``, the receiver started by ``test_engagement_e2e.py`` and
-  ``test_sandbox_cli.py``, the import worker of ``test_import.py``. Those read the real clock. A
-  test that runs one must not compare the child's instants with the traveled clock; where the
-  day matters (the demo's occurrence keys) the test hands the child its instant explicitly.
-* Prefect's test server (a subprocess of ``prefect_test_harness``) stamps its own records (run
-  creation, artifacts) with the real clock; the flow engine in the test process uses the traveled
-  one. Flow tests therefore assert on what the flows did, not on when Prefect says it happened.
-* PostgreSQL's and SQLite's own ``now()``/``CURRENT_TIMESTAMP`` (server defaults).
+What it does not reach:
+
+* ``time.monotonic`` and ``perf_counter`` (timeouts and rate limiters keep real durations), and the
+  processes' local timezone (left as it is).
+* a child started with an environment that drops ``PYTHONPATH`` (only test_assignment's hash-seed
+  check, which reads no time) or run by an
+  interpreter without time-machine (its sitecustomize says so on stderr).
+* PostgreSQL's ``now()`` and SQLite's ``CURRENT_TIMESTAMP``: the code never stamps rows with them.
+* Prefect's test server is started once per session, so its clock keeps the offset of the first test
+  that used it while later tests restart at ``WHEN``: the two differ by the minutes between those
+  tests. Flow tests therefore assert on what the flows did, not on when Prefect says it happened.
 """
 
 from __future__ import annotations

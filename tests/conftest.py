@@ -26,6 +26,10 @@ from membercare.db import make_engine, upgrade
 
 PG_ENV = "MEMBERCARE_TEST_POSTGRES_URL"
 WALL_CLOCK_ENV = "MEMBERCARE_TEST_WALL_CLOCK"
+# Read by tests/wall_clock_child/sitecustomize.py in child processes: seconds from the real clock to the moved one.
+# Not MEMBERCARE_*: tests that give a child a clean configuration drop those variables, and the clock must stay.
+WALL_CLOCK_OFFSET_ENV = "WALL_CLOCK_TRAVEL_OFFSET_S"
+CHILD_SITE = Path(__file__).parent / "wall_clock_child"
 _WALL_CLOCK = pytest.StashKey[tuple]()
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -50,12 +54,29 @@ def pytest_configure(config):
     # Started here rather than in a fixture so that module-level instants read at collection are moved too.
     session = time_machine.travel(at, tick=True)
     session.start()
-    config.stash[_WALL_CLOCK] = (at, session)
+    config.stash[_WALL_CLOCK] = (at, session, os.environ.get("PYTHONPATH"))
+    # Child processes move their clocks too (tests/wall_clock_child/sitecustomize.py).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHILD_SITE), os.environ.get("PYTHONPATH")]))
+    _publish_offset()
+
+
+def _publish_offset() -> None:
+    import time
+
+    import time_machine
+
+    os.environ[WALL_CLOCK_OFFSET_ENV] = repr(time.time() - time_machine.escape_hatch.time.time())
 
 
 def pytest_unconfigure(config):
     if _WALL_CLOCK in config.stash:
-        config.stash[_WALL_CLOCK][1].stop()
+        _, session, pythonpath = config.stash[_WALL_CLOCK]
+        session.stop()
+        os.environ.pop(WALL_CLOCK_OFFSET_ENV, None)
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
 
 
 def pytest_report_header(config):
@@ -74,6 +95,7 @@ def _wall_clock(request):
     import time_machine
 
     with time_machine.travel(request.config.stash[_WALL_CLOCK][0], tick=True):
+        _publish_offset()
         yield
 
 
