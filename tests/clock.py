@@ -24,29 +24,35 @@ What the travel reaches: everything in the test process that reads the wall cloc
 (``datetime.now``, ``time.time``, ``date.today``, ``utcnow``), the in-process sandbox and receiver
 included, and every Python child process that inherits the environment: conftest.py puts
 ``tests/wall_clock_child`` on ``PYTHONPATH``, whose ``sitecustomize`` moves the child's clock by the
-running test's offset (``WALL_CLOCK_TRAVEL_OFFSET_S``). So ``membercare demo`` in
-``test_demo.py``, the dispatcher processes, the CLI runs, the planning pool's workers and Prefect's
-test server (``prefect_test_harness`` starts it as a subprocess once per session, at the offset of
-the test that first needs it) all see the same moved time as the test. Without that, an in-process
+running test's offset (``WALL_CLOCK_TRAVEL_OFFSET_S``). So the dispatcher processes, the CLI runs
+and the planning pool's workers see the same moved time as the test. Without that, an in-process
 sandbox at 23:59 would refuse a child's FCM OAuth assertion signed at the real time ("Token must be
 a short-lived token ... in a reasonable timeframe"), and a child's report would see the test's
 events in its future.
+
+A black-box test of a command that reads the wall clock by design chooses the child's instant itself
+with :func:`env_with_clock_at`: ``test_demo.py`` runs ``membercare demo`` twice at ``FROZEN_NOW``
+(the second run continuing where the first ended), because "a second run the same day sends nothing"
+needs both runs on the same day, which a run started at 23:59 would not give it.
 
 What it does not reach:
 
 * ``time.monotonic`` and ``perf_counter`` (timeouts and rate limiters keep real durations), and the
   processes' local timezone (left as it is).
 * a child started with an environment that drops ``PYTHONPATH`` (only test_assignment's hash-seed
-  check, which reads no time) or run by an
-  interpreter without time-machine (its sitecustomize says so on stderr).
+  check, which reads no time) or run by an interpreter without time-machine (its sitecustomize says
+  so on stderr).
 * PostgreSQL's ``now()`` and SQLite's ``CURRENT_TIMESTAMP``: the code never stamps rows with them.
-* Prefect's test server is started once per session, so its clock keeps the offset of the first test
-  that used it while later tests restart at ``WHEN``: the two differ by the minutes between those
-  tests. Flow tests therefore assert on what the flows did, not on when Prefect says it happened.
+* Prefect's API server (``prefect_test_harness``'s subprocess, and the ephemeral server the demo
+  starts) stays on the real clock on purpose: it computes rate-limit slot decay in SQL against its
+  database's ``now()`` from timestamps its Python writes, and with the two apart the shared rate
+  limits never free a slot. The flow engine in the test process runs at the moved time against it,
+  so flow tests assert on what the flows did, not on when Prefect's server says it happened.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -106,3 +112,31 @@ def parse_wall_clock(text: str, today: date | None = None) -> datetime:
     except ValueError as exc:
         raise ValueError(f"--wall-clock: not HH:MM[:SS] or an ISO datetime: {text!r}") from exc
     return at.astimezone(timezone.utc)
+
+
+CHILD_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wall_clock_child")
+OFFSET_ENV = "WALL_CLOCK_TRAVEL_OFFSET_S"
+
+
+def real_time() -> float:
+    """The real clock's Unix time, also while time-machine moves ``time.time``."""
+    import time
+
+    import time_machine
+
+    return time_machine.escape_hatch.time.time() if time_machine.escape_hatch.is_travelling() else time.time()
+
+
+def env_with_clock_at(env: dict[str, str], at: datetime) -> dict[str, str]:
+    """``env`` for a Python child process whose wall clock starts at ``at`` and runs on from there.
+
+    For black-box tests of commands that read the wall clock by design (``membercare demo`` runs "today"):
+    the test chooses the instant instead of inheriting the hour and the date it happens to run at. Works
+    with and without ``--wall-clock`` (tests/wall_clock_child/sitecustomize.py does the moving).
+    """
+    offset = Clock._checked(at).timestamp() - real_time()
+    out = dict(env)
+    out["PYTHONPATH"] = os.pathsep.join([CHILD_SITE, *[x for x in out.get("PYTHONPATH", "").split(os.pathsep)
+                                                       if x and x != CHILD_SITE]])
+    out[OFFSET_ENV] = repr(offset)
+    return out

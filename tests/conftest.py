@@ -21,15 +21,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from clock import SHOP_TZ, Clock, parse_wall_clock
+from clock import CHILD_SITE, OFFSET_ENV, SHOP_TZ, Clock, parse_wall_clock, real_time
 from membercare.db import make_engine, upgrade
 
 PG_ENV = "MEMBERCARE_TEST_POSTGRES_URL"
 WALL_CLOCK_ENV = "MEMBERCARE_TEST_WALL_CLOCK"
-# Read by tests/wall_clock_child/sitecustomize.py in child processes: seconds from the real clock to the moved one.
-# Not MEMBERCARE_*: tests that give a child a clean configuration drop those variables, and the clock must stay.
-WALL_CLOCK_OFFSET_ENV = "WALL_CLOCK_TRAVEL_OFFSET_S"
-CHILD_SITE = Path(__file__).parent / "wall_clock_child"
+# clock.OFFSET_ENV is read by tests/wall_clock_child/sitecustomize.py in child processes: seconds from the real
+# clock to the moved one. Not MEMBERCARE_*: tests that give a child a clean configuration drop those variables.
 _WALL_CLOCK = pytest.StashKey[tuple]()
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -56,23 +54,21 @@ def pytest_configure(config):
     session.start()
     config.stash[_WALL_CLOCK] = (at, session, os.environ.get("PYTHONPATH"))
     # Child processes move their clocks too (tests/wall_clock_child/sitecustomize.py).
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHILD_SITE), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [CHILD_SITE, os.environ.get("PYTHONPATH")]))
     _publish_offset()
 
 
 def _publish_offset() -> None:
     import time
 
-    import time_machine
-
-    os.environ[WALL_CLOCK_OFFSET_ENV] = repr(time.time() - time_machine.escape_hatch.time.time())
+    os.environ[OFFSET_ENV] = repr(time.time() - real_time())
 
 
 def pytest_unconfigure(config):
     if _WALL_CLOCK in config.stash:
         _, session, pythonpath = config.stash[_WALL_CLOCK]
         session.stop()
-        os.environ.pop(WALL_CLOCK_OFFSET_ENV, None)
+        os.environ.pop(OFFSET_ENV, None)
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
         else:

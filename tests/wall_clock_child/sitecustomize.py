@@ -3,15 +3,19 @@
 While the suite runs with ``--wall-clock``, conftest.py puts this directory on ``PYTHONPATH`` and keeps
 ``WALL_CLOCK_TRAVEL_OFFSET_S`` at the running test's offset from the real clock. Python imports
 ``sitecustomize`` at start-up, so every Python child that inherits the environment (the demo, dispatcher
-processes, the CLI, Prefect's test server, a planning pool's spawned workers) starts its own time-machine
-travel to the same moved instant, and all processes of a test agree on the time.
+processes, the CLI, a planning pool's spawned workers) starts its own time-machine travel to the same moved
+instant, and all processes of a test agree on the time. Prefect's API server is the exception (below).
 """
 
 import os
 import sys
 
 _offset = os.environ.get("WALL_CLOCK_TRAVEL_OFFSET_S")
-if _offset:
+# Prefect's API server stays on the real clock: it computes rate-limit slot decay in SQL against its database's
+# now(), which no travel can move, from timestamps its Python writes; moved apart, slots never free (the
+# shared rate limits hang) or free at once. Its clients (the flows) may run at a moved time.
+_prefect_server = any("prefect.server" in arg for arg in sys.argv)
+if _offset and not _prefect_server:
     try:
         import time
 
