@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,8 +121,8 @@ def dispatcher_process(args) -> None:
 def _plan(url: str, n: int) -> tuple[int, float]:
     """Seed ``n`` members and plan the bench campaign into the database at ``url``: (run id, plan seconds)."""
     from delivery_db_bench import seed_members_split
-    from fakes import simple_renderer
 
+    from fakes import simple_renderer
     from membercare.db import make_engine
     from membercare.delivery.planner import PlanSpec, plan_run
     from membercare.delivery.policies import PolicySettings
@@ -133,7 +133,7 @@ def _plan(url: str, n: int) -> tuple[int, float]:
     t0 = time.perf_counter()
     spec = PlanSpec("bench", "2026-11-23", Purpose.MARKETING, (Channel.EMAIL, Channel.SMS, Channel.PUSH))
     rep = plan_run(engine, spec, [ids[i : i + 2000] for i in range(0, len(ids), 2000)],
-                   datetime.now(timezone.utc), simple_renderer,
+                   datetime.now(UTC), simple_renderer,
                    policy=PolicySettings(marketing_cap=None, quiet_hours=None))
     plan_s = time.perf_counter() - t0
     if url.startswith("sqlite"):

@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from membercare.optimise import assignment, bandit, channel_choice, send_time  # noqa: E402
-from membercare.optimise.lift import binary_lift  # noqa: E402
+from membercare.optimise import assignment, bandit, channel_choice, send_time
+from membercare.optimise.lift import binary_lift
 
 CHANNELS = ("email", "sms", "push")
 VARIANTS = ("A", "B", "C")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from membercare.config import Settings  # noqa: E402
-from membercare.links import LinkSigner  # noqa: E402
-from membercare.models import Channel  # noqa: E402
-from membercare.rendering import CampaignRenderer, TemplateStore  # noqa: E402
-from membercare.rendering.htmltext import inline_rendered  # noqa: E402
-from membercare.rendering.samples import SAMPLE_AS_OF, sample_context  # noqa: E402
+from membercare.config import Settings
+from membercare.links import LinkSigner
+from membercare.models import Channel
+from membercare.rendering import CampaignRenderer, TemplateStore
+from membercare.rendering.htmltext import inline_rendered
+from membercare.rendering.samples import SAMPLE_AS_OF, sample_context
 
 
 def contexts(renderer: CampaignRenderer, n: int = 64) -> list[dict]:

@@ -26,7 +26,7 @@ import sqlite3
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -34,12 +34,12 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from membercare.db import make_engine, upgrade  # noqa: E402
-from segments import base  # noqa: E402
-from segments.churn_scoring import score_churn  # noqa: E402
-from segments.rfm import rfm_select, score_rfm  # noqa: E402
+from membercare.db import make_engine, upgrade
+from segments import base
+from segments.churn_scoring import score_churn
+from segments.rfm import rfm_select, score_rfm
 
-AS_OF = datetime(2026, 11, 23, 16, 0, tzinfo=timezone.utc)  # midnight Nov 24 in the shop's zone (Asia/Taipei)
+AS_OF = datetime(2026, 11, 23, 16, 0, tzinfo=UTC)  # midnight Nov 24 in the shop's zone (Asia/Taipei)
 SHOP_TZ = "Asia/Taipei"
 
 
@@ -189,7 +189,7 @@ def load_duckdb(sqlite_path: Path, duck_path: Path, workdir: Path) -> float:
     import duckdb
     from sqlmodel import SQLModel
 
-    import membercare.models  # noqa: F401
+    import membercare.models
     import membercare.scoring_models  # noqa: F401
 
     t0 = time.perf_counter()

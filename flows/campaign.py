@@ -40,6 +40,7 @@ from flows.common import (
     run_logger,
     settings_from,
 )
+
 # The stages are called through their modules (plan_stage.plan_group, ...), so that the end-to-end benchmark
 # can time each domain call from the outside (bench/e2e); types are imported by name.
 from membercare.campaigns import audience as audience_stage

@@ -265,7 +265,7 @@ class _Ctx:
     model: ShopModel
     as_of: int                  # epoch seconds (UTC)
     today: date                 # shop-local date of as_of
-    catalogue: "_Catalogue"
+    catalogue: _Catalogue
     tiers: list[dict]
     next_id: dict[str, int] = field(default_factory=lambda: {t: 1 for t in SHOP_TABLES})
 
@@ -520,7 +520,7 @@ class _Catalogue:
     cum: np.ndarray             # category index + within-category cumulative popularity, for searchsorted
 
     @classmethod
-    def build(cls, seed: int) -> "_Catalogue":
+    def build(cls, seed: int) -> _Catalogue:
         rng = np.random.default_rng([seed, 0xCA7A])
         cats = list(D.CATALOGUE)
         ids, cat_idx, prices, skus, names, cum = [], [], [], [], [], []

@@ -310,7 +310,7 @@ class _CsvSource:
     def __init__(self, path: Path, handler: _Handler, *, allow_extra_columns: bool):
         self.path = path
         self.size = path.stat().st_size
-        self._binary = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._binary = open(path, "rb")  # closed in close()
         # utf-8-sig: spreadsheet programs write a byte-order mark; newline="" as the csv module requires.
         # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own cell, so it costs
         # that row only and is reported on its own line (a file in another encoding is refused as a
@@ -600,7 +600,7 @@ class _RejectsWriter:
     def write(self, row: _Row, reason: str) -> None:
         if self._writer is None:
             self.part.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.part, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._file = open(self.part, "w", encoding="utf-8", newline="")  # closed in close()
             self._writer = csv.writer(self._file)
             self._writer.writerow([spreadsheet_cell(h) for h in (*self._header, self._line_col, self._reason_col)])
         n = len(self._header)

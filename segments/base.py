@@ -288,19 +288,19 @@ class Segment:
     def select(self, ctx: SegmentContext) -> sa.Select:
         raise NotImplementedError
 
-    def __and__(self, other: "Segment") -> "Segment":
+    def __and__(self, other: Segment) -> Segment:
         return And(self, other)
 
-    def __or__(self, other: "Segment") -> "Segment":
+    def __or__(self, other: Segment) -> Segment:
         return Or(self, other)
 
-    def __invert__(self) -> "Segment":
+    def __invert__(self) -> Segment:
         return Not(self)
 
-    def __sub__(self, other: "Segment") -> "Segment":
+    def __sub__(self, other: Segment) -> Segment:
         return Excluding(self, other)
 
-    def refs(self) -> Iterator["Ref"]:
+    def refs(self) -> Iterator[Ref]:
         raise NotImplementedError
 
 

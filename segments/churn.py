@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ class Summary:
         return int(round(float(self.weight.sum())))
 
     @classmethod
-    def from_arrays(cls, x, t_x, T, weight=None) -> "Summary":
+    def from_arrays(cls, x, t_x, T, weight=None) -> Summary:
         x = np.asarray(x, dtype=float)
         t_x = np.asarray(t_x, dtype=float)
         T = np.asarray(T, dtype=float)
@@ -257,7 +257,7 @@ def read_orders_csv(path: Path) -> Iterable[tuple[str, date]]:
                     d = date.fromisoformat(text)
                 else:
                     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-                    d = dt.astimezone(timezone.utc).date() if dt.tzinfo else dt.date()
+                    d = dt.astimezone(UTC).date() if dt.tzinfo else dt.date()
             except ValueError:
                 raise InputError(f"{path}:{lineno}: bad date {text!r}") from None
             yield row[cust].strip(), d

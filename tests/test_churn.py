@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from clirun import run_cli
 from membercare.errors import InputError, UnknownNameError
 from membercare.scoring_models import ChurnModelFit, ChurnScore
 from segments import base, churn
 from segments.churn_scoring import score_churn
-from clirun import run_cli
 from shopdata import Shop, ts
 
 CDNOW = Path(__file__).parent / "fixtures" / "cdnow"

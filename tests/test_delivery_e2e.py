@@ -21,15 +21,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-
-from sandbox_fixtures import *  # noqa: F403
-from sandbox_fixtures import env_for
 
 from fakes import seed_members, simple_renderer
 from membercare.db import insert_for, make_engine
@@ -39,8 +35,9 @@ from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.reconcile import SandboxRecords, reconcile_unknown, recover_stale
 from membercare.models import Channel, Device, Member, Purpose
+from sandbox_fixtures import *  # noqa: F403
+from sandbox_fixtures import env_for
 
-UTC = timezone.utc
 O, R = OutboxMessage.__table__, CampaignRun.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 ALL = (Channel.EMAIL, Channel.SMS, Channel.PUSH)

@@ -11,25 +11,24 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.consent import ConsentStatement, record_consents
+from membercare.db import make_engine
 from membercare.delivery.contract import FailureReason, PermanentFailure, TransientFailure
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher, RunPaused
 from membercare.delivery.models import CampaignRun, OutboxMessage, Suppression
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.ratelimit import TokenBucket
-from membercare.delivery.reconcile import StaticRecords, mark_sent_from_event, recover_stale, reconcile_unknown
-from membercare.db import make_engine
+from membercare.delivery.reconcile import StaticRecords, mark_sent_from_event, reconcile_unknown, recover_stale
 from membercare.errors import ConfigurationError
 from membercare.models import Channel, Device, Purpose
 
-UTC = timezone.utc
 O, R = OutboxMessage.__table__, CampaignRun.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 FAST = DispatchConfig(workers=8, batch_size=50, backoff_base=0.005, backoff_max=0.05, wait_for_deferred=5.0,

@@ -19,15 +19,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
-
-from sandbox_fixtures import *  # noqa: F403
-from sandbox_fixtures import TWILIO_TOKEN, env_for
 
 from fakes import seed_members, simple_renderer
 from membercare.consent import current_consents
@@ -38,10 +35,11 @@ from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.engagement.models import EngagementEventRow
 from membercare.links import LinkSigner
-from membercare.models import Channel, Member, Order, Purpose
+from membercare.models import Channel, Order, Purpose
 from membercare.receiver import ReceiverConfig, create_app
+from sandbox_fixtures import *  # noqa: F403
+from sandbox_fixtures import TWILIO_TOKEN, env_for
 
-UTC = timezone.utc
 O, E = OutboxMessage.__table__, EngagementEventRow.__table__
 SECRET = "e2e-link-secret-0123456789abcdef"
 PUSH_SECRET = "e2e-push-tracking-secret"
@@ -72,7 +70,7 @@ class Receiver:
                                                     log_level="warning", access_log=False, lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, name="receiver", daemon=True)
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

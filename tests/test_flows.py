@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from membercare.delivery.models import OutboxMessage
 from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
-from membercare.delivery.models import OutboxMessage
-
 pytestmark = [pytest.mark.prefect]
-UTC = timezone.utc
 O = OutboxMessage.__table__
 SECRET = "flow-test-secret-" + "y" * 24
 

@@ -6,7 +6,7 @@ import re
 import shutil
 import sqlite3
 from collections import Counter, defaultdict
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import phonenumbers
 import pytest
@@ -20,7 +20,7 @@ from membercare.errors import InputError
 from membercare.generator import SHOP_TABLES, clear_shop, default_as_of, generate_shop
 from membercare.models import PURCHASE_STATUSES, Consent, ConsentEvent, Member
 
-AS_OF = datetime(2026, 3, 10, 16, 0, tzinfo=timezone.utc)  # 2026-03-11 00:00 in Taipei
+AS_OF = datetime(2026, 3, 10, 16, 0, tzinfo=UTC)  # 2026-03-11 00:00 in Taipei
 TODAY = date(2026, 3, 11)
 N = 5000
 
@@ -38,7 +38,7 @@ def _dump(path: str) -> dict[str, list[tuple]]:
 
 
 def _ts(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

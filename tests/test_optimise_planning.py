@@ -14,7 +14,7 @@ import json
 import pickle
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -37,7 +37,6 @@ from membercare.optimise import assignment, send_time, variants
 from membercare.optimise import history as opt_history
 from membercare.optimise import hooks as plan_hooks
 
-UTC = timezone.utc
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 Asia/Taipei
 O, R, E = OutboxMessage.__table__, CampaignRun.__table__, EngagementEventRow.__table__
 _seq = itertools.count(1)

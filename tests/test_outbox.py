@@ -1,10 +1,11 @@
 """Planning writes the outbox ledger: idempotent per occurrence, a reason for everyone, caps across campaigns."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from clock import FROZEN_NOW
 from fakes import seed_members, simple_renderer
 from membercare.consent import ConsentStatement, record_consents
 from membercare.delivery.contract import EmailContent, SmsContent
@@ -14,9 +15,6 @@ from membercare.delivery.policies import PolicySettings
 from membercare.errors import InputError
 from membercare.models import Channel, Purpose
 
-from clock import FROZEN_NOW
-
-UTC = timezone.utc
 NOON_TPE = FROZEN_NOW  # 12:00 in Taipei: outside quiet hours; members are seeded at the same instant
 O = OutboxMessage.__table__
 

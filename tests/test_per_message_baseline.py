@@ -6,18 +6,16 @@ exactly once per member, and its measurement wrapper must report failures instea
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from membercare.delivery.models import OutboxMessage
 from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
-from membercare.delivery.models import OutboxMessage
-
-UTC = timezone.utc
 O = OutboxMessage.__table__
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
 CAMPAIGN = "churn_winback"  # email, push and SMS, with an offer coupon issued per member

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -36,7 +36,6 @@ from membercare.delivery.policies import PolicySettings
 from membercare.errors import InputError
 from membercare.models import Channel, Purpose
 
-UTC = timezone.utc
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 Asia/Taipei
 O, R = OutboxMessage.__table__, CampaignRun.__table__
 MEMBERS = 300

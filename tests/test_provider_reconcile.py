@@ -23,11 +23,6 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from sandbox_fixtures import *  # noqa: F403
-from sandbox_fixtures import TWILIO_FROM, TWILIO_SID, TWILIO_TOKEN, env_for
-from test_delivery_e2e import FAST, NOPOLICY, QUIET, ledger, plan, seed
-from test_engagement_e2e import Receiver
-
 from channels.base import OutboundMessage, SmsContent
 from channels.registry import build_channels, close_channels
 from channels.twilio import TwilioConfig, TwilioSmsChannel
@@ -43,6 +38,10 @@ from membercare.delivery.provider_records import (
 from membercare.delivery.reconcile import reconcile_unknown, recover_stale
 from membercare.errors import ConfigurationError
 from membercare.models import Channel, Member, Purpose
+from sandbox_fixtures import *  # noqa: F403
+from sandbox_fixtures import TWILIO_FROM, TWILIO_SID, TWILIO_TOKEN, env_for
+from test_delivery_e2e import FAST, NOPOLICY, QUIET, ledger, plan, seed
+from test_engagement_e2e import Receiver
 
 O = OutboxMessage.__table__
 

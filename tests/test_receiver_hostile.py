@@ -28,7 +28,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from channels.fcm_webhooks import SIGNATURE_HEADER as APP_SIGNATURE, sign_push_tracking
+from channels.fcm_webhooks import SIGNATURE_HEADER as APP_SIGNATURE
+from channels.fcm_webhooks import sign_push_tracking
 from channels.sendgrid_webhooks import SendGridWebhookSigner
 from channels.twilio_webhooks import twilio_signature
 from membercare.config import Settings

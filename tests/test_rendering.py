@@ -21,8 +21,7 @@ from membercare.links import (
     verify_member_token,
 )
 from membercare.models import Channel, Coupon, Member, Order, OrderLine, Product
-from membercare.rendering import CampaignRenderer, ContentLimitError, RenderError, TemplateStore
-from membercare.rendering import htmltext
+from membercare.rendering import CampaignRenderer, ContentLimitError, RenderError, TemplateStore, htmltext
 from membercare.rendering.context import CoPurchaseModel, with_coupon, with_order
 from membercare.rendering.engine import Part
 from membercare.rendering.locales import Formatter, fallback_chain, normalise_locale

@@ -1,6 +1,6 @@
 """Routing: preference order, consent per purpose, reachability, suppression, campaign channels."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -67,7 +67,7 @@ def test_reasons_name_each_rejected_channel():
 
 
 def test_load_contexts_reads_consent_devices_and_suppressions_set_based(engine):
-    now = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 23, tzinfo=UTC)
     with engine.begin() as conn:
         a, b, c = seed_members(conn, 3, now=now, push=False)
         d = Device.__table__

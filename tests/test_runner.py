@@ -6,9 +6,7 @@ providers are in-process fakes (the sandbox and the SDKs are covered by the flow
 
 from __future__ import annotations
 
-from collections import Counter
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -29,7 +27,6 @@ from membercare.errors import InputError
 from membercare.models import Coupon, Member
 from membercare.optimise import assignment
 
-UTC = timezone.utc
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 Asia/Taipei
 O, R, C = OutboxMessage.__table__, CampaignRun.__table__, Coupon.__table__
 

@@ -8,7 +8,7 @@ in its own committed transaction, as the receiver would before acknowledging a S
 
 import threading
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +24,6 @@ from membercare.delivery.policies import PolicySettings
 from membercare.delivery.reconcile import recover_stale
 from membercare.models import Channel, Member, Purpose
 
-UTC = timezone.utc
 NOW = datetime(2026, 11, 23, 4, 0, tzinfo=UTC)  # 12:00 in Taipei: outside quiet hours
 O, R = OutboxMessage.__table__, CampaignRun.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)

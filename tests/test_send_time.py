@@ -1,6 +1,6 @@
 """Best send hour per member and the next delivery instant (quiet hours, DST, timezones)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -15,8 +15,6 @@ from membercare.optimise.send_time import (
     next_delivery_at,
     next_delivery_times,
 )
-
-UTC = timezone.utc
 
 
 def test_allowed_hours_and_clamp():

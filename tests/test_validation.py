@@ -1,14 +1,12 @@
 """membercare.validation: canonical forms and the reject-rather-than-guess rule."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
 from membercare import validation as v
 from membercare.errors import InputError
 from membercare.models import CouponKind, OrderStatus
-
-UTC = timezone.utc
 
 
 def test_validation_error_is_an_input_error_and_a_value_error():

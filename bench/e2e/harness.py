@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,7 @@ class BenchOptions:
     processes: int | None = None  # the flow's ``processes`` parameter (planning workers; None: the flow's default)
     verify_messages_up_to: int = 20_000  # compare message ids one by one up to this many sent messages
 
-    def validate(self) -> "BenchOptions":
+    def validate(self) -> BenchOptions:
         if not self.members:
             raise InputError("--members: give at least one shop size")
         for n in self.members:
@@ -589,7 +589,7 @@ class StageMeter:
         self._interval = interval
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "StageMeter":
+    def __enter__(self) -> StageMeter:
         self._thread = threading.Thread(target=self._sample, name="membercare-bench-meter", daemon=True)
         self._thread.start()
         return self
@@ -775,7 +775,6 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
     """One campaign end to end on a shop of ``members`` members; the measurements as a dict."""
     from flows.campaign import CampaignRunParameters, run_campaign
     from flows.engagement import sync_engagement
-
     from membercare.campaigns import audience, dispatch, dry_run, occurrence, plan, summary
     from membercare.delivery import pool
     from membercare.engagement import sync
@@ -929,7 +928,7 @@ def _dispose_flow_engine(db_url: str) -> None:
         from flows import common
         from membercare.config import normalise_database_url
 
-        engine = common._ENGINES.pop(normalise_database_url(db_url), None)  # noqa: SLF001 - harness clean-up
+        engine = common._ENGINES.pop(normalise_database_url(db_url), None)  # harness clean-up of a private cache
         if engine is not None:
             engine.dispose()
     except Exception:  # noqa: BLE001 - clean-up only

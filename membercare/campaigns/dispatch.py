@@ -37,7 +37,7 @@ class DispatchOutcome:
     recovered_unknown: int = 0
     elapsed: float = 0.0
 
-    def merge(self, other: "DispatchOutcome") -> "DispatchOutcome":
+    def merge(self, other: DispatchOutcome) -> DispatchOutcome:
         out = Counter(self.outcomes)
         out.update(other.outcomes)
         due = [d for d in (self.next_due_at, other.next_due_at) if d is not None]

@@ -48,6 +48,7 @@ Mechanics:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -56,7 +57,6 @@ import socket
 import threading
 import time
 import uuid
-import dataclasses
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +66,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from membercare.db import in_transaction, insert_for, is_sqlite
+from membercare.db import in_transaction, insert_for
 from membercare.delivery.contract import (
     Accepted,
     ChannelAdapter,
@@ -78,6 +78,7 @@ from membercare.delivery.contract import (
     TransientFailure,
     redact,
 )
+from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate, read_version
 from membercare.delivery.models import (
     CLAIMABLE_STATES,
     CampaignRun,
@@ -90,7 +91,6 @@ from membercare.delivery.models import (
     address_hash,
     decode_contents,
 )
-from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate, read_version
 from membercare.delivery.planner import refresh_run_counts
 from membercare.delivery.policies import PolicySettings, load_policy, member_zone, quiet_hours_until
 from membercare.delivery.ratelimit import TokenBucket, Unlimited
@@ -207,7 +207,7 @@ class _SendPool:
     withdraws a job only if no worker has started it (its provider call can then never happen).
     """
 
-    def __init__(self, workers: int, send: Callable[[_Job], SendResult], completed: "queue.SimpleQueue[_Job]"):
+    def __init__(self, workers: int, send: Callable[[_Job], SendResult], completed: queue.SimpleQueue[_Job]):
         self._send, self._completed = send, completed
         self._work: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -250,7 +250,7 @@ class _SendPool:
             self._completed.put(job)
 
 
-def _drain(completed: "queue.SimpleQueue[_Job]", timeout: float) -> list[_Job]:
+def _drain(completed: queue.SimpleQueue[_Job], timeout: float) -> list[_Job]:
     """Wait up to ``timeout`` for one finished job, then take every other one already there."""
     try:
         done = [completed.get(timeout=timeout)]

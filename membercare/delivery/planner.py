@@ -162,7 +162,7 @@ class PlanReport:
     by_state: Counter = field(default_factory=Counter)  # of inserted rows
     by_reason: Counter = field(default_factory=Counter)
 
-    def add(self, other: "PlanReport") -> None:
+    def add(self, other: PlanReport) -> None:
         self.inserted += other.inserted
         self.already_planned += other.already_planned
         self.preempted += other.preempted

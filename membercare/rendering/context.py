@@ -61,7 +61,7 @@ class CoPurchaseModel:
 
     @classmethod
     def load(cls, conn: Connection, as_of: datetime, *, lookback_days: int = LOOKBACK_DAYS,
-             min_support: int = 2, top_k: int = 20) -> "CoPurchaseModel":
+             min_support: int = 2, top_k: int = 20) -> CoPurchaseModel:
         o, a, b, p = Order.__table__, OrderLine.__table__.alias("a"), OrderLine.__table__.alias("b"), Product.__table__
         since = as_of - timedelta(days=lookback_days)
         window = sa.and_(o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at >= since, o.c.placed_at <= as_of)

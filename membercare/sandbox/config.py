@@ -156,7 +156,7 @@ class SandboxConfig:
                 "push": "/track/push"}[kind]
         return self.webhook_url.rstrip("/") + path
 
-    def validate(self) -> "SandboxConfig":
+    def validate(self) -> SandboxConfig:
         for channel in CHANNELS:
             self.behaviour(channel).validate(channel)
         for channel, rates in self.engagement.items():

@@ -98,7 +98,7 @@ def _iso(ts: float) -> str:
 class Recipients:
     """Turns accepted messages into webhook calls. Runs on the server's event loop."""
 
-    def __init__(self, get_config: Callable[[], SandboxConfig], state: "SandboxState",
+    def __init__(self, get_config: Callable[[], SandboxConfig], state: SandboxState,
                  model: EngagementModel | None, signer: SendGridWebhookSigner, clock: EventClock | None = None):
         self._get_config = get_config
         self._state = state

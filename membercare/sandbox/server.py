@@ -550,7 +550,7 @@ class SandboxServer:
     def token_uri(self) -> str:
         return self.url + TOKEN_PATH
 
-    def start(self) -> "SandboxServer":
+    def start(self) -> SandboxServer:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -580,7 +580,7 @@ class SandboxServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(15)
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

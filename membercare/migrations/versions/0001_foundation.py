@@ -4,11 +4,11 @@ Revision ID: 0001
 Revises: 
 Create Date: 2026-11-23 09:01:47.143946
 """
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-import membercare.timeutil
+from alembic import op
 
+import membercare.timeutil
 
 revision = '0001'
 down_revision = None
