@@ -668,7 +668,8 @@ def run_once(opts: Options, index: int) -> dict[str, Any]:
         t_settle = time.monotonic()
         measure(run)
         run.figures.update(members=opts.members, wall_s=round(time.monotonic() - t0, 1),
-                           phase_s={"generate_and_plan": round(t_plan - t0, 1), "dispatch": round(t_dispatch - t_plan, 1),
+                           phase_s={"generate_and_plan": round(t_plan - t0, 1),
+                                    "dispatch": round(t_dispatch - t_plan, 1),
                                     "settle": round(t_settle - t_dispatch, 1)},
                            errors=run.errors[:50], workdir=str(workdir) if opts.keep else None)
         return run.figures
@@ -696,7 +697,7 @@ def table(results: list[dict[str, Any]]) -> str:
     rows = [[label] + [str(r.get(key, "-")) for r in results] for key, label in FIGURES]
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+                                           for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 

@@ -146,7 +146,8 @@ def main() -> None:
     history = json.loads(out.read_text()) if out.exists() else []
     history += rows
     out.write_text(json.dumps(history, indent=1))
-    lines = ["| label | db | members | plan members/s | dispatch msg/s (latency, workers) | load 1m |", "|---|---|---|---|---|---|"]
+    lines = ["| label | db | members | plan members/s | dispatch msg/s (latency, workers) | load 1m |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r.get('label', '')} | {r['db']} | {r['members']:,} | {r['plan_per_s']:,} | {r['dispatch_per_s']:,} "
               f"({r['latency_ms']:g} ms, {r['workers']}) | {r.get('loadavg_1m_at_start', '')} |" for r in history]
     (RESULTS / "delivery_db_bench.md").write_text("\n".join(lines) + "\n")

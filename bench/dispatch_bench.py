@@ -4,7 +4,8 @@ For each configuration (messages x provider latency x database) the benchmark se
 (a third of the members each preferring email, SMS and push; all consented, one live push token each),
 plans one marketing campaign (content of all three channels rendered per member) and times
 ``--processes`` dispatcher processes (started and ready before the clock starts) sending it through the
-three real adapters (sendgrid, twilio, firebase-admin) to ``membercare sandbox`` in its own process. Reported per configuration: messages/s of dispatch (claim to recorded outcome), the peak RSS of
+three real adapters (sendgrid, twilio, firebase-admin) to ``membercare sandbox`` in its own process.
+Reported per configuration: messages/s of dispatch (claim to recorded outcome), the peak RSS of
 the dispatching process, and the ratio to the ceiling: the raw request rate a minimal keep-alive
 client (``bench/sandbox_ceiling.py``) reaches against the same sandbox, weighted by the channel mix.
 
@@ -268,8 +269,8 @@ def main() -> None:
             env.pop("MEMBERCARE_PUBLIC_URL", None)  # no status callbacks: nobody listens in a benchmark
             for latency in args.latency_ms:
                 configure_sandbox(url, latency)
-                ceiling = measure_ceiling(url, args.ceiling_seconds,
-                                          max(args.ceiling_concurrency, args.processes * args.workers if latency else 0))
+                concurrency = max(args.ceiling_concurrency, args.processes * args.workers if latency else 0)
+                ceiling = measure_ceiling(url, args.ceiling_seconds, concurrency)
                 for db in args.db:
                     for n in args.messages:
                         configure_sandbox(url, latency)
@@ -310,8 +311,8 @@ def main() -> None:
     history = json.loads(out_json.read_text()) if out_json.exists() else []
     history += results
     out_json.write_text(json.dumps(history, indent=1))
-    lines = ["| label | db | messages | latency | processes x workers | dispatch msg/s | CPU ms/msg dispatcher + sandbox "
-             "| ceiling msg/s (mix) | ratio | peak RSS MB | duplicates | load 1m |",
+    lines = ["| label | db | messages | latency | processes x workers | dispatch msg/s "
+             "| CPU ms/msg dispatcher + sandbox | ceiling msg/s (mix) | ratio | peak RSS MB | duplicates | load 1m |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['db']} | {r['messages']:,} | {r['latency_ms']:g} ms | "
               f"{r.get('processes', 1)} x {r['workers']} | {r['dispatch_msgs_per_s']:,} | "

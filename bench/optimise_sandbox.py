@@ -384,7 +384,7 @@ def run_round(engine, services: Services, sim: ShopSimulation, r: int, as_of: da
     converted = {m for m, _ in credited}
     by_channel, variants = Counter(), Counter()
     best_channel = best_hour = 0
-    for mid, member, channel, variant, sent_at in sent:
+    for _mid, member, channel, variant, sent_at in sent:
         by_channel[channel] += 1
         variants[variant or "-"] += 1
         if isinstance(sent_at, str):
@@ -529,7 +529,8 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [f"# Optimisation through the pipeline and the sandbox ({results['members']:,} members, "
              f"{results['rounds']} weekly rounds, seed {results['seed']})", "",
              f"Load average (1/5/15 min) before / after: {results.get('load_before', '-')} / "
-             f"{results.get('load_after', '-')}; wall time {results.get('seconds', 0):.0f} s. Truth: stated preference is the best channel for "
+             f"{results.get('load_after', '-')}; wall time {results.get('seconds', 0):.0f} s. "
+             "Truth: stated preference is the best channel for "
              f"{results['truth']['stated_is_best']:.0%} of members; planted variant winner "
              f"**{results['truth']['planted_winner']}**.", "",
              "## Learning curve (per message)", "",

@@ -78,7 +78,8 @@ def main() -> None:
     for ch in r.campaign.channels:
         for c in ctxs[:4]:
             r.render(ch, c, as_of=SAMPLE_AS_OF, message_id="bench")
-    print(f"campaign {r.campaign.name}: compile + first renders of every channel/locale {1000 * (time.perf_counter() - t0):.0f} ms")
+    print(f"campaign {r.campaign.name}: compile + first renders of every channel/locale "
+          f"{1000 * (time.perf_counter() - t0):.0f} ms")
 
     targets = {Channel.SMS: 20_000, Channel.PUSH: 20_000, Channel.EMAIL: 2_000}
     results = {}

@@ -109,7 +109,8 @@ def fit(s: Summary, *, starts: Iterable[tuple[float, float, float, float]] = _ST
 
     Optimises the mean weighted negative log-likelihood over log-parameters with L-BFGS-B (so all
     four stay positive without constraints), from several starting points, keeping the best (and
-    polishing it with Nelder-Mead if L-BFGS-B did not report convergence). Raises :class:`InputError` when there is nothing to fit.
+    polishing it with Nelder-Mead if L-BFGS-B did not report convergence). Raises :class:`InputError` when
+    there is nothing to fit.
     """
     total = float(s.weight.sum())
     if total <= 0 or len(s.x) == 0:

@@ -95,5 +95,6 @@ def literal_rows(dialect: str, columns: list[tuple[str, sa.types.TypeEngine]], r
         # would turn '2026-11-23 ...' into the number 2026, so the bind's own type processing is used.
         return sa.literal(v, type_) if dialect == "sqlite" else sa.cast(sa.literal(v, type_), type_)
 
-    selects = [sa.select(*[lit(v, type_).label(name) for (name, type_), v in zip(columns, row)]) for row in rows]
+    selects = [sa.select(*[lit(v, type_).label(name) for (name, type_), v in zip(columns, row, strict=True)])
+               for row in rows]
     return (selects[0] if len(selects) == 1 else sa.union_all(*selects)).subquery()

@@ -12,6 +12,7 @@ Common rules:
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 
 import sqlalchemy as sa
 
@@ -126,7 +127,8 @@ def _purchase_stats(ctx: SegmentContext) -> sa.Subquery:
     "`min_gap_days`); method=either (default): both rules, a member matching either.",
     Param("method", str, "either", "p_alive, overdue or either", choices=("p_alive", "overdue", "either")),
     Param("p_alive_below", float, 0.5, "P(alive) threshold", min=0.0, max=1.0),
-    Param("cadence_factor", float, 2.0, "overdue when the gap exceeds this multiple of the mean gap", min=1.0, max=100.0),
+    Param("cadence_factor", float, 2.0, "overdue when the gap exceeds this multiple of the mean gap",
+          min=1.0, max=100.0),
     Param("min_orders", int, 3, "purchases needed before a cadence is trusted", min=2, max=1000),
     Param("min_gap_days", int, 30, "never overdue before this many days without a purchase", min=1, max=3650),
 )
@@ -307,7 +309,7 @@ def tier_upgrade_candidates(ctx: SegmentContext, p: dict) -> sa.Select:
     )
     frac = 1.0 - p["within_percent"] / 100.0
     next_code, bar_spend, bar_orders, spend, orders, cond = [], [], [], [], [], []
-    for cur, nxt in zip(tiers, tiers[1:]):
+    for cur, nxt in pairwise(tiers):
         here = m.c.tier == cur["code"]
         w = nxt["window_days"]
         s_w = sa.func.coalesce(agg.c[f"spend_{w}"], 0)

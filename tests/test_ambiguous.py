@@ -30,7 +30,7 @@ from membercare.delivery.reconcile import StaticRecords, reconcile_unknown
 from membercare.models import Channel, Purpose
 from sandbox_fixtures import *  # noqa: F403
 
-O = OutboxMessage.__table__
+OB = OutboxMessage.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 FAST = DispatchConfig(workers=4, batch_size=20, backoff_base=0.005, backoff_max=0.02, wait_for_deferred=5.0,
                       flush_interval=0.02, ambiguous_retry_delay=0.05, error_min_samples=1000)
@@ -47,7 +47,7 @@ def plan(engine, n, purpose):
 
 def rows(engine, run_id):
     with engine.connect() as conn:
-        return {r.message_id: r for r in conn.execute(sa.select(O).where(O.c.run_id == run_id))}
+        return {r.message_id: r for r in conn.execute(sa.select(OB).where(OB.c.run_id == run_id))}
 
 
 def ghost_first_attempt(every: int):

@@ -103,7 +103,7 @@ def test_orders_csv_skips_refunds_and_merges_same_day(tmp_path):
         "b,2024-01-10,paid\n"
     )
     s = churn.summarise_transactions(churn.read_orders_csv(f), date(2024, 1, 29))
-    got = sorted(zip(s.x, s.t_x * 7, s.T * 7))
+    got = sorted(zip(s.x, s.t_x * 7, s.T * 7, strict=True))
     assert got == [(0.0, 0.0, 19.0), (1.0, 14.0, 28.0)]
 
 

@@ -135,7 +135,8 @@ def test_example_files_import_with_canonical_values(engine, fixtures):
 
         c = {r.code: r for r in conn.execute(sa.select(Coupon.__table__))}
         assert c["WELCOME-M0001"].redeemed_order_id == o["SO-1001"].id
-        assert (c["BDAY-M0002"].kind, c["BDAY-M0002"].percent_off, c["BDAY-M0002"].amount_minor) == ("percent", 15, None)
+        bday = c["BDAY-M0002"]
+        assert (bday.kind, bday.percent_off, bday.amount_minor) == ("percent", 15, None)
         assert c["VIP-M0003"].min_spend_minor == 500000
         d = conn.execute(sa.select(Device.__table__).where(Device.token.like("fcm-token-b%"))).one()
         assert d.invalidated_at == datetime(2024, 2, 1, tzinfo=UTC) and d.invalid_reason == "unregistered"

@@ -96,7 +96,8 @@ def test_batch_next_delivery_matches_single():
     now = datetime(2026, 6, 1, 0, 0, tzinfo=UTC)
     tzs = ["Asia/Taipei", "Asia/Taipei", "Europe/London"]
     hours = [20, 9, 9]
-    assert next_delivery_times(now, tzs, hours) == [next_delivery_at(now, tz, h) for tz, h in zip(tzs, hours, strict=True)]
+    expected = [next_delivery_at(now, tz, h) for tz, h in zip(tzs, hours, strict=True)]
+    assert next_delivery_times(now, tzs, hours) == expected
 
 
 def test_whole_day_and_hours_outside_quiet_hours():

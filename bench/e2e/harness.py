@@ -67,7 +67,8 @@ TWILIO_TOKEN = "membercare-bench-auth-token"
 FCM_PROJECT = "membercare-bench"
 SA_EMAIL = f"push@{FCM_PROJECT}.iam.gserviceaccount.com"
 
-_CLI = "import sys, importlib, membercare.cli as c; importlib.import_module('membercare.cli.{mod}'); c.main(sys.argv[1:])"
+_CLI = ("import sys, importlib, membercare.cli as c; importlib.import_module('membercare.cli.{mod}'); "
+        "c.main(sys.argv[1:])")
 
 Progress = Callable[[str], None]
 
@@ -791,8 +792,9 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
             domain = ((occurrence, ("prepare",)), (audience, ("resolve_audience",)), (dry_run, ("write_preview",)),
                       (plan, ("ensure_run", "plan_group")), (dispatch, ("dispatch_round",)),
                       (summary, ("summarise",)), (sync, ("sync_engagement",)), (pool, ("dispatch_processes",)))
-            params = CampaignRunParameters(campaign=BENCH_CAMPAIGN, as_of=SHOP_DATE.isoformat(), wait_for_deferred_s=5.0,
-                                           dispatchers=opts.dispatchers, processes=opts.processes,
+            params = CampaignRunParameters(campaign=BENCH_CAMPAIGN, as_of=SHOP_DATE.isoformat(),
+                                           wait_for_deferred_s=5.0, dispatchers=opts.dispatchers,
+                                           processes=opts.processes,
                                            **({"group_size": opts.group_size} if opts.group_size else {}))
             progress(f"{members:,} members: running the campaign flow")
             with patched_environ(env), timer.patched_all(domain), meter:
@@ -865,7 +867,7 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
                                if webhook_window > 0 else None,
                                "drained": drained, "pending_at_end": pending})
     flow_secs = t1 - t0
-    flow_domain = union_seconds(timer.spans(*[l for s in STAGES[:4] for l in domain_labels[s]]), t0, t1)
+    flow_domain = union_seconds(timer.spans(*[label for s in STAGES[:4] for label in domain_labels[s]]), t0, t1)
     flow = {"seconds": round(flow_secs, 3), "messages": sent,
             "messages_per_s": round(sent / flow_secs, 1) if flow_secs > 0 else None,
             "task_runs": sum(v for k, v in task_runs.items() if k != "webhooks"),
@@ -895,7 +897,8 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
 def verify_exactly_once(db_url: str, services: Services, stats: dict, ledger: dict, id_limit: int) -> dict[str, Any]:
     """Did every message the ledger records as sent reach the sandbox, once? By counts always; by message id
     (both directions) when at most ``id_limit`` were sent."""
-    v: dict[str, Any] = {"sandbox_accepted": stats.get("accepted_total", 0), "ledger_sent": ledger["states"].get("sent", 0),
+    v: dict[str, Any] = {"sandbox_accepted": stats.get("accepted_total", 0),
+                         "ledger_sent": ledger["states"].get("sent", 0),
                          "duplicates": stats.get("duplicates_by_message_id_total", 0)
                          + stats.get("duplicates_by_idempotency_key_total", 0)}
     ok = v["sandbox_accepted"] == v["ledger_sent"] and v["duplicates"] == 0
@@ -987,8 +990,8 @@ def machine_facts(db: str, postgres_url: str | None = None) -> dict[str, Any]:
     facts: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                              "python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
     try:
-        facts["cpu_model"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                  if line.startswith("model name"))
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        facts["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     try:

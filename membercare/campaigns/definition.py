@@ -201,7 +201,8 @@ class Campaign(BaseModel):
     segment: SegmentRef | None = None
     trigger: Trigger | None = None
     priority: int = Field(default=50, ge=0, le=1000, description="higher wins under the frequency cap")
-    channels: tuple[Channel, ...] = Field(min_length=1, description="allowed channels, in the campaign's preference order")
+    channels: tuple[Channel, ...] = Field(min_length=1,
+                                          description="allowed channels, in the campaign's preference order")
     occurrence: Literal["hourly", "daily", "weekly", "monthly", "once"] = "daily"
     message_per: Literal["member", "coupon", "order"] = "member"
     default_locale: str = "zh-TW"

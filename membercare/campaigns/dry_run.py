@@ -89,7 +89,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
                 report = PlanReport(run_id)
                 minted: list[str] = []
 
-                def mint() -> str:
+                def mint(minted: list[str] = minted) -> str:
                     mid = new_message_id()
                     minted.append(mid)
                     return mid

@@ -224,7 +224,7 @@ def plan_run(
     for batch in member_batches:
         recipients = [b if isinstance(b, Recipient) else Recipient(int(b)) for b in batch]
         if recipients:
-            def work(conn: Connection) -> PlanReport:
+            def work(conn: Connection, recipients: list[Recipient] = recipients) -> PlanReport:
                 # Counted per try: a try rolled back by a dropped connection or a deadlock counts nothing.
                 part = PlanReport(run_id)
                 plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, message_ids, part, hooks=hooks)
@@ -543,7 +543,8 @@ def _preempt(conn, spec, pending, rows, recent, todo, policy, report) -> None:
     wanted = sorted({i for ids in pending.values() for i in ids})
     now = utcnow()
     got = set(conn.execute(
-        sa.update(o).where(any_of(conn, o.c.id, wanted), o.c.state.in_((OutboxState.PLANNED.value, OutboxState.DEFERRED.value)))
+        sa.update(o)
+        .where(any_of(conn, o.c.id, wanted), o.c.state.in_((OutboxState.PLANNED.value, OutboxState.DEFERRED.value)))
         .values(state=OutboxState.SKIPPED.value, reason_code=Decision.PREEMPTED.value,
                 reason=f"frequency cap: slot taken by higher-priority campaign {spec.campaign} "
                        f"(priority {spec.priority})"[:500],

@@ -238,7 +238,8 @@ def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
                 if since > now - grace:
                     continue  # events may still arrive
                 if r.purpose == Purpose.TRANSACTIONAL:
-                    res = conn.execute(sa.update(o).where(o.c.id == r.id, o.c.state == OutboxState.UNKNOWN.value).values(
+                    still_unknown = sa.and_(o.c.id == r.id, o.c.state == OutboxState.UNKNOWN.value)
+                    res = conn.execute(sa.update(o).where(still_unknown).values(
                         state=OutboxState.PLANNED.value, next_attempt_at=None, claimed_by=None, claimed_at=None,
                         reason_code=Decision.RESENT_AFTER_UNKNOWN.value, updated_at=now,
                         reason="outcome unknown and no provider record after the grace period; resending "

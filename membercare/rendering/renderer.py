@@ -131,9 +131,10 @@ class CampaignRenderer:
                 f = self._formatters.get(key)
                 if f is None:
                     try:
-                        f = Formatter(fmt_locale, timezone=key[1], currency_symbols=self.shop_all.get("currency_symbols"),
+                        f = Formatter(fmt_locale, timezone=key[1],
+                                      currency_symbols=self.shop_all.get("currency_symbols"),
                                       default_currency=self.settings.shop_currency)
-                    except Exception:  # unknown zone or locale in member data: shop defaults, not a failure
+                    except Exception:  # noqa: BLE001 - unknown zone or locale in member data: shop defaults
                         f = Formatter(template_locale, timezone=self.settings.shop_timezone,
                                       currency_symbols=self.shop_all.get("currency_symbols"),
                                       default_currency=self.settings.shop_currency)
@@ -147,7 +148,8 @@ class CampaignRenderer:
             lang = language_of(locale)
             view = {}
             for k, v in self.shop_all.items():
-                if isinstance(v, dict) and any(isinstance(x, str) for x in v.values()) and k not in ("currency_symbols",):
+                localised = isinstance(v, dict) and any(isinstance(x, str) for x in v.values())
+                if localised and k not in ("currency_symbols",):
                     v = v.get(locale) or v.get(lang) or v.get(self.settings.shop_locale) or next(iter(v.values()))
                 view[k] = v
             self._shop_views[locale] = view
@@ -284,8 +286,9 @@ class CampaignRenderer:
                     data[key] = _render(tpl, v).strip()
                 except Exception as exc:  # noqa: BLE001 - located below
                     msg = getattr(exc, "message", None) or str(exc)
+                    code = "undefined" if type(exc).__name__ == "UndefinedError" else "render"
                     raise RenderError(f"{type(exc).__name__}: {msg}", file=dc.files[0], line=line,
-                                      code="undefined" if type(exc).__name__ == "UndefinedError" else "render") from None
+                                      code=code) from None
         data["campaign"] = self.campaign.name
         if message_id:
             data["message_id"] = message_id
@@ -321,7 +324,7 @@ def _render(template, variables: dict) -> str:
     ctx = new_context(template.environment, template.name, template.blocks, variables, shared=True)
     try:
         return template.environment.concat(template.root_render_func(ctx))
-    except Exception:
+    except Exception:  # noqa: BLE001 - Jinja's handler re-raises it pointing at the template line
         return template.environment.handle_exception()
 
 

@@ -559,7 +559,7 @@ class SandboxServer:
             asyncio.set_event_loop(loop)
             try:
                 self._runner, self.port = loop.run_until_complete(start_site(self.app, self.host, self.port))
-            except BaseException as exc:  # reported to the starting thread
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                 failure.append(exc)
                 ready.set()
                 return
