@@ -55,6 +55,26 @@ def validate_sendgrid_mail(body: Any) -> list[dict[str, Any]]:
     if len(pers) > 1000:
         errors.append(sendgrid_error("The personalizations field can contain no more than 1000 personalizations.",
                                      "personalizations", "personalizations"))
+    all_have_subject = _personalization_errors(pers, errors)
+    sender = body.get("from")
+    if not isinstance(sender, dict) or "email" not in sender:
+        errors.append(sendgrid_error("The from object must be provided for every email send. It is an object "
+                                     "that requires an email parameter and may also contain a name parameter.",
+                                     "from", "from"))
+    elif not isinstance(sender["email"], str) or not valid_email(sender["email"]):
+        errors.append(sendgrid_error("The from email does not contain a valid address.", "from.email", "from"))
+    if not has_template and not all_have_subject and not (isinstance(body.get("subject"), str) and body["subject"]):
+        errors.append(sendgrid_error("The subject is required. You can get around this requirement if you use a "
+                                     "template with a subject defined or if every personalization has a subject "
+                                     "defined.", "subject", "subject"))
+    if not has_template:
+        _content_errors(body.get("content"), errors)
+    _extras_errors(body, errors)
+    return errors
+
+
+def _personalization_errors(pers: list, errors: list[dict[str, Any]]) -> bool:
+    """Append the errors of each personalization; returns whether every one has its own subject."""
     all_have_subject = bool(pers)
     for i, p in enumerate(pers):
         if not isinstance(p, dict):
@@ -78,35 +98,31 @@ def validate_sendgrid_mail(body: Any) -> list[dict[str, Any]]:
         if ca is not None and (not isinstance(ca, dict) or not all(isinstance(v, str) for v in ca.values())):
             errors.append(sendgrid_error("Invalid type. Expected: string, given: object.",
                                          f"personalizations.{i}.custom_args", "personalizations.custom_args"))
-    sender = body.get("from")
-    if not isinstance(sender, dict) or "email" not in sender:
-        errors.append(sendgrid_error("The from object must be provided for every email send. It is an object "
-                                     "that requires an email parameter and may also contain a name parameter.",
-                                     "from", "from"))
-    elif not isinstance(sender["email"], str) or not valid_email(sender["email"]):
-        errors.append(sendgrid_error("The from email does not contain a valid address.", "from.email", "from"))
-    if not has_template and not all_have_subject and not (isinstance(body.get("subject"), str) and body["subject"]):
-        errors.append(sendgrid_error("The subject is required. You can get around this requirement if you use a "
-                                     "template with a subject defined or if every personalization has a subject "
-                                     "defined.", "subject", "subject"))
-    content = body.get("content")
-    if not has_template:
-        if not isinstance(content, list) or not content:
-            errors.append(sendgrid_error("Unless a valid template_id is provided, the content parameter is required. "
-                                         "There must be at least one defined content block. We typically suggest both "
-                                         "text/plain and text/html blocks are included, but only one block is "
-                                         "required.", "content", "content"))
-        else:
-            for k, block in enumerate(content):
-                if not isinstance(block, dict) or not isinstance(block.get("type"), str) or not block.get("type"):
-                    errors.append(sendgrid_error("The content type must be provided.", f"content.{k}.type",
-                                                 "content.type"))
-                elif not isinstance(block.get("value"), str) or not block["value"]:
-                    errors.append(sendgrid_error("The content value must be a string at least one character in "
-                                                 "length.", f"content.{k}.value", "content.value"))
-                elif block["type"] == "text/plain" and k != 0:
-                    errors.append(sendgrid_error("If present, text/plain content must be first, followed by "
-                                                 "text/html.", f"content.{k}.type", "content.type"))
+    return all_have_subject
+
+
+def _content_errors(content: Any, errors: list[dict[str, Any]]) -> None:
+    """The content blocks (checked only when no template supplies the content)."""
+    if not isinstance(content, list) or not content:
+        errors.append(sendgrid_error("Unless a valid template_id is provided, the content parameter is required. "
+                                     "There must be at least one defined content block. We typically suggest both "
+                                     "text/plain and text/html blocks are included, but only one block is "
+                                     "required.", "content", "content"))
+    else:
+        for k, block in enumerate(content):
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str) or not block.get("type"):
+                errors.append(sendgrid_error("The content type must be provided.", f"content.{k}.type",
+                                             "content.type"))
+            elif not isinstance(block.get("value"), str) or not block["value"]:
+                errors.append(sendgrid_error("The content value must be a string at least one character in "
+                                             "length.", f"content.{k}.value", "content.value"))
+            elif block["type"] == "text/plain" and k != 0:
+                errors.append(sendgrid_error("If present, text/plain content must be first, followed by "
+                                             "text/html.", f"content.{k}.type", "content.type"))
+
+
+def _extras_errors(body: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+    """custom_args, categories and headers."""
     ca = body.get("custom_args")
     if ca is not None:
         if not isinstance(ca, dict) or not all(isinstance(v, str) for v in ca.values()):
@@ -125,7 +141,6 @@ def validate_sendgrid_mail(body: Any) -> list[dict[str, Any]]:
     headers = body.get("headers")
     if headers is not None and (not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values())):
         errors.append(sendgrid_error("Invalid type. Expected: string, given: object.", "headers", "headers"))
-    return errors
 
 
 def sendgrid_unauthorized() -> dict[str, Any]:
