@@ -30,7 +30,7 @@ cs = ChurnScore.__table__
 cf = ChurnModelFit.__table__
 
 
-def purchases(ctx: SegmentContext, *, since_days: float | None = None):
+def purchases(ctx: SegmentContext, *, since_days: float | None = None) -> list[sqlfn.Sql]:
     """WHERE clauses selecting purchases at or before as_of (and within ``since_days`` if given)."""
     where = [o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at <= ctx.as_of_lit]
     if since_days is not None:
@@ -38,7 +38,7 @@ def purchases(ctx: SegmentContext, *, since_days: float | None = None):
     return where
 
 
-def is_member(ctx: SegmentContext):
+def is_member(ctx: SegmentContext) -> sqlfn.Sql:
     # Nearly every member joined before as_of: without the hint SQLite walks ix_members_joined_at and
     # fetches each row by rowid, 6x slower than scanning the table (3.2 s vs 0.55 s on 1M members).
     return sqlfn.mostly_true(ctx.dialect, m.c.joined_at <= ctx.as_of_lit)
@@ -145,6 +145,8 @@ def churn_risk(ctx: SegmentContext, p: dict) -> sa.Select:
     use_p = p["method"] in ("p_alive", "either")
     use_o = p["method"] in ("overdue", "either")
     snap = ctx.latest_snapshot(cs, "churn scores", "membercare churn score") if use_p else None
+    p_alive_col: sa.ColumnElement
+    exp_col: sa.ColumnElement
     if snap is not None:
         fit = sa.select(cf.c.calibration_end).where(cf.c.as_of_date == snap).scalar_subquery()
         sc = sa.select(cs.c.member_id, cs.c.p_alive, cs.c.expected_purchases, cs.c.frequency).where(

@@ -506,7 +506,7 @@ def _write(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, 
             stored: dict[str, str] = {}
             for part in _chunks(list(mine), chunk_size(conn)):
                 stored.update(conn.execute(sa.select(o.c.idempotency_key, o.c.message_id)
-                                           .where(any_of(conn, o.c.idempotency_key, part))).all())
+                                           .where(any_of(conn, o.c.idempotency_key, part))).tuples().all())
             inserted = {k for k, mid in mine.items() if stored.get(k) == mid}
     else:
         inserted = set(insert_returning(conn, o, rows, conflict=["idempotency_key"], returning="idempotency_key"))

@@ -64,8 +64,9 @@ class Settlement:
 
 
 @runtime_checkable
-class ProviderVerdicts(Protocol):
-    """Extension point beyond :class:`ProviderRecords`: a source that can also *confirm absence*.
+class ProviderVerdicts(ProviderRecords, Protocol):
+    """Extension point beyond :class:`ProviderRecords` (so it has ``lookup`` too): a source that can also
+    *confirm absence*.
 
     ``settle(message_ids, now=...)`` returns a :class:`Settlement`. Only claim ``never_received`` when the
     provider's records for the message's recipient and time window are complete (every page read, past

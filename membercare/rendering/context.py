@@ -68,7 +68,7 @@ class CoPurchaseModel:
         counts = dict(conn.execute(
             sa.select(a.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
             .join(o, o.c.id == a.c.order_id).where(window, a.c.product_id.is_not(None)).group_by(a.c.product_id)
-        ).all())
+        ).tuples().all())
         pairs = conn.execute(
             sa.select(a.c.product_id, b.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
             .select_from(a.join(b, sa.and_(a.c.order_id == b.c.order_id, a.c.product_id != b.c.product_id))
