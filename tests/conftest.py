@@ -23,6 +23,14 @@ from membercare.db import make_engine, upgrade
 # The session-wide Prefect harness fixture (started only by the tests that ask for ``prefect_harness``).
 pytest_plugins = ["prefect_fixtures"]
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts Prefect's test harness (15-20 s once, then about a second per flow run) is slow: the
+    fast lane (``-m "not slow"``) leaves it to the full suite."""
+    for item in items:
+        if "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
 PG_ENV = "MEMBERCARE_TEST_POSTGRES_URL"
 FIXTURES = Path(__file__).parent / "fixtures"
 

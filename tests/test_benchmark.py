@@ -27,6 +27,7 @@ def _run_cli(args: list[str]) -> None:
     assert done.value.code == 0
 
 
+@pytest.mark.slow  # a whole benchmark run (shop, flows, sandbox, receiver): about a minute
 def test_bench_runs_end_to_end_on_sqlite(tmp_path, prefect_harness):
     out = tmp_path / "out"
     _run_cli(["--members", "300", "--baseline", "50", "--out", str(out), "--cache", str(tmp_path / "cache"),
@@ -73,6 +74,7 @@ def test_bench_runs_end_to_end_on_sqlite(tmp_path, prefect_harness):
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_bench_runs_on_postgres(tmp_path, prefect_harness):
     server = os.environ.get(PG_ENV)

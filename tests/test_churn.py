@@ -107,6 +107,7 @@ def test_orders_csv_skips_refunds_and_merges_same_day(tmp_path):
     assert got == [(0.0, 0.0, 19.0), (1.0, 14.0, 28.0)]
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_cli_fit_prints_json(tmp_path):
     out = run_cli("churn", "fit", "--transactions", str(CDNOW / "CDNOW_sample.txt"), "--format", "cdnow",
                   "--calibration-end", "1997-09-30", "--json", home=tmp_path)

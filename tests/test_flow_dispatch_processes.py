@@ -8,7 +8,7 @@ import pytest
 import test_flows
 from sandbox_fixtures import *  # noqa: F403
 
-pytestmark = [pytest.mark.prefect]
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]  # two dispatcher processes under a Prefect flow
 # The flow tests' fixtures, bound here so that pytest finds them in this module.
 flow_env, shop_db = test_flows.flow_env, test_flows.shop_db
 

@@ -69,6 +69,7 @@ def _png_stats(path: Path) -> tuple[int, int, int]:
     return width, height, len(rows)
 
 
+@pytest.mark.slow  # starts a headless browser
 @pytest.mark.skipif(CHROMIUM is None,
                     reason="chromium is not installed (apt-get install chromium) - gallery not rendered")
 def test_gallery_renders_in_headless_chromium(gallery, tmp_path):

@@ -510,6 +510,7 @@ def test_sigkill_mid_file_leaves_whole_batches_and_rerun_completes(sqlite_url, t
         engine.dispose()
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_cli_exit_codes_and_summary(sqlite_url, tmp_path):
     good = tmp_path / "members.csv"
     shutil.copyfile(FIXTURES / "members.csv", good)

@@ -135,6 +135,7 @@ def test_audience_is_the_segment_or_the_given_members_cut_to_the_limit(baseline_
 # ---------------------------------------------------------------------------------------------------- flow
 
 
+@pytest.mark.slow  # the benchmark's baseline flow under the Prefect harness, on both backends
 @pytest.mark.prefect
 def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends_nothing(
         baseline_env, prefect_harness, sandbox, shop_url):
@@ -173,6 +174,7 @@ def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends
     assert sandbox.stats()["accepted_total"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.prefect
 def test_failed_sends_are_counted_not_raised(baseline_env, prefect_harness, sandbox, shop_url):
     from bench.per_message_baseline import _count_task_runs, per_message_baseline

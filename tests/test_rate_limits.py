@@ -55,6 +55,7 @@ def test_the_flow_limits_channels_without_a_global_limit_itself(monkeypatch):
         "email": DEFAULT_RATES["email"]}
 
 
+@pytest.mark.slow  # 70 messages at 20/s: seconds of real pacing on each backend
 def test_sms_rate_limit_holds_at_the_provider(engine, sandbox, adapters):
     sandbox.configure(**QUIET)
     rate, n = 20.0, 70

@@ -297,6 +297,7 @@ def test_rows_never_load_more_than_the_limit(engine):
         assert conn.execute(sa.text("select count(*) from members")).scalar() == 5
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_cli_count_show_and_one_line_errors(tmp_path, sqlite_url):
     from clirun import run_cli
     from membercare.db import make_engine
