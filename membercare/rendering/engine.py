@@ -41,7 +41,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from membercare.errors import MembercareError
+from membercare.errors import RenderError
 from membercare.models import Channel
 from membercare.rendering import helpers
 from membercare.rendering.htmltext import InlineError, html_to_text_template, inline_css
@@ -51,14 +51,6 @@ LAYOUT_DIR = "_layout"
 CONTENT_MARKER = "{# @content #}"
 VARIANT_SEP = "@"
 _VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")  # as campaigns.VARIANT_NAME_PATTERN
-
-
-class RenderError(MembercareError):
-    """A message could not be rendered (template error, missing variant, over a channel limit)."""
-
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, code: str = "render"):
-        super().__init__(f"{file}:{line}: {message}" if file and line else f"{file}: {message}" if file else message)
-        self.detail, self.file, self.line, self.code = message, file, line, code
 
 
 class ContentLimitError(RenderError):
