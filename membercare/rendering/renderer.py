@@ -19,6 +19,7 @@ cached under a lock; rendering itself holds no shared mutable state).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,8 @@ FCM_PAYLOAD_LIMIT = 4096  # bytes, notification + data
 MESSAGE_ID_PLACEHOLDER = "0" * 36  # reserve room for the id the engine adds, when checking sizes
 _WS = re.compile(r"\s+")
 _BLANKS = re.compile(r"\n{3,}")
+
+log = logging.getLogger(__name__)
 
 _STORES: dict[str, TemplateStore] = {}
 _STORES_LOCK = threading.Lock()
@@ -133,7 +136,11 @@ class CampaignRenderer:
                     try:
                         f = Formatter(fmt_locale, timezone=key[1], currency_symbols=self.shop_all.get("currency_symbols"),
                                       default_currency=self.settings.shop_currency)
-                    except Exception:  # unknown zone or locale in member data: shop defaults, not a failure
+                    except Exception as exc:  # noqa: BLE001 - unknown zone or locale in member data: not a failure
+                        # Once per (locale, zone) pair, as the fallback is cached; neither names a member.
+                        log.warning("formatting for locale %.40r, time zone %.40r failed (%s): using %s, %s instead",
+                                    fmt_locale, key[1], type(exc).__name__, template_locale,
+                                    self.settings.shop_timezone)
                         f = Formatter(template_locale, timezone=self.settings.shop_timezone,
                                       currency_symbols=self.shop_all.get("currency_symbols"),
                                       default_currency=self.settings.shop_currency)
