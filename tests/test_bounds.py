@@ -1,22 +1,32 @@
 """Bounds on hostile or mistaken input: template renders are bounded in memory and time with a clear
-error (and ``templates check`` reports it)."""
+error (and ``templates check`` reports it); member link tokens with an id no member can have are
+refused when signed and when presented, with a clear page and never a 500 (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import shutil
+import struct
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from membercare.config import Settings
-from membercare.links import LinkSigner
-from membercare.models import Channel
+from membercare.consent import ConsentStatement, current_consents, record_consents
+from membercare.links import MAX_MEMBER_ID, InvalidTokenError, LinkSigner, sign_member_token, verify_member_token
+from membercare.models import Channel, Member
+from membercare.receiver import ReceiverConfig, create_app
 from membercare.rendering import CampaignRenderer, RenderError, TemplateStore
 from membercare.rendering.check import TemplateCheckError, check_campaign, ensure_campaign_ready
 from membercare.rendering.engine import HTML_ENV, TEXT_ENV
 from membercare.rendering.limits import RenderLimits, TemplateLimitError
 from membercare.rendering.samples import sample_context
+
+from clock import FROZEN_NOW
 
 PROJECT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SIGNER = LinkSigner("test-secret", "https://mc.example.org")
@@ -210,3 +220,71 @@ def test_templates_check_reports_the_limit_with_file_and_line(tpl):
     assert "over a template limit" in limits[0].message and "(max_value)" in limits[0].message
     with pytest.raises(TemplateCheckError, match=r"\[limit\]"):
         ensure_campaign_ready("birthday", Settings(templates_dir=tpl))
+
+
+# -- link tokens -------------------------------------------------------------------------------------------------------
+
+SECRET = "link-secret-for-tests-0123456789"
+
+
+def _signed_with_secret(member_id: int, secret: str = SECRET, scope_code: int = 0) -> str:
+    """A token in the documented format (see membercare/links.py), for any 64-bit id, signed with ``secret``:
+    what a leaked secret or an older signer could have produced."""
+    payload = struct.pack(">BQB", 1, member_id, scope_code)
+    mac = hmac.new(secret.encode(), b"membercare.link" + payload, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize("member_id", [0, -1, 2**63, 2**64 - 1, 2**64, True, "5", 5.0, None])
+def test_signing_refuses_an_id_no_member_can_have(member_id):
+    with pytest.raises(ValueError, match="member id must be an integer from 1 to 9223372036854775807"):
+        sign_member_token(member_id, SECRET)
+
+
+def test_the_largest_member_id_round_trips():
+    assert _signed_with_secret(MAX_MEMBER_ID) == sign_member_token(MAX_MEMBER_ID, SECRET)
+    assert verify_member_token(sign_member_token(MAX_MEMBER_ID, SECRET), SECRET).member_id == MAX_MEMBER_ID
+    assert verify_member_token(sign_member_token(1, SECRET), SECRET).member_id == 1
+
+
+@pytest.mark.parametrize("token", [_signed_with_secret(0), _signed_with_secret(2**63), _signed_with_secret(2**64 - 1),
+                                   "A" * 10_000, "é" * 35, "", None, 12345])
+def test_verifying_refuses_tokens_naming_no_valid_member(token):
+    with pytest.raises(InvalidTokenError):
+        verify_member_token(token, SECRET)
+
+
+@pytest.fixture
+def receiver(engine):
+    with engine.begin() as conn:
+        mid = conn.execute(Member.__table__.insert().values(
+            external_id="M1", name=PERSONAL["name"], email=PERSONAL["email"], locale="en", joined_at=FROZEN_NOW,
+        ).returning(Member.__table__.c.id)).scalar_one()
+        record_consents(conn, [ConsentStatement(mid, "email", "marketing", True, "signup_form", FROZEN_NOW)])
+    config = ReceiverConfig(public_url="https://hooks.shop.example/mc", secret_key=SECRET, shop_name="Good Days")
+    return TestClient(create_app(config, engine), raise_server_exceptions=False), engine, mid
+
+
+ONE_CLICK = {"content": "List-Unsubscribe=One-Click", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+
+
+@pytest.mark.parametrize("member_id", [0, 2**63, 2**64 - 1])
+def test_presented_token_with_an_out_of_range_id_gets_the_invalid_link_page(receiver, member_id):
+    client, engine, real = receiver
+    token = _signed_with_secret(member_id)
+    for path in (f"/u/{token}", f"/u/{token}/preferences"):
+        page = client.get(path)
+        assert page.status_code == 403 and "這個連結無效或已失效" in page.text, (page.status_code, page.text[:200])
+        assert client.post(path, **ONE_CLICK).status_code == 403
+        assert client.post(path, data={"action": "unsubscribe"}).status_code == 403
+    with engine.connect() as conn:
+        assert current_consents(conn, real)[("email", "marketing")] is True  # nothing valid was touched
+
+
+def test_presented_token_for_the_largest_id_that_no_member_has_is_not_found(receiver):
+    client, _, _ = receiver
+    token = sign_member_token(MAX_MEMBER_ID, SECRET)
+    page = client.get(f"/u/{token}")
+    assert page.status_code == 404 and "找不到這個會員" in page.text
+    assert client.post(f"/u/{token}", **ONE_CLICK).status_code == 404
+    assert client.post(f"/u/{token}", data={"action": "unsubscribe"}).status_code == 404
