@@ -24,7 +24,8 @@ campaign body are combined and CSS-inlined *before* compilation (see :mod:`.html
 
 Two sandboxed environments share helpers: one autoescapes (HTML), one does not (subject, SMS, push,
 text). Choosing the environment by part instead of ``select_autoescape`` avoids the trap where
-``select_autoescape`` escapes string templates (SMS would show ``&amp;``).
+``select_autoescape`` escapes string templates (SMS would show ``&amp;``). Both bound what a render
+may cost in memory and time (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ from typing import Any
 
 import yaml
 from jinja2 import StrictUndefined, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from membercare.errors import RenderError
 from membercare.models import Channel
 from membercare.rendering import helpers
 from membercare.rendering.htmltext import InlineError, html_to_text_template, inline_css
+from membercare.rendering.limits import BoundedEnvironment
 from membercare.rendering.locales import fallback_chain, normalise_locale
 
 LAYOUT_DIR = "_layout"
@@ -156,10 +157,11 @@ def _combine(layout_src: str, layout_file: str, body_src: str, body_file: str) -
     return before + body + after, smap
 
 
-def _env(autoescape: bool) -> ImmutableSandboxedEnvironment:
+def _env(autoescape: bool) -> BoundedEnvironment:
     # Immutable sandbox: templates are edited by marketers and must not mutate the shared, cached
-    # context data (recommendations, coupons) or reach Python internals.
-    env = ImmutableSandboxedEnvironment(
+    # context data (recommendations, coupons) or reach Python internals; bounded (see .limits) so that
+    # a template cannot exhaust memory or run for long.
+    env = BoundedEnvironment(
         autoescape=autoescape,
         undefined=StrictUndefined,
         trim_blocks=not autoescape,
