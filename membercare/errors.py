@@ -17,6 +17,7 @@
     │   └── RenderFailed             campaigns.plan             a member's message cannot be rendered while planning
     ├── RenderError                  errors                     a template error, a missing variant, a channel limit
     │   ├── ContentLimitError        rendering.engine           rendered content over a channel limit
+    │   ├── TemplateLimitError       rendering.limits           a template over a render bound; also a SecurityError
     │   └── InlineError              rendering.htmltext         CSS inlining would move Jinja syntax; also a ValueError
     ├── DeliveryError                errors                     sending or settling could not complete (see below)
     │   ├── DispatchProcessError     delivery.pool              a dispatcher process died; also a RuntimeError
@@ -24,10 +25,11 @@
     ├── ImportDatabaseError          importer                   the database failed during an import
     └── TemplateCheckFailed          cli.templates              ``membercare templates check`` found errors
 
-Columns: the class, its module (``membercare.`` left out), what it means. "also a ValueError" marks a class that
-keeps a built-in base so that callers catching the built-in still work. A provider's verdict on one message
-is not an exception: adapters *return* ``Accepted``/``TransientFailure``/``PermanentFailure``
-(:mod:`membercare.delivery.contract`); only a configuration problem is raised (``ConfigurationError``).
+Columns: the class, its module (``membercare.`` left out), what it means. "also a ValueError" marks a
+class that keeps another base (built-in, or Jinja's ``SecurityError``) so that callers catching that one
+still work. A provider's verdict on one message is not an exception: adapters *return* ``Accepted``,
+``TransientFailure`` or ``PermanentFailure`` (:mod:`membercare.delivery.contract`); only a configuration
+problem is raised (``ConfigurationError``).
 
 Private exceptions carry control flow inside one module and are caught there; they never escape it:
 ``importer._RecordTooLong``, ``receiver.app._Reject``, ``receiver.app._BodyRefused``.

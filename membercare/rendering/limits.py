@@ -44,8 +44,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup
 
+from membercare.errors import RenderError
 
-class TemplateLimitError(SecurityError):
+
+class TemplateLimitError(RenderError, SecurityError):
     """A template went over one of the :class:`RenderLimits` (the message names the limit, never a value)."""
 
 
