@@ -30,7 +30,7 @@ Per provider (details and residual risks in ``docs/delivery.md``, "Reconciliatio
   the app carrying our message id (the webhook receiver does that); otherwise it stays ``unknown``.
 
 Everything here is SDK-free: the Twilio list call lives in the adapter
-(:meth:`channels.twilio.TwilioSmsChannel.list_messages`, any :class:`MessageLister` will do).
+(:meth:`channels.twilio.adapter.TwilioSmsChannel.list_messages`, any :class:`MessageLister` will do).
 """
 
 from __future__ import annotations
