@@ -192,3 +192,21 @@ def test_webhook_secrets_name_registered_providers_only(relay):
     config = ReceiverConfig.from_env({"MEMBERCARE_TWILIO_AUTH_TOKEN": "tok", "MEMBERCARE_PUSH_TRACKING_SECRET": "p"})
     assert (config.twilio_auth_token, config.push_tracking_secret) == ("tok", "p")
     assert config.webhook_secret("twilio") == "tok" and config.webhook_secret("sendgrid") is None
+
+
+def test_reconciliation_asks_twilio_and_sendgrid_only_about_their_own_channels(relay, engine):
+    from membercare.delivery.provider_records import (
+        SendGridEventRecords,
+        TwilioListRecords,
+        provider_records_from_env,
+    )
+
+    env = {"MEMBERCARE_PROVIDER_SMS": "relay", "MEMBERCARE_RELAY_API_KEY": "k",
+           "MEMBERCARE_TWILIO_ACCOUNT_SID": "AC1", "MEMBERCARE_TWILIO_AUTH_TOKEN": "t",
+           "MEMBERCARE_TWILIO_FROM": "+15005550006", "MEMBERCARE_SENDGRID_API_KEY": "SG.x"}
+    records = provider_records_from_env(engine, env)
+    assert records is not None and [type(s) for s in records.sources] == [SendGridEventRecords]
+    records.close()
+    records = provider_records_from_env(engine, {k: v for k, v in env.items() if k != "MEMBERCARE_PROVIDER_SMS"})
+    assert records is not None and [type(s) for s in records.sources] == [TwilioListRecords, SendGridEventRecords]
+    records.close()
