@@ -48,7 +48,7 @@ from sqlalchemy.engine import Engine
 from membercare.delivery.models import OutboxMessage, OutboxState, decode_contents
 from membercare.delivery.reconcile import ProviderRecords, ProviderVerdicts, Settlement
 from membercare.delivery.sqlutil import any_of
-from membercare.errors import ConfigurationError
+from membercare.errors import ConfigurationError, DeliveryError
 from membercare.models import Channel, Member
 from membercare.timeutil import ensure_utc, utcnow
 
@@ -62,7 +62,7 @@ TWILIO_QUEUE_LIMIT = timedelta(seconds=36_000)
 SENDGRID_WEBHOOK_RETRY_PERIOD = timedelta(hours=24)
 
 
-class ProviderLookupError(RuntimeError):
+class ProviderLookupError(DeliveryError, RuntimeError):
     """A provider lookup could not be made completely (the message names no address)."""
 
 

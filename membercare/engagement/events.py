@@ -48,6 +48,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from membercare.errors import InputError
 from membercare.models import Channel
 from membercare.timeutil import ensure_utc
 
@@ -283,5 +284,5 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MalformedPayload(ValueError):
+class MalformedPayload(InputError, ValueError):
     """The request body is not the provider's documented shape at all (the receiver answers 400)."""

@@ -69,7 +69,7 @@ from membercare.receiver.config import ReceiverConfig
 from membercare.receiver.group_commit import GroupCommit
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
-from membercare.receiver.triggers import TriggerConfig, build_trigger_router
+from membercare.receiver.triggers import TriggerConfig, TriggerStarter, build_trigger_router
 from membercare.timeutil import utcnow
 
 log = logging.getLogger("membercare.receiver")
@@ -190,8 +190,9 @@ def _form(body: bytes) -> dict[str, str]:
         raise _Reject(exc.status, exc.detail) from None
 
 
-def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
-    """The receiver for ``config`` writing to ``engine`` (already migrated)."""
+def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerStarter | None = None) -> FastAPI:
+    """The receiver for ``config`` writing to ``engine`` (already migrated); ``trigger_starter`` runs
+    ``POST /triggers/{event}`` (without one that endpoint answers 503)."""
     app = FastAPI(title="membercare receiver", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.engine = engine
@@ -235,7 +236,7 @@ def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     # Event-triggered messages (order delivered, bad review, ...): POST /triggers/{event}.
-    app.include_router(build_trigger_router(engine, TriggerConfig(config.trigger_secret)))
+    app.include_router(build_trigger_router(engine, TriggerConfig(config.trigger_secret), starter=trigger_starter))
     return app
 
 

@@ -31,6 +31,7 @@ An endpoint whose secret is not configured answers 503 to everything (it can ver
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -167,6 +168,9 @@ def _shop_facts(templates_dir) -> dict:
     path = Path(templates_dir) / "_layout" / "shop.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as exc:
+        logging.getLogger(__name__).warning("%s unreadable (%s): pages show no shop facts", path, type(exc).__name__)
         return {}
     return data if isinstance(data, dict) else {}
