@@ -439,7 +439,7 @@ def send_stop(run: Run) -> bool:
     """A signed Twilio inbound STOP from a random member whose SMS is not sent yet; records the 2xx time."""
     import httpx
 
-    from channels.twilio_webhooks import SIGNATURE_HEADER, twilio_signature
+    from channels.twilio.webhooks import SIGNATURE_HEADER, twilio_signature
     from bench.e2e.harness import TWILIO_SID, TWILIO_TOKEN
     from membercare.delivery.models import OutboxMessage
     from membercare.models import Member

@@ -10,6 +10,7 @@
     │   ├── UnknownNameError         errors                     an unknown segment, campaign, ... (names the choices)
     │   ├── ValidationError          validation                 a value from outside that we refuse; also a ValueError
     │   ├── MalformedPayload         engagement.events          a body not of the documented shape; also a ValueError
+    │   ├── WebhookRejected          channels.base              a provider webhook request refused, with its HTTP status
     │   ├── CampaignDefinitionError  campaigns.definition       a campaign.yaml that does not parse or validate
     │   ├── InvalidTokenError        links                      a link token malformed or signed by none of our keys
     │   └── RunPaused                delivery.dispatcher        the run is paused; resume it explicitly

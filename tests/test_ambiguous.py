@@ -20,7 +20,7 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from sandbox_fixtures import *  # noqa: F403
 
-from channels.sendgrid import SendGridConfig, SendGridEmailChannel
+from channels.sendgrid.adapter import SendGridConfig, SendGridEmailChannel
 from channels.base import transport_failure
 from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.delivery.contract import EmailContent, OutboundMessage, TransientFailure

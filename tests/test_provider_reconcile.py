@@ -30,7 +30,7 @@ from test_engagement_e2e import Receiver
 
 from channels.base import OutboundMessage, SmsContent
 from channels.registry import build_channels, close_channels
-from channels.twilio import TwilioConfig, TwilioSmsChannel
+from channels.twilio.adapter import TwilioConfig, TwilioSmsChannel
 from membercare.delivery.dispatcher import Dispatcher
 from membercare.delivery.models import OutboxMessage
 from membercare.delivery.provider_records import (

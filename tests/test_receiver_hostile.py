@@ -28,9 +28,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from channels.fcm_webhooks import SIGNATURE_HEADER as APP_SIGNATURE, sign_push_tracking
-from channels.sendgrid_webhooks import SendGridWebhookSigner
-from channels.twilio_webhooks import twilio_signature
+from channels.fcm.webhooks import MAX_BODY as PUSH_MAX_BODY
+from channels.fcm.webhooks import SIGNATURE_HEADER as APP_SIGNATURE, sign_push_tracking
+from channels.sendgrid.webhooks import SendGridWebhookSigner
+from channels.twilio.webhooks import MAX_BODY as TWILIO_MAX_BODY
+from channels.twilio.webhooks import twilio_signature
 from membercare.config import Settings
 from membercare.consent import ConsentStatement, current_consents, record_consents
 from membercare.delivery.models import CampaignRun, OutboxMessage, Suppression
@@ -39,7 +41,7 @@ from membercare.engagement.models import EngagementEventRow
 from membercare.links import sign_member_token
 from membercare.models import Device, Member
 from membercare.receiver import ReceiverConfig, create_app
-from membercare.receiver.app import PAGE_MAX_BODY, PUSH_MAX_BODY, TWILIO_MAX_BODY
+from membercare.receiver.app import PAGE_MAX_BODY
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
 from membercare.receiver.triggers import TriggerConfig, build_trigger_router
 

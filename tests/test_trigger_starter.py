@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from channels.fcm_webhooks import SIGNATURE_HEADER, sign_push_tracking
+from channels.fcm.webhooks import SIGNATURE_HEADER, sign_push_tracking
 from membercare.config import Settings
 from membercare.models import Member
 from membercare.receiver.triggers import TriggerConfig, build_trigger_router

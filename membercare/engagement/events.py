@@ -33,7 +33,7 @@ campaign and member), the provider's ids, and the raw provider payload. ``dedupe
 retried webhook harmless: it is unique per ``provider`` in ``engagement_events``.
 
 Extension point: a new provider needs only a parser that returns ``EngagementEvent`` objects (see
-``channels/sendgrid_events.py``); :func:`membercare.engagement.store.ingest` applies the effects.
+``channels/sendgrid/events.py``); :func:`membercare.engagement.store.ingest` applies the effects.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
-from channels.fcm_webhooks import SIGNATURE_HEADER, verify_push_tracking
+from channels.fcm.webhooks import SIGNATURE_HEADER, verify_push_tracking
 from membercare.config import Settings
 from membercare.engagement.events import MalformedPayload, loads_json, usable_id
 from membercare.errors import InputError, UnknownNameError
