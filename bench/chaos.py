@@ -439,7 +439,7 @@ def send_stop(run: Run) -> bool:
     import httpx
 
     from bench.e2e.harness import TWILIO_SID, TWILIO_TOKEN
-    from channels.twilio_webhooks import SIGNATURE_HEADER, twilio_signature
+    from channels.twilio.webhooks import SIGNATURE_HEADER, twilio_signature
     from membercare.delivery.models import OutboxMessage
     from membercare.models import Member
 

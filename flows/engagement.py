@@ -84,7 +84,8 @@ def sync_engagement(records_url: str | None = None, grace_minutes: float = 60.0,
 
 
 def due_runs(engine) -> list[int]:
-    """Runs (not paused) with rows that may be claimed now."""
+    """Runs with rows that may be claimed now: not paused, or paused by the error budget and due for their
+    automatic resumption (the campaign allowed it)."""
     from membercare.delivery.models import CLAIMABLE_STATES, CampaignRun, OutboxMessage, RunStatus
     from membercare.timeutil import utcnow
 
@@ -94,7 +95,7 @@ def due_runs(engine) -> list[int]:
         return list(conn.execute(
             sa.select(o.c.run_id).join(r, r.c.id == o.c.run_id)
             .where(o.c.state.in_(CLAIMABLE_STATES), sa.or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at <= now),
-                   r.c.status != RunStatus.PAUSED.value)
+                   sa.or_(r.c.status != RunStatus.PAUSED.value, r.c.auto_resume_at <= now))
             .group_by(o.c.run_id).order_by(o.c.run_id)).scalars())
 
 

@@ -45,6 +45,7 @@ This module never touches the wall clock or global random state, and writes cons
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -212,8 +213,9 @@ def generate_shop(
         # Leave the database as we found it (empty of shop data) rather than half a shop.
         try:
             clear_shop(engine)
-        except Exception:  # noqa: BLE001 - the original error, re-raised below, matters more  # pragma: no cover
-            pass
+        except Exception as exc:  # noqa: BLE001 - the original error is re-raised below; this one is logged
+            logging.getLogger(__name__).error(
+                "could not remove the partly generated shop (%s): clear it before generating again", type(exc).__name__)
         raise
     summary.seconds = _time.perf_counter() - started
     return summary

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from channels.base import transport_failure
-from channels.sendgrid import SendGridConfig, SendGridEmailChannel
+from channels.sendgrid.adapter import SendGridConfig, SendGridEmailChannel
 from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.delivery.contract import EmailContent, OutboundMessage, TransientFailure
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher

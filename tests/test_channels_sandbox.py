@@ -22,10 +22,10 @@ from channels.base import (
     SmsContent,
     TransientFailure,
 )
-from channels.fcm import FirebaseConfig, FirebasePushChannel
+from channels.fcm.adapter import FirebaseConfig, FirebasePushChannel
 from channels.registry import build_channels, close_channels
-from channels.sendgrid import SendGridConfig, SendGridEmailChannel
-from channels.twilio import TwilioConfig, TwilioSmsChannel
+from channels.sendgrid.adapter import SendGridConfig, SendGridEmailChannel
+from channels.twilio.adapter import TwilioConfig, TwilioSmsChannel
 from membercare.models import Channel, Purpose
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import make_service_account

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from channels.push_events import parse_push_body
-from channels.sendgrid_events import parse_sendgrid_body
-from channels.twilio_events import parse_inbound, parse_status_callback
+from channels.fcm.events import parse_push_body
+from channels.sendgrid.events import parse_sendgrid_body
+from channels.twilio.events import parse_inbound, parse_status_callback
 from membercare.consent import ConsentStatement, current_consents, record_consents
 from membercare.delivery.models import CampaignRun, OutboxMessage, Suppression, address_hash
 from membercare.engagement.events import EngagementEvent, EventKind, Provider

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from channels.twilio_events import parse_status_callback
-from channels.twilio_webhooks import twilio_signature
+from channels.twilio.events import parse_status_callback
+from channels.twilio.webhooks import twilio_signature
 from membercare.engagement.models import EngagementEventRow
 from membercare.receiver import ReceiverConfig, create_app
 from membercare.receiver import group_commit as gc

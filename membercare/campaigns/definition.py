@@ -14,6 +14,7 @@ Example::
     purpose: marketing
     segment: {name: birthday_today}
     priority: 80
+    auto_resume_after: 300  # optional: after a provider outage paused the run, probe again in 5 min
     channels: [push, email, sms]
     occurrence: daily       # the idempotency bucket: hourly|daily|weekly|monthly|once
     message_per: member     # member | coupon | order
@@ -201,6 +202,9 @@ class Campaign(BaseModel):
     segment: SegmentRef | None = None
     trigger: Trigger | None = None
     priority: int = Field(default=50, ge=0, le=1000, description="higher wins under the frequency cap")
+    # After the error budget paused a run (a provider outage): resume by itself after this many seconds,
+    # doubling each time (see docs/delivery.md). Unset: an operator resumes it.
+    auto_resume_after: int | None = Field(default=None, ge=10, le=86_400)
     channels: tuple[Channel, ...] = Field(min_length=1,
                                           description="allowed channels, in the campaign's preference order")
     occurrence: Literal["hourly", "daily", "weekly", "monthly", "once"] = "daily"

@@ -126,7 +126,7 @@ def _run_row_in(conn: Connection, prepared: PreparedRun) -> int:
     conn.execute(insert_for(conn, r).on_conflict_do_nothing(index_elements=["campaign", "occurrence"]), dict(
         campaign=spec.campaign, occurrence=spec.occurrence, purpose=spec.purpose.value, priority=spec.priority,
         as_of=prepared.as_of, status=RunStatus.PLANNED.value, error_budget=spec.error_budget, counts="{}",
-        created_at=now, updated_at=now))
+        auto_resume_after_s=spec.auto_resume_after_s, created_at=now, updated_at=now))
     return conn.execute(sa.select(r.c.id).where(r.c.campaign == spec.campaign,
                                                 r.c.occurrence == spec.occurrence)).scalar_one()
 

@@ -200,7 +200,7 @@ def prepare(settings: Settings, campaign: Campaign | str, options: RunOptions | 
     if check:
         ensure_campaign_ready(camp.name, settings)
     spec = PlanSpec(campaign=camp.name, occurrence=occurrence, purpose=Purpose(camp.purpose), channels=channels,
-                    priority=camp.priority)
+                    priority=camp.priority, auto_resume_after_s=camp.auto_resume_after)
     return PreparedRun(campaign=camp, spec=spec, as_of=as_of, occurrence=occurrence,
                        holdout_rate=holdout_rate_for(camp, options.holdout_rate),
                        segment_params=segment_params_for(camp, options.segment_params), options=options,

@@ -130,7 +130,8 @@ class DispatchConfig:
     # the row (mark_sent_from_event), and the provider records (``records=``) are checked before resending.
     ambiguous_retry_delay: float = 30.0
     # After the error budget paused the run: try again automatically after this many seconds (doubled
-    # after each further pause, at most ``max_auto_resumes`` times). None: an operator resumes it.
+    # after each further pause, at most ``max_auto_resumes`` times). The campaign's ``auto_resume_after``
+    # (stored on the run) wins; None for both: an operator resumes it.
     auto_resume_after: float | None = None
     max_auto_resumes: int = 5
 
@@ -510,11 +511,13 @@ class Dispatcher:
 
         def work(conn: Connection) -> datetime | None:
             _take_write_lock(conn, run_id, now)  # SQLite: read-then-write must start as a writer
-            resumes = conn.execute(sa.select(r.c.auto_resumes).where(r.c.id == run_id)).scalar_one()
+            resumes, allowed = conn.execute(sa.select(r.c.auto_resumes, r.c.auto_resume_after_s)
+                                            .where(r.c.id == run_id)).one()
+            after = allowed if allowed is not None else cfg.auto_resume_after  # the campaign's, else ours
             at = None
             why = reason
-            if auto_resume and cfg.auto_resume_after is not None and resumes < cfg.max_auto_resumes:
-                at = now + timedelta(seconds=cfg.auto_resume_after * (2 ** resumes))
+            if auto_resume and after is not None and resumes < cfg.max_auto_resumes:
+                at = now + timedelta(seconds=after * (2 ** resumes))
                 why = f"{reason}; resumes automatically at {at.isoformat()} (probe {resumes + 1} of " \
                       f"{cfg.max_auto_resumes})"
             conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == RunStatus.DISPATCHING.value).values(

@@ -147,6 +147,8 @@ class CampaignRun(TableModel, table=True):
     # many times the run was resumed that way (the cool-down doubles each time).
     auto_resume_at: datetime | None = _ts(nullable=True, default=None)
     auto_resumes: int = Field(default=0)
+    # The campaign allows automatic resumption after this cool-down (seconds); None: an operator resumes it.
+    auto_resume_after_s: float | None = Field(default=None)
     # Last computed state -> count map (JSON); refreshed at the end of planning and of each dispatch pass.
     counts: str = Field(default="{}", sa_type=sa.Text)
     created_at: datetime = _ts(default_factory=utcnow)

@@ -84,6 +84,7 @@ class PlanSpec:
     channels: tuple[Channel, ...]  # the channels the campaign may use
     priority: int = 0  # higher wins frequency-cap slots (see policies)
     error_budget: float = 0.5  # see dispatcher.ErrorBudget
+    auto_resume_after_s: float | None = None  # after an error-budget pause (see dispatcher); None: an operator
 
     def __post_init__(self) -> None:
         if not self.campaign or "|" in self.campaign or "|" in self.occurrence or not self.occurrence:
@@ -189,6 +190,7 @@ def get_or_create_run(engine: Engine, spec: PlanSpec, as_of: datetime) -> int:
             dict(campaign=spec.campaign, occurrence=spec.occurrence, purpose=spec.purpose.value
                  if isinstance(spec.purpose, Purpose) else spec.purpose, priority=spec.priority, as_of=as_of,
                  status=RunStatus.PLANNED.value, error_budget=spec.error_budget, counts="{}",
+                 auto_resume_after_s=spec.auto_resume_after_s,
                  created_at=now, updated_at=now),
         )
         return conn.execute(sa.select(r.c.id, r.c.purpose).where(

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from membercare.errors import ConfigurationError, InputError
+from membercare.errors import ConfigurationError, DeliveryError, InputError
 
 if TYPE_CHECKING:
     from membercare.delivery.dispatcher import DispatchConfig
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_PROCESSES = 16
 
 
-class DispatchProcessError(RuntimeError):
+class DispatchProcessError(DeliveryError, RuntimeError):
     """A dispatcher process died or failed without a report. Rows it held stay ``sending`` until the lease
     expires and then become ``unknown`` (never resent blindly); the other processes' work is recorded."""
 

@@ -33,7 +33,7 @@ campaign and member), the provider's ids, and the raw provider payload. ``dedupe
 retried webhook harmless: it is unique per ``provider`` in ``engagement_events``.
 
 Extension point: a new provider needs only a parser that returns ``EngagementEvent`` objects (see
-``channels/sendgrid_events.py``); :func:`membercare.engagement.store.ingest` applies the effects.
+``channels/sendgrid/events.py``); :func:`membercare.engagement.store.ingest` applies the effects.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from membercare.errors import InputError
 from membercare.models import Channel
 from membercare.timeutil import ensure_utc
 
@@ -283,5 +284,5 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MalformedPayload(ValueError):
+class MalformedPayload(InputError, ValueError):
     """The request body is not the provider's documented shape at all (the receiver answers 400)."""

@@ -7,6 +7,8 @@ Reports, each with the file and (where there is one) the line:
 * ``syntax``          Jinja syntax errors, invalid push_data JSON
 * ``undefined``       a variable or attribute the context does not have
 * ``render``          any other error while rendering (bad filter argument, ...)
+* ``limit``           a render over a bound of :mod:`.limits` (a huge string or list, too much output,
+  too many loop iterations, too long, macros recursing too deeply); names the limit
 * ``sms-too-long``    more segments than the campaign's ``sms.max_segments``
 * ``push-too-long`` / ``push-payload``   push title/body over the limits, FCM payload of 4 KB or more
 * ``bad-link``        a link that is not an absolute http(s)/mailto/tel/app URL, or has spaces or leftovers

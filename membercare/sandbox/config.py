@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from membercare.errors import ConfigurationError
+
 CHANNELS = ("email", "sms", "push")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError, ValueError):
     """A sandbox setting is unknown or out of range."""
 
 

@@ -36,11 +36,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from channels.fcm_webhooks import SIGNATURE_HEADER as PUSH_SIGNATURE_HEADER
-from channels.fcm_webhooks import sign_push_tracking
-from channels.sendgrid_webhooks import SendGridWebhookSigner
-from channels.twilio_webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
-from channels.twilio_webhooks import twilio_signature
+from channels.fcm.webhooks import SIGNATURE_HEADER as PUSH_SIGNATURE_HEADER
+from channels.fcm.webhooks import sign_push_tracking
+from channels.sendgrid.webhooks import SendGridWebhookSigner
+from channels.twilio.webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
+from channels.twilio.webhooks import twilio_signature
 from membercare.sandbox.config import EngagementRates, SandboxConfig
 from membercare.sandbox.state import MessageRecord, seeded_rng, stable_id
 

@@ -61,6 +61,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("auto_resume_at", membercare.timeutil.UTCDateTime(timezone=True),
                                       nullable=True))
         batch_op.add_column(sa.Column("auto_resumes", sa.Integer(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("auto_resume_after_s", sa.Float(), nullable=True))
 
     dialect = op.get_bind().dialect.name
     if dialect == "postgresql":
@@ -87,6 +88,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP FUNCTION IF EXISTS membercare_gate_bump()")
     with op.batch_alter_table("campaign_runs") as batch_op:
+        batch_op.drop_column("auto_resume_after_s")
         batch_op.drop_column("auto_resumes")
         batch_op.drop_column("auto_resume_at")
     with op.batch_alter_table("outbox_messages") as batch_op:

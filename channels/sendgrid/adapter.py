@@ -112,7 +112,7 @@ class SendGridConfig:
         object.__setattr__(self, "base_url", normalise_base_url(self.base_url, ENV_BASE_URL))
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "SendGridConfig":
+    def from_env(cls, env: Mapping[str, str]) -> SendGridConfig:
         name, address = parseaddr(require(env, ENV_FROM, why="the sender address of every email"))
         if not address:
             raise ConfigurationError(f"{ENV_FROM} is not an email address")
@@ -213,7 +213,7 @@ class SendGridEmailChannel:
             reason = exc.reason
             kind = "timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else "connection error"
             return TransientFailure(reason=f"{kind} before the request was sent: {type(reason).__name__}")
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             # Raised while waiting for the answer: the request was written and may have been accepted.
             return TransientFailure(reason=f"read timeout after sending: {exc}", ambiguous=True)
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
