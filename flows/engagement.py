@@ -22,7 +22,8 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import engine_for, resolved_env, retry_transient, settings_from, run_logger
+from flows.common import engine_for, resolved_env, retry_transient, run_logger, settings_from
+
 # Called through its module so that the end-to-end benchmark can time it from the outside (bench/e2e).
 from membercare.engagement import sync as engagement_sync
 from membercare.engagement.sync import SyncReport

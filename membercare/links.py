@@ -160,13 +160,13 @@ class LinkSigner:
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
 
     @classmethod
-    def preview(cls, public_url: str = DEFAULT_PUBLIC_URL) -> "LinkSigner":
+    def preview(cls, public_url: str = DEFAULT_PUBLIC_URL) -> LinkSigner:
         """A signer for previews and checks: the links look real but the receiver never accepts them."""
         return cls(secret=PREVIEW_SECRET, public_url=public_url, is_preview=True)
 
     @classmethod
     def from_settings(cls, settings: Any = None, env: Mapping[str, str] | None = None, *,
-                      allow_preview: bool = False) -> "LinkSigner":
+                      allow_preview: bool = False) -> LinkSigner:
         """The signer for ``settings`` (``secret_key`` / ``public_url`` attributes), else the environment.
 
         Without a secret: a :class:`ConfigurationError`, or the preview signer if ``allow_preview``

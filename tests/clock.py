@@ -13,10 +13,10 @@ pass that instant everywhere, never mixing it with fixed dates.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 # Monday 2026-11-23, 12:00 in Asia/Taipei: outside SMS quiet hours (21:00-09:00) in the shop's timezone.
-FROZEN_NOW = datetime(2026, 11, 23, 4, tzinfo=timezone.utc)
+FROZEN_NOW = datetime(2026, 11, 23, 4, tzinfo=UTC)
 
 
 class Clock:
@@ -29,7 +29,7 @@ class Clock:
     def _checked(at: datetime) -> datetime:
         if at.tzinfo is None or at.utcoffset() is None:
             raise ValueError(f"naive datetime {at!r}: the test clock holds aware UTC instants")
-        return at.astimezone(timezone.utc)
+        return at.astimezone(UTC)
 
     def __call__(self) -> datetime:
         return self._now

@@ -20,6 +20,9 @@ import sqlalchemy as sa
 from clock import Clock
 from membercare.db import make_engine, upgrade
 
+# The session-wide Prefect harness fixture (started only by the tests that ask for ``prefect_harness``).
+pytest_plugins = ["prefect_fixtures"]
+
 PG_ENV = "MEMBERCARE_TEST_POSTGRES_URL"
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from clock import FROZEN_NOW
 from membercare.config import Settings
 from membercare.consent import ConsentStatement, current_consents, record_consents
 from membercare.links import MAX_MEMBER_ID, InvalidTokenError, LinkSigner, sign_member_token, verify_member_token
@@ -25,8 +26,6 @@ from membercare.rendering.check import TemplateCheckError, check_campaign, ensur
 from membercare.rendering.engine import HTML_ENV, TEXT_ENV
 from membercare.rendering.limits import RenderLimits, TemplateLimitError
 from membercare.rendering.samples import sample_context
-
-from clock import FROZEN_NOW
 
 PROJECT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SIGNER = LinkSigner("test-secret", "https://mc.example.org")

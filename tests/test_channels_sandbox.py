@@ -65,7 +65,8 @@ def test_each_channel_is_accepted_with_our_ids_in_the_provider_request(sandbox, 
     bodies = {c["path"]: c["body"] for c in sandbox.captured()}
     fcm = json.loads(next(b for p, b in bodies.items() if p.endswith("messages:send")))["message"]
     assert fcm["token"] == "device-token-0001" and fcm["data"]["membercare_message_id"] == "m-push"
-    assert fcm["data"]["deeplink"] == "shop://sale" and fcm["notification"] == {"title": "Sale", "body": "20% off today"}
+    assert fcm["data"]["deeplink"] == "shop://sale"
+    assert fcm["notification"] == {"title": "Sale", "body": "20% off today"}
     form = parse_qs(next(b for p, b in bodies.items() if p.endswith("Messages.json")))
     callback = urlsplit(form["StatusCallback"][0])
     assert callback.path == "/webhooks/twilio/status" and parse_qs(callback.query)["mid"] == ["m-sms"]

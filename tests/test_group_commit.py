@@ -38,7 +38,8 @@ async def post_all(app, params: list[tuple[dict, str]]) -> list[int]:
         async def post(p: dict, query: str) -> int:
             url = f"{PUBLIC}/webhooks/twilio/status?{query}"
             r = await client.post(f"/webhooks/twilio/status?{query}", content=urlencode(p), headers={
-                "Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": twilio_signature(TOKEN, url, p)})
+                "Content-Type": "application/x-www-form-urlencoded",
+                "X-Twilio-Signature": twilio_signature(TOKEN, url, p)})
             return r.status_code
         return await asyncio.gather(*(post(p, q) for p, q in params))
 

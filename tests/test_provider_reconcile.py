@@ -23,11 +23,6 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from sandbox_fixtures import *  # noqa: F403
-from sandbox_fixtures import TWILIO_FROM, TWILIO_SID, TWILIO_TOKEN, env_for
-from test_delivery_e2e import FAST, NOPOLICY, QUIET, ledger, plan, seed
-from test_engagement_e2e import Receiver
-
 from channels.base import OutboundMessage, SmsContent
 from channels.registry import build_channels, close_channels
 from channels.twilio.adapter import TwilioConfig, TwilioSmsChannel
@@ -43,15 +38,19 @@ from membercare.delivery.provider_records import (
 from membercare.delivery.reconcile import reconcile_unknown, recover_stale
 from membercare.errors import ConfigurationError
 from membercare.models import Channel, Member, Purpose
+from sandbox_fixtures import *  # noqa: F403
+from sandbox_fixtures import TWILIO_FROM, TWILIO_SID, TWILIO_TOKEN, env_for
+from test_delivery_e2e import FAST, NOPOLICY, QUIET, ledger, plan, seed
+from test_engagement_e2e import Receiver
 
-O = OutboxMessage.__table__
+OB = OutboxMessage.__table__
 
 
 def later(engine, run_id: int, by: timedelta) -> datetime:
     """The injected clock: ``by`` after the run's last ledger write."""
     with engine.connect() as conn:
-        return conn.execute(sa.select(O.c.updated_at).where(O.c.run_id == run_id)
-                            .order_by(O.c.updated_at.desc()).limit(1)).scalar_one() + by
+        return conn.execute(sa.select(OB.c.updated_at).where(OB.c.run_id == run_id)
+                            .order_by(OB.c.updated_at.desc()).limit(1)).scalar_one() + by
 
 
 def accepted_per_message(sandbox, channel: str) -> Counter:
@@ -232,7 +231,7 @@ def test_sms_in_flight_at_a_crash_that_never_reached_twilio_is_sent_exactly_once
     run_id = plan(engine, seed(engine, 4, preferred="sms"), channels=(Channel.SMS,), name="crash-sms")
     t = later(engine, run_id, timedelta(0))
     with engine.begin() as conn:
-        conn.execute(sa.update(O).where(O.c.run_id == run_id).values(
+        conn.execute(sa.update(OB).where(OB.c.run_id == run_id).values(
             state="sending", claimed_by="dead/1", claimed_at=t, attempt_started_at=t, attempts=1, updated_at=t))
     assert recover_stale(engine, lease=timedelta(0), run_id=run_id, now=t).unknown == 4
     adapters = build_channels(env, channels=[Channel.SMS])
@@ -279,7 +278,7 @@ def test_sms_absence_is_not_concluded_from_an_ambiguous_list_a_changed_member_or
                                    grace=timedelta(days=2), now=now)
         assert (report.found_sent, report.never_received) == (0, 1)
         with engine.connect() as conn:
-            states = dict(conn.execute(sa.select(O.c.member_id, O.c.reason_code).where(O.c.run_id == run_id)).all())
+            states = dict(conn.execute(sa.select(OB.c.member_id, OB.c.reason_code).where(OB.c.run_id == run_id)).all())
         assert states == {a: "ambiguous_failure", b: "ambiguous_failure", c: "never_received"}
         # Long past the queueing limit the list for those windows cannot change: it is not read again.
         asked = sandbox.stats()["lookups"]["sms"]

@@ -7,20 +7,19 @@ seconds by nature (a rate is a rate), and assert with the token bucket's exact b
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from fakes import seed_members, simple_renderer
-from sandbox_fixtures import *  # noqa: F403
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.ratelimit import DEFAULT_RATES, configured_rates
 from membercare.errors import ConfigurationError
 from membercare.models import Channel, Purpose
+from sandbox_fixtures import *  # noqa: F403
 
-UTC = timezone.utc
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 QUIET = {"engagement": {ch: {"unsubscribed": 0.0, "complained": 0.0} for ch in ("email", "sms", "push")},
          "webhook_max_attempts": 1}

@@ -29,7 +29,8 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from channels.fcm.webhooks import MAX_BODY as PUSH_MAX_BODY
-from channels.fcm.webhooks import SIGNATURE_HEADER as APP_SIGNATURE, sign_push_tracking
+from channels.fcm.webhooks import SIGNATURE_HEADER as APP_SIGNATURE
+from channels.fcm.webhooks import sign_push_tracking
 from channels.sendgrid.webhooks import SendGridWebhookSigner
 from channels.twilio.webhooks import MAX_BODY as TWILIO_MAX_BODY
 from channels.twilio.webhooks import twilio_signature
@@ -53,7 +54,7 @@ SECRET = "link-secret-for-hostile-tests-0123"
 SIGNER = SendGridWebhookSigner.from_seed("hostile-tests")
 SENDGRID_MAX_BODY = 256 * 1024  # small, so that the over-limit cases stay cheap
 NOW = datetime.now(UTC).replace(microsecond=0)
-E, O, S = EngagementEventRow.__table__, OutboxMessage.__table__, Suppression.__table__
+E, OB, S = EngagementEventRow.__table__, OutboxMessage.__table__, Suppression.__table__
 
 
 @pytest.fixture
@@ -249,7 +250,8 @@ def test_twilio_status_callback_with_nul_is_stored_once(world, where):
 def post_push(client, payload=None, *, body: bytes | None = None):
     raw = json.dumps(payload).encode() if body is None else body
     return client.post("/track/push", content=raw,
-                       headers={"Content-Type": "application/json", APP_SIGNATURE: sign_push_tracking(PUSH_SECRET, raw)})
+                       headers={"Content-Type": "application/json",
+                                APP_SIGNATURE: sign_push_tracking(PUSH_SECRET, raw)})
 
 
 def test_push_batch_rejects_bad_reports_one_by_one_and_keeps_the_valid_ones(world):

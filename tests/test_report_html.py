@@ -80,7 +80,8 @@ def test_cli_errors_and_json(sqlite_engine, sqlite_url, tmp_path):
     assert (email["sent"], email["converted"], email["revenue_minor"]) == (3, 1, 10_000)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (looked for chromium, /usr/bin/chromium)")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="headless Chromium is not installed (looked for chromium, /usr/bin/chromium)")
 def test_html_renders_in_headless_chromium(html_report, tmp_path):
     shot = tmp_path / "report.png"
     res = subprocess.run([

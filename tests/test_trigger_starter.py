@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -23,7 +23,7 @@ from membercare.receiver.triggers import TriggerConfig, build_trigger_router
 from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
 
 SECRET = "trigger-secret"
-AS_OF = datetime(2025, 3, 4, 10, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2025, 3, 4, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     hooks = make_plan_hooks(engine, prepared)
     spec = prepared.spec
     rep = DryRunReport(prepared.name, prepared.occurrence, audience.size, len(audience))
-    state, reason, send, deferred = Counter(), Counter(), Counter(), Counter()
+    state, reason, send, deferred = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
     o, c = OutboxMessage.__table__, Coupon.__table__
     with engine.connect() as conn:
         pol = policy or load_policy(conn)
@@ -89,7 +89,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
                 report = PlanReport(run_id)
                 minted: list[str] = []
 
-                def mint() -> str:
+                def mint(minted: list[str] = minted) -> str:
                     mid = new_message_id()
                     minted.append(mid)
                     return mid

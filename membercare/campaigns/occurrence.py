@@ -90,7 +90,7 @@ class RunOptions:
             raise InputError(f"occurrence tag {self.occurrence_tag!r}: use 1-16 letters, digits, '-' or '_'")
 
 
-def _valid_tag(tag: str) -> bool:  # noqa: N802 - reads like a predicate constant
+def _valid_tag(tag: str) -> bool:
     return 0 < len(tag) <= 16 and all(c.isalnum() or c in "-_" for c in tag)
 
 

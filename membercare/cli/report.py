@@ -153,7 +153,8 @@ def _print(rep) -> None:
     for r in [*rep.funnel, rep.totals]:
         t.add_row(r.campaign, r.segment or "-", r.channel, f"{r.planned:,}", f"{r.sent:,}", f"{r.delivered:,}",
                   f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}", _money(r.revenue_minor, cur),
-                  f"{r.unsubscribed:,}", f"{r.sms_segments:,}", _money(r.sms_cost_minor, cur) if r.sms_segments else "-",
+                  f"{r.unsubscribed:,}", f"{r.sms_segments:,}",
+                  _money(r.sms_cost_minor, cur) if r.sms_segments else "-",
                   style="bold" if r is rep.totals else None)
     console.print(t)
 

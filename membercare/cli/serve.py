@@ -35,5 +35,5 @@ def serve(
     console.print(f"membercare receiver on http://{host}:{port} (public URL {config.public_url})")
     # The access log is off: link tokens are in the path (/u/{token}) and are credentials.
     # POST /triggers/{event} starts runs of the trigger-message deployment; the receiver itself knows no Prefect.
-    uvicorn.run(create_app(config, engine, DeploymentStarter()), host=host, port=port, log_level=log_level.lower(), access_log=False,
-                server_header=False, proxy_headers=False)
+    uvicorn.run(create_app(config, engine, DeploymentStarter()), host=host, port=port, log_level=log_level.lower(),
+                access_log=False, server_header=False, proxy_headers=False)

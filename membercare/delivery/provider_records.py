@@ -271,7 +271,7 @@ class CombinedRecords:
         for source in self.sources:
             try:
                 found.update({k: v for k, v in source.lookup(message_ids).items() if k not in found})
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged; the other sources still answer
                 _unavailable(source, exc)
         return found
 
@@ -281,7 +281,7 @@ class CombinedRecords:
             try:
                 part = (source.settle(message_ids, now=now) if isinstance(source, ProviderVerdicts)
                         else Settlement(found=dict(source.lookup(message_ids))))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged; the other sources still answer
                 _unavailable(source, exc)
                 continue
             for mid, pid in part.found.items():

@@ -231,7 +231,7 @@ def json_too_deep(body: bytes, limit: int) -> bool:
     # Only quotes and brackets matter. Dropping each pair of adjacent quotes removes the strings that hold no
     # bracket (almost all of them) and merges adjacent strings, which changes nothing outside strings.
     structure = body.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
-    import numpy as np  # noqa: PLC0415 - only bodies with more brackets than the limit get here
+    import numpy as np  # only bodies with more brackets than the limit get here
 
     depth, parity = 0, 0
     for start in range(0, len(structure), _SCAN_CHUNK):

@@ -14,11 +14,11 @@ Public API::
 See ``docs/templates.md`` for the template layout, the helpers and the context variables.
 """
 
+from membercare.rendering.check import Problem, TemplateCheckError, check_all, check_campaign, ensure_campaign_ready
+from membercare.rendering.context import with_coupon, with_order
 from membercare.rendering.engine import ContentLimitError, Part, RenderError, TemplateStore
 from membercare.rendering.limits import RenderLimits
 from membercare.rendering.renderer import CampaignRenderer, fcm_payload_size, reset_stores, store_for
-from membercare.rendering.check import Problem, TemplateCheckError, check_all, check_campaign, ensure_campaign_ready
-from membercare.rendering.context import with_coupon, with_order
 
 __all__ = [
     "CampaignRenderer",

@@ -160,7 +160,8 @@ class _Checker:
         except CampaignDefinitionError as exc:
             m = re.match(r"^(.*?campaign\.yaml)(?::(\d+))?: (.*)$", str(exc))
             file = self.store.rel(Path(m.group(1))) if m else f"templates/{self.name}/campaign.yaml"
-            self.add("error", "campaign", m.group(3) if m else str(exc), file, int(m.group(2)) if m and m.group(2) else None)
+            line = int(m.group(2)) if m and m.group(2) else None
+            self.add("error", "campaign", m.group(3) if m else str(exc), file, line)
             return self.result()
         self.files(campaign)
         try:
@@ -203,7 +204,8 @@ class _Checker:
                 continue
             parsed = parse_template_filename(p.name)
             if parsed is None:
-                self.add("warning", "unknown-file", "not a template part name (see docs/templates.md)", self.store.rel(p))
+                self.add("warning", "unknown-file", "not a template part name (see docs/templates.md)",
+                         self.store.rel(p))
                 continue
             part, loc, tv = parsed
             if tv is not None and tv not in _template_variants(campaign):
@@ -255,7 +257,8 @@ class _Checker:
             urls += [(u, part_file(Part.EMAIL_HTML), None) for u in p.hrefs]
             for field_name, value, part in (("subject", content.subject, Part.EMAIL_SUBJECT),):
                 if _LEFTOVER.search(value):
-                    self.add("error", "render", f"{field_name} contains template leftovers or None{who}", part_file(part))
+                    self.add("error", "render", f"{field_name} contains template leftovers or None{who}",
+                             part_file(part))
             if verify_inline:
                 self.verify_inline(renderer, locale, content)
         elif isinstance(content, SmsContent):
@@ -288,7 +291,8 @@ class _Checker:
             return
         if _norm(inline_rendered(raw)) != _norm(inline_rendered(content.html)):
             self.add("error", "inline", "CSS inlining of the template source changes the output; keep Jinja "
-                     "statements inside table cells, or give tables an explicit <tbody> around looped rows", compiled.files[0])
+                     "statements inside table cells, or give tables an explicit <tbody> around looped rows",
+                     compiled.files[0])
 
     def _last_vars(self, renderer, locale, content):
         ctx = self._ctx

@@ -204,7 +204,8 @@ def _compile(env, source: str, name: str, filename: str | None = None):
     try:
         code = env.compile(source, name=name, filename=filename or name)
     except TemplateSyntaxError as exc:
-        raise RenderError(f"syntax error: {exc.message}", file=filename or name, line=exc.lineno, code="syntax") from None
+        raise RenderError(f"syntax error: {exc.message}", file=filename or name, line=exc.lineno,
+                          code="syntax") from None
     return env.template_class.from_code(env, code, env.make_globals(None), None)
 
 

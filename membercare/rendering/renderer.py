@@ -138,7 +138,8 @@ class CampaignRenderer:
                 f = self._formatters.get(key)
                 if f is None:
                     try:
-                        f = Formatter(fmt_locale, timezone=key[1], currency_symbols=self.shop_all.get("currency_symbols"),
+                        f = Formatter(fmt_locale, timezone=key[1],
+                                      currency_symbols=self.shop_all.get("currency_symbols"),
                                       default_currency=self.settings.shop_currency)
                     except Exception as exc:  # noqa: BLE001 - unknown zone or locale in member data: not a failure
                         # Once per (locale, zone) pair, as the fallback is cached; neither names a member.
@@ -158,7 +159,8 @@ class CampaignRenderer:
             lang = language_of(locale)
             view = {}
             for k, v in self.shop_all.items():
-                if isinstance(v, dict) and any(isinstance(x, str) for x in v.values()) and k not in ("currency_symbols",):
+                localised = isinstance(v, dict) and any(isinstance(x, str) for x in v.values())
+                if localised and k not in ("currency_symbols",):
                     v = v.get(locale) or v.get(lang) or v.get(self.settings.shop_locale) or next(iter(v.values()))
                 view[k] = v
             self._shop_views[locale] = view

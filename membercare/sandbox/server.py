@@ -556,7 +556,7 @@ class SandboxServer:
     def token_uri(self) -> str:
         return self.url + TOKEN_PATH
 
-    def start(self) -> "SandboxServer":
+    def start(self) -> SandboxServer:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -565,7 +565,7 @@ class SandboxServer:
             asyncio.set_event_loop(loop)
             try:
                 self._runner, self.port = loop.run_until_complete(start_site(self.app, self.host, self.port))
-            except BaseException as exc:  # reported to the starting thread
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                 failure.append(exc)
                 ready.set()
                 return
@@ -586,7 +586,7 @@ class SandboxServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(15)
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

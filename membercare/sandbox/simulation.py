@@ -223,7 +223,7 @@ class HiddenTruth:
             "mean_theta": {ch: round(float(self.theta[:, i].mean()), 4) for i, ch in enumerate(s.channels)},
             "mean_theta_best": round(float(self.theta[np.arange(n), self.best_channel].mean()), 4),
             "best_hours": {str(h): int(np.sum(self.best_hour == h)) for h in sorted(set(self.best_hour.tolist()))},
-            "variants": dict(zip(s.variants, s.appeal)),
+            "variants": dict(zip(s.variants, s.appeal, strict=True)),
             "planted_winner": s.winner,
             "conversion_per_click": s.conversion_per_click,
         }

@@ -15,8 +15,8 @@ Revision ID: 0008_send_gate
 Revises: 0007_variants
 Create Date: 2026-12-04 21:30:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 import membercare.timeutil
 
