@@ -455,7 +455,7 @@ def _cause_name(error) -> str:
     reason = getattr(error, "reason", None)
     if reason is not None and reason is not error:
         return _cause_name(reason)
-    args = getattr(error, "args", ())
+    args: tuple[Any, ...] = tuple(getattr(error, "args", ()))
     if len(args) > 1 and isinstance(args[1], BaseException):
         return type(args[1]).__name__
     return type(error).__name__
@@ -590,7 +590,7 @@ def keep_alive_adapter(transport: KeepAliveTransport):
             response._content = raw.data
             response.url = request.url
             response.request = request
-            response.connection = self
+            response.connection = self  # type: ignore[assignment]  # requests types it as HTTPAdapter
             return response
 
         def close(self):

@@ -28,4 +28,4 @@ class DeploymentStarter:
         from prefect.deployments import run_deployment
 
         run = run_deployment(self.deployment, parameters=parameters, timeout=0)
-        return str(run.id)
+        return str(run.id)  # type: ignore[union-attr]  # sync context: run_deployment returns the FlowRun

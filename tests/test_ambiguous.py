@@ -28,7 +28,7 @@ from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.reconcile import StaticRecords, reconcile_unknown
 from membercare.models import Channel, Purpose
-from sandbox_fixtures import *  # noqa: F403
+from sandbox_fixtures import *  # noqa: F403  # noqa: F403
 
 OB = OutboxMessage.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)

@@ -87,10 +87,13 @@ def check_jwt_assertion(assertion: str, *, token_url_path: str, public_keys: dic
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import padding
+        from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
         key = serialization.load_pem_public_key(key_pem.encode())
+        if not isinstance(key, RSAPublicKey):
+            return None, "Invalid JWT Signature."
         try:
-            key.verify(signature, f"{head_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr]
+            key.verify(signature, f"{head_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA256())
         except InvalidSignature:
             return None, "Invalid JWT Signature."
     elif require_known:

@@ -234,6 +234,7 @@ class SendGridEmailChannel:
 
         # Serialised as the SDK does (json.dumps, UTF-8), so the provider sees the same bytes.
         body = json.dumps(payload).encode("utf-8")
+        assert self._transport is not None  # built in __init__ (keep-alive pool), only None after close()
         try:
             response = self._transport.request("POST", self._url, body=body, headers=self._headers)
         except HTTPError as exc:

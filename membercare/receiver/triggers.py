@@ -63,7 +63,7 @@ class TriggerConfig:
     secret: str | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "TriggerConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TriggerConfig:
         env = os.environ if env is None else env
         return cls(secret=(env.get("MEMBERCARE_TRIGGER_SECRET") or "").strip() or None)
 

@@ -81,7 +81,7 @@ class _Budget:
     def __init__(self, limits: RenderLimits, output: list[str] | None = None):
         self.limits = limits
         self.steps = limits.max_steps
-        self.deadline = None
+        self.deadline: float | None = None
         self.output = output
         self.seen = self.size = 0
 
@@ -152,12 +152,12 @@ def render_bounded(template: Template, variables: dict, limits: RenderLimits = D
     if work or limits is not template.environment.limits:  # type: ignore[attr-defined]
         ctx.budget = _Budget(limits, out)  # type: ignore[attr-defined]
     try:
-        out.extend(template.root_render_func(ctx))  # type: ignore[attr-defined]
+        out.extend(template.root_render_func(ctx))
         total = sum(map(len, out))
         if total > limits.max_output:  # before joining: the chunks may be many references to one string
             raise _too_big("output", total, limits.max_output, "max_output", "characters")
         return "".join(out)
-    except Exception:  # noqa: BLE001 - Jinja's handler re-raises it pointing at the template line
+    except Exception:  # noqa: BLE001 - Jinja's own contract: handle_exception re-raises with template lines
         return template.environment.handle_exception()
 
 
@@ -194,8 +194,8 @@ class BoundedTemplate(Template):
         ctx = self.new_context(dict(*args, **kwargs))
         ctx.budget = _Budget(limits)  # type: ignore[attr-defined]
         try:
-            return _join_bounded(self.root_render_func(ctx), limits.max_output)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - Jinja's handler re-raises it pointing at the template line
+            return _join_bounded(self.root_render_func(ctx), limits.max_output)
+        except Exception:  # noqa: BLE001 - Jinja's own contract: handle_exception re-raises with template lines
             return self.environment.handle_exception()
 
 
@@ -230,7 +230,7 @@ def _check_width(lim: RenderLimits, width: Any) -> None:
 
 def _check_replace(lim: RenderLimits, s: Any, old: Any, new: Any, count: Any = -1) -> None:
     if isinstance(s, (str, bytes)) and isinstance(old, (str, bytes)) and isinstance(new, (str, bytes)):
-        n = len(s) + 1 if not old else s.count(old)
+        n = len(s) + 1 if not old else s.count(old)  # type: ignore[arg-type]  # (str, str) or (bytes, bytes)
         if isinstance(count, int) and count >= 0:
             n = min(n, count)
         _check_size(lim, "a replaced string", len(s) + n * max(0, len(new) - len(old)))
@@ -617,7 +617,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             raise _too_big("a value", len(rv), lim.max_value)
         return rv
 
-    def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
+    def concat(self, parts: Iterable[str]) -> str:
         """Join a macro's or a block's output (and :meth:`BoundedTemplate.render`'s), within ``max_output``."""
         return _join_bounded(parts, self.limits.max_output)
 
