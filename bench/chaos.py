@@ -70,7 +70,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,6 @@ def with_app_name(url: str, name: str) -> str:
 def plan_child(url: str, batch: int) -> None:
     """The planner process: one marketing campaign for every member, email/SMS/push (idempotent rerun)."""
     from fakes import simple_renderer
-
     from membercare.db import make_engine
     from membercare.delivery.planner import PlanSpec, plan_run
     from membercare.delivery.policies import PolicySettings
@@ -212,7 +211,7 @@ def plan_child(url: str, batch: int) -> None:
         ids = list(conn.execute(sa.select(Member.__table__.c.id).order_by(Member.__table__.c.id)).scalars())
     spec = PlanSpec(CAMPAIGN, OCCURRENCE, Purpose.MARKETING, (Channel.EMAIL, Channel.SMS, Channel.PUSH))
     rep = plan_run(engine, spec, [ids[i : i + batch] for i in range(0, len(ids), batch)],
-                   datetime.now(timezone.utc), simple_renderer,
+                   datetime.now(UTC), simple_renderer,
                    policy=PolicySettings(marketing_cap=None, quiet_hours=None))
     engine.dispose()
     print(json.dumps({"run_id": rep.run_id, "inserted": rep.inserted, "already_planned": rep.already_planned}),
@@ -325,7 +324,7 @@ class Run:
         from membercare.delivery.models import OutboxMessage
 
         o = OutboxMessage.__table__
-        soon = datetime.now(timezone.utc) + timedelta(seconds=2)
+        soon = datetime.now(UTC) + timedelta(seconds=2)
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).where(
                 o.c.run_id == self.run_id, sa.or_(o.c.state == "planned",
@@ -439,8 +438,8 @@ def send_stop(run: Run) -> bool:
     """A signed Twilio inbound STOP from a random member whose SMS is not sent yet; records the 2xx time."""
     import httpx
 
-    from channels.twilio_webhooks import SIGNATURE_HEADER, twilio_signature
     from bench.e2e.harness import TWILIO_SID, TWILIO_TOKEN
+    from channels.twilio.webhooks import SIGNATURE_HEADER, twilio_signature
     from membercare.delivery.models import OutboxMessage
     from membercare.models import Member
 
@@ -526,9 +525,8 @@ def phase_settle(run: Run, deadline: float) -> None:
     """Recover, reconcile from the sandbox's records and dispatch again until nothing is due."""
     import httpx
 
-    from membercare.delivery.reconcile import SandboxRecords, reconcile_unknown, recover_stale
-
     from membercare.delivery.provider_records import provider_records_from_env
+    from membercare.delivery.reconcile import SandboxRecords, reconcile_unknown, recover_stale
     from membercare.timeutil import utcnow
 
     # The product's own provider lookups (Twilio's message list, SendGrid's event stream) plus the sandbox's
@@ -670,7 +668,8 @@ def run_once(opts: Options, index: int) -> dict[str, Any]:
         t_settle = time.monotonic()
         measure(run)
         run.figures.update(members=opts.members, wall_s=round(time.monotonic() - t0, 1),
-                           phase_s={"generate_and_plan": round(t_plan - t0, 1), "dispatch": round(t_dispatch - t_plan, 1),
+                           phase_s={"generate_and_plan": round(t_plan - t0, 1),
+                                    "dispatch": round(t_dispatch - t_plan, 1),
                                     "settle": round(t_settle - t_dispatch, 1)},
                            errors=run.errors[:50], workdir=str(workdir) if opts.keep else None)
         return run.figures
@@ -698,7 +697,7 @@ def table(results: list[dict[str, Any]]) -> str:
     rows = [[label] + [str(r.get(key, "-")) for r in results] for key, label in FIGURES]
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+                                           for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 

@@ -24,20 +24,20 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test doubles (tests/fakes.py)
 
-import sqlalchemy as sa  # noqa: E402
+import sqlalchemy as sa
 
-from fakes import FakeAdapter, seed_members, simple_renderer  # noqa: E402
-from membercare.db import make_engine, upgrade  # noqa: E402
-from membercare.delivery.dispatcher import DispatchConfig, Dispatcher  # noqa: E402
-from membercare.delivery.planner import PlanSpec, plan_run  # noqa: E402
-from membercare.delivery.policies import PolicySettings  # noqa: E402
-from membercare.models import Channel, Purpose  # noqa: E402
+from fakes import FakeAdapter, seed_members, simple_renderer
+from membercare.db import make_engine, upgrade
+from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
+from membercare.delivery.planner import PlanSpec, plan_run
+from membercare.delivery.policies import PolicySettings
+from membercare.models import Channel, Purpose
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
@@ -73,7 +73,7 @@ def seed_members_split(engine, n: int) -> list[int]:
     """``n`` members, a third each preferring email, SMS and push first (all consented, a live token each)."""
     ids: list[int] = []
     orders = ("email,sms,push", "sms,push,email", "push,email,sms")
-    now = datetime.now(timezone.utc)  # the bench plans and dispatches on the real clock
+    now = datetime.now(UTC)  # the bench plans and dispatches on the real clock
     with engine.begin() as conn:
         for k, preferred in enumerate(orders):
             part = n // 3 + (1 if k < n % 3 else 0)
@@ -84,7 +84,7 @@ def seed_members_split(engine, n: int) -> list[int]:
 
 def seed(engine, n: int) -> list[int]:
     ids: list[int] = []
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         for i in range(0, n, 5000):
             ids += seed_members(conn, min(5000, n - i), now=now)
@@ -101,7 +101,7 @@ def run_one(kind: str, members: int, latency_ms: float, workers: int, profile: s
         t0 = time.perf_counter()
         if prof:
             prof.enable()
-        rep = plan_run(engine, spec, batches, datetime.now(timezone.utc), simple_renderer, policy=NOPOLICY)
+        rep = plan_run(engine, spec, batches, datetime.now(UTC), simple_renderer, policy=NOPOLICY)
         if prof:
             prof.disable()
         plan_s = time.perf_counter() - t0
@@ -146,7 +146,8 @@ def main() -> None:
     history = json.loads(out.read_text()) if out.exists() else []
     history += rows
     out.write_text(json.dumps(history, indent=1))
-    lines = ["| label | db | members | plan members/s | dispatch msg/s (latency, workers) | load 1m |", "|---|---|---|---|---|---|"]
+    lines = ["| label | db | members | plan members/s | dispatch msg/s (latency, workers) | load 1m |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r.get('label', '')} | {r['db']} | {r['members']:,} | {r['plan_per_s']:,} | {r['dispatch_per_s']:,} "
               f"({r['latency_ms']:g} ms, {r['workers']}) | {r.get('loadavg_1m_at_start', '')} |" for r in history]
     (RESULTS / "delivery_db_bench.md").write_text("\n".join(lines) + "\n")

@@ -4,7 +4,8 @@ For each configuration (messages x provider latency x database) the benchmark se
 (a third of the members each preferring email, SMS and push; all consented, one live push token each),
 plans one marketing campaign (content of all three channels rendered per member) and times
 ``--processes`` dispatcher processes (started and ready before the clock starts) sending it through the
-three real adapters (sendgrid, twilio, firebase-admin) to ``membercare sandbox`` in its own process. Reported per configuration: messages/s of dispatch (claim to recorded outcome), the peak RSS of
+three real adapters (sendgrid, twilio, firebase-admin) to ``membercare sandbox`` in its own process.
+Reported per configuration: messages/s of dispatch (claim to recorded outcome), the peak RSS of
 the dispatching process, and the ratio to the ceiling: the raw request rate a minimal keep-alive
 client (``bench/sandbox_ceiling.py``) reaches against the same sandbox, weighted by the channel mix.
 
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,8 +122,8 @@ def dispatcher_process(args) -> None:
 def _plan(url: str, n: int) -> tuple[int, float]:
     """Seed ``n`` members and plan the bench campaign into the database at ``url``: (run id, plan seconds)."""
     from delivery_db_bench import seed_members_split
-    from fakes import simple_renderer
 
+    from fakes import simple_renderer
     from membercare.db import make_engine
     from membercare.delivery.planner import PlanSpec, plan_run
     from membercare.delivery.policies import PolicySettings
@@ -133,7 +134,7 @@ def _plan(url: str, n: int) -> tuple[int, float]:
     t0 = time.perf_counter()
     spec = PlanSpec("bench", "2026-11-23", Purpose.MARKETING, (Channel.EMAIL, Channel.SMS, Channel.PUSH))
     rep = plan_run(engine, spec, [ids[i : i + 2000] for i in range(0, len(ids), 2000)],
-                   datetime.now(timezone.utc), simple_renderer,
+                   datetime.now(UTC), simple_renderer,
                    policy=PolicySettings(marketing_cap=None, quiet_hours=None))
     plan_s = time.perf_counter() - t0
     if url.startswith("sqlite"):
@@ -268,8 +269,8 @@ def main() -> None:
             env.pop("MEMBERCARE_PUBLIC_URL", None)  # no status callbacks: nobody listens in a benchmark
             for latency in args.latency_ms:
                 configure_sandbox(url, latency)
-                ceiling = measure_ceiling(url, args.ceiling_seconds,
-                                          max(args.ceiling_concurrency, args.processes * args.workers if latency else 0))
+                concurrency = max(args.ceiling_concurrency, args.processes * args.workers if latency else 0)
+                ceiling = measure_ceiling(url, args.ceiling_seconds, concurrency)
                 for db in args.db:
                     for n in args.messages:
                         configure_sandbox(url, latency)
@@ -310,8 +311,8 @@ def main() -> None:
     history = json.loads(out_json.read_text()) if out_json.exists() else []
     history += results
     out_json.write_text(json.dumps(history, indent=1))
-    lines = ["| label | db | messages | latency | processes x workers | dispatch msg/s | CPU ms/msg dispatcher + sandbox "
-             "| ceiling msg/s (mix) | ratio | peak RSS MB | duplicates | load 1m |",
+    lines = ["| label | db | messages | latency | processes x workers | dispatch msg/s "
+             "| CPU ms/msg dispatcher + sandbox | ceiling msg/s (mix) | ratio | peak RSS MB | duplicates | load 1m |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['db']} | {r['messages']:,} | {r['latency_ms']:g} ms | "
               f"{r.get('processes', 1)} x {r['workers']} | {r['dispatch_msgs_per_s']:,} | "

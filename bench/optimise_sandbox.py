@@ -56,9 +56,9 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sqlalchemy as sa  # noqa: E402
+import sqlalchemy as sa
 
-from membercare.sandbox.simulation import (  # noqa: E402
+from membercare.sandbox.simulation import (
     ENGAGED_KINDS,  # a click (email) or a tap (push): the engagement goal
     HiddenTruth,
     ShopSimulation,
@@ -67,7 +67,7 @@ from membercare.sandbox.simulation import (  # noqa: E402
     reachable_setup_csvs,
     write_orders_csv,
 )
-from membercare.timeutil import UTC  # noqa: E402
+from membercare.timeutil import UTC
 
 CAMPAIGN = "sim_weekly"
 SHOP_TZ = "Asia/Taipei"
@@ -304,15 +304,15 @@ class RoundResult:
 
 
 def run_round(engine, services: Services, sim: ShopSimulation, r: int, as_of: datetime, work: Path) -> RoundResult:
+    from membercare.campaigns.audience import resolve_audience
+    from membercare.campaigns.occurrence import RunOptions, prepare
+    from membercare.campaigns.plan import ensure_run, make_renderer, plan_group
     from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
     from membercare.delivery.models import OutboxMessage
     from membercare.engagement.attribution import compute_attributions
     from membercare.engagement.attribution_models import Attribution
     from membercare.engagement.models import EngagementEventRow
     from membercare.importer import import_csv
-    from membercare.campaigns.audience import resolve_audience
-    from membercare.campaigns.occurrence import RunOptions, prepare
-    from membercare.campaigns.plan import ensure_run, make_renderer, plan_group
 
     t0 = time.monotonic()
     settings = services.settings
@@ -384,7 +384,7 @@ def run_round(engine, services: Services, sim: ShopSimulation, r: int, as_of: da
     converted = {m for m, _ in credited}
     by_channel, variants = Counter(), Counter()
     best_channel = best_hour = 0
-    for mid, member, channel, variant, sent_at in sent:
+    for _mid, member, channel, variant, sent_at in sent:
         by_channel[channel] += 1
         variants[variant or "-"] += 1
         if isinstance(sent_at, str):
@@ -529,7 +529,8 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [f"# Optimisation through the pipeline and the sandbox ({results['members']:,} members, "
              f"{results['rounds']} weekly rounds, seed {results['seed']})", "",
              f"Load average (1/5/15 min) before / after: {results.get('load_before', '-')} / "
-             f"{results.get('load_after', '-')}; wall time {results.get('seconds', 0):.0f} s. Truth: stated preference is the best channel for "
+             f"{results.get('load_after', '-')}; wall time {results.get('seconds', 0):.0f} s. "
+             "Truth: stated preference is the best channel for "
              f"{results['truth']['stated_is_best']:.0%} of members; planted variant winner "
              f"**{results['truth']['planted_winner']}**.", "",
              "## Learning curve (per message)", "",

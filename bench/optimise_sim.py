@@ -20,9 +20,9 @@ times. Each *arm* is the same population under one strategy, with independent ra
 * ``optimised``: all three together.
 
 Reported: engagement (click) and conversion rate per round and arm (the learning curve), the lift of each arm
-over ``static`` in the last ``--final-rounds`` rounds with 95 % intervals (:func:`membercare.optimise.lift.binary_lift`),
-and whether the bandit recovers the planted variant winner. Pure numpy: no database, no providers; the
-integration step reruns the same scenario through the sandbox.
+over ``static`` in the last ``--final-rounds`` rounds with 95 % intervals
+(:func:`membercare.optimise.lift.binary_lift`), and whether the bandit recovers the planted variant winner.
+Pure numpy: no database, no providers; the integration step reruns the same scenario through the sandbox.
 
     .venv/bin/python bench/optimise_sim.py [--members 10000] [--rounds 20] [--seed 7] [--out bench/results]
 """
@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from membercare.optimise import assignment, bandit, channel_choice, send_time  # noqa: E402
-from membercare.optimise.lift import binary_lift  # noqa: E402
+from membercare.optimise import assignment, bandit, channel_choice, send_time
+from membercare.optimise.lift import binary_lift
 
 CHANNELS = ("email", "sms", "push")
 VARIANTS = ("A", "B", "C")
@@ -182,7 +182,8 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     arm.curve.append({
         "round": rnd, "engagement_rate": float(click.mean()), "conversion_rate": float(conv.mean()),
         "share_on_best_channel": float((channel == np.where(pop.eligible, pop.theta, -1).argmax(axis=1)).mean()),
-        "mean_hour_distance": float(np.mean(np.minimum(np.abs(hour - pop.best_hour), 24 - np.abs(hour - pop.best_hour)))),
+        "mean_hour_distance": float(np.mean(np.minimum(np.abs(hour - pop.best_hour),
+                                                       24 - np.abs(hour - pop.best_hour)))),
         "variant_shares": {k: round(float(x), 4) for k, x in shares.items()},
     })
     if final:
@@ -247,15 +248,16 @@ def to_markdown(res: dict) -> str:
     for i in range(cfg["rounds"]):
         row = [f"{100 * res['curves'][a][i]['engagement_rate']:.2f}" for a in ARMS]
         lines.append(f"| {i + 1} | " + " | ".join(row) + " |")
-    lines += ["", "Conversion rate per round, %:", "", "| round | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+    lines += ["", "Conversion rate per round, %:", "", "| round | " + " | ".join(ARMS) + " |",
+              "|---|" + "---|" * len(ARMS)]
     for i in range(cfg["rounds"]):
         row = [f"{100 * res['curves'][a][i]['conversion_rate']:.3f}" for a in ARMS]
         lines.append(f"| {i + 1} | " + " | ".join(row) + " |")
     lines += ["", f"Lift over static routing in the last {cfg['final_rounds']} rounds (95 % CI):", "",
               "| strategy | engagement, points | engagement, relative | conversion, points | conversion, relative |",
               "|---|---|---|---|---|"]
-    for arm, l in res["lift_over_static"].items():
-        e, c = l["engagement"], l["conversion"]
+    for arm, lift in res["lift_over_static"].items():
+        e, c = lift["engagement"], lift["conversion"]
         lines.append(
             f"| {arm} | {100 * e['absolute']:+.2f} [{100 * e['absolute_ci'][0]:+.2f}, {100 * e['absolute_ci'][1]:+.2f}]"
             f" | {100 * e['relative']:+.1f} % [{100 * e['relative_ci'][0]:+.1f}, {100 * e['relative_ci'][1]:+.1f}]"

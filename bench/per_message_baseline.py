@@ -295,7 +295,7 @@ class BaselineResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BaselineResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> BaselineResult:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -403,7 +403,7 @@ def _measure(campaign: str, as_of: datetime, member_ids: list[int] | None, limit
     start = time.perf_counter()
     try:
         state = per_message_baseline(campaign, as_of, member_ids, limit, occurrence_tag, return_state=True)
-    except BaseException as exc:  # noqa: BLE001 - the orchestrator falling over is the measurement
+    except BaseException as exc:  # the orchestrator falling over is the measurement
         if isinstance(exc, KeyboardInterrupt):
             raise
         state, res.error = None, f"{type(exc).__name__}: {str(exc)[:500]}"

@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +70,8 @@ upgrade(url)  # a cached shop from before a newer migration
 settings = Settings(database_url=url, secret_key="plan-bench-secret", home={home!r})
 camp = load_campaign("birthday", settings)
 camp = camp.model_copy(update={{"segment": SegmentRef(name="new_members", params={{"days": 3650}})}})
-options = RunOptions(as_of=datetime.fromisoformat({as_of!r}), **({{"processes": processes}} if processes is not None else {{}}))
+options = RunOptions(as_of=datetime.fromisoformat({as_of!r}),
+                     **({{"processes": processes}} if processes is not None else {{}}))
 engine = make_engine(url)
 
 me = psutil.Process()
@@ -213,7 +213,8 @@ def run_one(db: str, members: int, processes: int | None, cache: Path, profile: 
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{dst}{suffix}").unlink(missing_ok=True)
     res.update(db=db, processes=processes, members_per_s=round(res["members"] / res["wall_s"]),
-               messages_per_s=round(res["messages"] / res["wall_s"]), rendered_per_s=round(res["rendered"] / res["wall_s"]))
+               messages_per_s=round(res["messages"] / res["wall_s"]),
+               rendered_per_s=round(res["rendered"] / res["wall_s"]))
     if members >= 1_000_000:
         res["target"] = f"{res['wall_s']:.0f} s vs {TARGET_S:.0f} s: {'met' if res['wall_s'] < TARGET_S else 'MISSED'}"
     return res
@@ -243,9 +244,10 @@ def main() -> None:
     history = json.loads(out.read_text()) if out.exists() else []
     history += rows
     out.write_text(json.dumps(history, indent=1))
-    lines = ["| label | db | members | processes | wall s | members/s | messages/s | rendered/s | CPU parent+children s "
-             "| peak RSS MB | load 1m |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.get('label', '')} | {r['db']} | {r['members']:,} | {r['processes'] if r['processes'] is not None else 'default'} "
+    lines = ["| label | db | members | processes | wall s | members/s | messages/s | rendered/s "
+             "| CPU parent+children s | peak RSS MB | load 1m |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.get('label', '')} | {r['db']} | {r['members']:,} "
+              f"| {r['processes'] if r['processes'] is not None else 'default'} "
               f"| {r['wall_s']} | {r['members_per_s']:,} | {r['messages_per_s']:,} | {r['rendered_per_s']:,} "
               f"| {r['cpu_parent_s']}+{r['cpu_children_s']} | {r['peak_rss_mb']} | {r['loadavg_1m_at_start']} |"
               for r in history]

@@ -48,7 +48,7 @@ def serve(db_url: str, port: int) -> None:
     """The server process: migrated database, receiver app, uvicorn (access log off, as in production)."""
     import uvicorn
 
-    from channels.sendgrid_webhooks import SendGridWebhookSigner
+    from channels.sendgrid.webhooks import SendGridWebhookSigner
     from membercare.db import make_engine
     from membercare.receiver import ReceiverConfig, create_app
 
@@ -145,7 +145,7 @@ def effect_counts(db_url: str) -> str:
 def run_backend(label: str, db_url: str, args) -> bool:
     import httpx
 
-    from channels.sendgrid_webhooks import SendGridWebhookSigner
+    from channels.sendgrid.webhooks import SendGridWebhookSigner
     from membercare.db import upgrade
 
     upgrade(db_url)

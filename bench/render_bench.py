@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from membercare.config import Settings  # noqa: E402
-from membercare.links import LinkSigner  # noqa: E402
-from membercare.models import Channel  # noqa: E402
-from membercare.rendering import CampaignRenderer, TemplateStore  # noqa: E402
-from membercare.rendering.htmltext import inline_rendered  # noqa: E402
-from membercare.rendering.samples import SAMPLE_AS_OF, sample_context  # noqa: E402
+from membercare.config import Settings
+from membercare.links import LinkSigner
+from membercare.models import Channel
+from membercare.rendering import CampaignRenderer, TemplateStore
+from membercare.rendering.htmltext import inline_rendered
+from membercare.rendering.samples import SAMPLE_AS_OF, sample_context
 
 
 def contexts(renderer: CampaignRenderer, n: int = 64) -> list[dict]:
@@ -78,7 +78,8 @@ def main() -> None:
     for ch in r.campaign.channels:
         for c in ctxs[:4]:
             r.render(ch, c, as_of=SAMPLE_AS_OF, message_id="bench")
-    print(f"campaign {r.campaign.name}: compile + first renders of every channel/locale {1000 * (time.perf_counter() - t0):.0f} ms")
+    print(f"campaign {r.campaign.name}: compile + first renders of every channel/locale "
+          f"{1000 * (time.perf_counter() - t0):.0f} ms")
 
     targets = {Channel.SMS: 20_000, Channel.PUSH: 20_000, Channel.EMAIL: 2_000}
     results = {}

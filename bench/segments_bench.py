@@ -26,7 +26,7 @@ import sqlite3
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -34,12 +34,12 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from membercare.db import make_engine, upgrade  # noqa: E402
-from segments import base  # noqa: E402
-from segments.churn_scoring import score_churn  # noqa: E402
-from segments.rfm import rfm_select, score_rfm  # noqa: E402
+from membercare.db import make_engine, upgrade
+from segments import base
+from segments.churn_scoring import score_churn
+from segments.rfm import rfm_select, score_rfm
 
-AS_OF = datetime(2026, 11, 23, 16, 0, tzinfo=timezone.utc)  # midnight Nov 24 in the shop's zone (Asia/Taipei)
+AS_OF = datetime(2026, 11, 23, 16, 0, tzinfo=UTC)  # midnight Nov 24 in the shop's zone (Asia/Taipei)
 SHOP_TZ = "Asia/Taipei"
 
 
@@ -81,7 +81,8 @@ class Peak:
 
 def _segments(conn) -> list[tuple[str, base.Segment]]:
     """Every standard segment, with parameters chosen from the shop's own data where needed."""
-    cat = conn.execute(sa.text("SELECT category FROM order_lines GROUP BY category ORDER BY count(*) DESC LIMIT 1")).scalar()
+    cat = conn.execute(sa.text("SELECT category FROM order_lines GROUP BY category "
+                               "ORDER BY count(*) DESC LIMIT 1")).scalar()
     reg = conn.execute(sa.text("SELECT region FROM members WHERE region IS NOT NULL GROUP BY region "
                                "ORDER BY count(*) DESC LIMIT 1")).scalar()
     params = {"category_affinity": {"category": cat or "none"}, "region": {"region": reg or "none"},
@@ -154,7 +155,7 @@ class _DuckResult:
         return row[0]
 
     def mappings(self):
-        return [dict(zip(self.keys, r)) for r in self.rows]
+        return [dict(zip(self.keys, r, strict=True)) for r in self.rows]
 
 
 class DuckConnection:
@@ -189,7 +190,7 @@ def load_duckdb(sqlite_path: Path, duck_path: Path, workdir: Path) -> float:
     import duckdb
     from sqlmodel import SQLModel
 
-    import membercare.models  # noqa: F401
+    import membercare.models
     import membercare.scoring_models  # noqa: F401
 
     t0 = time.perf_counter()
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
             duck.execute("SET TimeZone = 'UTC'")
 
             class _Ctx:
-                def __enter__(self_inner):
+                def __enter__(self_inner, duck=duck):
                     return DuckConnection(duck)
 
                 def __exit__(self_inner, *exc):
@@ -332,7 +333,8 @@ def main(argv=None) -> int:
 def _report(n: int, res: dict) -> None:
     engines = list(res)
     steps = list(dict.fromkeys(s for e in engines for s in res[e]))
-    head = f"{'step':32}" + "".join(f"{e + ' s':>12}{'MB':>7}" for e in engines) + f"{'sqlite/duck':>12}{'members/s (sqlite)':>20}  counts"
+    head = (f"{'step':32}" + "".join(f"{e + ' s':>12}{'MB':>7}" for e in engines)
+            + f"{'sqlite/duck':>12}{'members/s (sqlite)':>20}  counts")
     print(f"\n-- {n:,} members\n{head}")
     for s in steps:
         line = f"{s:32}"

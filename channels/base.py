@@ -12,6 +12,14 @@ Our ids in provider requests (engagement maps back through them, see docs/channe
   the top level of every event it posts back).
 * Twilio: the ``StatusCallback`` URL query ``?mid=<message id>&ik=<idempotency key>``.
 * FCM: the ``data`` payload ``{MESSAGE_ID_ARG: ..., IDEMPOTENCY_KEY_ARG: ...}``.
+
+Providers are plug-ins (see docs/channels.md, "Adding a provider"): each lives in its own folder
+(``channels/<name>/``) and exposes one object satisfying :class:`Provider`; ``channels.registry`` maps
+names to them. A provider's webhooks follow one shape, learnt from django-anymail's webhook views:
+:meth:`Webhook.check_headers` (no body read yet), :meth:`Webhook.validate_request` (signature over the
+exact bytes), :meth:`Webhook.parse_events` (the events to store), then :meth:`Webhook.answer`. The
+receiver (``membercare.receiver``) mounts every registered provider's webhooks and does the rest the same
+way for all of them: body limits, the secret lookup, storage, the transaction, logging.
 """
 
 from __future__ import annotations
@@ -19,7 +27,12 @@ from __future__ import annotations
 import email.utils
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from urllib.parse import parse_qsl
 
 from membercare.delivery.contract import (
     Accepted,
@@ -35,8 +48,12 @@ from membercare.delivery.contract import (
     TransientFailure,
     redact,
 )
-from membercare.errors import ConfigurationError
+from membercare.errors import ConfigurationError, InputError
 from membercare.models import Channel, Purpose
+
+if TYPE_CHECKING:
+    from membercare.engagement.events import EngagementEvent
+    from membercare.engagement.store import IngestResult
 
 MESSAGE_ID_ARG = "membercare_message_id"
 IDEMPOTENCY_KEY_ARG = "membercare_idempotency_key"
@@ -113,17 +130,269 @@ __all__ = [
     "MESSAGE_ID_ARG",
     "OutboundMessage",
     "PermanentFailure",
+    "Provider",
+    "ProviderBase",
     "Purpose",
     "PushContent",
     "SendResult",
     "SmsContent",
     "TransientFailure",
+    "Webhook",
+    "WebhookAnswer",
+    "WebhookBatch",
+    "WebhookContext",
+    "WebhookRejected",
+    "WebhookRequest",
+    "form_params",
     "normalise_base_url",
     "optional",
     "parse_retry_after",
     "redact",
     "require",
 ]
+
+
+# -- providers as plug-ins ---------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """One provider plug-in (SendGrid, Twilio, FCM, ...), registered by :attr:`name` in ``channels.registry``.
+
+    Implementations keep their SDK imports inside methods, so that listing the registry costs no SDK import.
+    """
+
+    @property
+    def name(self) -> str:
+        """Registry key, also the value of ``MEMBERCARE_PROVIDER_<CHANNEL>`` that selects it ("sendgrid")."""
+        ...
+
+    @property
+    def channel(self) -> Channel:
+        """The channel it sends on."""
+        ...
+
+    @property
+    def primary_env(self) -> str:
+        """The environment variable whose presence means "this provider is configured" (``build_channels``
+        builds it without being asked when it is set; a partly configured provider is an error)."""
+        ...
+
+    @property
+    def config_type(self) -> type:
+        """The class of its configuration object (``adapter_for(config)`` finds the provider by it)."""
+        ...
+
+    @property
+    def webhook_secret_env(self) -> str | None:
+        """The environment variable holding the secret that authenticates its webhooks, or ``None``."""
+        ...
+
+    def config_from_env(self, env: Mapping[str, str]) -> Any:
+        """Its configuration read from ``env``; raises :class:`ConfigurationError` naming a missing variable."""
+        ...
+
+    def build(self, config: Any) -> ChannelAdapter:
+        """The adapter for ``config`` (an instance of :attr:`config_type`)."""
+        ...
+
+    def webhooks(self) -> Sequence[Webhook]:
+        """The webhook endpoints it serves (empty when the provider reports nothing back)."""
+        ...
+
+    def check_webhook_secret(self, secret: str) -> None:
+        """Raise :class:`ConfigurationError` at start-up when ``secret`` cannot be a valid webhook secret
+        (the receiver must never find out on the first webhook, nor tell an attacker)."""
+        ...
+
+
+class ProviderBase:
+    """A convenient :class:`Provider`: declare the class attributes, override only what differs.
+
+    The configuration class must offer ``from_env(env)`` and the adapter class take the configuration as its
+    only argument; :attr:`webhook_types` lists the :class:`Webhook` subclasses served; any non-empty webhook
+    secret is accepted unless :meth:`check_webhook_secret` is overridden.
+    """
+
+    name: str
+    channel: Channel
+    primary_env: str
+    config_type: type
+    adapter_type: ClassVar[type]
+    webhook_secret_env: str | None = None
+    webhook_types: ClassVar[tuple[type[Webhook], ...]] = ()
+
+    def config_from_env(self, env: Mapping[str, str]) -> Any:
+        return self.config_type.from_env(env)  # type: ignore[attr-defined]
+
+    def build(self, config: Any) -> ChannelAdapter:
+        return self.adapter_type(config)
+
+    def webhooks(self) -> Sequence[Webhook]:
+        return tuple(webhook() for webhook in self.webhook_types)
+
+    def check_webhook_secret(self, secret: str) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<provider {self.name} ({self.channel.value})>"
+
+
+class WebhookRejected(InputError):
+    """A webhook request refused with ``status`` (401, 403, 400, 503) and a short ``detail`` for the answer.
+
+    ``log_message``, when given, is logged as a warning by the receiver; it must hold no personal data.
+    """
+
+    def __init__(self, status: int, detail: str, *, log_message: str | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.log_message = status, detail, log_message
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """What the receiver hands a provider's webhook, free of any web framework.
+
+    ``headers`` is case-insensitive; ``body`` holds the exact bytes received (already bounded and checked
+    to be UTF-8 by the receiver); ``query`` is the query string as sent. ``secret`` is the provider's
+    configured webhook secret; ``public_url`` our externally visible base URL. ``tolerance_s`` bounds
+    signed timestamps, ``max_age_s`` the age of events whose time is inside a signed body (the receiver's
+    ``MEMBERCARE_WEBHOOK_TOLERANCE_S`` and ``MEMBERCARE_PUSH_MAX_AGE_S``); ``now`` is the receiver's clock.
+    """
+
+    path: str
+    query: str
+    query_params: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: bytes
+    secret: str
+    public_url: str
+    tolerance_s: float
+    max_age_s: float
+    now: datetime
+
+    @property
+    def url(self) -> str:
+        """The URL the provider called: our public base URL, the path and the query exactly as sent."""
+        return f"{self.public_url}{self.path}" + (f"?{self.query}" if self.query else "")
+
+    @cached_property
+    def form(self) -> dict[str, str]:
+        """The body as form parameters (see :func:`form_params`), parsed once per request."""
+        return form_params(self.body)
+
+
+@dataclass
+class WebhookBatch:
+    """The events of one request, as :meth:`Webhook.parse_events` found them.
+
+    ``rejected`` lists ``(index, error)`` of items refused on their own (``None``: the provider's answer has
+    no such list); ``positions`` maps each event back to its index in the request when some were refused.
+    ``fields`` names the store's cleaned fields in the provider's own terms, for the answer.
+    ``params`` keeps what the answer needs from the request (form parameters, say).
+    """
+
+    events: list[EngagementEvent]
+    rejected: list[tuple[int, str]] | None = None
+    positions: list[int] | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WebhookAnswer:
+    """The answer to a webhook request: ``json`` (serialised by the receiver) or ``content`` of ``media_type``."""
+
+    status: int = 200
+    json: Any = None
+    content: str | bytes | None = None
+    media_type: str | None = None
+
+
+class WebhookContext(Protocol):
+    """What the receiver offers a webhook's :meth:`Webhook.answer` (for replies to inbound messages)."""
+
+    async def member_locale(self, member_id: int | None) -> str:
+        """The member's locale, else the shop's."""
+        ...
+
+    def reply_text(self, kind: str, locale: str) -> str:
+        """Our localised SMS answer ``kind`` (``"help"``, ``"stopped"``, ``"started"``) in ``locale``."""
+        ...
+
+
+class Webhook:
+    """One webhook endpoint of a provider (one subclass per endpoint, as django-anymail has one view each).
+
+    The receiver calls, in this order, and answers the first :class:`WebhookRejected` with its status:
+
+    1. the provider's secret must be configured, else 503 with :attr:`secret_missing`;
+    2. :meth:`check_headers`: the authentication headers are present (401), before any of the body is read;
+    3. :meth:`validate_request`: the signature over the exact bytes received (403; 400 for a body that
+       cannot even be checked, such as a form with too many fields);
+    4. :meth:`parse_events`: the body in the provider's shape (400 otherwise);
+    5. the events are stored and committed (one bulk insert per request, or shared with concurrent
+       requests when :attr:`grouped_commit`), then :meth:`answer` builds the 2xx answer.
+
+    Class attributes: :attr:`path` (mounted for :attr:`method`), :attr:`label` (names the endpoint in logs),
+    :attr:`body_limit` (bytes; ``None`` takes the receiver's ``max_body_bytes``, meant for large batches)
+    applied to paths starting with :attr:`body_limit_prefix` (default: :attr:`path`).
+    """
+
+    path: ClassVar[str]
+    method: ClassVar[str] = "POST"
+    label: ClassVar[str]
+    secret_missing: ClassVar[str]
+    body_limit: ClassVar[int | None] = None
+    body_limit_prefix: ClassVar[str | None] = None
+    grouped_commit: ClassVar[bool] = False
+
+    def check_headers(self, headers: Mapping[str, str]) -> None:
+        """Raise ``WebhookRejected(401)`` when an authentication header is missing."""
+        raise NotImplementedError
+
+    def validate_request(self, request: WebhookRequest) -> None:
+        """Raise ``WebhookRejected(403)`` unless the request is authentic and fresh."""
+        raise NotImplementedError
+
+    def parse_events(self, request: WebhookRequest) -> WebhookBatch:
+        """The events of an authenticated request; ``WebhookRejected(400)`` when none can be taken."""
+        raise NotImplementedError
+
+    async def answer(self, batch: WebhookBatch, result: IngestResult, context: WebhookContext) -> WebhookAnswer:
+        """The answer once ``batch`` is committed. Default: JSON counts, plus the events stored without an
+        unusable key (``cleaned``) and the ones refused on their own (``rejected``), by request index."""
+        return WebhookAnswer(json=counts(batch, result))
+
+
+def counts(batch: WebhookBatch, result: IngestResult) -> dict[str, Any]:
+    """The default 2xx body of :meth:`Webhook.answer`."""
+    rejected = batch.rejected
+    body: dict[str, Any] = {"received": result.received + len(rejected or ()), "stored": result.stored,
+                            "duplicates": result.duplicates}
+    if result.cleaned:
+        positions = batch.positions
+        body["cleaned"] = [{"index": positions[i] if positions is not None else i,
+                            "fields": [batch.fields.get(name, name) for name in names]}
+                           for i, names in sorted(result.cleaned.items())]
+    if rejected is not None:
+        body["rejected"] = [{"index": index, "error": error} for index, error in rejected]
+    return body
+
+
+MAX_FORM_FIELDS = 1000  # Twilio posts a few dozen (MediaUrl0..9 included)
+
+
+def form_params(body: bytes, *, max_fields: int = MAX_FORM_FIELDS) -> dict[str, str]:
+    """A form-encoded body as a dict, blank values kept (Twilio signs them); ``WebhookRejected(400)`` for
+    a body that is not UTF-8 or has more than ``max_fields`` fields."""
+    try:
+        text = body.decode("utf-8")
+        return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields))
+    except UnicodeDecodeError:
+        raise WebhookRejected(400, "form body is not UTF-8") from None
+    except ValueError:
+        raise WebhookRejected(400, f"form body has more than {max_fields} fields") from None
 
 
 # -- requests-based transports (Twilio, FCM, pooled SendGrid) -------------------------------------------
@@ -186,7 +455,7 @@ def _cause_name(error) -> str:
     reason = getattr(error, "reason", None)
     if reason is not None and reason is not error:
         return _cause_name(reason)
-    args = getattr(error, "args", ())
+    args: tuple[Any, ...] = tuple(getattr(error, "args", ()))
     if len(args) > 1 and isinstance(args[1], BaseException):
         return type(args[1]).__name__
     return type(error).__name__
@@ -321,7 +590,7 @@ def keep_alive_adapter(transport: KeepAliveTransport):
             response._content = raw.data
             response.url = request.url
             response.request = request
-            response.connection = self
+            response.connection = self  # type: ignore[assignment]  # requests types it as HTTPAdapter
             return response
 
         def close(self):

@@ -1,10 +1,16 @@
-"""Build the configured channel adapters from the environment (or explicit config objects).
+"""The provider registry: provider name -> :class:`channels.base.Provider`, and the adapters built from it.
 
-``build_channels(env)`` returns an adapter for every channel whose credentials are present:
-SendGrid when ``MEMBERCARE_SENDGRID_API_KEY`` is set, Twilio when ``MEMBERCARE_TWILIO_ACCOUNT_SID`` is
-set, FCM when ``MEMBERCARE_FIREBASE_CREDENTIALS`` is set. A channel that is *partly* configured (a key
-but no sender, say) raises :class:`ConfigurationError` naming the missing variable rather than being
-skipped quietly. Pass ``channels=`` to require specific channels.
+:data:`PROVIDERS` holds every provider membercare ships (one folder each under ``channels/``). Each channel
+sends through one provider, chosen by name with ``MEMBERCARE_PROVIDER_<CHANNEL>``
+(``MEMBERCARE_PROVIDER_EMAIL=sendgrid``, ``MEMBERCARE_PROVIDER_SMS=twilio``, ``MEMBERCARE_PROVIDER_PUSH=fcm``);
+unset, it is the first registered provider of that channel. The receiver mounts the webhooks of every
+registered provider, whichever sends (events of a provider switched away from still arrive for a while).
+
+``build_channels(env)`` returns an adapter for every channel whose provider's credentials are present (its
+``primary_env``: ``MEMBERCARE_SENDGRID_API_KEY``, ``MEMBERCARE_TWILIO_ACCOUNT_SID``,
+``MEMBERCARE_FIREBASE_CREDENTIALS``). A channel that is *partly* configured (a key but no sender, say)
+raises :class:`ConfigurationError` naming the missing variable rather than being skipped quietly. Pass
+``channels=`` to require specific channels.
 
 Prefect Secret blocks feed the same config dataclasses: load the values in the flow and pass
 ``configs={Channel.EMAIL: SendGridConfig(...)}``.
@@ -15,45 +21,57 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
-from channels.base import ChannelAdapter, ConfigurationError
+from channels import fcm, sendgrid, twilio
+from channels.base import ChannelAdapter, ConfigurationError, Provider
 from membercare.models import Channel
 
-_PRIMARY = {
-    Channel.EMAIL: "MEMBERCARE_SENDGRID_API_KEY",
-    Channel.SMS: "MEMBERCARE_TWILIO_ACCOUNT_SID",
-    Channel.PUSH: "MEMBERCARE_FIREBASE_CREDENTIALS",
-}
+# Registration order decides each channel's default provider.
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (sendgrid.PROVIDER, twilio.PROVIDER, fcm.PROVIDER)}
+
+PROVIDER_ENV = "MEMBERCARE_PROVIDER_{channel}"
+
+
+def provider_env(channel: Channel) -> str:
+    """The variable naming ``channel``'s provider, e.g. ``MEMBERCARE_PROVIDER_SMS``."""
+    return PROVIDER_ENV.format(channel=channel.value.upper())
+
+
+def get_provider(name: str) -> Provider:
+    """The registered provider ``name``; :class:`ConfigurationError` listing the registered ones otherwise."""
+    try:
+        return PROVIDERS[name]
+    except KeyError:
+        raise ConfigurationError(f"unknown provider {name!r}; registered: {', '.join(sorted(PROVIDERS))}") from None
+
+
+def provider_for(channel: Channel | str, env: Mapping[str, str] | None = None) -> Provider:
+    """The provider that sends ``channel``: the one named by ``MEMBERCARE_PROVIDER_<CHANNEL>``, else the
+    first registered for the channel."""
+    channel = Channel(channel)
+    env = os.environ if env is None else env
+    variable = provider_env(channel)
+    name = (env.get(variable) or "").strip().lower()
+    if name:
+        provider = get_provider(name)
+        if provider.channel is not channel:
+            raise ConfigurationError(f"{variable}={name}: {name} sends {provider.channel.value}, not {channel.value}")
+        return provider
+    for provider in PROVIDERS.values():
+        if provider.channel is channel:
+            return provider
+    raise ConfigurationError(f"no provider registered for channel {channel.value!r}")
 
 
 def config_from_env(channel: Channel, env: Mapping[str, str]):
-    """The config dataclass of ``channel`` read from ``env`` (raises ConfigurationError naming a variable)."""
-    if channel is Channel.EMAIL:
-        from channels.sendgrid import SendGridConfig
-
-        return SendGridConfig.from_env(env)
-    if channel is Channel.SMS:
-        from channels.twilio import TwilioConfig
-
-        return TwilioConfig.from_env(env)
-    if channel is Channel.PUSH:
-        from channels.fcm import FirebaseConfig
-
-        return FirebaseConfig.from_env(env)
-    raise ConfigurationError(f"no adapter for channel {channel!r}")
+    """The config object of ``channel``'s provider read from ``env`` (raises ConfigurationError naming a variable)."""
+    return provider_for(channel, env).config_from_env(env)
 
 
 def adapter_for(config) -> ChannelAdapter:
-    """The adapter for one config object."""
-    from channels.fcm import FirebaseConfig, FirebasePushChannel
-    from channels.sendgrid import SendGridConfig, SendGridEmailChannel
-    from channels.twilio import TwilioConfig, TwilioSmsChannel
-
-    if isinstance(config, SendGridConfig):
-        return SendGridEmailChannel(config)
-    if isinstance(config, TwilioConfig):
-        return TwilioSmsChannel(config)
-    if isinstance(config, FirebaseConfig):
-        return FirebasePushChannel(config)
+    """The adapter for one config object (the provider whose ``config_type`` it is builds it)."""
+    for provider in PROVIDERS.values():
+        if isinstance(config, provider.config_type):
+            return provider.build(config)
     raise ConfigurationError(f"no adapter for {type(config).__name__}")
 
 
@@ -66,12 +84,14 @@ def build_channels(
     """Adapters keyed by channel. ``configs`` wins over ``env`` per channel.
 
     With ``channels`` given, each listed channel must be configured; otherwise every channel whose
-    primary variable is set is built. Already-built adapters are closed if a later one fails.
+    provider's primary variable is set is built. Already-built adapters are closed if a later one fails.
     """
     env = os.environ if env is None else env
     configs = dict(configs or {})
     if channels is None:
-        wanted = [c for c in Channel if c in configs or (env.get(_PRIMARY[c]) or "").strip()]
+        served = {provider.channel for provider in PROVIDERS.values()}
+        wanted = [c for c in Channel if c in configs
+                  or (c in served and (env.get(provider_for(c, env).primary_env) or "").strip())]
     else:
         wanted = [Channel(c) for c in channels]
     built: dict[Channel, ChannelAdapter] = {}

@@ -40,6 +40,7 @@ from flows.common import (
     run_logger,
     settings_from,
 )
+
 # The stages are called through their modules (plan_stage.plan_group, ...), so that the end-to-end benchmark
 # can time each domain call from the outside (bench/e2e); types are imported by name.
 from membercare.campaigns import audience as audience_stage
@@ -116,7 +117,8 @@ def _flow_run_name() -> str:
 
     params = flow_run.parameters.get("params") or {}
     name = params.get("campaign") if isinstance(params, dict) else getattr(params, "campaign", None)
-    suffix = "-dry-run" if (params.get("dry_run") if isinstance(params, dict) else getattr(params, "dry_run", False)) else ""
+    dry = params.get("dry_run") if isinstance(params, dict) else getattr(params, "dry_run", False)
+    suffix = "-dry-run" if dry else ""
     return f"{name or 'campaign'}{suffix}-{utcnow():%Y%m%d-%H%M%S}"
 
 
@@ -210,7 +212,7 @@ def _with_progress(engine, run_id: int, progress_id, work: Callable[[], Any]) ->
     def target() -> None:
         try:
             result["out"] = work()
-        except BaseException as exc:  # re-raised in the task thread below
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the task thread below
             result["exc"] = exc
 
     worker = threading.Thread(target=target, name=f"membercare-dispatch-{run_id}", daemon=True)

@@ -22,7 +22,8 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import engine_for, resolved_env, retry_transient, settings_from, run_logger
+from flows.common import engine_for, resolved_env, retry_transient, run_logger, settings_from
+
 # Called through its module so that the end-to-end benchmark can time it from the outside (bench/e2e).
 from membercare.engagement import sync as engagement_sync
 from membercare.engagement.sync import SyncReport
@@ -83,7 +84,8 @@ def sync_engagement(records_url: str | None = None, grace_minutes: float = 60.0,
 
 
 def due_runs(engine) -> list[int]:
-    """Runs (not paused) with rows that may be claimed now."""
+    """Runs with rows that may be claimed now: not paused, or paused by the error budget and due for their
+    automatic resumption (the campaign allowed it)."""
     from membercare.delivery.models import CLAIMABLE_STATES, CampaignRun, OutboxMessage, RunStatus
     from membercare.timeutil import utcnow
 
@@ -93,7 +95,7 @@ def due_runs(engine) -> list[int]:
         return list(conn.execute(
             sa.select(o.c.run_id).join(r, r.c.id == o.c.run_id)
             .where(o.c.state.in_(CLAIMABLE_STATES), sa.or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at <= now),
-                   r.c.status != RunStatus.PAUSED.value)
+                   sa.or_(r.c.status != RunStatus.PAUSED.value, r.c.auto_resume_at <= now))
             .group_by(o.c.run_id).order_by(o.c.run_id)).scalars())
 
 

@@ -13,7 +13,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import engine_for, resolved_env, retry_transient, settings_from, run_logger
+from flows.common import engine_for, resolved_env, retry_transient, run_logger, settings_from
 from membercare.timeutil import parse_as_of
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 
 from flows.campaign import CampaignRunParameters, run_campaign
-from flows.common import engine_for, resolved_env, settings_from, run_logger
+from flows.common import engine_for, resolved_env, run_logger, settings_from
 from membercare.campaigns.triggers import plan_trigger
 from membercare.timeutil import parse_as_of, utcnow
 

@@ -78,7 +78,7 @@ class Settings:
         return f"sqlite:///{self.home / 'membercare.db'}"
 
     @classmethod
-    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         s = cls()
         if env.get("MEMBERCARE_HOME"):

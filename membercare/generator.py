@@ -45,6 +45,7 @@ This module never touches the wall clock or global random state, and writes cons
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -212,8 +213,9 @@ def generate_shop(
         # Leave the database as we found it (empty of shop data) rather than half a shop.
         try:
             clear_shop(engine)
-        except Exception:  # pragma: no cover - the original error matters more
-            pass
+        except Exception as exc:  # noqa: BLE001 - the original error is re-raised below; this one is logged
+            logging.getLogger(__name__).error(
+                "could not remove the partly generated shop (%s): clear it before generating again", type(exc).__name__)
         raise
     summary.seconds = _time.perf_counter() - started
     return summary
@@ -265,7 +267,7 @@ class _Ctx:
     model: ShopModel
     as_of: int                  # epoch seconds (UTC)
     today: date                 # shop-local date of as_of
-    catalogue: "_Catalogue"
+    catalogue: _Catalogue
     tiers: list[dict]
     next_id: dict[str, int] = field(default_factory=lambda: {t: 1 for t in SHOP_TABLES})
 
@@ -387,7 +389,7 @@ class _BatchWriter:
             try:
                 _write(self.engine, item[0], self.summary)
                 self.committed_members += item[1]
-            except BaseException as exc:  # handed to the submitting thread
+            except BaseException as exc:  # noqa: BLE001 - handed to the submitting thread
                 self.error = exc
 
 
@@ -520,7 +522,7 @@ class _Catalogue:
     cum: np.ndarray             # category index + within-category cumulative popularity, for searchsorted
 
     @classmethod
-    def build(cls, seed: int) -> "_Catalogue":
+    def build(cls, seed: int) -> _Catalogue:
         rng = np.random.default_rng([seed, 0xCA7A])
         cats = list(D.CATALOGUE)
         ids, cat_idx, prices, skus, names, cum = [], [], [], [], [], []
@@ -557,7 +559,7 @@ class _Catalogue:
 
     def rows(self) -> list[tuple]:
         return [(int(i), s, n, self.categories[c], int(p), CURRENCY)
-                for i, s, n, c, p in zip(self.product_id, self.sku, self.name, self.category, self.price)]
+                for i, s, n, c, p in zip(self.product_id, self.sku, self.name, self.category, self.price, strict=True)]
 
     def pick(self, rng: np.random.Generator, category: np.ndarray) -> np.ndarray:
         """A product index per requested category, by popularity."""
@@ -588,7 +590,8 @@ def _generate_block(ctx: _Ctx, block: int, first: int, n: int) -> dict[str, list
         sel = people["age_idx"] == ai
         if sel.any():
             key = None if ai < 0 else D.AGE_GROUPS[ai][0]
-            pref[sel] = np.array(D.CHANNEL_ORDERS, dtype=object)[_choice(rng, D.CHANNEL_ORDER_WEIGHTS[key], int(sel.sum()))]
+            picks = _choice(rng, D.CHANNEL_ORDER_WEIGHTS[key], int(sel.sum()))
+            pref[sel] = np.array(D.CHANNEL_ORDERS, dtype=object)[picks]
 
     joined_s = _fmt_ts(joined)
     as_of_s = _fmt_ts(np.array([ctx.as_of]))[0]
@@ -596,7 +599,7 @@ def _generate_block(ctx: _Ctx, block: int, first: int, n: int) -> dict[str, list
         member_id.tolist(), [f"M{i:07d}" for i in member_id.tolist()], people["name"], people["email"],
         people["phone"], people["country"], people["locale"], people["timezone"], people["birthday"],
         people["age_group"], people["region"], people["city"], joined_s, tier.tolist(), balance.tolist(),
-        pref.tolist(), joined_s, [as_of_s] * n,
+        pref.tolist(), joined_s, [as_of_s] * n, strict=True,
     ))
     return {
         "members": member_rows, "consent_events": events, "consents": consents, "devices": devices,
@@ -675,7 +678,7 @@ def _people(ctx: _Ctx, rng: np.random.Generator, g: np.ndarray, block: int) -> d
             region[sel] = [D.US_AREAS[a][2] for a in ar]
             city[sel] = [D.US_AREAS[a][3] for a in ar]
             phone[sel] = [f"+1{D.US_AREAS[a][0]}{200 + s // 10_000}{s % 10_000:04d}"
-                          for a, s in zip(ar.tolist(), sub.tolist())]
+                          for a, s in zip(ar.tolist(), sub.tolist(), strict=True)]
         else:
             spec = D.FOREIGN_COUNTRIES[c]
             tz[sel] = spec["tz"]
@@ -686,13 +689,15 @@ def _people(ctx: _Ctx, rng: np.random.Generator, g: np.ndarray, block: int) -> d
             prefixes, digits = spec["prefixes"], spec["digits"]
             space = len(prefixes) * 10**digits
             sub = _permute(g[sel], space, ctx.seed % space)
-            phone[sel] = [f"+{spec['code']}{prefixes[s // 10**digits]}{s % 10**digits:0{digits}d}" for s in sub.tolist()]
+            phone[sel] = [f"+{spec['code']}{prefixes[s // 10**digits]}{s % 10**digits:0{digits}d}"
+                          for s in sub.tolist()]
     phone[rng.random(n) < m.phone_missing] = None
 
     # Joined: growth over ~3 years (more recent members are more numerous) plus a fresh cohort of
     # the last 7 days; at a shop-local time of day with the usual traffic pattern.
     recent = rng.random(n) < m.joined_last_week_share
-    days_ago = np.where(recent, rng.integers(1, 8, n), np.ceil(m.joined_years * 365 * rng.beta(1.0, 1.5, n)).astype(np.int64) + 1)
+    older = np.ceil(m.joined_years * 365 * rng.beta(1.0, 1.5, n)).astype(np.int64) + 1
+    days_ago = np.where(recent, rng.integers(1, 8, n), older)
     today_start = int(_local_day_start(np.array([ctx.as_of]))[0])
     joined = today_start - days_ago * DAY + _time_of_day(rng, n)
     joined = np.minimum(joined, ctx.as_of - 60)
@@ -820,12 +825,12 @@ def _orders(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined: 
     t_s, d_s, u_s = _fmt_ts(t), _fmt_ts(delivered_at), _fmt_ts(updated)
     mids = member_id[owner].tolist()
     rows = list(zip(order_id.tolist(), [f"SO{i:010d}" for i in order_id.tolist()], mids, t_s, status.tolist(),
-                    total.tolist(), [CURRENCY] * k, d_s, u_s))
+                    total.tolist(), [CURRENCY] * k, d_s, u_s, strict=True))
     lo = order_id[line_order].tolist()
     sku = [cat.sku[i] for i in prod.tolist()]
     catname = [cat.categories[c] for c in cat.category[prod].tolist()]
     line_rows = list(zip(line_id.tolist(), lo, line_no.tolist(), cat.product_id[prod].tolist(), sku, catname,
-                         qty.tolist(), amount.tolist(), [CURRENCY] * len(line_order)))
+                         qty.tolist(), amount.tolist(), [CURRENCY] * len(line_order), strict=True))
     return dict(rows=rows, line_rows=line_rows, owner=owner, t=t, status=status, total=total, id=order_id)
 
 
@@ -890,7 +895,7 @@ def _coupons(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined:
     codes = _base32(_permute(ids, 32**7, (ctx.seed * 104_729) % 32**7), 7)
     issued_local = (c["issued"] + _SHOP_OFFSET).astype("datetime64[s]").astype(object)
     campaign = []
-    for cp, d in zip(c["camp"].tolist(), issued_local):
+    for cp, d in zip(c["camp"].tolist(), issued_local, strict=True):
         if cp == 0:
             campaign.append("welcome")
         elif cp == 2:
@@ -903,16 +908,18 @@ def _coupons(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined:
             campaign.append(f"member-day-{d:%Y%m}")
     is_pct = c["kind"] == 1
     return list(zip(
-        ids.tolist(), [f"{p}-{code}" for p, code in zip(prefix.tolist(), codes)], member_id[c["owner"]].tolist(),
+        ids.tolist(), [f"{p}-{code}" for p, code in zip(prefix.tolist(), codes, strict=True)],
+        member_id[c["owner"]].tolist(),
         np.where(is_pct, "percent", "amount").tolist(),
-        [None if pc else int(v) for pc, v in zip(is_pct.tolist(), c["value"].tolist())],
-        [int(v) if pc else None for pc, v in zip(is_pct.tolist(), c["value"].tolist())],
+        [None if pc else int(v) for pc, v in zip(is_pct.tolist(), c["value"].tolist(), strict=True)],
+        [int(v) if pc else None for pc, v in zip(is_pct.tolist(), c["value"].tolist(), strict=True)],
         [CURRENCY] * kc, c["min_spend"].astype(np.int64).tolist(), _fmt_ts(c["issued"]), _fmt_ts(c["expires"]),
-        _fmt_ts(redeemed_at), [None if x < 0 else x for x in redeemed_order.tolist()], campaign,
+        _fmt_ts(redeemed_at), [None if x < 0 else x for x in redeemed_order.tolist()], campaign, strict=True,
     ))
 
 
-def _devices(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined: np.ndarray, age_idx: np.ndarray) -> list:
+def _devices(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined: np.ndarray,
+             age_idx: np.ndarray) -> list:
     """App installs: younger members more often; some stale, some invalidated by the push provider."""
     n, as_of = len(member_id), ctx.as_of
     p_app = np.array([0.72, 0.66, 0.55, 0.42, 0.32, 0.22, 0.45])[age_idx]  # index -1 = unknown age
@@ -926,7 +933,8 @@ def _devices(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined:
     last_seen = np.where(state == 0, recent, stale)
     last_seen = np.clip(last_seen, created, as_of - 1)
     inval = np.where(state == 2, np.minimum(last_seen + rng.integers(1, 60, k) * DAY, as_of - 1), -1)
-    reason = np.array(["unregistered", "invalid_argument", "sender_id_mismatch"], dtype=object)[_choice(rng, [85, 10, 5], k)]
+    reasons = np.array(["unregistered", "invalid_argument", "sender_id_mismatch"], dtype=object)
+    reason = reasons[_choice(rng, [85, 10, 5], k)]
     android = rng.random(k) < 0.58
     ids = ctx.take_ids("devices", k)
     # FCM-shaped registration tokens: an instance-id part, ':APA91b', then random URL-safe base64.
@@ -937,7 +945,8 @@ def _devices(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined:
     return list(zip(
         ids.tolist(), member_id[o].tolist(), tokens, np.where(android, "android", "ios").tolist(),
         np.where(android, "tw.example.shop", "com.example.shop.ios").tolist(), _fmt_ts(created), _fmt_ts(last_seen),
-        _fmt_ts(inval), [r if s == 2 else None for r, s in zip(reason.tolist(), state.tolist())],
+        _fmt_ts(inval), [r if s == 2 else None for r, s in zip(reason.tolist(), state.tolist(), strict=True)],
+        strict=True,
     ))
 
 
@@ -987,7 +996,8 @@ def _consents(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, joined
                 current.append((mid, c, "marketing", g0, "signup_form", joined_s[i]))
     ev_ids = ctx.take_ids("consent_events", len(events)).tolist()
     cur_ids = ctx.take_ids("consents", len(current)).tolist()
-    return ([(i, *r) for i, r in zip(cur_ids, current)], [(i, *r) for i, r in zip(ev_ids, events)])
+    return ([(i, *r) for i, r in zip(cur_ids, current, strict=True)],
+            [(i, *r) for i, r in zip(ev_ids, events, strict=True)])
 
 
 def _qualifies(tier: dict, spend: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -1044,9 +1054,9 @@ def _tiers(ctx: _Ctx, member_id: np.ndarray, joined: np.ndarray, orders: dict) -
     ids = ctx.take_ids("tier_history", n)
     vf = _fmt_ts(valid_from)
     detail = [f"generated: trailing 12-month purchases {c} orders, {s // 100:,} {CURRENCY}"
-              for c, s in zip(count12.tolist(), spend12.tolist())]
+              for c, s in zip(count12.tolist(), spend12.tolist(), strict=True)]
     rows = list(zip(ids.tolist(), member_id.tolist(), codes.tolist(), [None] * n, ["initial"] * n, vf, [None] * n, vf,
-                    detail))
+                    detail, strict=True))
     return codes, rows, valid_from
 
 
@@ -1101,7 +1111,7 @@ def _points(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, orders: 
     kind_names = np.array(["earned", "spent", "expired"], dtype=object)[kinds]
     dedupe, notes, expires = [], [], np.full(len(kinds), -1, dtype=np.int64)
     expires[kinds == 0] = when[kinds == 0] + 365 * DAY
-    for kd, ref, se in zip(kinds.tolist(), order_ref.tolist(), src_entry.tolist()):
+    for kd, ref, se in zip(kinds.tolist(), order_ref.tolist(), src_entry.tolist(), strict=True):
         if kd == 0:
             dedupe.append(f"order:{ref}:earned")
             notes.append(None)
@@ -1114,5 +1124,5 @@ def _points(ctx: _Ctx, rng: np.random.Generator, member_id: np.ndarray, orders: 
             notes.append(f"expiry of ledger entry {eid}")
     balance = np.bincount(own, weights=points, minlength=n).astype(np.int64)
     rows = list(zip(ids.tolist(), member_id[own].tolist(), kind_names.tolist(), points.tolist(), _fmt_ts(when),
-                    _fmt_ts(expires), [None if r < 0 else r for r in order_ref.tolist()], dedupe, notes))
+                    _fmt_ts(expires), [None if r < 0 else r for r in order_ref.tolist()], dedupe, notes, strict=True))
     return rows, balance

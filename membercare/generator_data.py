@@ -98,7 +98,8 @@ FOREIGN_COUNTRIES: dict[str, dict] = {
                prefixes=("94", "96", "97", "61", "63", "64", "65", "69"), digits=6),
     "SG": dict(code="65", tz="Asia/Singapore", places=(("Central Region", "Singapore", 1),),
                prefixes=("81", "82", "83", "87", "88", "90", "91", "93", "96", "97", "98"), digits=6),
-    "JP": dict(code="81", tz="Asia/Tokyo", places=(("Kanto", "Tokyo", 5), ("Kansai", "Osaka", 3), ("Kyushu", "Fukuoka", 1)),
+    "JP": dict(code="81", tz="Asia/Tokyo",
+               places=(("Kanto", "Tokyo", 5), ("Kansai", "Osaka", 3), ("Kyushu", "Fukuoka", 1)),
                prefixes=("901", "902", "803", "805", "806", "708"), digits=7),
     "US": dict(code="1", tz=None, places=None, prefixes=None, digits=7),  # area codes from US_AREAS
 }

@@ -310,7 +310,7 @@ class _CsvSource:
     def __init__(self, path: Path, handler: _Handler, *, allow_extra_columns: bool):
         self.path = path
         self.size = path.stat().st_size
-        self._binary = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._binary = open(path, "rb")  # closed in close()
         # utf-8-sig: spreadsheet programs write a byte-order mark; newline="" as the csv module requires.
         # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own cell, so it costs
         # that row only and is reported on its own line (a file in another encoding is refused as a
@@ -366,7 +366,7 @@ class _CsvSource:
             if c in seen:
                 raise InputError(f"{self.path.name}: column {c!r} appears twice in the header")
             seen.add(c)
-        extra = [h for h, c in zip(self.header, self.columns) if c not in handler.all_columns]
+        extra = [h for h, c in zip(self.header, self.columns, strict=True) if c not in handler.all_columns]
         if extra and not allow_extra:
             raise InputError(
                 f"{self.path.name}: unknown column(s) {', '.join(map(repr, extra))} for a {handler.kind} import "
@@ -600,7 +600,7 @@ class _RejectsWriter:
     def write(self, row: _Row, reason: str) -> None:
         if self._writer is None:
             self.part.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.part, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._file = open(self.part, "w", encoding="utf-8", newline="")  # closed in close()
             self._writer = csv.writer(self._file)
             self._writer.writerow([spreadsheet_cell(h) for h in (*self._header, self._line_col, self._reason_col)])
         n = len(self._header)
@@ -1218,13 +1218,14 @@ class ConsentsHandler(_Handler):
             return
         ev = ConsentEvent.__table__
         key_cols = (ev.c.member_id, ev.c.channel, ev.c.purpose, ev.c.occurred_at)
-        keys = [(u.parsed["member_id"], u.parsed["channel"], u.parsed["purpose"], u.parsed["occurred_at"]) for u in kept]
+        keys = [(u.parsed["member_id"], u.parsed["channel"], u.parsed["purpose"], u.parsed["occurred_at"])
+                for u in kept]
         recorded: dict[tuple, set[bool]] = {}
         for r in conn.execute(sa.select(*key_cols, ev.c.granted).where(sa.tuple_(*key_cols).in_(keys))):
             recorded.setdefault((r.member_id, r.channel, r.purpose, r.occurred_at), set()).add(bool(r.granted))
         new = []
         in_batch: dict[tuple, int] = {}
-        for u, key in zip(kept, keys):
+        for u, key in zip(kept, keys, strict=True):
             stored = recorded.get(key)
             if key in in_batch:
                 # The same instant written differently (naive local time vs. UTC offset) escapes the raw file key.
@@ -1474,7 +1475,7 @@ def _process_batch(engine: Engine, handler: _Handler, units: list[_Unit], ctx: _
     first_seen = seen.first_lines(sorted({t for t in texts if t is not None}))
     new_keys: dict[str, int] = {}
     valid: list[_Unit] = []
-    for u, key, text in zip(units, keys, texts):
+    for u, key, text in zip(units, keys, texts, strict=True):
         if text is not None:
             first = first_seen.get(text) or new_keys.get(text)
             if first is not None:

@@ -7,6 +7,8 @@ and must keep working for months (mail sits in inboxes), so the token is:
 
 * a 10-byte payload: version (1 byte), member id (8 bytes, big-endian), scope (1 byte: which channel
   the link unsubscribes from; ``all`` for the preference centre);
+  the member id is a database id, 1 to 2**63 - 1 (a signed 64-bit integer, as both databases store
+  it): signing refuses any other, and a token naming one is invalid however it is signed;
 * followed by the first 16 bytes (128 bits) of ``HMAC-SHA256(secret, "membercare.link" + payload)``;
 * base64url without padding: 35 characters, short enough for an SMS.
 
@@ -49,6 +51,8 @@ _VERSION = 1
 _DOMAIN = b"membercare.link"
 _SIG_BYTES = 16
 _PAYLOAD = struct.Struct(">BQB")
+MAX_MEMBER_ID = 2**63 - 1  # BIGINT on PostgreSQL, INTEGER on SQLite: signed 64-bit
+_MAX_TOKEN_CHARS = 64  # a token is 35 characters; anything much longer is refused before decoding
 
 
 class LinkScope(StrEnum):
@@ -86,12 +90,22 @@ def _mac(secret: bytes, payload: bytes) -> bytes:
     return hmac.new(secret, _DOMAIN + payload, hashlib.sha256).digest()[:_SIG_BYTES]
 
 
+def valid_member_id(member_id: object) -> bool:
+    """Whether ``member_id`` can be a member's database id: an ``int`` (not a bool) from 1 to
+    :data:`MAX_MEMBER_ID`."""
+    return type(member_id) is int and 1 <= member_id <= MAX_MEMBER_ID
+
+
 def sign_member_token(member_id: int, secret: str | bytes, scope: LinkScope | str = LinkScope.ALL) -> str:
-    """The token for ``member_id`` and ``scope``, signed with ``secret``."""
+    """The token for ``member_id`` and ``scope``, signed with ``secret``.
+
+    Raises ``ValueError`` for an id that is not a member's database id (see :func:`valid_member_id`):
+    such a link could only ever fail when followed.
+    """
     if not secret:
         raise ConfigurationError("MEMBERCARE_SECRET_KEY is not set: cannot sign unsubscribe links")
-    if member_id < 0:
-        raise ValueError("member id must be non-negative")
+    if not valid_member_id(member_id):
+        raise ValueError(f"member id must be an integer from 1 to {MAX_MEMBER_ID}")
     key = secret.encode() if isinstance(secret, str) else secret
     payload = _PAYLOAD.pack(_VERSION, member_id, _SCOPE_CODES[LinkScope(scope)])
     return _b64(payload + _mac(key, payload))
@@ -100,14 +114,17 @@ def sign_member_token(member_id: int, secret: str | bytes, scope: LinkScope | st
 def verify_member_token(token: str, secrets: str | bytes | Sequence[str | bytes]) -> LinkClaims:
     """Check ``token`` against the current secret and any older ones; return what it grants.
 
-    Raises :class:`InvalidTokenError` for anything that is not a token we signed. Comparison is
-    constant-time. ``secrets`` may be one secret or a sequence (newest first) during a rotation.
+    Raises :class:`InvalidTokenError` for anything that is not a token we signed, including one that
+    names an id no member can have (0, or over :data:`MAX_MEMBER_ID`). Comparison is constant-time.
+    ``secrets`` may be one secret or a sequence (newest first) during a rotation.
     """
     if isinstance(secrets, (str, bytes)):
         secrets = [secrets]
     keys = [s.encode() if isinstance(s, str) else s for s in secrets if s]
     if not keys:
         raise ConfigurationError("no secret configured to verify link tokens")
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
+        raise InvalidTokenError("malformed link token")
     try:
         raw = _unb64(token)
     except (binascii.Error, ValueError):
@@ -124,6 +141,8 @@ def verify_member_token(token: str, secrets: str | bytes | Sequence[str | bytes]
     version, member_id, scope_code = _PAYLOAD.unpack(payload)
     if version != _VERSION or scope_code not in _SCOPES_BY_CODE:
         raise InvalidTokenError("unsupported link token")
+    if not valid_member_id(member_id):
+        raise InvalidTokenError("link token names no valid member id")
     return LinkClaims(member_id=member_id, scope=_SCOPES_BY_CODE[scope_code])
 
 
@@ -141,13 +160,13 @@ class LinkSigner:
         object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
 
     @classmethod
-    def preview(cls, public_url: str = DEFAULT_PUBLIC_URL) -> "LinkSigner":
+    def preview(cls, public_url: str = DEFAULT_PUBLIC_URL) -> LinkSigner:
         """A signer for previews and checks: the links look real but the receiver never accepts them."""
         return cls(secret=PREVIEW_SECRET, public_url=public_url, is_preview=True)
 
     @classmethod
     def from_settings(cls, settings: Any = None, env: Mapping[str, str] | None = None, *,
-                      allow_preview: bool = False) -> "LinkSigner":
+                      allow_preview: bool = False) -> LinkSigner:
         """The signer for ``settings`` (``secret_key`` / ``public_url`` attributes), else the environment.
 
         Without a secret: a :class:`ConfigurationError`, or the preview signer if ``allow_preview``

@@ -53,7 +53,8 @@ def member_profile(conn: Connection, external_id: str, *, recent_orders: int = 5
         .scalar_subquery()
     )
     orders = conn.execute(
-        sa.select(o, cats.label("categories")).where(o.c.member_id == mid).order_by(o.c.placed_at.desc()).limit(recent_orders)
+        sa.select(o, cats.label("categories")).where(o.c.member_id == mid)
+        .order_by(o.c.placed_at.desc()).limit(recent_orders)
     ).mappings().all()
     agg = conn.execute(
         sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(o.c.total_minor), 0), sa.func.max(o.c.currency))

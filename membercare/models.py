@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from enum import StrEnum
+from typing import ClassVar
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
@@ -28,6 +29,13 @@ from membercare.timeutil import UTCDateTime, utcnow
 
 # 64-bit ids on PostgreSQL; plain INTEGER on SQLite so the column aliases the rowid (autoincrement).
 ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class TableModel(SQLModel):
+    """Base of every table model: declares for type checkers the ``__table__`` that SQLModel sets on each
+    ``table=True`` subclass (the core queries through ``Model.__table__.c``)."""
+
+    __table__: ClassVar[sa.Table]
 
 
 def _in(column: str, enum: type[StrEnum]) -> str:
@@ -103,7 +111,7 @@ def _ts(nullable: bool = False, index: bool = False, **kw):
     return Field(sa_type=UTCDateTime, nullable=nullable, index=index, **kw)
 
 
-class Member(SQLModel, table=True):
+class Member(TableModel, table=True):
     __tablename__ = "members"
     __table_args__ = (
         sa.CheckConstraint("points_balance >= 0", name="ck_members_points_nonneg"),
@@ -135,7 +143,7 @@ class Member(SQLModel, table=True):
         return [c for c in self.preferred_channels.split(",") if c]
 
 
-class Consent(SQLModel, table=True):
+class Consent(TableModel, table=True):
     """Current consent state per member x channel x purpose (derived from :class:`ConsentEvent`)."""
 
     __tablename__ = "consents"
@@ -154,7 +162,7 @@ class Consent(SQLModel, table=True):
     changed_at: datetime = _ts()
 
 
-class ConsentEvent(SQLModel, table=True):
+class ConsentEvent(TableModel, table=True):
     """Append-only consent audit trail. Never updated or deleted."""
 
     __tablename__ = "consent_events"
@@ -179,7 +187,7 @@ class ConsentEvent(SQLModel, table=True):
     detail: str | None = Field(default=None, max_length=500)
 
 
-class Device(SQLModel, table=True):
+class Device(TableModel, table=True):
     __tablename__ = "devices"
     __table_args__ = (sa.CheckConstraint(_in("platform", Platform), name="ck_devices_platform"),)
 
@@ -194,7 +202,7 @@ class Device(SQLModel, table=True):
     invalid_reason: str | None = Field(default=None, max_length=64)
 
 
-class Product(SQLModel, table=True):
+class Product(TableModel, table=True):
     __tablename__ = "products"
     __table_args__ = (sa.CheckConstraint("price_minor >= 0", name="ck_products_price_nonneg"),)
 
@@ -206,7 +214,7 @@ class Product(SQLModel, table=True):
     currency: str = Field(default="TWD", max_length=3)
 
 
-class Order(SQLModel, table=True):
+class Order(TableModel, table=True):
     __tablename__ = "orders"
     __table_args__ = (
         sa.CheckConstraint(_in("status", OrderStatus), name="ck_orders_status"),
@@ -225,7 +233,7 @@ class Order(SQLModel, table=True):
     updated_at: datetime = _ts(default_factory=utcnow)
 
 
-class OrderLine(SQLModel, table=True):
+class OrderLine(TableModel, table=True):
     __tablename__ = "order_lines"
     __table_args__ = (
         sa.UniqueConstraint("order_id", "line_no", name="uq_order_lines_order_line"),
@@ -244,7 +252,7 @@ class OrderLine(SQLModel, table=True):
     currency: str = Field(default="TWD", max_length=3)
 
 
-class Coupon(SQLModel, table=True):
+class Coupon(TableModel, table=True):
     __tablename__ = "coupons"
     __table_args__ = (
         sa.CheckConstraint(_in("kind", CouponKind), name="ck_coupons_kind"),
@@ -272,7 +280,7 @@ class Coupon(SQLModel, table=True):
     campaign: str | None = Field(default=None, max_length=64)
 
 
-class Tier(SQLModel, table=True):
+class Tier(TableModel, table=True):
     """A membership tier and its rules. ``rank`` 0 is the entry tier.
 
     A member reaches (or keeps, at renewal) a tier when their purchases over the trailing
@@ -293,7 +301,7 @@ class Tier(SQLModel, table=True):
     points_per_100: int = Field(default=1, description="points earned per 100 currency units spent")
 
 
-class TierHistory(SQLModel, table=True):
+class TierHistory(TableModel, table=True):
     __tablename__ = "tier_history"
     __table_args__ = (
         sa.CheckConstraint(_in("reason", TierChangeReason), name="ck_tier_history_reason"),
@@ -311,7 +319,7 @@ class TierHistory(SQLModel, table=True):
     detail: str | None = Field(default=None, max_length=500)
 
 
-class PointsEntry(SQLModel, table=True):
+class PointsEntry(TableModel, table=True):
     """Points ledger. ``points`` is signed: earned > 0, spent and expired < 0."""
 
     __tablename__ = "points_ledger"
@@ -336,7 +344,7 @@ class PointsEntry(SQLModel, table=True):
     note: str | None = Field(default=None, max_length=200)
 
 
-class ImportRun(SQLModel, table=True):
+class ImportRun(TableModel, table=True):
     """One ``membercare import`` invocation, for the audit trail."""
 
     __tablename__ = "import_runs"

@@ -14,9 +14,9 @@ from datetime import date, datetime
 from enum import StrEnum
 
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
-from membercare.models import ID, _in
+from membercare.models import ID, TableModel, _in
 from membercare.timeutil import UTCDateTime, utcnow
 
 
@@ -36,7 +36,7 @@ class RFMCell(StrEnum):
     LOST = "lost"
 
 
-class RFMScore(SQLModel, table=True):
+class RFMScore(TableModel, table=True):
     """Recency/frequency/monetary quintile scores (1 = worst, 5 = best) of one buyer on one date."""
 
     __tablename__ = "rfm_scores"
@@ -59,7 +59,7 @@ class RFMScore(SQLModel, table=True):
     cell: str = Field(max_length=24)
 
 
-class ChurnModelFit(SQLModel, table=True):
+class ChurnModelFit(TableModel, table=True):
     """One BG/NBD fit on the shop's own orders (time unit: weeks)."""
 
     __tablename__ = "churn_model_fits"
@@ -78,7 +78,7 @@ class ChurnModelFit(SQLModel, table=True):
     horizon_days: int = Field(description="the period of churn_scores.expected_purchases")
 
 
-class ChurnScore(SQLModel, table=True):
+class ChurnScore(TableModel, table=True):
     """A buyer's BG/NBD summary and scores on one date (weeks; same-day orders merged, UTC days)."""
 
     __tablename__ = "churn_scores"

@@ -7,13 +7,11 @@ aware UTC datetimes, and a naive datetime handed to the database is a bug we ref
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator
-
-UTC = timezone.utc
 
 
 def utcnow() -> datetime:

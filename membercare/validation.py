@@ -162,7 +162,8 @@ def normalise_phone(value: str, region: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Locale and time zone
 
-_LOCALE_RE = re.compile(r"(?P<lang>[A-Za-z]{2,3})(?:[-_](?P<script>[A-Za-z]{4}))?(?:[-_](?P<territory>[A-Za-z]{2}|\d{3}))?")
+_LOCALE_RE = re.compile(r"(?P<lang>[A-Za-z]{2,3})(?:[-_](?P<script>[A-Za-z]{4}))?"
+                        r"(?:[-_](?P<territory>[A-Za-z]{2}|\d{3}))?")
 
 
 def normalise_locale(value: str) -> str:

@@ -70,7 +70,9 @@ class Param:
         if self.choices:
             bits = ["|".join(self.choices)]
         if self.min is not None or self.max is not None:
-            bits.append(f"{_fmt(self.min) if self.min is not None else ''}..{_fmt(self.max) if self.max is not None else ''}")
+            low = _fmt(self.min) if self.min is not None else ""
+            high = _fmt(self.max) if self.max is not None else ""
+            bits.append(f"{low}..{high}")
         bits.append("required" if self.required else f"default {self.default!r}")
         return f"{self.name} ({', '.join(bits)}): {self.help}"
 
@@ -102,8 +104,8 @@ class Param:
                 if not value:
                     raise ValueError
         except (TypeError, ValueError):
-            raise InputError(f"{where} must be {'a non-empty string' if self.type is str else 'a ' + self.type.__name__}, "
-                             f"got {value!r}") from None
+            expected = "a non-empty string" if self.type is str else "a " + self.type.__name__
+            raise InputError(f"{where} must be {expected}, got {value!r}") from None
         if self.choices is not None and value not in self.choices:
             raise InputError(f"{where} must be one of {', '.join(self.choices)}; got {value!r}")
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
@@ -203,7 +205,8 @@ class SegmentContext:
         if d is None:
             self.notes.append(f"no {what} on or before {self.as_of_date.isoformat()}: run `{command}` first")
         elif (self.as_of_date - d).days > 31:
-            self.notes.append(f"{what} are from {d.isoformat()}, more than a month before {self.as_of_date.isoformat()}")
+            self.notes.append(f"{what} are from {d.isoformat()}, "
+                              f"more than a month before {self.as_of_date.isoformat()}")
         return d
 
     def empty(self, *cols: sa.ColumnElement) -> sa.Select:
@@ -283,24 +286,26 @@ def _load_standard() -> None:
 class Segment:
     """A segment expression: a reference to a definition with parameters, or a combination."""
 
-    label: str
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
 
     def select(self, ctx: SegmentContext) -> sa.Select:
         raise NotImplementedError
 
-    def __and__(self, other: "Segment") -> "Segment":
+    def __and__(self, other: Segment) -> Segment:
         return And(self, other)
 
-    def __or__(self, other: "Segment") -> "Segment":
+    def __or__(self, other: Segment) -> Segment:
         return Or(self, other)
 
-    def __invert__(self) -> "Segment":
+    def __invert__(self) -> Segment:
         return Not(self)
 
-    def __sub__(self, other: "Segment") -> "Segment":
+    def __sub__(self, other: Segment) -> Segment:
         return Excluding(self, other)
 
-    def refs(self) -> Iterator["Ref"]:
+    def refs(self) -> Iterator[Ref]:
         raise NotImplementedError
 
 
@@ -316,7 +321,7 @@ class Ref(Segment):
     def select(self, ctx: SegmentContext) -> sa.Select:
         return self.definition.build(ctx, dict(self.params))
 
-    def refs(self):
+    def refs(self) -> Iterator[Ref]:
         yield self
 
 
@@ -357,14 +362,14 @@ class And(Segment):
     def label(self) -> str:
         return f"({self.left.label} and {self.right.label})"
 
-    def select(self, ctx):
+    def select(self, ctx: SegmentContext) -> sa.Select:
         lq = self.left.select(ctx).subquery()
         rq = self.right.select(ctx).subquery()
         taken = {"member_id"}
         cols = _columns(lq, None, taken) + _columns(rq, _plain(self.right), taken)
         return sa.select(lq.c.member_id, *cols).join_from(lq, rq, lq.c.member_id == rq.c.member_id)
 
-    def refs(self):
+    def refs(self) -> Iterator[Ref]:
         yield from self.left.refs()
         yield from self.right.refs()
 
@@ -378,7 +383,7 @@ class Or(Segment):
     def label(self) -> str:
         return f"({self.left.label} or {self.right.label})"
 
-    def select(self, ctx):
+    def select(self, ctx: SegmentContext) -> sa.Select:
         lq = self.left.select(ctx).subquery()
         rq = self.right.select(ctx).subquery()
         ids = sa.union(sa.select(lq.c.member_id), sa.select(rq.c.member_id)).subquery()
@@ -396,7 +401,7 @@ class Or(Segment):
             .outerjoin(rq, rq.c.member_id == ids.c.member_id)
         )
 
-    def refs(self):
+    def refs(self) -> Iterator[Ref]:
         yield from self.left.refs()
         yield from self.right.refs()
 
@@ -409,13 +414,13 @@ class Not(Segment):
     def label(self) -> str:
         return f"not {self.inner.label}"
 
-    def select(self, ctx):
+    def select(self, ctx: SegmentContext) -> sa.Select:
         m = Member.__table__
         q = self.inner.select(ctx).subquery()
         joined = sqlfn.mostly_true(ctx.dialect, m.c.joined_at <= ctx.as_of_lit)
         return sa.select(m.c.id.label("member_id")).where(joined, _not_in(ctx, m.c.id, q))
 
-    def refs(self):
+    def refs(self) -> Iterator[Ref]:
         yield from self.inner.refs()
 
 
@@ -428,12 +433,12 @@ class Excluding(Segment):
     def label(self) -> str:
         return f"({self.base.label} except {self.excluded.label})"
 
-    def select(self, ctx):
+    def select(self, ctx: SegmentContext) -> sa.Select:
         bq = self.base.select(ctx).subquery()
         xq = self.excluded.select(ctx).subquery()
         return sa.select(bq.c.member_id, *_columns(bq)).where(_not_in(ctx, bq.c.member_id, xq))
 
-    def refs(self):
+    def refs(self) -> Iterator[Ref]:
         yield from self.base.refs()
         yield from self.excluded.refs()
 
@@ -455,9 +460,21 @@ def parse(text: str, params: Mapping[str, Mapping[str, Any]] | None = None) -> S
     ``params`` maps a segment name to its parameter overrides (``{"new_members": {"days": 7}}``);
     they apply to every occurrence of that segment in the expression.
     """
-    params = {k: dict(v) for k, v in (params or {}).items()}
+    text = text.strip()
+    parser = _Parser(text, _tokens(text), {k: dict(v) for k, v in (params or {}).items()})
+    node = parser.p_or()
+    if parser.i != len(parser.tokens):
+        raise InputError(f"unexpected {parser.tokens[parser.i]!r} in segment expression {text!r}")
+    for name in parser.params:
+        if name not in parser.used:
+            get(name)  # unknown names get the usual error naming the valid segments
+            raise InputError(f"parameters given for segment {name!r}, which is not in {text!r}")
+    return node
+
+
+def _tokens(text: str) -> list[str]:
     tokens: list[str] = []
-    pos, text = 0, text.strip()
+    pos = 0
     while pos < len(text):
         mt = _TOKEN.match(text, pos)
         if not mt or mt.end() == pos:
@@ -467,65 +484,63 @@ def parse(text: str, params: Mapping[str, Mapping[str, Any]] | None = None) -> S
         pos = mt.end()
     if not tokens:
         raise InputError("empty segment expression")
-    used: set[str] = set()
-    i = 0
+    return tokens
 
-    def peek():
-        return tokens[i] if i < len(tokens) else None
 
-    def take():
-        nonlocal i
-        i += 1
-        return tokens[i - 1]
+class _Parser:
+    """Recursive descent over the tokens, one method per precedence level."""
 
-    def p_or():
-        node = p_except()
-        while peek() == "or":
-            take()
-            node = Or(node, p_except())
+    def __init__(self, text: str, tokens: list[str], params: dict[str, dict[str, Any]]):
+        self.text, self.tokens, self.params = text, tokens, params
+        self.used: set[str] = set()
+        self.i = 0
+
+    def peek(self) -> str | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self) -> str:
+        self.i += 1
+        return self.tokens[self.i - 1]
+
+    def p_or(self) -> Segment:
+        node = self.p_except()
+        while self.peek() == "or":
+            self.take()
+            node = Or(node, self.p_except())
         return node
 
-    def p_except():
-        node = p_and()
-        while peek() == "except":
-            take()
-            node = Excluding(node, p_and())
+    def p_except(self) -> Segment:
+        node = self.p_and()
+        while self.peek() == "except":
+            self.take()
+            node = Excluding(node, self.p_and())
         return node
 
-    def p_and():
-        node = p_not()
-        while peek() == "and":
-            take()
-            node = And(node, p_not())
+    def p_and(self) -> Segment:
+        node = self.p_not()
+        while self.peek() == "and":
+            self.take()
+            node = And(node, self.p_not())
         return node
 
-    def p_not():
-        if peek() == "not":
-            take()
-            return Not(p_not())
-        return p_atom()
+    def p_not(self) -> Segment:
+        if self.peek() == "not":
+            self.take()
+            return Not(self.p_not())
+        return self.p_atom()
 
-    def p_atom():
-        tok = take() if peek() is not None else None
+    def p_atom(self) -> Segment:
+        tok = self.take() if self.peek() is not None else None
         if tok == "(":
-            node = p_or()
-            if peek() != ")":
-                raise InputError(f"missing ')' in segment expression {text!r}")
-            take()
+            node = self.p_or()
+            if self.peek() != ")":
+                raise InputError(f"missing ')' in segment expression {self.text!r}")
+            self.take()
             return node
         if tok is None or tok in ("and", "or", "not", "except", ")"):
-            raise InputError(f"expected a segment name in {text!r}" + (f" before {tok!r}" if tok else ""))
-        used.add(tok)
-        return ref(tok, **params.get(tok, {}))
-
-    node = p_or()
-    if i != len(tokens):
-        raise InputError(f"unexpected {tokens[i]!r} in segment expression {text!r}")
-    for name in params:
-        if name not in used:
-            get(name)  # unknown names get the usual error naming the valid segments
-            raise InputError(f"parameters given for segment {name!r}, which is not in {text!r}")
-    return node
+            raise InputError(f"expected a segment name in {self.text!r}" + (f" before {tok!r}" if tok else ""))
+        self.used.add(tok)
+        return ref(tok, **self.params.get(tok, {}))
 
 
 def names_in(text: str) -> set[str]:

@@ -25,10 +25,11 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import optimize, special
 
 from membercare.errors import InputError
@@ -50,7 +51,7 @@ class Summary:
         return int(round(float(self.weight.sum())))
 
     @classmethod
-    def from_arrays(cls, x, t_x, T, weight=None) -> "Summary":
+    def from_arrays(cls, x: ArrayLike, t_x: ArrayLike, T: ArrayLike, weight: ArrayLike | None = None) -> Summary:
         x = np.asarray(x, dtype=float)
         t_x = np.asarray(t_x, dtype=float)
         T = np.asarray(T, dtype=float)
@@ -109,7 +110,8 @@ def fit(s: Summary, *, starts: Iterable[tuple[float, float, float, float]] = _ST
 
     Optimises the mean weighted negative log-likelihood over log-parameters with L-BFGS-B (so all
     four stay positive without constraints), from several starting points, keeping the best (and
-    polishing it with Nelder-Mead if L-BFGS-B did not report convergence). Raises :class:`InputError` when there is nothing to fit.
+    polishing it with Nelder-Mead if L-BFGS-B did not report convergence). Raises :class:`InputError` when
+    there is nothing to fit.
     """
     total = float(s.weight.sum())
     if total <= 0 or len(s.x) == 0:
@@ -127,6 +129,8 @@ def fit(s: Summary, *, starts: Iterable[tuple[float, float, float, float]] = _ST
         res = optimize.minimize(objective, np.log(start), method="L-BFGS-B", bounds=[(-15, 15)] * 4)
         if best is None or res.fun < best.fun:
             best = res
+    if best is None:
+        raise InputError("no starting point to fit from")
     if not best.success:
         # L-BFGS-B stopped on its line search (flat ridges happen with few repeat buyers): a
         # derivative-free polish from there is cheap insurance.
@@ -151,7 +155,7 @@ def _odds_dead(p: BGNBDParams, x, t_x, T) -> np.ndarray:
     return out
 
 
-def p_alive(p: BGNBDParams, x, t_x, T) -> np.ndarray:
+def p_alive(p: BGNBDParams, x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> np.ndarray:
     """P(customer still alive | x, t_x, T), FHL eq. (13).
 
     Note the model's known property: a customer with no repeat purchase (x = 0) is always "alive"
@@ -161,7 +165,7 @@ def p_alive(p: BGNBDParams, x, t_x, T) -> np.ndarray:
     return 1.0 / (1.0 + _odds_dead(p, x, t_x, T))
 
 
-def expected_purchases(p: BGNBDParams, t: float, x, t_x, T) -> np.ndarray:
+def expected_purchases(p: BGNBDParams, t: float, x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> np.ndarray:
     """E[Y(t) | x, t_x, T]: expected purchases in the next ``t`` periods, FHL eq. (10)."""
     x, t_x, T = (np.asarray(v, dtype=float) for v in (x, t_x, T))
     r, alpha, a, b = p.r, p.alpha, p.a, p.b
@@ -257,7 +261,7 @@ def read_orders_csv(path: Path) -> Iterable[tuple[str, date]]:
                     d = date.fromisoformat(text)
                 else:
                     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-                    d = dt.astimezone(timezone.utc).date() if dt.tzinfo else dt.date()
+                    d = dt.astimezone(UTC).date() if dt.tzinfo else dt.date()
             except ValueError:
                 raise InputError(f"{path}:{lineno}: bad date {text!r}") from None
             yield row[cust].strip(), d

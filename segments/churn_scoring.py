@@ -114,7 +114,7 @@ def score_churn(conn: Connection, as_of: datetime, *, shop_timezone: str = "UTC"
     try:
         rows = [
             {"x": int(a), "tx": int(b), "age": int(c), "p_alive": float(p), "expected": float(e)}
-            for (a, b, c, _), p, e in zip(grid, p_alive, expected)
+            for (a, b, c, _), p, e in zip(grid, p_alive, expected, strict=True)
         ]
         for i in range(0, len(rows), 20_000):
             conn.execute(tmp.insert(), rows[i:i + 20_000])

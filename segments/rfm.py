@@ -137,7 +137,7 @@ def score_rfm(conn: Connection, as_of: datetime, *, shop_timezone: str = "UTC",
     cells = dict(
         conn.execute(
             sa.select(rfm.c.cell, sa.func.count()).where(rfm.c.as_of_date == ctx.as_of_date).group_by(rfm.c.cell)
-        ).all()
+        ).tuples().all()
     )
     return RFMRun(ctx.as_of_date, sum(cells.values()), {c.value: int(cells.get(c.value, 0)) for c in RFMCell})
 

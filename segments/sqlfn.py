@@ -11,11 +11,15 @@ Segment builders stay dialect-neutral by going through these helpers. Convention
 from __future__ import annotations
 
 from datetime import date, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from membercare.timeutil import UTC, ensure_utc
+
+# A SQL expression (a column, a bound literal, a function call).
+Sql = sa.ColumnElement[Any]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _JULIAN_EPOCH = 2440587.5  # julianday('1970-01-01T00:00')
@@ -29,19 +33,19 @@ def py_day_number(value: date) -> int:
     return (value - _EPOCH.date()).days
 
 
-def epoch_days(dialect: str, expr):
+def epoch_days(dialect: str, expr: Sql) -> Sql:
     if dialect == "sqlite":
         return sa.func.julianday(expr) - _JULIAN_EPOCH
     return sa.extract("epoch", expr) / 86400.0
 
 
-def utc_day_number(dialect: str, expr):
+def utc_day_number(dialect: str, expr: Sql) -> Sql:
     if dialect == "sqlite":
         return sa.cast(sa.func.julianday(sa.func.date(expr)) - _JULIAN_EPOCH, sa.Integer)
     return sa.cast(sa.func.timezone("UTC", expr), sa.Date) - sa.literal_column("DATE '1970-01-01'")
 
 
-def month_day(dialect: str, date_expr):
+def month_day(dialect: str, date_expr: Sql) -> Sql:
     """``'MM-DD'`` of a ``date`` column."""
     if dialect == "sqlite":
         return sa.func.strftime("%m-%d", date_expr)
@@ -50,14 +54,14 @@ def month_day(dialect: str, date_expr):
     return sa.func.to_char(date_expr, "MM-DD")
 
 
-def floor_int(dialect: str, expr):
+def floor_int(dialect: str, expr: Sql) -> Sql:
     # CAST truncates toward zero on SQLite but rounds on PostgreSQL; floor() first makes both agree.
     if dialect == "sqlite":
         return sa.cast(expr, sa.Integer)  # our operands are non-negative: truncation is floor
     return sa.cast(sa.func.floor(expr), sa.Integer)
 
 
-def mostly_true(dialect: str, condition, probability: float = 0.9):
+def mostly_true(dialect: str, condition: Sql, probability: float = 0.9) -> Sql:
     """Tell SQLite's planner that ``condition`` keeps most rows (``likelihood()``; no-op elsewhere).
 
     A time-window filter such as ``placed_at > as_of - 365 days`` otherwise makes SQLite search the
@@ -69,7 +73,7 @@ def mostly_true(dialect: str, condition, probability: float = 0.9):
     return condition
 
 
-def string_agg(dialect: str, expr, order_by, sep: str = ","):
+def string_agg(dialect: str, expr: Sql, order_by: Sql, sep: str = ",") -> Sql:
     """Concatenate ``expr`` per group, ordered by ``order_by`` where the backend can promise it.
 
     SQLite before 3.44 has no ordered ``group_concat``; callers that need an order feed it from an
@@ -95,5 +99,6 @@ def literal_rows(dialect: str, columns: list[tuple[str, sa.types.TypeEngine]], r
         # would turn '2026-11-23 ...' into the number 2026, so the bind's own type processing is used.
         return sa.literal(v, type_) if dialect == "sqlite" else sa.cast(sa.literal(v, type_), type_)
 
-    selects = [sa.select(*[lit(v, type_).label(name) for (name, type_), v in zip(columns, row)]) for row in rows]
+    selects = [sa.select(*[lit(v, type_).label(name) for (name, type_), v in zip(columns, row, strict=True)])
+               for row in rows]
     return (selects[0] if len(selects) == 1 else sa.union_all(*selects)).subquery()

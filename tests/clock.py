@@ -54,13 +54,13 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 SHOP_TZ = ZoneInfo("Asia/Taipei")
 
 # Monday 2026-11-23, 12:00 in Asia/Taipei: outside SMS quiet hours (21:00-09:00) in the shop's timezone.
-FROZEN_NOW = datetime(2026, 11, 23, 4, tzinfo=timezone.utc)
+FROZEN_NOW = datetime(2026, 11, 23, 4, tzinfo=UTC)
 
 
 class Clock:
@@ -73,7 +73,7 @@ class Clock:
     def _checked(at: datetime) -> datetime:
         if at.tzinfo is None or at.utcoffset() is None:
             raise ValueError(f"naive datetime {at!r}: the test clock holds aware UTC instants")
-        return at.astimezone(timezone.utc)
+        return at.astimezone(UTC)
 
     def __call__(self) -> datetime:
         return self._now
@@ -111,7 +111,7 @@ def parse_wall_clock(text: str, today: date | None = None) -> datetime:
                 at = at.replace(tzinfo=SHOP_TZ)
     except ValueError as exc:
         raise ValueError(f"--wall-clock: not HH:MM[:SS] or an ISO datetime: {text!r}") from exc
-    return at.astimezone(timezone.utc)
+    return at.astimezone(UTC)
 
 
 CHILD_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wall_clock_child")

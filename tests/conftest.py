@@ -24,6 +24,17 @@ import sqlalchemy as sa
 from clock import CHILD_SITE, OFFSET_ENV, SHOP_TZ, Clock, parse_wall_clock, real_time
 from membercare.db import make_engine, upgrade
 
+# The session-wide Prefect harness fixture (started only by the tests that ask for ``prefect_harness``).
+pytest_plugins = ["prefect_fixtures"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts Prefect's test harness (15-20 s once, then about a second per flow run) is slow: the
+    fast lane (``-m "not slow"``) leaves it to the full suite."""
+    for item in items:
+        if "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
 PG_ENV = "MEMBERCARE_TEST_POSTGRES_URL"
 WALL_CLOCK_ENV = "MEMBERCARE_TEST_WALL_CLOCK"
 # clock.OFFSET_ENV is read by tests/wall_clock_child/sitecustomize.py in child processes: seconds from the real
@@ -78,7 +89,8 @@ def pytest_unconfigure(config):
 def pytest_report_header(config):
     if _WALL_CLOCK in config.stash:
         at = config.stash[_WALL_CLOCK][0]
-        return f"wall clock: each test starts at {at.isoformat()} ({at.astimezone(SHOP_TZ):%Y-%m-%d %H:%M:%S} Asia/Taipei)"
+        local = at.astimezone(SHOP_TZ)
+        return f"wall clock: each test starts at {at.isoformat()} ({local:%Y-%m-%d %H:%M:%S} Asia/Taipei)"
     return None
 
 

@@ -1,12 +1,12 @@
 """One Prefect test harness per test session (it takes ~20 s to start; pay it once).
 
-Import with ``from prefect_fixtures import prefect_harness``. Test task bodies with ``task.fn(...)``; run
-whole flows only for smoke tests.
+``conftest.py`` registers this module as a plugin: a test asks for ``prefect_harness`` by parameter, with no
+import. Test task bodies with ``task.fn(...)``; run whole flows only for smoke tests.
 
-Each module that imports the fixture gets its own pytest fixture definition, hence its own
-session-scoped instance. Only the first instance starts the harness; later ones reuse it. Two harnesses
-in one process would leave Prefect's process-wide events worker posting to the first server while the
-flow runs of the second are recorded on the second, so task runs counted through the API go missing.
+A module that also imports the fixture gets its own pytest fixture definition, hence its own session-scoped
+instance. Only the first instance starts the harness; later ones reuse it. Two harnesses in one process
+would leave Prefect's process-wide events worker posting to the first server while the flow runs of the
+second are recorded on the second, so task runs counted through the API go missing.
 """
 
 from __future__ import annotations

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 import sqlalchemy as sa
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
-from sandbox_fixtures import *  # noqa: F403
-
-from channels.sendgrid import SendGridConfig, SendGridEmailChannel
 from channels.base import transport_failure
+from channels.sendgrid.adapter import SendGridConfig, SendGridEmailChannel
 from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.delivery.contract import EmailContent, OutboundMessage, TransientFailure
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
@@ -30,9 +28,9 @@ from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.reconcile import StaticRecords, reconcile_unknown
 from membercare.models import Channel, Purpose
+from sandbox_fixtures import *  # noqa: F403  # noqa: F403
 
-UTC = timezone.utc
-O = OutboxMessage.__table__
+OB = OutboxMessage.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 FAST = DispatchConfig(workers=4, batch_size=20, backoff_base=0.005, backoff_max=0.02, wait_for_deferred=5.0,
                       flush_interval=0.02, ambiguous_retry_delay=0.05, error_min_samples=1000)
@@ -49,7 +47,7 @@ def plan(engine, n, purpose):
 
 def rows(engine, run_id):
     with engine.connect() as conn:
-        return {r.message_id: r for r in conn.execute(sa.select(O).where(O.c.run_id == run_id))}
+        return {r.message_id: r for r in conn.execute(sa.select(OB).where(OB.c.run_id == run_id))}
 
 
 def ghost_first_attempt(every: int):

@@ -5,7 +5,7 @@ import math
 import subprocess
 import sys
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ def _within(observed: float, p: float, n: int, sigmas: float = 4.0) -> bool:
 
 
 def test_bucket_is_the_first_52_bits_of_sha256_of_the_domain_separated_key():
-    digest = hashlib.sha256("holdout\x1fspring-sale\x1f42".encode()).digest()
+    digest = hashlib.sha256(b"holdout\x1fspring-sale\x1f42").digest()
     expected = int.from_bytes(digest[:8], "big") >> 12
     assert a.bucket(a.HOLDOUT, "spring-sale", member_id=42) == expected
     assert a.unit(a.HOLDOUT, "spring-sale", member_id=42) == expected / 2**52
@@ -125,7 +125,7 @@ def test_invalid_inputs_are_refused():
 
 def test_sql_holdout_and_control_agree_with_python(engine):
     a.install_sql_functions(engine)
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     with engine.begin() as conn:
         conn.execute(sa.insert(Member.__table__), [
             {"external_id": f"m{i}", "name": "x", "joined_at": t0, "tier": "silver", "points_balance": 0,

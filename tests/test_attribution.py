@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +18,6 @@ from membercare.engagement.models import EngagementEventRow
 from membercare.errors import InputError
 from membercare.models import Coupon, Member, Order
 
-UTC = timezone.utc
 T0 = datetime(2026, 11, 2, 10, 0, tzinfo=UTC)
 A = Attribution.__table__
 SINCE, UNTIL = T0 - timedelta(days=30), T0 + timedelta(days=30)

@@ -10,7 +10,6 @@ import pytest
 from bench.e2e import report
 from bench.e2e.harness import STAGES, BenchOptions, parse_sizes, union_seconds
 from membercare.errors import ConfigurationError, InputError
-from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
 
 PG_ENV = "MEMBERCARE_TEST_POSTGRES_URL"
 
@@ -28,7 +27,8 @@ def _run_cli(args: list[str]) -> None:
     assert done.value.code == 0
 
 
-def test_bench_runs_end_to_end_on_sqlite(tmp_path, prefect_harness):  # noqa: F811
+@pytest.mark.slow  # a whole benchmark run (shop, flows, sandbox, receiver): about a minute
+def test_bench_runs_end_to_end_on_sqlite(tmp_path, prefect_harness):
     out = tmp_path / "out"
     _run_cli(["--members", "300", "--baseline", "50", "--out", str(out), "--cache", str(tmp_path / "cache"),
               "--drain-timeout", "120"])
@@ -74,8 +74,9 @@ def test_bench_runs_end_to_end_on_sqlite(tmp_path, prefect_harness):  # noqa: F8
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
-def test_bench_runs_on_postgres(tmp_path, prefect_harness):  # noqa: F811
+def test_bench_runs_on_postgres(tmp_path, prefect_harness):
     server = os.environ.get(PG_ENV)
     if not server:
         pytest.skip(f"{PG_ENV} is not set")

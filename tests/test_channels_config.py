@@ -9,10 +9,10 @@ from email.utils import formatdate
 import pytest
 
 from channels.base import ConfigurationError, parse_retry_after
-from channels.fcm import FirebaseConfig
+from channels.fcm.adapter import FirebaseConfig
 from channels.registry import build_channels
-from channels.sendgrid import SendGridConfig
-from channels.twilio import TwilioConfig
+from channels.sendgrid.adapter import SendGridConfig
+from channels.twilio.adapter import TwilioConfig
 from membercare.models import Channel
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import SENDGRID_KEY, TWILIO_TOKEN

@@ -22,10 +22,10 @@ from channels.base import (
     SmsContent,
     TransientFailure,
 )
-from channels.fcm import FirebaseConfig, FirebasePushChannel
+from channels.fcm.adapter import FirebaseConfig, FirebasePushChannel
 from channels.registry import build_channels, close_channels
-from channels.sendgrid import SendGridConfig, SendGridEmailChannel
-from channels.twilio import TwilioConfig, TwilioSmsChannel
+from channels.sendgrid.adapter import SendGridConfig, SendGridEmailChannel
+from channels.twilio.adapter import TwilioConfig, TwilioSmsChannel
 from membercare.models import Channel, Purpose
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import make_service_account
@@ -65,7 +65,8 @@ def test_each_channel_is_accepted_with_our_ids_in_the_provider_request(sandbox, 
     bodies = {c["path"]: c["body"] for c in sandbox.captured()}
     fcm = json.loads(next(b for p, b in bodies.items() if p.endswith("messages:send")))["message"]
     assert fcm["token"] == "device-token-0001" and fcm["data"]["membercare_message_id"] == "m-push"
-    assert fcm["data"]["deeplink"] == "shop://sale" and fcm["notification"] == {"title": "Sale", "body": "20% off today"}
+    assert fcm["data"]["deeplink"] == "shop://sale"
+    assert fcm["notification"] == {"title": "Sale", "body": "20% off today"}
     form = parse_qs(next(b for p, b in bodies.items() if p.endswith("Messages.json")))
     callback = urlsplit(form["StatusCallback"][0])
     assert callback.path == "/webhooks/twilio/status" and parse_qs(callback.query)["mid"] == ["m-sms"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from clirun import run_cli
 from membercare.errors import InputError, UnknownNameError
 from membercare.scoring_models import ChurnModelFit, ChurnScore
 from segments import base, churn
 from segments.churn_scoring import score_churn
-from clirun import run_cli
 from shopdata import Shop, ts
 
 CDNOW = Path(__file__).parent / "fixtures" / "cdnow"
@@ -103,10 +103,11 @@ def test_orders_csv_skips_refunds_and_merges_same_day(tmp_path):
         "b,2024-01-10,paid\n"
     )
     s = churn.summarise_transactions(churn.read_orders_csv(f), date(2024, 1, 29))
-    got = sorted(zip(s.x, s.t_x * 7, s.T * 7))
+    got = sorted(zip(s.x, s.t_x * 7, s.T * 7, strict=True))
     assert got == [(0.0, 0.0, 19.0), (1.0, 14.0, 28.0)]
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_cli_fit_prints_json(tmp_path):
     out = run_cli("churn", "fit", "--transactions", str(CDNOW / "CDNOW_sample.txt"), "--format", "cdnow",
                   "--calibration-end", "1997-09-30", "--json", home=tmp_path)

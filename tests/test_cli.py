@@ -30,6 +30,7 @@ def test_help_lists_every_command_with_a_description(tmp_path):
         assert len(line.split(name, 1)[1].strip(" │")) > 10, f"{name} has no helpful description"
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_db_upgrade_creates_then_is_idempotent(tmp_path):
     first = run_cli("db", "upgrade", home=tmp_path)
     assert first.returncode == 0, first.stderr

@@ -148,8 +148,9 @@ def test_twilio_sdk_request_and_sandbox_answer_match_the_spec(sandbox, channel_e
     path = captured["path"]
     assert path == f"/2010-04-01/Accounts/{TWILIO_SID}/Messages.json"
     auth = "Basic " + base64.b64encode(f"{TWILIO_SID}:{TWILIO_TOKEN}".encode()).decode()
-    request = MockRequest("https://api.twilio.com", "post", path, headers={**captured["headers"], "Authorization": auth},
-                          data=captured["body"].encode(), content_type="application/x-www-form-urlencoded")
+    request = MockRequest("https://api.twilio.com", "post", path,
+                          headers={**captured["headers"], "Authorization": auth}, data=captured["body"].encode(),
+                          content_type="application/x-www-form-urlencoded")
     twilio_api.validate_request(request)
     form = dict(parse_qsl(captured["body"]))
     assert form["StatusCallback"].startswith("http://127.0.0.1:9/webhooks/twilio/status?mid=msg-contract-1&ik=")

@@ -21,15 +21,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-
-from sandbox_fixtures import *  # noqa: F403
-from sandbox_fixtures import env_for
 
 from fakes import seed_members, simple_renderer
 from membercare.db import insert_for, make_engine
@@ -39,9 +35,10 @@ from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.reconcile import SandboxRecords, reconcile_unknown, recover_stale
 from membercare.models import Channel, Device, Member, Purpose
+from sandbox_fixtures import *  # noqa: F403
+from sandbox_fixtures import env_for
 
-UTC = timezone.utc
-O, R = OutboxMessage.__table__, CampaignRun.__table__
+OB, R = OutboxMessage.__table__, CampaignRun.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 ALL = (Channel.EMAIL, Channel.SMS, Channel.PUSH)
 # No simulated STOP replies or app uninstalls: they would change later answers for the same address. The
@@ -71,8 +68,8 @@ def seed(engine, n, *, purpose=Purpose.MARKETING, preferred="email,sms,push"):
 def ledger(engine, run_id):
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(sa.select(
-            O.c.message_id, O.c.idempotency_key, O.c.member_id, O.c.channel, O.c.state, O.c.reason_code, O.c.reason,
-            O.c.provider_message_id).where(O.c.run_id == run_id)).mappings()]
+            OB.c.message_id, OB.c.idempotency_key, OB.c.member_id, OB.c.channel, OB.c.state, OB.c.reason_code,
+            OB.c.reason, OB.c.provider_message_id).where(OB.c.run_id == run_id)).mappings()]
 
 
 def assert_sandbox_matches_ledger(sandbox, rows):

@@ -11,33 +11,32 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.consent import ConsentStatement, record_consents
+from membercare.db import make_engine
 from membercare.delivery.contract import FailureReason, PermanentFailure, TransientFailure
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher, RunPaused
 from membercare.delivery.models import CampaignRun, OutboxMessage, Suppression
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.ratelimit import TokenBucket
-from membercare.delivery.reconcile import StaticRecords, mark_sent_from_event, recover_stale, reconcile_unknown
-from membercare.db import make_engine
+from membercare.delivery.reconcile import StaticRecords, mark_sent_from_event, reconcile_unknown, recover_stale
 from membercare.errors import ConfigurationError
 from membercare.models import Channel, Device, Purpose
 
-UTC = timezone.utc
-O, R = OutboxMessage.__table__, CampaignRun.__table__
+OB, R = OutboxMessage.__table__, CampaignRun.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 FAST = DispatchConfig(workers=8, batch_size=50, backoff_base=0.005, backoff_max=0.05, wait_for_deferred=5.0,
                       flush_interval=0.02, error_min_samples=20)
 
 
-def plan(engine, n, *, preferred="email,sms,push", purpose=Purpose.MARKETING, name="promo", channels=("email", "sms", "push"),
-         now=None):
+def plan(engine, n, *, preferred="email,sms,push", purpose=Purpose.MARKETING, name="promo",
+         channels=("email", "sms", "push"), now=None):
     """Seed ``n`` members and plan them at ``now``: a test that dispatches with an injected clock passes that
     clock's instant; otherwise the real clock is read once, as the dispatcher's default clock will be."""
     now = now or datetime.now(UTC)
@@ -55,8 +54,8 @@ def adapters(**scripts):
 
 def states(engine, run_id):
     with engine.connect() as conn:
-        return Counter(dict(conn.execute(sa.select(O.c.state, sa.func.count()).where(O.c.run_id == run_id)
-                                         .group_by(O.c.state)).all()))
+        return Counter(dict(conn.execute(sa.select(OB.c.state, sa.func.count()).where(OB.c.run_id == run_id)
+                                         .group_by(OB.c.state)).all()))
 
 
 def run_status(engine, run_id):
@@ -73,7 +72,7 @@ def test_every_message_is_sent_exactly_once_and_rerun_sends_nothing(engine):
     assert len(sent) == len(set(sent)) == 300
     assert states(engine, run_id) == {"sent": 300}
     with engine.connect() as conn:
-        row = conn.execute(sa.select(O).limit(1)).mappings().one()
+        row = conn.execute(sa.select(OB).limit(1)).mappings().one()
         counts = json.loads(conn.execute(sa.select(R.c.counts).where(R.c.id == run_id)).scalar())
     assert row["provider_message_id"] == f"email-{row['message_id']}" and row["sent_at"] is not None
     assert row["reason"].startswith("sent via email (preference #1") and counts == {"sent": 300}
@@ -109,8 +108,8 @@ def test_transient_faults_and_429s_are_retried_until_accepted_once(engine):
     assert rep.outcomes["throttled"] == faults["429"] and rep.outcomes["retry"] == faults["5xx"]
     with engine.connect() as conn:
         # Throttling does not use up the retry allowance; 5xx do.
-        tf = conn.execute(sa.select(sa.func.sum(O.c.transient_failures))).scalar()
-        attempts = conn.execute(sa.select(sa.func.sum(O.c.attempts))).scalar()
+        tf = conn.execute(sa.select(sa.func.sum(OB.c.transient_failures))).scalar()
+        attempts = conn.execute(sa.select(sa.func.sum(OB.c.attempts))).scalar()
     assert tf == faults["5xx"] and attempts == 300 + faults["5xx"] + faults["429"]
 
 
@@ -127,7 +126,8 @@ def test_retry_after_is_honoured_and_retries_are_bounded(engine):
                      policy=NOPOLICY).dispatch(run_id2)
     assert states(engine, run_id2) == {"failed": 2}
     with engine.connect() as conn:
-        assert set(conn.execute(sa.select(O.c.reason_code).where(O.c.run_id == run_id2)).scalars()) == {"retries_exhausted"}
+        reasons = set(conn.execute(sa.select(OB.c.reason_code).where(OB.c.run_id == run_id2)).scalars())
+        assert reasons == {"retries_exhausted"}
 
 
 def test_unregistered_token_falls_back_to_email_and_invalidates_the_device(engine):
@@ -137,7 +137,7 @@ def test_unregistered_token_falls_back_to_email_and_invalidates_the_device(engin
     assert rep.outcomes["fallback"] == 20 and len(ad["email"].accepted) == 20 and not ad["push"].accepted
     assert states(engine, run_id) == {"sent": 20}
     with engine.connect() as conn:
-        row = conn.execute(sa.select(O).limit(1)).mappings().one()
+        row = conn.execute(sa.select(OB).limit(1)).mappings().one()
         dead = conn.execute(sa.select(sa.func.count()).where(Device.__table__.c.invalidated_at.is_not(None))).scalar()
     assert row["channel"] == "email" and row["attempts"] == 2
     assert "fallback because push failed permanently (unregistered_token" in row["reason"]
@@ -183,7 +183,7 @@ def test_configuration_error_stops_the_run_and_returns_rows_to_planned(engine):
     status, reason = run_status(engine, run_id)
     assert status == "paused" and "configuration error" in reason
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.max(O.c.attempts))).scalar() == 0
+        assert conn.execute(sa.select(sa.func.max(OB.c.attempts))).scalar() == 0
     # A channel without an adapter is a configuration error too, raised before any send.
     with pytest.raises(ConfigurationError, match="no adapter"):
         Dispatcher(engine, {}, config=FAST, policy=NOPOLICY).dispatch(run_id, resume=True)
@@ -193,7 +193,7 @@ def test_configuration_error_stops_the_run_and_returns_rows_to_planned(engine):
 def test_pre_send_checks_honour_late_unsubscribes_and_quiet_hours(engine, clock):
     run_id = plan(engine, 3, preferred="sms,email", now=clock())  # 12:00 Taipei
     with engine.begin() as conn:
-        a, b, c = conn.execute(sa.select(O.c.member_id).order_by(O.c.member_id)).scalars().all()
+        a, b, c = conn.execute(sa.select(OB.c.member_id).order_by(OB.c.member_id)).scalars().all()
         t = clock.advance(hours=1)  # revoked after planning
         record_consents(conn, [ConsentStatement(a, "sms", "marketing", False, "sms_stop", t),
                                ConsentStatement(b, "sms", "marketing", False, "sms_stop", t),
@@ -201,7 +201,7 @@ def test_pre_send_checks_honour_late_unsubscribes_and_quiet_hours(engine, clock)
     clock.set(datetime(2026, 11, 23, 14, tzinfo=UTC))  # 22:00 Taipei
     ad = adapters()
     Dispatcher(engine, ad, config=FAST, policy=PolicySettings(marketing_cap=None), clock=clock).dispatch(run_id)
-    by = {r["member_id"]: r for r in (dict(x) for x in engine.connect().execute(sa.select(O)).mappings())}
+    by = {r["member_id"]: r for r in (dict(x) for x in engine.connect().execute(sa.select(OB)).mappings())}
     assert by[a]["state"] == "sent" and by[a]["channel"] == "email"  # sms revoked -> email, no quiet hours for email
     assert by[b]["state"] == "skipped" and by[b]["reason_code"] == "no_consent"
     assert by[c]["state"] == "deferred" and by[c]["reason_code"] == "quiet_hours"
@@ -213,12 +213,12 @@ def test_stale_sending_rows_become_unknown_and_are_reconciled(engine):
     run_t = plan(engine, 1, name="receipt", purpose=Purpose.TRANSACTIONAL)
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        conn.execute(sa.update(O).values(state="sending", claimed_by="dead:1", claimed_at=now - timedelta(hours=2),
+        conn.execute(sa.update(OB).values(state="sending", claimed_by="dead:1", claimed_at=now - timedelta(hours=2),
                                          attempt_started_at=now - timedelta(hours=2)))
-        ids = conn.execute(sa.select(O.c.message_id).where(O.c.run_id == run_id).order_by(O.c.id)).scalars().all()
+        ids = conn.execute(sa.select(OB.c.message_id).where(OB.c.run_id == run_id).order_by(OB.c.id)).scalars().all()
     assert recover_stale(engine, lease=timedelta(minutes=5)).unknown == 5
     with engine.connect() as conn:
-        assert "dead:1" in conn.execute(sa.select(O.c.reason).limit(1)).scalar()
+        assert "dead:1" in conn.execute(sa.select(OB.c.reason).limit(1)).scalar()
     # Webhook event for one, provider record for another; the rest are past the grace period.
     with engine.begin() as conn:
         assert mark_sent_from_event(conn, ids[0], provider_message_id="sg-1", source="sendgrid delivered")
@@ -227,7 +227,7 @@ def test_stale_sending_rows_become_unknown_and_are_reconciled(engine):
     assert states(engine, run_id) == {"sent": 2, "unknown": 2}
     assert states(engine, run_t) == {"planned": 1}  # transactional: resent
     with engine.connect() as conn:
-        reasons = set(conn.execute(sa.select(O.c.reason_code).where(O.c.state == "unknown")).scalars())
+        reasons = set(conn.execute(sa.select(OB.c.reason_code).where(OB.c.state == "unknown")).scalars())
     assert reasons == {"unknown_not_resent"}
     # A dispatcher never resends unknown rows.
     ad = adapters()
@@ -318,13 +318,13 @@ def test_sigkilled_dispatcher_never_duplicates_and_leaves_no_row_unaccounted(sql
     # Every acceptance the provider recorded is in the ledger as sent; nothing was lost.
     assert st["sent"] == len(keys) == n - st["unknown"]
     with engine.connect() as conn:
-        assert all(conn.execute(sa.select(O.c.reason).where(O.c.state == "unknown")).scalars())
+        assert all(conn.execute(sa.select(OB.c.reason).where(OB.c.state == "unknown")).scalars())
         # Only rows whose provider call had begun can be unknown (at most one per worker thread per kill);
         # claimed rows still waiting for a worker were never attempted and were sent after the crash.
         unknown_unattempted = conn.execute(sa.select(sa.func.count()).where(
-            O.c.state == "unknown", O.c.attempt_started_at.is_(None))).scalar_one()
+            OB.c.state == "unknown", OB.c.attempt_started_at.is_(None))).scalar_one()
         resent = conn.execute(sa.select(sa.func.count()).where(
-            O.c.state == "sent", O.c.reason.like("%stopped before the provider call, sent again%"))).scalar_one()
+            OB.c.state == "sent", OB.c.reason.like("%stopped before the provider call, sent again%"))).scalar_one()
     assert unknown_unattempted == 0
     assert st["unknown"] <= kills * 6
     assert resent > 0

@@ -18,8 +18,8 @@ import pytest
 
 from membercare.db import make_engine
 from membercare.delivery.dispatcher import DispatchConfig
-from membercare.delivery.pool import DispatchProcessError, dispatch_processes, merge_reports, split_rates
 from membercare.delivery.policies import save_policy
+from membercare.delivery.pool import DispatchProcessError, dispatch_processes, merge_reports, split_rates
 from membercare.delivery.reconcile import StaticRecords, reconcile_unknown, recover_stale
 from membercare.errors import ConfigurationError, InputError
 from sandbox_fixtures import *  # noqa: F403

@@ -20,15 +20,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
-
-from sandbox_fixtures import *  # noqa: F403
-from sandbox_fixtures import TWILIO_TOKEN, env_for
 
 from fakes import seed_members, simple_renderer
 from membercare.consent import current_consents
@@ -39,11 +36,12 @@ from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.engagement.models import EngagementEventRow
 from membercare.links import LinkSigner
-from membercare.models import Channel, Member, Order, Purpose
+from membercare.models import Channel, Order, Purpose
 from membercare.receiver import ReceiverConfig, create_app
+from sandbox_fixtures import *  # noqa: F403
+from sandbox_fixtures import TWILIO_TOKEN, env_for
 
-UTC = timezone.utc
-O, E = OutboxMessage.__table__, EngagementEventRow.__table__
+OB, E = OutboxMessage.__table__, EngagementEventRow.__table__
 SECRET = "e2e-link-secret-0123456789abcdef"
 PUSH_SECRET = "e2e-push-tracking-secret"
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
@@ -73,7 +71,7 @@ class Receiver:
                                                     log_level="warning", access_log=False, lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, name="receiver", daemon=True)
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -144,7 +142,7 @@ def test_engagement_lands_once_opt_outs_stick_and_the_report_shows_it(sandbox, s
             spec = PlanSpec("autumn_sale", as_of.date().isoformat(), Purpose.MARKETING, ALL)
             run1 = plan_run(engine, spec, [members], as_of, render, policy=NOPOLICY).run_id
             with engine.connect() as c:
-                plan = {r.member_id: r for r in c.execute(sa.select(O).where(O.c.run_id == run1))}
+                plan = {r.member_id: r for r in c.execute(sa.select(OB).where(OB.c.run_id == run1))}
             assert {m: plan[m].channel for m in members} == {
                 **{m: "email" for m in email_first}, **{m: "sms" for m in sms_first}, **{m: "push" for m in push_first}}
             # Everyone engages; the stopper replies STOP to their SMS.
@@ -184,7 +182,7 @@ def test_engagement_lands_once_opt_outs_stick_and_the_report_shows_it(sandbox, s
             with engine.connect() as c:
                 from membercare.delivery.models import decode_contents
 
-                blob = c.execute(sa.select(O.c.content).where(O.c.message_id == plan[one_clicker].message_id)
+                blob = c.execute(sa.select(OB.c.content).where(OB.c.message_id == plan[one_clicker].message_id)
                                  ).scalar_one()
             header = decode_contents(blob)["email"].headers["List-Unsubscribe"]
             url = header.strip("<>")
@@ -220,7 +218,7 @@ def test_engagement_lands_once_opt_outs_stick_and_the_report_shows_it(sandbox, s
             Dispatcher(engine, adapters, config=FAST, policy=NOPOLICY).dispatch(run2)
             wait_for_quiet(sandbox, engine)
             with engine.connect() as c:
-                second = {r.member_id: r for r in c.execute(sa.select(O).where(O.c.run_id == run2))}
+                second = {r.member_id: r for r in c.execute(sa.select(OB).where(OB.c.run_id == run2))}
             assert second[stopper].channel == "email" and second[stopper].state == "sent"
             assert second[one_clicker].channel == "sms" and second[one_clicker].state == "sent"
             # What the providers actually received for the second campaign: one message per member, the
@@ -272,8 +270,8 @@ def test_provider_events_settle_unknown_outbox_rows(engine):
     spec = PlanSpec("reconcile_me", "1", Purpose.MARKETING, (Channel.EMAIL,))
     run = plan_run(engine, spec, [[member]], as_of, simple_renderer, policy=NOPOLICY).run_id
     with engine.begin() as c:
-        mid = c.execute(sa.select(O.c.message_id).where(O.c.run_id == run)).scalar_one()
-        c.execute(sa.update(O).where(O.c.message_id == mid).values(state="unknown", attempts=1,
+        mid = c.execute(sa.select(OB.c.message_id).where(OB.c.run_id == run)).scalar_one()
+        c.execute(sa.update(OB).where(OB.c.message_id == mid).values(state="unknown", attempts=1,
                                                                     reason_code="in_flight_at_crash"))
 
     def event(kind, key, provider="sendgrid", at=None):
@@ -282,8 +280,8 @@ def test_provider_events_settle_unknown_outbox_rows(engine):
 
     def row():
         with engine.connect() as c:
-            return c.execute(sa.select(O.c.state, O.c.reason_code, O.c.provider_message_id, O.c.sent_at)
-                             .where(O.c.message_id == mid)).one()
+            return c.execute(sa.select(OB.c.state, OB.c.reason_code, OB.c.provider_message_id, OB.c.sent_at)
+                             .where(OB.c.message_id == mid)).one()
 
     assert ingest_events(engine, [event("rejected", "sg:r1")]).settled == 0
     assert ingest_events(engine, [event("unsubscribed", "mc:1", provider="membercare")]).settled == 0

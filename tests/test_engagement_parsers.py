@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from channels.push_events import parse_push_body
-from channels.sendgrid_events import parse_sendgrid_body, provider_message_id
-from channels.twilio_events import classify_inbound, parse_inbound, parse_status_callback, twilio_handles_reply
+from channels.fcm.events import parse_push_body
+from channels.sendgrid.events import parse_sendgrid_body, provider_message_id
+from channels.twilio.events import classify_inbound, parse_inbound, parse_status_callback, twilio_handles_reply
 from membercare.engagement.events import BounceClass, EventKind, InboundCommand, MalformedPayload
 
 TS = 1_763_900_000  # 2025-11-23T12:13:20Z

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from channels.push_events import parse_push_body
-from channels.sendgrid_events import parse_sendgrid_body
-from channels.twilio_events import parse_inbound, parse_status_callback
+from channels.fcm.events import parse_push_body
+from channels.sendgrid.events import parse_sendgrid_body
+from channels.twilio.events import parse_inbound, parse_status_callback
 from membercare.consent import ConsentStatement, current_consents, record_consents
 from membercare.delivery.models import CampaignRun, OutboxMessage, Suppression, address_hash
 from membercare.engagement.events import EngagementEvent, EventKind, Provider
@@ -145,7 +145,8 @@ def test_stop_revokes_sms_marketing_with_history_and_start_restores(engine):
     with engine.connect() as conn:
         assert current_consents(conn, ids["ann"])[("sms", "marketing")] is False
         assert current_consents(conn, ids["ann"])[("email", "marketing")] is True
-        src = conn.execute(sa.select(ev.c.source, ev.c.detail).where(ev.c.member_id == ids["ann"], ev.c.channel == "sms")
+        src = conn.execute(sa.select(ev.c.source, ev.c.detail)
+                           .where(ev.c.member_id == ids["ann"], ev.c.channel == "sms")
                            .order_by(ev.c.occurred_at.desc())).first()
     assert src.source == "sms_stop" and "inbound:SM1" in src.detail
     # The same webhook again: stored once, no second history row.

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
+import test_flows
 from sandbox_fixtures import *  # noqa: F403
-from test_flows import flow_env, shop_db  # noqa: F401 - fixtures
 
-pytestmark = [pytest.mark.prefect]
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]  # two dispatcher processes under a Prefect flow
+# The flow tests' fixtures, bound here so that pytest finds them in this module.
+flow_env, shop_db = test_flows.flow_env, test_flows.shop_db
 
 
 def test_run_campaign_with_two_dispatcher_processes_sends_once(flow_env, prefect_harness, sandbox):

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
+from membercare.delivery.models import OutboxMessage
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
-from membercare.delivery.models import OutboxMessage
-
 pytestmark = [pytest.mark.prefect]
-UTC = timezone.utc
-O = OutboxMessage.__table__
+OB = OutboxMessage.__table__
 SECRET = "flow-test-secret-" + "y" * 24
 
 
@@ -131,9 +128,11 @@ def test_run_campaign_flow_sends_once_and_leaves_artifacts(flow_env, prefect_har
     # The settled share of the messages meant to be sent. What is still waiting depends on the hour the flow
     # ran at (SMS and push wait out quiet hours, 21:00-09:00 in the member's zone; email never does), so the
     # expectation is read from the run's ledger rather than assumed.
-    with sa.create_engine(flow_env["MEMBERCARE_DATABASE_URL"]).connect() as conn:
-        states = conn.execute(sa.select(O.c.state, O.c.reason_code, O.c.channel)
-                              .where(O.c.run_id == first["run_id"])).all()
+    engine = sa.create_engine(flow_env["MEMBERCARE_DATABASE_URL"])
+    with engine.connect() as conn:
+        states = conn.execute(sa.select(OB.c.state, OB.c.reason_code, OB.c.channel)
+                              .where(OB.c.run_id == first["run_id"])).all()
+    engine.dispose()
     waiting = [s for s in states if s.state in ("planned", "deferred", "sending")]
     assert all(s.state == "deferred" and s.reason_code == "quiet_hours" and s.channel != "email" for s in waiting)
     meant = [s for s in states if s.state not in ("skipped", "suppressed")]
@@ -171,8 +170,8 @@ def test_dispatch_due_flow_sends_rows_planned_earlier(flow_env, prefect_harness,
     out = dispatch_due()
     assert out["sent"] >= waiting > 0
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).where(O.c.run_id == res.summary.run_id,
-                                                              O.c.state == "planned")).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).where(OB.c.run_id == res.summary.run_id,
+                                                              OB.c.state == "planned")).scalar_one() == 0
 
 
 def test_trigger_message_flow(flow_env, prefect_harness, sandbox, shop_db):
@@ -221,7 +220,8 @@ def test_shared_rate_limit_paces_threads_across_the_global_limit(prefect_harness
     limiter = found["sms"]
     n_threads, per_thread = 3, 14
     t0 = time.monotonic()
-    threads = [threading.Thread(target=lambda: [limiter.acquire() for _ in range(per_thread)]) for _ in range(n_threads)]
+    threads = [threading.Thread(target=lambda: [limiter.acquire() for _ in range(per_thread)])
+               for _ in range(n_threads)]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,6 +1,6 @@
 """Unsubscribe/complaint rates by weekly message count, and the evidence-based cap."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -13,7 +13,6 @@ from membercare.optimise.frequency import (
     week_start,
 )
 
-UTC = timezone.utc
 MON = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
 
 

@@ -69,12 +69,15 @@ def _png_stats(path: Path) -> tuple[int, int, int]:
     return width, height, len(rows)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium) - gallery not rendered")
+@pytest.mark.slow  # starts a headless browser
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="chromium is not installed (apt-get install chromium) - gallery not rendered")
 def test_gallery_renders_in_headless_chromium(gallery, tmp_path):
     shot = tmp_path / "gallery.png"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000", "--hide-scrollbars", "--virtual-time-budget=10000",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000", "--hide-scrollbars",
+           "--virtual-time-budget=10000",
            f"--screenshot={shot}", gallery.as_uri()]
     subprocess.run(cmd, capture_output=True, timeout=120, check=False)
     assert shot.is_file(), "chromium wrote no screenshot"

@@ -6,7 +6,7 @@ import re
 import shutil
 import sqlite3
 from collections import Counter, defaultdict
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import phonenumbers
 import pytest
@@ -20,7 +20,7 @@ from membercare.errors import InputError
 from membercare.generator import SHOP_TABLES, clear_shop, default_as_of, generate_shop
 from membercare.models import PURCHASE_STATUSES, Consent, ConsentEvent, Member
 
-AS_OF = datetime(2026, 3, 10, 16, 0, tzinfo=timezone.utc)  # 2026-03-11 00:00 in Taipei
+AS_OF = datetime(2026, 3, 10, 16, 0, tzinfo=UTC)  # 2026-03-11 00:00 in Taipei
 TODAY = date(2026, 3, 11)
 N = 5000
 
@@ -38,7 +38,7 @@ def _dump(path: str) -> dict[str, list[tuple]]:
 
 
 def _ts(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,8 @@ def test_joined_over_three_years_with_a_fresh_cohort(shop):
 def _purchases(shop) -> dict[int, list[datetime]]:
     out = defaultdict(list)
     statuses = ",".join(f"'{s}'" for s in PURCHASE_STATUSES)
-    for r in _q(shop, f"SELECT member_id, placed_at FROM orders WHERE status IN ({statuses}) ORDER BY member_id, placed_at"):
+    for r in _q(shop, f"SELECT member_id, placed_at FROM orders WHERE status IN ({statuses}) "
+                      "ORDER BY member_id, placed_at"):
         out[r[0]].append(_ts(r[1]))
     return out
 
@@ -205,7 +206,8 @@ def test_buy_till_you_die_mix_of_one_timers_repeaters_and_churned(shop):
 
 
 def test_orders_statuses_delivery_and_totals(shop):
-    rows = _q(shop, "SELECT id, member_id, placed_at, status, total_minor, currency, delivered_at, updated_at FROM orders")
+    rows = _q(shop, "SELECT id, member_id, placed_at, status, total_minor, currency, delivered_at, updated_at "
+                    "FROM orders")
     status = Counter(r["status"] for r in rows)
     bad = (status["cancelled"] + status["refunded"]) / len(rows)
     assert 0.02 < bad < 0.08 and status["cancelled"] and status["refunded"]
@@ -432,8 +434,8 @@ def test_consent_rows_equal_what_record_consents_produces(sqlite_engine, tmp_pat
     other = make_engine(f"sqlite:///{_fresh(sqlite_template, tmp_path)}")
     with other.begin() as c:
         c.execute(m.insert(), members)
-        new = record_consents(c, [ConsentStatement(e["member_id"], e["channel"], e["purpose"], e["granted"], e["source"],
-                                                   e["occurred_at"], e["detail"]) for e in events])
+        new = record_consents(c, [ConsentStatement(e["member_id"], e["channel"], e["purpose"], e["granted"],
+                                                   e["source"], e["occurred_at"], e["detail"]) for e in events])
         assert new == len(events)
         want = {tuple(r[k] for k in ("member_id", "channel", "purpose", "granted", "source", "changed_at"))
                 for r in c.execute(sa.select(cur)).mappings()}

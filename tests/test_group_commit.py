@@ -10,8 +10,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from channels.twilio_events import parse_status_callback
-from channels.twilio_webhooks import twilio_signature
+from channels.twilio.events import parse_status_callback
+from channels.twilio.webhooks import twilio_signature
 from membercare.engagement.models import EngagementEventRow
 from membercare.receiver import ReceiverConfig, create_app
 from membercare.receiver import group_commit as gc
@@ -38,7 +38,8 @@ async def post_all(app, params: list[tuple[dict, str]]) -> list[int]:
         async def post(p: dict, query: str) -> int:
             url = f"{PUBLIC}/webhooks/twilio/status?{query}"
             r = await client.post(f"/webhooks/twilio/status?{query}", content=urlencode(p), headers={
-                "Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": twilio_signature(TOKEN, url, p)})
+                "Content-Type": "application/x-www-form-urlencoded",
+                "X-Twilio-Signature": twilio_signature(TOKEN, url, p)})
             return r.status_code
         return await asyncio.gather(*(post(p, q) for p, q in params))
 

@@ -39,6 +39,7 @@ def _report(engine):
                                               attribution=AttributionSettings(window=WINDOW)))
 
 
+@pytest.mark.slow  # the whole 64,000-row file, loaded and reported on each backend
 def test_full_file_through_the_ordinary_report_gives_the_published_lift(engine):
     summary = load_hillstrom_rows(engine, FILE)
     assert (summary.rows, summary.loaded, summary.rejected) == (64_000, 64_000, [])
@@ -173,6 +174,7 @@ def test_a_file_that_is_not_hillstrom_is_refused(engine, tmp_path):
 ENTRY = "import sys, membercare.cli as c, membercare.cli.experiments; c.main(sys.argv[1:])"
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_cli_load_lists_rejects_and_report_prints_json(sqlite_url, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERCARE_")}
     env.update(MEMBERCARE_HOME=str(tmp_path / "home"), COLUMNS="200")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,6 @@ from membercare.models import (
     Product,
 )
 
-UTC = timezone.utc
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
 SETTINGS = Settings(shop_timezone="Asia/Taipei", shop_locale="zh-TW", shop_currency="TWD", shop_country="TW")
@@ -136,7 +135,8 @@ def test_example_files_import_with_canonical_values(engine, fixtures):
 
         c = {r.code: r for r in conn.execute(sa.select(Coupon.__table__))}
         assert c["WELCOME-M0001"].redeemed_order_id == o["SO-1001"].id
-        assert (c["BDAY-M0002"].kind, c["BDAY-M0002"].percent_off, c["BDAY-M0002"].amount_minor) == ("percent", 15, None)
+        bday = c["BDAY-M0002"]
+        assert (bday.kind, bday.percent_off, bday.amount_minor) == ("percent", 15, None)
         assert c["VIP-M0003"].min_spend_minor == 500000
         d = conn.execute(sa.select(Device.__table__).where(Device.token.like("fcm-token-b%"))).one()
         assert d.invalidated_at == datetime(2024, 2, 1, tzinfo=UTC) and d.invalid_reason == "unregistered"
@@ -395,7 +395,7 @@ def test_file_level_problems_are_input_errors(engine, tmp_path):
     r = imp(engine, "members", write_csv(tmp_path / "c.csv", ["Member ID", "Name", "Joined At", "notes"],
                                          [["M1", "x", "2024-01-01", "vip"]]), allow_extra_columns=True)
     assert r.inserted == 1
-    (tmp_path / "big5.csv").write_bytes("member_id,name,joined_at\nM2,".encode() + "陳".encode("big5") + b",2024-01-01\n")
+    (tmp_path / "big5.csv").write_bytes(b"member_id,name,joined_at\nM2," + "陳".encode("big5") + b",2024-01-01\n")
     with pytest.raises(InputError, match="not UTF-8"):
         imp(engine, "members", tmp_path / "big5.csv")
     (tmp_path / "empty.csv").write_bytes(b"")
@@ -510,6 +510,7 @@ def test_sigkill_mid_file_leaves_whole_batches_and_rerun_completes(sqlite_url, t
         engine.dispose()
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_cli_exit_codes_and_summary(sqlite_url, tmp_path):
     good = tmp_path / "members.csv"
     shutil.copyfile(FIXTURES / "members.csv", good)

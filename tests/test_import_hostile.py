@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from test_import import MEMBER_HEADER, ORDER_HEADER, SETTINGS, _cli, imp, member_row, read_rejects, write_csv
 
 from membercare import validation as v
 from membercare.db import make_engine
 from membercare.errors import InputError
 from membercare.importer import MAX_RECORD_CHARS, ImportDatabaseError, spreadsheet_cell
 from membercare.models import ConsentEvent, ImportRun, Member, Order, OrderLine
+from test_import import MEMBER_HEADER, ORDER_HEADER, SETTINGS, _cli, imp, member_row, read_rejects, write_csv
 
 LEAN = "member_id,name,email,phone,joined_at"
 

@@ -118,7 +118,8 @@ def test_hillstrom_fixture_is_the_full_experiment(hillstrom):
 def test_hillstrom_mens_email_lift(hillstrom):
     r = hillstrom_lift(hillstrom, "Mens E-Mail", "No E-Mail")
     visit = r["visit"]
-    assert (visit.treated_successes, visit.treated_n, visit.control_successes, visit.control_n) == (3894, 21307, 2262, 21306)
+    assert (visit.treated_successes, visit.treated_n) == (3894, 21307)
+    assert (visit.control_successes, visit.control_n) == (2262, 21306)
     assert round(100 * visit.absolute_lift, 2) == 7.66
     # Newcombe 95 % interval: +7.00 to +8.32 points; the Wald interval agrees to 0.01 point at this size.
     assert (round(100 * visit.absolute_lift_ci[0], 2), round(100 * visit.absolute_lift_ci[1], 2)) == (7.00, 8.32)

@@ -1,6 +1,6 @@
 """Model constraints and the consent history/current-state invariant, on SQLite and PostgreSQL."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 from membercare.consent import ConsentStatement, current_consents, record_consents
 from membercare.models import Consent, ConsentEvent, Coupon, Member, Order, Tier
 
-T0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
 def _member(session: Session, ext: str = "M1", **kw) -> Member:
@@ -39,7 +39,7 @@ def test_timestamps_round_trip_as_aware_utc(engine):
         mid = m.id
     with Session(engine) as s:
         got = s.get(Member, mid)
-        assert got.joined_at == datetime(2026, 3, 1, 0, 30, tzinfo=timezone.utc)
+        assert got.joined_at == datetime(2026, 3, 1, 0, 30, tzinfo=UTC)
         assert got.joined_at.utcoffset() == timedelta(0)
         assert got.birthday == date(2000, 2, 29)
 

@@ -14,7 +14,7 @@ import json
 import pickle
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -37,9 +37,8 @@ from membercare.optimise import assignment, send_time, variants
 from membercare.optimise import history as opt_history
 from membercare.optimise import hooks as plan_hooks
 
-UTC = timezone.utc
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 Asia/Taipei
-O, R, E = OutboxMessage.__table__, CampaignRun.__table__, EngagementEventRow.__table__
+OB, R, E = OutboxMessage.__table__, CampaignRun.__table__, EngagementEventRow.__table__
 _seq = itertools.count(1)
 
 
@@ -82,7 +81,7 @@ def add_sent(conn, run_id: int, campaign: str, occurrence: str, member_id: int, 
              variant: str | None = None, sent_at: datetime, clicked_at: datetime | None = None,
              opened_at: datetime | None = None) -> str:
     mid = uuid.uuid4().hex
-    conn.execute(O.insert().values(
+    conn.execute(OB.insert().values(
         message_id=mid, run_id=run_id, campaign=campaign, occurrence=occurrence, member_id=member_id,
         idempotency_key=f"{campaign}|{occurrence}|{member_id}|{mid[:6]}", variant=variant, purpose="marketing",
         priority=50, channel=channel, fallback_channels="", content=None, state="sent", reason_code="routed",
@@ -120,7 +119,8 @@ def test_first_occurrence_is_uniform_stored_and_stable(engine):
     again = variants.allocation_for(engine, "promo", "2026-09", T1, TEST)
     assert again == alloc
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(variants.VariantAllocation.__table__)).scalar_one() == 1
+        allocations = sa.select(sa.func.count()).select_from(variants.VariantAllocation.__table__)
+        assert conn.execute(allocations).scalar_one() == 1
 
 
 def test_shares_shift_toward_the_better_variant_and_stay_fixed_for_the_occurrence(engine):
@@ -180,7 +180,7 @@ def test_assigner_order_and_rerun_stability():
     assert 0.04 < c[GLOBAL_CONTROL] / 20_000 < 0.06
     assert 0.08 < c[HOLDOUT] / 20_000 < 0.11  # 10 % of the 95 % outside the control group
     assert 0.6 < c["b"] / (c["a"] + c["b"]) < 0.8
-    for m, v in zip(range(1, 20_001), got):
+    for m, v in zip(range(1, 20_001), got, strict=True):
         if assignment.in_global_control(m, "2026", 0.05):
             assert v == GLOBAL_CONTROL
         elif assignment.in_holdout(m, "promo", 0.1):
@@ -320,8 +320,8 @@ def test_global_control_excludes_members_from_marketing_only(shop, tmp_path):
     audience = resolve_audience(shop, marketing)
     plan_group(shop, marketing, audience.entries)
     with shop.connect() as conn:
-        rows = conn.execute(sa.select(O.c.member_id, O.c.state, O.c.reason_code, O.c.content, O.c.variant)
-                            .where(O.c.campaign == "vip_appreciation")).all()
+        rows = conn.execute(sa.select(OB.c.member_id, OB.c.state, OB.c.reason_code, OB.c.content, OB.c.variant)
+                            .where(OB.c.campaign == "vip_appreciation")).all()
     control = {r.member_id for r in rows if r.reason_code == "global_control"}
     assert control == expected
     assert all(r.state == "skipped" and r.content is None and r.variant == GLOBAL_CONTROL
@@ -345,8 +345,8 @@ def test_variant_campaign_end_to_end_through_plan_group(shop, tmp_path):
     plan_group(shop, prepared, audience.entries[half:])  # a second group reuses the stored shares
     plan_group(shop, prepared, audience.entries)  # a rerun adds nothing
     with shop.connect() as conn:
-        rows = conn.execute(sa.select(O.c.member_id, O.c.variant, O.c.channel, O.c.content, O.c.state)
-                            .where(O.c.campaign == "churn_winback")).all()
+        rows = conn.execute(sa.select(OB.c.member_id, OB.c.variant, OB.c.channel, OB.c.content, OB.c.state)
+                            .where(OB.c.campaign == "churn_winback")).all()
         alloc = variants.stored_allocation(conn, "churn_winback", prepared.occurrence)
     assert len(rows) == len(ids) and alloc.shares == {"a": 0.5, "b": 0.5}
     by_variant = Counter(r.variant for r in rows)
@@ -381,8 +381,8 @@ def test_best_hour_campaign_defers_rows_with_reason_send_time(shop, tmp_path, mo
     plan_group(shop, prepared, audience.entries)
     with shop.connect() as conn:
         m = Member.__table__
-        rows = conn.execute(sa.select(O.c.state, O.c.reason_code, O.c.next_attempt_at, O.c.channel, m.c.timezone)
-                            .join(m, m.c.id == O.c.member_id).where(O.c.campaign == "vip_appreciation")).all()
+        rows = conn.execute(sa.select(OB.c.state, OB.c.reason_code, OB.c.next_attempt_at, OB.c.channel, m.c.timezone)
+                            .join(m, m.c.id == OB.c.member_id).where(OB.c.campaign == "vip_appreciation")).all()
     deferred = [r for r in rows if r.reason_code == "send_time"]
     assert deferred, Counter(r.reason_code for r in rows)
     for r in deferred:
@@ -409,7 +409,7 @@ def test_dry_run_uses_the_same_hooks_and_stores_no_allocation(shop, tmp_path):
     assert rep.by_reason.get("holdout", 0) > 0
     with shop.connect() as conn:
         assert variants.stored_allocation(conn, "churn_winback", prepared.occurrence) is None
-        assert conn.execute(sa.select(sa.func.count()).select_from(O)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(OB)).scalar_one() == 0
 
 
 def test_conversion_goal_counts_messages_credited_by_last_touch(engine):

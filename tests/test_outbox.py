@@ -1,10 +1,11 @@
 """Planning writes the outbox ledger: idempotent per occurrence, a reason for everyone, caps across campaigns."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from clock import FROZEN_NOW
 from fakes import seed_members, simple_renderer
 from membercare.consent import ConsentStatement, record_consents
 from membercare.delivery.contract import EmailContent, SmsContent
@@ -14,11 +15,8 @@ from membercare.delivery.policies import PolicySettings
 from membercare.errors import InputError
 from membercare.models import Channel, Purpose
 
-from clock import FROZEN_NOW
-
-UTC = timezone.utc
 NOON_TPE = FROZEN_NOW  # 12:00 in Taipei: outside quiet hours; members are seeded at the same instant
-O = OutboxMessage.__table__
+OB = OutboxMessage.__table__
 
 
 def spec(name="welcome", occ="2026-11-23", purpose=Purpose.MARKETING, channels=("email", "sms", "push"), priority=0):
@@ -27,9 +25,9 @@ def spec(name="welcome", occ="2026-11-23", purpose=Purpose.MARKETING, channels=(
 
 def rows(engine, **where):
     with engine.connect() as conn:
-        q = sa.select(O).order_by(O.c.id)
+        q = sa.select(OB).order_by(OB.c.id)
         for k, v in where.items():
-            q = q.where(O.c[k] == v)
+            q = q.where(OB.c[k] == v)
         return [dict(r) for r in conn.execute(q).mappings()]
 
 
@@ -107,7 +105,7 @@ def test_frequency_cap_and_priority_preemption_across_campaigns(engine):
     assert len(preempted) == 3 and all("vip" in r["reason"] for r in preempted)
     # Sent messages are never preempted: mark everything active as sent; another VIP campaign is capped.
     with engine.begin() as conn:
-        conn.execute(sa.update(O).where(O.c.state == "planned").values(state="sent"))
+        conn.execute(sa.update(OB).where(OB.c.state == "planned").values(state="sent"))
     plan_run(engine, spec("vip2", priority=99), [ids], NOON_TPE, simple_renderer, policy=policy)
     assert {r["reason_code"] for r in rows(engine, campaign="vip2")} == {"frequency_cap"}
     # Transactional messages bypass marketing caps (but still need transactional consent).
@@ -151,8 +149,8 @@ def test_unknown_member_and_bad_names_are_input_errors(engine):
 
 def test_prefer_hook_reorders_channels_but_routing_still_checks_consent(engine):
     with engine.begin() as conn:
-        a, b = seed_members(conn, 2, preferred="email,sms,push", consent=(("email", "marketing"), ("push", "marketing")),
-                            now=NOON_TPE)
+        a, b = seed_members(conn, 2, preferred="email,sms,push",
+                            consent=(("email", "marketing"), ("push", "marketing")), now=NOON_TPE)
     # A strategy asks for SMS first; member a has no SMS consent, so routing falls to the next allowed one.
     prefer = {a: ["sms", "push", "email"], b: None}
     plan_run(engine, spec(), [[a, b]], NOON_TPE, simple_renderer, prefer=lambda ctx, rc: prefer[rc.member_id])

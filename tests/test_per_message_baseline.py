@@ -6,19 +6,16 @@ exactly once per member, and its measurement wrapper must report failures instea
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from prefect_fixtures import prefect_harness  # noqa: F401 - session fixture
+from membercare.delivery.models import OutboxMessage
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
-from membercare.delivery.models import OutboxMessage
-
-UTC = timezone.utc
-O = OutboxMessage.__table__
+OB = OutboxMessage.__table__
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
 CAMPAIGN = "churn_winback"  # email, push and SMS, with an offer coupon issued per member
 SECRET = "baseline-test-secret-" + "q" * 24
@@ -138,6 +135,7 @@ def test_audience_is_the_segment_or_the_given_members_cut_to_the_limit(baseline_
 # ---------------------------------------------------------------------------------------------------- flow
 
 
+@pytest.mark.slow  # the benchmark's baseline flow under the Prefect harness, on both backends
 @pytest.mark.prefect
 def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends_nothing(
         baseline_env, prefect_harness, sandbox, shop_url):
@@ -163,8 +161,8 @@ def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends
     # The ledger records each send with the provider's id.
     engine = make_engine(shop_url)
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(O.c.member_id, O.c.state, O.c.provider_message_id, O.c.message_id)
-                            .where(O.c.campaign == CAMPAIGN)).all()
+        rows = conn.execute(sa.select(OB.c.member_id, OB.c.state, OB.c.provider_message_id, OB.c.message_id)
+                            .where(OB.c.campaign == CAMPAIGN)).all()
     engine.dispose()
     assert sorted(r.member_id for r in rows) == sorted(ids) and {r.state for r in rows} == {"sent"}
     assert {r.provider_message_id for r in rows} == {rec["provider_id"] for rec in records}
@@ -176,6 +174,7 @@ def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends
     assert sandbox.stats()["accepted_total"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.prefect
 def test_failed_sends_are_counted_not_raised(baseline_env, prefect_harness, sandbox, shop_url):
     from bench.per_message_baseline import _count_task_runs, per_message_baseline

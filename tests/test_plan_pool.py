@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -36,9 +36,8 @@ from membercare.delivery.policies import PolicySettings
 from membercare.errors import InputError
 from membercare.models import Channel, Purpose
 
-UTC = timezone.utc
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 Asia/Taipei
-O, R = OutboxMessage.__table__, CampaignRun.__table__
+OB, R = OutboxMessage.__table__, CampaignRun.__table__
 MEMBERS = 300
 # A cap of one marketing message a week, SMS never: the cap both skips members and shortens chains.
 POLICY = PolicySettings(marketing_cap=1, channel_caps={"sms": 0})
@@ -73,7 +72,7 @@ def ids_from(prefix: str):
 
 def outbox(engine, campaign: str = "birthday") -> list[dict]:
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(O).where(O.c.campaign == campaign).order_by(O.c.idempotency_key)).mappings()
+        rows = conn.execute(sa.select(OB).where(OB.c.campaign == campaign).order_by(OB.c.idempotency_key)).mappings()
         return [{k: v for k, v in r.items() if k not in IGNORED} for r in rows]
 
 
@@ -93,7 +92,7 @@ def test_pool_writes_exactly_what_the_serial_path_writes_and_a_rerun_adds_nothin
     serial = plan(shop, prepared_for(settings, 0))
     expected = outbox(shop)
     with shop.begin() as conn:
-        conn.execute(sa.delete(O).where(O.c.campaign == "birthday"))
+        conn.execute(sa.delete(OB).where(OB.c.campaign == "birthday"))
         conn.execute(sa.delete(R).where(R.c.campaign == "birthday"))
 
     pooled = plan(shop, prepared_for(settings, 2))

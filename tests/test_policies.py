@@ -1,6 +1,6 @@
 """Cross-campaign policies: quiet hours in the member's zone, frequency caps with priority preemption."""
 
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -16,7 +16,6 @@ from membercare.delivery.policies import (
 )
 from membercare.errors import ConfigurationError
 
-UTC = timezone.utc
 TPE = ZoneInfo("Asia/Taipei")  # UTC+8, no DST
 NY = ZoneInfo("America/New_York")
 DEFAULT = PolicySettings()

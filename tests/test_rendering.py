@@ -21,8 +21,7 @@ from membercare.links import (
     verify_member_token,
 )
 from membercare.models import Channel, Coupon, Member, Order, OrderLine, Product
-from membercare.rendering import CampaignRenderer, ContentLimitError, RenderError, TemplateStore
-from membercare.rendering import htmltext
+from membercare.rendering import CampaignRenderer, ContentLimitError, RenderError, TemplateStore, htmltext
 from membercare.rendering.context import CoPurchaseModel, with_coupon, with_order
 from membercare.rendering.engine import Part
 from membercare.rendering.locales import Formatter, fallback_chain, normalise_locale
@@ -91,7 +90,8 @@ def test_signer_urls_and_config():
 
 
 def test_add_utm_keeps_existing_params_and_skips_non_http():
-    url = add_utm("https://s.example.com/p?a=1&utm_source=keep", source="mc", medium="email", campaign="bd", content="cta")
+    url = add_utm("https://s.example.com/p?a=1&utm_source=keep", source="mc", medium="email", campaign="bd",
+                  content="cta")
     assert "a=1" in url and "utm_source=keep" in url and "utm_medium=email" in url and "utm_content=cta" in url
     assert add_utm("gooddays://coupons", source="mc", medium="push", campaign="x") == "gooddays://coupons"
 
@@ -113,7 +113,8 @@ def test_formatter_money_dates_and_coupons():
     assert zh.date(date(2026, 11, 23), "month_day") == "11月23日"
     # A timestamp is shown on the member's calendar day: 20:00 UTC is the next day in Taipei.
     assert zh.date(datetime(2026, 11, 22, 20, 0, tzinfo=UTC)) == "2026年11月23日"
-    assert zh.discount(kind="percent", percent_off=15) == "85折" and zh.discount(kind="percent", percent_off=10) == "9折"
+    assert zh.discount(kind="percent", percent_off=15) == "85折"
+    assert zh.discount(kind="percent", percent_off=10) == "9折"
     assert en.discount(kind="percent", percent_off=15) == "15% off"
     assert zh.discount(kind="amount", amount_minor=20000, style="voucher") == "NT$200 折價券"
     assert zh.min_spend(100000) == "滿NT$1,000可用" and en.min_spend(0) == "no minimum spend"
@@ -224,7 +225,8 @@ def test_push_limits_and_fcm_payload(tmp_path):
 def test_email_text_is_derived_from_html_when_absent(tmp_path):
     html = ("<h1>Title</h1><p>Hello {{ member.name }}</p><ul><li>one</li><li>two</li></ul>"
             "<p><a href=\"{{ link('https://shop.example.com/x') }}\">Go</a></p>"
-            "<table><tbody>{% for p in recommendations %}<tr><td>{{ p.name }}</td><td>{{ p.price_minor | money }}</td></tr>"
+            "<table><tbody>{% for p in recommendations %}"
+            "<tr><td>{{ p.name }}</td><td>{{ p.price_minor | money }}</td></tr>"
             "{% endfor %}</tbody></table>")
     r = _mini(tmp_path, {**BASIC, "email.en.html": html})
     text = r.render(Channel.EMAIL, ctx_for(r, "en")).text
@@ -353,7 +355,8 @@ def test_build_context_is_set_based_and_complete(engine):
         ids = _seed(conn)
     r = renderer("birthday")
     statements = []
-    sa.event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]) if a[2].lstrip().upper().startswith("SELECT") else None)
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda *a: statements.append(a[2]) if a[2].lstrip().upper().startswith("SELECT") else None)
     with engine.connect() as conn:
         contexts = r.build_context(conn, list(ids.values()) + [999999], AS_OF)
         first = len(statements)

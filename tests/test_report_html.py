@@ -65,6 +65,7 @@ def test_html_is_self_contained_with_charts_and_figures(html_report):
         assert figure in text, figure
 
 
+@pytest.mark.slow  # several CLI processes, each importing the application
 def test_cli_errors_and_json(sqlite_engine, sqlite_url, tmp_path):
     build_world(sqlite_engine)
     home = tmp_path / "home"
@@ -80,7 +81,9 @@ def test_cli_errors_and_json(sqlite_engine, sqlite_url, tmp_path):
     assert (email["sent"], email["converted"], email["revenue_minor"]) == (3, 1, 10_000)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (looked for chromium, /usr/bin/chromium)")
+@pytest.mark.slow  # starts a headless browser
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="headless Chromium is not installed (looked for chromium, /usr/bin/chromium)")
 def test_html_renders_in_headless_chromium(html_report, tmp_path):
     shot = tmp_path / "report.png"
     res = subprocess.run([

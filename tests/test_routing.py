@@ -1,6 +1,6 @@
 """Routing: preference order, consent per purpose, reachability, suppression, campaign channels."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -67,17 +67,20 @@ def test_reasons_name_each_rejected_channel():
 
 
 def test_load_contexts_reads_consent_devices_and_suppressions_set_based(engine):
-    now = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 23, tzinfo=UTC)
     with engine.begin() as conn:
         a, b, c = seed_members(conn, 3, now=now, push=False)
         d = Device.__table__
         dev = lambda **kw: {"invalidated_at": None, "invalid_reason": None, **kw}  # noqa: E731 (same keys per row)
         conn.execute(sa.insert(d), [dev(**x) for x in [
-            dict(member_id=a, token="old-live", platform="ios", app_id="x", created_at=now, last_seen_at=now - timedelta(days=5)),
-            dict(member_id=a, token="new-live", platform="ios", app_id="x", created_at=now, last_seen_at=now - timedelta(days=1)),
+            dict(member_id=a, token="old-live", platform="ios", app_id="x", created_at=now,
+                 last_seen_at=now - timedelta(days=5)),
+            dict(member_id=a, token="new-live", platform="ios", app_id="x", created_at=now,
+                 last_seen_at=now - timedelta(days=1)),
             dict(member_id=a, token="dead", platform="ios", app_id="x", created_at=now, last_seen_at=now,
                  invalidated_at=now, invalid_reason="unregistered"),
-            dict(member_id=b, token="stale", platform="ios", app_id="x", created_at=now, last_seen_at=now - timedelta(days=400)),
+            dict(member_id=b, token="stale", platform="ios", app_id="x", created_at=now,
+                 last_seen_at=now - timedelta(days=400)),
             dict(member_id=c, token="blocked", platform="ios", app_id="x", created_at=now, last_seen_at=now),
         ]])
         email_b = conn.execute(sa.select(Member.__table__.c.email).where(Member.__table__.c.id == b)).scalar()

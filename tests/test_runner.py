@@ -6,9 +6,7 @@ providers are in-process fakes (the sandbox and the SDKs are covered by the flow
 
 from __future__ import annotations
 
-from collections import Counter
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -29,9 +27,8 @@ from membercare.errors import InputError
 from membercare.models import Coupon, Member
 from membercare.optimise import assignment
 
-UTC = timezone.utc
 AS_OF = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 10:00 Asia/Taipei
-O, R, C = OutboxMessage.__table__, CampaignRun.__table__, Coupon.__table__
+OB, R, C = OutboxMessage.__table__, CampaignRun.__table__, Coupon.__table__
 
 
 @pytest.fixture
@@ -53,7 +50,7 @@ def fakes() -> dict[str, FakeAdapter]:
 
 def counts(engine) -> tuple[int, int, int]:
     with engine.connect() as conn:
-        return tuple(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in (O, R, C))
+        return tuple(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in (OB, R, C))
 
 
 # -------------------------------------------------------------------------------------------- pure parts
@@ -145,8 +142,8 @@ def test_rerun_sends_nothing_twice_and_records_holdouts(shop, settings):
     # The holdout: recorded as skipped rows with reason holdout, exactly the members assignment picks,
     # and those members were not issued the birthday coupon.
     with shop.connect() as conn:
-        rows = conn.execute(sa.select(O.c.member_id, O.c.state, O.c.reason_code, O.c.variant)
-                            .where(O.c.run_id == s.run_id)).all()
+        rows = conn.execute(sa.select(OB.c.member_id, OB.c.state, OB.c.reason_code, OB.c.variant)
+                            .where(OB.c.run_id == s.run_id)).all()
         coupon_members = set(conn.execute(sa.select(C.c.member_id).where(C.c.campaign == "birthday")).scalars())
     held = {r.member_id for r in rows if r.reason_code == "holdout"}
     assert held == {r.member_id for r in rows if assignment.in_holdout(r.member_id, "birthday", 0.25)}
@@ -168,7 +165,8 @@ def test_per_coupon_campaign_keys_on_the_coupon(shop, settings):
                        RunOptions(as_of=AS_OF, segment_params={"days": 14}, limit=20), adapters=fakes())
     assert res.summary.newly_planned == 20 and res.summary.segment_size >= 20
     with shop.connect() as conn:
-        keys = conn.execute(sa.select(O.c.idempotency_key, O.c.coupon_code).where(O.c.run_id == res.summary.run_id)).all()
+        keys = conn.execute(sa.select(OB.c.idempotency_key, OB.c.coupon_code)
+                            .where(OB.c.run_id == res.summary.run_id)).all()
         open_codes = set(conn.execute(sa.select(C.c.code).where(C.c.redeemed_at.is_(None))).scalars())
     assert all(k.coupon_code in open_codes and k.idempotency_key.endswith("|" + k.coupon_code) for k in keys)
     assert all(k.idempotency_key.startswith("coupon_expiry|once|") for k in keys)
@@ -201,16 +199,16 @@ def test_explicit_member_audience_and_trigger_planning(shop, settings):
 def test_sync_engagement_settles_unknown_rows_from_events(shop, settings):
     res = run_campaign(shop, settings, "welcome_day7", RunOptions(as_of=AS_OF), adapters=fakes())
     with shop.begin() as conn:
-        row = conn.execute(sa.select(O.c.id, O.c.message_id, O.c.channel).where(
-            O.c.run_id == res.summary.run_id, O.c.state == "sent").limit(1)).one()
-        conn.execute(sa.update(O).where(O.c.id == row.id).values(state="unknown", reason_code="in_flight_at_crash"))
+        row = conn.execute(sa.select(OB.c.id, OB.c.message_id, OB.c.channel).where(
+            OB.c.run_id == res.summary.run_id, OB.c.state == "sent").limit(1)).one()
+        conn.execute(sa.update(OB).where(OB.c.id == row.id).values(state="unknown", reason_code="in_flight_at_crash"))
         conn.execute(sa.insert(EngagementEventRow.__table__).values(
             provider="sendgrid", provider_event_id="e1", kind="delivered", channel=row.channel,
             message_id=row.message_id, occurred_at=AS_OF, received_at=AS_OF, raw="{}"))
     rep = sync_engagement(shop, now=AS_OF + timedelta(minutes=1))
     assert rep.settled_from_events == 1 and rep.runs_refreshed >= 1
     with shop.connect() as conn:
-        assert conn.execute(sa.select(O.c.state).where(O.c.id == row.id)).scalar_one() == "sent"
+        assert conn.execute(sa.select(OB.c.state).where(OB.c.id == row.id)).scalar_one() == "sent"
 
 
 # ------------------------------------------------------------------------------------ POST /triggers/{event}
@@ -222,7 +220,7 @@ def test_trigger_endpoint_authenticates_validates_and_starts_a_run(shop, setting
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from channels.fcm_webhooks import SIGNATURE_HEADER, sign_push_tracking
+    from channels.fcm.webhooks import SIGNATURE_HEADER, sign_push_tracking
     from membercare.receiver.triggers import TriggerConfig, build_trigger_router
 
     started = []

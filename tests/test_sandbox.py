@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from channels.base import Accepted, FailureReason, PermanentFailure
-from channels.fcm_webhooks import verify_push_tracking
+from channels.fcm.webhooks import verify_push_tracking
 from channels.registry import build_channels, close_channels
-from channels.sendgrid_webhooks import verify_sendgrid_signature
-from channels.twilio_webhooks import verify_twilio_signature
+from channels.sendgrid.webhooks import verify_sendgrid_signature
+from channels.twilio.webhooks import verify_twilio_signature
 from membercare.models import Channel
 from membercare.sandbox import ConfigError, SandboxConfig, apply_patch, parse_rate_limit
 from sandbox_fixtures import *  # noqa: F403

@@ -8,7 +8,7 @@ in its own committed transaction, as the receiver would before acknowledging a S
 
 import threading
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -24,9 +24,8 @@ from membercare.delivery.policies import PolicySettings
 from membercare.delivery.reconcile import recover_stale
 from membercare.models import Channel, Member, Purpose
 
-UTC = timezone.utc
 NOW = datetime(2026, 11, 23, 4, 0, tzinfo=UTC)  # 12:00 in Taipei: outside quiet hours
-O, R = OutboxMessage.__table__, CampaignRun.__table__
+OB, R = OutboxMessage.__table__, CampaignRun.__table__
 NOPOLICY = PolicySettings(marketing_cap=None, quiet_hours=None)
 CFG = DispatchConfig(workers=4, batch_size=20, flush_interval=0.01)
 
@@ -70,7 +69,7 @@ def dispatcher(engine, ads, **kw):
 
 def rows(engine, run_id):
     with engine.connect() as conn:
-        return {r.member_id: r for r in conn.execute(sa.select(O).where(O.c.run_id == run_id))}
+        return {r.member_id: r for r in conn.execute(sa.select(OB).where(OB.c.run_id == run_id))}
 
 
 def test_consent_revoked_after_the_claim_is_honoured_with_a_fallback(engine):
@@ -138,7 +137,7 @@ def test_a_run_paused_after_the_claim_sends_nothing_more_and_keeps_its_rows(engi
     states = Counter(r.state for r in rows(engine, run_id).values())
     assert states == {"planned": 25}  # never attempted: every row is waiting to be sent, none lost
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).where(O.c.attempt_started_at.is_not(None))).scalar() == 0
+        assert conn.execute(sa.select(sa.func.count()).where(OB.c.attempt_started_at.is_not(None))).scalar() == 0
 
 
 def test_the_global_kill_switch_stops_every_run_until_resumed(engine):
@@ -177,9 +176,9 @@ def test_recovery_sends_never_attempted_rows_and_keeps_attempted_ones_unknown(en
     run_id, ids = plan(engine, 6)
     old = NOW - timedelta(hours=1)
     with engine.begin() as conn:
-        conn.execute(sa.update(O).where(O.c.run_id == run_id).values(state="sending", claimed_by="dead:1",
+        conn.execute(sa.update(OB).where(OB.c.run_id == run_id).values(state="sending", claimed_by="dead:1",
                                                                       claimed_at=old))
-        conn.execute(sa.update(O).where(O.c.member_id.in_(ids[:2])).values(attempt_started_at=old))
+        conn.execute(sa.update(OB).where(OB.c.member_id.in_(ids[:2])).values(attempt_started_at=old))
     rec = recover_stale(engine, lease=timedelta(minutes=5), now=NOW)
     assert (rec.unattempted, rec.unknown) == (4, 2)
     by = rows(engine, run_id)
@@ -306,7 +305,9 @@ def test_an_outage_pauses_the_run_which_resumes_by_itself_when_the_provider_reco
     ads = adapters()
     ads["email"] = FakeAdapter("email", outage)
     cfg = DispatchConfig(workers=4, batch_size=20, flush_interval=0.01, error_min_samples=10, backoff_base=1.0,
-                         backoff_max=5.0, auto_resume_after=60.0)
+                         backoff_max=5.0)
+    with engine.begin() as conn:  # the campaign allows it (campaign.yaml auto_resume_after: 60)
+        conn.execute(sa.update(R).where(R.c.id == run_id).values(auto_resume_after_s=60.0))
 
     def d():
         return Dispatcher(engine, ads, config=cfg, policy=NOPOLICY, clock=lambda: now[0])
@@ -323,3 +324,18 @@ def test_an_outage_pauses_the_run_which_resumes_by_itself_when_the_provider_reco
     assert len({m.message_id for m in ads["email"].accepted}) == len(ads["email"].accepted) == 60
     with engine.connect() as conn:
         assert conn.execute(sa.select(R.c.auto_resumes).where(R.c.id == run_id)).scalar() == 1
+
+
+def test_without_the_campaigns_permission_an_outage_pause_waits_for_an_operator(engine):
+    from membercare.delivery.contract import TransientFailure
+    from membercare.delivery.dispatcher import RunPaused
+
+    run_id, _ = plan(engine, 30, preferred="email")
+    ads = adapters()
+    ads["email"] = FakeAdapter("email", lambda _m, _n: TransientFailure("503 from the provider"))
+    cfg = DispatchConfig(workers=4, batch_size=20, flush_interval=0.01, error_min_samples=10)
+    rep = Dispatcher(engine, ads, config=cfg, policy=NOPOLICY, clock=lambda: NOW).dispatch(run_id)
+    assert "error budget spent" in rep.stop_reason and rep.resume_at is None
+    later = NOW + timedelta(days=1)
+    with pytest.raises(RunPaused, match="resume it"):
+        Dispatcher(engine, ads, config=cfg, policy=NOPOLICY, clock=lambda: later).dispatch(run_id)

@@ -1,6 +1,6 @@
 """Best send hour per member and the next delivery instant (quiet hours, DST, timezones)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -15,8 +15,6 @@ from membercare.optimise.send_time import (
     next_delivery_at,
     next_delivery_times,
 )
-
-UTC = timezone.utc
 
 
 def test_allowed_hours_and_clamp():
@@ -98,7 +96,8 @@ def test_batch_next_delivery_matches_single():
     now = datetime(2026, 6, 1, 0, 0, tzinfo=UTC)
     tzs = ["Asia/Taipei", "Asia/Taipei", "Europe/London"]
     hours = [20, 9, 9]
-    assert next_delivery_times(now, tzs, hours) == [next_delivery_at(now, tz, h) for tz, h in zip(tzs, hours, strict=True)]
+    expected = [next_delivery_at(now, tz, h) for tz, h in zip(tzs, hours, strict=True)]
+    assert next_delivery_times(now, tzs, hours) == expected
 
 
 def test_whole_day_and_hours_outside_quiet_hours():

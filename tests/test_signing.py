@@ -8,15 +8,15 @@ import time
 
 import pytest
 
-from channels.fcm_webhooks import sign_push_tracking, verify_push_tracking
-from channels.sendgrid_webhooks import (
+from channels.fcm.webhooks import sign_push_tracking, verify_push_tracking
+from channels.sendgrid.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     SendGridWebhookSigner,
     signature_headers,
     verify_sendgrid_signature,
 )
-from channels.twilio_webhooks import twilio_signature, verify_twilio_signature
+from channels.twilio.webhooks import twilio_signature, verify_twilio_signature
 
 BODY = json.dumps([{"email": "mei@example.com", "event": "delivered", "sg_event_id": "abc",
                     "membercare_message_id": "m-1", "timestamp": 1764000000}]).encode()

@@ -12,7 +12,13 @@ import pytest
 
 from membercare.config import Settings
 from membercare.models import Coupon, Member
-from membercare.rendering.check import TemplateCheckError, check_all, check_campaign, ensure_campaign_ready, link_problem
+from membercare.rendering.check import (
+    TemplateCheckError,
+    check_all,
+    check_campaign,
+    ensure_campaign_ready,
+    link_problem,
+)
 from membercare.timeutil import utcnow
 
 PROJECT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

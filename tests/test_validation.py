@@ -1,14 +1,12 @@
 """membercare.validation: canonical forms and the reject-rather-than-guess rule."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
 from membercare import validation as v
 from membercare.errors import InputError
 from membercare.models import CouponKind, OrderStatus
-
-UTC = timezone.utc
 
 
 def test_validation_error_is_an_input_error_and_a_value_error():
@@ -131,7 +129,8 @@ def test_dst_gaps_and_overlaps_are_refused_not_shifted():
         v.parse_datetime_utc("2026-03-08 02:30", "America/New_York")
     with pytest.raises(v.ValidationError, match="ambiguous"):
         v.parse_datetime_utc("2026-11-01 01:30", "America/New_York")
-    assert v.parse_datetime_utc("2026-11-01 01:30-04:00", "America/New_York") == datetime(2026, 11, 1, 5, 30, tzinfo=UTC)
+    expected = datetime(2026, 11, 1, 5, 30, tzinfo=UTC)
+    assert v.parse_datetime_utc("2026-11-01 01:30-04:00", "America/New_York") == expected
 
 
 def test_not_in_future_allows_small_clock_skew():
@@ -145,7 +144,8 @@ def test_enums_bools_ints_and_currencies():
     assert v.parse_enum(" Paid ", OrderStatus, field="status") == "paid"
     with pytest.raises(v.ValidationError, match="expected one of: amount, percent"):
         v.parse_enum("fixed", CouponKind, field="kind")
-    assert [v.parse_bool(x) for x in ["yes", "NO", "true", "False", "1", "0"]] == [True, False, True, False, True, False]
+    parsed = [v.parse_bool(x) for x in ["yes", "NO", "true", "False", "1", "0"]]
+    assert parsed == [True, False, True, False, True, False]
     with pytest.raises(v.ValidationError):
         v.parse_bool("maybe")
     assert v.parse_int("1,234", field="n") == 1234

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,8 @@ TWILIO_TOKEN = "membercare-bench-auth-token"
 FCM_PROJECT = "membercare-bench"
 SA_EMAIL = f"push@{FCM_PROJECT}.iam.gserviceaccount.com"
 
-_CLI = "import sys, importlib, membercare.cli as c; importlib.import_module('membercare.cli.{mod}'); c.main(sys.argv[1:])"
+_CLI = ("import sys, importlib, membercare.cli as c; importlib.import_module('membercare.cli.{mod}'); "
+        "c.main(sys.argv[1:])")
 
 Progress = Callable[[str], None]
 
@@ -91,7 +92,7 @@ class BenchOptions:
     processes: int | None = None  # the flow's ``processes`` parameter (planning workers; None: the flow's default)
     verify_messages_up_to: int = 20_000  # compare message ids one by one up to this many sent messages
 
-    def validate(self) -> "BenchOptions":
+    def validate(self) -> BenchOptions:
         if not self.members:
             raise InputError("--members: give at least one shop size")
         for n in self.members:
@@ -589,7 +590,7 @@ class StageMeter:
         self._interval = interval
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "StageMeter":
+    def __enter__(self) -> StageMeter:
         self._thread = threading.Thread(target=self._sample, name="membercare-bench-meter", daemon=True)
         self._thread.start()
         return self
@@ -775,7 +776,6 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
     """One campaign end to end on a shop of ``members`` members; the measurements as a dict."""
     from flows.campaign import CampaignRunParameters, run_campaign
     from flows.engagement import sync_engagement
-
     from membercare.campaigns import audience, dispatch, dry_run, occurrence, plan, summary
     from membercare.delivery import pool
     from membercare.engagement import sync
@@ -792,8 +792,9 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
             domain = ((occurrence, ("prepare",)), (audience, ("resolve_audience",)), (dry_run, ("write_preview",)),
                       (plan, ("ensure_run", "plan_group")), (dispatch, ("dispatch_round",)),
                       (summary, ("summarise",)), (sync, ("sync_engagement",)), (pool, ("dispatch_processes",)))
-            params = CampaignRunParameters(campaign=BENCH_CAMPAIGN, as_of=SHOP_DATE.isoformat(), wait_for_deferred_s=5.0,
-                                           dispatchers=opts.dispatchers, processes=opts.processes,
+            params = CampaignRunParameters(campaign=BENCH_CAMPAIGN, as_of=SHOP_DATE.isoformat(),
+                                           wait_for_deferred_s=5.0, dispatchers=opts.dispatchers,
+                                           processes=opts.processes,
                                            **({"group_size": opts.group_size} if opts.group_size else {}))
             progress(f"{members:,} members: running the campaign flow")
             with patched_environ(env), timer.patched_all(domain), meter:
@@ -866,7 +867,7 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
                                if webhook_window > 0 else None,
                                "drained": drained, "pending_at_end": pending})
     flow_secs = t1 - t0
-    flow_domain = union_seconds(timer.spans(*[l for s in STAGES[:4] for l in domain_labels[s]]), t0, t1)
+    flow_domain = union_seconds(timer.spans(*[label for s in STAGES[:4] for label in domain_labels[s]]), t0, t1)
     flow = {"seconds": round(flow_secs, 3), "messages": sent,
             "messages_per_s": round(sent / flow_secs, 1) if flow_secs > 0 else None,
             "task_runs": sum(v for k, v in task_runs.items() if k != "webhooks"),
@@ -896,7 +897,8 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
 def verify_exactly_once(db_url: str, services: Services, stats: dict, ledger: dict, id_limit: int) -> dict[str, Any]:
     """Did every message the ledger records as sent reach the sandbox, once? By counts always; by message id
     (both directions) when at most ``id_limit`` were sent."""
-    v: dict[str, Any] = {"sandbox_accepted": stats.get("accepted_total", 0), "ledger_sent": ledger["states"].get("sent", 0),
+    v: dict[str, Any] = {"sandbox_accepted": stats.get("accepted_total", 0),
+                         "ledger_sent": ledger["states"].get("sent", 0),
                          "duplicates": stats.get("duplicates_by_message_id_total", 0)
                          + stats.get("duplicates_by_idempotency_key_total", 0)}
     ok = v["sandbox_accepted"] == v["ledger_sent"] and v["duplicates"] == 0
@@ -929,7 +931,7 @@ def _dispose_flow_engine(db_url: str) -> None:
         from flows import common
         from membercare.config import normalise_database_url
 
-        engine = common._ENGINES.pop(normalise_database_url(db_url), None)  # noqa: SLF001 - harness clean-up
+        engine = common._ENGINES.pop(normalise_database_url(db_url), None)  # harness clean-up of a private cache
         if engine is not None:
             engine.dispose()
     except Exception:  # noqa: BLE001 - clean-up only
@@ -988,8 +990,8 @@ def machine_facts(db: str, postgres_url: str | None = None) -> dict[str, Any]:
     facts: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                              "python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
     try:
-        facts["cpu_model"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                  if line.startswith("model name"))
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        facts["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     try:

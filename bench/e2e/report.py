@@ -90,7 +90,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         plan = st["segment"]["seconds"] + st["plan_render"]["seconds"]
         disp = st["dispatch"]["seconds"]
         mem = (big["peak_rss_mb"].get("harness") or 0.0) + (big["peak_rss_mb"].get("workers") or 0.0)
-    ratio = next((r.get("ratio") for r in results.get("ratios") or ratios(results) if r.get("messages") == 10_000), None)
+    ratio = next((r.get("ratio") for r in results.get("ratios") or ratios(results) if r.get("messages") == 10_000),
+                 None)
     return [
         _verdict("plan_render_1m", "1M-member campaign segmented, planned and rendered in under 2 minutes", plan,
                  PLAN_RENDER_1M_S, " s", where=where),
@@ -108,7 +109,7 @@ def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     ly = [math.log(max(y, 1e-9)) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
     den = sum((x - mx) ** 2 for x in lx)
-    return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / den if den else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / den if den else 0.0
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -117,7 +118,7 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
         return 0.0, ys[0] / xs[0] if xs[0] else 0.0
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
     return my - b * mx, b
 
 
@@ -143,7 +144,8 @@ def scaling_verdict(points: Sequence[tuple[int, float, float]]) -> dict[str, Any
             f"{' / '.join(f'{u:g}' for u in per_member_us)} us per member at "
             f"{' / '.join(f'{x:,}' for x in xs)} members); memory "
             + ("not measured" if m_slope is None else
-               f"{'stays flat' if flat else 'grows'} (slope {m_slope:.2f}: {pts[0][2]:,.0f} MB -> {pts[-1][2]:,.0f} MB)"))
+               f"{'stays flat' if flat else 'grows'} "
+               f"(slope {m_slope:.2f}: {pts[0][2]:,.0f} MB -> {pts[-1][2]:,.0f} MB)"))
     return {"status": "met" if linear and flat else "missed", "time_slope": round(t_slope, 3),
             "memory_slope": None if m_slope is None else round(m_slope, 3), "time_linear": linear,
             "memory_flat": flat, "us_per_member": per_member_us, "fit_intercept_s": round(a, 3),
@@ -261,7 +263,8 @@ def markdown(results: dict[str, Any], chart: str | None = "scaling.svg") -> str:
             st, fl = s["stages"], s["campaign_flow"]
             lines.append(
                 f"| {s['members']:,} | {s['audience']:,} | {s['sent']:,} | {_pct(s['holdout_share'])} "
-                f"| {_f(st['segment']['seconds'])} | {_f(st['plan_render']['seconds'])} | {_f(st['dispatch']['seconds'])} "
+                f"| {_f(st['segment']['seconds'])} | {_f(st['plan_render']['seconds'])} "
+                f"| {_f(st['dispatch']['seconds'])} "
                 f"| {_f(st['webhooks']['seconds'])} | {_f(fl['messages_per_s'], 0)} "
                 f"| {_f((s['peak_rss_mb'].get('harness') or 0) + (s['peak_rss_mb'].get('workers') or 0), 0)} "
                 f"| {fl['task_runs']:,} | {_pct(fl['prefect_share'])} | {s['load_before'][0]} "
@@ -275,14 +278,15 @@ def markdown(results: dict[str, Any], chart: str | None = "scaling.svg") -> str:
                       f"Shop {'from the cache' if s['shop'].get('cached') else 'generated now'} "
                       f"(generation {_f(s['shop'].get('generation_s'))} s, not a campaign stage). "
                       f"Load {s['load_before']} -> {s['load_after']}.", "",
-                      "| stage | seconds | messages | messages/s | peak RSS MB (campaign process) | worker processes MB "
-                      "| Prefect task runs | Prefect share |",
+                      "| stage | seconds | messages | messages/s | peak RSS MB (campaign process) "
+                      "| worker processes MB | Prefect task runs | Prefect share |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for name in STAGE_ORDER:
                 r = s["stages"][name]
                 lines.append(f"| {STAGE_LABELS[name]} | {_f(r['seconds'], 2)} | {_f(r['messages'])} "
                              f"| {_f(r['messages_per_s'], 0)} | {_f(r['peak_rss_mb'], 0)} "
-                             f"| {_f(r['children_peak_rss_mb'], 0)} | {r['task_runs']:,} | {_pct(r['prefect_share'])} |")
+                             f"| {_f(r['children_peak_rss_mb'], 0)} | {r['task_runs']:,} "
+                             f"| {_pct(r['prefect_share'])} |")
             fl = s["campaign_flow"]
             lines.append(f"| **campaign flow** | **{_f(fl['seconds'], 2)}** | {_f(fl['messages'])} "
                          f"| **{_f(fl['messages_per_s'], 0)}** | {_f(fl['peak_rss_mb'], 0)} "
@@ -296,7 +300,8 @@ def markdown(results: dict[str, Any], chart: str | None = "scaling.svg") -> str:
                       f"dispatch start to drained: {_f(w['messages_per_s'], 0)} events/s"
                       + ("" if w.get("drained", True) else f" (NOT drained: {w.get('pending_at_end')} pending)") + ".",
                       f"Peak RSS: sandbox {_f(p.get('sandbox'), 0)} MB, receiver {_f(p.get('receiver'), 0)} MB"
-                      + (f", Prefect's local server {_f(p.get('prefect_server'), 0)} MB" if p.get("prefect_server") else "")
+                      + (f", Prefect's local server {_f(p.get('prefect_server'), 0)} MB"
+                         if p.get("prefect_server") else "")
                       + ".",
                       f"Exactly once: ledger sent {v['ledger_sent']:,}, sandbox accepted {v['sandbox_accepted']:,}, "
                       f"duplicates {v['duplicates']}"
@@ -375,8 +380,8 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                             "prefect_startup_s")} for p in parts]}
     out["ratios"] = ratios(out)
     out["targets"] = targets(out)
-    out["scaling"] = scaling_verdict([(s["members"], s["campaign_flow"]["seconds"], s["peak_rss_mb"].get("harness") or 0.0)
-                                      for s in out["sizes"]])
+    out["scaling"] = scaling_verdict([
+        (s["members"], s["campaign_flow"]["seconds"], s["peak_rss_mb"].get("harness") or 0.0) for s in out["sizes"]])
     return out
 
 

@@ -84,8 +84,14 @@ def _limit(entries: list[AudienceEntry], limit: int | None) -> list[AudienceEntr
     return entries if limit is None else entries[:limit]
 
 
+def _segment_name(prepared: PreparedRun) -> str:
+    if prepared.campaign.segment is None:  # resolve_audience comes here only for a segment campaign
+        raise InputError(f"campaign {prepared.name} has no segment")
+    return prepared.campaign.segment.name
+
+
 def _segment(prepared: PreparedRun) -> Ref:
-    return segment_ref(prepared.campaign.segment.name, **prepared.segment_params)
+    return segment_ref(_segment_name(prepared), **prepared.segment_params)
 
 
 def _segment_audience(engine: Engine, prepared: PreparedRun) -> Audience:
@@ -101,7 +107,7 @@ def _segment_audience(engine: Engine, prepared: PreparedRun) -> Audience:
         if per_coupon:
             if "coupon_codes" not in q.c:
                 raise InputError(f"campaign {prepared.name} sends one message per coupon but segment "
-                                 f"{prepared.campaign.segment.name} does not list coupons")
+                                 f"{_segment_name(prepared)} does not list coupons")
             cols.append(q.c.coupon_codes)
         stmt = sa.select(*cols).order_by(q.c.member_id)
         if limit is not None:
@@ -116,7 +122,7 @@ def _segment_audience(engine: Engine, prepared: PreparedRun) -> Audience:
                     # (the template shows the others too), and the coupon joins the idempotency key.
                     code = (row[1] or "").split(",")[0].strip() or None
                 entries.append(AudienceEntry(int(row[0]), coupon_code=code))
-    label = f"segment {prepared.campaign.segment.name}"
+    label = f"segment {_segment_name(prepared)}"
     if prepared.segment_params:
         label += "(" + ", ".join(f"{k}={v}" for k, v in sorted(prepared.segment_params.items())) + ")"
     return Audience(size, entries, label)
@@ -125,7 +131,10 @@ def _segment_audience(engine: Engine, prepared: PreparedRun) -> Audience:
 def _delivered_orders_audience(engine: Engine, prepared: PreparedRun) -> Audience:
     """Members whose order was delivered ``delay_days`` before the run's shop-local date (one per member)."""
     tz = ZoneInfo(prepared.settings.shop_timezone)
-    delay = prepared.campaign.trigger.delay_days
+    trigger = prepared.campaign.trigger
+    if trigger is None:  # resolve_audience comes here only for an order.delivered campaign
+        raise InputError(f"campaign {prepared.name} has no trigger")
+    delay = trigger.delay_days
     day = prepared.as_of.astimezone(tz).date() - timedelta(days=delay)
     start = datetime.combine(day, time(0), tz).astimezone(UTC)
     end = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(UTC)

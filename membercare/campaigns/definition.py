@@ -14,6 +14,7 @@ Example::
     purpose: marketing
     segment: {name: birthday_today}
     priority: 80
+    auto_resume_after: 300  # optional: after a provider outage paused the run, probe again in 5 min
     channels: [push, email, sms]
     occurrence: daily       # the idempotency bucket: hourly|daily|weekly|monthly|once
     message_per: member     # member | coupon | order
@@ -77,7 +78,7 @@ class OfferStep(BaseModel):
     label: str | None = None
 
     @model_validator(mode="after")
-    def _one_value(self) -> "OfferStep":
+    def _one_value(self) -> OfferStep:
         if (self.amount_minor is None) == (self.percent_off is None):
             raise ValueError("give exactly one of amount_minor or percent_off")
         return self
@@ -98,7 +99,7 @@ class Offer(BaseModel):
     currency: str = Field(default="TWD", pattern=r"^[A-Z]{3}$")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Offer":
+    def _consistent(self) -> Offer:
         for s in self.steps:
             if (self.kind == CouponKind.AMOUNT) != (s.amount_minor is not None):
                 raise ValueError(f"offer kind is {self.kind.value} but a step gives the other value")
@@ -162,7 +163,7 @@ class VariantTest(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _floor(self) -> "VariantTest":
+    def _floor(self) -> VariantTest:
         if self.floor > 1.0 / len(self.names):
             raise ValueError(f"floor {self.floor} is impossible with {len(self.names)} variants "
                              f"(at most 1/{len(self.names)} = {1.0 / len(self.names):.4f})")
@@ -201,7 +202,11 @@ class Campaign(BaseModel):
     segment: SegmentRef | None = None
     trigger: Trigger | None = None
     priority: int = Field(default=50, ge=0, le=1000, description="higher wins under the frequency cap")
-    channels: tuple[Channel, ...] = Field(min_length=1, description="allowed channels, in the campaign's preference order")
+    # After the error budget paused a run (a provider outage): resume by itself after this many seconds,
+    # doubling each time (see docs/delivery.md). Unset: an operator resumes it.
+    auto_resume_after: int | None = Field(default=None, ge=10, le=86_400)
+    channels: tuple[Channel, ...] = Field(min_length=1,
+                                          description="allowed channels, in the campaign's preference order")
     occurrence: Literal["hourly", "daily", "weekly", "monthly", "once"] = "daily"
     message_per: Literal["member", "coupon", "order"] = "member"
     default_locale: str = "zh-TW"
@@ -231,7 +236,7 @@ class Campaign(BaseModel):
         return tuple(normalise_locale(x) for x in v)
 
     @model_validator(mode="after")
-    def _checks(self) -> "Campaign":
+    def _checks(self) -> Campaign:
         from membercare.rendering.locales import normalise_locale
 
         object.__setattr__(self, "default_locale", normalise_locale(self.default_locale))

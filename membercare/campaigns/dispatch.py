@@ -37,7 +37,7 @@ class DispatchOutcome:
     recovered_unknown: int = 0
     elapsed: float = 0.0
 
-    def merge(self, other: "DispatchOutcome") -> "DispatchOutcome":
+    def merge(self, other: DispatchOutcome) -> DispatchOutcome:
         out = Counter(self.outcomes)
         out.update(other.outcomes)
         due = [d for d in (self.next_due_at, other.next_due_at) if d is not None]
@@ -71,7 +71,7 @@ def run_progress(engine: Engine, run_id: int) -> tuple[int, int]:
     o = OutboxMessage.__table__
     with engine.connect() as conn:
         counts = dict(conn.execute(sa.select(o.c.state, sa.func.count()).where(o.c.run_id == run_id)
-                                   .group_by(o.c.state)).all())
+                                   .group_by(o.c.state)).tuples().all())
     total = sum(n for s, n in counts.items() if s not in (OutboxState.SKIPPED.value, OutboxState.SUPPRESSED.value))
     waiting = sum(counts.get(s, 0) for s in (OutboxState.PLANNED.value, OutboxState.DEFERRED.value,
                                              OutboxState.SENDING.value))

@@ -71,7 +71,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     hooks = make_plan_hooks(engine, prepared)
     spec = prepared.spec
     rep = DryRunReport(prepared.name, prepared.occurrence, audience.size, len(audience))
-    state, reason, send, deferred = Counter(), Counter(), Counter(), Counter()
+    state, reason, send, deferred = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
     o, c = OutboxMessage.__table__, Coupon.__table__
     with engine.connect() as conn:
         pol = policy or load_policy(conn)
@@ -89,7 +89,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
                 report = PlanReport(run_id)
                 minted: list[str] = []
 
-                def mint() -> str:
+                def mint(minted: list[str] = minted) -> str:
                     mid = new_message_id()
                     minted.append(mid)
                     return mid
@@ -126,7 +126,7 @@ def _run_row_in(conn: Connection, prepared: PreparedRun) -> int:
     conn.execute(insert_for(conn, r).on_conflict_do_nothing(index_elements=["campaign", "occurrence"]), dict(
         campaign=spec.campaign, occurrence=spec.occurrence, purpose=spec.purpose.value, priority=spec.priority,
         as_of=prepared.as_of, status=RunStatus.PLANNED.value, error_budget=spec.error_budget, counts="{}",
-        created_at=now, updated_at=now))
+        auto_resume_after_s=spec.auto_resume_after_s, created_at=now, updated_at=now))
     return conn.execute(sa.select(r.c.id).where(r.c.campaign == spec.campaign,
                                                 r.c.occurrence == spec.occurrence)).scalar_one()
 

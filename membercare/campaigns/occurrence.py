@@ -90,7 +90,7 @@ class RunOptions:
             raise InputError(f"occurrence tag {self.occurrence_tag!r}: use 1-16 letters, digits, '-' or '_'")
 
 
-def _valid_tag(tag: str) -> bool:  # noqa: N802 - reads like a predicate constant
+def _valid_tag(tag: str) -> bool:
     return 0 < len(tag) <= 16 and all(c.isalnum() or c in "-_" for c in tag)
 
 
@@ -200,7 +200,7 @@ def prepare(settings: Settings, campaign: Campaign | str, options: RunOptions | 
     if check:
         ensure_campaign_ready(camp.name, settings)
     spec = PlanSpec(campaign=camp.name, occurrence=occurrence, purpose=Purpose(camp.purpose), channels=channels,
-                    priority=camp.priority)
+                    priority=camp.priority, auto_resume_after_s=camp.auto_resume_after)
     return PreparedRun(campaign=camp, spec=spec, as_of=as_of, occurrence=occurrence,
                        holdout_rate=holdout_rate_for(camp, options.holdout_rate),
                        segment_params=segment_params_for(camp, options.segment_params), options=options,

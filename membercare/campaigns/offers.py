@@ -45,11 +45,11 @@ def issue_offer_coupons(conn: Connection, prepared: PreparedRun, member_ids: Seq
         return 0
     o, c = Order.__table__, Coupon.__table__
     as_of = prepared.as_of
-    spend = dict(conn.execute(
+    spend: dict[int, int] = dict(conn.execute(
         sa.select(o.c.member_id, sa.func.coalesce(sa.func.sum(o.c.total_minor), 0))
         .where(o.c.member_id.in_(list(member_ids)), o.c.status.in_(PURCHASE_STATUSES),
                o.c.placed_at <= as_of, o.c.placed_at > as_of - timedelta(days=365))
-        .group_by(o.c.member_id)).all())
+        .group_by(o.c.member_id)).tuples().all())
     rows = []
     for mid in member_ids:
         step = offer.for_spend(int(spend.get(mid, 0)))

@@ -154,11 +154,11 @@ class PlanOutcome:
     by_reason: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_report(cls, rep: PlanReport) -> "PlanOutcome":
+    def from_report(cls, rep: PlanReport) -> PlanOutcome:
         return cls(rep.run_id, rep.inserted, rep.already_planned, rep.preempted, dict(rep.by_state),
                    dict(rep.by_reason))
 
-    def merge(self, other: "PlanOutcome") -> "PlanOutcome":
+    def merge(self, other: PlanOutcome) -> PlanOutcome:
         st, rs = Counter(self.by_state), Counter(self.by_reason)
         st.update(other.by_state)
         rs.update(other.by_reason)

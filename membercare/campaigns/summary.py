@@ -82,7 +82,7 @@ def summarise(engine: Engine, run_id: int | None, *, campaign: str, occurrence: 
             s.sent_now = conn.execute(sa.select(sa.func.count()).where(
                 o.c.run_id == run_id, o.c.state == OutboxState.SENT.value, o.c.sent_at >= ensure_utc(sent_since))
             ).scalar_one()
-    sent, suppressed, skipped, failed = Counter(), Counter(), Counter(), Counter()
+    sent, suppressed, skipped, failed = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
     with engine.connect() as conn:
         s.status = conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one()
         for state, channel, code, n in conn.execute(

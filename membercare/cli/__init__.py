@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # click's own usage errors are handled below
+    except Exception as exc:  # noqa: BLE001 - click's own usage errors are handled below
         import click
 
         if isinstance(exc, click.exceptions.ClickException):

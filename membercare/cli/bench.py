@@ -33,8 +33,8 @@ def bench(
     dispatchers: int = typer.Option(1, "--dispatchers",
                                     help="Dispatcher processes per pass (the campaign flow's `dispatchers`)."),
     processes: int | None = typer.Option(None, "--processes",
-                                         help="Planning worker processes (the flow's `processes`; default: one per core "
-                                              "for large groups; 0: serial)."),
+                                         help="Planning worker processes (the flow's `processes`; default: one "
+                                              "per core for large groups; 0: serial)."),
 ) -> None:
     """Measure a campaign end to end per shop size, next to the plain Prefect implementation; write
     results.json, results.md and the scaling chart (see docs/benchmark.md)."""

@@ -54,7 +54,8 @@ def summary_table(result: dict, title: str) -> Table:
 @campaign_app.command("run")
 def run_cmd(
     name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
-    as_of: str = typer.Option(None, "--as-of", help="Date (start of that day, shop time) or ISO datetime; default now."),
+    as_of: str = typer.Option(None, "--as-of",
+                              help="Date (start of that day, shop time) or ISO datetime; default now."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and render in memory; send and write nothing."),
     limit: int = typer.Option(None, "--limit", min=0, help="At most this many members."),
     channel: list[str] = typer.Option(None, "--channel", help="Only this channel of the campaign's (repeatable)."),
@@ -77,7 +78,7 @@ def run_cmd(
     try:
         params = CampaignRunParameters(campaign=name, as_of=as_of, dry_run=dry_run, limit=limit, channels=channels,
                                        occurrence_tag=tag, segment_params=parse_params(param or []), resume=resume)
-    except Exception as exc:  # pydantic ValidationError: one line per problem
+    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError: one line per problem
         raise InputError(str(exc).replace("\n", "; ")) from None
     result = run_campaign(params)
     title = f"{name} · {result['occurrence']}" + (" · dry run" if dry_run else f" · run {result['status']}")

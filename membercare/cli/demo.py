@@ -80,7 +80,8 @@ def shop_overview(conn: sa.Connection, as_of=None) -> list[tuple[str, str]]:
     members = conn.execute(sa.select(sa.func.count()).select_from(m)).scalar_one()
     tiers = conn.execute(sa.select(m.c.tier, sa.func.count()).group_by(m.c.tier).order_by(m.c.tier)).all()
     orders, revenue = conn.execute(
-        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(o.c.total_minor), 0)).where(o.c.status.in_(PURCHASE_STATUSES))
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(o.c.total_minor), 0))
+        .where(o.c.status.in_(PURCHASE_STATUSES))
     ).one()
     buyers = conn.execute(
         sa.select(sa.func.count(sa.distinct(o.c.member_id))).where(o.c.status.in_(PURCHASE_STATUSES))
@@ -287,8 +288,9 @@ def demo(
 
     with engine.connect() as conn:
         existing = conn.execute(sa.select(sa.func.count()).select_from(Member.__table__)).scalar_one()
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console, transient=False)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+                        transient=False)
     with progress:
         if existing:
             console.print(f"using the existing demo shop ({existing:,} members)")
@@ -398,7 +400,8 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
     e.add_column(justify="right")
     for kind in sorted(events):
         e.add_row(kind, f"{events[kind]:,}")
-    e.add_row("settled by sync-engagement", f"{sync.get('settled_from_events', 0) + sync.get('reconciled_from_records', 0):,}")
+    settled = sync.get("settled_from_events", 0) + sync.get("reconciled_from_records", 0)
+    e.add_row("settled by sync-engagement", f"{settled:,}")
     hooks = sync.get("webhooks") or {}
     if hooks:
         def total(suffix: str) -> int:

@@ -22,7 +22,8 @@ def generate_shop_command(
         help="The shop's 'now' (a date = its start in the shop timezone, or an ISO datetime). Default: today.",
     ),
     replace: bool = typer.Option(False, "--replace", help="Delete the existing shop data first."),
-    batch_size: int = typer.Option(5000, "--batch-size", help="Members per database transaction (does not change the data)."),
+    batch_size: int = typer.Option(5000, "--batch-size",
+                                   help="Members per database transaction (does not change the data)."),
 ) -> None:
     """Generate a demo shop: members, consents, devices, catalogue, orders, coupons, tiers and points."""
     tz = state.settings.shop_timezone

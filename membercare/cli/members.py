@@ -75,7 +75,8 @@ def show(
     for col in ("code", "value", "expires", "state"):
         t.add_column(col)
     for c in p.coupons:
-        value = f"{c['percent_off']}% off" if c["kind"] == "percent" else f"{c['amount_minor'] / 100:,.0f} {c['currency']}"
+        value = (f"{c['percent_off']}% off" if c["kind"] == "percent"
+                 else f"{c['amount_minor'] / 100:,.0f} {c['currency']}")
         state = f"redeemed {c['redeemed_at']:%Y-%m-%d}" if c["redeemed_at"] else "open"
         t.add_row(c["code"], value, f"{c['expires_at']:%Y-%m-%d}", state)
     console.print(t)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from membercare.cli import app
-from membercare.cli.common import console, migrated_engine, state
+from membercare.cli.common import console, err_console, migrated_engine, state
 from membercare.errors import InputError
 
 
@@ -21,7 +21,10 @@ def _shop_sms_price(settings) -> int:
     path = Path(settings.templates_dir) / "_layout" / "shop.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+    except FileNotFoundError:
+        return 0
+    except (OSError, yaml.YAMLError) as exc:
+        err_console.print(f"[yellow]warning:[/] {path} unreadable ({type(exc).__name__}): SMS cost shown as 0")
         return 0
     return int((data.get("sms") or {}).get("price_per_segment_minor") or 0)
 
@@ -31,7 +34,10 @@ def _campaigns(settings) -> list:
 
     try:
         return list_campaigns(settings)
-    except Exception:  # a broken definition must not stop a report; the segment column stays empty
+    except Exception as exc:  # noqa: BLE001 - a broken definition must not stop a report
+        # Campaign definitions hold no personal data, so their error text is safe to show.
+        err_console.print(f"[yellow]warning:[/] campaign definitions not read ({type(exc).__name__}: {exc}); "
+                          "segment and variant columns stay empty")
         return []
 
 
@@ -147,7 +153,8 @@ def _print(rep) -> None:
     for r in [*rep.funnel, rep.totals]:
         t.add_row(r.campaign, r.segment or "-", r.channel, f"{r.planned:,}", f"{r.sent:,}", f"{r.delivered:,}",
                   f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}", _money(r.revenue_minor, cur),
-                  f"{r.unsubscribed:,}", f"{r.sms_segments:,}", _money(r.sms_cost_minor, cur) if r.sms_segments else "-",
+                  f"{r.unsubscribed:,}", f"{r.sms_segments:,}",
+                  _money(r.sms_cost_minor, cur) if r.sms_segments else "-",
                   style="bold" if r is rep.totals else None)
     console.print(t)
 

@@ -170,7 +170,8 @@ def segment_sql(
 @rfm_app.command("score")
 def rfm_score(
     as_of: str = typer.Option(None, "--as-of", help=AS_OF_HELP),
-    window_days: int = typer.Option(None, "--window-days", min=1, help="Only purchases in this many days (default: all)."),
+    window_days: int = typer.Option(None, "--window-days", min=1,
+                                    help="Only purchases in this many days (default: all)."),
 ) -> None:
     """Compute and store RFM scores and cells for every buyer."""
     from segments.rfm import score_rfm
@@ -191,7 +192,8 @@ def rfm_score(
 def churn_fit(
     transactions: Path = typer.Option(..., "--transactions", help="Transactions file."),
     fmt: str = typer.Option("orders-csv", "--format", help="cdnow or orders-csv."),
-    calibration_end: str = typer.Option(..., "--calibration-end", help="Last day of the calibration period (YYYY-MM-DD)."),
+    calibration_end: str = typer.Option(..., "--calibration-end",
+                                        help="Last day of the calibration period (YYYY-MM-DD)."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimates as JSON."),
 ) -> None:
     """Fit BG/NBD by maximum likelihood on a transactions file and print r, alpha, a, b."""

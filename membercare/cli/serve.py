@@ -24,6 +24,7 @@ def serve(
     """
     import uvicorn
 
+    from flows.deployments import DeploymentStarter
     from membercare.receiver import ReceiverConfig, create_app
 
     config = ReceiverConfig.from_env(settings=state.settings)
@@ -33,5 +34,6 @@ def serve(
         err_console.print(f"[yellow]warning:[/] {missing} is not configured: that endpoint answers 503")
     console.print(f"membercare receiver on http://{host}:{port} (public URL {config.public_url})")
     # The access log is off: link tokens are in the path (/u/{token}) and are credentials.
-    uvicorn.run(create_app(config, engine), host=host, port=port, log_level=log_level.lower(), access_log=False,
-                server_header=False, proxy_headers=False)
+    # POST /triggers/{event} starts runs of the trigger-message deployment; the receiver itself knows no Prefect.
+    uvicorn.run(create_app(config, engine, DeploymentStarter()), host=host, port=port, log_level=log_level.lower(),
+                access_log=False, server_header=False, proxy_headers=False)

@@ -72,8 +72,8 @@ def check_cmd(
     console.print(f"{len(results)} campaign(s), {errors} error(s), {warnings} warning(s)")
     if errors:
         # A MembercareError: the app's main() prints it as one line and exits 1.
-        raise TemplateCheckFailed(f"template check failed: {errors} error(s) in "
-                                  f"{sum(1 for ps in results.values() if any(p.severity == 'error' for p in ps))} campaign(s)")
+        failed = sum(1 for ps in results.values() if any(p.severity == "error" for p in ps))
+        raise TemplateCheckFailed(f"template check failed: {errors} error(s) in {failed} campaign(s)")
 
 
 @templates_app.command("preview")

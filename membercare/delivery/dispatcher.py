@@ -37,8 +37,9 @@ Mechanics:
   to the suppression list.
 * **Database faults**: every transaction runs through :func:`membercare.db.in_transaction`, which runs it
   again from the start after a deadlock or a dropped connection (every statement here is conditional on
-  the row's state, so a rerun is harmless); buffered outcomes are kept until written. ``ConfigurationError`` -> the run stops loudly: the affected and not-yet-sent
-  rows go back to planned, the run is paused with the reason, and the error is re-raised.
+  the row's state, so a rerun is harmless); buffered outcomes are kept until written.
+  ``ConfigurationError`` -> the run stops loudly: the affected and not-yet-sent rows go back to planned,
+  the run is paused with the reason, and the error is re-raised.
 * **Error budget**: when more than ``run.error_budget`` of the last ``error_window`` provider answers
   were failures, the run is paused; remaining claimed rows go back to planned. Counted as failures:
   transient failures other than throttling, permanent rejections of content or account (``rejected``,
@@ -48,6 +49,7 @@ Mechanics:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -56,7 +58,6 @@ import socket
 import threading
 import time
 import uuid
-import dataclasses
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from membercare.db import in_transaction, insert_for, is_sqlite
+from membercare.db import in_transaction, insert_for
 from membercare.delivery.contract import (
     Accepted,
     ChannelAdapter,
@@ -78,6 +79,7 @@ from membercare.delivery.contract import (
     TransientFailure,
     redact,
 )
+from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate, read_version
 from membercare.delivery.models import (
     CLAIMABLE_STATES,
     CampaignRun,
@@ -90,7 +92,6 @@ from membercare.delivery.models import (
     address_hash,
     decode_contents,
 )
-from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate, read_version
 from membercare.delivery.planner import refresh_run_counts
 from membercare.delivery.policies import PolicySettings, load_policy, member_zone, quiet_hours_until
 from membercare.delivery.ratelimit import TokenBucket, Unlimited
@@ -129,7 +130,8 @@ class DispatchConfig:
     # the row (mark_sent_from_event), and the provider records (``records=``) are checked before resending.
     ambiguous_retry_delay: float = 30.0
     # After the error budget paused the run: try again automatically after this many seconds (doubled
-    # after each further pause, at most ``max_auto_resumes`` times). None: an operator resumes it.
+    # after each further pause, at most ``max_auto_resumes`` times). The campaign's ``auto_resume_after``
+    # (stored on the run) wins; None for both: an operator resumes it.
     auto_resume_after: float | None = None
     max_auto_resumes: int = 5
 
@@ -207,7 +209,7 @@ class _SendPool:
     withdraws a job only if no worker has started it (its provider call can then never happen).
     """
 
-    def __init__(self, workers: int, send: Callable[[_Job], SendResult], completed: "queue.SimpleQueue[_Job]"):
+    def __init__(self, workers: int, send: Callable[[_Job], SendResult | None], completed: queue.SimpleQueue[_Job]):
         self._send, self._completed = send, completed
         self._work: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -250,7 +252,7 @@ class _SendPool:
             self._completed.put(job)
 
 
-def _drain(completed: "queue.SimpleQueue[_Job]", timeout: float) -> list[_Job]:
+def _drain(completed: queue.SimpleQueue[_Job], timeout: float) -> list[_Job]:
     """Wait up to ``timeout`` for one finished job, then take every other one already there."""
     try:
         done = [completed.get(timeout=timeout)]
@@ -338,18 +340,8 @@ class Dispatcher:
         try:
             while True:
                 if stop is None and not drained and len(inflight) <= cfg.batch_size // 2:
-                    if self._run_status(run_id) != RunStatus.DISPATCHING:
-                        stop = "run is no longer dispatching (paused by another dispatcher or an operator)"
-                    else:
-                        try:
-                            jobs = self._claim(run, cfg.batch_size, policy, buffer)
-                        except ConfigurationError as exc:
-                            config_error, jobs = exc, []
-                            stop = f"configuration error: {exc}"
-                        drained = not jobs and not buffer
-                        for job in jobs:
-                            inflight.add(job)
-                            pool.submit(job)
+                    stop, claim_error, drained = self._top_up(run, policy, buffer, inflight, pool)
+                    config_error = config_error or claim_error
                 if inflight:
                     # Finished jobs arrive on a queue (O(1) per message, nothing registered per job).
                     done = _drain(completed, cfg.flush_interval)
@@ -357,39 +349,12 @@ class Dispatcher:
                         if job not in inflight:  # cancelled and released below already
                             continue
                         inflight.discard(job)
-                        result = job.result
-                        if job.gated is not None:  # stopped by the send gate: never attempted
-                            if job.gated is not DROP:
-                                buffer.append(job.gated)
-                            continue
-                        if isinstance(job.error, ConfigurationError):
-                            config_error = config_error or job.error
-                            buffer.append(self._release(job, "not sent: configuration error"))
-                            continue
-                        if isinstance(job.error, Exception):  # an adapter bug: we cannot know whether it was sent
-                            log.error("adapter %s raised for message %s", job.channel, job.row["message_id"],
-                                      exc_info=job.error)
-                            result = job.error
-                        elif job.error is not None:  # KeyboardInterrupt/SystemExit in a worker
-                            raise job.error
-                        rep.attempts += 1
-                        out = self._outcome(job, result, policy)
-                        if out.budget is not None:
-                            budget.record(out.budget)
-                        buffer.append(out)
-                    if config_error is not None and stop is None:
-                        stop = f"configuration error: {config_error}"
-                    if stop is None and self._gate_stop is not None:
-                        stop = self._gate_stop
-                    if stop is None and budget.spent():
-                        stop = (f"error budget spent: {budget.failure_rate:.0%} of the last "
-                                f"{len(budget._window)} sends failed (budget {budget.budget:.0%})")
-                        rep.resume_at = self._pause(run_id, stop, auto_resume=True)
+                        failed_config = self._finished(job, policy, budget, rep, buffer)
+                        config_error = config_error or failed_config
+                    if stop is None:
+                        stop = self._stop_reason(run_id, config_error, budget, rep)
                     if stop is not None:
-                        for job in list(inflight):
-                            if pool.cancel(job):
-                                inflight.discard(job)
-                                buffer.append(self._release(job, "not sent: dispatch stopped"))
+                        self._cancel_queued(inflight, pool, buffer)
                 now_m = time.monotonic()
                 if buffer and (len(buffer) >= cfg.flush_every or now_m - last_flush >= cfg.flush_interval
                                or not inflight):
@@ -401,28 +366,11 @@ class Dispatcher:
                 if stop is not None:
                     break
                 if drained:
-                    next_due = self._next_due(run_id)
-                    rep.next_due_at = next_due
-                    if next_due is None:
+                    if not self._wait_for_deferred(run_id, rep):
                         break
-                    delay = (next_due - self.clock()).total_seconds()
-                    if delay > cfg.wait_for_deferred:
-                        break
-                    self.sleep(max(delay, 0.0) + 0.001)
                     drained = False
         finally:
-            for job in inflight:
-                pool.cancel(job)
-            pool.shutdown()
-            # Anything finished after an exception in this loop is recorded; cancelled work is released.
-            for job in list(inflight):
-                if job.cancelled:
-                    buffer.append(self._release(job, "not sent: dispatcher stopped"))
-                elif job.gated is not None:
-                    if job.gated is not DROP:
-                        buffer.append(job.gated)
-                elif job.error is None:
-                    buffer.append(self._outcome(job, job.result, policy))
+            self._settle_leftovers(inflight, pool, policy, buffer)
             if buffer:
                 self._flush(buffer, rep)
             rep.status = self._finish(run_id, config_error)
@@ -432,6 +380,96 @@ class Dispatcher:
         if config_error is not None:
             raise config_error
         return rep
+
+    def _top_up(self, run, policy: PolicySettings, buffer: list[_Outcome], inflight: set[_Job],
+                pool: _SendPool) -> tuple[str | None, ConfigurationError | None, bool]:
+        """Claim the next batch of due rows and hand them to the send pool. Returns (why the run must stop,
+        the configuration error that stops it, whether nothing was left to claim)."""
+        if self._run_status(run.id) != RunStatus.DISPATCHING:
+            return "run is no longer dispatching (paused by another dispatcher or an operator)", None, False
+        try:
+            jobs = self._claim(run, self.config.batch_size, policy, buffer)
+        except ConfigurationError as exc:
+            return f"configuration error: {exc}", exc, not buffer
+        for job in jobs:
+            inflight.add(job)
+            pool.submit(job)
+        return None, None, not jobs and not buffer
+
+    def _cancel_queued(self, inflight: set[_Job], pool: _SendPool, buffer: list[_Outcome]) -> None:
+        """The run stops: release every job the send pool has not started."""
+        for job in list(inflight):
+            if pool.cancel(job):
+                inflight.discard(job)
+                buffer.append(self._release(job, "not sent: dispatch stopped"))
+
+    def _wait_for_deferred(self, run_id: int, rep: DispatchReport) -> bool:
+        """Nothing is due now: sleep until the next deferred row is due when that is within
+        ``config.wait_for_deferred`` and return True; else return False (the dispatch pass ends)."""
+        next_due = self._next_due(run_id)
+        rep.next_due_at = next_due
+        if next_due is None:
+            return False
+        delay = (next_due - self.clock()).total_seconds()
+        if delay > self.config.wait_for_deferred:
+            return False
+        self.sleep(max(delay, 0.0) + 0.001)
+        return True
+
+    def _finished(self, job: _Job, policy: PolicySettings, budget: ErrorBudget, rep: DispatchReport,
+                  buffer: list[_Outcome]) -> ConfigurationError | None:
+        """Record one finished job's outcome in ``buffer``; returns its configuration error, if that is what
+        it raised (the row is then released, not attempted)."""
+        result = job.result
+        if job.gated is not None:  # stopped by the send gate: never attempted
+            if job.gated is not DROP:
+                buffer.append(job.gated)
+            return None
+        if isinstance(job.error, ConfigurationError):
+            buffer.append(self._release(job, "not sent: configuration error"))
+            return job.error
+        if isinstance(job.error, Exception):  # an adapter bug: we cannot know whether it was sent
+            log.error("adapter %s raised for message %s", job.channel, job.row["message_id"], exc_info=job.error)
+            result = job.error
+        elif job.error is not None:  # KeyboardInterrupt/SystemExit in a worker
+            raise job.error
+        rep.attempts += 1
+        out = self._outcome(job, result, policy)
+        if out.budget is not None:
+            budget.record(out.budget)
+        buffer.append(out)
+        return None
+
+    def _stop_reason(self, run_id: int, config_error: ConfigurationError | None, budget: ErrorBudget,
+                     rep: DispatchReport) -> str | None:
+        """Why the run must stop now (a configuration error, the send gate, a spent error budget, which also
+        pauses the run), or None."""
+        if config_error is not None:
+            return f"configuration error: {config_error}"
+        if self._gate_stop is not None:
+            return self._gate_stop
+        if budget.spent():
+            stop = (f"error budget spent: {budget.failure_rate:.0%} of the last "
+                    f"{len(budget._window)} sends failed (budget {budget.budget:.0%})")
+            rep.resume_at = self._pause(run_id, stop, auto_resume=True)
+            return stop
+        return None
+
+    def _settle_leftovers(self, inflight: set[_Job], pool: _SendPool, policy: PolicySettings,
+                          buffer: list[_Outcome]) -> None:
+        """The loop has ended: stop the send pool; of the jobs still in flight, anything finished after an
+        exception in the loop is recorded and cancelled work is released."""
+        for job in inflight:
+            pool.cancel(job)
+        pool.shutdown()
+        for job in list(inflight):
+            if job.cancelled:
+                buffer.append(self._release(job, "not sent: dispatcher stopped"))
+            elif job.gated is not None:
+                if job.gated is not DROP:
+                    buffer.append(job.gated)
+            elif job.error is None:
+                buffer.append(self._outcome(job, job.result, policy))
 
     def _start(self, run_id: int, resume: bool):
         r = CampaignRun.__table__
@@ -473,11 +511,13 @@ class Dispatcher:
 
         def work(conn: Connection) -> datetime | None:
             _take_write_lock(conn, run_id, now)  # SQLite: read-then-write must start as a writer
-            resumes = conn.execute(sa.select(r.c.auto_resumes).where(r.c.id == run_id)).scalar_one()
+            resumes, allowed = conn.execute(sa.select(r.c.auto_resumes, r.c.auto_resume_after_s)
+                                            .where(r.c.id == run_id)).one()
+            after = allowed if allowed is not None else cfg.auto_resume_after  # the campaign's, else ours
             at = None
             why = reason
-            if auto_resume and cfg.auto_resume_after is not None and resumes < cfg.max_auto_resumes:
-                at = now + timedelta(seconds=cfg.auto_resume_after * (2 ** resumes))
+            if auto_resume and after is not None and resumes < cfg.max_auto_resumes:
+                at = now + timedelta(seconds=after * (2 ** resumes))
                 why = f"{reason}; resumes automatically at {at.isoformat()} (probe {resumes + 1} of " \
                       f"{cfg.max_auto_resumes})"
             conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == RunStatus.DISPATCHING.value).values(
@@ -750,7 +790,7 @@ class Dispatcher:
         self.limiters[job.channel].acquire()
         try:
             verdict = self._gate.submit(job)
-        except Exception as exc:  # the database is unreachable beyond the retries: not attempted
+        except Exception as exc:  # noqa: BLE001 - the database is unreachable beyond the retries: not attempted
             why = f"the send gate could not be checked ({type(exc).__name__})"
             log.error("run %s: %s; stopping", self._run_id, why)
             self._gate_stop = self._gate_stop or why
@@ -759,6 +799,7 @@ class Dispatcher:
         if verdict is not GO:
             job.gated = verdict
             return None
+        assert job.message is not None  # built when the job was claimed
         return self.adapters[job.channel].send(job.message)
 
     # ------------------------------------------------------------------------------------------- outcomes

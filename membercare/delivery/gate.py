@@ -157,7 +157,7 @@ class GroupCommit(Generic[K, V]):
         results: dict[K, V | _Failed]
         try:
             results = dict(self._commit(batch))
-        except BaseException as exc:  # handed to every waiter of this batch, and raised here
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter of this batch, and raised here
             results = {it: _Failed(exc) for it in batch}
         with self._cond:
             self._busy = False

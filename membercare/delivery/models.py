@@ -33,10 +33,10 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
-from membercare.models import ID, Channel, Purpose
+from membercare.models import ID, Channel, Purpose, TableModel
 from membercare.timeutil import UTCDateTime, utcnow
 
 
@@ -122,7 +122,7 @@ class SuppressionReason(StrEnum):
     MANUAL = "manual"
 
 
-class CampaignRun(SQLModel, table=True):
+class CampaignRun(TableModel, table=True):
     """One occurrence of a campaign (e.g. the daily birthday campaign of 2026-11-23)."""
 
     __tablename__ = "campaign_runs"
@@ -147,6 +147,8 @@ class CampaignRun(SQLModel, table=True):
     # many times the run was resumed that way (the cool-down doubles each time).
     auto_resume_at: datetime | None = _ts(nullable=True, default=None)
     auto_resumes: int = Field(default=0)
+    # The campaign allows automatic resumption after this cool-down (seconds); None: an operator resumes it.
+    auto_resume_after_s: float | None = Field(default=None)
     # Last computed state -> count map (JSON); refreshed at the end of planning and of each dispatch pass.
     counts: str = Field(default="{}", sa_type=sa.Text)
     created_at: datetime = _ts(default_factory=utcnow)
@@ -155,7 +157,7 @@ class CampaignRun(SQLModel, table=True):
     updated_at: datetime = _ts(default_factory=utcnow)
 
 
-class OutboxMessage(SQLModel, table=True):
+class OutboxMessage(TableModel, table=True):
     """One intended message to one member: the delivery ledger."""
 
     __tablename__ = "outbox_messages"
@@ -204,7 +206,7 @@ class OutboxMessage(SQLModel, table=True):
     updated_at: datetime = _ts(default_factory=utcnow)
 
 
-class DeliveryControls(SQLModel, table=True):
+class DeliveryControls(TableModel, table=True):
     """One row (id 1): the send gate's change counter and the operator's global kill switch.
 
     Database triggers (migration ``0008_send_gate``) add one to ``version`` whenever something that can
@@ -223,7 +225,7 @@ class DeliveryControls(SQLModel, table=True):
     updated_at: datetime | None = _ts(nullable=True, default=None)
 
 
-class Suppression(SQLModel, table=True):
+class Suppression(TableModel, table=True):
     """Addresses (by hash) or members we must not message on a channel.
 
     ``address_hash`` is :func:`address_hash` of the normalised address; ``member_id`` rows suppress a
@@ -249,7 +251,7 @@ class Suppression(SQLModel, table=True):
     created_at: datetime = _ts(default_factory=utcnow)
 
 
-class DeliveryPolicyRow(SQLModel, table=True):
+class DeliveryPolicyRow(TableModel, table=True):
     """Named policy settings (JSON of :class:`membercare.delivery.policies.PolicySettings`); 'default' applies."""
 
     __tablename__ = "delivery_policies"

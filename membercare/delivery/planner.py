@@ -84,6 +84,7 @@ class PlanSpec:
     channels: tuple[Channel, ...]  # the channels the campaign may use
     priority: int = 0  # higher wins frequency-cap slots (see policies)
     error_budget: float = 0.5  # see dispatcher.ErrorBudget
+    auto_resume_after_s: float | None = None  # after an error-budget pause (see dispatcher); None: an operator
 
     def __post_init__(self) -> None:
         if not self.campaign or "|" in self.campaign or "|" in self.occurrence or not self.occurrence:
@@ -162,7 +163,7 @@ class PlanReport:
     by_state: Counter = field(default_factory=Counter)  # of inserted rows
     by_reason: Counter = field(default_factory=Counter)
 
-    def add(self, other: "PlanReport") -> None:
+    def add(self, other: PlanReport) -> None:
         self.inserted += other.inserted
         self.already_planned += other.already_planned
         self.preempted += other.preempted
@@ -189,6 +190,7 @@ def get_or_create_run(engine: Engine, spec: PlanSpec, as_of: datetime) -> int:
             dict(campaign=spec.campaign, occurrence=spec.occurrence, purpose=spec.purpose.value
                  if isinstance(spec.purpose, Purpose) else spec.purpose, priority=spec.priority, as_of=as_of,
                  status=RunStatus.PLANNED.value, error_budget=spec.error_budget, counts="{}",
+                 auto_resume_after_s=spec.auto_resume_after_s,
                  created_at=now, updated_at=now),
         )
         return conn.execute(sa.select(r.c.id, r.c.purpose).where(
@@ -224,7 +226,7 @@ def plan_run(
     for batch in member_batches:
         recipients = [b if isinstance(b, Recipient) else Recipient(int(b)) for b in batch]
         if recipients:
-            def work(conn: Connection) -> PlanReport:
+            def work(conn: Connection, recipients: list[Recipient] = recipients) -> PlanReport:
                 # Counted per try: a try rolled back by a dropped connection or a deadlock counts nothing.
                 part = PlanReport(run_id)
                 plan_batch(conn, run_id, spec, recipients, as_of, renderer, policy, message_ids, part, hooks=hooks)
@@ -506,7 +508,7 @@ def _write(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, 
             stored: dict[str, str] = {}
             for part in _chunks(list(mine), chunk_size(conn)):
                 stored.update(conn.execute(sa.select(o.c.idempotency_key, o.c.message_id)
-                                           .where(any_of(conn, o.c.idempotency_key, part))).all())
+                                           .where(any_of(conn, o.c.idempotency_key, part))).tuples().all())
             inserted = {k for k, mid in mine.items() if stored.get(k) == mid}
     else:
         inserted = set(insert_returning(conn, o, rows, conflict=["idempotency_key"], returning="idempotency_key"))
@@ -543,7 +545,8 @@ def _preempt(conn, spec, pending, rows, recent, todo, policy, report) -> None:
     wanted = sorted({i for ids in pending.values() for i in ids})
     now = utcnow()
     got = set(conn.execute(
-        sa.update(o).where(any_of(conn, o.c.id, wanted), o.c.state.in_((OutboxState.PLANNED.value, OutboxState.DEFERRED.value)))
+        sa.update(o)
+        .where(any_of(conn, o.c.id, wanted), o.c.state.in_((OutboxState.PLANNED.value, OutboxState.DEFERRED.value)))
         .values(state=OutboxState.SKIPPED.value, reason_code=Decision.PREEMPTED.value,
                 reason=f"frequency cap: slot taken by higher-priority campaign {spec.campaign} "
                        f"(priority {spec.priority})"[:500],

@@ -80,7 +80,7 @@ class PolicySettings:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PolicySettings":
+    def from_json(cls, text: str) -> PolicySettings:
         d = json.loads(text)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:

@@ -39,16 +39,19 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from membercare.errors import ConfigurationError, InputError
+from membercare.errors import ConfigurationError, DeliveryError, InputError
+
+if TYPE_CHECKING:
+    from membercare.delivery.dispatcher import DispatchConfig
 
 log = logging.getLogger(__name__)
 
 MAX_PROCESSES = 16
 
 
-class DispatchProcessError(RuntimeError):
+class DispatchProcessError(DeliveryError, RuntimeError):
     """A dispatcher process died or failed without a report. Rows it held stay ``sending`` until the lease
     expires and then become ``unknown`` (never resent blindly); the other processes' work is recorded."""
 
@@ -58,7 +61,7 @@ def split_rates(rates: Mapping[str, float], processes: int) -> dict[str, float]:
     return {ch: rate / processes for ch, rate in rates.items() if rate}
 
 
-def _config_json(config) -> dict[str, Any]:
+def _config_json(config: DispatchConfig) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -80,8 +83,8 @@ def _config_from_json(data: Mapping[str, Any]):
 
 
 def dispatch_processes(database_url: str, run_id: int, processes: int, *, env: Mapping[str, str] | None = None,
-                       config=None, channels: Iterable[str] | None = None, resume: bool = False,
-                       shared_limits: Sequence[Mapping[str, Any]] = (), python: str | None = None,
+                       config: DispatchConfig | None = None, channels: Iterable[str] | None = None,
+                       resume: bool = False, shared_limits: Sequence[Mapping[str, Any]] = (), python: str | None = None,
                        child_module: str = "membercare.delivery.pool"
                        ) -> list[dict[str, Any]]:
     """Run ``processes`` dispatcher processes on ``run_id`` until each returns; their reports, in order.
@@ -92,10 +95,10 @@ def dispatch_processes(database_url: str, run_id: int, processes: int, *, env: M
     ``shared_limits``: ``{"channel", "name", "limit", "rate"}`` for orchestrator-wide limits (their API
     must be reachable from the processes through ``env``), built in each process by ``child_module``'s
     ``main`` (the orchestration layer's entry point, e.g. ``flows.dispatch_process``, which calls
-    :func:`main` with a limiter factory; this package never imports the orchestrator). A report is a dict with ``worker``, ``attempts``,
-    ``outcomes``, ``status``, ``stop_reason``, ``next_due_at`` (ISO or None), ``recovered_unknown``,
-    ``elapsed``. Raises ``ConfigurationError``/``RunPaused`` as one dispatcher would (after every process
-    stopped), :class:`DispatchProcessError` when a process died.
+    :func:`main` with a limiter factory; this package never imports the orchestrator). A report is a dict
+    with ``worker``, ``attempts``, ``outcomes``, ``status``, ``stop_reason``, ``next_due_at`` (ISO or None),
+    ``recovered_unknown``, ``elapsed``. Raises ``ConfigurationError``/``RunPaused`` as one dispatcher would
+    (after every process stopped), :class:`DispatchProcessError` when a process died.
     """
     from membercare.delivery.dispatcher import DispatchConfig
 
@@ -131,9 +134,14 @@ def dispatch_processes(database_url: str, run_id: int, processes: int, *, env: M
         for p in procs:  # interrupted: stop the processes (their rows are recorded or recovered later)
             p.terminate()
         raise
+    return _collect_reports(procs, outputs)
+
+
+def _collect_reports(procs: Sequence[subprocess.Popen], outputs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The finished processes' reports, in order; raises what one in-process dispatcher would have raised."""
     reports: list[dict[str, Any]] = []
     failures: list[str] = []
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         for line in err.splitlines()[-20:]:
             log.warning("dispatcher process %d: %s", i, line)
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]

@@ -30,7 +30,7 @@ Per provider (details and residual risks in ``docs/delivery.md``, "Reconciliatio
   the app carrying our message id (the webhook receiver does that); otherwise it stays ``unknown``.
 
 Everything here is SDK-free: the Twilio list call lives in the adapter
-(:meth:`channels.twilio.TwilioSmsChannel.list_messages`, any :class:`MessageLister` will do).
+(:meth:`channels.twilio.adapter.TwilioSmsChannel.list_messages`, any :class:`MessageLister` will do).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from sqlalchemy.engine import Engine
 from membercare.delivery.models import OutboxMessage, OutboxState, decode_contents
 from membercare.delivery.reconcile import ProviderRecords, ProviderVerdicts, Settlement
 from membercare.delivery.sqlutil import any_of
-from membercare.errors import ConfigurationError
+from membercare.errors import ConfigurationError, DeliveryError
 from membercare.models import Channel, Member
 from membercare.timeutil import ensure_utc, utcnow
 
@@ -62,7 +62,7 @@ TWILIO_QUEUE_LIMIT = timedelta(seconds=36_000)
 SENDGRID_WEBHOOK_RETRY_PERIOD = timedelta(hours=24)
 
 
-class ProviderLookupError(RuntimeError):
+class ProviderLookupError(DeliveryError, RuntimeError):
     """A provider lookup could not be made completely (the message names no address)."""
 
 
@@ -271,7 +271,7 @@ class CombinedRecords:
         for source in self.sources:
             try:
                 found.update({k: v for k, v in source.lookup(message_ids).items() if k not in found})
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged; the other sources still answer
                 _unavailable(source, exc)
         return found
 
@@ -281,7 +281,7 @@ class CombinedRecords:
             try:
                 part = (source.settle(message_ids, now=now) if isinstance(source, ProviderVerdicts)
                         else Settlement(found=dict(source.lookup(message_ids))))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged; the other sources still answer
                 _unavailable(source, exc)
                 continue
             for mid, pid in part.found.items():
@@ -322,15 +322,17 @@ def provider_records_from_env(engine: Engine, env: Mapping[str, str], *,
     """The provider lookups the configured channels allow (Twilio's list, SendGrid's events), plus ``also``
     (e.g. a :class:`~membercare.delivery.reconcile.SandboxRecords`). ``None`` when there is none. Call
     ``close()`` on the result when done (it owns a Twilio adapter)."""
+    from channels.registry import build_channels, provider_for
+
     sources: list = list(also)
     closers: list[Callable[[], None]] = []
-    if (env.get("MEMBERCARE_TWILIO_ACCOUNT_SID") or "").strip():
-        from channels.registry import build_channels
-
+    # Each lookup speaks for its provider's messages only: with another provider chosen for the channel
+    # (MEMBERCARE_PROVIDER_<CHANNEL>), an absence from Twilio's list or SendGrid's events proves nothing.
+    if (env.get("MEMBERCARE_TWILIO_ACCOUNT_SID") or "").strip() and provider_for(Channel.SMS, env).name == "twilio":
         sms = build_channels(env, channels=[Channel.SMS])[Channel.SMS]
         sources.append(TwilioListRecords(engine, sms))  # type: ignore[arg-type]
         closers.append(sms.close)
-    if (env.get("MEMBERCARE_SENDGRID_API_KEY") or "").strip():
+    if (env.get("MEMBERCARE_SENDGRID_API_KEY") or "").strip() and provider_for(Channel.EMAIL, env).name == "sendgrid":
         sources.append(SendGridEventRecords(engine, trust_event_stream=trust_sendgrid_events(env)))
     return CombinedRecords(sources, closers) if sources else None
 

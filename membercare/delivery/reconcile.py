@@ -64,8 +64,9 @@ class Settlement:
 
 
 @runtime_checkable
-class ProviderVerdicts(Protocol):
-    """Extension point beyond :class:`ProviderRecords`: a source that can also *confirm absence*.
+class ProviderVerdicts(ProviderRecords, Protocol):
+    """Extension point beyond :class:`ProviderRecords` (so it has ``lookup`` too): a source that can also
+    *confirm absence*.
 
     ``settle(message_ids, now=...)`` returns a :class:`Settlement`. Only claim ``never_received`` when the
     provider's records for the message's recipient and time window are complete (every page read, past
@@ -238,7 +239,8 @@ def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
                 if since > now - grace:
                     continue  # events may still arrive
                 if r.purpose == Purpose.TRANSACTIONAL:
-                    res = conn.execute(sa.update(o).where(o.c.id == r.id, o.c.state == OutboxState.UNKNOWN.value).values(
+                    still_unknown = sa.and_(o.c.id == r.id, o.c.state == OutboxState.UNKNOWN.value)
+                    res = conn.execute(sa.update(o).where(still_unknown).values(
                         state=OutboxState.PLANNED.value, next_attempt_at=None, claimed_by=None, claimed_at=None,
                         reason_code=Decision.RESENT_AFTER_UNKNOWN.value, updated_at=now,
                         reason="outcome unknown and no provider record after the grace period; resending "

@@ -55,7 +55,9 @@ class MemberContext:
     row: Mapping | None = None  # the full members row, for renderers and assignment hooks
 
     def address(self, channel: str) -> str | None:
-        return {Channel.EMAIL: self.email, Channel.SMS: self.phone, Channel.PUSH: self.push_token}.get(channel)
+        addresses: dict[str, str | None] = {Channel.EMAIL: self.email, Channel.SMS: self.phone,
+                                            Channel.PUSH: self.push_token}
+        return addresses.get(channel)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import insert_for, is_sqlite
 
@@ -32,11 +32,11 @@ from membercare.db import insert_for, is_sqlite
 CHUNK = {"sqlite": 900, "postgresql": 20_000}
 
 
-def chunk_size(bind) -> int:
+def chunk_size(bind: Engine | Connection) -> int:
     return CHUNK["sqlite"] if is_sqlite(bind) else CHUNK["postgresql"]
 
 
-def any_of(bind, column: sa.ColumnElement, values: Iterable[Any]) -> sa.ColumnElement[bool]:
+def any_of(bind: Engine | Connection, column: sa.ColumnElement, values: Iterable[Any]) -> sa.ColumnElement[bool]:
     """``column IN values`` as the dialect runs it best (see the module docstring)."""
     values = list(values)
     if is_sqlite(bind):

@@ -181,7 +181,8 @@ def conversions_query(since: datetime, until: datetime) -> sa.Select:
 def touches_query(settings: AttributionSettings, since: datetime, until: datetime) -> sa.Select:
     """Qualifying engagement events joined to their outbox rows (which carry member, campaign, variant)."""
     e, m = EngagementEventRow.__table__, OutboxMessage.__table__
-    by_channel = [sa.and_(e.c.channel == ch, e.c.kind.in_(TOUCH_KINDS[lv])) for ch, lv in sorted(settings.touch.items())]
+    by_channel = [sa.and_(e.c.channel == ch, e.c.kind.in_(TOUCH_KINDS[lv]))
+                  for ch, lv in sorted(settings.touch.items())]
     return sa.select(
         e.c.id.label("event_id"), e.c.kind.label("touch_kind"), e.c.occurred_at.label("touched_at"),
         e.c.channel, m.c.message_id, m.c.member_id, m.c.run_id, m.c.campaign, m.c.occurrence, m.c.variant,

@@ -19,9 +19,9 @@ from datetime import datetime
 from enum import StrEnum
 
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
-from membercare.models import ID
+from membercare.models import ID, TableModel
 from membercare.timeutil import UTCDateTime, utcnow
 
 
@@ -42,7 +42,7 @@ class ConversionType(StrEnum):
     COUPON = "coupon"  # a coupon redemption; revenue stays with its order, so it carries none
 
 
-class Attribution(SQLModel, table=True):
+class Attribution(TableModel, table=True):
     __tablename__ = "attributions"
     __table_args__ = (
         sa.UniqueConstraint("model", "conversion_type", "conversion_id", "message_id",
@@ -78,7 +78,7 @@ class Attribution(SQLModel, table=True):
     computed_at: datetime = Field(sa_type=UTCDateTime, nullable=False, default_factory=utcnow)
 
 
-class SmsMessageSegments(SQLModel, table=True):
+class SmsMessageSegments(TableModel, table=True):
     __tablename__ = "sms_message_segments"
 
     message_id: str = Field(primary_key=True, max_length=32)

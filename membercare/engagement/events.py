@@ -33,7 +33,7 @@ campaign and member), the provider's ids, and the raw provider payload. ``dedupe
 retried webhook harmless: it is unique per ``provider`` in ``engagement_events``.
 
 Extension point: a new provider needs only a parser that returns ``EngagementEvent`` objects (see
-``channels/sendgrid_events.py``); :func:`membercare.engagement.store.ingest` applies the effects.
+``channels/sendgrid/events.py``); :func:`membercare.engagement.store.ingest` applies the effects.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from membercare.errors import InputError
 from membercare.models import Channel
 from membercare.timeutil import ensure_utc
 
@@ -230,7 +231,7 @@ def json_too_deep(body: bytes, limit: int) -> bool:
     # Only quotes and brackets matter. Dropping each pair of adjacent quotes removes the strings that hold no
     # bracket (almost all of them) and merges adjacent strings, which changes nothing outside strings.
     structure = body.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
-    import numpy as np  # noqa: PLC0415 - only bodies with more brackets than the limit get here
+    import numpy as np  # only bodies with more brackets than the limit get here
 
     depth, parity = 0, 0
     for start in range(0, len(structure), _SCAN_CHUNK):
@@ -283,5 +284,5 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MalformedPayload(ValueError):
+class MalformedPayload(InputError, ValueError):
     """The request body is not the provider's documented shape at all (the receiver answers 400)."""

@@ -16,10 +16,10 @@ from __future__ import annotations
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from membercare.engagement.events import BounceClass, EventKind
-from membercare.models import ID, Channel
+from membercare.models import ID, Channel, TableModel
 from membercare.timeutil import UTCDateTime, utcnow
 
 
@@ -27,7 +27,7 @@ def _in(column: str, values) -> str:
     return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
 
 
-class EngagementEventRow(SQLModel, table=True):
+class EngagementEventRow(TableModel, table=True):
     __tablename__ = "engagement_events"
     __table_args__ = (
         sa.UniqueConstraint("provider", "provider_event_id", name="uq_engagement_events_provider_event"),

@@ -299,7 +299,7 @@ def ingest(conn: Connection, events: Sequence[EngagementEvent], *, apply_effects
     # One row per key (a batch may carry the same event twice); the first occurrence wins.
     rows: dict[tuple[str, str], dict] = {}
     index: dict[tuple[str, str], int] = {}
-    for i, (e, member) in enumerate(zip(events, member_ids)):
+    for i, (e, member) in enumerate(zip(events, member_ids, strict=True)):
         key = (str(e.provider), e.dedupe_key)
         if key in rows:
             continue
@@ -454,75 +454,96 @@ def _addresses_of(conn: Connection, member_ids: set[int]) -> dict[int, tuple[str
 
 def _apply_effects(conn: Connection, events: list[EngagementEvent], members: list[int | None],
                    by_address: dict, result: IngestResult) -> None:
-    suppress: dict[tuple[str, str], tuple[str, str]] = {}  # (channel, hash) -> (reason, source)
-    lift: set[tuple[str, str]] = set()  # (channel, hash) unsubscribe suppressions to lift
-    consents: list[ConsentStatement] = []
-    dead_tokens: dict[str, datetime] = {}
-
     # Suppressing needs an address; when the event has none (e.g. a Twilio callback without "To"), use the
     # resolved member's current one.
-    need_contact = {m for e, m in zip(events, members) if m is not None and not e.recipient}
-    contacts = _addresses_of(conn, need_contact) if need_contact else {}
+    need_contact = {m for e, m in zip(events, members, strict=True) if m is not None and not e.recipient}
+    fx = _Effects(_addresses_of(conn, need_contact) if need_contact else {}, by_address)
 
-    def address(e: EngagementEvent, member: int | None) -> str | None:
+    for e, member in zip(events, members, strict=True):
+        reason = _suppression_reason(e)
+        addr = fx.address(e, member) if reason is not None else None
+        if reason is not None and addr:
+            fx.suppress[(e.channel.value, address_hash(e.channel, addr))] = (reason, f"{e.provider}:{e.kind.value}")
+
+        # The event kind -> consent effect table.
+        if e.kind is EventKind.COMPLAINED:
+            fx.opt_out(e, member, Channel.EMAIL, ConsentSource.COMPLAINT)
+        elif e.kind is EventKind.UNSUBSCRIBED:
+            fx.opt_out(e, member, e.channel, ConsentSource.UNSUBSCRIBE_LINK)
+        elif e.kind is EventKind.RESUBSCRIBED:
+            fx.opt_in(e, member, e.channel, ConsentSource.PREFERENCE_CENTER)
+        elif e.kind is EventKind.INBOUND and e.command is InboundCommand.STOP:
+            fx.opt_out(e, member, Channel.SMS, ConsentSource.SMS_STOP)
+        elif e.kind is EventKind.INBOUND and e.command is InboundCommand.START:
+            fx.opt_in(e, member, Channel.SMS, ConsentSource.SMS_START)
+        elif e.kind is EventKind.REJECTED and e.channel is Channel.SMS and e.reason == REASON_OPTED_OUT:
+            fx.opt_out(e, member, Channel.SMS, ConsentSource.SMS_STOP)
+        elif e.kind is EventKind.FAILED and e.channel is Channel.PUSH and e.reason == REASON_UNREGISTERED:
+            if e.recipient:
+                fx.dead_tokens[e.recipient] = min(e.occurred_at, fx.dead_tokens.get(e.recipient, e.occurred_at))
+
+    if fx.consents:
+        result.consent_changes += record_consents(conn, fx.consents)
+    _write_suppressions(conn, fx.suppress, fx.lift, result)
+    if fx.dead_tokens:
+        _invalidate_tokens(conn, fx.dead_tokens, result)
+
+
+class _Effects:
+    """What one batch of events changes: consent statements, suppressions to add and to lift, dead tokens."""
+
+    def __init__(self, contacts: dict[int, tuple[str | None, str | None]], by_address: dict):
+        self.contacts, self.by_address = contacts, by_address
+        self.suppress: dict[tuple[str, str], tuple[str, str]] = {}  # (channel, hash) -> (reason, source)
+        self.lift: set[tuple[str, str]] = set()  # (channel, hash) unsubscribe suppressions to lift
+        self.consents: list[ConsentStatement] = []
+        self.dead_tokens: dict[str, datetime] = {}
+
+    def address(self, e: EngagementEvent, member: int | None) -> str | None:
         if e.recipient:
             return normalise_recipient(e.channel, e.recipient)
-        if member is not None and member in contacts and e.channel in (Channel.EMAIL, Channel.SMS):
-            email, phone = contacts[member]
+        if member is not None and member in self.contacts and e.channel in (Channel.EMAIL, Channel.SMS):
+            email, phone = self.contacts[member]
             return normalise_recipient(e.channel, email if e.channel == Channel.EMAIL else phone)
         return None
 
-    def members_for(e: EngagementEvent, member: int | None) -> list[int]:
+    def members_for(self, e: EngagementEvent, member: int | None) -> list[int]:
         if member is not None:
             return [member]
-        return list(by_address.get((e.channel.value, normalise_recipient(e.channel, e.recipient) or ""), []))
+        return list(self.by_address.get((e.channel.value, normalise_recipient(e.channel, e.recipient) or ""), []))
 
-    def opt_out(e: EngagementEvent, member: int | None, channel: Channel, source: ConsentSource) -> None:
-        targets = members_for(e, member)
+    def opt_out(self, e: EngagementEvent, member: int | None, channel: Channel, source: ConsentSource) -> None:
+        targets = self.members_for(e, member)
         for m in targets:
-            consents.append(_consent(m, channel, False, source, e))
-        addr = address(e, member)
+            self.consents.append(_consent(m, channel, False, source, e))
+        addr = self.address(e, member)
         if not targets and addr:
-            suppress.setdefault((channel.value, address_hash(channel, addr)),
-                                (SuppressionReason.UNSUBSCRIBE.value, f"{e.provider}:{e.kind.value}"))
+            self.suppress.setdefault((channel.value, address_hash(channel, addr)),
+                                     (SuppressionReason.UNSUBSCRIBE.value, f"{e.provider}:{e.kind.value}"))
 
-    def opt_in(e: EngagementEvent, member: int | None, channel: Channel, source: ConsentSource) -> None:
-        for m in members_for(e, member):
-            consents.append(_consent(m, channel, True, source, e))
-        addr = address(e, member)
+    def opt_in(self, e: EngagementEvent, member: int | None, channel: Channel, source: ConsentSource) -> None:
+        for m in self.members_for(e, member):
+            self.consents.append(_consent(m, channel, True, source, e))
+        addr = self.address(e, member)
         if addr:
-            lift.add((channel.value, address_hash(channel, addr)))
+            self.lift.add((channel.value, address_hash(channel, addr)))
 
-    for e, member in zip(events, members):
-        reason = e.suppress
-        if reason is None and e.kind is EventKind.BOUNCED and e.bounce_class is BounceClass.HARD:
-            reason = SuppressionReason.HARD_BOUNCE.value
-        if reason is None and e.kind is EventKind.COMPLAINED:
-            reason = SuppressionReason.COMPLAINT.value
-        if reason is not None:
-            addr = address(e, member)
-            if addr:
-                suppress[(e.channel.value, address_hash(e.channel, addr))] = (reason, f"{e.provider}:{e.kind.value}")
 
-        if e.kind is EventKind.COMPLAINED:
-            opt_out(e, member, Channel.EMAIL, ConsentSource.COMPLAINT)
-        elif e.kind is EventKind.UNSUBSCRIBED:
-            opt_out(e, member, e.channel, ConsentSource.UNSUBSCRIBE_LINK)
-        elif e.kind is EventKind.RESUBSCRIBED:
-            opt_in(e, member, e.channel, ConsentSource.PREFERENCE_CENTER)
-        elif e.kind is EventKind.INBOUND and e.command is InboundCommand.STOP:
-            opt_out(e, member, Channel.SMS, ConsentSource.SMS_STOP)
-        elif e.kind is EventKind.INBOUND and e.command is InboundCommand.START:
-            opt_in(e, member, Channel.SMS, ConsentSource.SMS_START)
-        elif e.kind is EventKind.REJECTED and e.channel is Channel.SMS and e.reason == REASON_OPTED_OUT:
-            opt_out(e, member, Channel.SMS, ConsentSource.SMS_STOP)
-        elif e.kind is EventKind.FAILED and e.channel is Channel.PUSH and e.reason == REASON_UNREGISTERED:
-            if e.recipient:
-                dead_tokens[e.recipient] = min(e.occurred_at, dead_tokens.get(e.recipient, e.occurred_at))
+def _suppression_reason(e: EngagementEvent) -> str | None:
+    """Why the event's address goes on the suppression list (the parser's own verdict first), or None."""
+    if e.suppress is not None:
+        return e.suppress
+    if e.kind is EventKind.BOUNCED and e.bounce_class is BounceClass.HARD:
+        return SuppressionReason.HARD_BOUNCE.value
+    if e.kind is EventKind.COMPLAINED:
+        return SuppressionReason.COMPLAINT.value
+    return None
 
-    if consents:
-        result.consent_changes += record_consents(conn, consents)
 
+def _write_suppressions(conn: Connection, suppress: dict[tuple[str, str], tuple[str, str]],
+                        lift: set[tuple[str, str]], result: IngestResult) -> None:
+    """Lift the unsubscribe suppressions that a resubscription ends (unless the same batch unsubscribes
+    again), then add the new suppressions (an existing one for the address is kept)."""
     s = Suppression.__table__
     lift -= {k for k, (r, _) in suppress.items() if r == SuppressionReason.UNSUBSCRIBE.value}
     for channel, digest in sorted(lift):
@@ -535,11 +556,13 @@ def _apply_effects(conn: Connection, events: list[EngagementEvent], members: lis
                 for (c, h), (r, src) in sorted(suppress.items())]
         result.suppressed += len(conn.execute(ins.returning(s.c.id), rows).all())
 
-    if dead_tokens:
-        d = Device.__table__
-        for token, when in sorted(dead_tokens.items()):
-            done = conn.execute(
-                sa.update(d).where(d.c.token == token, d.c.invalidated_at.is_(None))
-                .values(invalidated_at=when, invalid_reason=REASON_UNREGISTERED)
-            )
-            result.devices_invalidated += done.rowcount or 0
+
+def _invalidate_tokens(conn: Connection, dead_tokens: dict[str, datetime], result: IngestResult) -> None:
+    """Mark the push tokens FCM reported unregistered as invalid, from the earliest report."""
+    d = Device.__table__
+    for token, when in sorted(dead_tokens.items()):
+        done = conn.execute(
+            sa.update(d).where(d.c.token == token, d.c.invalidated_at.is_(None))
+            .values(invalidated_at=when, invalid_reason=REASON_UNREGISTERED)
+        )
+        result.devices_invalidated += done.rowcount or 0

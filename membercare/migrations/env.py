@@ -3,11 +3,7 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-import membercare.delivery.models  # noqa: F401
-import membercare.engagement.attribution_models  # noqa: F401
-import membercare.engagement.models  # noqa: F401
-import membercare.scoring_models  # noqa: F401
-import membercare.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+# Imported for their side effect: each registers its tables on SQLModel.metadata.
 from membercare.db import make_engine
 
 config = context.config

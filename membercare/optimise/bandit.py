@@ -91,7 +91,8 @@ def seed_for(campaign: str, occurrence: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def posteriors(stats_: Sequence[VariantStats], prior: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+def posteriors(stats_: Sequence[VariantStats],
+               prior: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
     a0, b0 = prior
     if a0 <= 0 or b0 <= 0:
         raise ValueError("Beta prior parameters must be positive")
@@ -170,7 +171,8 @@ def allocate(
         if all(v.sends >= min_sends for v in variants):
             winner = names[lead]
         else:
-            notes.append(f"{names[lead]} leads with P(best) {p_best[lead]:.3f} but some variant has < {min_sends} sends")
+            notes.append(f"{names[lead]} leads with P(best) {p_best[lead]:.3f} "
+                         f"but some variant has < {min_sends} sends")
     if winner is not None:
         shares = np.array([1.0 if n == winner else 0.0 for n in names])
     else:

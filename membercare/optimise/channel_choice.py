@@ -236,11 +236,14 @@ def best_engagement(
     ``prior_strength="auto"`` fits it per channel with :func:`fit_prior_strength` (see its caveat).
     """
     rates = group_rates(counts, group, n_groups, group_strength=group_strength)
+    strength: float | np.ndarray
     if isinstance(prior_strength, str):
         if prior_strength != "auto":
             raise ValueError("prior_strength must be a positive number or 'auto'")
-        prior_strength = fit_prior_strength(counts, group, rates)
-    alpha, beta = posterior_params(counts, group, rates, prior_strength=prior_strength,
+        strength = fit_prior_strength(counts, group, rates)
+    else:
+        strength = prior_strength
+    alpha, beta = posterior_params(counts, group, rates, prior_strength=strength,
                                    preferred=preferred, preference_weight=preference_weight)
     return choose_channels(alpha, beta, eligible, rng=rng, method=method, epsilon=epsilon)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from itertools import pairwise
 
 import numpy as np
 
@@ -55,7 +56,8 @@ class MemberWeeks:
     complained: np.ndarray  # bool
 
 
-def member_weeks(sent_member, sent_at, unsub_member=(), unsub_at=(), complaint_member=(), complaint_at=()) -> MemberWeeks:
+def member_weeks(sent_member, sent_at, unsub_member=(), unsub_at=(), complaint_member=(),
+                 complaint_at=()) -> MemberWeeks:
     """Build member-week rows from raw message and outcome events (member ids + aware timestamps).
 
     Unsubscribes/complaints in a week in which the member received no message are not attributed to
@@ -130,7 +132,7 @@ def frequency_table_from_counts(counts, *, edges: Sequence[int] = DEFAULT_EDGES,
     member-weeks)`` per exact weekly message count, as one SQL ``GROUP BY messages`` returns them (the report
     uses this, so no member-week is loaded into Python)."""
     edges = [int(e) for e in edges]
-    if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+    if not edges or edges[0] < 1 or any(b <= a for a, b in pairwise(edges)):
         raise ValueError("edges must be strictly increasing integers >= 1")
     rows_in = []
     for messages, weeks, unsubs, complaints in counts:

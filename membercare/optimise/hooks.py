@@ -221,6 +221,7 @@ def build_hooks(engine: Engine, campaign: Campaign, *, occurrence: str, as_of: d
         prefer = BestEngagement(cached_channel_history(engine, as_of), campaign=name, occurrence=occurrence,
                                 purpose=Purpose(campaign.purpose).value, allowed=channels)
     if opt.send_time == "best_hour":
+        assert policy is not None  # loaded above for best_hour
         hours = cached_hour_history(engine, as_of, allowed=allowed_hours(policy),
                                     fallback_timezone=policy.fallback_timezone)
         deliver_at = BestHour(hours, as_of=as_of, fallback_timezone=policy.fallback_timezone)

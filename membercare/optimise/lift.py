@@ -184,6 +184,7 @@ class MeanSummary:
         n = int(n)
         if n <= 0:
             raise ValueError("n must be positive")
+        num: float
         if float(total).is_integer() and float(total_of_squares).is_integer():
             num = n * int(total_of_squares) - int(total) ** 2
         else:

@@ -51,7 +51,7 @@ class AllowedHours:
             raise ValueError(f"invalid allowed hours {self.start}-{self.end}")
 
     @classmethod
-    def outside(cls, quiet_start: time | None, quiet_end: time | None) -> "AllowedHours":
+    def outside(cls, quiet_start: time | None, quiet_end: time | None) -> AllowedHours:
         """The whole local hours outside quiet hours ``[quiet_start, quiet_end)`` (which may wrap midnight).
 
         An hour is allowed only if all of it is outside: quiet hours 21:30-08:30 allow 09:00-20:59.

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from membercare.campaigns.definition import VariantTest
 from membercare.db import insert_for
@@ -25,12 +25,13 @@ from membercare.delivery.models import CampaignRun, OutboxMessage, OutboxState
 from membercare.engagement.attribution_models import Attribution, AttributionModel
 from membercare.engagement.models import EngagementEventRow
 from membercare.errors import InputError
+from membercare.models import TableModel
 from membercare.optimise import bandit
 from membercare.optimise.history import CLICK_KINDS
 from membercare.timeutil import UTCDateTime, ensure_utc, utcnow
 
 
-class VariantAllocation(SQLModel, table=True):
+class VariantAllocation(TableModel, table=True):
     """The template-variant shares of one campaign occurrence (migration ``0007_variants``).
 
     Written once, when the occurrence is first planned (first writer wins), so that every planning
@@ -87,7 +88,7 @@ def variant_stats(conn: Connection, campaign: str, names: Sequence[str], goal: s
     sends = dict(conn.execute(
         sa.select(o.c.variant, sa.func.count())
         .where(o.c.run_id.in_(earlier), o.c.state == OutboxState.SENT.value, o.c.variant.in_(names))
-        .group_by(o.c.variant)).all())
+        .group_by(o.c.variant)).tuples().all())
     if goal == "click":
         e = EngagementEventRow.__table__
         clicked = sa.select(e.c.message_id).where(e.c.kind.in_(CLICK_KINDS)).distinct().subquery("clicked")
@@ -101,7 +102,7 @@ def variant_stats(conn: Connection, campaign: str, names: Sequence[str], goal: s
             a.c.variant.in_(names))
     else:
         raise InputError(f"unknown variant goal {goal!r}; valid: click, conversion")
-    wins = dict(conn.execute(successes.group_by(successes.selected_columns[0])).all())
+    wins = dict(conn.execute(successes.group_by(successes.selected_columns[0])).tuples().all())
     return [bandit.VariantStats(n, int(sends.get(n, 0)), min(int(wins.get(n, 0)), int(sends.get(n, 0))))
             for n in names]
 

@@ -7,10 +7,15 @@ SQLAlchemy engine (no globals, so tests and the benchmark run several side by si
     POST /webhooks/twilio/status    Twilio status callbacks (X-Twilio-Signature)
     POST /webhooks/twilio/inbound   Twilio inbound SMS: STOP / START / HELP (answers TwiML)
     POST /track/push                the shop's app: push received / opened / dismissed (HMAC-SHA256)
+    ...                             the webhooks of any other provider in ``channels.registry``
     GET  /u/{token}                 unsubscribe + preference page, in the member's language
     GET  /u/{token}/preferences     the same page (the link rendering puts in messages)
     POST /u/{token}                 RFC 8058 one-click (List-Unsubscribe=One-Click) or the page's forms
     GET  /healthz                   liveness + database check
+
+The provider webhooks are not written out here: each registered provider (``channels.registry``) declares
+its endpoints (:class:`channels.base.Webhook`: path, body limit, how to verify and parse), and
+:func:`create_app` mounts them all behind one handler, so every provider gets the guarantees below alike.
 
 Guarantees:
 
@@ -44,8 +49,6 @@ import codecs
 import logging
 import time
 from collections.abc import Sequence
-from datetime import timedelta
-from urllib.parse import parse_qsl
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
@@ -53,18 +56,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
-from channels.fcm_webhooks import SIGNATURE_HEADER as PUSH_SIGNATURE_HEADER
-from channels.fcm_webhooks import verify_push_tracking
-from channels.push_events import RejectedReport, parse_push_reports
-from channels.sendgrid_events import parse_sendgrid_body
-from channels.sendgrid_webhooks import SIGNATURE_HEADER as SG_SIGNATURE_HEADER
-from channels.sendgrid_webhooks import TIMESTAMP_HEADER as SG_TIMESTAMP_HEADER
-from channels.sendgrid_webhooks import verify_sendgrid_signature
-from channels.twilio_events import parse_inbound, parse_status_callback, twilio_handles_reply
-from channels.twilio_webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
-from channels.twilio_webhooks import verify_twilio_signature
+from channels.base import Webhook, WebhookAnswer, WebhookRejected, WebhookRequest, form_params
+from channels.registry import PROVIDERS
 from membercare.delivery.contract import redact
-from membercare.engagement.events import EngagementEvent, InboundCommand, MalformedPayload
+from membercare.engagement.events import EngagementEvent
 from membercare.engagement.store import IngestResult, ingest_events, take_write_lock, writer_lock
 from membercare.errors import InputError
 from membercare.links import LinkScope, verify_member_token
@@ -74,7 +69,7 @@ from membercare.receiver.config import ReceiverConfig
 from membercare.receiver.group_commit import GroupCommit
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
-from membercare.receiver.triggers import TriggerConfig, build_trigger_router
+from membercare.receiver.triggers import TriggerConfig, TriggerStarter, build_trigger_router
 from membercare.timeutil import utcnow
 
 log = logging.getLogger("membercare.receiver")
@@ -87,13 +82,10 @@ class _Reject(Exception):
         self.status, self.detail = status, detail
 
 
-# Body limits per endpoint (SendGrid's comes from the configuration). Twilio form posts are a few KB, an app
-# flushing its queue sends at most 1000 small reports, the member pages post a short form.
-TWILIO_MAX_BODY = 1024 * 1024
-PUSH_MAX_BODY = 4 * 1024 * 1024
+# Body limits of our own endpoints (each provider webhook declares its own; see channels.base.Webhook): the
+# member pages post a short form.
 PAGE_MAX_BODY = 64 * 1024
 DEFAULT_MAX_BODY = 64 * 1024  # any other path (/healthz, unknown ones)
-MAX_FORM_FIELDS = 1000  # Twilio posts a few dozen (MediaUrl0..9 included)
 MAX_MEMBER_ID = 2**63 - 1  # members.id is a signed 64-bit integer; link tokens can carry up to 2**64 - 1
 
 
@@ -191,174 +183,65 @@ async def _refuse(send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-# The names of the store's cleaned fields in SendGrid's payload (see ``store._usable``).
-_SENDGRID_FIELDS = {"recipient": "email", "message_id": "membercare_message_id",
-                    "provider_message_id": "sg_message_id", "dedupe_key": "sg_event_id"}
-
-
-def _accepted(result: IngestResult, *, fields: dict[str, str] | None = None,
-              rejected: list[RejectedReport] | None = None, positions: Sequence[int] | None = None) -> JSONResponse:
-    """The 2xx answer: counts, plus the events stored without an unusable key (``cleaned``) and the ones
-    refused on their own (``rejected``), by their index in the request. ``positions`` maps the stored
-    events back to request indexes when some were rejected."""
-    body: dict = {"received": result.received + len(rejected or ()), "stored": result.stored,
-                  "duplicates": result.duplicates}
-    if result.cleaned:
-        fields = fields or {}
-        body["cleaned"] = [{"index": positions[i] if positions is not None else i,
-                            "fields": [fields.get(name, name) for name in names]}
-                           for i, names in sorted(result.cleaned.items())]
-    if rejected is not None:
-        body["rejected"] = [{"index": r.index, "error": r.error} for r in rejected]
-    return JSONResponse(body)
-
-
 def _form(body: bytes) -> dict[str, str]:
     try:
-        text = body.decode("utf-8")
-        # Blank values are kept: Twilio signs them.
-        return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS))
-    except UnicodeDecodeError:
-        raise _Reject(400, "form body is not UTF-8") from None
-    except ValueError:
-        raise _Reject(400, f"form body has more than {MAX_FORM_FIELDS} fields") from None
+        return form_params(body)
+    except WebhookRejected as exc:
+        raise _Reject(exc.status, exc.detail) from None
 
 
-def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
-    """The receiver for ``config`` writing to ``engine`` (already migrated)."""
+def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerStarter | None = None) -> FastAPI:
+    """The receiver for ``config`` writing to ``engine`` (already migrated); ``trigger_starter`` runs
+    ``POST /triggers/{event}`` (without one that endpoint answers 503)."""
     app = FastAPI(title="membercare receiver", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.engine = engine
     app.state.group_commit = grouped = GroupCommit(engine)
+    webhooks = [(provider.name, webhook) for provider in PROVIDERS.values() for webhook in provider.webhooks()]
     app.add_middleware(
         BodyLimit, default=DEFAULT_MAX_BODY,
-        limits=[("/webhooks/sendgrid", config.max_body_bytes), ("/webhooks/twilio/", TWILIO_MAX_BODY),
-                ("/track/push", PUSH_MAX_BODY), ("/triggers/", TRIGGER_MAX_BODY), ("/u/", PAGE_MAX_BODY)],
+        limits=[*webhook_body_limits([w for _, w in webhooks], config.max_body_bytes),
+                ("/triggers/", TRIGGER_MAX_BODY), ("/u/", PAGE_MAX_BODY)],
     )
 
     @app.exception_handler(_Reject)
     async def _reject(_request: Request, exc: _Reject) -> Response:
         return JSONResponse({"error": exc.detail}, status_code=exc.status)
 
-    async def store(events: list[EngagementEvent], what: str) -> IngestResult:
-        started = time.perf_counter()
-        result = await run_in_threadpool(ingest_events, engine, events)
-        log.info("%s: %d events, %d new, %d duplicates, %d suppressions, %d consent changes, %d devices "
-                 "invalidated in %.1f ms", what, result.received, result.stored, result.duplicates, result.suppressed,
-                 result.consent_changes, result.devices_invalidated, (time.perf_counter() - started) * 1000)
-        if result.cleaned:
-            # Field names only: the values are addresses and ids.
-            fields = sorted({name for names in result.cleaned.values() for name in names})
-            log.warning("%s: %d event(s) stored without an unusable key (control characters or too long): %s",
-                        what, len(result.cleaned), ", ".join(fields))
-        return result
+    @app.exception_handler(WebhookRejected)
+    async def _webhook_rejected(_request: Request, exc: WebhookRejected) -> Response:
+        if exc.log_message:
+            log.warning("%s", exc.log_message)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status)
 
-    # -- SendGrid -----------------------------------------------------------------------------------------------------
+    # -- Provider webhooks: every registered provider's endpoints, one handler shape ---------------------------------
 
-    @app.post("/webhooks/sendgrid")
-    async def sendgrid_webhook(request: Request) -> Response:
-        if not config.sendgrid_public_key:
-            raise _Reject(503, "SendGrid webhook verification key is not configured")
-        signature = request.headers.get(SG_SIGNATURE_HEADER)
-        timestamp = request.headers.get(SG_TIMESTAMP_HEADER)
-        if not signature or not timestamp:
-            raise _Reject(401, "missing SendGrid signature headers")
-        body = await request.body()
-        if not verify_sendgrid_signature(config.sendgrid_public_key, body, signature, timestamp,
-                                         tolerance_s=config.signature_tolerance_s):
-            log.warning("rejected SendGrid webhook: bad or stale signature (%d bytes)", len(body))
-            raise _Reject(403, "invalid or expired signature")
+    context = _Context(config, engine)
+    for provider_name, webhook in webhooks:
+        app.add_api_route(webhook.path, _webhook_handler(provider_name, webhook, config, engine, grouped, context),
+                          methods=[webhook.method], name=f"{provider_name}: {webhook.label}")
+
+    _mount_member_pages(app, config, engine)
+
+    # -- Health -------------------------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz() -> Response:
         try:
-            events = parse_sendgrid_body(body)
-        except MalformedPayload as exc:
-            raise _Reject(400, str(exc)) from None
-        return _accepted(await store(events, "sendgrid"), fields=_SENDGRID_FIELDS)
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("health check: database unavailable: %s", type(exc).__name__)
+            return JSONResponse({"status": "unavailable", "database": "error"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
-    # -- Twilio -------------------------------------------------------------------------------------------------------
+    # Event-triggered messages (order delivered, bad review, ...): POST /triggers/{event}.
+    app.include_router(build_trigger_router(engine, TriggerConfig(config.trigger_secret), starter=trigger_starter))
+    return app
 
-    async def twilio_params(request: Request) -> dict[str, str]:
-        if not config.twilio_auth_token:
-            raise _Reject(503, "Twilio auth token is not configured")
-        signature = request.headers.get(TWILIO_SIGNATURE_HEADER)
-        if not signature:
-            raise _Reject(401, "missing X-Twilio-Signature")
-        params = _form(await request.body())
-        # Twilio signs the URL it called: our public base URL, the path and the query exactly as sent.
-        query = request.url.query
-        url = f"{config.public_url}{request.url.path}" + (f"?{query}" if query else "")
-        if not verify_twilio_signature(config.twilio_auth_token, url, params, signature):
-            log.warning("rejected Twilio webhook to %s: bad signature", request.url.path)
-            raise _Reject(403, "invalid signature")
-        return params
 
-    @app.post("/webhooks/twilio/status")
-    async def twilio_status(request: Request) -> Response:
-        params = await twilio_params(request)
-        try:
-            event = parse_status_callback(params, dict(request.query_params))
-        except MalformedPayload as exc:
-            raise _Reject(400, str(exc)) from None
-        await grouped.store([event])
-        return Response(status_code=204)
-
-    @app.post("/webhooks/twilio/inbound")
-    async def twilio_inbound(request: Request) -> Response:
-        params = await twilio_params(request)
-        try:
-            event = parse_inbound(params)
-        except MalformedPayload as exc:
-            raise _Reject(400, str(exc)) from None
-        result = await store([event], "twilio inbound")
-        reply = None
-        # A sender number that could not be used changed nothing: no confirmation is sent to it.
-        if event.command is not None and "recipient" not in result.cleaned.get(0, ()):
-            member_id = result.member_ids[0] if result.member_ids else None
-            locale = await run_in_threadpool(_member_locale, engine, member_id)
-            reply = _keyword_reply(config, event, locale or config.shop_locale)
-        return Response(content=_twiml(reply), media_type="application/xml")
-
-    # -- Push tracking ------------------------------------------------------------------------------------------------
-
-    @app.post("/track/push")
-    async def track_push(request: Request) -> Response:
-        if not config.push_tracking_secret:
-            raise _Reject(503, "push tracking secret is not configured")
-        signature = request.headers.get(PUSH_SIGNATURE_HEADER)
-        if not signature:
-            raise _Reject(401, f"missing {PUSH_SIGNATURE_HEADER}")
-        body = await request.body()
-        if not verify_push_tracking(config.push_tracking_secret, body, signature):
-            raise _Reject(403, "invalid signature")
-        try:
-            parsed, rejected = parse_push_reports(body)
-        except MalformedPayload as exc:
-            raise _Reject(400, str(exc)) from None
-        # The report's time is inside the signed body; bound it so that a captured request cannot be
-        # replayed forever (within the window the dedupe key makes a replay a no-op). Each report is
-        # judged alone: an app flushing its offline queue keeps its fresh reports beside a stale one.
-        now = utcnow()
-        oldest = now - timedelta(seconds=config.push_max_age_s)
-        newest = now + timedelta(seconds=config.signature_tolerance_s)
-        fresh: list[tuple[int, EngagementEvent]] = []
-        stale: list[RejectedReport] = []
-        for i, e in parsed:
-            if oldest <= e.occurred_at <= newest:
-                fresh.append((i, e))
-            else:
-                stale.append(RejectedReport(i, "occurred_at outside the accepted window"))
-        if not fresh:
-            # Nothing to store: a replayed capture (403), or nothing valid at all (400).
-            if stale:
-                raise _Reject(403, "report timestamp outside the accepted window")
-            raise _Reject(400, rejected[0].error if len(rejected) == 1 else
-                          f"no valid report ({len(rejected)} rejected; the first: {rejected[0].error})")
-        rejected = sorted(rejected + stale, key=lambda r: r.index)
-        if rejected:
-            log.warning("push: %d of %d reports rejected", len(rejected), len(fresh) + len(rejected))
-        result = await store([e for _, e in fresh], "push")
-        return _accepted(result, rejected=rejected, positions=[i for i, _ in fresh])
-
-    # -- Member links -------------------------------------------------------------------------------------------------
+def _mount_member_pages(app: FastAPI, config: ReceiverConfig, engine: Engine) -> None:
+    """``/u/{token}``: the unsubscribe and preference page, its forms and RFC 8058 one-click."""
 
     def claims(token: str):
         if not config.secret_key:
@@ -424,21 +307,78 @@ def create_app(config: ReceiverConfig, engine: Engine) -> FastAPI:
         return page(200, locale=member.locale, token=token, member=member, scope=scope,
                     notice=pages.notice_text(notice_key, member.locale, scope))
 
-    # -- Health -------------------------------------------------------------------------------------------------------
 
-    @app.get("/healthz")
-    def healthz() -> Response:
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        except sa.exc.SQLAlchemyError as exc:
-            log.error("health check: database unavailable: %s", type(exc).__name__)
-            return JSONResponse({"status": "unavailable", "database": "error"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+async def _store(engine: Engine, events: list[EngagementEvent], what: str) -> IngestResult:
+    """One request's events in one transaction and one bulk insert, logged without their values."""
+    started = time.perf_counter()
+    result = await run_in_threadpool(ingest_events, engine, events)
+    log.info("%s: %d events, %d new, %d duplicates, %d suppressions, %d consent changes, %d devices "
+             "invalidated in %.1f ms", what, result.received, result.stored, result.duplicates, result.suppressed,
+             result.consent_changes, result.devices_invalidated, (time.perf_counter() - started) * 1000)
+    if result.cleaned:
+        # Field names only: the values are addresses and ids.
+        fields = sorted({name for names in result.cleaned.values() for name in names})
+        log.warning("%s: %d event(s) stored without an unusable key (control characters or too long): %s",
+                    what, len(result.cleaned), ", ".join(fields))
+    return result
 
-    # Event-triggered messages (order delivered, bad review, ...): POST /triggers/{event}.
-    app.include_router(build_trigger_router(engine, TriggerConfig(config.trigger_secret)))
-    return app
+
+def webhook_body_limits(webhooks: Sequence[Webhook], batch_limit: int) -> list[tuple[str, int]]:
+    """``(path prefix, most bytes)`` for :class:`BodyLimit`, from the webhooks' declarations; a webhook
+    without its own limit gets ``batch_limit`` (the configured ``max_body_bytes``)."""
+    limits: dict[str, int] = {}
+    for webhook in webhooks:
+        limits[webhook.body_limit_prefix or webhook.path] = webhook.body_limit or batch_limit
+    return list(limits.items())
+
+
+def _webhook_handler(provider: str, webhook: Webhook, config: ReceiverConfig, engine: Engine, grouped: GroupCommit,
+                     context: _Context):
+    """The one request handler of every provider webhook (the order is :class:`channels.base.Webhook`'s)."""
+
+    async def handle(request: Request) -> Response:
+        secret = config.webhook_secret(provider)
+        if not secret:
+            raise WebhookRejected(503, webhook.secret_missing)
+        webhook.check_headers(request.headers)
+        body = await request.body()
+        incoming = WebhookRequest(path=request.url.path, query=request.url.query,
+                                  query_params=request.query_params, headers=request.headers, body=body,
+                                  secret=secret, public_url=config.public_url, tolerance_s=config.signature_tolerance_s,
+                                  max_age_s=config.push_max_age_s, now=utcnow())
+        webhook.validate_request(incoming)
+        batch = webhook.parse_events(incoming)
+        if batch.rejected:
+            log.warning("%s: %d of %d reports rejected", webhook.label, len(batch.rejected),
+                        len(batch.events) + len(batch.rejected))
+        if webhook.grouped_commit:
+            result = await grouped.store(batch.events)
+        else:
+            result = await _store(engine, batch.events, webhook.label)
+        return _response(await webhook.answer(batch, result, context))
+
+    return handle
+
+
+def _response(answer: WebhookAnswer) -> Response:
+    if answer.json is not None:
+        return JSONResponse(answer.json, status_code=answer.status)
+    return Response(content=answer.content, status_code=answer.status, media_type=answer.media_type)
+
+
+class _Context:
+    """What webhooks may ask of the receiver (:class:`channels.base.WebhookContext`): replies to members."""
+
+    def __init__(self, config: ReceiverConfig, engine: Engine):
+        self.config, self.engine = config, engine
+
+    async def member_locale(self, member_id: int | None) -> str:
+        locale = await run_in_threadpool(_member_locale, self.engine, member_id)
+        return locale or self.config.shop_locale
+
+    def reply_text(self, kind: str, locale: str) -> str:
+        shop = self.config.shop_name_for(pages.language(locale, pages.SMS_TEXT))
+        return pages.sms_reply(kind, locale, shop=shop, support=self.config.support_contact)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -478,25 +418,3 @@ def _member_locale(engine: Engine, member_id: int | None) -> str | None:
     m = Member.__table__
     with engine.connect() as conn:
         return conn.execute(sa.select(m.c.locale).where(m.c.id == member_id)).scalar()
-
-
-def _keyword_reply(config: ReceiverConfig, event: EngagementEvent, locale: str) -> str | None:
-    """Our SMS answer to a keyword, or ``None`` when Twilio's own opt-out handling already answered."""
-    body = str(event.raw.get("Body", ""))
-    shop = config.shop_name_for(pages.language(locale, pages.SMS_TEXT))
-    if event.command is InboundCommand.HELP:
-        # Twilio answers HELP itself only with its generic text; carriers expect the sender's own help.
-        return pages.sms_reply("help", locale, shop=shop, support=config.support_contact)
-    if twilio_handles_reply(body):
-        return None
-    kind = "stopped" if event.command is InboundCommand.STOP else "started"
-    return pages.sms_reply(kind, locale, shop=shop, support=config.support_contact)
-
-
-def _twiml(reply: str | None) -> str:
-    from twilio.twiml.messaging_response import MessagingResponse
-
-    response = MessagingResponse()
-    if reply:
-        response.message(reply)
-    return str(response)

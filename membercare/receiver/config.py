@@ -12,6 +12,7 @@ variable                                   meaning
 ``MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY`` SendGrid's verification key (base64 DER, as shown by SendGrid)
 ``MEMBERCARE_TWILIO_AUTH_TOKEN``           the Twilio account's auth token
 ``MEMBERCARE_PUSH_TRACKING_SECRET``        shared secret of the shop's app for ``/track/push``
+(each provider's ``webhook_secret_env``)   the webhook secret of every other registered provider
 ``MEMBERCARE_WEBHOOK_TOLERANCE_S``         accepted clock difference for signed timestamps (default 300)
 ``MEMBERCARE_PUSH_MAX_AGE_S``              oldest app report accepted (default 259200 = 3 days: apps
                                            queue reports while offline)
@@ -19,19 +20,29 @@ variable                                   meaning
 ``MEMBERCARE_SUPPORT_CONTACT``             optional; added to SMS help replies (e.g. a phone number)
 =========================================  ==============================================================
 
+Webhook secrets are per provider (``channels.registry``): each provider names its variable
+(``webhook_secret_env``) and checks the value at start-up (``check_webhook_secret``). The three shipped
+providers' secrets keep their own fields (``sendgrid_public_key``, ``twilio_auth_token``,
+``push_tracking_secret``); any other provider's is in ``webhook_secrets``, keyed by provider name.
+
 An endpoint whose secret is not configured answers 503 to everything (it can verify nothing, and a
 5xx makes the provider retry later instead of dropping events); ``membercare serve`` says so at start-up.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from channels.registry import PROVIDERS, get_provider
 from membercare.errors import ConfigurationError
 from membercare.links import DEFAULT_PUBLIC_URL, PREVIEW_SECRET
+
+# The shipped providers' webhook secrets have fields of their own (callers set them by these names).
+NAMED_SECRETS = {"sendgrid": "sendgrid_public_key", "twilio": "twilio_auth_token", "fcm": "push_tracking_secret"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class ReceiverConfig:
     sendgrid_public_key: str | None = None
     twilio_auth_token: str | None = None
     push_tracking_secret: str | None = None
+    # Webhook secrets of the other registered providers: ((provider name, secret), ...).
+    webhook_secrets: tuple[tuple[str, str], ...] = ()
     # HMAC secret of POST /triggers/{event} (event-triggered messages); unset disables the endpoint.
     trigger_secret: str | None = None
     signature_tolerance_s: float = 300.0
@@ -62,8 +75,21 @@ class ReceiverConfig:
             raise ConfigurationError("MEMBERCARE_SECRET_KEY is the preview secret: set a real, random secret")
         if self.signature_tolerance_s <= 0 or self.push_max_age_s <= 0:
             raise ConfigurationError("webhook tolerances must be positive")
-        if self.sendgrid_public_key:
-            _check_sendgrid_key(self.sendgrid_public_key)
+        for name, _secret in self.webhook_secrets:
+            if name in NAMED_SECRETS:
+                raise ConfigurationError(f"the {name} webhook secret is set with {NAMED_SECRETS[name]}=")
+            get_provider(name)
+        for provider in PROVIDERS.values():
+            secret = self.webhook_secret(provider.name)
+            if secret:
+                provider.check_webhook_secret(secret)
+
+    def webhook_secret(self, provider: str) -> str | None:
+        """The secret that authenticates ``provider``'s webhooks, or ``None`` (its endpoints answer 503)."""
+        named = NAMED_SECRETS.get(provider)
+        if named:
+            return getattr(self, named)
+        return dict(self.webhook_secrets).get(provider)
 
     def shop_name_for(self, locale: str) -> str:
         names = dict(self.shop_names)
@@ -95,14 +121,16 @@ class ReceiverConfig:
         shop_names = tuple(sorted((str(k), str(v)) for k, v in names.items())) if isinstance(names, dict) else ()
         default_name = names if isinstance(names, str) else None
         support = shop.get("support_phone") or shop.get("support_email")
+        secrets = {p.name: opt(p.webhook_secret_env) for p in PROVIDERS.values() if p.webhook_secret_env}
+        named: dict[str, Any] = {field: secrets.get(name) for name, field in NAMED_SECRETS.items()}
         cfg = cls(
             public_url=opt("MEMBERCARE_PUBLIC_URL") or DEFAULT_PUBLIC_URL,
             secret_key=opt("MEMBERCARE_SECRET_KEY") or "",
             previous_secret_keys=tuple(p.strip() for p in (opt("MEMBERCARE_SECRET_KEY_PREVIOUS") or "").split(",")
                                        if p.strip()),
-            sendgrid_public_key=opt("MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY"),
-            twilio_auth_token=opt("MEMBERCARE_TWILIO_AUTH_TOKEN"),
-            push_tracking_secret=opt("MEMBERCARE_PUSH_TRACKING_SECRET"),
+            **named,
+            webhook_secrets=tuple(sorted((name, secret) for name, secret in secrets.items()
+                                         if secret and name not in NAMED_SECRETS)),
             trigger_secret=opt("MEMBERCARE_TRIGGER_SECRET"),
             signature_tolerance_s=num("MEMBERCARE_WEBHOOK_TOLERANCE_S", 300.0),
             push_max_age_s=num("MEMBERCARE_PUSH_MAX_AGE_S", 3 * 24 * 3600.0),
@@ -119,12 +147,11 @@ class ReceiverConfig:
     def disabled_endpoints(self) -> list[str]:
         """Endpoints that will answer 503 because their secret is missing (for the start-up message)."""
         missing = []
-        if not self.sendgrid_public_key:
-            missing.append("/webhooks/sendgrid (MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY)")
-        if not self.twilio_auth_token:
-            missing.append("/webhooks/twilio/* (MEMBERCARE_TWILIO_AUTH_TOKEN)")
-        if not self.push_tracking_secret:
-            missing.append("/track/push (MEMBERCARE_PUSH_TRACKING_SECRET)")
+        for provider in PROVIDERS.values():
+            paths = [webhook.path for webhook in provider.webhooks()]
+            if paths and not self.webhook_secret(provider.name):
+                where = paths[0] if len(paths) == 1 else os.path.commonprefix(paths) + "*"
+                missing.append(f"{where} ({provider.webhook_secret_env})")
         if not self.secret_key:
             missing.append("/u/{token} (MEMBERCARE_SECRET_KEY)")
         return missing
@@ -141,22 +168,9 @@ def _shop_facts(templates_dir) -> dict:
     path = Path(templates_dir) / "_layout" / "shop.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as exc:
+        logging.getLogger(__name__).warning("%s unreadable (%s): pages show no shop facts", path, type(exc).__name__)
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _check_sendgrid_key(key: str) -> None:
-    """Fail at start-up, not on the first webhook, when the verification key is not a P-256 public key."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from sendgrid.helpers.eventwebhook import EventWebhook
-
-    try:
-        loaded = EventWebhook().convert_public_key_to_ecdsa(key)
-    except (ValueError, TypeError):
-        raise ConfigurationError(
-            "MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY is not a base64 DER public key (copy it from SendGrid's "
-            "Event Webhook settings)"
-        ) from None
-    if not isinstance(loaded, ec.EllipticCurvePublicKey) or not isinstance(loaded.curve, ec.SECP256R1):
-        raise ConfigurationError("MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY is not an ECDSA P-256 key")

@@ -59,7 +59,8 @@ class GroupCommit:
         return await fut
 
     def _take(self) -> list[tuple[Sequence[EngagementEvent], asyncio.Future]]:
-        batch, n = [], 0
+        batch: list[tuple[Sequence[EngagementEvent], asyncio.Future]] = []
+        n = 0
         while self._queue and (not batch or n + len(self._queue[0][0]) <= self.max_events):
             item = self._queue.popleft()
             batch.append(item)

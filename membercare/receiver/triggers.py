@@ -8,22 +8,25 @@ Answers: 401/403 for a missing/wrong signature (checked before anything else is 
 body over ``MAX_BODY`` and 400 for one that is not UTF-8 (the receiver's ``BodyLimit`` middleware, as the body
 streams in); 400 for JSON that is malformed, nested deeper than ``MAX_JSON_DEPTH`` or lacks a member, and for
 a value with a control character or over ``MAX_VALUE`` characters; 404 for an unknown event; 422 for an
-unknown member or order (or a value the database cannot hold); 202 with the flow run otherwise.
+unknown member or order (or a value the database cannot hold); 503 when no :class:`TriggerStarter` is wired
+or it fails (logged; the caller should retry); 202 with the flow run otherwise.
 
-The request is validated against the database (event, member, order) and answered ``202`` with the Prefect
-flow run that will do the work: a run of the ``trigger-message`` deployment (``prefect.yaml``), picked up
-by a worker. The receiver itself never sends, and never imports Prefect until a trigger arrives.
+The request is validated against the database (event, member, order) and answered ``202`` with the id the
+:class:`TriggerStarter` returns. The receiver itself never sends and knows nothing of Prefect: ``membercare
+serve`` wires :class:`flows.deployments.DeploymentStarter`, which creates a run of the ``trigger-message``
+deployment (``prefect.yaml``) for a worker to pick up.
 
-Mount it with ``app.include_router(build_trigger_router(engine, TriggerConfig.from_env(), settings))`` in an
-app wrapped by :class:`membercare.receiver.app.BodyLimit` (``create_app`` does both), which bounds the body.
+Mount it with ``app.include_router(build_trigger_router(engine, TriggerConfig.from_env(), settings, starter))``
+in an app wrapped by :class:`membercare.receiver.app.BodyLimit` (``create_app`` does both), which bounds the body.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -31,24 +34,28 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
-from channels.fcm_webhooks import SIGNATURE_HEADER, verify_push_tracking
+from channels.fcm.webhooks import SIGNATURE_HEADER, verify_push_tracking
 from membercare.config import Settings
 from membercare.engagement.events import MalformedPayload, loads_json, usable_id
 from membercare.errors import InputError, UnknownNameError
 
-DEPLOYMENT = "trigger-message/trigger-message"
 MAX_BODY = 16 * 1024
 
-# start(parameters) -> flow run id; the default schedules a run of the trigger-message deployment.
-Starter = Callable[[dict[str, Any]], str]
+log = logging.getLogger(__name__)
 
 
-def prefect_starter(parameters: dict[str, Any]) -> str:
-    """Create a flow run of the ``trigger-message`` deployment (a worker runs it) and return its id."""
-    from prefect.deployments import run_deployment
+class TriggerStarter(Protocol):
+    """Hands one accepted trigger to the orchestrator; the extension point between the receiver and Prefect.
 
-    run = run_deployment(DEPLOYMENT, parameters=parameters, timeout=0)
-    return str(run.id)
+    Called from a worker thread, once per request, only after the request was authenticated and validated
+    against the database. ``parameters`` holds ``event`` and ``member`` and, when given, ``order``, ``ref``
+    and ``at`` (all strings): the parameters of the ``trigger-message`` flow. Returns an id the caller can
+    follow (the flow run's). It must only schedule the work, never send. Any exception means "not now"
+    (orchestrator unreachable, deployment missing): the receiver logs its type and answers 503 so that the
+    shop's system retries. The Prefect implementation is :class:`flows.deployments.DeploymentStarter`.
+    """
+
+    def __call__(self, parameters: dict[str, str]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -56,13 +63,14 @@ class TriggerConfig:
     secret: str | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "TriggerConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TriggerConfig:
         env = os.environ if env is None else env
         return cls(secret=(env.get("MEMBERCARE_TRIGGER_SECRET") or "").strip() or None)
 
 
 def build_trigger_router(engine: Engine, config: TriggerConfig, settings: Settings | None = None,
-                         starter: Starter = prefect_starter) -> APIRouter:
+                         starter: TriggerStarter | None = None) -> APIRouter:
+    """The ``POST /triggers/{event}`` route; without a ``starter`` it answers 503 (nothing could run the work)."""
     router = APIRouter()
     settings = settings or Settings.from_env()
 
@@ -82,18 +90,20 @@ def build_trigger_router(engine: Engine, config: TriggerConfig, settings: Settin
             params = _parameters(event, loads_json(body))
         except MalformedPayload as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        if starter is None:
+            # Not configured, like a missing secret; checked after the body so that bad requests still get a 400.
+            return JSONResponse({"error": "no flow-run starter is configured"}, status_code=503)
 
-        def validate_and_start() -> str:
+        def validate() -> None:
             from membercare.campaigns.triggers import plan_trigger
             from membercare.timeutil import parse_as_of
 
             at = parse_as_of(params["at"], settings.shop_timezone) if "at" in params else None
             plan_trigger(engine, settings, event, params["member"], order=params.get("order"), ref=params.get("ref"),
                          at=at)
-            return starter(params)
 
         try:
-            run_id = await run_in_threadpool(validate_and_start)
+            await run_in_threadpool(validate)
         except UnknownNameError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
         except (InputError, ValueError) as exc:
@@ -102,11 +112,22 @@ def build_trigger_router(engine: Engine, config: TriggerConfig, settings: Settin
             # The database (or its driver) refused a value, e.g. a member number beyond 64 bits: the request
             # is wrong, and retrying it would fail the same way, so it must not get the 503 below.
             return JSONResponse({"error": "a value in the request is out of range for the database"}, status_code=422)
-        except Exception:  # noqa: BLE001 - Prefect unreachable or no deployment: the caller should retry
-            return JSONResponse({"error": "could not start the flow run; retry later"}, status_code=503)
+        except Exception as exc:  # noqa: BLE001 - database unreachable: the caller should retry
+            return _unavailable(event, "validate the request", exc)
+        try:
+            run_id = await run_in_threadpool(starter, params)
+        except Exception as exc:  # noqa: BLE001 - orchestrator unreachable or no deployment: the caller should retry
+            return _unavailable(event, "start the flow run", exc)
         return JSONResponse({"flow_run_id": run_id, "event": event}, status_code=202)
 
     return router
+
+
+def _unavailable(event: str, what: str, exc: Exception) -> JSONResponse:
+    # The type only: the exception's text may quote the parameters (member and order numbers). The event name
+    # is safe to log: it was checked for length and control characters.
+    log.warning("trigger %s: could not %s (%s); answered 503", event, what, type(exc).__name__)
+    return JSONResponse({"error": "could not start the flow run; retry later"}, status_code=503)
 
 
 # Identifiers of the shop's systems (member and order numbers, references, ISO times) are short.

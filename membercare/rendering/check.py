@@ -7,6 +7,8 @@ Reports, each with the file and (where there is one) the line:
 * ``syntax``          Jinja syntax errors, invalid push_data JSON
 * ``undefined``       a variable or attribute the context does not have
 * ``render``          any other error while rendering (bad filter argument, ...)
+* ``limit``           a render over a bound of :mod:`.limits` (a huge string or list, too much output,
+  too many loop iterations, too long, macros recursing too deeply); names the limit
 * ``sms-too-long``    more segments than the campaign's ``sms.max_segments``
 * ``push-too-long`` / ``push-payload``   push title/body over the limits, FCM payload of 4 KB or more
 * ``bad-link``        a link that is not an absolute http(s)/mailto/tel/app URL, or has spaces or leftovers
@@ -158,7 +160,8 @@ class _Checker:
         except CampaignDefinitionError as exc:
             m = re.match(r"^(.*?campaign\.yaml)(?::(\d+))?: (.*)$", str(exc))
             file = self.store.rel(Path(m.group(1))) if m else f"templates/{self.name}/campaign.yaml"
-            self.add("error", "campaign", m.group(3) if m else str(exc), file, int(m.group(2)) if m and m.group(2) else None)
+            line = int(m.group(2)) if m and m.group(2) else None
+            self.add("error", "campaign", m.group(3) if m else str(exc), file, line)
             return self.result()
         self.files(campaign)
         try:
@@ -201,7 +204,8 @@ class _Checker:
                 continue
             parsed = parse_template_filename(p.name)
             if parsed is None:
-                self.add("warning", "unknown-file", "not a template part name (see docs/templates.md)", self.store.rel(p))
+                self.add("warning", "unknown-file", "not a template part name (see docs/templates.md)",
+                         self.store.rel(p))
                 continue
             part, loc, tv = parsed
             if tv is not None and tv not in _template_variants(campaign):
@@ -253,7 +257,8 @@ class _Checker:
             urls += [(u, part_file(Part.EMAIL_HTML), None) for u in p.hrefs]
             for field_name, value, part in (("subject", content.subject, Part.EMAIL_SUBJECT),):
                 if _LEFTOVER.search(value):
-                    self.add("error", "render", f"{field_name} contains template leftovers or None{who}", part_file(part))
+                    self.add("error", "render", f"{field_name} contains template leftovers or None{who}",
+                             part_file(part))
             if verify_inline:
                 self.verify_inline(renderer, locale, content)
         elif isinstance(content, SmsContent):
@@ -286,7 +291,8 @@ class _Checker:
             return
         if _norm(inline_rendered(raw)) != _norm(inline_rendered(content.html)):
             self.add("error", "inline", "CSS inlining of the template source changes the output; keep Jinja "
-                     "statements inside table cells, or give tables an explicit <tbody> around looped rows", compiled.files[0])
+                     "statements inside table cells, or give tables an explicit <tbody> around looped rows",
+                     compiled.files[0])
 
     def _last_vars(self, renderer, locale, content):
         ctx = self._ctx

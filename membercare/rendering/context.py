@@ -61,14 +61,14 @@ class CoPurchaseModel:
 
     @classmethod
     def load(cls, conn: Connection, as_of: datetime, *, lookback_days: int = LOOKBACK_DAYS,
-             min_support: int = 2, top_k: int = 20) -> "CoPurchaseModel":
+             min_support: int = 2, top_k: int = 20) -> CoPurchaseModel:
         o, a, b, p = Order.__table__, OrderLine.__table__.alias("a"), OrderLine.__table__.alias("b"), Product.__table__
         since = as_of - timedelta(days=lookback_days)
         window = sa.and_(o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at >= since, o.c.placed_at <= as_of)
         counts = dict(conn.execute(
             sa.select(a.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
             .join(o, o.c.id == a.c.order_id).where(window, a.c.product_id.is_not(None)).group_by(a.c.product_id)
-        ).all())
+        ).tuples().all())
         pairs = conn.execute(
             sa.select(a.c.product_id, b.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
             .select_from(a.join(b, sa.and_(a.c.order_id == b.c.order_id, a.c.product_id != b.c.product_id))

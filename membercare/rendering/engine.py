@@ -24,7 +24,8 @@ campaign body are combined and CSS-inlined *before* compilation (see :mod:`.html
 
 Two sandboxed environments share helpers: one autoescapes (HTML), one does not (subject, SMS, push,
 text). Choosing the environment by part instead of ``select_autoescape`` avoids the trap where
-``select_autoescape`` escapes string templates (SMS would show ``&amp;``).
+``select_autoescape`` escapes string templates (SMS would show ``&amp;``). Both bound what a render
+may cost in memory and time (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -39,26 +40,18 @@ from typing import Any
 
 import yaml
 from jinja2 import StrictUndefined, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from membercare.errors import MembercareError
+from membercare.errors import RenderError
 from membercare.models import Channel
 from membercare.rendering import helpers
 from membercare.rendering.htmltext import InlineError, html_to_text_template, inline_css
+from membercare.rendering.limits import BoundedEnvironment
 from membercare.rendering.locales import fallback_chain, normalise_locale
 
 LAYOUT_DIR = "_layout"
 CONTENT_MARKER = "{# @content #}"
 VARIANT_SEP = "@"
 _VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")  # as campaigns.VARIANT_NAME_PATTERN
-
-
-class RenderError(MembercareError):
-    """A message could not be rendered (template error, missing variant, over a channel limit)."""
-
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, code: str = "render"):
-        super().__init__(f"{file}:{line}: {message}" if file and line else f"{file}: {message}" if file else message)
-        self.detail, self.file, self.line, self.code = message, file, line, code
 
 
 class ContentLimitError(RenderError):
@@ -164,10 +157,11 @@ def _combine(layout_src: str, layout_file: str, body_src: str, body_file: str) -
     return before + body + after, smap
 
 
-def _env(autoescape: bool) -> ImmutableSandboxedEnvironment:
+def _env(autoescape: bool) -> BoundedEnvironment:
     # Immutable sandbox: templates are edited by marketers and must not mutate the shared, cached
-    # context data (recommendations, coupons) or reach Python internals.
-    env = ImmutableSandboxedEnvironment(
+    # context data (recommendations, coupons) or reach Python internals; bounded (see .limits) so that
+    # a template cannot exhaust memory or run for long.
+    env = BoundedEnvironment(
         autoescape=autoescape,
         undefined=StrictUndefined,
         trim_blocks=not autoescape,
@@ -210,7 +204,8 @@ def _compile(env, source: str, name: str, filename: str | None = None):
     try:
         code = env.compile(source, name=name, filename=filename or name)
     except TemplateSyntaxError as exc:
-        raise RenderError(f"syntax error: {exc.message}", file=filename or name, line=exc.lineno, code="syntax") from None
+        raise RenderError(f"syntax error: {exc.message}", file=filename or name, line=exc.lineno,
+                          code="syntax") from None
     return env.template_class.from_code(env, code, env.make_globals(None), None)
 
 

@@ -55,7 +55,8 @@ section.campaign > h2 { margin: 0 0 4px 0; font-size: 20px; }
 .push .app { font-size: 12px; color: #7b8794; margin-bottom: 4px; }
 .push .title { font-weight: 600; font-size: 15px; }
 .push .body { font-size: 14px; margin-top: 2px; }
-.push .data { margin-top: 8px; font-family: Menlo, Consolas, monospace; font-size: 11px; color: #52606d; word-break: break-all; }
+.push .data { margin-top: 8px; font-family: Menlo, Consolas, monospace; font-size: 11px; color: #52606d;
+              word-break: break-all; }
 .problem { color: #a61b1b; font-size: 13px; background: #fce8e6; padding: 8px 10px; border-radius: 6px; }
 .none { color: #9aa5b1; font-size: 13px; font-style: italic; }
 ul.problems { margin: 8px 0 0 0; padding-left: 20px; font-size: 13px; color: #a61b1b; }

@@ -22,12 +22,14 @@ from html.parser import HTMLParser
 
 import css_inline
 
+from membercare.errors import RenderError
+
 _RAW = r"\{%-?\s*raw\s*-?%\}.*?\{%-?\s*endraw\s*-?%\}"
 _JINJA = re.compile(rf"{_RAW}|\{{\{{.*?\}}\}}|\{{%.*?%\}}|\{{#.*?#\}}", re.S)
 _TOKEN = re.compile(r"<!--mcj(\d+)-->|@@mcj(\d+)@@")
 
 
-class InlineError(ValueError):
+class InlineError(RenderError, ValueError):
     """The template cannot be CSS-inlined without changing its Jinja structure."""
 
 

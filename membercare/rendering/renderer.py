@@ -7,7 +7,9 @@ The delivery engine creates one :class:`CampaignRenderer` per campaign run and c
     for member_id, ctx in contexts.items():
         content = renderer.render(Channel.SMS, ctx, message_id=...)   # SmsContent / EmailContent / PushContent
 
-``render`` raises :class:`~membercare.rendering.engine.RenderError` when a template fails and
+``render`` raises :class:`~membercare.rendering.engine.RenderError` when a template fails (code
+``limit`` when it goes over a :class:`~membercare.rendering.limits.RenderLimits` bound: too large a
+value or output, too many loop iterations, too long) and
 :class:`~membercare.rendering.engine.ContentLimitError` when the result breaks a channel limit
 (more SMS segments than the campaign allows, push text over its limits, an FCM payload of 4 KB or
 more). The engine should record such a message as failed for that member: it is never truncated.
@@ -19,6 +21,7 @@ cached under a lock; rendering itself holds no shared mutable state).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -26,7 +29,6 @@ from datetime import datetime
 from typing import Any
 
 from jinja2 import TemplateError
-from jinja2.runtime import new_context
 from sqlalchemy.engine import Connection
 
 from membercare.campaigns.definition import Campaign, load_campaign
@@ -45,6 +47,7 @@ from membercare.rendering.engine import (
     TemplateStore,
     context_line,
 )
+from membercare.rendering.limits import DEFAULT_LIMITS, RenderLimits, TemplateLimitError, render_bounded
 from membercare.rendering.locales import Formatter, fallback_chain, language_of
 from membercare.timeutil import utcnow
 
@@ -52,6 +55,8 @@ FCM_PAYLOAD_LIMIT = 4096  # bytes, notification + data
 MESSAGE_ID_PLACEHOLDER = "0" * 36  # reserve room for the id the engine adds, when checking sizes
 _WS = re.compile(r"\s+")
 _BLANKS = re.compile(r"\n{3,}")
+
+log = logging.getLogger(__name__)
 
 _STORES: dict[str, TemplateStore] = {}
 _STORES_LOCK = threading.Lock()
@@ -74,8 +79,10 @@ def reset_stores() -> None:
 
 class CampaignRenderer:
     def __init__(self, campaign: Campaign | str, settings: Settings | None = None, *,
-                 signer: LinkSigner | None = None, store: TemplateStore | None = None):
+                 signer: LinkSigner | None = None, store: TemplateStore | None = None,
+                 limits: RenderLimits = DEFAULT_LIMITS):
         self.settings = settings or Settings.from_env()
+        self.limits = limits  # per rendered part (see membercare.rendering.limits)
         self.campaign = load_campaign(campaign, self.settings) if isinstance(campaign, str) else campaign
         self.store = store or store_for(self.settings)
         self.signer = signer or LinkSigner.from_settings(self.settings)
@@ -131,9 +138,14 @@ class CampaignRenderer:
                 f = self._formatters.get(key)
                 if f is None:
                     try:
-                        f = Formatter(fmt_locale, timezone=key[1], currency_symbols=self.shop_all.get("currency_symbols"),
+                        f = Formatter(fmt_locale, timezone=key[1],
+                                      currency_symbols=self.shop_all.get("currency_symbols"),
                                       default_currency=self.settings.shop_currency)
-                    except Exception:  # unknown zone or locale in member data: shop defaults, not a failure
+                    except Exception as exc:  # noqa: BLE001 - unknown zone or locale in member data: not a failure
+                        # Once per (locale, zone) pair, as the fallback is cached; neither names a member.
+                        log.warning("formatting for locale %.40r, time zone %.40r failed (%s): using %s, %s instead",
+                                    fmt_locale, key[1], type(exc).__name__, template_locale,
+                                    self.settings.shop_timezone)
                         f = Formatter(template_locale, timezone=self.settings.shop_timezone,
                                       currency_symbols=self.shop_all.get("currency_symbols"),
                                       default_currency=self.settings.shop_currency)
@@ -147,7 +159,8 @@ class CampaignRenderer:
             lang = language_of(locale)
             view = {}
             for k, v in self.shop_all.items():
-                if isinstance(v, dict) and any(isinstance(x, str) for x in v.values()) and k not in ("currency_symbols",):
+                localised = isinstance(v, dict) and any(isinstance(x, str) for x in v.values())
+                if localised and k not in ("currency_symbols",):
                     v = v.get(locale) or v.get(lang) or v.get(self.settings.shop_locale) or next(iter(v.values()))
                 view[k] = v
             self._shop_views[locale] = view
@@ -174,10 +187,11 @@ class CampaignRenderer:
 
     def _run(self, compiled: Compiled, variables: dict) -> str:
         try:
-            return _render(compiled.template, variables)
+            return render_bounded(compiled.template, variables, self.limits)
         except TemplateError as exc:
             raise self._located(compiled, exc, variables) from None
-        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RecursionError,
+                MemoryError) as exc:
             raise self._located(compiled, exc, variables) from None
 
     def _located(self, compiled: Compiled, exc: Exception, variables: dict) -> RenderError:
@@ -185,15 +199,13 @@ class CampaignRenderer:
         tpl = compiled.debug_template or compiled.template
         if compiled.debug_template is not None and compiled.debug_template is not compiled.template:
             try:  # re-run the un-inlined twin, whose line numbers map back to the files
-                tpl.render(variables)
+                render_bounded(tpl, variables, self.limits, shared=False)
             except Exception as again:  # noqa: BLE001 - we only want its traceback
-                exc = again
+                if type(again) is type(exc):
+                    exc = again
         line = context_line(exc, tpl.filename) if getattr(tpl, "filename", None) else None
         file, fline = compiled.locate(line)
-        code = "undefined" if type(exc).__name__ == "UndefinedError" else "render"
-        msg = getattr(exc, "message", None) or str(exc)
-        return RenderError(f"{type(exc).__name__}: {msg}" if code == "render" else f"undefined variable: {msg}",
-                           file=file, line=fline, code=code)
+        return _render_error(exc, file, fline)
 
     def _part(self, part: Part, locale: str, variant: str | None = None) -> Compiled | None:
         return self.store.get(self.campaign.name, part, locale, variant)
@@ -281,11 +293,9 @@ class CampaignRenderer:
         if dc is not None:
             for key, (tpl, line) in dc.template.items():
                 try:
-                    data[key] = _render(tpl, v).strip()
+                    data[key] = render_bounded(tpl, v, self.limits).strip()
                 except Exception as exc:  # noqa: BLE001 - located below
-                    msg = getattr(exc, "message", None) or str(exc)
-                    raise RenderError(f"{type(exc).__name__}: {msg}", file=dc.files[0], line=line,
-                                      code="undefined" if type(exc).__name__ == "UndefinedError" else "render") from None
+                    raise _render_error(exc, dc.files[0], line) from None
         data["campaign"] = self.campaign.name
         if message_id:
             data["message_id"] = message_id
@@ -310,19 +320,18 @@ class CampaignRenderer:
         return smslen.cost_minor(content.segments, self.sms_price_minor)
 
 
-def _render(template, variables: dict) -> str:
-    """``Template.render`` without its per-call merge of the globals ChainMap into a new dict.
-
-    ``variables`` already holds the helper globals (see ``_vars``) and is built fresh for each
-    message, so Jinja may use it as the context directly (``shared=True``). This halves the cost of
-    rendering a short SMS or push. Errors go through Jinja's handler as in ``render`` so that
-    tracebacks keep pointing at template lines.
-    """
-    ctx = new_context(template.environment, template.name, template.blocks, variables, shared=True)
-    try:
-        return template.environment.concat(template.root_render_func(ctx))
-    except Exception:
-        return template.environment.handle_exception()
+def _render_error(exc: BaseException, file: str, line: int | None) -> RenderError:
+    """The RenderError for an exception raised while rendering: ``limit`` for a breached bound (or a
+    recursion too deep, or memory exhausted), ``undefined`` for a missing variable, else ``render``."""
+    msg = getattr(exc, "message", None) or str(exc)
+    if isinstance(exc, TemplateLimitError):
+        return RenderError(f"over a template limit: {msg}", file=file, line=line, code="limit")
+    if isinstance(exc, (RecursionError, MemoryError)):
+        what = "macros call each other too deeply" if isinstance(exc, RecursionError) else "out of memory"
+        return RenderError(f"over a template limit: {what}", file=file, line=line, code="limit")
+    if type(exc).__name__ == "UndefinedError":
+        return RenderError(f"undefined variable: {msg}", file=file, line=line, code="undefined")
+    return RenderError(f"{type(exc).__name__}: {msg}", file=file, line=line, code="render")
 
 
 def fcm_payload_size(title: str, body: str, data: Mapping[str, str]) -> int:

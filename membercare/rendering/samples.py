@@ -35,7 +35,8 @@ _PRODUCTS = {
 
 _MEMBERS = {
     ("zh-TW", "typical"): dict(id=900001, external_id="SAMPLE-ZH-1", name="王小明", tier="gold", points_balance=2380),
-    ("zh-TW", "worst"): dict(id=900002, external_id="SAMPLE-ZH-2", name="歐陽娜娜美", tier="silver", points_balance=123456),
+    ("zh-TW", "worst"): dict(id=900002, external_id="SAMPLE-ZH-2", name="歐陽娜娜美", tier="silver",
+                             points_balance=123456),
     ("en", "typical"): dict(id=900003, external_id="SAMPLE-EN-1", name="Emily Chen", tier="gold", points_balance=2380),
     ("en", "worst"): dict(id=900004, external_id="SAMPLE-EN-2", name="Maximilian Alexander Montgomery-Whitfield",
                           tier="silver", points_balance=123456),
@@ -72,8 +73,8 @@ def sample_context(builder: ContextBuilder, locale: str, variant: str = "typical
             "campaign": None,
         })
     items = [
-        {**products[0], "quantity": 1, "amount_minor": products[0]["price_minor"], "url": url.format(sku=products[0]["sku"]),
-         "product_id": 1},
+        {**products[0], "quantity": 1, "amount_minor": products[0]["price_minor"],
+         "url": url.format(sku=products[0]["sku"]), "product_id": 1},
         {**products[1], "quantity": 2, "amount_minor": 2 * products[1]["price_minor"],
          "url": url.format(sku=products[1]["sku"]), "product_id": 2},
     ]

@@ -69,7 +69,7 @@ from membercare.optimise.lift import BinaryLift, MeanLift, MeanSummary, binary_l
 from membercare.timeutil import ensure_utc, utcnow
 
 Granularity = Literal["day", "week"]
-O, E, A = OutboxMessage.__table__, EngagementEventRow.__table__, Attribution.__table__
+OB, E, A = OutboxMessage.__table__, EngagementEventRow.__table__, Attribution.__table__
 NO_CHANNEL = "-"  # funnel rows of members who got no channel (skipped before routing chose one)
 
 _DELIVERED = (EventKind.DELIVERED.value, EventKind.PUSH_RECEIVED.value)
@@ -329,7 +329,7 @@ def build_report(engine: Engine, options: ReportOptions) -> Report:
                       programme=programme_lift(conn, options))
 
 
-def _scope(options: ReportOptions, table=O) -> list:
+def _scope(options: ReportOptions, table=OB) -> list:
     cond = [table.c.scheduled_at >= options.since, table.c.scheduled_at < options.until]
     if options.campaign:
         cond.append(table.c.campaign == options.campaign)
@@ -355,11 +355,11 @@ def orphan_optouts(conn: Connection, options: ReportOptions) -> sa.Subquery:
     optout = sa.or_(E.c.kind == EventKind.UNSUBSCRIBED.value,
                     sa.and_(E.c.kind == EventKind.INBOUND.value, E.c.reason == InboundCommand.STOP.value))
     ranked = sa.select(
-        O.c.message_id,
-        sa.func.row_number().over(partition_by=E.c.id, order_by=[O.c.sent_at.desc(), O.c.id.desc()]).label("rn"),
-    ).select_from(E.join(O, sa.and_(
-        O.c.member_id == E.c.member_id, O.c.channel == E.c.channel, O.c.state == OutboxState.SENT.value,
-        O.c.sent_at.is_not(None), within_window(conn, E.c.occurred_at, O.c.sent_at, seconds),
+        OB.c.message_id,
+        sa.func.row_number().over(partition_by=E.c.id, order_by=[OB.c.sent_at.desc(), OB.c.id.desc()]).label("rn"),
+    ).select_from(E.join(OB, sa.and_(
+        OB.c.member_id == E.c.member_id, OB.c.channel == E.c.channel, OB.c.state == OutboxState.SENT.value,
+        OB.c.sent_at.is_not(None), within_window(conn, E.c.occurred_at, OB.c.sent_at, seconds),
     ))).where(
         E.c.message_id.is_(None), E.c.member_id.is_not(None), optout,
         E.c.occurred_at >= options.since, E.c.occurred_at < options.until + options.attribution.window,
@@ -378,17 +378,17 @@ def funnel_rows(conn: Connection, options: ReportOptions) -> list[FunnelRow]:
     ).where(A.c.model == model).group_by(A.c.message_id).subquery("credit")
     orphans = orphan_optouts(conn, options)
     seg = SmsMessageSegments.__table__
-    channel = sa.func.coalesce(O.c.channel, NO_CHANNEL)
+    channel = sa.func.coalesce(OB.c.channel, NO_CHANNEL)
     per_message = sa.select(
-        O.c.id, O.c.campaign, channel.label("channel"), O.c.state,
+        OB.c.id, OB.c.campaign, channel.label("channel"), OB.c.state,
         _flag(E.c.kind.in_(_DELIVERED + _OPENED + _CLICKED)).label("delivered"),
         _flag(E.c.kind.in_(_OPENED + _CLICKED)).label("opened"),
         _flag(E.c.kind.in_(_CLICKED)).label("clicked"),
         _flag(E.c.kind.in_(_OPTED_OUT)).label("opted_out"),
-    ).select_from(O.outerjoin(E, E.c.message_id == O.c.message_id)).where(
-        *_scope(options), sa.or_(O.c.variant.is_(None), O.c.variant.not_in(_CONTROLS)),
-    ).group_by(O.c.id, O.c.campaign, channel, O.c.state).subquery("per_message")
-    pm_outbox = O.alias("pm_outbox")
+    ).select_from(OB.outerjoin(E, E.c.message_id == OB.c.message_id)).where(
+        *_scope(options), sa.or_(OB.c.variant.is_(None), OB.c.variant.not_in(_CONTROLS)),
+    ).group_by(OB.c.id, OB.c.campaign, channel, OB.c.state).subquery("per_message")
+    pm_outbox = OB.alias("pm_outbox")
     sent = per_message.c.state == OutboxState.SENT.value
     query = sa.select(
         per_message.c.campaign, per_message.c.channel,
@@ -451,18 +451,18 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
     """Treated vs holdout per campaign with holdout rows (intent to treat; global-control rows are in neither arm)."""
     o = Order.__table__
     seconds = options.attribution.window_seconds
-    held = sa.select(O.c.campaign).where(*_scope(options), O.c.variant == HOLDOUT).distinct()
-    is_holdout = sa.case((O.c.variant == HOLDOUT, 1), else_=0)
+    held = sa.select(OB.c.campaign).where(*_scope(options), OB.c.variant == HOLDOUT).distinct()
+    is_holdout = sa.case((OB.c.variant == HOLDOUT, 1), else_=0)
     per_row = sa.select(
-        O.c.id, O.c.campaign, O.c.member_id, O.c.scheduled_at, is_holdout.label("holdout"),
+        OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout.label("holdout"),
         sa.func.coalesce(sa.func.sum(o.c.total_minor), 0).label("revenue"), sa.func.count(o.c.id).label("orders"),
-    ).select_from(O.outerjoin(o, sa.and_(
-        o.c.member_id == O.c.member_id, o.c.status.in_(PURCHASE_STATUSES),
-        within_window(conn, o.c.placed_at, O.c.scheduled_at, seconds),
+    ).select_from(OB.outerjoin(o, sa.and_(
+        o.c.member_id == OB.c.member_id, o.c.status.in_(PURCHASE_STATUSES),
+        within_window(conn, o.c.placed_at, OB.c.scheduled_at, seconds),
     ))).where(
-        *_scope(options), O.c.campaign.in_(held),
-        sa.or_(O.c.variant.is_(None), O.c.variant != GLOBAL_CONTROL),
-    ).group_by(O.c.id, O.c.campaign, O.c.member_id, O.c.scheduled_at, is_holdout).subquery("per_row")
+        *_scope(options), OB.c.campaign.in_(held),
+        sa.or_(OB.c.variant.is_(None), OB.c.variant != GLOBAL_CONTROL),
+    ).group_by(OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout).subquery("per_row")
     # Squares summed exactly on PostgreSQL (numeric); SQLite has no big integers, so doubles there.
     big = sa.Float if is_sqlite(conn) else sa.Numeric
     rev = sa.cast(per_row.c.revenue, big)
@@ -543,28 +543,28 @@ def variant_sections(conn: Connection, options: ReportOptions) -> list[VariantSe
         A.c.message_id, sa.func.count().label("orders"), sa.func.sum(A.c.revenue_minor).label("revenue"),
     ).where(A.c.model == options.attribution.model.value, A.c.conversion_type == ConversionType.ORDER.value
             ).group_by(A.c.message_id).subquery("variant_credit")
-    sent = O.c.state == OutboxState.SENT.value
-    clicked = sa.exists().where(E.c.message_id == O.c.message_id, E.c.kind.in_(_VISITED))
-    is_variant = [O.c.variant.is_not(None), O.c.variant.not_in(_CONTROLS)]
+    sent = OB.c.state == OutboxState.SENT.value
+    clicked = sa.exists().where(E.c.message_id == OB.c.message_id, E.c.kind.in_(_VISITED))
+    is_variant = [OB.c.variant.is_not(None), OB.c.variant.not_in(_CONTROLS)]
     query = sa.select(
-        O.c.campaign, O.c.variant, sa.func.count().label("rows"), _sum_if(sent).label("sends"),
+        OB.c.campaign, OB.c.variant, sa.func.count().label("rows"), _sum_if(sent).label("sends"),
         _sum_if(sa.and_(sent, clicked)).label("clicks"),
         _sum_if(sa.and_(sent, credit.c.orders > 0)).label("conversions"),
         sa.func.coalesce(sa.func.sum(credit.c.revenue), 0).label("revenue"),
-    ).select_from(O.outerjoin(credit, credit.c.message_id == O.c.message_id)).where(
-        *_scope(options), *is_variant).group_by(O.c.campaign, O.c.variant)
+    ).select_from(OB.outerjoin(credit, credit.c.message_id == OB.c.message_id)).where(
+        *_scope(options), *is_variant).group_by(OB.c.campaign, OB.c.variant)
     per_campaign: dict[str, dict[str, Any]] = {}
     for row in conn.execute(query):
         per_campaign.setdefault(row.campaign, {})[row.variant] = row
     if not per_campaign:
         return []
-    latest_ids = sa.select(O.c.campaign, sa.func.max(O.c.run_id).label("run_id")).where(
-        *_scope(options), *is_variant).group_by(O.c.campaign).subquery("latest_run")
+    latest_ids = sa.select(OB.c.campaign, sa.func.max(OB.c.run_id).label("run_id")).where(
+        *_scope(options), *is_variant).group_by(OB.c.campaign).subquery("latest_run")
     latest: dict[str, dict[str, Any]] = {}
     for row in conn.execute(
-        sa.select(latest_ids.c.campaign, r.c.occurrence, O.c.variant, sa.func.count().label("n"))
-        .select_from(latest_ids.join(r, r.c.id == latest_ids.c.run_id).join(O, O.c.run_id == latest_ids.c.run_id))
-        .where(*is_variant).group_by(latest_ids.c.campaign, r.c.occurrence, O.c.variant)
+        sa.select(latest_ids.c.campaign, r.c.occurrence, OB.c.variant, sa.func.count().label("n"))
+        .select_from(latest_ids.join(r, r.c.id == latest_ids.c.run_id).join(OB, OB.c.run_id == latest_ids.c.run_id))
+        .where(*is_variant).group_by(latest_ids.c.campaign, r.c.occurrence, OB.c.variant)
     ):
         info = latest.setdefault(row.campaign, {"occurrence": row.occurrence, "rows": {}})
         info["rows"][row.variant] = int(row.n)
@@ -618,11 +618,11 @@ def frequency_section(conn: Connection, options: ReportOptions) -> FrequencySect
     from dataclasses import replace
 
     weekly = replace(options, granularity="week")
-    week_o = bucket_expr(conn, O.c.sent_at, weekly)
-    mw = sa.select(O.c.member_id, week_o.label("week"), sa.func.count().label("messages")).where(
-        O.c.state == OutboxState.SENT.value, O.c.purpose == "marketing",
-        O.c.sent_at >= options.since, O.c.sent_at < options.until,
-    ).group_by(O.c.member_id, week_o).subquery("member_weeks")
+    week_o = bucket_expr(conn, OB.c.sent_at, weekly)
+    mw = sa.select(OB.c.member_id, week_o.label("week"), sa.func.count().label("messages")).where(
+        OB.c.state == OutboxState.SENT.value, OB.c.purpose == "marketing",
+        OB.c.sent_at >= options.since, OB.c.sent_at < options.until,
+    ).group_by(OB.c.member_id, week_o).subquery("member_weeks")
     week_e = bucket_expr(conn, E.c.occurred_at, weekly)
     unsub = sa.or_(E.c.kind == EventKind.UNSUBSCRIBED.value,
                    sa.and_(E.c.kind == EventKind.INBOUND.value, E.c.reason == InboundCommand.STOP.value))
@@ -661,14 +661,14 @@ def programme_lift(conn: Connection, options: ReportOptions) -> ProgrammeLift | 
     """Members with a marketing row in the period, split into the global control group (any
     ``global_control`` row) and everyone else; outcome: purchases from the member's first row of the
     period to ``until``. None when the period has no global-control rows. All campaigns count."""
-    period = [O.c.scheduled_at >= options.since, O.c.scheduled_at < options.until, O.c.purpose == "marketing"]
-    if conn.execute(sa.select(O.c.id).where(*period, O.c.variant == GLOBAL_CONTROL).limit(1)).first() is None:
+    period = [OB.c.scheduled_at >= options.since, OB.c.scheduled_at < options.until, OB.c.purpose == "marketing"]
+    if conn.execute(sa.select(OB.c.id).where(*period, OB.c.variant == GLOBAL_CONTROL).limit(1)).first() is None:
         return None
     o = Order.__table__
     pm = sa.select(
-        O.c.member_id, _flag(O.c.variant == GLOBAL_CONTROL).label("control"),
-        sa.func.min(O.c.scheduled_at).label("first_at"),
-    ).where(*period).group_by(O.c.member_id).subquery("programme_members")
+        OB.c.member_id, _flag(OB.c.variant == GLOBAL_CONTROL).label("control"),
+        sa.func.min(OB.c.scheduled_at).label("first_at"),
+    ).where(*period).group_by(OB.c.member_id).subquery("programme_members")
     # Column against column: SQLite's stored text may mix formats, so compare integer milliseconds there.
     after = (_epoch_ms(o.c.placed_at) >= _epoch_ms(pm.c.first_at)) if is_sqlite(conn) else (
         o.c.placed_at >= pm.c.first_at)
@@ -820,10 +820,10 @@ def trends(conn: Connection, options: ReportOptions) -> list[TrendPoint]:
         d = _as_date(bucket)
         return points.setdefault(d, TrendPoint(d))
 
-    camp = [O.c.campaign == options.campaign] if options.campaign else []
-    b = bucket_expr(conn, O.c.sent_at, options)
+    camp = [OB.c.campaign == options.campaign] if options.campaign else []
+    b = bucket_expr(conn, OB.c.sent_at, options)
     for bucket, n in conn.execute(sa.select(b, sa.func.count()).where(
-            O.c.state == OutboxState.SENT.value, O.c.sent_at >= options.since, O.c.sent_at < options.until, *camp
+            OB.c.state == OutboxState.SENT.value, OB.c.sent_at >= options.since, OB.c.sent_at < options.until, *camp
     ).group_by(b)):
         point(bucket).sent = int(n)
 
@@ -836,7 +836,7 @@ def trends(conn: Connection, options: ReportOptions) -> list[TrendPoint]:
                        sa.and_(E.c.kind == EventKind.INBOUND.value, E.c.reason == InboundCommand.STOP.value))),
     ).where(E.c.occurred_at >= options.since, E.c.occurred_at < options.until)
     if options.campaign:
-        query = query.select_from(E.join(O, O.c.message_id == E.c.message_id)).where(*camp)
+        query = query.select_from(E.join(OB, OB.c.message_id == E.c.message_id)).where(*camp)
     for bucket, delivered, opened, clicked, unsub in conn.execute(query.group_by(b)):
         p = point(bucket)
         p.delivered, p.opened, p.clicked, p.unsubscribed = int(delivered), int(opened), int(clicked), int(unsub)

@@ -29,7 +29,8 @@ header p{margin:0;color:#cbd2d9;font-size:13px}main{padding:20px 32px;max-width:
 .card .v{font-size:24px;font-weight:600}.card .l{font-size:12px;color:#616e7c;text-transform:uppercase;
 letter-spacing:.04em}.card .s{font-size:12px;color:#7b8794}
 section{background:#fff;border-radius:8px;padding:16px 18px;margin-bottom:18px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
-section h2{font-size:16px;margin:0 0 4px}section h3{font-size:14px;margin:12px 0 2px}section p.note{font-size:12px;color:#616e7c;margin:0 0 10px}
+section h2{font-size:16px;margin:0 0 4px}section h3{font-size:14px;margin:12px 0 2px}
+section p.note{font-size:12px;color:#616e7c;margin:0 0 10px}
 .charts{display:flex;flex-wrap:wrap;gap:18px}.chart svg{max-width:100%;height:auto}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{padding:5px 8px;text-align:right;
 border-bottom:1px solid #e4e7eb}th{background:#f5f7fa;font-weight:600}td.t,th.t{text-align:left}
@@ -85,7 +86,8 @@ def _revenue_chart(rows: list[FunnelRow], currency: str):
     colour = alt.Color("channel:N", scale=alt.Scale(domain=channels,
                                                     range=[CHANNEL_COLOURS.get(c, "#888") for c in channels]))
     revenue = alt.Chart(alt.Data(values=data)).mark_bar().encode(
-        y=alt.Y("campaign:N", title=None, sort="-x"), x=alt.X("sum(revenue):Q", title=f"attributed revenue ({currency})"),
+        y=alt.Y("campaign:N", title=None, sort="-x"),
+        x=alt.X("sum(revenue):Q", title=f"attributed revenue ({currency})"),
         color=colour, tooltip=["campaign:N", "channel:N", alt.Tooltip("sum(revenue):Q", format=",.0f")],
     ).properties(width=380, height=max(60, 26 * len({d["campaign"] for d in data})),
                  title="Attributed revenue")
@@ -236,7 +238,8 @@ def _kpi_table(report: Report) -> str:
          else f"{k.purchases_per_buyer_per_year:.2f}"),
         ("Year-over-year buyer retention", _pct(k.retention_rate)),
         ("Expected lifetime", "–" if k.expected_lifetime_years is None else
-         f"{k.expected_lifetime_years:.1f} years{' (assumed: too few buyers a year ago)' if k.lifetime_assumed else ''}"),
+         f"{k.expected_lifetime_years:.1f} years"
+         f"{' (assumed: too few buyers a year ago)' if k.lifetime_assumed else ''}"),
         ("Estimated customer lifetime value (AOV x frequency x lifetime)", _money(k.clv_minor, cur)),
         ("Orders / revenue in the period", f"{k.period_orders:,} / {_money(k.period_revenue_minor, cur)}"),
     ]
@@ -452,7 +455,8 @@ def render_html(report: Report) -> str:
         parts.append(f"<div class='chart'>{_svg(_funnel_chart(report.funnel))}</div>")
         parts.append(f"<div class='chart'>{_svg(_revenue_chart(report.funnel, o.currency))}</div></div></section>")
     else:
-        parts.append("<section><h2>Campaigns</h2><p class='note'>No messages were planned in this period.</p></section>")
+        parts.append("<section><h2>Campaigns</h2>"
+                     "<p class='note'>No messages were planned in this period.</p></section>")
     holdout = _holdout_chart(report)
     if report.holdouts:
         parts.append("<section><h2>Did it work? Treated vs holdout</h2><p class='note'>Members held out of a "

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from membercare.optimise.lift import BinaryLift, MeanLift
-from membercare.reports.core import Report
+from membercare.reports.core import FrequencySection, ProgrammeLift, Report, VariantSection
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -47,83 +47,94 @@ def _verdict(lift: BinaryLift | MeanLift | None) -> str:
 
 def print_experiments(console: Console, rep: Report) -> None:
     """Every experiment section that has data, in report order."""
-    cur = rep.options.currency
     conf = f"{100 * rep.options.confidence:g}%"
     if rep.holdouts:
-        days = rep.options.attribution.window_seconds / 86400
-        t = Table(title=f"Treated vs holdout (intent to treat; outcomes within the {days:g}-day window after the "
-                        f"planned send; {conf} CI)")
-        for col in ("campaign", "arm sizes", "metric", "treated", "holdout", "absolute lift", "relative",
-                    "significant"):
-            t.add_column(col, justify="left" if col in ("campaign", "metric") else "right")
-        for h in rep.holdouts:
-            sizes = f"{h.treated_n:,} / {h.holdout_n:,}"
-            for i, (name, lift) in enumerate((("visit rate", h.visit), ("conversion rate", h.conversion))):
-                rel = _pct(lift.relative_lift, 1) if lift and lift.relative_lift is not None else "-"
-                t.add_row(h.campaign if i == 0 else "", sizes if i == 0 else "", name,
-                          _pct(lift.treated_rate) if lift else "-", _pct(lift.control_rate) if lift else "-",
-                          points(lift), rel, _verdict(lift))
-            r = h.revenue
-            t.add_row("", "", "revenue / member", _money(r.treated.mean, cur) if r else "-",
-                      _money(r.control.mean, cur) if r else "-", money_lift(r, cur),
-                      _pct(r.relative_lift, 1) if r and r.relative_lift is not None else "-", _verdict(r),
-                      end_section=True)
-        console.print(t)
-
-    p = rep.programme
-    if p is not None:
-        t = Table(title="Programme lift: members the marketing programme selected vs the global control group "
-                        f"(purchases from their first planned message to the end of the period; {conf} CI)")
-        for col in ("metric", "marketed", "global control", "absolute lift", "significant"):
-            t.add_column(col, justify="left" if col == "metric" else "right")
-        t.add_row("members", f"{p.treated_n:,}", f"{p.control_n:,}", "", "")
-        c = p.conversion
-        t.add_row("conversion rate", _pct(c.treated_rate) if c else "-", _pct(c.control_rate) if c else "-",
-                  points(c), _verdict(c))
-        r = p.revenue
-        t.add_row("revenue / member", _money(r.treated.mean, cur) if r else "-",
-                  _money(r.control.mean, cur) if r else "-", money_lift(r, cur), _verdict(r))
-        console.print(t)
-
+        _print_holdouts(console, rep, conf)
+    if rep.programme is not None:
+        _print_programme(console, rep.programme, rep.options.currency, conf)
     for v in rep.variants:
-        t = Table(title=f"Variants of {v.campaign} (goal: {v.goal}; floor {v.floor:.0%}, promote at "
-                        f"P(best) >= {v.promote_at:.0%}; latest run {v.latest_occurrence or '-'})")
-        for col in ("variant", "sends", "clicks", "conversions", "posterior Beta(a, b)", "mean", "95% credible",
-                    "P(best)", "latest share", "next share"):
-            t.add_column(col, justify="left" if col == "variant" else "right")
-        for row in v.variants:
-            lo, hi = row.credible_interval
-            t.add_row(row.name, f"{row.sends:,}", f"{row.clicks:,}", f"{row.conversions:,}",
-                      f"({row.posterior_alpha:g}, {row.posterior_beta:g})", _pct(row.posterior_mean),
-                      f"{_pct(lo)} .. {_pct(hi)}", f"{row.p_best:.3f}",
-                      _pct(row.planned_share if row.planned_share is not None else row.latest_share, 1),
-                      _pct(row.next_share, 1))
-        console.print(t)
-        state = (f"winner: {v.winner} (promoted)" if v.winner else "no winner yet")
-        if v.promoted:
-            state += f"; planning promoted {v.promoted}"
-        if v.plan_reason:
-            state += f"; latest shares: {v.plan_reason}"
-        console.print(f"  {state}" + "".join(f"; {n}" for n in v.notes))
+        _print_variants(console, v)
+    if rep.frequency is not None and rep.frequency.member_weeks:
+        _print_frequency(console, rep.frequency, conf)
 
-    f = rep.frequency
-    if f is not None and f.member_weeks:
-        complaint = "" if f.max_complaint_rate is None else f", complaints <= {_pct(f.max_complaint_rate, 2)}"
-        t = Table(title=f"Frequency: opt-outs by marketing messages received per member per week "
-                        f"({f.member_weeks:,} member-weeks, {f.messages:,} messages; Wilson {conf} CI)")
-        for col in ("messages / week", "member-weeks", "unsubscribe rate", "95% CI", "complaint rate", "95% CI",
-                    "unsub. / 1000 msgs"):
-            t.add_column(col, justify="left" if col == "messages / week" else "right")
-        for b in f.buckets:
-            if not b.member_weeks:
-                continue
-            t.add_row(b.label, f"{b.member_weeks:,}", _pct(b.unsubscribe_rate, 3),
-                      f"{_pct(b.unsubscribe_rate_ci[0], 3)} .. {_pct(b.unsubscribe_rate_ci[1], 3)}",
-                      _pct(b.complaint_rate, 3),
-                      f"{_pct(b.complaint_rate_ci[0], 3)} .. {_pct(b.complaint_rate_ci[1], 3)}",
-                      f"{b.unsubscribes_per_1000_messages:.2f}")
-        console.print(t)
-        safe = "none (even one message a week is above the ceiling)" if f.highest_safe is None else str(f.highest_safe)
-        console.print(f"  highest weekly frequency whose upper 95% bound keeps unsubscribes <= "
-                      f"{_pct(f.max_unsubscribe_rate, 2)}{complaint} (buckets of >= {f.min_member_weeks} "
-                      f"member-weeks): {safe}")
+
+def _print_holdouts(console: Console, rep: Report, conf: str) -> None:
+    cur = rep.options.currency
+    days = rep.options.attribution.window_seconds / 86400
+    t = Table(title=f"Treated vs holdout (intent to treat; outcomes within the {days:g}-day window after the "
+                    f"planned send; {conf} CI)")
+    for col in ("campaign", "arm sizes", "metric", "treated", "holdout", "absolute lift", "relative",
+                "significant"):
+        t.add_column(col, justify="left" if col in ("campaign", "metric") else "right")
+    for h in rep.holdouts:
+        sizes = f"{h.treated_n:,} / {h.holdout_n:,}"
+        for i, (name, lift) in enumerate((("visit rate", h.visit), ("conversion rate", h.conversion))):
+            rel = _pct(lift.relative_lift, 1) if lift and lift.relative_lift is not None else "-"
+            t.add_row(h.campaign if i == 0 else "", sizes if i == 0 else "", name,
+                      _pct(lift.treated_rate) if lift else "-", _pct(lift.control_rate) if lift else "-",
+                      points(lift), rel, _verdict(lift))
+        r = h.revenue
+        t.add_row("", "", "revenue / member", _money(r.treated.mean, cur) if r else "-",
+                  _money(r.control.mean, cur) if r else "-", money_lift(r, cur),
+                  _pct(r.relative_lift, 1) if r and r.relative_lift is not None else "-", _verdict(r),
+                  end_section=True)
+    console.print(t)
+
+
+def _print_programme(console: Console, p: ProgrammeLift, cur: str, conf: str) -> None:
+    t = Table(title="Programme lift: members the marketing programme selected vs the global control group "
+                    f"(purchases from their first planned message to the end of the period; {conf} CI)")
+    for col in ("metric", "marketed", "global control", "absolute lift", "significant"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    t.add_row("members", f"{p.treated_n:,}", f"{p.control_n:,}", "", "")
+    c = p.conversion
+    t.add_row("conversion rate", _pct(c.treated_rate) if c else "-", _pct(c.control_rate) if c else "-",
+              points(c), _verdict(c))
+    r = p.revenue
+    t.add_row("revenue / member", _money(r.treated.mean, cur) if r else "-",
+              _money(r.control.mean, cur) if r else "-", money_lift(r, cur), _verdict(r))
+    console.print(t)
+
+
+def _print_variants(console: Console, v: VariantSection) -> None:
+    t = Table(title=f"Variants of {v.campaign} (goal: {v.goal}; floor {v.floor:.0%}, promote at "
+                    f"P(best) >= {v.promote_at:.0%}; latest run {v.latest_occurrence or '-'})")
+    for col in ("variant", "sends", "clicks", "conversions", "posterior Beta(a, b)", "mean", "95% credible",
+                "P(best)", "latest share", "next share"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for row in v.variants:
+        lo, hi = row.credible_interval
+        t.add_row(row.name, f"{row.sends:,}", f"{row.clicks:,}", f"{row.conversions:,}",
+                  f"({row.posterior_alpha:g}, {row.posterior_beta:g})", _pct(row.posterior_mean),
+                  f"{_pct(lo)} .. {_pct(hi)}", f"{row.p_best:.3f}",
+                  _pct(row.planned_share if row.planned_share is not None else row.latest_share, 1),
+                  _pct(row.next_share, 1))
+    console.print(t)
+    state = (f"winner: {v.winner} (promoted)" if v.winner else "no winner yet")
+    if v.promoted:
+        state += f"; planning promoted {v.promoted}"
+    if v.plan_reason:
+        state += f"; latest shares: {v.plan_reason}"
+    console.print(f"  {state}" + "".join(f"; {n}" for n in v.notes))
+
+
+def _print_frequency(console: Console, f: FrequencySection, conf: str) -> None:
+    complaint = "" if f.max_complaint_rate is None else f", complaints <= {_pct(f.max_complaint_rate, 2)}"
+    t = Table(title=f"Frequency: opt-outs by marketing messages received per member per week "
+                    f"({f.member_weeks:,} member-weeks, {f.messages:,} messages; Wilson {conf} CI)")
+    for col in ("messages / week", "member-weeks", "unsubscribe rate", "95% CI", "complaint rate", "95% CI",
+                "unsub. / 1000 msgs"):
+        t.add_column(col, justify="left" if col == "messages / week" else "right")
+    for b in f.buckets:
+        if not b.member_weeks:
+            continue
+        t.add_row(b.label, f"{b.member_weeks:,}", _pct(b.unsubscribe_rate, 3),
+                  f"{_pct(b.unsubscribe_rate_ci[0], 3)} .. {_pct(b.unsubscribe_rate_ci[1], 3)}",
+                  _pct(b.complaint_rate, 3),
+                  f"{_pct(b.complaint_rate_ci[0], 3)} .. {_pct(b.complaint_rate_ci[1], 3)}",
+                  f"{b.unsubscribes_per_1000_messages:.2f}")
+    console.print(t)
+    safe = "none (even one message a week is above the ceiling)" if f.highest_safe is None else str(f.highest_safe)
+    console.print(f"  highest weekly frequency whose upper 95% bound keeps unsubscribes <= "
+                  f"{_pct(f.max_unsubscribe_rate, 2)}{complaint} (buckets of >= {f.min_member_weeks} "
+                  f"member-weeks): {safe}")

@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from membercare.errors import ConfigurationError
+
 CHANNELS = ("email", "sms", "push")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError, ValueError):
     """A sandbox setting is unknown or out of range."""
 
 
@@ -156,7 +158,7 @@ class SandboxConfig:
                 "push": "/track/push"}[kind]
         return self.webhook_url.rstrip("/") + path
 
-    def validate(self) -> "SandboxConfig":
+    def validate(self) -> SandboxConfig:
         for channel in CHANNELS:
             self.behaviour(channel).validate(channel)
         for channel, rates in self.engagement.items():
@@ -195,7 +197,8 @@ def _build(cls, data: Any, where: str):
     return cls(**kwargs)
 
 
-def _convert(cls, name: str, value: Any, where: str):
+def _convert(cls, name: str, value: Any, where: str):  # noqa: C901 - a table: one branch per setting type
+    """The setting ``name`` of ``cls`` from its JSON ``value``, checked against the type of its default."""
     default = _default_of(cls, name)
     if isinstance(default, (ChannelBehaviour, EngagementRates, EngagementRule)):
         return _build(type(default), value, where)
@@ -275,7 +278,8 @@ def parse_rate_limit(spec: str) -> tuple[str, float]:
     """``"sms=10/s"`` -> ``("sms", 10.0)``; ``"email=600/min"`` -> ``("email", 10.0)``."""
     m = _RATE.match(spec)
     if not m:
-        raise ConfigError(f"bad rate limit {spec!r}: use CHANNEL=N/s or CHANNEL=N/min, CHANNEL one of {', '.join(CHANNELS)}")
+        raise ConfigError(f"bad rate limit {spec!r}: use CHANNEL=N/s or CHANNEL=N/min, "
+                          f"CHANNEL one of {', '.join(CHANNELS)}")
     rate = float(m.group(2))
     if m.group(3) and m.group(3).startswith("m"):
         rate /= 60.0

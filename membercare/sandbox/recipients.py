@@ -36,11 +36,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from channels.fcm_webhooks import SIGNATURE_HEADER as PUSH_SIGNATURE_HEADER
-from channels.fcm_webhooks import sign_push_tracking
-from channels.sendgrid_webhooks import SendGridWebhookSigner
-from channels.twilio_webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
-from channels.twilio_webhooks import twilio_signature
+from channels.fcm.webhooks import SIGNATURE_HEADER as PUSH_SIGNATURE_HEADER
+from channels.fcm.webhooks import sign_push_tracking
+from channels.sendgrid.webhooks import SendGridWebhookSigner
+from channels.twilio.webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
+from channels.twilio.webhooks import twilio_signature
 from membercare.sandbox.config import EngagementRates, SandboxConfig
 from membercare.sandbox.state import MessageRecord, seeded_rng, stable_id
 
@@ -98,7 +98,7 @@ def _iso(ts: float) -> str:
 class Recipients:
     """Turns accepted messages into webhook calls. Runs on the server's event loop."""
 
-    def __init__(self, get_config: Callable[[], SandboxConfig], state: "SandboxState",
+    def __init__(self, get_config: Callable[[], SandboxConfig], state: SandboxState,
                  model: EngagementModel | None, signer: SendGridWebhookSigner, clock: EventClock | None = None):
         self._get_config = get_config
         self._state = state
@@ -209,7 +209,8 @@ class Recipients:
             reason = "Bounced Address" if rec.to in self._state.bounced else "Unsubscribed Address"
             events.append({"event": "dropped", "reason": reason})
         elif not o["delivered"]:
-            events.append({"event": "bounce", "type": "bounce", "status": "5.1.1", "bounce_classification": "Invalid Address",
+            events.append({"event": "bounce", "type": "bounce", "status": "5.1.1",
+                           "bounce_classification": "Invalid Address",
                            "reason": "550 5.1.1 The email account that you tried to reach does not exist."})
             self._state.bounced.add(rec.to)
         else:

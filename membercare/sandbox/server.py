@@ -1,5 +1,8 @@
 """The sandbox HTTP server (aiohttp): the three provider APIs plus ``/sandbox/*`` control endpoints.
 
+Each provider's wire format (request validation, answer and error bodies) lives in its folder
+(``channels/<provider>/sandbox.py``); this module runs the shared request pipeline around it.
+
 Why aiohttp: one process serves thousands of requests per second on one core (llhttp parser; uvloop when
 installed), a handler can drop its connection for fault injection (ASGI servers cannot), and its client
 posts the simulated webhooks on the same loop.
@@ -34,8 +37,10 @@ from channels.base import (
     IDEMPOTENCY_KEY_ARG,
     MESSAGE_ID_ARG,
 )
-from channels.sendgrid_webhooks import SendGridWebhookSigner
-from membercare.sandbox import providers as p
+from channels.fcm import sandbox as fcm_wire
+from channels.sendgrid import sandbox as sendgrid_wire
+from channels.sendgrid.webhooks import SendGridWebhookSigner
+from channels.twilio import sandbox as twilio_wire
 from membercare.sandbox.config import CHANNELS, ConfigError, SandboxConfig, apply_patch
 from membercare.sandbox.recipients import EngagementModel, EventClock, Recipients
 from membercare.sandbox.state import MessageRecord, SandboxState, TokenBucket, seeded_rng, stable_id
@@ -210,7 +215,7 @@ class SandboxApp:
         key = auth[7:] if auth.startswith("Bearer ") else ""
         if not key or (self.config.sendgrid_api_keys and key not in self.config.sendgrid_api_keys):
             self._reject("email", "unauthorized")
-            return web.json_response(p.sendgrid_unauthorized(), status=401)
+            return web.json_response(sendgrid_wire.sendgrid_unauthorized(), status=401)
         gate = await self._gate(request, "email", raw)
         if isinstance(gate, tuple):
             kind, value = gate
@@ -225,8 +230,8 @@ class SandboxApp:
             body = json.loads(raw) if raw else None
         except ValueError:
             self._reject("email", "bad_json")
-            return web.json_response({"errors": [p.sendgrid_error("Bad Request", None, None)]}, status=400)
-        errors = p.validate_sendgrid_mail(body)
+            return web.json_response({"errors": [sendgrid_wire.sendgrid_error("Bad Request", None, None)]}, status=400)
+        errors = sendgrid_wire.validate_sendgrid_mail(body)
         if errors:
             bad_rcpt = any(".to." in str(e.get("field")) for e in errors)
             self._reject("email", "invalid_recipient" if bad_rcpt else "invalid_payload")
@@ -237,7 +242,7 @@ class SandboxApp:
         top_args = body.get("custom_args") or {}
         cats = body.get("categories") or []
         html = next((c["value"] for c in body.get("content") or [] if c.get("type") == "text/html"), None)
-        link = p.first_link(html)
+        link = sendgrid_wire.first_link(html)
         for pers in body["personalizations"]:
             args = {**top_args, **(pers.get("custom_args") or {})}
             for rcpt in pers["to"]:
@@ -263,15 +268,15 @@ class SandboxApp:
         token = self._twilio_token(request, account_sid)
         if token is None:
             self._reject("sms", "unauthorized")
-            return web.json_response(p.twilio_unauthorized(), status=401)
+            return web.json_response(twilio_wire.twilio_unauthorized(), status=401)
         gate = await self._gate(request, "sms", raw)
         if isinstance(gate, tuple):
             kind, value = gate
             if kind == "throttled":
-                return web.json_response(p.twilio_error(429, 20429, "Too Many Requests"), status=429,
+                return web.json_response(twilio_wire.twilio_error(429, 20429, "Too Many Requests"), status=429,
                                          headers={"Retry-After": str(value)})
             code = 20500 if value == 500 else 20503
-            return web.json_response(p.twilio_error(value, code, "Internal Server Error" if value == 500
+            return web.json_response(twilio_wire.twilio_error(value, code, "Internal Server Error" if value == 500
                                                     else "Service Unavailable"), status=value)
         form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
         to, from_, service = form.get("To", ""), form.get("From") or None, form.get("MessagingServiceSid") or None
@@ -279,7 +284,7 @@ class SandboxApp:
 
         def error(code: int, message: str, reason: str) -> web.Response:
             self._reject("sms", reason)
-            return web.json_response(p.twilio_error(400, code, message), status=400)
+            return web.json_response(twilio_wire.twilio_error(400, code, message), status=400)
 
         if not to:
             return error(21604, "A 'To' phone number is required.", "invalid_payload")
@@ -289,7 +294,7 @@ class SandboxApp:
             return error(21602, "Message body is required.", "invalid_payload")
         if len(body) > 1600:
             return error(21617, "The concatenated message body exceeds the 1600 character limit.", "invalid_payload")
-        kind = p.classify_number(to)
+        kind = twilio_wire.classify_number(to)
         if kind == "invalid":
             return error(21211, f"Invalid 'To' Phone Number: {to[:4]}XXXX", "invalid_recipient")
         if kind == "landline":
@@ -300,7 +305,7 @@ class SandboxApp:
         query = parse_qs(urlsplit(callback).query) if callback else {}
         sid = "SM" + stable_id(self.config.seed, "sm", self.state.seq + 1)
         attrs = {k: v[0] for k, v in query.items()}
-        attrs.update({"channel": "sms", "country": p.number_region(to)})
+        attrs.update({"channel": "sms", "country": twilio_wire.number_region(to)})
         rec = MessageRecord(seq=self.state.next_seq(), channel="sms", provider_id=sid,
                             message_id=_first(query, CALLBACK_MESSAGE_ID_PARAM),
                             idempotency_key=_first(query, CALLBACK_IDEMPOTENCY_KEY_PARAM), to=to,
@@ -310,7 +315,7 @@ class SandboxApp:
         self._accept(rec)
         if gate is _Ghost:
             self._drop(request)
-        resource = p.twilio_message_resource(sid=sid, account_sid=account_sid, to=to, from_=from_, body=body,
+        resource = twilio_wire.twilio_message_resource(sid=sid, account_sid=account_sid, to=to, from_=from_, body=body,
                                              messaging_service_sid=service)
         return web.json_response(resource, status=201)
 
@@ -335,19 +340,19 @@ class SandboxApp:
         self._capture(request, b"")
         account_sid = request.match_info["account_sid"]
         if self._twilio_token(request, account_sid) is None:
-            return web.json_response(p.twilio_unauthorized(), status=401)
+            return web.json_response(twilio_wire.twilio_unauthorized(), status=401)
         self.state.stats.lookups["sms"] += 1
         q = request.query
         filters = [(k, q[k]) for k in ("To", "From", "DateSent", "DateSent<", "DateSent>") if k in q]
         try:
             page_size = int(q.get("PageSize", 50))
             page = int(q.get("Page", 0))
-            if not 1 <= page_size <= p.TWILIO_LIST_MAX_PAGE_SIZE or page < 0:
+            if not 1 <= page_size <= twilio_wire.TWILIO_LIST_MAX_PAGE_SIZE or page < 0:
                 raise ValueError("PageSize must be 1 to 1000 and Page at least 0")
             low, high = -math.inf, math.inf
             for key, value in filters:
                 if key.startswith("DateSent"):
-                    first, last = p.twilio_date_bounds(value)
+                    first, last = twilio_wire.twilio_date_bounds(value)
                     low = max(low, first) if key in ("DateSent", "DateSent>") else low
                     high = min(high, last) if key in ("DateSent", "DateSent<") else high
             token = q.get("PageToken") or None
@@ -355,7 +360,8 @@ class SandboxApp:
             if direction not in ("PA", "PB"):
                 raise ValueError("invalid PageToken")
         except ValueError as exc:
-            return web.json_response(p.twilio_error(400, 20001, f"Invalid list parameters: {exc}"), status=400)
+            return web.json_response(twilio_wire.twilio_error(400, 20001, f"Invalid list parameters: {exc}"),
+                                     status=400)
         to, from_ = q.get("To"), q.get("From")
         pool = self.state.sms_by_to.get(to, []) if to else [r for r in self.state.records if r.channel == "sms"]
         matching = [r for r in pool if r.account == account_sid and (not from_ or r.extra.get("from") == from_)
@@ -368,12 +374,12 @@ class SandboxApp:
             chosen = [r for r in matching if r.seq > boundary][:page_size]
         older = bool(chosen) and any(r.seq < chosen[0].seq for r in matching)
         newer = bool(chosen) and any(r.seq > chosen[-1].seq for r in matching)
-        messages = [p.twilio_message_resource(sid=r.provider_id, account_sid=account_sid, to=r.to,
+        messages = [twilio_wire.twilio_message_resource(sid=r.provider_id, account_sid=account_sid, to=r.to,
                                               from_=r.extra.get("from"), body=r.extra.get("body", ""),
                                               messaging_service_sid=r.extra.get("messaging_service_sid"),
                                               now=r.accepted_at, status="sent", date_sent=r.accepted_at)
                     for r in reversed(chosen)]
-        return web.json_response(p.twilio_list_page(
+        return web.json_response(twilio_wire.twilio_list_page(
             account_sid=account_sid, filters=filters, messages=messages, page=page, page_size=page_size, token=token,
             next_token=f"PA{chosen[0].seq}" if older else None,
             previous_token=f"PB{chosen[-1].seq}" if newer else None))
@@ -385,7 +391,7 @@ class SandboxApp:
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer" or not form.get("assertion"):
             return web.json_response({"error": "unsupported_grant_type", "error_description": "Invalid grant_type"},
                                      status=400)
-        email, err = p.check_jwt_assertion(form["assertion"], token_url_path=TOKEN_PATH,
+        email, err = fcm_wire.check_jwt_assertion(form["assertion"], token_url_path=TOKEN_PATH,
                                            public_keys=self.config.fcm_service_accounts,
                                            require_known=self.config.fcm_require_known_service_account)
         if err:
@@ -401,28 +407,28 @@ class SandboxApp:
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self.fcm_access_tokens:
             self._reject("push", "unauthorized")
-            return web.json_response(p.fcm_unauthenticated(), status=401)
+            return web.json_response(fcm_wire.fcm_unauthenticated(), status=401)
         gate = await self._gate(request, "push", raw)
         if isinstance(gate, tuple):
             kind, value = gate
             if kind == "throttled":
-                return web.json_response(p.fcm_quota_exceeded(), status=429, headers={"Retry-After": str(value)})
-            body = (p.fcm_error(500, "INTERNAL", "Internal error encountered.") if value == 500 else
-                    p.fcm_error(value, "UNAVAILABLE", "The service is currently unavailable."))
+                return web.json_response(fcm_wire.fcm_quota_exceeded(), status=429, headers={"Retry-After": str(value)})
+            body = (fcm_wire.fcm_error(500, "INTERNAL", "Internal error encountered.") if value == 500 else
+                    fcm_wire.fcm_error(value, "UNAVAILABLE", "The service is currently unavailable."))
             return web.json_response(body, status=value)
         try:
             payload = json.loads(raw) if raw else None
         except ValueError:
             payload = None
-        msg, err = p.validate_fcm_message(payload)
+        msg, err = fcm_wire.validate_fcm_message(payload)
         if err:
             self._reject("push", "invalid_argument")
-            return web.json_response(p.fcm_error(400, "INVALID_ARGUMENT", err, "INVALID_ARGUMENT"), status=400)
+            return web.json_response(fcm_wire.fcm_error(400, "INVALID_ARGUMENT", err, "INVALID_ARGUMENT"), status=400)
         token = msg.get("token") or msg.get("fid") or ""
         if token and (token in self.state.unregistered or token in self.config.fcm_unregistered_tokens or
                       (self.config.fcm_stale_prefix and token.startswith(self.config.fcm_stale_prefix))):
             self._reject("push", "unregistered")
-            return web.json_response(p.fcm_unregistered(), status=404)
+            return web.json_response(fcm_wire.fcm_unregistered(), status=404)
         project = request.match_info["project"]
         seq = self.state.seq + 1
         name = f"projects/{project}/messages/0:{int(stable_id(self.config.seed, 'fcm', seq, length=16), 16)}"
@@ -552,7 +558,7 @@ class SandboxServer:
     def token_uri(self) -> str:
         return self.url + TOKEN_PATH
 
-    def start(self) -> "SandboxServer":
+    def start(self) -> SandboxServer:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -561,7 +567,7 @@ class SandboxServer:
             asyncio.set_event_loop(loop)
             try:
                 self._runner, self.port = loop.run_until_complete(start_site(self.app, self.host, self.port))
-            except BaseException as exc:  # reported to the starting thread
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                 failure.append(exc)
                 ready.set()
                 return
@@ -582,7 +588,7 @@ class SandboxServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(15)
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

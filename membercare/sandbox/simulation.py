@@ -223,7 +223,7 @@ class HiddenTruth:
             "mean_theta": {ch: round(float(self.theta[:, i].mean()), 4) for i, ch in enumerate(s.channels)},
             "mean_theta_best": round(float(self.theta[np.arange(n), self.best_channel].mean()), 4),
             "best_hours": {str(h): int(np.sum(self.best_hour == h)) for h in sorted(set(self.best_hour.tolist()))},
-            "variants": dict(zip(s.variants, s.appeal)),
+            "variants": dict(zip(s.variants, s.appeal, strict=True)),
             "planted_winner": s.winner,
             "conversion_per_click": s.conversion_per_click,
         }
@@ -474,7 +474,7 @@ def demo_orders(engine: Engine, since: datetime, *, seed: int, now: datetime,
                 engaged: Sequence[tuple[str, int, str, datetime]] | None = None) -> list[SimOrder]:
     """Simulated orders for the demo: each message first clicked or tapped since ``since`` (``engaged``, when
     the caller already read :func:`engaged_since`) leads to an order with probability ``rate``, placed 20-120 s
-    after the click (never after ``now``).
+    after the click (never after ``now``; a click in the last second leads to none yet).
 
     The demo's recipients only open, click, bounce and unsubscribe; without orders the report's revenue and
     lift sections would stay empty. Deterministic per message id (``seeded_rng``), so a rerun yields the
@@ -483,6 +483,10 @@ def demo_orders(engine: Engine, since: datetime, *, seed: int, now: datetime,
     latest = ensure_utc(now) - timedelta(seconds=1)
     out = []
     for message_id, member_id, external_id, first in (engaged if engaged is not None else engaged_since(engine, since)):
+        if ensure_utc(first) >= latest:
+            # Clicked this very second (or stamped ahead by a busy sandbox): an order clamped to ``now`` would
+            # precede the click it is meant to follow, and could never be attributed to it.
+            continue
         order = draw_order(seed, "demo-order", message_id, member_id, external_id, first, rate=rate,
                            delay_s=(20, 120), value_minor=value_minor)
         if order is not None:

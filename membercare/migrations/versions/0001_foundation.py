@@ -1,14 +1,14 @@
 """foundation: members, consent, devices, catalogue, orders, coupons, tiers, points
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-23 09:01:47.143946
 """
-from alembic import op
 import sqlalchemy as sa
-import sqlmodel
-import membercare.timeutil
+import sqlmodel.sql.sqltypes
+from alembic import op
 
+import membercare.timeutil
 
 revision = '0001'
 down_revision = None
@@ -149,7 +149,8 @@ def upgrade() -> None:
     sa.Column('currency', sqlmodel.sql.sqltypes.AutoString(length=3), nullable=False),
     sa.Column('delivered_at', membercare.timeutil.UTCDateTime(timezone=True), nullable=True),
     sa.Column('updated_at', membercare.timeutil.UTCDateTime(timezone=True), nullable=False),
-    sa.CheckConstraint("status IN ('placed', 'paid', 'shipped', 'delivered', 'cancelled', 'refunded')", name='ck_orders_status'),
+    sa.CheckConstraint("status IN ('placed', 'paid', 'shipped', 'delivered', 'cancelled', 'refunded')",
+                       name='ck_orders_status'),
     sa.CheckConstraint('total_minor >= 0', name='ck_orders_total_nonneg'),
     sa.ForeignKeyConstraint(['member_id'], ['members.id'], ),
     sa.PrimaryKeyConstraint('id'),
@@ -169,7 +170,8 @@ def upgrade() -> None:
     sa.Column('valid_to', membercare.timeutil.UTCDateTime(timezone=True), nullable=True),
     sa.Column('decided_at', membercare.timeutil.UTCDateTime(timezone=True), nullable=False),
     sa.Column('detail', sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True),
-    sa.CheckConstraint("reason IN ('initial', 'import', 'upgrade', 'renewal', 'downgrade', 'manual')", name='ck_tier_history_reason'),
+    sa.CheckConstraint("reason IN ('initial', 'import', 'upgrade', 'renewal', 'downgrade', 'manual')",
+                       name='ck_tier_history_reason'),
     sa.ForeignKeyConstraint(['member_id'], ['members.id'], ),
     sa.ForeignKeyConstraint(['tier'], ['tiers.code'], ),
     sa.PrimaryKeyConstraint('id'),
@@ -192,7 +194,9 @@ def upgrade() -> None:
     sa.Column('redeemed_at', membercare.timeutil.UTCDateTime(timezone=True), nullable=True),
     sa.Column('redeemed_order_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('campaign', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
-    sa.CheckConstraint("(kind = 'amount' AND amount_minor > 0 AND percent_off IS NULL) OR (kind = 'percent' AND percent_off > 0 AND percent_off <= 100 AND amount_minor IS NULL)", name='ck_coupons_value'),
+    sa.CheckConstraint("(kind = 'amount' AND amount_minor > 0 AND percent_off IS NULL) OR "
+                       "(kind = 'percent' AND percent_off > 0 AND percent_off <= 100 AND amount_minor IS NULL)",
+                       name='ck_coupons_value'),
     sa.CheckConstraint("kind IN ('amount', 'percent')", name='ck_coupons_kind'),
     sa.CheckConstraint('expires_at > issued_at', name='ck_coupons_expiry_after_issue'),
     sa.ForeignKeyConstraint(['member_id'], ['members.id'], ),
@@ -235,7 +239,8 @@ def upgrade() -> None:
     sa.Column('order_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('dedupe_key', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
     sa.Column('note', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
-    sa.CheckConstraint("(kind = 'earned' AND points > 0) OR (kind IN ('spent', 'expired') AND points < 0) OR kind = 'adjusted'", name='ck_points_sign'),
+    sa.CheckConstraint("(kind = 'earned' AND points > 0) OR (kind IN ('spent', 'expired') AND points < 0) "
+                       "OR kind = 'adjusted'", name='ck_points_sign'),
     sa.CheckConstraint("kind IN ('earned', 'spent', 'expired', 'adjusted')", name='ck_points_kind'),
     sa.ForeignKeyConstraint(['member_id'], ['members.id'], ),
     sa.ForeignKeyConstraint(['order_id'], ['orders.id'], ),

@@ -4,10 +4,10 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-23 09:30:00
 """
-from alembic import op
 import sqlalchemy as sa
-import membercare.timeutil
+from alembic import op
 
+import membercare.timeutil
 
 revision = '0002'
 down_revision = '0001'

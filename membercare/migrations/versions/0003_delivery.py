@@ -4,8 +4,8 @@ Revision ID: 0003
 Revises: 0001
 Create Date: 2026-11-23 10:00:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 import membercare.timeutil
 

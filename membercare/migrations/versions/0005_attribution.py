@@ -4,8 +4,8 @@ Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-24 10:00:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 import membercare.timeutil
 

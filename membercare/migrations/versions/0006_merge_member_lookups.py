@@ -6,8 +6,8 @@ without these indexes each such event scanned the members table.
 Revision ID: 0006
 Revises: 0002, 0005 (and 0003 through 0005)
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0006"
 down_revision = ("0002", "0005")  # 0003 is reached through 0005 (depends_on)

@@ -7,8 +7,8 @@ Revision ID: 0007_variants
 Revises: 0006
 Create Date: 2026-11-23 12:30:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 import membercare.timeutil
 

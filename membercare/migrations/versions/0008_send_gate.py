@@ -15,8 +15,8 @@ Revision ID: 0008_send_gate
 Revises: 0007_variants
 Create Date: 2026-12-04 21:30:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 import membercare.timeutil
 
@@ -61,6 +61,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("auto_resume_at", membercare.timeutil.UTCDateTime(timezone=True),
                                       nullable=True))
         batch_op.add_column(sa.Column("auto_resumes", sa.Integer(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("auto_resume_after_s", sa.Float(), nullable=True))
 
     dialect = op.get_bind().dialect.name
     if dialect == "postgresql":
@@ -87,6 +88,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP FUNCTION IF EXISTS membercare_gate_bump()")
     with op.batch_alter_table("campaign_runs") as batch_op:
+        batch_op.drop_column("auto_resume_after_s")
         batch_op.drop_column("auto_resumes")
         batch_op.drop_column("auto_resume_at")
     with op.batch_alter_table("outbox_messages") as batch_op:

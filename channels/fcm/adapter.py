@@ -113,7 +113,7 @@ class FirebaseConfig:
         return str(self.service_account["project_id"])
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "FirebaseConfig":
+    def from_env(cls, env: Mapping[str, str]) -> FirebaseConfig:
         return cls(credentials_path=Path(require(env, ENV_CREDENTIALS, why="path to the service-account JSON")),
                    base_url=optional(env, ENV_BASE_URL))
 

@@ -129,7 +129,7 @@ class TwilioConfig:
         object.__setattr__(self, "public_url", normalise_base_url(self.public_url, ENV_PUBLIC_URL))
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "TwilioConfig":
+    def from_env(cls, env: Mapping[str, str]) -> TwilioConfig:
         sid, token = require(env, ENV_ACCOUNT_SID), require(env, ENV_AUTH_TOKEN)
         from_number, service = optional(env, ENV_FROM), optional(env, ENV_MESSAGING_SERVICE_SID)
         if not (from_number or service):
@@ -297,7 +297,7 @@ class TwilioSmsChannel:
             kwargs["from_"] = self.config.from_number
         try:
             items = self._messages.list(**kwargs)
-        except Exception as exc:  # the SDK's errors quote the request URL, which holds the number
+        except Exception as exc:  # noqa: BLE001 - the SDK's errors quote the request URL, which holds the number
             status = getattr(exc, "status", None)
             if status is None and len(exc.args) > 1:  # TwilioException("Unable to fetch page", response)
                 status = getattr(exc.args[1], "status_code", None)

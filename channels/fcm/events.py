@@ -1,7 +1,7 @@
 """App-reported push tracking -> :class:`membercare.engagement.events.EngagementEvent`.
 
 FCM tells the sender nothing about display or taps, so the shop's app reports them to
-``POST /track/push`` (signature scheme: ``channels/fcm_webhooks.py``). The body is one report or a
+``POST /track/push`` (signature scheme: ``channels/fcm/webhooks.py``). The body is one report or a
 JSON array of reports (an app that was offline flushes its queue in one request)::
 
     {"event_id": "9b2f...",               # optional but recommended: unique per report
@@ -127,7 +127,8 @@ def parse_push_body(body: bytes) -> list[EngagementEvent]:
     events, rejected = parse_push_reports(body)
     if rejected:
         first = rejected[0]
-        raise MalformedPayload(first.error if not events and len(rejected) == 1 else f"report {first.index}: {first.error}")
+        raise MalformedPayload(first.error if not events and len(rejected) == 1
+                               else f"report {first.index}: {first.error}")
     return [event for _, event in events]
 
 

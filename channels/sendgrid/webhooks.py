@@ -1,4 +1,4 @@
-"""SendGrid Signed Event Webhook: signing (for the sandbox and tests) and verification (for the receiver).
+"""SendGrid Signed Event Webhook: signing (for the sandbox and tests), verification and the receiver's endpoint.
 
 SendGrid signs every Event Webhook POST with ECDSA P-256 / SHA-256 over ``timestamp + raw_body`` and
 sends the base64 DER signature and the timestamp in two headers. The account's verification key is the
@@ -22,9 +22,17 @@ from collections.abc import Mapping
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from channels.base import ConfigurationError, Webhook, WebhookBatch, WebhookRejected, WebhookRequest
+from channels.sendgrid.events import parse_sendgrid_body
+from membercare.engagement.events import MalformedPayload
+
+ENV_WEBHOOK_PUBLIC_KEY = "MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 DEFAULT_TOLERANCE_S = 300.0
+# The names of the store's cleaned fields in SendGrid's payload (see ``membercare.engagement.store._usable``).
+CLEANED_FIELDS = {"recipient": "email", "message_id": "membercare_message_id",
+                  "provider_message_id": "sg_message_id", "dedupe_key": "sg_event_id"}
 
 
 class SendGridWebhookSigner:
@@ -44,11 +52,11 @@ class SendGridWebhookSigner:
         self.public_key_b64 = base64.b64encode(der).decode("ascii")
 
     @classmethod
-    def generate(cls) -> "SendGridWebhookSigner":
+    def generate(cls) -> SendGridWebhookSigner:
         return cls(ec.generate_private_key(ec.SECP256R1()))
 
     @classmethod
-    def from_seed(cls, seed: int | str) -> "SendGridWebhookSigner":
+    def from_seed(cls, seed: int | str) -> SendGridWebhookSigner:
         """A key pair derived from ``seed``: a sandbox restarted with the same seed keeps its public key,
         so ``MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY`` can be set once. Never use for real keys."""
         digest = hashlib.sha256(f"membercare-sandbox-sendgrid-webhook:{seed}".encode()).digest()
@@ -105,3 +113,46 @@ def signature_headers(headers: Mapping[str, str]) -> tuple[str | None, str | Non
     """``(signature, timestamp)`` from a case-insensitive or plain header mapping."""
     lower = {k.lower(): v for k, v in headers.items()}
     return lower.get(SIGNATURE_HEADER.lower()), lower.get(TIMESTAMP_HEADER.lower())
+
+
+def check_public_key(key: str) -> None:
+    """Fail at start-up, not on the first webhook, when the verification key is not a P-256 public key."""
+    from sendgrid.helpers.eventwebhook import EventWebhook
+
+    try:
+        loaded = EventWebhook().convert_public_key_to_ecdsa(key)
+    except (ValueError, TypeError):
+        raise ConfigurationError(
+            f"{ENV_WEBHOOK_PUBLIC_KEY} is not a base64 DER public key (copy it from SendGrid's Event Webhook settings)"
+        ) from None
+    if not isinstance(loaded, ec.EllipticCurvePublicKey) or not isinstance(loaded.curve, ec.SECP256R1):
+        raise ConfigurationError(f"{ENV_WEBHOOK_PUBLIC_KEY} is not an ECDSA P-256 key")
+
+
+class SendGridEventWebhook(Webhook):
+    """``POST /webhooks/sendgrid``: the signed Event Webhook, about a thousand events per request, stored in
+    one bulk insert. An event whose ids or address cannot be used is stored without them and listed under
+    ``"cleaned"`` (by SendGrid's field names) in the answer."""
+
+    path = "/webhooks/sendgrid"
+    label = "sendgrid"
+    secret_missing = "SendGrid webhook verification key is not configured"
+    body_limit = None  # the receiver's batch limit (max_body_bytes): SendGrid posts ~1000 events of ~1 KB
+
+    def check_headers(self, headers: Mapping[str, str]) -> None:
+        if not headers.get(SIGNATURE_HEADER) or not headers.get(TIMESTAMP_HEADER):
+            raise WebhookRejected(401, "missing SendGrid signature headers")
+
+    def validate_request(self, request: WebhookRequest) -> None:
+        signature, timestamp = request.headers.get(SIGNATURE_HEADER), request.headers.get(TIMESTAMP_HEADER)
+        if not verify_sendgrid_signature(request.secret, request.body, signature, timestamp,
+                                         tolerance_s=request.tolerance_s, now=request.now.timestamp()):
+            raise WebhookRejected(403, "invalid or expired signature", log_message=(
+                f"rejected SendGrid webhook: bad or stale signature ({len(request.body)} bytes)"))
+
+    def parse_events(self, request: WebhookRequest) -> WebhookBatch:
+        try:
+            events = parse_sendgrid_body(request.body)
+        except MalformedPayload as exc:
+            raise WebhookRejected(400, str(exc)) from None
+        return WebhookBatch(events, fields=CLEANED_FIELDS)

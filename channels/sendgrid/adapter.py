@@ -112,7 +112,7 @@ class SendGridConfig:
         object.__setattr__(self, "base_url", normalise_base_url(self.base_url, ENV_BASE_URL))
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "SendGridConfig":
+    def from_env(cls, env: Mapping[str, str]) -> SendGridConfig:
         name, address = parseaddr(require(env, ENV_FROM, why="the sender address of every email"))
         if not address:
             raise ConfigurationError(f"{ENV_FROM} is not an email address")
@@ -213,7 +213,7 @@ class SendGridEmailChannel:
             reason = exc.reason
             kind = "timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else "connection error"
             return TransientFailure(reason=f"{kind} before the request was sent: {type(reason).__name__}")
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             # Raised while waiting for the answer: the request was written and may have been accepted.
             return TransientFailure(reason=f"read timeout after sending: {exc}", ambiguous=True)
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
@@ -234,6 +234,7 @@ class SendGridEmailChannel:
 
         # Serialised as the SDK does (json.dumps, UTF-8), so the provider sees the same bytes.
         body = json.dumps(payload).encode("utf-8")
+        assert self._transport is not None  # built in __init__ (keep-alive pool), only None after close()
         try:
             response = self._transport.request("POST", self._url, body=body, headers=self._headers)
         except HTTPError as exc:

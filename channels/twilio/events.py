@@ -150,7 +150,7 @@ def parse_status_callback(params: Mapping[str, str], query: Mapping[str, str] | 
     elif kind is EventKind.UNKNOWN:
         reason = clip(f"unmapped Twilio status {status!r}", 500)
     mid = query.get(CALLBACK_MESSAGE_ID_PARAM) or None
-    raw = dict(params)
+    raw: dict[str, object] = dict(params)
     if query:
         raw["_query"] = dict(query)
     return EngagementEvent(
