@@ -17,6 +17,7 @@ def test_run_campaign_with_two_dispatcher_processes_sends_once(flow_env, prefect
     from flows.campaign import CampaignRunParameters, run_campaign
 
     params = CampaignRunParameters(campaign="coupon_expiry", limit=40, segment_params={"days": 14},
+                                   as_of=test_flows.SHOP_DAY.isoformat(),
                                    occurrence_tag="procs", wait_for_deferred_s=0, dispatchers=2)
     first = run_campaign(params)
     accepted = sandbox.stats()["accepted_total"]
