@@ -1,6 +1,7 @@
 """``membercare demo`` end to end, as a new user runs it: a subprocess on a fresh MEMBERCARE_HOME (SQLite,
 Prefect's local ephemeral mode, the provider sandbox and the receiver on loopback), then a second run the
-same day, which must send nothing."""
+same day, which must send nothing. Both runs happen at ``clock.FROZEN_NOW`` (tests/clock.py), whatever the
+hour and the date the test runs at."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from clock import FROZEN_NOW, env_with_clock_at
+
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 ROOT = Path(__file__).resolve().parent.parent
 # The demo command is registered by membercare.cli._register; import it explicitly so this test does not
@@ -20,16 +23,25 @@ ROOT = Path(__file__).resolve().parent.parent
 CODE = "import sys, membercare.cli as c, membercare.cli.demo; c.main(sys.argv[1:])"
 
 
-def run_demo(home: Path) -> subprocess.CompletedProcess:
+def demo_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEMBERCARE_"))}
     env.update(MEMBERCARE_HOME=str(home), COLUMNS="160", PYTHONUNBUFFERED="1")
+    # The demo runs "today" by the wall clock. Its clock starts at a chosen instant and runs on (the second run
+    # continues where the first ended), so both runs are on the same day in Asia/Taipei whenever the test runs:
+    # a second run on the next day would rightly send the next day's campaigns. The demo's own children
+    # (Prefect's server, the services) inherit the clock.
+    return env_with_clock_at(env, FROZEN_NOW)
+
+
+def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CODE, "demo", "--members", "500", "--seed", "3"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=400)
 
 
 def test_demo_runs_the_day_and_a_second_run_sends_nothing(tmp_path):
     home = tmp_path / "home"
-    first = run_demo(home)
+    env = demo_env(home)
+    first = run_demo(env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
     assert "generated a demo shop of 500 members" in out
@@ -60,7 +72,7 @@ def test_demo_runs_the_day_and_a_second_run_sends_nothing(tmp_path):
     sim_orders, attributed = _simulated_orders(engine)
     assert sim_orders == int(said.group(1).replace(",", "")) and attributed == sim_orders, (said.group(0), attributed)
 
-    second = run_demo(home)
+    second = run_demo(env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "using the existing demo shop (500 members)" in second.stdout
     assert "nothing sent twice" in second.stdout

@@ -11,6 +11,7 @@ signed webhooks -> the real receiver (uvicorn on loopback) -> engagement ledger 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -207,9 +208,10 @@ def test_engagement_lands_once_opt_outs_stick_and_the_report_shows_it(sandbox, s
                          status="refunded", total_minor=99_000, currency="TWD", updated_at=now),
                 ])
 
-            # SendGrid event timestamps are whole seconds: let the clock pass the orders' second, so that the
-            # next campaign's engagement cannot look older than the orders.
-            time.sleep(1.1)
+            # The next campaign's recipients engage after the orders. SendGrid stamps its events in whole
+            # seconds, so without this an event in the orders' own second would look older than them.
+            after_orders = math.floor(now.timestamp()) + 1
+            sandbox.set_event_clock(lambda ctx, event: max(time.time(), after_orders))
             # The next campaign: neither opt-out is reached on the channel they left.
             spec2 = PlanSpec("winter_sale", as_of.date().isoformat(), Purpose.MARKETING, ALL)
             run2 = plan_run(engine, spec2, [members], datetime.now(UTC), render, policy=NOPOLICY).run_id

@@ -103,7 +103,7 @@ class Recipients:
         self._get_config = get_config
         self._state = state
         self._model = model
-        self._clock = clock
+        self.clock = clock  # an EventClock, or None for the wall clock; SandboxServer.set_event_clock swaps it
         self.signer = signer
         self._session: aiohttp.ClientSession | None = None
         self._sendgrid_events: list[dict[str, Any]] = []
@@ -233,8 +233,8 @@ class Recipients:
         for i, ev in enumerate(events):
             full = dict(base)
             full.update(ev)
-            if self._clock is not None and ctx is not None:
-                full["timestamp"] = int(self._clock(ctx, ev["event"]))
+            if self.clock is not None and ctx is not None:
+                full["timestamp"] = int(self.clock(ctx, ev["event"]))
             full["sg_event_id"] = base64.urlsafe_b64encode(
                 bytes.fromhex(stable_id(cfg.seed, "sg_event", rec.seq, i, length=32))).decode().rstrip("=")
             self._state.stats.events[f"email.{ev['event']}"] += 1
@@ -323,7 +323,7 @@ class Recipients:
                 events.append("dismissed")
         for i, event in enumerate(events):
             self._state.stats.events[f"push.{event}"] += 1
-            at = self._clock(ctx, event) if self._clock is not None and ctx is not None else time.time()
+            at = self.clock(ctx, event) if self.clock is not None and ctx is not None else time.time()
             payload = {"event_id": stable_id(cfg.seed, "push", rec.seq, i), "message_id": rec.message_id,
                        "idempotency_key": rec.idempotency_key, "event": event, "occurred_at": _iso(at),
                        "platform": "android"}

@@ -64,6 +64,7 @@ class SandboxApp:
         self.config = self.initial_config.validate()
         self.state = SandboxState()
         self.signer = SendGridWebhookSigner.from_seed(self.config.seed)
+        self.initial_clock = clock
         self.recipients = Recipients(lambda: self.config, self.state, model, self.signer, clock)
         # OAuth access tokens outlive /sandbox/reset: clients cache them for an hour.
         self.fcm_access_tokens: dict[str, str] = {}
@@ -110,6 +111,7 @@ class SandboxApp:
         self.recipients.clear()
         if config:
             self.config = self.initial_config
+            self.recipients.clock = self.initial_clock
 
     def messages(self, channel: str | None = None, since: int = 0, limit: int | None = None) -> list[dict]:
         out = []
@@ -621,6 +623,15 @@ class SandboxServer:
 
     def drain(self, timeout: float = 10.0) -> bool:
         return self.call(lambda: self.app.recipients.drain(timeout))
+
+    def set_event_clock(self, clock: EventClock | None) -> None:
+        """When the simulated recipients' events happen from now on (``None``: the wall clock at the moment
+        an event is built). ``reset(config=True)`` restores the clock the server was constructed with.
+
+        A test that writes data between two sends uses it to place the later events after that data
+        (SendGrid stamps whole seconds) instead of waiting for the wall clock to move on.
+        """
+        self.call(lambda: setattr(self.app.recipients, "clock", clock))
 
     @property
     def sendgrid_public_key(self) -> str:
