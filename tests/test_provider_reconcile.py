@@ -68,11 +68,16 @@ def assert_each_sent_exactly_once(sandbox, engine, run_id: int, channel: str) ->
     return rows
 
 
+# Messages per lost-and-ghosted test: the sandbox draws its faults per request, so with rates of 0.3 fewer than
+# two ghosts or drops among 40 is about 1e-5 likely (among 20 it was about 1.5 %).
+N_LOST = 40
+
+
 def dispatch_lost_and_ghosted(engine, sandbox, adapters, run_id: int, channel: str) -> tuple[int, int]:
     """Dispatch under ghost and drop faults; returns ``(ghosts, drops)``, each of them an ``unknown`` row."""
     rep = Dispatcher(engine, adapters, config=FAST, policy=NOPOLICY).dispatch(run_id)
     faults = sandbox.stats()["faults"][channel]
-    ghosts, drops = faults["ghost"], faults["drop"]
+    ghosts, drops = faults.get("ghost", 0), faults.get("drop", 0)
     assert ghosts >= 2 and drops >= 2 and rep.outcomes["unknown"] == ghosts + drops
     return ghosts, drops
 
@@ -196,7 +201,7 @@ def test_ghosted_sms_without_public_url_is_settled_sent_from_the_twilio_list(eng
 def test_sms_the_provider_never_received_is_confirmed_and_sent_exactly_once(engine, sandbox, service_account):
     env = sms_env(sandbox, service_account)
     sandbox.configure(**QUIET, sms={"ghost_rate": 0.3, "drop_rate": 0.4})
-    run_id = plan(engine, seed(engine, 20, preferred="sms"), channels=(Channel.SMS,), name="lost-sms")
+    run_id = plan(engine, seed(engine, N_LOST, preferred="sms"), channels=(Channel.SMS,), name="lost-sms")
     adapters = build_channels(env, channels=[Channel.SMS])
     try:
         ghosts, drops = dispatch_lost_and_ghosted(engine, sandbox, adapters, run_id, "sms")
@@ -301,14 +306,14 @@ def test_sendgrid_event_stream_settles_ghosts_and_confirms_never_received_when_t
         env = {**env_for(sandbox, service_account), "MEMBERCARE_PUBLIC_URL": receiver.url}
         sandbox.configure(**{**QUIET, "webhook_max_attempts": 6}, webhook_url=receiver.url,
                           email={"ghost_rate": 0.3, "drop_rate": 0.3})
-        run_id = plan(engine, seed(engine, 20, preferred="email"), channels=(Channel.EMAIL,), name="lost-email")
+        run_id = plan(engine, seed(engine, N_LOST, preferred="email"), channels=(Channel.EMAIL,), name="lost-email")
         adapters = build_channels(env, channels=[Channel.EMAIL])
         try:
             ghosts, drops = dispatch_lost_and_ghosted(engine, sandbox, adapters, run_id, "email")
             assert sandbox.drain(10)
             # The ghosts' processed/delivered events reached the receiver and settled them already.
             rows = ledger(engine, run_id)
-            assert Counter(r["state"] for r in rows) == {"sent": 20 - drops, "unknown": drops}
+            assert Counter(r["state"] for r in rows) == {"sent": N_LOST - drops, "unknown": drops}
             # (at least: under load a delivered event can also beat the dispatcher to recording a normal send)
             assert sum("sendgrid" in r["reason"] and r["reason_code"] == "reconciled" for r in rows) >= ghosts
 
@@ -335,7 +340,7 @@ def test_sendgrid_event_stream_settles_ghosts_and_confirms_never_received_when_t
         finally:
             close_channels(adapters)
     rows = ledger(engine, run_id)
-    assert Counter(r["state"] for r in rows) == {"sent": 20}
+    assert Counter(r["state"] for r in rows) == {"sent": N_LOST}
     accepted = accepted_per_message(sandbox, "email")
     assert all(accepted[r["message_id"]] == 1 for r in rows)
     assert sandbox.stats()["duplicates_by_message_id_total"] == 0
