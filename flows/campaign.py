@@ -279,8 +279,8 @@ def local_rate_config(adapters, limiters) -> DispatchConfig:
     ``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` or the documented default, never unlimited."""
     rates = configured_rates(resolved_env(use_blocks=False))
     shared = {str(Channel(c).value) for c in (limiters or {})}
-    return DispatchConfig(rate_limits={ch: rate for ch, rate in rates.items()
-                                       if ch not in shared and Channel(ch) in {Channel(c) for c in adapters}})
+    used = {str(Channel(c).value) for c in adapters}
+    return DispatchConfig(rate_limits={ch: rate for ch, rate in rates.items() if ch in used and ch not in shared})
 
 
 def dispatch_until_settled(settings, run_id: int, adapters, limiters, *, dispatchers: int, wait_for_deferred_s: float,

@@ -422,8 +422,7 @@ class Dispatcher:
         it raised (the row is then released, not attempted)."""
         result = job.result
         if job.gated is not None:  # stopped by the send gate: never attempted
-            if job.gated is not DROP:
-                buffer.append(job.gated)
+            self._take_gated(job, buffer)
             return None
         if isinstance(job.error, ConfigurationError):
             buffer.append(self._release(job, "not sent: configuration error"))
@@ -466,8 +465,7 @@ class Dispatcher:
             if job.cancelled:
                 buffer.append(self._release(job, "not sent: dispatcher stopped"))
             elif job.gated is not None:
-                if job.gated is not DROP:
-                    buffer.append(job.gated)
+                self._take_gated(job, buffer)
             elif job.error is None:
                 buffer.append(self._outcome(job, job.result, policy))
 
@@ -619,6 +617,14 @@ class Dispatcher:
             else:
                 buffer.append(ready)
         return jobs
+
+    def _take_gated(self, job: _Job, buffer: list[_Outcome]) -> None:
+        """The send gate stopped ``job`` before its call: buffer its outcome, or forget a row that is no longer
+        ours (DROP: recovery took it back, so nothing of ours is left to record)."""
+        if job.gated is DROP:
+            self._held.discard(job.row["id"])
+        else:
+            buffer.append(job.gated)
 
     def _release_orphans(self, conn: Connection, now: datetime) -> None:
         o = OutboxMessage.__table__
