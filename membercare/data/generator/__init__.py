@@ -59,7 +59,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from membercare import generator_data as D
+from membercare.data.generator import reference as D
 from membercare.errors import InputError
 from membercare.models import (
     PURCHASE_STATUSES,
