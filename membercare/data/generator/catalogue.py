@@ -7,9 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from membercare.data.generator import reference as D
-from membercare.data.generator.model import (
-    CURRENCY,
-)
+from membercare.data.generator.model import CURRENCY
 
 _CATEGORY_CODES = {
     "skincare": "SKN", "makeup": "MKP", "haircare": "HAI", "snacks": "SNK", "tea": "TEA", "coffee": "COF",

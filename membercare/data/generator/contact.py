@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from membercare.data.generator.arrays import (
-    base32,
-    choice,
-    fmt_ts,
-    permute,
-)
-from membercare.data.generator.model import (
-    DAY,
-    Context,
-)
+from membercare.data.generator.arrays import base32, choice, fmt_ts, permute
+from membercare.data.generator.model import DAY, Context
 
 
 def make_devices(ctx: Context, rng: np.random.Generator, member_id: np.ndarray, joined: np.ndarray,

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from membercare.data.generator.arrays import (
-    fmt_ts,
-    seg_cumsum,
-    seg_starts,
-)
-from membercare.data.generator.model import (
-    CURRENCY,
-    DAY,
-    Context,
-)
-from membercare.models import (
-    PURCHASE_STATUSES,
-)
+from membercare.data.generator.arrays import fmt_ts, seg_cumsum, seg_starts
+from membercare.data.generator.model import CURRENCY, DAY, Context
+from membercare.models import PURCHASE_STATUSES
 
 
 def _qualifies(tier: dict, spend: np.ndarray, count: np.ndarray) -> np.ndarray:

@@ -93,7 +93,6 @@ class GenerationSummary:
         return {t: d[t] for t in SHOP_TABLES}
 
 
-
 @dataclass
 class Context:
     seed: int

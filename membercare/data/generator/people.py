@@ -5,18 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from membercare.data.generator import reference as D
-from membercare.data.generator.arrays import (
-    choice,
-    local_day_start,
-    permute,
-    time_of_day,
-)
-from membercare.data.generator.model import (
-    BLOCK,
-    DAY,
-    SHOP_TIMEZONE,
-    Context,
-)
+from membercare.data.generator.arrays import choice, local_day_start, permute, time_of_day
+from membercare.data.generator.model import BLOCK, DAY, SHOP_TIMEZONE, Context
 
 
 def make_people(ctx: Context, rng: np.random.Generator, g: np.ndarray, block: int) -> dict:

@@ -15,12 +15,7 @@ from membercare.data.generator.arrays import (
     seg_starts,
     time_of_day,
 )
-from membercare.data.generator.model import (
-    CURRENCY,
-    DAY,
-    SHOP_OFFSET,
-    Context,
-)
+from membercare.data.generator.model import CURRENCY, DAY, SHOP_OFFSET, Context
 
 
 def make_orders(ctx: Context, rng: np.random.Generator, member_id: np.ndarray, joined: np.ndarray) -> dict:

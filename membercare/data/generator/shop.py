@@ -16,10 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from membercare.data.generator import reference as D
-from membercare.data.generator.arrays import (
-    choice,
-    fmt_ts,
-)
+from membercare.data.generator.arrays import choice, fmt_ts
 from membercare.data.generator.catalogue import Catalogue
 from membercare.data.generator.contact import make_consents, make_devices
 from membercare.data.generator.loyalty import make_points, make_tiers
@@ -134,7 +131,6 @@ def _existing_rows(engine: Engine) -> dict[str, int]:
     return out
 
 
-
 def _generate(engine, members, seed, as_of_dt, progress, batch_size, model, summary) -> None:
     with engine.connect() as conn:
         tiers = [dict(r) for r in conn.execute(sa.text("SELECT * FROM tiers ORDER BY rank")).mappings()]
@@ -179,7 +175,6 @@ def _generate(engine, members, seed, as_of_dt, progress, batch_size, model, summ
                 )
             for t in SHOP_TABLES:
                 conn.exec_driver_sql(f"ANALYZE {t}")
-
 
 
 def _generate_block(ctx: Context, block: int, first: int, n: int) -> dict[str, list[tuple]]:

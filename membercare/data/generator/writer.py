@@ -11,10 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from sqlalchemy.engine import Connection, Engine
 
-from membercare.data.generator.model import (
-    SHOP_TABLES,
-    GenerationSummary,
-)
+from membercare.data.generator.model import SHOP_TABLES, GenerationSummary
 from membercare.models import (
     Consent,
     ConsentEvent,
@@ -54,7 +51,6 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
 for _model in (Member, Product, ConsentEvent, Consent, Device, Order, OrderLine, Coupon, TierHistory, PointsEntry):
     _cols = set(_model.__table__.columns.keys())
     assert set(_COLUMNS[_model.__tablename__]) == _cols, (_model.__tablename__, _cols)
-
 
 
 class BatchWriter:

@@ -19,9 +19,7 @@ from membercare import validation as v
 from membercare.config import Settings
 from membercare.data.importer.reading import Row
 from membercare.db import insert_for
-from membercare.models import (
-    Member,
-)
+from membercare.models import Member
 
 INSERTED, UPDATED, UNCHANGED = "inserted", "updated", "unchanged"
 MAX_INT32 = 2**31 - 1
@@ -43,7 +41,6 @@ class Unit:
     def reject_all(self, reason: str) -> None:
         for row in self.rows:
             self.rejects.setdefault(row.line, reason)
-
 
 
 @dataclass
@@ -130,13 +127,11 @@ def optional_cell(values: dict[str, str], column: str) -> str | None:
     return text or None
 
 
-
 def required_cell(vals: dict[str, str], column: str) -> str:
     text = vals.get(column, "")
     if not text:
         raise v.ValidationError(f"{column} is required")
     return text
-
 
 
 def upsert_simple(conn: Connection, table: sa.Table, key: str, units: list[Unit], compared: Sequence[str],

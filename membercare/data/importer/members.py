@@ -24,15 +24,7 @@ from membercare.data.importer.handler import (
 )
 from membercare.data.importer.reading import Row
 from membercare.db import insert_for
-from membercare.models import (
-    Channel,
-    ConsentEvent,
-    ConsentSource,
-    Device,
-    Member,
-    Platform,
-    Purpose,
-)
+from membercare.models import Channel, ConsentEvent, ConsentSource, Device, Member, Platform, Purpose
 
 
 class MembersHandler(Handler):

@@ -23,14 +23,7 @@ from membercare.data.importer.handler import (
     upsert_simple,
 )
 from membercare.db import insert_for
-from membercare.models import (
-    Coupon,
-    CouponKind,
-    Order,
-    OrderLine,
-    OrderStatus,
-    Product,
-)
+from membercare.models import Coupon, CouponKind, Order, OrderLine, OrderStatus, Product
 
 
 class OrdersHandler(Handler):
@@ -208,7 +201,6 @@ class OrdersHandler(Handler):
         )
         rows = conn.execute(sa.select(p.c.sku, p.c.id).where(p.c.sku.in_(list(products))))
         return {r.sku: r.id for r in rows}
-
 
 
 class CouponsHandler(Handler):

@@ -34,7 +34,6 @@ class Row:
     error: str | None = None  # a problem found while reading: fields, quoting, characters, encoding
 
 
-
 def canonical_column(name: str) -> str:
     """``"Member ID"`` -> ``"member_id"``: spreadsheet headers are matched loosely, values strictly."""
     return "_".join(name.strip().lower().replace("-", " ").split())
@@ -426,7 +425,6 @@ def check_encoding(path: Path) -> None:
             f"{path.name}: not UTF-8 text ({bad:,} of the {non_ascii:,} lines with non-ASCII characters are not "
             f"valid UTF-8, the first is line {first_bad}); save the file as UTF-8 CSV (Excel: \"CSV UTF-8\")"
         )
-
 
 
 SURROGATE = re.compile("[\ud800-\udfff]")

@@ -25,10 +25,7 @@ from membercare.data.importer.kinds import handler_for
 from membercare.data.importer.reading import CsvSource, Row, check_encoding
 from membercare.data.importer.report import SAMPLE_REJECTS, BatchResult, ImportReport, Reject, RejectsWriter
 from membercare.errors import InputError, MembercareError
-from membercare.models import (
-    ImportRun,
-    Tier,
-)
+from membercare.models import ImportRun, Tier
 from membercare.timeutil import utcnow
 
 DEFAULT_BATCH_SIZE = 2_000
@@ -72,7 +69,6 @@ class _SeenKeys:
     def close(self) -> None:
         self._db.close()
         self._dir.cleanup()
-
 
 
 def default_rejects_path(path: Path) -> Path:
