@@ -141,7 +141,7 @@ def parse_sizes(text: str, what: str) -> list[int]:
 
 
 def shop_as_of() -> datetime:
-    from membercare.generator import default_as_of
+    from membercare.data.generator import default_as_of
 
     return default_as_of(today=SHOP_DATE)
 
@@ -156,8 +156,8 @@ def cached_shop(cache: Path, members: int, seed: int, progress: Progress | None 
     The shop is written to a ``.partial`` file, checkpointed (no WAL left beside it) and renamed, so a
     crash never leaves a half shop that looks complete.
     """
+    from membercare.data.generator import generate_shop
     from membercare.db import make_engine, upgrade
-    from membercare.generator import generate_shop
 
     path = cache_path(cache, members, seed)
     meta_path = path.with_suffix(".json")
@@ -203,7 +203,7 @@ def shop_database(opts: BenchOptions, workdir: Path, members: int, progress: Pro
         cleanup = lambda: [Path(f"{dst}{s}").unlink(missing_ok=True) for s in ("", "-wal", "-shm")]  # noqa: E731
     else:
         url, cleanup = _fresh_postgres(opts.postgres_url, f"mc_bench_{members}_{secrets.token_hex(3)}")
-        from membercare.generator import generate_shop
+        from membercare.data.generator import generate_shop
 
         upgrade(url)
         engine = make_engine(url)
