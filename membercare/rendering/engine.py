@@ -44,8 +44,8 @@ from jinja2 import StrictUndefined, TemplateSyntaxError
 from membercare.errors import RenderError
 from membercare.models import Channel
 from membercare.rendering import helpers
+from membercare.rendering.bounded import BoundedEnvironment
 from membercare.rendering.htmltext import InlineError, html_to_text_template, inline_css
-from membercare.rendering.limits import BoundedEnvironment
 from membercare.rendering.locales import fallback_chain, normalise_locale
 
 LAYOUT_DIR = "_layout"

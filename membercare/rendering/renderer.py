@@ -38,6 +38,7 @@ from membercare.links import LinkSigner
 from membercare.models import Channel
 from membercare.rendering import helpers
 from membercare.rendering import sms as smslen
+from membercare.rendering.bounded import render_bounded
 from membercare.rendering.context import ContextBuilder
 from membercare.rendering.engine import (
     Compiled,
@@ -47,7 +48,7 @@ from membercare.rendering.engine import (
     TemplateStore,
     context_line,
 )
-from membercare.rendering.limits import DEFAULT_LIMITS, RenderLimits, TemplateLimitError, render_bounded
+from membercare.rendering.limits import DEFAULT_LIMITS, RenderLimits, TemplateLimitError
 from membercare.rendering.locales import Formatter, fallback_chain, language_of
 from membercare.timeutil import utcnow
 
