@@ -31,7 +31,7 @@ from channels.fcm import sandbox as fcm_wire
 from channels.sendgrid import sandbox as sendgrid_wire
 from channels.twilio import sandbox as twilio_wire
 from membercare.sandbox.config import SandboxConfig
-from membercare.sandbox.pipeline import GHOST, drop
+from membercare.sandbox.pipeline import GHOST, Fault, drop
 from membercare.sandbox.state import MessageRecord, SandboxState, stable_id
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class SendGridEndpoints(_Endpoints):
             self.app.reject("email", "unauthorized")
             return web.json_response(sendgrid_wire.sendgrid_unauthorized(), status=401)
         gate = await self.app.gate(request, "email", raw)
-        if isinstance(gate, tuple):
+        if isinstance(gate, Fault):
             kind, value = gate
             if kind == "throttled":
                 reset = int(time.time()) + value
@@ -131,7 +131,7 @@ class TwilioEndpoints(_Endpoints):
             self.app.reject("sms", "unauthorized")
             return web.json_response(twilio_wire.twilio_unauthorized(), status=401)
         gate = await self.app.gate(request, "sms", raw)
-        if isinstance(gate, tuple):
+        if isinstance(gate, Fault):
             kind, value = gate
             if kind == "throttled":
                 return web.json_response(twilio_wire.twilio_error(429, 20429, "Too Many Requests"), status=429,
@@ -277,7 +277,7 @@ class FcmEndpoints(_Endpoints):
             self.app.reject("push", "unauthorized")
             return web.json_response(fcm_wire.fcm_unauthenticated(), status=401)
         gate = await self.app.gate(request, "push", raw)
-        if isinstance(gate, tuple):
+        if isinstance(gate, Fault):
             kind, value = gate
             if kind == "throttled":
                 return web.json_response(fcm_wire.fcm_quota_exceeded(), status=429, headers={"Retry-After": str(value)})
