@@ -102,7 +102,7 @@ def _member_count(engine) -> int | None:
 
 
 def _generate(url: str, n: int, seed: int, fresh: bool) -> tuple[sa.Engine, float | None]:
-    from membercare.generator import generate_shop
+    from membercare.data.generator import generate_shop
 
     upgrade(url)
     engine = make_engine(url)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from membercare.data.generator import default_as_of
 from membercare.delivery.models import OutboxMessage
-from membercare.generator import default_as_of
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
@@ -32,8 +32,8 @@ SHOP_DAY = default_as_of()
 
 @pytest.fixture(scope="module")
 def shop_db(tmp_path_factory) -> str:
+    from membercare.data.generator import generate_shop
     from membercare.db import make_engine, upgrade
-    from membercare.generator import generate_shop
 
     path = tmp_path_factory.mktemp("flowshop") / "membercare.db"
     url = f"sqlite:///{path}"

@@ -288,7 +288,7 @@ def test_allowed_hours_follow_the_quiet_hours():
 
 @pytest.fixture
 def shop(engine):
-    from membercare.generator import generate_shop
+    from membercare.data.generator import generate_shop
 
     generate_shop(engine, members=300, seed=11, as_of=AS_OF - timedelta(hours=10))
     return engine
