@@ -404,7 +404,7 @@ def run_round(engine, services: Services, sim: ShopSimulation, r: int, as_of: da
 
 def variant_report(engine, since: datetime, until: datetime) -> dict | None:
     """The variant section of ``membercare report`` for the benchmark campaign (None if the report has none)."""
-    from membercare.reports.core import ReportOptions, build_report
+    from membercare.reports import ReportOptions, build_report
 
     opts = ReportOptions(since=since, until=until, campaign=CAMPAIGN, refresh=False)
     rep = build_report(engine, opts)
