@@ -31,7 +31,7 @@ from datetime import date, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from membercare.models import PURCHASE_STATUSES, Order
+from membercare.models import NON_PURCHASE_STATUSES, PURCHASE_STATUSES, Order
 from membercare.scoring_models import RFMCell, RFMScore
 from segments import sqlfn
 from segments.base import SegmentContext
@@ -75,6 +75,16 @@ class RFMRun:
     as_of_date: date
     scored: int
     cells: dict[str, int]
+
+
+def purchases_as_of(ctx: SegmentContext) -> list[sqlfn.Sql]:
+    """WHERE clauses of the orders that were purchases at ``ctx.as_of``: placed by then, and either a purchase
+    status now or cancelled/refunded only after ``as_of`` (the order's ``updated_at``, the time of its last status
+    change, is later), so a refund never rewrites an earlier snapshot. A refunded order whose row was touched
+    again after ``as_of`` for another reason also counts until then (orders carry no separate refund time)."""
+    return [o.c.placed_at <= ctx.as_of_lit,
+            sa.or_(o.c.status.in_(PURCHASE_STATUSES),
+                   sa.and_(o.c.status.in_(NON_PURCHASE_STATUSES), o.c.updated_at > ctx.as_of_lit))]
 
 
 def rfm_select(ctx: SegmentContext, *, window_days: int | None = None) -> sa.Select:

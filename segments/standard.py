@@ -405,3 +405,6 @@ def region(ctx: SegmentContext, p: dict) -> sa.Select:
         m.c.region.in_(_csv(p["region"])), is_member(ctx)
     )
 
+
+
+import segments.value  # noqa: E402,F401  (registers high_value_at_risk; it needs the models above)
