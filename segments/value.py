@@ -116,19 +116,39 @@ def _temp_table(ctx: SegmentContext, key: str, ids: np.ndarray, cols: dict[str, 
     Param("discount", float, 0.10, "annual discount rate of future value", min=0.0, max=1.0),
 )
 def high_value_at_risk(ctx: SegmentContext, p: dict) -> sa.Select:
-    cols = (sa.literal(0.0).label("value"), sa.literal(0.0).label("p_no_purchase"),
-            sa.literal(0.0).label("value_at_risk"))
     try:
         mv = member_values(ctx, days=p["days"], months=p["months"], annual_discount=p["discount"])
     except InputError as exc:
         ctx.notes.append(f"high_value_at_risk is empty: {exc}")
-        return ctx.empty(*cols)
+        return ctx.empty(*_COLUMNS)
     cut = float(np.quantile(mv.value, 1.0 - p["top_share"]))
-    pick = (mv.value >= cut) & (mv.p_no_purchase >= p["p_silent"])
-    key = f"high_value_at_risk|{ctx.as_of.isoformat()}|{sorted(p.items())}"
-    t = _temp_table(ctx, key, mv.member_id[pick], {"value": mv.value[pick], "p_no_purchase": mv.p_no_purchase[pick],
-                                                   "value_at_risk": mv.value_at_risk[pick]})
+    return _selection(ctx, f"high_value_at_risk|{sorted(p.items())}", mv,
+                      (mv.value >= cut) & (mv.p_no_purchase >= p["p_silent"]))
+
+
+def value_at_risk_select(ctx: SegmentContext, *, days: int, top_share: float, months: int = 12,
+                         annual_discount: float = 0.10) -> sa.Select:
+    """``churn_risk`` with ``method=value_at_risk``: the buyers (single buyers included) in the top ``top_share``
+    by expected value at risk, ``P(no purchase in the next days) x value``, evaluated at ``ctx.as_of``."""
+    try:
+        mv = member_values(ctx, days=days, months=months, annual_discount=annual_discount)
+    except InputError as exc:
+        ctx.notes.append(f"churn_risk (value_at_risk) is empty: {exc}")
+        return ctx.empty(*_COLUMNS)
+    var = mv.value_at_risk
+    cut = float(np.quantile(var, 1.0 - top_share))
+    return _selection(ctx, f"churn_risk|{days}|{top_share}|{months}|{annual_discount}", mv, (var >= cut) & (var > 0))
+
+
+_COLUMNS = (sa.literal(0.0).label("value"), sa.literal(0.0).label("p_no_purchase"),
+            sa.literal(0.0).label("value_at_risk"))
+
+
+def _selection(ctx: SegmentContext, key: str, mv: MemberValues, pick: np.ndarray) -> sa.Select:
+    t = _temp_table(ctx, f"{key}|{ctx.as_of.isoformat()}", mv.member_id[pick],
+                    {"value": mv.value[pick], "p_no_purchase": mv.p_no_purchase[pick],
+                     "value_at_risk": mv.value_at_risk[pick]})
     return sa.select(t.c.member_id, t.c.value, t.c.p_no_purchase, t.c.value_at_risk)
 
 
-__all__ = ["MemberValues", "high_value_at_risk", "member_values", "purchase_days"]
+__all__ = ["MemberValues", "high_value_at_risk", "member_values", "purchase_days", "value_at_risk_select"]

@@ -103,6 +103,12 @@ def test_member_values_and_high_value_at_risk_on_a_shop(engine):
         assert not any(e.startswith(("big", "bigold")) for e in got)
         row = next(iter(got.values()))
         assert row["value_at_risk"] == pytest.approx(row["value"] * row["p_no_purchase"])
+        # churn_risk by value at risk: the top share by P(no purchase in 90 days) x value, single buyers included.
+        var = {e: mv.value_at_risk[k] for e, k in by_ext.items()}
+        cut = np.quantile(list(var.values()), 0.8)
+        risky = {r["external_id"] for r in base.rows(ctx, base.ref("churn_risk", method="value_at_risk",
+                                                                    top_share=0.2))}
+        assert risky == {e for e, v in var.items() if v >= cut and v > 0}
         # Composes with other segments in SQL (the rows live in a temporary table of the connection).
         assert base.count(ctx, base.parse("high_value_at_risk and not churn_risk")) >= 0
 
