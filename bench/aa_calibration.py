@@ -12,7 +12,9 @@ while the shares change would see differences that are only drift.
 
 * ``false_winner_rate``: share of A/A tests (all variants equal) with any promoted winner; target <= 5 %.
 * ``power``: share of tests with one planted better variant (``--lift`` relative, default +20 %) in which that
-  variant is promoted by the last run; ``wrong_winner`` the share promoting another one.
+  variant is promoted by the last run; ``wrong_winner`` the share promoting another one. ``planted`` uses the
+  bandit's shares (5 % floor: the test learns slowly about the variants it starves), ``planted_equal_split`` a
+  fixed equal split (``floor = 1/K``), the most informative allocation for finding the winner.
 
 Prints JSON (one entry per configuration: 2 and 3 variants x 20 and 52 runs x 1,000 and 5,000 sends per run) with
 each rate's binomial standard error.
@@ -66,7 +68,7 @@ def thompson_shares(sends: np.ndarray, successes: np.ndarray, rng: np.random.Gen
 
 def simulate(variants: int, runs: int, sends_per_run: int, *, sims: int, rate: float = 0.03,
              planted_lift: float = 0.0, seed: int = 17, alpha: float = sequential.DEFAULT_ALPHA,
-             tau_lift: float = sequential.DEFAULT_LIFT) -> Outcome:
+             tau_lift: float = sequential.DEFAULT_LIFT, floor: float = bandit.DEFAULT_FLOOR) -> Outcome:
     """Run ``sims`` tests; with ``planted_lift > 0`` the last variant's rate is ``(1 + lift)`` times the others'."""
     rng = np.random.default_rng(seed)
     base = drift(runs, rate)
@@ -81,7 +83,7 @@ def simulate(variants: int, runs: int, sends_per_run: int, *, sims: int, rate: f
         if not live.any():
             break
         idx = np.flatnonzero(live)
-        shares = thompson_shares(sends[idx].sum(axis=1), succ[idx].sum(axis=1), rng)
+        shares = thompson_shares(sends[idx].sum(axis=1), succ[idx].sum(axis=1), rng, floor)
         n = np.stack([rng.multinomial(sends_per_run, p / p.sum()) for p in shares])
         sends[idx, r] = n
         succ[idx, r] = rng.binomial(n.astype(np.int64), base[r] * multiplier)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=sequential.DEFAULT_ALPHA)
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    out: dict[str, list[dict]] = {"aa": [], "planted": []}
+    out: dict[str, list[dict]] = {"aa": [], "planted": [], "planted_equal_split": []}
     for k in (2, 3):
         for runs in (20, 52):
             for n in (1000, 5000):
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 pw = simulate(k, runs, n, sims=args.sims, rate=args.rate, planted_lift=args.lift, seed=seed + 1,
                               alpha=args.alpha)
                 out["planted"].append({**asdict(pw), "power": pw.right, "wrong_winner": pw.promoted - pw.right})
+                eq = simulate(k, runs, n, sims=args.sims, rate=args.rate, planted_lift=args.lift, seed=seed + 2,
+                              alpha=args.alpha, floor=1.0 / k)
+                out["planted_equal_split"].append({**asdict(eq), "power": eq.right,
+                                                   "wrong_winner": eq.promoted - eq.right})
     worst = max(r["false_winner_rate"] for r in out["aa"])
     print(json.dumps({"command": "bench/aa_calibration.py", "options": vars(args), "rule": "run-stratified mixture "
                       "SPRT (membercare.optimise.sequential), checked after every run",

@@ -125,6 +125,7 @@ class ArmState:
     sends: np.ndarray  # (n, 3) per member x channel
     clicks: np.ndarray
     variant_counts: dict = field(default_factory=lambda: {v: [0, 0] for v in VARIANTS})
+    variant_runs: list = field(default_factory=list)  # per round: [VariantStats per variant], for the promotion test
     event_member: list = field(default_factory=list)
     event_hour: list = field(default_factory=list)
     curve: list = field(default_factory=list)
@@ -141,8 +142,11 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     occurrence = f"round-{rnd:02d}"
     # Variants.
     if arm.use_bandit:
-        report = bandit.allocate(bandit.stats_from_mapping({v: tuple(c) for v, c in arm.variant_counts.items()}),
-                                 goal="click", seed=bandit.seed_for("sim", occurrence))
+        # Promotion is final, as in the planner (membercare.optimise.variants): the winner keeps all traffic.
+        promoted = next((r for r in arm.bandit_reports if r.winner), None)
+        report = promoted or bandit.allocate(
+            bandit.stats_from_mapping({v: tuple(c) for v, c in arm.variant_counts.items()}),
+            goal="click", seed=bandit.seed_for("sim", occurrence), runs=arm.variant_runs)
         shares = report.shares
         arm.bandit_reports.append(report)
     else:
@@ -172,10 +176,13 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     # Feedback.
     np.add.at(arm.sends, (np.arange(n), channel), 1)
     np.add.at(arm.clicks, (np.arange(n), channel), click.astype(np.int64))
-    for v in VARIANTS:
+    this_run = []
+    for v in sorted(VARIANTS):
         sel = variant == v
         arm.variant_counts[v][0] += int(sel.sum())
         arm.variant_counts[v][1] += int(click[sel].sum())
+        this_run.append(bandit.VariantStats(v, int(sel.sum()), int(click[sel].sum())))
+    arm.variant_runs.append(this_run)
     clicked = np.flatnonzero(click)
     arm.event_member.extend(clicked.tolist())
     arm.event_hour.extend(_activity_hours(pop.best_hour[clicked], rng).tolist())
