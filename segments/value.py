@@ -10,8 +10,9 @@ Everything is evaluated at the context's own ``as_of`` (no stored snapshot that 
 3. Per buyer, single buyers included: ``P(no purchase in the next N days)``, the discounted expected residual
    value over ``months`` (:mod:`segments.cltv`) and the value at risk, their product.
 
-The fits run on every evaluation (about a second per 100,000 buyers on 2 cores); a segment with these columns
-is written to a temporary table of the connection so that set operations with other segments stay in SQL.
+The fits run once per segment context (cost not yet measured at shop scale: one row per buyer is read into numpy,
+BG/NBD is fitted on the distinct histories, Gamma-Gamma on every repeat buyer); the selected buyers are written to a
+temporary table of the connection so that set operations with other segments stay in SQL.
 """
 
 from __future__ import annotations
@@ -116,13 +117,16 @@ def _temp_table(ctx: SegmentContext, key: str, ids: np.ndarray, cols: dict[str, 
     Param("discount", float, 0.10, "annual discount rate of future value", min=0.0, max=1.0),
 )
 def high_value_at_risk(ctx: SegmentContext, p: dict) -> sa.Select:
+    key = f"high_value_at_risk|{sorted(p.items())}"
+    if key in _built(ctx):
+        return _select(_built(ctx)[key])
     try:
         mv = member_values(ctx, days=p["days"], months=p["months"], annual_discount=p["discount"])
     except InputError as exc:
         ctx.notes.append(f"high_value_at_risk is empty: {exc}")
         return ctx.empty(*_COLUMNS)
     cut = float(np.quantile(mv.value, 1.0 - p["top_share"]))
-    return _selection(ctx, f"high_value_at_risk|{sorted(p.items())}", mv,
+    return _selection(ctx, key, mv,
                       (mv.value >= cut) & (mv.p_no_purchase >= p["p_silent"]))
 
 
@@ -130,6 +134,9 @@ def value_at_risk_select(ctx: SegmentContext, *, days: int, top_share: float, mo
                          annual_discount: float = 0.10) -> sa.Select:
     """``churn_risk`` with ``method=value_at_risk``: the buyers (single buyers included) in the top ``top_share``
     by expected value at risk, ``P(no purchase in the next days) x value``, evaluated at ``ctx.as_of``."""
+    key = f"churn_risk|{days}|{top_share}|{months}|{annual_discount}"
+    if key in _built(ctx):
+        return _select(_built(ctx)[key])
     try:
         mv = member_values(ctx, days=days, months=months, annual_discount=annual_discount)
     except InputError as exc:
@@ -137,7 +144,7 @@ def value_at_risk_select(ctx: SegmentContext, *, days: int, top_share: float, mo
         return ctx.empty(*_COLUMNS)
     var = mv.value_at_risk
     cut = float(np.quantile(var, 1.0 - top_share))
-    return _selection(ctx, f"churn_risk|{days}|{top_share}|{months}|{annual_discount}", mv, (var >= cut) & (var > 0))
+    return _selection(ctx, key, mv, (var >= cut) & (var > 0))
 
 
 _COLUMNS = (sa.literal(0.0).label("value"), sa.literal(0.0).label("p_no_purchase"),
@@ -148,7 +155,19 @@ def _selection(ctx: SegmentContext, key: str, mv: MemberValues, pick: np.ndarray
     t = _temp_table(ctx, f"{key}|{ctx.as_of.isoformat()}", mv.member_id[pick],
                     {"value": mv.value[pick], "p_no_purchase": mv.p_no_purchase[pick],
                      "value_at_risk": mv.value_at_risk[pick]})
+    _built(ctx)[key] = t
+    return _select(t)
+
+
+def _select(t: sa.Table) -> sa.Select:
     return sa.select(t.c.member_id, t.c.value, t.c.p_no_purchase, t.c.value_at_risk)
+
+
+def _built(ctx: SegmentContext) -> dict[str, sa.Table]:
+    """The temporary tables this context already filled (a campaign counts its segment, then lists it: the models
+    are fitted once per context, not once per use)."""
+    built: dict[str, sa.Table] = ctx.__dict__.setdefault("_value_tables", {})
+    return built
 
 
 __all__ = ["MemberValues", "high_value_at_risk", "member_values", "purchase_days", "value_at_risk_select"]

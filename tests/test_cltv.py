@@ -100,6 +100,9 @@ def test_member_values_and_high_value_at_risk_on_a_shop(engine):
         cut = np.quantile(mv.value, 0.5)
         want = {e for e, k in by_ext.items() if mv.value[k] >= cut and mv.p_no_purchase[k] >= 0.6}
         assert set(got) == want and want
+        # Counting and listing in one context fit the models once and reuse the temporary table.
+        assert base.count(ctx, base.ref("high_value_at_risk", top_share=0.5)) == len(got)
+        assert len(ctx.__dict__["_value_tables"]) == 1
         assert not any(e.startswith(("big", "bigold")) for e in got)
         row = next(iter(got.values()))
         assert row["value_at_risk"] == pytest.approx(row["value"] * row["p_no_purchase"])
