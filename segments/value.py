@@ -10,8 +10,10 @@ Everything is evaluated at the context's own ``as_of`` (no stored snapshot that 
 3. Per buyer, single buyers included: ``P(no purchase in the next N days)``, the discounted expected residual
    value over ``months`` (:mod:`segments.cltv`) and the value at risk, their product.
 
-The fits run once per segment context (cost not yet measured at shop scale: one row per buyer is read into numpy,
-BG/NBD is fitted on the distinct histories, Gamma-Gamma on every repeat buyer); the selected buyers are written to a
+The fits run once per segment context: one row per buyer is read into numpy, BG/NBD is fitted on the distinct
+histories, Gamma-Gamma on every repeat buyer. Measured 1.5 s on a generated 10,000-member shop (8,548 buyers, 6,687
+distinct histories; SQLite, 2 shared cores, ``bench/segments_bench.py --sizes 10000 --backends sqlite``), against
+0.09 s for the SQL-only ``churn_risk``; larger shops are not measured yet. The selected buyers are written to a
 temporary table of the connection so that set operations with other segments stay in SQL.
 """
 
