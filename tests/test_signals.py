@@ -81,3 +81,24 @@ def test_flows_forward_signals_to_prefect_events(prefect_harness):
     roles = {r.role: r.id for r in event.related}
     assert roles["campaign"] == "membercare.campaign.churn_winback"
     assert roles["flow-run"].startswith("prefect.flow-run.")  # Prefect related the run that emitted it
+
+
+def test_a_members_own_opt_out_is_signalled_once_when_it_commits(engine, clock):
+    from fakes import seed_members
+    from membercare.consent import ConsentStatement, record_consents
+
+    with engine.begin() as conn:
+        a, b = seed_members(conn, 2, now=clock())
+    link = ConsentStatement(a, "email", "marketing", False, "unsubscribe_link", clock())
+    sink = signals.MemorySink()
+    with signals.installed(sink):
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            record_consents(conn, [link])
+            raise RuntimeError("rolled back")
+        assert sink.signals == []  # nothing is announced for a rollback
+        with engine.begin() as conn:  # an import changes many members at once: no signal per member
+            record_consents(conn, [link, ConsentStatement(b, "sms", "marketing", False, "import", clock())])
+        with engine.begin() as conn:  # a webhook retry repeats the statement: already recorded, not new
+            record_consents(conn, [link])
+    assert [(s.resource, dict(s.payload)) for s in sink.named(signals.MEMBER_UNSUBSCRIBED)] == [
+        (f"membercare.member.{a}", {"channel": "email", "purpose": "marketing", "source": "unsubscribe_link"})]
