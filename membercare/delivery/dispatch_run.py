@@ -7,6 +7,7 @@ Each change is one short transaction that starts with a write on the run's row
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -115,15 +116,15 @@ def finish_run(engine: Engine, run_id: int, config_error: ConfigurationError | N
     return in_transaction(engine, work)
 
 
-def next_due(engine: Engine, run_id: int, now: datetime) -> datetime | None:
-    """When the run's next claimable row is due (``now`` when planned rows exist), or None."""
+def next_due(engine: Engine, run_id: int, clock: Callable[[], datetime]) -> datetime | None:
+    """When the run's next claimable row is due (now, by ``clock``, when planned rows exist), or None."""
     o = OutboxMessage.__table__
     row = in_transaction(engine, lambda conn: conn.execute(sa.select(
         sa.func.count().filter(o.c.next_attempt_at.is_(None)),
         sa.func.min(o.c.next_attempt_at),
     ).where(o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES))).one())
     if row[0]:
-        return now  # planned rows exist (another dispatcher released them): due now
+        return clock()  # planned rows exist (another dispatcher released them): due now
     if row[1] is None:
         return None
     value = row[1]

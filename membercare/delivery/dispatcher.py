@@ -199,7 +199,7 @@ class Dispatcher:
     def _wait_for_deferred(self, run_id: int, rep: DispatchReport) -> bool:
         """Nothing is due now: sleep until the next deferred row is due when that is within
         ``config.wait_for_deferred`` and return True; else return False (the dispatch pass ends)."""
-        due = next_due(self.engine, run_id, self.clock())
+        due = next_due(self.engine, run_id, self.clock)
         rep.next_due_at = due
         if due is None:
             return False
