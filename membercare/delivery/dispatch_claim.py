@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -66,7 +66,7 @@ class Claimer:
         self.held: set[int] = set()
         self._claims = 0
 
-    def claim(self, run: Any, limit: int, policy: PolicySettings, buffer: list[Outcome]) -> list[Job]:
+    def claim(self, run: sa.Row[Any], limit: int, policy: PolicySettings, buffer: list[Outcome]) -> list[Job]:
         """Claim up to ``limit`` due rows of ``run``. Rows that must not be sent now go to ``buffer`` as
         outcomes; the others come back as jobs with their message built. A missing adapter raises
         :class:`ConfigurationError` after every row of the batch was released into ``buffer``."""
@@ -131,7 +131,7 @@ class Claimer:
                 buffer.append(ready)
         return jobs
 
-    def forget(self, ids: Any) -> None:
+    def forget(self, ids: Iterable[int]) -> None:
         """These rows are recorded (or no longer ours): they are not held any more."""
         self.held.difference_update(ids)
 

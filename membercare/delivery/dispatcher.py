@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from membercare.db import in_transaction
@@ -174,7 +175,7 @@ class Dispatcher:
             raise config_error
         return rep
 
-    def _top_up(self, run: Any, policy: PolicySettings, buffer: list[Outcome], inflight: set[Job],
+    def _top_up(self, run: sa.Row[Any], policy: PolicySettings, buffer: list[Outcome], inflight: set[Job],
                 pool: SendPool) -> tuple[str | None, ConfigurationError | None, bool]:
         """Claim the next batch of due rows and hand them to the send pool. Returns (why the run must stop,
         the configuration error that stops it, whether nothing was left to claim)."""
