@@ -13,7 +13,7 @@
     │   ├── WebhookRejected          channels.base              a provider webhook request refused, with its HTTP status
     │   ├── CampaignDefinitionError  campaigns.definition       a campaign.yaml that does not parse or validate
     │   ├── InvalidTokenError        links                      a link token malformed or signed by none of our keys
-    │   └── RunPaused                delivery.dispatcher        the run is paused; resume it explicitly
+    │   └── RunPaused                delivery.dispatch_types    the run is paused; resume it (via delivery.dispatcher)
     ├── DataError                    errors                     stored data breaks an invariant we rely on
     │   └── RenderFailed             campaigns.plan             a member's message cannot be rendered while planning
     ├── RenderError                  errors                     a template error, a missing variant, a channel limit

@@ -140,7 +140,7 @@ class CampaignRun(TableModel, table=True):
     priority: int = Field(default=0, description="higher wins frequency-cap slots")
     as_of: datetime = _ts()
     status: str = Field(default=RunStatus.PLANNED.value, max_length=16)
-    # Pause the run when more than this fraction of recent sends failed (see dispatcher.ErrorBudget).
+    # Pause the run when more than this fraction of recent sends failed (see dispatch_outcomes.ErrorBudget).
     error_budget: float = Field(default=0.5)
     status_reason: str | None = Field(default=None, max_length=500)
     # Paused by the error budget with automatic resumption allowed: the time of the next probe, and how
