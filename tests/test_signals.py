@@ -102,3 +102,32 @@ def test_a_members_own_opt_out_is_signalled_once_when_it_commits(engine, clock):
             record_consents(conn, [link])
     assert [(s.resource, dict(s.payload)) for s in sink.named(signals.MEMBER_UNSUBSCRIBED)] == [
         (f"membercare.member.{a}", {"channel": "email", "purpose": "marketing", "source": "unsubscribe_link"})]
+
+
+def test_a_provider_spending_the_error_budget_signals_a_pause_and_an_outage(engine, clock):
+    from fakes import FakeAdapter, seed_members, simple_renderer
+    from membercare.delivery.contract import TransientFailure
+    from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
+    from membercare.delivery.planner import PlanSpec, plan_run
+    from membercare.delivery.policies import PolicySettings
+    from membercare.models import Channel, Purpose
+
+    nopolicy = PolicySettings(marketing_cap=None, quiet_hours=None)
+    with engine.begin() as conn:
+        ids = seed_members(conn, 120, preferred="sms,email", consent=[("sms", "marketing"), ("email", "marketing")],
+                           now=clock())
+    run_id = plan_run(engine, PlanSpec("outage", "2026-11-23", Purpose.MARKETING, (Channel.SMS, Channel.EMAIL)),
+                      [ids], clock(), simple_renderer, policy=nopolicy).run_id
+    down = {"sms": FakeAdapter("sms", lambda m, n: TransientFailure("503 from the provider", status=503)),
+            "email": FakeAdapter("email")}
+    cfg = DispatchConfig(workers=4, batch_size=40, error_min_samples=20, backoff_base=60.0, flush_interval=0.02)
+    sink = signals.MemorySink()
+    with signals.installed(sink):
+        rep = Dispatcher(engine, down, config=cfg, policy=nopolicy, clock=clock).dispatch(run_id)
+    assert rep.stop_reason.startswith("error budget spent")
+    paused, = sink.named(signals.RUN_PAUSED)
+    assert paused.resource == f"membercare.run.{run_id}" and paused.payload["cause"] == "error_budget"
+    outage, = sink.named(signals.PROVIDER_OUTAGE)
+    assert outage.payload["channel"] == "sms" and outage.payload["failed"] >= 20 // 2
+    dispatched, = sink.named(signals.CAMPAIGN_DISPATCHED)
+    assert dispatched.payload["status"] == "paused" and dispatched.payload["attempts"] == rep.attempts

@@ -66,9 +66,19 @@ class ErrorBudget:
     def __init__(self, budget: float, window: int, min_samples: int):
         self.budget, self.min_samples = budget, min_samples
         self._window: deque[bool] = deque(maxlen=window)
+        self._channels: deque[str | None] = deque(maxlen=window)  # the failing channel of each answer
 
-    def record(self, failed: bool) -> None:
+    def record(self, failed: bool, channel: str | None = None) -> None:
         self._window.append(failed)
+        self._channels.append(channel if failed else None)
+
+    def failures_by_channel(self) -> dict[str, int]:
+        """Failures in the window per channel: which provider spent the budget."""
+        out: dict[str, int] = {}
+        for ch in self._channels:
+            if ch is not None:
+                out[ch] = out.get(ch, 0) + 1
+        return out
 
     @property
     def samples(self) -> int:

@@ -46,6 +46,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from membercare import signals
 from membercare.db import in_transaction
 from membercare.delivery.contract import ChannelAdapter
 from membercare.delivery.dispatch_claim import Claimer
@@ -171,6 +172,7 @@ class Dispatcher:
             rep.elapsed = time.monotonic() - t0
             rep.gate_commits, rep.gate_items = self._sender.gate.commits, self._sender.gate.items
         rep.stop_reason = stop
+        _signal_dispatched(run_id, rep)
         if config_error is not None:
             raise config_error
         return rep
@@ -229,7 +231,7 @@ class Dispatcher:
         rep.attempts += 1
         out = self._outcomes.outcome(job, result)
         if out.budget is not None:
-            budget.record(out.budget)
+            budget.record(out.budget, job.channel)
         buffer.append(out)
         return None
 
@@ -247,6 +249,7 @@ class Dispatcher:
             rep.resume_at = pause_run(self.engine, run_id, stop, self.clock(),
                                       auto_resume_after=self.config.auto_resume_after,
                                       max_auto_resumes=self.config.max_auto_resumes, auto_resume=True)
+            _signal_pause(run_id, stop, budget, rep.resume_at)
             return stop
         return None
 
@@ -275,3 +278,25 @@ class Dispatcher:
     def _flush(self, outcomes: list[Outcome], rep: DispatchReport) -> None:
         record_outcomes(self.engine, outcomes, rep)
         self._claimer.forget(out.id for out in outcomes)
+
+
+def _signal_pause(run_id: int, reason: str, budget: ErrorBudget, resume_at: datetime | None) -> None:
+    """The error budget paused the run: say so, and name the provider when most failures were on one channel
+    (an outage rather than bad data spread over all of them)."""
+    run = signals.run_resource(run_id)
+    signals.emit(signals.RUN_PAUSED, run, {"reason": reason, "cause": "error_budget",
+                                           "resumes_at": resume_at.isoformat() if resume_at else None})
+    by_channel = budget.failures_by_channel()
+    if by_channel:
+        channel, failed = max(by_channel.items(), key=lambda kv: kv[1])
+        if failed * 2 > sum(by_channel.values()):
+            signals.emit(signals.PROVIDER_OUTAGE, run, {"channel": channel, "failed": failed,
+                                                        "samples": budget.samples, "reason": reason})
+
+
+def _signal_dispatched(run_id: int, rep: DispatchReport) -> None:
+    """A dispatch pass that called providers ended: its counts, for operations (idle passes say nothing)."""
+    if rep.attempts:
+        signals.emit(signals.CAMPAIGN_DISPATCHED, signals.run_resource(run_id), {
+            "status": rep.status, "attempts": rep.attempts, "sent": rep.outcomes.get("sent", 0),
+            "failed": rep.outcomes.get("failed", 0), "stop_reason": rep.stop_reason})
