@@ -57,7 +57,7 @@ from membercare.campaigns.plan import PlanOutcome
 from membercare.campaigns.summary import RunSummary
 from membercare.delivery.dispatcher import DispatchConfig
 from membercare.delivery.ratelimit import configured_rates
-from membercare.errors import ConfigurationError
+from membercare.errors import ConfigurationError, InputError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
 
@@ -325,7 +325,9 @@ def publish(summary: RunSummary, *, prepared: PreparedRun, audience: Audience,
              f"- audience: {audience.source}: **{audience.size:,}** members ({len(audience):,} in this run)",
              f"- purpose: {prepared.campaign.purpose.value}, priority {prepared.campaign.priority}, channels "
              f"{', '.join(c.value for c in prepared.spec.channels)}, holdout {prepared.holdout_rate:.0%}",
-             f"- status: **{summary.status}**; {'would send' if summary.dry_run else 'sent'} "
+             f"- status: **{summary.status}**"
+             + (f" ({summary.status_reason})" if summary.status_reason else "")
+             + f"; {'would send' if summary.dry_run else 'sent'} "
              f"**{summary.sent_total:,}** ({', '.join(f'{k} {v:,}' for k, v in sorted(summary.sent.items())) or '-'})",
              f"- deferred {summary.deferred:,}, suppressed {sum(summary.suppressed.values()):,}, skipped "
              f"{sum(summary.skipped.values()):,}, failed {sum(summary.failed.values()):,}"]
@@ -369,6 +371,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     adapters = build_adapters(env, prepared.spec.channels)
     try:
         run_id = plan_stage.ensure_run(engine_for(settings), prepared)
+        _refuse_cancelled(settings, run_id)
         planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
             planned = planned.merge(plan(prepared, quote(group), i))
@@ -389,6 +392,15 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     if sent.stop_reason:
         logger.warning("run %s stopped: %s", run_id, sent.stop_reason)
     return _asdict(summary)
+
+
+def _refuse_cancelled(settings, run_id: int) -> None:
+    """An occurrence an operator cancelled is never planned or sent again (resume included)."""
+    from membercare.delivery.controls import find_run
+
+    info = find_run(engine_for(settings), run_id)
+    if info.cancelled:
+        raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
 
 
 def _asdict(summary: RunSummary) -> dict[str, Any]:

@@ -91,5 +91,7 @@ def run_cmd(
             for s in result.get("samples", []):
                 console.print(f"[bold]{s['channel']}[/] member id {s['member_id']} · {s['detail']}\n"
                               f"  [italic]{s['headline']}[/]\n  {s['body']}")
-    elif result["newly_planned"] == 0 and result["planned"]:
+    if result.get("status_reason"):
+        console.print(f"run {result['status']}: {result['status_reason']}")
+    if not dry_run and result["newly_planned"] == 0 and result["planned"]:
         console.print("nothing new to send: this occurrence was already planned (the outbox keys prevent duplicates)")

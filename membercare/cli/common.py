@@ -35,6 +35,13 @@ class _State:
 state = _State()
 
 
+def provider_env() -> dict[str, str]:
+    """The environment provider adapters are configured from (credentials, sandbox URLs)."""
+    import os
+
+    return dict(os.environ)
+
+
 def migrated_engine() -> Engine:
     """The configured database, upgraded to the latest schema first (idempotent and quick)."""
     from membercare.db import pending_revisions, upgrade
