@@ -351,7 +351,9 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     started = utcnow()
     env = resolved_env()
     settings = settings_from(env)
-    prepared = prepare(settings, params.campaign, params.options(settings.shop_timezone))
+    options = params.options(settings.shop_timezone)
+    occurrence_stage.refuse_future_as_of(options)
+    prepared = prepare(settings, params.campaign, options)
     audience = resolve_segment(prepared)
     try:
         preview = file_link(dry_run_stage.write_preview(settings, prepared.name))

@@ -62,12 +62,19 @@ class SegmentRef(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+DEFAULT_VALID_FOR_DAYS = 3
+
+
 class Trigger(BaseModel):
     """For campaigns started by an event (e.g. a bad review) rather than a scheduled segment."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     event: str = Field(pattern=r"^[a-z][a-z0-9_.]*$")
     delay_days: int = Field(default=0, ge=0)
+    # How long after its due time (event + delay_days) the message is still worth sending: an event reported
+    # later than that (an order delivered 53 days ago, a review found a month late) is skipped with this
+    # reason instead of sending a "7 days after delivery" message at once.
+    valid_for_days: int = Field(default=DEFAULT_VALID_FOR_DAYS, ge=0, le=365)
 
 
 class OfferStep(BaseModel):

@@ -72,10 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - click's own usage errors are handled below
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        # Typer bundles its own copy of click: its usage errors (typer.BadParameter, ...) are not
+        # click.ClickException, so both families are recognised here.
+        bundled = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+        if isinstance(exc, (click.exceptions.ClickException, bundled)):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if isinstance(exc, (click.exceptions.Abort, typer.Abort)):
             sys.exit(1)
         _fail(f"unexpected error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", exc)
     sys.exit(rc if isinstance(rc, int) else 0)

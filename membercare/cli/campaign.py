@@ -51,6 +51,21 @@ def summary_table(result: dict, title: str) -> Table:
     return t
 
 
+def _refuse_future(as_of: str | None, dry_run: bool) -> None:
+    """A real send at a future ``--as-of`` is a usage error, caught before Prefect starts."""
+    from membercare.campaigns.occurrence import RunOptions, refuse_future_as_of
+    from membercare.timeutil import parse_as_of
+
+    if as_of is None:
+        return
+    try:
+        refuse_future_as_of(RunOptions(as_of=parse_as_of(as_of, state.settings.shop_timezone), dry_run=dry_run))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
+    except InputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
+
+
 @campaign_app.command("run")
 def run_cmd(
     name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
@@ -73,6 +88,7 @@ def run_cmd(
         channels = [Channel(c) for c in channel] if channel else None
     except ValueError:
         raise InputError(f"--channel must be one of email, sms, push (got {', '.join(channel)})") from None
+    _refuse_future(as_of, dry_run)
     from flows.campaign import CampaignRunParameters, run_campaign
 
     try:
