@@ -178,3 +178,46 @@ def estimate_notes(est) -> list[str]:
                      f"{est.baseline_rate:.2%} (alpha {ALPHA:.0%} two-sided, power {POWER:.0%})")
     lines.append(f"estimated in {est.elapsed_s:.1f} s; nothing was written or sent")
     return lines
+
+
+@campaign_app.command("test")
+def test_cmd(
+    name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
+    to: list[str] = typer.Option(..., "--to", help="Seed addresses: comma-separated emails, E.164 numbers and "
+                                                   "push:<token>, or @FILE with one per line (repeatable)."),
+    member: str = typer.Option(None, "--member", help="Render for this member (external id or database id); "
+                                                      "default: the template gallery's sample member."),
+) -> None:
+    """Send every channel, locale and variant of a campaign to a seed list through the real providers.
+
+    Marked [TEST]; never written to the ledger, so caps, reports and optimisation never count them."""
+    from channels.registry import build_channels, close_channels
+    from membercare.campaigns import load_campaign
+    from membercare.campaigns.seed_send import parse_seeds, send_test
+    from membercare.campaigns.triggers import find_member
+    from membercare.cli.common import provider_env
+
+    settings = state.settings
+    camp = load_campaign(name, settings)
+    seeds = parse_seeds(to)
+    engine = member_id = None
+    if member is not None:
+        engine = migrated_engine()
+        with engine.connect() as conn:
+            member_id = find_member(conn, member)
+    channels = sorted({s.channel for s in seeds if s.channel in camp.channels})
+    adapters = build_channels(provider_env(), channels=channels) if channels else {}
+    try:
+        sent = send_test(settings, camp, seeds, adapters, engine=engine, member_id=member_id)
+    finally:
+        close_channels(adapters)
+    t = Table(title=f"{name} · test send to {len(seeds)} seed address(es)")
+    for col in ("channel", "locale", "variant", "seed", "outcome", "headline"):
+        t.add_column(col)
+    for s in sent:
+        t.add_row(s.channel, s.locale, s.variant or "-", str(s.seed), s.outcome, s.headline)
+    console.print(t)
+    ok = sum(s.outcome == "accepted" for s in sent)
+    console.print(f"{ok} of {len(sent)} test messages accepted; none is in the ledger, caps or reports")
+    if ok < len(sent):
+        raise typer.Exit(1)
