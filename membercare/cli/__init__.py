@@ -7,12 +7,14 @@ Commands that need Prefect import it inside the command, so ``import membercare`
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
 import typer
 
 from membercare.cli.common import console, err_console, state
+from membercare.cli.project import PREFECT_TIMEOUT_MESSAGE, apply_project_config
 from membercare.errors import MembercareError
 
 app = typer.Typer(
@@ -51,6 +53,7 @@ def _register() -> None:
     from membercare.cli import serve as _serve  # noqa: F401
     from membercare.cli import templates as _templates  # noqa: F401
     from membercare.cli import trigger as _trigger  # noqa: F401
+    from membercare.cli import ui as _ui  # noqa: F401
 
 _register()
 
@@ -58,10 +61,20 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning our errors into one line and exit code 1."""
     try:
+        # Before any command runs (and so before Prefect is imported): the project's .membercare/config.toml.
+        apply_project_config()
+        state.reset()
         # standalone_mode=False returns a command's exit code (typer.Exit) instead of exiting.
         rc = app(args=argv, standalone_mode=False)
     except MembercareError as exc:
         _fail(str(exc), exc)
+    except RuntimeError as exc:
+        if PREFECT_TIMEOUT_MESSAGE not in str(exc):
+            _fail(f"unexpected error: RuntimeError: {exc} (run with --debug for the traceback)", exc)
+        wait = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "?")
+        _fail(f"Prefect's temporary local server did not answer within {wait} s (the machine may be busy). Raise "
+              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server once with `membercare ui` "
+              "and set PREFECT_API_URL to the address it prints", exc)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         _fail(f"{type(exc).__name__}: {exc}", exc)
     except KeyboardInterrupt:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from sqlalchemy.engine import Engine
 
 from membercare.config import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -24,6 +27,11 @@ class _State:
         if self._settings is None:
             self._settings = Settings.from_env()
         return self._settings
+
+    def reset(self) -> None:
+        """Forget settings and engine read before the environment changed (the project file was applied)."""
+        self._settings = None
+        self.__dict__.pop("engine", None)
 
     @cached_property
     def engine(self) -> Engine:

@@ -144,15 +144,16 @@ def prefect_env(home: Path) -> dict[str, str]:
     return env
 
 
-def service_account(home: Path, token_uri: str) -> tuple[Path, str]:
+def service_account(home: Path, token_uri: str, *, name: str = "service-account.json") -> tuple[Path, str]:
     """The demo's FCM service-account key (generated once; its token_uri follows the sandbox's port)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    path = home / "sandbox" / "service-account.json"
+    path = home / "sandbox" / name
+    first = home / "sandbox" / "service-account.json"  # one key for both files
     info = None
-    if path.is_file():
-        info = json.loads(path.read_text(encoding="utf-8"))
+    if first.is_file():
+        info = json.loads(first.read_text(encoding="utf-8"))
         key = serialization.load_pem_private_key(info["private_key"].encode(), password=None)
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -166,6 +167,37 @@ def service_account(home: Path, token_uri: str) -> tuple[Path, str]:
             "auth_provider_x509_cert_url": "", "client_x509_cert_url": "", "universe_domain": "googleapis.com"}
     _private_file(path, json.dumps(info))
     return path, public_pem
+
+
+def write_demo_config(home: Path, settings) -> Path:
+    """``home/config.toml``: the demo's database, Prefect home and secret key, and provider credentials pointed
+    at the sandbox that ``membercare sandbox`` serves on its default port (see membercare.cli.project)."""
+    from membercare.cli.project import PREFECT_STARTUP_TIMEOUT_S, SANDBOX_PORT, write_project_config
+
+    url = f"http://127.0.0.1:{SANDBOX_PORT}"
+    sa_path, _ = service_account(home, f"{url}/token", name="service-account-standalone.json")
+    env = {
+        "MEMBERCARE_DATABASE_URL": settings.db_url,
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": PREFECT_STARTUP_TIMEOUT_S,
+        "MEMBERCARE_SHOP_TIMEZONE": settings.shop_timezone,
+        "MEMBERCARE_SENDGRID_API_KEY": SENDGRID_KEY,
+        "MEMBERCARE_SENDGRID_FROM": "Good Days Living <hello@gooddays.example>",
+        "MEMBERCARE_SENDGRID_BASE_URL": url,
+        "MEMBERCARE_TWILIO_ACCOUNT_SID": TWILIO_SID,
+        "MEMBERCARE_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "MEMBERCARE_TWILIO_FROM": "+886223456789",
+        "MEMBERCARE_TWILIO_BASE_URL": url,
+        "MEMBERCARE_FIREBASE_CREDENTIALS": str(sa_path),
+        "MEMBERCARE_FCM_BASE_URL": url,
+        "MEMBERCARE_NO_SECRET_BLOCKS": "1",
+    }
+    notes = {"MEMBERCARE_SENDGRID_BASE_URL": "`membercare sandbox` (port 8025); remove for the real SendGrid",
+             "MEMBERCARE_FIREBASE_CREDENTIALS": "demo key whose token_uri is the sandbox's",
+             "MEMBERCARE_NO_SECRET_BLOCKS": "credentials come from here, not from Prefect Secret blocks"}
+    return write_project_config(home, env, secret_key_file="secret_key" if (home / "secret_key").is_file()
+                                else None, comments=notes)
 
 
 @dataclass
@@ -305,6 +337,7 @@ def demo(
         svc_task = progress.add_task("starting the provider sandbox and the webhook receiver", total=1)
         services = start_services(home, engine, secret_key, seed)
         os.environ.update(services.env)
+        config = write_demo_config(home, settings)
         progress.update(svc_task, completed=1)
         try:
             results, sync = _run_day(progress, services, drain_timeout, engine=engine, home=home, seed=seed)
@@ -312,6 +345,8 @@ def demo(
             services.stop()
 
     _print_summary(engine, home, results, sync, services, started, rerun=bool(existing))
+    console.print(f"[bold]project configuration:[/] {config} (every membercare command run in this folder uses "
+                  f"this database, Prefect home and secret key; `membercare sandbox` serves its providers)")
 
 
 def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, home: Path, seed: int):
@@ -436,7 +471,7 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
     report, why = _report(home, services.env)
     console.print(f"[bold]HTML report:[/] {report}" if report else f"[bold]HTML report:[/] not written ({why})")
     console.print(f"[bold]message gallery:[/] {gallery}")
-    ui = (f"PREFECT_HOME={home / 'prefect'} prefect server start   # then open http://127.0.0.1:4200/runs"
+    ui = ("membercare ui   # starts the Prefect server on this home and prints the address to open"
           if not os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") == str(home / "prefect")
           else f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     console.print(f"[bold]Prefect UI on these runs:[/] {ui}")
