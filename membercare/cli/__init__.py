@@ -10,15 +10,63 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import Any
 
 import typer
+import typer.main
+from typer.core import TyperGroup
 
 from membercare.cli.common import console, err_console, state
 from membercare.cli.project import PREFECT_TIMEOUT_MESSAGE, apply_project_config
 from membercare.errors import MembercareError
 
+
+class _LazyGroup(TyperGroup):
+    """A command group whose module is imported only when the group is used, not for ``membercare --help``.
+
+    ``make_context`` hands over to the real group (Typer invokes ``sub_ctx.command``), so parsing, help
+    and errors are the real group's own.
+    """
+
+    def __init__(self, name: str, module: str, attribute: str, help: str):
+        super().__init__(name=name, help=help)
+        self._module, self._attribute = module, attribute
+
+    def real(self) -> Any:
+        import importlib
+
+        group = typer.main.get_group(getattr(importlib.import_module(self._module), self._attribute))
+        group.name = self.name
+        return group
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        return self.real().make_context(info_name, args, parent=parent, **extra)
+
+
+# Groups whose modules are slow to import (``import`` loads the importer and the models: about a second),
+# loaded on first use so that ``membercare --help`` stays under a second.
+LAZY_GROUPS: dict[str, tuple[str, str, str]] = {
+    "import": ("membercare.cli.imports", "import_app",
+               "Import shop data from CSV (layouts: docs/import-formats.md). Re-importing a file changes nothing; "
+               "bad rows are rejected with line and reason while every good row is imported."),
+}
+
+
+class _Root(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        return names + [n for n in LAZY_GROUPS if n not in names]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None and cmd_name in LAZY_GROUPS:
+            cmd = _LazyGroup(cmd_name, *LAZY_GROUPS[cmd_name])
+        return cmd
+
+
 app = typer.Typer(
     name="membercare",
+    cls=_Root,
     help="Omnichannel member-care messaging for online shops: segments, templates, email/SMS/push "
     "delivery and engagement tracking, orchestrated by Prefect.",
     no_args_is_help=True,
@@ -45,7 +93,6 @@ def _register() -> None:
     from membercare.cli import demo as _demo  # noqa: F401
     from membercare.cli import experiments as _experiments  # noqa: F401
     from membercare.cli import generate as _generate  # noqa: F401
-    from membercare.cli import imports as _imports  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
     from membercare.cli import report as _report  # noqa: F401
     from membercare.cli import sandbox as _sandbox  # noqa: F401

@@ -32,22 +32,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 import typer
 from rich.table import Table
 
 from membercare.cli import app
 from membercare.cli.common import console, err_console, migrated_engine, state
-from membercare.models import (
-    PURCHASE_STATUSES,
-    Consent,
-    Coupon,
-    Device,
-    Member,
-    Order,
-)
-from membercare.timeutil import utcnow
+
+if TYPE_CHECKING:  # imported where used: `membercare --help` stays fast
+    import sqlalchemy as sa
 
 # The day's lifecycle campaigns, in the order the calendar (prefect.yaml) runs them; extra run parameters.
 DAY_PLAN: tuple[tuple[str, dict], ...] = (
@@ -75,6 +69,11 @@ DEMO_RATES = {"email": 500.0, "sms": 200.0, "push": 500.0}
 
 def shop_overview(conn: sa.Connection, as_of=None) -> list[tuple[str, str]]:
     """Headline figures of the shop, computed in SQL."""
+    import sqlalchemy as sa
+
+    from membercare.models import PURCHASE_STATUSES, Consent, Coupon, Device, Member, Order
+    from membercare.timeutil import utcnow
+
     as_of = as_of or utcnow()
     m, o, c, d, cs = (t.__table__ for t in (Member, Order, Coupon, Device, Consent))
     members = conn.execute(sa.select(sa.func.count()).select_from(m)).scalar_one()
@@ -271,6 +270,8 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
 
 
 def engagement_counts(conn: sa.Connection, since) -> dict[str, int]:
+    import sqlalchemy as sa
+
     from membercare.engagement.models import EngagementEventRow
 
     e = EngagementEventRow.__table__
@@ -307,6 +308,10 @@ def demo(
     drain_timeout: float = typer.Option(60.0, "--drain-timeout", help="Seconds to wait for simulated engagement."),
 ) -> None:
     """Run the main job on embedded defaults: a demo shop, the day's campaigns through Prefect, engagement."""
+    import sqlalchemy as sa
+
+    from membercare.models import Member
+
     started = time.monotonic()
     settings = state.settings
     home = settings.ensure_home()
@@ -351,6 +356,8 @@ def demo(
 
 def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, home: Path, seed: int):
     """The day's flows, in calendar order, each a Prefect flow run."""
+    from membercare.timeutil import utcnow
+
     day_started = utcnow()
     boot = progress.add_task("starting Prefect (local ephemeral mode; first start takes 10-20 s)", total=1)
     from flows.campaign import CampaignRunParameters, run_campaign
@@ -400,6 +407,7 @@ def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int
     lift sections have something to show. Order ids are derived from message ids: a rerun imports nothing new."""
     from membercare.importer import import_csv
     from membercare.sandbox.simulation import demo_orders, engaged_since, write_orders_csv
+    from membercare.timeutil import utcnow
 
     engaged = engaged_since(engine, since)
     orders = demo_orders(engine, since, seed=seed, now=utcnow(), engaged=engaged)
@@ -413,7 +421,10 @@ def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int
 
 def _print_summary(engine, home: Path, results, sync, services: DemoServices, started: float, *,
                    rerun: bool = False) -> None:
-    t = Table(title=f"Today's lifecycle campaigns ({utcnow():%Y-%m-%d})")
+    from membercare.timeutil import parse_as_of, shop_today
+
+    t = Table(title=f"Today's lifecycle campaigns ({shop_today(state.settings.shop_timezone)}, "
+                    f"{state.settings.shop_timezone})")
     for col, just in (("campaign", "left"), ("occurrence", "left"), ("segment", "right"), ("new", "right"),
                       ("email", "right"), ("sms", "right"), ("push", "right"), ("deferred", "right"),
                       ("skipped", "right"), ("suppressed", "right"), ("failed", "right"), ("s", "right")):
@@ -428,7 +439,9 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
                   f"{sum(r['failed'].values()):,}", f"{r.get('seconds', 0):.1f}")
     console.print(t)
     with engine.connect() as conn:
-        events = engagement_counts(conn, utcnow().replace(hour=0, minute=0, second=0, microsecond=0))
+        # "Today" is the shop's day, as for the campaigns (between 00:00 and 08:00 Taipei, UTC is a day behind).
+        tz = state.settings.shop_timezone
+        events = engagement_counts(conn, parse_as_of(shop_today(tz).isoformat(), tz))
         rows = shop_overview(conn)
     e = Table(title="Engagement today (simulated recipients, via signed webhooks)", show_header=False)
     e.add_column(style="bold")

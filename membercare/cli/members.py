@@ -10,8 +10,6 @@ from rich.table import Table
 from membercare.cli import app
 from membercare.cli.common import console, migrated_engine
 from membercare.errors import InputError
-from membercare.members import member_profile
-from membercare.timeutil import ensure_utc, utcnow
 
 members_app = typer.Typer(help="Look up members: profile, consents, tier, orders and coupons.", no_args_is_help=True)
 app.add_typer(members_app, name="members")
@@ -19,6 +17,8 @@ app.add_typer(members_app, name="members")
 
 def coupon_state(coupon: dict, now: datetime) -> str:
     """Redeemed, expired or open, as of ``now`` (an expired coupon is no longer open)."""
+    from membercare.timeutil import ensure_utc
+
     if coupon["redeemed_at"]:
         return f"redeemed {coupon['redeemed_at']:%Y-%m-%d}"
     if coupon["expires_at"] is not None and ensure_utc(coupon["expires_at"]) <= now:
@@ -33,6 +33,9 @@ def show(
     reveal: bool = typer.Option(False, "--reveal", help="Show full email and phone (they are masked by default)."),
 ) -> None:
     """Show a member's profile, consents, tier history, recent orders and coupons."""
+    from membercare.members import member_profile
+    from membercare.timeutil import utcnow
+
     with migrated_engine().connect() as conn:
         p = member_profile(conn, member, recent_orders=orders)
     if p is None:

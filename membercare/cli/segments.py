@@ -13,7 +13,6 @@ from rich.table import Table
 from membercare.cli import app
 from membercare.cli.common import console, err_console, migrated_engine, state
 from membercare.errors import InputError
-from membercare.timeutil import parse_as_of
 
 segments_app = typer.Typer(help="List, count and inspect member segments.", no_args_is_help=True)
 rfm_app = typer.Typer(help="RFM (recency, frequency, monetary) scoring.", no_args_is_help=True)
@@ -30,6 +29,8 @@ PARAM_HELP = "Segment parameter SEGMENT.NAME=VALUE, e.g. new_members.days=7 (rep
 
 def _as_of(text: str | None) -> datetime:
     try:
+        from membercare.timeutil import parse_as_of
+
         return parse_as_of(text, state.settings.shop_timezone)
     except ValueError as exc:
         raise InputError(f"--as-of: {exc}") from None
