@@ -143,7 +143,10 @@ def _pct(x, digits: int = 1) -> str:
 
 def _print(rep) -> None:
     o, cur = rep.options, rep.options.currency
-    console.print(f"[bold]Campaign report[/] {o.since:%Y-%m-%d %H:%M} - {o.until:%Y-%m-%d %H:%M} UTC"
+    from membercare.timeutil import shop_date_label
+
+    since, until = shop_date_label(o.since, o.timezone), shop_date_label(o.until, o.timezone)
+    console.print(f"[bold]Campaign report[/] {since.rsplit(' ', 1)[0]} - {until}"
                   f"{' · ' + o.campaign if o.campaign else ''} · attribution {o.attribution.model.value}, "
                   f"{o.attribution.window_seconds / 86400:g} d window")
     t = Table(title="Funnel (campaign x segment x channel)")
@@ -163,7 +166,8 @@ def _print(rep) -> None:
     print_experiments(console, rep)  # treated vs holdout (visit, conversion, revenue), programme, variants, frequency
 
     k = rep.kpis
-    t = Table(title=f"Shop KPIs (as of {k.as_of:%Y-%m-%d}, trailing {k.window_days} days)")
+    t = Table(title=f"Shop KPIs (as of {shop_date_label(k.as_of, o.timezone, with_time=False)}, trailing "
+                    f"{k.window_days} days)")
     t.add_column("KPI")
     t.add_column("value", justify="right")
     t.add_row("members", f"{k.members_total:,}")
