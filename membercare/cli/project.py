@@ -98,7 +98,7 @@ def write_project_config(home: Path, env: Mapping[str, str], *, secret_key_file:
     """Write ``home/config.toml`` (mode 600: it holds provider credentials, if only the sandbox's)."""
     comments = comments or {}
     lines = ["# written by `membercare demo`; every membercare command run in this folder reads it.",
-             "# Environment variables that are set win over this file; see docs/getting-started.md.", ""]
+             "# Environment variables that are set win over this file; see docs/operations.md.", ""]
     if secret_key_file:
         lines += ["[membercare]", f"secret_key_file = {_toml_str(secret_key_file)}  # relative to this folder", ""]
     lines.append("[env]")
