@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.approval import needs_approval, wait_for_approval
 from flows.common import (
     artifact_key,
     engine_for,
@@ -93,6 +94,9 @@ class CampaignRunParameters(BaseModel):
     resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
     wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                        description="keep sending retries that fall due within this time")
+    approval_timeout_s: int = Field(default=86_400, ge=10, le=7 * 86_400,
+                                    description="campaigns with approval: required: how long to wait for the "
+                                                "decision in the Prefect UI before failing (nothing is sent)")
 
     @field_validator("as_of")
     @classmethod
@@ -370,6 +374,16 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         return {**_asdict(summary), "already_planned": rep.already_planned, "coupons_to_issue": rep.coupons_to_issue,
                 "samples": [vars(s) for s in rep.samples]}
 
+    if needs_approval(settings, prepared, dry_run=False):
+        rep = dry_run(prepared, quote(audience))
+        shown = summary_stage.dry_run_summary(rep)
+        publish(shown, prepared=prepared, audience=audience, preview=preview, dry=rep)
+        decision = wait_for_approval(settings, prepared, summary_line=shown.line(),
+                                     timeout_s=params.approval_timeout_s)
+        if not decision.approved:
+            logger.warning("%s/%s: nothing sent (%s)", prepared.name, prepared.occurrence, decision.line())
+            return {**_asdict(shown), "status": "rejected", "status_reason": decision.line(),
+                    "approval": decision.line()}
     adapters = build_adapters(env, prepared.spec.channels)
     try:
         run_id = plan_stage.ensure_run(engine_for(settings), prepared)

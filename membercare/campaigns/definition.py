@@ -15,6 +15,7 @@ Example::
     segment: {name: birthday_today}
     priority: 80
     auto_resume_after: 300  # optional: after a provider outage paused the run, probe again in 5 min
+    approval: required      # optional: wait for approve/reject in the Prefect UI before sending
     channels: [push, email, sms]
     occurrence: daily       # the idempotency bucket: hourly|daily|weekly|monthly|once
     message_per: member     # member | coupon | order
@@ -212,6 +213,9 @@ class Campaign(BaseModel):
     # After the error budget paused a run (a provider outage): resume by itself after this many seconds,
     # doubling each time (see docs/delivery.md). Unset: an operator resumes it.
     auto_resume_after: int | None = Field(default=None, ge=10, le=86_400)
+    # "required": the run-campaign flow plans in memory, publishes the dry-run summary, and waits for an
+    # approve/reject decision in the Prefect UI before it plans or sends anything (docs/campaigns.md).
+    approval: Literal["none", "required"] = "none"
     channels: tuple[Channel, ...] = Field(min_length=1,
                                           description="allowed channels, in the campaign's preference order")
     occurrence: Literal["hourly", "daily", "weekly", "monthly", "once"] = "daily"

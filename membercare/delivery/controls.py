@@ -126,7 +126,8 @@ def pause_run(engine: Engine, ref: str | int, *, reason: str | None = None, by: 
     return find_run(engine, run.id)
 
 
-def resume_run(engine: Engine, ref: str | int, *, by: str | None = None, now: datetime | None = None) -> RunInfo:
+def resume_run(engine: Engine, ref: str | int, *, by: str | None = None, now: datetime | None = None,
+               reason: str | None = None) -> RunInfo:
     """Put a paused run back to ``planned``: the next dispatcher pass sends what is left (each row once)."""
     run = find_run(engine, ref)
     if run.cancelled:
@@ -137,7 +138,7 @@ def resume_run(engine: Engine, ref: str | int, *, by: str | None = None, now: da
     r = CampaignRun.__table__
     in_transaction(engine, lambda conn: conn.execute(
         sa.update(r).where(r.c.id == run.id, r.c.status == RunStatus.PAUSED.value).values(
-            status=RunStatus.PLANNED.value, status_reason=_stamp("resumed", by, now, None)[:500],
+            status=RunStatus.PLANNED.value, status_reason=_stamp("resumed", by, now, reason)[:500],
             auto_resume_at=None, updated_at=now)))
     return find_run(engine, run.id)
 
