@@ -366,7 +366,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         preview = None
 
     if params.dry_run:
-        rep = dry_run(prepared, quote(audience))
+        rep = dry_run(prepared, _quoted(audience))
         summary = summary_stage.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
@@ -375,7 +375,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
                 "samples": [vars(s) for s in rep.samples]}
 
     if needs_approval(settings, prepared, dry_run=False):
-        rep = dry_run(prepared, quote(audience))
+        rep = dry_run(prepared, _quoted(audience))
         shown = summary_stage.dry_run_summary(rep)
         publish(shown, prepared=prepared, audience=audience, preview=preview, dry=rep)
         decision = wait_for_approval(settings, prepared, summary_line=shown.line(),
@@ -390,7 +390,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         _refuse_cancelled(settings, run_id)
         planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
-            planned = planned.merge(plan(prepared, quote(group), i))
+            planned = planned.merge(plan(prepared, _quoted(group), i))
         progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
                                                description=f"{prepared.name} {prepared.occurrence}: dispatch")
         limiters = limiters_for(prepared.spec.channels, logger)
@@ -408,6 +408,12 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     if sent.stop_reason:
         logger.warning("run %s stopped: %s", run_id, sent.stop_reason)
     return _asdict(summary)
+
+
+def _quoted(value: Any) -> Any:
+    """``quote(value)``: Prefect passes it to the task as is (no traversal of large inputs). Typed ``Any`` because
+    a task's signature names the value's own type, which a ``quote`` wrapper is not."""
+    return quote(value)
 
 
 def _refuse_cancelled(settings, run_id: int) -> None:

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -201,8 +201,8 @@ def write_demo_config(home: Path, settings) -> Path:
 
 @dataclass
 class DemoServices:
-    sandbox: object
-    receiver: object
+    sandbox: Any  # membercare.sandbox.SandboxServer (imported when the demo starts it)
+    receiver: Any  # uvicorn.Server
     receiver_thread: threading.Thread
     receiver_url: str
     env: dict[str, str]
@@ -222,7 +222,7 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
 
     receiver_url = f"http://127.0.0.1:{_free_port()}"
     push_secret = secrets.token_urlsafe(24)
-    base = dict(seed=seed, sendgrid_api_keys=[SENDGRID_KEY], twilio_accounts={TWILIO_SID: TWILIO_TOKEN},
+    base: dict[str, Any] = dict(seed=seed, sendgrid_api_keys=[SENDGRID_KEY], twilio_accounts={TWILIO_SID: TWILIO_TOKEN},
                 webhook_url=receiver_url, push_tracking_secret=push_secret)
     sandbox = SandboxServer(SandboxConfig(**base)).start()
     sa_path, public_pem = service_account(home, sandbox.token_uri)
@@ -238,7 +238,8 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
                                            log_level="critical", access_log=False, server_header=False))
     # (critical: a webhook refused with 5xx while SQLite is busy is retried by the sandbox, and the summary
     # reports any it gave up on; the tracebacks would only bury the progress display.)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - not the main thread
+    # Not the main thread: uvicorn must not install signal handlers.
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.run, name="membercare-receiver", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -275,8 +276,8 @@ def engagement_counts(conn: sa.Connection, since) -> dict[str, int]:
     from membercare.engagement.models import EngagementEventRow
 
     e = EngagementEventRow.__table__
-    return dict(conn.execute(sa.select(e.c.kind, sa.func.count()).where(e.c.received_at >= since)
-                             .group_by(e.c.kind)).all())
+    return {str(kind): int(n) for kind, n in conn.execute(
+        sa.select(e.c.kind, sa.func.count()).where(e.c.received_at >= since).group_by(e.c.kind))}
 
 
 def _report(home: Path, env: dict[str, str]) -> tuple[Path | None, str]:
@@ -428,7 +429,7 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
     for col, just in (("campaign", "left"), ("occurrence", "left"), ("segment", "right"), ("new", "right"),
                       ("email", "right"), ("sms", "right"), ("push", "right"), ("deferred", "right"),
                       ("skipped", "right"), ("suppressed", "right"), ("failed", "right"), ("s", "right")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify="left" if just == "left" else "right")
     new_total = sent_now = 0
     for label, r in results:
         new_total += r["newly_planned"]

@@ -101,7 +101,7 @@ def count_segments(
     when = _as_of(as_of)
     if names:
         todo = _parse_all(names, param)
-        skipped = []
+        skipped: list[tuple[str, str]] = []
     else:
         params = parse_param_options(param)
         todo, skipped = [], []
