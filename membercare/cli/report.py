@@ -74,7 +74,7 @@ def report(
 ) -> None:
     """Funnel per campaign x segment x channel, treated vs holdout lift, variant tests, frequency evidence,
     programme lift, shop KPIs and trends."""
-    from membercare.engagement.attribution import AttributionSettings
+    from membercare.engagement.attribution import AttributionModel, AttributionSettings
     from membercare.reports import ReportOptions, build_report
     from membercare.reports.core import variant_settings_from_campaigns
     from membercare.timeutil import parse_as_of
@@ -93,12 +93,13 @@ def report(
         raise InputError(f"--touch must be clicked, opened or delivered, not {touch!r}")
     if not window_days > 0:
         raise InputError("--window-days must be positive")
-    attribution = AttributionSettings(window=timedelta(days=window_days), model=model)
+    attribution = AttributionSettings(window=timedelta(days=window_days), model=AttributionModel(model))
     campaigns = _campaigns(settings)
     if touch:
         attribution = attribution.with_level(touch)
     options = ReportOptions(
-        since=start, until=end, campaign=campaign, granularity=by, timezone=settings.shop_timezone,
+        since=start, until=end, campaign=campaign, granularity="week" if by == "week" else "day",
+        timezone=settings.shop_timezone,
         attribution=attribution, sms_price_minor=_shop_sms_price(settings), currency=settings.shop_currency,
         segments=_segments(campaigns), refresh=refresh, variant_settings=variant_settings_from_campaigns(campaigns),
         max_unsubscribe_rate=max_unsubscribe_rate, max_complaint_rate=max_complaint_rate,
