@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "membercare"
 
 # Modules of membercare/campaigns/ from the bottom up: each may import only the modules listed before it.
-CAMPAIGN_ORDER = ("definition", "occurrence", "audience", "offers", "plan", "dry_run", "summary", "dispatch",
-                  "triggers", "run")
+CAMPAIGN_ORDER = ("definition", "occurrence", "audience", "offers", "plan", "dry_run", "estimate", "summary",
+                  "dispatch", "triggers", "seed_send", "run")
 # Packages that start work (commands, HTTP endpoints) and may call the campaign stages.
 ENTRY_POINTS = ("membercare.cli", "membercare.receiver")
 # Packages each core package must never import (at any depth, in any function).

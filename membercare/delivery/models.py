@@ -112,6 +112,7 @@ class Decision(StrEnum):
     # A transient failure after which the provider may have accepted the message (TransientFailure.ambiguous):
     AMBIGUOUS = "ambiguous_failure"  # marketing: unknown, settled by reconciliation, never blindly resent
     AMBIGUOUS_RETRY = "ambiguous_retry"  # transactional: retried after a delay, unless records show it sent
+    CANCELLED = "cancelled"  # an operator cancelled the run before this row was sent (delivery.controls)
 
 
 class SuppressionReason(StrEnum):
