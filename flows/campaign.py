@@ -391,6 +391,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
             planned = planned.merge(plan(prepared, _quoted(group), i))
+        plan_stage.announce_planned(prepared, planned, audience.size)
         progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
                                                description=f"{prepared.name} {prepared.occurrence}: dispatch")
         limiters = limiters_for(prepared.spec.channels, logger)

@@ -119,8 +119,14 @@ def test_run_campaign_flow_sends_once_and_leaves_artifacts(flow_env, prefect_har
     assert dry["dry_run"] and dry["planned"] == 30 and sandbox.stats()["accepted_total"] == 0
     params = CampaignRunParameters(campaign="coupon_expiry", limit=30, segment_params={"days": 14},
                                    as_of=SHOP_DAY.isoformat(), occurrence_tag="t1", wait_for_deferred_s=0)
-    first = run_campaign(params)
+    from membercare import signals
+
+    with signals.installed(signals.MemorySink()) as sink:
+        first = run_campaign(params)
     assert first["newly_planned"] == 30
+    planned, = sink.named(signals.CAMPAIGN_PLANNED)  # the core's signals reach whatever the flow installed
+    assert planned.payload["planned"] == 30 and planned.related == ("membercare.campaign.coupon_expiry",)
+    assert sink.named(signals.CAMPAIGN_DISPATCHED)
     accepted = sandbox.stats()["accepted_total"]
     assert accepted == first["sent_now"] == sum(first["sent"].values()) > 0
     second = run_campaign(params)

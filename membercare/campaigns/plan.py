@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from membercare import signals
 from membercare.campaigns.audience import AudienceEntry
 from membercare.campaigns.occurrence import PreparedRun, RunOptions
 from membercare.campaigns.offers import issue_batch_coupons
@@ -197,6 +198,15 @@ def plan_group(engine: Engine, prepared: PreparedRun, entries: Sequence[Audience
     report = plan_run(engine, prepared.spec, batches(), prepared.as_of, adapter, policy=policy,
                       message_ids=message_ids, assign=hooks.assign, prefer=hooks.prefer, deliver_at=hooks.deliver_at)
     return PlanOutcome.from_report(report)
+
+
+def announce_planned(prepared: PreparedRun, outcome: PlanOutcome, audience_size: int) -> None:
+    """Planning of every group is done: tell operations (``membercare.campaign.planned``, counts only)."""
+    signals.emit(signals.CAMPAIGN_PLANNED, signals.run_resource(outcome.run_id), {
+        "campaign": prepared.name, "occurrence": prepared.occurrence, "audience": audience_size,
+        "planned": outcome.inserted, "already_planned": outcome.already_planned,
+        "planned_states": ", ".join(f"{k} {v}" for k, v in sorted(outcome.by_state.items()))},
+        related=(signals.campaign_resource(prepared.name),))
 
 
 def ensure_run(engine: Engine, prepared: PreparedRun) -> int:
