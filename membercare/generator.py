@@ -280,7 +280,7 @@ class _Ctx:
 _COLUMNS: dict[str, tuple[str, ...]] = {
     "members": ("id", "external_id", "name", "email", "phone", "country", "locale", "timezone", "birthday",
                 "age_group", "region", "city", "joined_at", "tier", "points_balance", "preferred_channels",
-                "created_at", "updated_at"),
+                "created_at", "updated_at", "line_user_id"),
     "products": ("id", "sku", "name", "category", "price_minor", "currency"),
     "consent_events": ("id", "member_id", "channel", "purpose", "granted", "source", "occurred_at", "recorded_at",
                        "detail"),
@@ -599,7 +599,7 @@ def _generate_block(ctx: _Ctx, block: int, first: int, n: int) -> dict[str, list
         member_id.tolist(), [f"M{i:07d}" for i in member_id.tolist()], people["name"], people["email"],
         people["phone"], people["country"], people["locale"], people["timezone"], people["birthday"],
         people["age_group"], people["region"], people["city"], joined_s, tier.tolist(), balance.tolist(),
-        pref.tolist(), joined_s, [as_of_s] * n, strict=True,
+        pref.tolist(), joined_s, [as_of_s] * n, [None] * n, strict=True,
     ))
     return {
         "members": member_rows, "consent_events": events, "consents": consents, "devices": devices,

@@ -1,4 +1,4 @@
-"""The sandbox HTTP server (aiohttp): the three provider APIs plus ``/sandbox/*`` control endpoints.
+"""The sandbox HTTP server (aiohttp): the four provider APIs plus ``/sandbox/*`` control endpoints.
 
 Each provider's wire format (request validation, answer and error bodies) lives in its folder
 (``channels/<provider>/sandbox.py``); this module runs the shared request pipeline around it.
@@ -38,6 +38,7 @@ from channels.base import (
     MESSAGE_ID_ARG,
 )
 from channels.fcm import sandbox as fcm_wire
+from channels.line.sandbox import LineSandbox
 from channels.sendgrid import sandbox as sendgrid_wire
 from channels.sendgrid.webhooks import SendGridWebhookSigner
 from channels.twilio import sandbox as twilio_wire
@@ -68,6 +69,7 @@ class SandboxApp:
         self.recipients = Recipients(lambda: self.config, self.state, model, self.signer, clock)
         # OAuth access tokens outlive /sandbox/reset: clients cache them for an hour.
         self.fcm_access_tokens: dict[str, str] = {}
+        self.line = LineSandbox(self)  # LINE's Messaging API (channels/line/sandbox.py)
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=32 * 1024**2)
@@ -77,6 +79,7 @@ class SandboxApp:
         r.add_get("/2010-04-01/Accounts/{account_sid}/Messages.json", self.twilio_list)
         r.add_post("/v1/projects/{project}/messages:send", self.fcm_send)
         r.add_post(TOKEN_PATH, self.fcm_token)
+        self.line.add_routes(r)
         r.add_get("/sandbox/health", self.health)
         r.add_get("/sandbox/messages", self.get_messages)
         r.add_get("/sandbox/stats", self.get_stats)
@@ -108,6 +111,7 @@ class SandboxApp:
 
     def reset(self, *, config: bool = False) -> None:
         self.state.reset()
+        self.line.reset()
         self.recipients.clear()
         if config:
             self.config = self.initial_config
