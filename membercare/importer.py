@@ -64,6 +64,7 @@ from membercare.consent import ConsentStatement, record_consents
 from membercare.db import insert_for
 from membercare.errors import InputError, MembercareError, UnknownNameError
 from membercare.models import (
+    LINE_USER_ID_PATTERN,
     Channel,
     ConsentEvent,
     ConsentSource,
@@ -754,15 +755,25 @@ def _opt(values: dict[str, str], column: str) -> str | None:
     return text or None
 
 
+def _line_user_id(values: dict[str, str], present) -> dict[str, str | None]:
+    """The ``line_user_id`` column when the file has it; one used by another member is refused by the database."""
+    if "line_user_id" not in present:
+        return {}
+    value = _opt(values, "line_user_id")
+    if value is not None and not LINE_USER_ID.match(value):
+        raise v.ValidationError("line_user_id must be a LINE user id: U and 32 hexadecimal digits")
+    return {"line_user_id": value}
+
+
 class MembersHandler(_Handler):
     kind = "members"
     required = ("member_id", "name", "joined_at")
     optional = ("email", "phone", "country", "locale", "timezone", "birthday", "tier", "points_balance",
-                "region", "city", "age_group", "preferred_channels")
+                "region", "city", "age_group", "preferred_channels", "line_user_id")
     key_column = "member_id"
     free_text = ("name",)
     compared = ("name", "email", "phone", "country", "locale", "timezone", "birthday", "joined_at", "tier",
-                "points_balance", "region", "city", "age_group", "preferred_channels")
+                "points_balance", "region", "city", "age_group", "preferred_channels", "line_user_id")
 
     def parse(self, unit: _Unit, ctx: _Context) -> dict:
         vals, present, s = unit.rows[0].values, ctx.present, ctx.settings
@@ -802,6 +813,7 @@ class MembersHandler(_Handler):
         if "preferred_channels" in present:
             rec["preferred_channels"] = (v.parse_channel_order(vals["preferred_channels"])
                                          if vals.get("preferred_channels") else _DEFAULT_CHANNELS)
+        rec.update(_line_user_id(vals, present))
         return rec
 
     def write(self, conn: Connection, units: list[_Unit], ctx: _Context) -> None:
@@ -814,7 +826,7 @@ class MembersHandler(_Handler):
         s = ctx.settings
         defaults = dict(email=None, phone=None, country=s.shop_country, locale=s.shop_locale, timezone=s.shop_timezone,
                         birthday=None, tier=ctx.entry_tier, points_balance=0, region=None, city=None, age_group=None,
-                        preferred_channels=_DEFAULT_CHANNELS)
+                        preferred_channels=_DEFAULT_CHANNELS, line_user_id=None)
         writes = []
         for u in units:
             u.outcome, row = _classify(u.parsed, existing.get(u.parsed["external_id"]), self.compared, defaults)
@@ -832,6 +844,7 @@ class MembersHandler(_Handler):
 
 
 _DEFAULT_CHANNELS = str(Member.__table__.c.preferred_channels.default.arg)
+LINE_USER_ID = re.compile(LINE_USER_ID_PATTERN)
 
 
 class OrdersHandler(_Handler):

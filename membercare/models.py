@@ -49,6 +49,10 @@ class Channel(StrEnum):
     LINE = "line"
 
 
+# A LINE user id as the Messaging API gives it: "U" and 32 lower-case hexadecimal digits.
+LINE_USER_ID_PATTERN = r"^U[0-9a-f]{32}$"
+
+
 class Purpose(StrEnum):
     TRANSACTIONAL = "transactional"
     MARKETING = "marketing"

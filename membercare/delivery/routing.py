@@ -33,11 +33,11 @@ from sqlalchemy.engine import Connection
 
 from membercare.delivery.models import Decision, OutboxState, Suppression, address_hash
 from membercare.delivery.sqlutil import any_of, chunk_size
-from membercare.models import Channel, Consent, Device, Member
+from membercare.models import LINE_USER_ID_PATTERN, Channel, Consent, Device, Member
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-LINE_USER_ID = re.compile(r"^U[0-9a-f]{32}$")
+LINE_USER_ID = re.compile(LINE_USER_ID_PATTERN)
 
 CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel)
 
