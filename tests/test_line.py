@@ -159,3 +159,73 @@ def test_signature_is_hmac_sha256_base64_of_the_raw_body():
     assert not verify_line_signature("f" * 32, body, signature)
     assert not verify_line_signature(LINE_SECRET, body, "not base64 at all")
     assert not verify_line_signature(LINE_SECRET, body, None)
+
+
+def test_members_import_their_line_user_id_once(engine, tmp_path):
+    import sqlalchemy as sa
+
+    from membercare.importer import import_csv
+    from membercare.models import Member
+
+    rows = ["member_id,name,joined_at,preferred_channels,line_user_id",
+            f"L1,陳怡君,2024-01-02 10:00:00,line>email,{USER}",
+            "L2,林大明,2024-01-02 10:00:00,email,",
+            "L3,王小美,2024-01-02 10:00:00,line,Uxyz",                      # not a LINE user id
+            f"L4,張志豪,2024-01-02 10:00:00,line,{USER}"]                   # L1's id: the database refuses it
+    path = tmp_path / "members.csv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    report = import_csv(engine, "members", path)
+    assert (report.inserted, report.rejected) == (2, 2)
+    with engine.connect() as c:
+        got = dict(c.execute(sa.select(Member.__table__.c.external_id, Member.__table__.c.line_user_id)).tuples().all())
+        prefs = c.execute(sa.select(Member.__table__.c.preferred_channels)
+                          .where(Member.__table__.c.external_id == "L1")).scalar_one()
+    assert got == {"L1": USER, "L2": None} and prefs == "line,email"
+
+
+# -- templates ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tpl(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    dst = tmp_path / "templates"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "templates", dst)
+    return dst
+
+
+def test_templates_check_applies_lines_limits_and_locates_flex_errors(tpl):
+    from membercare.config import Settings
+    from membercare.rendering.check import check_campaign
+
+    settings = Settings(templates_dir=tpl)
+    assert [str(p) for p in check_campaign("vip_appreciation", settings) if p.severity == "error"] == []
+    (tpl / "vip_appreciation" / "line.en.txt").write_text("{{ 'x' * 5001 }}\n", encoding="utf-8")
+    problems = check_campaign("vip_appreciation", settings)
+    assert {(p.code, p.file) for p in problems if p.severity == "error"} == {
+        ("line-too-long", "templates/vip_appreciation/line.en.txt")}
+    flex = tpl / "churn_winback" / "line_flex.json"
+    flex.write_text(flex.read_text(encoding="utf-8").replace("{{ shop.name }}", "{{ shop.nickname }}"),
+                    encoding="utf-8")
+    undefined = [p for p in check_campaign("churn_winback", settings) if p.severity == "error"][0]
+    assert undefined.code == "undefined" and undefined.file == "templates/churn_winback/line_flex.json"
+    assert undefined.line == 9
+    flex.write_text('{"altText": "x", "contents": []}', encoding="utf-8")
+    assert {p.code for p in check_campaign("churn_winback", settings) if p.severity == "error"} == {"syntax"}
+
+
+def test_the_rendered_line_content_carries_the_message_id_in_its_postback(tpl):
+    from membercare.config import Settings
+    from membercare.links import LinkSigner
+    from membercare.rendering.renderer import CampaignRenderer
+    from membercare.rendering.samples import SAMPLE_AS_OF, sample_context
+
+    renderer = CampaignRenderer("vip_appreciation", Settings(templates_dir=tpl), signer=LinkSigner.preview())
+    content = renderer.render(Channel.LINE, sample_context(renderer.builder, "zh-TW"), message_id="m-777",
+                              as_of=SAMPLE_AS_OF)
+    assert isinstance(content, LineContent) and "謝謝您這一年的支持" in content.text
+    flex = json.loads(content.flex_json)
+    assert flex["footer"]["contents"][1]["action"]["data"] == "mid=m-777&action=remind"
+    assert content.alt_text
