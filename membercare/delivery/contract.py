@@ -52,6 +52,8 @@ class SmsContent:
     body: str
     encoding: str  # "GSM-7" or "UCS-2"
     segments: int
+    # The original URLs behind the tracked short links of ``body``, by link index (see membercare.links).
+    links: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class LineContent:
     text: str
     flex_json: str | None = None
     alt_text: str | None = None
+    links: tuple[str, ...] = ()  # the original URLs behind the tracked short links, by link index
 
 
 Content = EmailContent | SmsContent | PushContent | LineContent

@@ -264,14 +264,14 @@ class _Checker:
             if verify_inline:
                 self.verify_inline(renderer, locale, content)
         elif isinstance(content, SmsContent):
-            urls += [(u, part_file(Part.SMS), None) for u in _URL_IN_TEXT.findall(content.body)]
+            urls += [(u, part_file(Part.SMS), None) for u in (*_URL_IN_TEXT.findall(content.body), *content.links)]
             m = smslen.measure(content.body)
             if m.encoding == smslen.UCS2 and not locale.startswith(("zh", "ja", "ko")):
                 chars = ", ".join(repr(c) for c in m.non_gsm)
                 self.add("warning", "ucs2-forced", f"characters {chars} force UCS-2 (70 characters per segment){who}",
                          part_file(Part.SMS))
         elif isinstance(content, LineContent):
-            urls += [(u, part_file(Part.LINE), None) for u in _URL_IN_TEXT.findall(content.text)]
+            urls += [(u, part_file(Part.LINE), None) for u in (*_URL_IN_TEXT.findall(content.text), *content.links)]
             if content.flex_json:
                 urls += [(u, part_file(Part.LINE_FLEX), None) for u in _flex_uris(json.loads(content.flex_json))]
         elif isinstance(content, PushContent):
