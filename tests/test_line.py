@@ -229,3 +229,29 @@ def test_the_rendered_line_content_carries_the_message_id_in_its_postback(tpl):
     flex = json.loads(content.flex_json)
     assert flex["footer"]["contents"][1]["action"]["data"] == "mid=m-777&action=remind"
     assert content.alt_text
+
+
+def test_migration_0010_adds_line_to_every_channel_check_and_moves_the_send_gate(engine, db_url):
+    import sqlalchemy as sa
+    from alembic import command
+
+    from membercare.db import alembic_config, upgrade
+    from membercare.models import Member
+
+    m = Member.__table__
+    with engine.begin() as c:
+        from clock import FROZEN_NOW as NOW
+        from fakes import seed_members
+
+        [mid] = seed_members(c, 1, push=False, now=NOW, consent=(("line", "marketing"),))
+        before = c.execute(sa.text("SELECT version FROM delivery_controls")).scalar_one()
+        c.execute(sa.update(m).where(m.c.id == mid).values(line_user_id=USER))
+        assert c.execute(sa.text("SELECT version FROM delivery_controls")).scalar_one() == before + 1
+        c.execute(sa.text("INSERT INTO suppressions (channel, address_hash, reason, source, created_at) "
+                          "VALUES ('line', 'h', 'unsubscribe', 't', :now)"), {"now": NOW})
+    engine.dispose()
+    command.downgrade(alembic_config(db_url), "0008_send_gate")  # LINE rows go, the old checks come back
+    upgrade(db_url)
+    with engine.connect() as c:
+        linked = c.execute(sa.select(sa.func.count()).select_from(m).where(m.c.line_user_id.is_not(None)))
+        assert linked.scalar_one() == 0

@@ -107,5 +107,8 @@ def downgrade() -> None:
     _drop_trigger(MEMBER_TRIGGER, "members")
     _create_trigger(*_member_trigger(("email", "phone", "preferred_channels")))
     op.drop_index("uq_members_line_user_id", table_name="members")
-    with op.batch_alter_table("members") as batch_op:
-        batch_op.drop_column("line_user_id")
+    if op.get_bind().dialect.name == "sqlite":
+        # SQLite 3.35+ drops a column in place; batch mode would copy members and lose its triggers.
+        op.execute("ALTER TABLE members DROP COLUMN line_user_id")
+    else:
+        op.drop_column("members", "line_user_id")
