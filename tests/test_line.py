@@ -255,3 +255,22 @@ def test_migration_0010_adds_line_to_every_channel_check_and_moves_the_send_gate
     with engine.connect() as c:
         linked = c.execute(sa.select(sa.func.count()).select_from(m).where(m.c.line_user_id.is_not(None)))
         assert linked.scalar_one() == 0
+
+
+def test_routing_reaches_line_by_user_id_with_consent_and_no_suppression():
+    from membercare.delivery.models import Decision
+    from membercare.delivery.routing import MemberContext, candidate_order, route
+
+    def ctx(**kw):
+        base = dict(member_id=1, preferred=("line", "email"), email="a@example.test", line_user_id=USER,
+                    consents={("line", "marketing"): True, ("email", "marketing"): True})
+        return MemberContext(**{**base, **kw})
+
+    order, _ = candidate_order(("line", "email"), ("email", "line"))
+    assert route(ctx(), order, "marketing").chain == ("line", "email")
+    no_id = route(ctx(line_user_id=None), order, "marketing")
+    assert no_id.chain == ("email",) and no_id.rejected[0].code == Decision.NO_REACHABLE_CHANNEL
+    assert route(ctx(line_user_id="Uxyz"), order, "marketing").chain == ("email",)
+    assert route(ctx(consents={("email", "marketing"): True}), order, "marketing").chain == ("email",)
+    blocked = route(ctx(suppressed={"line": "unsubscribe"}), order, "marketing")
+    assert blocked.chain == ("email",) and blocked.rejected[0].code == Decision.SUPPRESSED
