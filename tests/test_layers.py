@@ -31,6 +31,9 @@ NEVER = {
     "membercare.optimise": ("membercare.rendering", "membercare.reports", *ENTRY_POINTS),
     "membercare.rendering": ("membercare.optimise", "membercare.engagement", "membercare.reports",
                              "membercare.delivery.planner", "membercare.delivery.dispatcher", *ENTRY_POINTS),
+    # Shop data comes in (import, generator) below everything that reads it: storage, consent, validation only.
+    "membercare.data": ("membercare.campaigns", "membercare.optimise", "membercare.engagement", "membercare.delivery",
+                        "membercare.rendering", "membercare.reports", *ENTRY_POINTS),
 }
 
 

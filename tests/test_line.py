@@ -164,7 +164,7 @@ def test_signature_is_hmac_sha256_base64_of_the_raw_body():
 def test_members_import_their_line_user_id_once(engine, tmp_path):
     import sqlalchemy as sa
 
-    from membercare.importer import import_csv
+    from membercare.data.importer import import_csv
     from membercare.models import Member
 
     rows = ["member_id,name,joined_at,preferred_channels,line_user_id",

@@ -16,8 +16,9 @@ users: a click taps the Flex message's postback action (its data carries our mes
 either blocks the account (unfollow) or writes "取消" (one or the other, drawn from the seed); a control call
 (``POST /sandbox/line/events``) makes a user follow or write a message.
 
-The request pipeline (credentials, latency, faults, rate limit, recording) is the sandbox's
-(``membercare/sandbox/server.py``); the handlers here run inside it through :class:`LineSandbox`.
+The request pipeline (latency, faults, rate limit, recording) is the sandbox's (``membercare/sandbox/app.py``,
+``pipeline.py``); :class:`LineSandbox` is LINE's endpoints class, registered by ``SandboxApp.build`` beside
+the other providers'.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from channels.line.events import POSTBACK_MESSAGE_ID
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from membercare.sandbox.server import SandboxApp
+    from membercare.sandbox.app import SandboxApp
 
 PUSH_PATH = "/v2/bot/message/push"
 MULTICAST_PATH = "/v2/bot/message/multicast"
@@ -127,12 +128,12 @@ class LineSandbox:
         self.retry_keys: dict[str, str] = {}  # X-Line-Retry-Key -> the request id that was accepted
         self.consumed = 0  # messages sent this "month" (since the last reset)
 
-    def add_routes(self, router: web.UrlDispatcher) -> None:
-        router.add_post(PUSH_PATH, self.push)
-        router.add_post(MULTICAST_PATH, self.multicast)
-        router.add_get(QUOTA_PATH, self.quota)
-        router.add_get(CONSUMPTION_PATH, self.consumption)
-        router.add_post("/sandbox/line/events", self.user_event)
+    def routes(self) -> list[web.RouteDef]:
+        from aiohttp import web
+
+        return [web.post(PUSH_PATH, self.push), web.post(MULTICAST_PATH, self.multicast),
+                web.get(QUOTA_PATH, self.quota), web.get(CONSUMPTION_PATH, self.consumption),
+                web.post("/sandbox/line/events", self.user_event)]
 
     def reset(self) -> None:
         self.retry_keys.clear()
@@ -153,14 +154,14 @@ class LineSandbox:
     async def _send(self, request: web.Request, *, multicast: bool) -> web.StreamResponse:
         from aiohttp import web
 
-        from membercare.sandbox.server import _Ghost
+        from membercare.sandbox.pipeline import GHOST, Fault, drop
         from membercare.sandbox.state import MessageRecord, stable_id
 
         app, raw = self.app, await request.read()
-        app._capture(request, raw)
+        app.capture(request, raw)
         app.state.stats.requests["line"] += 1
         if not self._authorised(request):
-            app._reject("line", "unauthorized")
+            app.reject("line", "unauthorized")
             return web.json_response(line_error("Authentication failed. Confirm that the access token in the "
                                                 "authorization header is valid."), status=401)
         key = request.headers.get("X-Line-Retry-Key")
@@ -174,8 +175,8 @@ class LineSandbox:
                 app.state.stats.events["line.retry_key_conflict"] += 1
                 return web.json_response(line_error("The retry key is already accepted"), status=409,
                                          headers={ACCEPTED_REQUEST_HEADER: self.retry_keys[key]})
-        gate = await app._gate(request, "line", raw)
-        if isinstance(gate, tuple):
+        gate = await app.gate(request, "line", raw)
+        if isinstance(gate, Fault):
             kind, value = gate
             if kind == "throttled":
                 return web.json_response(line_error("The API rate limit has been exceeded. Try again later."),
@@ -188,17 +189,17 @@ class LineSandbox:
             body = None
         messages, error = validate_messages(body)
         if error or messages is None or not isinstance(body, dict):
-            app._reject("line", "invalid_payload")
+            app.reject("line", "invalid_payload")
             return web.json_response(line_error(error or "The request body has 1 error(s)"), status=400)
         targets = body.get("to")
         targets = targets if multicast and isinstance(targets, list) else [targets]
         if not targets or any(not isinstance(t, str) or not USER_ID.match(t) or t in app.config.line_invalid_user_ids
                               for t in targets):
-            app._reject("line", "invalid_recipient")
+            app.reject("line", "invalid_recipient")
             return web.json_response(invalid_user(), status=400)
         quota = app.config.line_quota
         if quota is not None and self.consumed + len(targets) * len(messages) > quota:
-            app._reject("line", "quota")
+            app.reject("line", "quota")
             return web.json_response(line_error("You have reached your monthly limit."), status=429)
         self.consumed += len(targets) * len(messages)
         request_id = str(uuid.uuid5(uuid.NAMESPACE_OID, stable_id(app.config.seed, "line-req", app.state.seq + 1)))
@@ -211,11 +212,11 @@ class LineSandbox:
             ids = [str(int(stable_id(app.config.seed, "line", seq, i, length=15), 16)) for i in range(len(messages))]
             sent = [{"id": i, "quoteToken": stable_id(app.config.seed, "lq", i)} for i in ids]
             rec = MessageRecord(seq=seq, channel="line", provider_id=ids[0], message_id=mid, idempotency_key=key,
-                                to=user, accepted_at=time.time(), account="line", ghost=gate is _Ghost,
+                                to=user, accepted_at=time.time(), account="line", ghost=gate is GHOST,
                                 attributes={"channel": "line"}, extra={"messages": messages, "request_id": request_id})
-            app._accept(rec)
-        if gate is _Ghost:
-            app._drop(request)
+            app.accept(rec)
+        if gate is GHOST:
+            drop(request)
         return web.json_response({} if multicast else {"sentMessages": sent},
                                  headers={"X-Line-Request-Id": request_id})
 

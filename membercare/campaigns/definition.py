@@ -147,7 +147,9 @@ class VariantTest(BaseModel):
     names: tuple[str, ...] = Field(min_length=2, max_length=8, description="variant names; the first is the control")
     goal: Literal["click", "conversion"] = Field(default="click", description="what the bandit maximises per message")
     floor: float = Field(default=0.05, ge=0.0, le=0.5, description="minimum share per variant until a winner")
-    promote_at: float = Field(default=0.95, gt=0.5, le=1.0, description="P(best) at which the leader is promoted")
+    promote_at: float = Field(default=0.95, gt=0.5, le=1.0,
+                              description="1 - false-winner rate of the sequential promotion test "
+                                          "(0.95: at most 5 % in an A/A test; 1.0 never promotes)")
 
     @field_validator("names")
     @classmethod

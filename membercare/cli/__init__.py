@@ -38,6 +38,7 @@ def _register() -> None:
     from membercare.cli import bench as _bench  # noqa: F401
     from membercare.cli import blocks as _blocks  # noqa: F401
     from membercare.cli import campaign as _campaign  # noqa: F401
+    from membercare.cli import churn as _churn  # noqa: F401
     from membercare.cli import db as _db  # noqa: F401
     from membercare.cli import demo as _demo  # noqa: F401
     from membercare.cli import experiments as _experiments  # noqa: F401

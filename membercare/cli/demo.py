@@ -303,7 +303,7 @@ def demo(
         if existing:
             console.print(f"using the existing demo shop ({existing:,} members)")
         else:
-            from membercare.generator import generate_shop
+            from membercare.data.generator import generate_shop
 
             gen = progress.add_task(f"generating a demo shop of {members:,} members", total=members)
             summary = generate_shop(engine, members=members, seed=seed,
@@ -409,7 +409,7 @@ def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int
     """Orders from a share of today's clicks and taps (the sandbox's recipients never buy anything), imported
     through the normal order importer so that sync-engagement attributes them and the report's revenue and
     lift sections have something to show. Order ids are derived from message ids: a rerun imports nothing new."""
-    from membercare.importer import import_csv
+    from membercare.data.importer import import_csv
     from membercare.sandbox.simulation import demo_orders, engaged_since, write_orders_csv
 
     engaged = engaged_since(engine, since)

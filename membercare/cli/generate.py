@@ -8,8 +8,8 @@ from rich.table import Table
 
 from membercare.cli import app
 from membercare.cli.common import console, migrated_engine, state
+from membercare.data.generator import default_as_of, generate_shop
 from membercare.errors import InputError
-from membercare.generator import default_as_of, generate_shop
 from membercare.timeutil import parse_as_of
 
 

@@ -75,8 +75,7 @@ def report(
     """Funnel per campaign x segment x channel, treated vs holdout lift, variant tests, frequency evidence,
     programme lift, shop KPIs and trends."""
     from membercare.engagement.attribution import AttributionSettings
-    from membercare.reports import ReportOptions, build_report
-    from membercare.reports.core import variant_settings_from_campaigns
+    from membercare.reports import ReportOptions, build_report, variant_settings_from_campaigns
     from membercare.timeutil import parse_as_of
 
     settings = state.settings

@@ -134,6 +134,9 @@ class DispatchConfig:
     # (stored on the run) wins; None for both: an operator resumes it.
     auto_resume_after: float | None = None
     max_auto_resumes: int = 5
+    # A send whose pacing wait after the gate exceeded this many seconds passes the gate again before its
+    # provider call, so the gate-to-request window stays short (see Dispatcher._send).
+    gate_slack: float = 0.1
 
 
 @dataclass
@@ -307,6 +310,11 @@ class Dispatcher:
         self.limiters = {
             ch: TokenBucket(rate, self.config.bursts.get(ch), sleep=sleep) if rate else Unlimited()
             for ch, rate in ((c.value, self.config.rate_limits.get(c.value)) for c in Channel)
+        }
+        # The limiters meter entry to the gate; the pacers meter the provider calls after it (see _send).
+        self.pacers = {
+            ch: TokenBucket(rate, self.config.bursts.get(ch), sleep=sleep)
+            for ch, rate in ((c.value, self.config.rate_limits.get(c.value)) for c in Channel) if rate
         }
         self._rng_lock = threading.Lock()
         self._gate: GroupCommit[_Job, Any] = GroupCommit(self._gate_batch)
@@ -793,7 +801,30 @@ class Dispatcher:
     # ----------------------------------------------------------------------------------------------- send
 
     def _send(self, job: _Job) -> SendResult | None:
+        """Pass the gate, then call the provider at the channel's rate.
+
+        The token is taken *before* the gate so that the threads enter it at the channel's rate. But a
+        gate transaction that waits on a busy database holds every thread that arrived meanwhile, and
+        they would leave it together: a burst of ``rate x stall`` requests at the provider. So a second
+        bucket with the same rate paces the calls themselves after the gate; a call that had to wait
+        there longer than ``gate_slack`` passes the gate again first, so that consent, suppression and
+        pause are still read right before the request.
+        """
         self.limiters[job.channel].acquire()
+        if not self._gated(job):
+            return None
+        pacer = self.pacers.get(job.channel)
+        if pacer is not None:
+            wait = pacer.reserve()
+            if wait > 0:
+                self.sleep(wait)
+            if wait > self.config.gate_slack and not self._gated(job):
+                return None
+        assert job.message is not None  # built when the job was claimed
+        return self.adapters[job.channel].send(job.message)
+
+    def _gated(self, job: _Job) -> bool:
+        """True when ``job`` passed the send gate; otherwise ``job.gated`` holds what became of it."""
         try:
             verdict = self._gate.submit(job)
         except Exception as exc:  # noqa: BLE001 - the database is unreachable beyond the retries: not attempted
@@ -801,12 +832,11 @@ class Dispatcher:
             log.error("run %s: %s; stopping", self._run_id, why)
             self._gate_stop = self._gate_stop or why
             job.gated = self._release(job, f"not sent: {why}")
-            return None
+            return False
         if verdict is not GO:
             job.gated = verdict
-            return None
-        assert job.message is not None  # built when the job was claimed
-        return self.adapters[job.channel].send(job.message)
+            return False
+        return True
 
     # ------------------------------------------------------------------------------------------- outcomes
 
@@ -848,6 +878,8 @@ class Dispatcher:
             if result.throttled:
                 wait_s = result.retry_after if result.retry_after is not None else self.config.backoff_base
                 self.limiters[ch].pause(wait_s)
+                if ch in self.pacers:
+                    self.pacers[ch].pause(wait_s)
                 return _outcome_for(row, self._values(
                     job, state=OutboxState.DEFERRED, code=Decision.THROTTLED, attempted=True, reason=row["reason"],
                     next_attempt_at=now + timedelta(seconds=wait_s),
