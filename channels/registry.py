@@ -2,15 +2,16 @@
 
 :data:`PROVIDERS` holds every provider membercare ships (one folder each under ``channels/``). Each channel
 sends through one provider, chosen by name with ``MEMBERCARE_PROVIDER_<CHANNEL>``
-(``MEMBERCARE_PROVIDER_EMAIL=sendgrid``, ``MEMBERCARE_PROVIDER_SMS=twilio``, ``MEMBERCARE_PROVIDER_PUSH=fcm``);
+(``MEMBERCARE_PROVIDER_EMAIL=sendgrid``, ``MEMBERCARE_PROVIDER_SMS=twilio``, ``MEMBERCARE_PROVIDER_PUSH=fcm``,
+``MEMBERCARE_PROVIDER_LINE=line``);
 unset, it is the first registered provider of that channel. The receiver mounts the webhooks of every
 registered provider, whichever sends (events of a provider switched away from still arrive for a while).
 
 ``build_channels(env)`` returns an adapter for every channel whose provider's credentials are present (its
 ``primary_env``: ``MEMBERCARE_SENDGRID_API_KEY``, ``MEMBERCARE_TWILIO_ACCOUNT_SID``,
-``MEMBERCARE_FIREBASE_CREDENTIALS``). A channel that is *partly* configured (a key but no sender, say)
-raises :class:`ConfigurationError` naming the missing variable rather than being skipped quietly. Pass
-``channels=`` to require specific channels.
+``MEMBERCARE_FIREBASE_CREDENTIALS``, ``MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN``). A channel that is *partly*
+configured (a key but no sender, say) raises :class:`ConfigurationError` naming the missing variable rather
+than being skipped quietly. Pass ``channels=`` to require specific channels.
 
 Prefect Secret blocks feed the same config dataclasses: load the values in the flow and pass
 ``configs={Channel.EMAIL: SendGridConfig(...)}``.
@@ -21,12 +22,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
-from channels import fcm, sendgrid, twilio
+from channels import fcm, line, sendgrid, twilio
 from channels.base import ChannelAdapter, ConfigurationError, Provider
 from membercare.models import Channel
 
 # Registration order decides each channel's default provider.
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (sendgrid.PROVIDER, twilio.PROVIDER, fcm.PROVIDER)}
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (sendgrid.PROVIDER, twilio.PROVIDER, fcm.PROVIDER, line.PROVIDER)}
 
 PROVIDER_ENV = "MEMBERCARE_PROVIDER_{channel}"
 

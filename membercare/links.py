@@ -1,4 +1,4 @@
-"""Signed member links: unsubscribe and preference-centre URLs.
+"""Signed member links: unsubscribe and preference-centre URLs, and tracked short links.
 
 Every marketing message carries a link that lets the member change their preferences or leave
 without logging in, and every marketing email carries it in ``List-Unsubscribe`` (RFC 8058
@@ -22,6 +22,13 @@ URLs (served by the webhook receiver)::
     GET  {public_url}/u/{token}              confirmation page
     POST {public_url}/u/{token}              RFC 8058 one-click (body ``List-Unsubscribe=One-Click``)
     GET  {public_url}/u/{token}/preferences  preference centre
+
+**Tracked short links** (SMS and LINE of campaigns with ``short_links: true``): each http(s) link of a
+message becomes ``{public_url}/r/{token}``. The token is 32 characters of base64url: version (1 byte), our
+message id (16 bytes: the hex id's bytes), the link's index in the message (1 byte), and 48 bits of
+``HMAC-SHA256(secret, "membercare.click" + payload)``. It names no URL: the receiver reads the original URL
+from that message's stored content (``links``), so only URLs we rendered into that message can be redirect
+targets (no open redirect), and a token that does not verify is refused before any lookup.
 
 Configuration (read by :meth:`LinkSigner.from_settings`): ``MEMBERCARE_SECRET_KEY`` (required for
 anything that sends) and ``MEMBERCARE_PUBLIC_URL`` (default ``http://127.0.0.1:8080``).
@@ -66,6 +73,72 @@ class LinkScope(StrEnum):
 
 _SCOPE_CODES = {LinkScope.ALL: 0, LinkScope.EMAIL: 1, LinkScope.SMS: 2, LinkScope.PUSH: 3}
 _SCOPES_BY_CODE = {v: k for k, v in _SCOPE_CODES.items()}
+
+
+_CLICK_DOMAIN = b"membercare.click"
+_CLICK_SIG_BYTES = 6
+_CLICK_PAYLOAD = struct.Struct(">B16sB")
+MAX_LINKS = 255  # link indexes fit one byte
+
+
+@dataclass(frozen=True)
+class ClickClaims:
+    """What a short-link token names: our message id (32 hex digits) and the link's index in it."""
+
+    message_id: str
+    index: int
+
+
+def _click_mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, _CLICK_DOMAIN + payload, hashlib.sha256).digest()[:_CLICK_SIG_BYTES]
+
+
+def _message_bytes(message_id: str) -> bytes:
+    """Our 32-hex message id as 16 bytes; any other id (previews, checks) as the first 16 bytes of its hash,
+    which names no message (the link renders at its real length and leads nowhere)."""
+    try:
+        raw = bytes.fromhex(message_id)
+    except ValueError:
+        raw = b""
+    return raw if len(raw) == 16 else hashlib.sha256(message_id.encode("utf-8")).digest()[:16]
+
+
+def sign_click_token(message_id: str, index: int, secret: str | bytes) -> str:
+    """The short-link token for link ``index`` (0 to 255) of message ``message_id``."""
+    if not secret:
+        raise ConfigurationError("MEMBERCARE_SECRET_KEY is not set: cannot sign tracked links")
+    if not 0 <= index <= MAX_LINKS:
+        raise ValueError(f"a message has at most {MAX_LINKS + 1} tracked links")
+    key = secret.encode() if isinstance(secret, str) else secret
+    payload = _CLICK_PAYLOAD.pack(_VERSION, _message_bytes(message_id), index)
+    return _b64(payload + _click_mac(key, payload))
+
+
+def verify_click_token(token: str, secrets: str | bytes | Sequence[str | bytes]) -> ClickClaims:
+    """The message and link a short-link token names; :class:`InvalidTokenError` unless we signed it."""
+    if isinstance(secrets, (str, bytes)):
+        secrets = [secrets]
+    keys = [s.encode() if isinstance(s, str) else s for s in secrets if s]
+    if not keys:
+        raise ConfigurationError("no secret configured to verify link tokens")
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
+        raise InvalidTokenError("malformed link token")
+    try:
+        raw = _unb64(token)
+    except (binascii.Error, ValueError):
+        raise InvalidTokenError("malformed link token") from None
+    if len(raw) != _CLICK_PAYLOAD.size + _CLICK_SIG_BYTES:
+        raise InvalidTokenError("malformed link token")
+    payload, sig = raw[: _CLICK_PAYLOAD.size], raw[_CLICK_PAYLOAD.size :]
+    ok = False
+    for key in keys:  # every key, no early exit
+        ok |= hmac.compare_digest(sig, _click_mac(key, payload))
+    if not ok:
+        raise InvalidTokenError("link token signature does not verify")
+    version, mid, index = _CLICK_PAYLOAD.unpack(payload)
+    if version != _VERSION:
+        raise InvalidTokenError("unsupported link token")
+    return ClickClaims(message_id=mid.hex(), index=index)
 
 
 class InvalidTokenError(InputError):
@@ -192,6 +265,10 @@ class LinkSigner:
 
     def verify(self, token: str) -> LinkClaims:
         return verify_member_token(token, self.secret)
+
+    def short_url(self, message_id: str, index: int) -> str:
+        """The tracked short link for link ``index`` of message ``message_id``."""
+        return f"{self.public_url}/r/{sign_click_token(message_id, index, self.secret)}"
 
 
 def add_utm(url: str, *, source: str, medium: str, campaign: str, content: str | None = None) -> str:

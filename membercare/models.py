@@ -46,6 +46,11 @@ class Channel(StrEnum):
     EMAIL = "email"
     SMS = "sms"
     PUSH = "push"
+    LINE = "line"
+
+
+# A LINE user id as the Messaging API gives it: "U" and 32 lower-case hexadecimal digits.
+LINE_USER_ID_PATTERN = r"^U[0-9a-f]{32}$"
 
 
 class Purpose(StrEnum):
@@ -61,6 +66,9 @@ class ConsentSource(StrEnum):
     LIST_UNSUBSCRIBE = "list_unsubscribe"
     SMS_STOP = "sms_stop"
     SMS_START = "sms_start"
+    LINE_FOLLOW = "line_follow"  # the member added the shop's LINE Official Account as a friend (or unblocked it)
+    LINE_UNFOLLOW = "line_unfollow"  # the member blocked the account (LINE's unfollow event)
+    LINE_STOP = "line_stop"  # the member wrote an opt-out keyword ("取消", "STOP") to the account
     COMPLAINT = "complaint"
     SUPPORT = "support"
     GENERATED = "generated"
@@ -116,6 +124,7 @@ class Member(TableModel, table=True):
     __table_args__ = (
         sa.CheckConstraint("points_balance >= 0", name="ck_members_points_nonneg"),
         sa.CheckConstraint("phone IS NULL OR phone LIKE '+%'", name="ck_members_phone_e164"),
+        sa.Index("uq_members_line_user_id", "line_user_id", unique=True),
     )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=ID)
@@ -123,6 +132,9 @@ class Member(TableModel, table=True):
     name: str = Field(max_length=200)
     email: str | None = Field(default=None, max_length=254, index=True)
     phone: str | None = Field(default=None, max_length=20, description="E.164, e.g. +886912345678")
+    # The member's LINE user id for the shop's Messaging API channel ("U" + 32 hex digits): given by LINE
+    # Login or the account-link flow, never the display name. Unique: one LINE account is one member.
+    line_user_id: str | None = Field(default=None, max_length=64)
     country: str = Field(default="TW", max_length=2, description="ISO 3166 region used to parse local phone numbers")
     locale: str = Field(default="zh-TW", max_length=16)
     timezone: str = Field(default="Asia/Taipei", max_length=64, description="IANA zone name")

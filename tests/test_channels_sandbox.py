@@ -57,7 +57,7 @@ def test_each_channel_is_accepted_with_our_ids_in_the_provider_request(sandbox, 
                               (Channel.PUSH, "device-token-0001")]}
     assert all(isinstance(r, Accepted) and r.provider_message_id for r in results.values()), results
     records = {r["channel"]: r for r in sandbox.messages()}
-    for ch in Channel:
+    for ch in results:  # (LINE carries no id of ours in a push: tests/test_line.py)
         assert records[ch.value]["message_id"] == f"m-{ch}"
         assert records[ch.value]["idempotency_key"] == f"c1:o1:m-{ch}"
         assert records[ch.value]["provider_id"] == results[ch].provider_message_id

@@ -72,6 +72,22 @@ def test_demo_runs_the_day_and_a_second_run_sends_nothing(tmp_path):
         sends_before = set(conn.execute(
             sa.select(o.c.id, o.c.provider_message_id, o.c.sent_at).where(o.c.state == "sent")).all())
     assert sent_before > 0
+    # Four channels, LINE included; its signed follow webhooks landed exactly once (one consent each).
+    followed = re.search(r"([\d,]+) demo members added the shop's LINE account as a friend", out)
+    assert followed, out[-3000:]
+    from membercare.engagement.models import EngagementEventRow
+
+    e = EngagementEventRow.__table__
+    with engine.connect() as conn:
+        by_channel = dict(conn.execute(sa.select(o.c.channel, sa.func.count()).where(o.c.state == "sent")
+                                       .group_by(o.c.channel)).all())
+        follows = conn.execute(sa.select(sa.func.count()).where(e.c.channel == "line", e.c.kind == "resubscribed")
+                               ).scalar_one()
+        line_dupes = conn.execute(sa.select(e.c.provider_event_id).where(e.c.provider == "line")
+                                  .group_by(e.c.provider_event_id).having(sa.func.count() > 1)).all()
+    # (Which other channels send depends on the hour: quiet hours defer SMS and push at night.)
+    assert by_channel.get("line", 0) > 0 and by_channel.get("email", 0) > 0, by_channel
+    assert follows == int(followed.group(1).replace(",", "")) and not line_dupes
     # Simulated purchases: a share of the clicked messages became orders, and each was attributed to its message.
     # (How many depends on the clicks of this run: ~5 at 500 members, so possibly none.)
     said = re.search(r"simulated purchases: ([\d,]+) orders from ([\d,]+) clicked", out)

@@ -32,10 +32,11 @@ def test_gallery_has_every_campaign_channel_and_locale(gallery):
     for c in campaigns:
         assert f"id='{c.name}'" in page
     expected = {ch: sum(len(c.locales) for c in campaigns if ch in [x.value for x in c.channels])
-                for ch in ("email", "sms", "push")}
+                for ch in ("email", "sms", "push", "line")}
     assert page.count("<iframe") == expected["email"]
     assert page.count("class='bubble'") == expected["sms"]
     assert page.count("class='push'") == expected["push"]
+    assert page.count("class='bubble line'") == expected["line"] >= 4  # win-back and VIP, zh-TW and en
     assert "all templates pass the check" in page
     assert "UCS-2 · 3 segments" in page and "GSM-7 · 2 segments" in page  # encoding and segment count shown
     # The email is embedded escaped in srcdoc, so its own CSS and markup cannot break the page.

@@ -213,7 +213,8 @@ def test_best_engagement_picks_the_planted_channel_and_respects_consent(engine, 
         history = opt_history.load_channel_history(conn, AS_OF)
         contexts = load_contexts(conn, both + no_sms + fresh, "marketing", AS_OF, timedelta(days=90))
     i = history.row(both[0])
-    assert history.sends[i].tolist() == [12, 12, 0] and history.engagements[i].tolist() == [0, 9, 0]
+    # One column per channel (email, sms, push, line).
+    assert history.sends[i].tolist() == [12, 12, 0, 0] and history.engagements[i].tolist() == [0, 9, 0, 0]
     assert history.row(fresh[0]) is None
     # Streaming in tiny partitions (members straddling them) gives the same arrays.
     monkeypatch.setattr(opt_history, "STREAM_ROWS", 3)

@@ -110,14 +110,15 @@ def relay(monkeypatch):
 
 
 def test_the_shipped_providers_are_registered_by_name_and_satisfy_the_protocol():
-    assert list(PROVIDERS) == ["sendgrid", "twilio", "fcm"]
+    assert list(PROVIDERS) == ["sendgrid", "twilio", "fcm", "line"]
     assert {name: p.channel for name, p in PROVIDERS.items()} == {
-        "sendgrid": Channel.EMAIL, "twilio": Channel.SMS, "fcm": Channel.PUSH}
+        "sendgrid": Channel.EMAIL, "twilio": Channel.SMS, "fcm": Channel.PUSH, "line": Channel.LINE}
     for provider in PROVIDERS.values():
         assert isinstance(provider, Provider)
         assert provider.webhooks(), f"{provider.name} serves no webhook"
     paths = [w.path for p in PROVIDERS.values() for w in p.webhooks()]
-    assert paths == ["/webhooks/sendgrid", "/webhooks/twilio/status", "/webhooks/twilio/inbound", "/track/push"]
+    assert paths == ["/webhooks/sendgrid", "/webhooks/twilio/status", "/webhooks/twilio/inbound", "/track/push",
+                     "/webhooks/line"]
 
 
 def test_each_channel_defaults_to_its_first_registered_provider(relay):
@@ -128,12 +129,12 @@ def test_each_channel_defaults_to_its_first_registered_provider(relay):
 
 
 def test_a_provider_name_that_is_unknown_or_of_another_channel_is_a_configuration_error():
-    with pytest.raises(ConfigurationError, match=r"unknown provider 'nope'; registered: fcm, sendgrid, twilio"):
+    with pytest.raises(ConfigurationError, match=r"unknown provider 'nope'; registered: fcm, line, sendgrid, twilio"):
         provider_for(Channel.SMS, {"MEMBERCARE_PROVIDER_SMS": "nope"})
     with pytest.raises(ConfigurationError, match="MEMBERCARE_PROVIDER_SMS=sendgrid: sendgrid sends email, not sms"):
         provider_for(Channel.SMS, {"MEMBERCARE_PROVIDER_SMS": "sendgrid"})
     with pytest.raises(ConfigurationError, match="unknown provider"):
-        get_provider("line")
+        get_provider("viber")
 
 
 def test_build_channels_builds_the_provider_chosen_by_name(relay):
@@ -184,8 +185,8 @@ def test_the_receiver_mounts_a_registered_providers_webhook(relay, engine):
 
 def test_webhook_secrets_name_registered_providers_only(relay):
     assert ReceiverConfig(webhook_secrets=(("relay", "s"),)).webhook_secret("relay") == "s"
-    with pytest.raises(ConfigurationError, match="unknown provider 'line'"):
-        ReceiverConfig(webhook_secrets=(("line", "s"),))
+    with pytest.raises(ConfigurationError, match="unknown provider 'viber'"):
+        ReceiverConfig(webhook_secrets=(("viber", "s"),))
     with pytest.raises(ConfigurationError, match="sendgrid_public_key"):
         ReceiverConfig(webhook_secrets=(("sendgrid", "s"),))
     # The shipped providers' secrets keep their named fields; from_env fills them from each provider's variable.

@@ -228,6 +228,10 @@ class Campaign(BaseModel):
     offer: Offer | None = None
     sms: SmsRules = Field(default_factory=SmsRules)
     push: PushRules = Field(default_factory=PushRules)
+    # Tracked short links: every http(s) link of an SMS and a LINE message (text and Flex URI actions) becomes
+    # MEMBERCARE_PUBLIC_URL/r/<signed token>; `membercare serve` redirects it and records the click of that
+    # message. SMS segments are counted on the shortened text.
+    short_links: bool = False
     # Free-form knobs for the templates (e.g. how many recommendations to show).
     params: dict[str, Any] = Field(default_factory=dict)
     # Opt-in optimisation: routing strategy, send time, variant test (see Optimise).

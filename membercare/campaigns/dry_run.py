@@ -20,7 +20,7 @@ from membercare.campaigns.occurrence import PreparedRun
 from membercare.campaigns.plan import PlannerRenderer, make_plan_hooks, make_renderer, recipients_for_batch
 from membercare.config import Settings
 from membercare.db import insert_for
-from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
+from membercare.delivery.contract import Content, EmailContent, LineContent, PushContent, SmsContent
 from membercare.delivery.models import CampaignRun, OutboxMessage, OutboxState, RunStatus, decode_contents
 from membercare.delivery.planner import PlanReport, new_message_id, plan_batch
 from membercare.delivery.policies import PolicySettings, load_policy
@@ -148,6 +148,9 @@ def _sample(member_id: int, channel: str, content: Content) -> RenderedSample:
                               f"{content.encoding}, {content.segments} segment(s)")
     if isinstance(content, PushContent):
         return RenderedSample(member_id, channel, content.title, _short(content.body), "push")
+    if isinstance(content, LineContent):
+        return RenderedSample(member_id, channel, content.text.split("\n", 1)[0][:80], _short(content.text),
+                              "LINE text" + (" + Flex" if content.flex_json else ""))
     return RenderedSample(member_id, channel, "", "", type(content).__name__)
 
 

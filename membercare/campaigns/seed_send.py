@@ -33,6 +33,7 @@ from membercare.delivery.contract import (
     ChannelAdapter,
     Content,
     EmailContent,
+    LineContent,
     OutboundMessage,
     PushContent,
     SmsContent,
@@ -112,6 +113,8 @@ def mark(content: Content) -> Content:
         return replace(content, body=f"{TEST_MARK} {content.body}")
     if isinstance(content, PushContent):
         return replace(content, title=f"{TEST_MARK} {content.title}")
+    if isinstance(content, LineContent):
+        return replace(content, text=f"{TEST_MARK} {content.text}")
     return content
 
 
@@ -120,6 +123,8 @@ def _headline(content: Content) -> str:
         return content.subject
     if isinstance(content, SmsContent):
         return content.body.split("\n", 1)[0][:80]
+    if isinstance(content, LineContent):
+        return content.text.split("\n", 1)[0][:80]
     return content.title
 
 

@@ -63,8 +63,11 @@ TWILIO_SID = "AC" + "d" * 32
 TWILIO_TOKEN = "membercare-demo-auth-token"
 FCM_PROJECT = "membercare-demo"
 SA_EMAIL = f"push@{FCM_PROJECT}.iam.gserviceaccount.com"
+LINE_TOKEN = "membercare-demo-line-channel-access-token"
 # Demo sending rates (messages/s) for the shared Prefect rate limits: fast, but still exercised.
-DEMO_RATES = {"email": 500.0, "sms": 200.0, "push": 500.0}
+DEMO_RATES = {"email": 500.0, "sms": 200.0, "push": 500.0, "line": 500.0}
+# The share of demo members who are friends of the shop's LINE Official Account (most Taiwanese shoppers are).
+LINE_SHARE = 0.45
 
 
 def shop_overview(conn: sa.Connection, as_of=None) -> list[tuple[str, str]]:
@@ -222,8 +225,10 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
 
     receiver_url = f"http://127.0.0.1:{_free_port()}"
     push_secret = secrets.token_urlsafe(24)
+    line_secret = secrets.token_hex(16)  # a LINE channel secret is 32 hex digits
     base: dict[str, Any] = dict(seed=seed, sendgrid_api_keys=[SENDGRID_KEY], twilio_accounts={TWILIO_SID: TWILIO_TOKEN},
-                webhook_url=receiver_url, push_tracking_secret=push_secret)
+                                line_access_tokens=[LINE_TOKEN], line_channel_secret=line_secret,
+                                webhook_url=receiver_url, push_tracking_secret=push_secret)
     sandbox = SandboxServer(SandboxConfig(**base)).start()
     sa_path, public_pem = service_account(home, sandbox.token_uri)
     sandbox.app.initial_config = SandboxConfig(**base, fcm_service_accounts={SA_EMAIL: public_pem},
@@ -232,7 +237,7 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
 
     config = ReceiverConfig.from_env(settings=state.settings).with_(
         public_url=receiver_url, secret_key=secret_key, sendgrid_public_key=sandbox.sendgrid_public_key,
-        twilio_auth_token=TWILIO_TOKEN, push_tracking_secret=push_secret)
+        twilio_auth_token=TWILIO_TOKEN, push_tracking_secret=push_secret, webhook_secrets=(("line", line_secret),))
     port = int(receiver_url.rsplit(":", 1)[1])
     server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=port,
                                            log_level="critical", access_log=False, server_header=False))
@@ -258,6 +263,9 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
         "MEMBERCARE_TWILIO_BASE_URL": sandbox.url,
         "MEMBERCARE_FIREBASE_CREDENTIALS": str(sa_path),
         "MEMBERCARE_FCM_BASE_URL": sandbox.url,
+        "MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN": LINE_TOKEN,
+        "MEMBERCARE_LINE_BASE_URL": sandbox.url,
+        "MEMBERCARE_LINE_CHANNEL_SECRET": line_secret,
         "MEMBERCARE_PUBLIC_URL": receiver_url,
         "MEMBERCARE_SECRET_KEY": secret_key,
         "MEMBERCARE_PUSH_TRACKING_SECRET": push_secret,
@@ -346,6 +354,10 @@ def demo(
         config = write_demo_config(home, settings)
         progress.update(svc_task, completed=1)
         try:
+            followed = link_line_friends(engine, services, seed)
+            if followed:
+                console.print(f"{followed:,} demo members added the shop's LINE account as a friend "
+                              "(signed follow webhooks; LINE comes first in their channel order)")
             results, sync = _run_day(progress, services, drain_timeout, engine=engine, home=home, seed=seed)
         finally:
             services.stop()
@@ -353,6 +365,43 @@ def demo(
     _print_summary(engine, home, results, sync, services, started, rerun=bool(existing))
     console.print(f"[bold]project configuration:[/] {config} (every membercare command run in this folder uses "
                   f"this database, Prefect home and secret key; `membercare sandbox` serves its providers)")
+
+
+def link_line_friends(engine, services: DemoServices, seed: int, share: float = LINE_SHARE) -> int:
+    """Give a share of the demo members a LINE user id and make them follow the shop's account.
+
+    Members are picked by a hash of their id and the seed, once (a rerun finds them linked). Their
+    consent comes the way it would in production: each follows the account in the sandbox, which posts a
+    signed ``follow`` webhook to the receiver (LINE marketing consent granted). LINE goes first in
+    their channel order, as it does for most Taiwanese shoppers.
+    """
+    import hashlib
+
+    import httpx
+    import sqlalchemy as sa
+
+    from membercare.models import Member
+
+    m = Member.__table__
+    with engine.begin() as conn:
+        if conn.execute(sa.select(sa.func.count()).select_from(m).where(m.c.line_user_id.is_not(None))).scalar_one():
+            return 0
+        picked = []
+        for member_id, preferred in conn.execute(sa.select(m.c.id, m.c.preferred_channels).order_by(m.c.id)):
+            digest = hashlib.sha256(f"line:{seed}:{member_id}".encode()).digest()
+            if int.from_bytes(digest[:4], "big") / 2**32 < share:
+                user = "U" + hashlib.md5(f"line-user:{seed}:{member_id}".encode()).hexdigest()
+                order = ",".join(["line", *[c for c in (preferred or "").split(",") if c and c != "line"]])
+                picked.append({"mid": member_id, "user": user, "order": order})
+        if picked:
+            conn.execute(sa.update(m).where(m.c.id == sa.bindparam("mid"))
+                         .values(line_user_id=sa.bindparam("user"), preferred_channels=sa.bindparam("order")),
+                         picked)
+    with httpx.Client(base_url=services.sandbox.url, timeout=10) as client:
+        for row in picked:
+            client.post("/sandbox/line/events", json={"type": "follow", "userId": row["user"]}).raise_for_status()
+    services.sandbox.drain(timeout=60)
+    return len(picked)
 
 
 def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, home: Path, seed: int):
@@ -427,7 +476,8 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
     t = Table(title=f"Today's lifecycle campaigns ({shop_today(state.settings.shop_timezone)}, "
                     f"{state.settings.shop_timezone})")
     for col, just in (("campaign", "left"), ("occurrence", "left"), ("segment", "right"), ("new", "right"),
-                      ("email", "right"), ("sms", "right"), ("push", "right"), ("deferred", "right"),
+                      ("email", "right"), ("sms", "right"), ("push", "right"), ("line", "right"),
+                      ("deferred", "right"),
                       ("skipped", "right"), ("suppressed", "right"), ("failed", "right"), ("s", "right")):
         t.add_column(col, justify="left" if just == "left" else "right")
     new_total = sent_now = 0
@@ -435,7 +485,7 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
         new_total += r["newly_planned"]
         sent_now += r["sent_now"]
         t.add_row(label, r["occurrence"], f"{r['segment_size']:,}", f"{r['newly_planned']:,}",
-                  *(f"{r['sent'].get(ch, 0):,}" for ch in ("email", "sms", "push")), f"{r['deferred']:,}",
+                  *(f"{r['sent'].get(ch, 0):,}" for ch in ("email", "sms", "push", "line")), f"{r['deferred']:,}",
                   f"{sum(r['skipped'].values()):,}", f"{sum(r['suppressed'].values()):,}",
                   f"{sum(r['failed'].values()):,}", f"{r.get('seconds', 0):.1f}")
     console.print(t)

@@ -34,15 +34,17 @@ def sandbox(
     allow_remote: bool = typer.Option(False, "--allow-remote",
                                       help="Allow a non-loopback --host (the sandbox accepts test credentials)."),
 ) -> None:
-    """Run a local stand-in for SendGrid, Twilio and FCM until interrupted.
+    """Run a local stand-in for SendGrid, Twilio, FCM and LINE until interrupted.
 
     Point the adapters at it with MEMBERCARE_SENDGRID_BASE_URL / MEMBERCARE_TWILIO_BASE_URL /
-    MEMBERCARE_FCM_BASE_URL = http://HOST:PORT and a service account whose token_uri is http://HOST:PORT/token.
+    MEMBERCARE_FCM_BASE_URL / MEMBERCARE_LINE_BASE_URL = http://HOST:PORT and a service account whose token_uri
+    is http://HOST:PORT/token.
     Inspect it at /sandbox/messages and /sandbox/stats; change it at runtime with POST /sandbox/config.
     """
     import asyncio
 
     from membercare.sandbox import ConfigError, apply_patch, config_from_dict, parse_rate_limit
+    from membercare.sandbox.config import CHANNELS
     from membercare.sandbox.server import new_event_loop, serve
 
     try:
@@ -55,7 +57,7 @@ def sandbox(
         base = json.loads(config_file.read_text(encoding="utf-8")) if config_file else {}
         config = config_from_dict(base)
         patch: dict = {"seed": seed} if seed or "seed" not in base else {}
-        for channel in ("email", "sms", "push"):
+        for channel in CHANNELS:
             section: dict = {}
             if latency_ms:
                 section["latency_ms"] = latency_ms
@@ -68,9 +70,11 @@ def sandbox(
             patch.setdefault(channel, {})["rate_limit"] = rate
         if webhook_url:
             patch["webhook_url"] = webhook_url
-        secret = os.environ.get("MEMBERCARE_PUSH_TRACKING_SECRET")
-        if secret and "push_tracking_secret" not in base:
-            patch["push_tracking_secret"] = secret
+        for variable, setting in (("MEMBERCARE_PUSH_TRACKING_SECRET", "push_tracking_secret"),
+                                  ("MEMBERCARE_LINE_CHANNEL_SECRET", "line_channel_secret")):
+            secret = os.environ.get(variable)
+            if secret and setting not in base:
+                patch[setting] = secret
         config = apply_patch(config, patch)
     except (ConfigError, ValueError) as exc:
         raise InputError(f"sandbox settings: {exc}") from None
@@ -81,6 +85,7 @@ def sandbox(
         console.print(f"  SendGrid  POST {url}/v3/mail/send")
         console.print(f"  Twilio    POST {url}/2010-04-01/Accounts/{{AccountSid}}/Messages.json")
         console.print(f"  FCM       POST {url}/v1/projects/{{project}}/messages:send   (token_uri {url}/token)")
+        console.print(f"  LINE      POST {url}/v2/bot/message/push")
         console.print(f"  records   GET  {url}/sandbox/messages   GET {url}/sandbox/stats")
         console.print(f"  SendGrid webhook public key: {sandbox_app.signer.public_key_b64}")
         if not config.webhook_url:

@@ -1,8 +1,8 @@
 """The contract between rendering, the delivery engine and the channel adapters.
 
 Rendering produces channel *content* (:class:`EmailContent`, :class:`SmsContent`,
-:class:`PushContent`); the delivery engine wraps it in an :class:`OutboundMessage` with our ids and
-the recipient address; a :class:`ChannelAdapter` sends it and returns a typed :data:`SendResult`:
+:class:`PushContent`, :class:`LineContent`); the delivery engine wraps it in an :class:`OutboundMessage`
+with our ids and the recipient address; a :class:`ChannelAdapter` sends it and returns a typed :data:`SendResult`:
 
 * :class:`Accepted`: the provider took the message; ``provider_message_id`` maps engagement back.
 * :class:`TransientFailure`: try again later (5xx, timeout, dropped connection, 429). ``retry_after``
@@ -52,6 +52,8 @@ class SmsContent:
     body: str
     encoding: str  # "GSM-7" or "UCS-2"
     segments: int
+    # The original URLs behind the tracked short links of ``body``, by link index (see membercare.links).
+    links: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,22 @@ class PushContent:
     data: Mapping[str, str] = field(default_factory=dict)
 
 
-Content = EmailContent | SmsContent | PushContent
+@dataclass(frozen=True)
+class LineContent:
+    """A LINE push: one text message, optionally followed by one Flex message (a rich layout).
+
+    ``flex_json`` is the Flex container (``{"type": "bubble", ...}``) as JSON text, kept as text so the
+    content stays immutable and is stored byte for byte; ``alt_text`` is what LINE shows in notifications
+    and chat lists for the Flex message.
+    """
+
+    text: str
+    flex_json: str | None = None
+    alt_text: str | None = None
+    links: tuple[str, ...] = ()  # the original URLs behind the tracked short links, by link index
+
+
+Content = EmailContent | SmsContent | PushContent | LineContent
 
 
 @dataclass(frozen=True)
@@ -73,7 +90,7 @@ class OutboundMessage:
     idempotency_key: str  # the outbox key: campaign, occurrence, member (and coupon where relevant)
     channel: Channel
     purpose: Purpose
-    to: str  # email address, E.164 phone number, or push token
+    to: str  # email address, E.164 phone number, push token, or LINE user id
     content: Content
     campaign: str = ""
     categories: tuple[str, ...] = ()

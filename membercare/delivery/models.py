@@ -35,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field
 
-from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
+from membercare.delivery.contract import Content, EmailContent, LineContent, PushContent, SmsContent
 from membercare.models import ID, Channel, Purpose, TableModel
 from membercare.timeutil import UTCDateTime, utcnow
 
@@ -236,7 +236,7 @@ class Suppression(TableModel, table=True):
     __tablename__ = "suppressions"
     __table_args__ = (
         sa.CheckConstraint(_in("reason", SuppressionReason), name="ck_suppressions_reason"),
-        sa.CheckConstraint("channel IN ('email', 'sms', 'push', 'any')", name="ck_suppressions_channel"),
+        sa.CheckConstraint("channel IN ('email', 'sms', 'push', 'line', 'any')", name="ck_suppressions_channel"),
         sa.CheckConstraint("(address_hash IS NULL) <> (member_id IS NULL)", name="ck_suppressions_target"),
         sa.UniqueConstraint("channel", "address_hash", name="uq_suppressions_address"),
         sa.UniqueConstraint("channel", "member_id", name="uq_suppressions_member"),
@@ -280,7 +280,7 @@ def address_hash(channel: str, address: str) -> str:
     return hashlib.sha256(f"{channel}:{normalise_address(channel, address)}".encode()).hexdigest()
 
 
-_KINDS: dict[type, str] = {EmailContent: "email", SmsContent: "sms", PushContent: "push"}
+_KINDS: dict[type, str] = {EmailContent: "email", SmsContent: "sms", PushContent: "push", LineContent: "line"}
 _TYPES = {v: k for k, v in _KINDS.items()}
 
 

@@ -42,7 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import in_transaction, insert_for, is_sqlite
-from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
+from membercare.delivery.contract import Content, EmailContent, LineContent, PushContent, SmsContent
 from membercare.delivery.models import (
     ACTIVE_STATES,
     CampaignRun,
@@ -521,7 +521,7 @@ def _write(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, 
             report.by_reason[row["reason_code"]] += 1
 
 
-_KIND = {EmailContent: "email", SmsContent: "sms", PushContent: "push"}
+_KIND = {EmailContent: "email", SmsContent: "sms", PushContent: "push", LineContent: "line"}
 
 
 def fast_encode_contents(contents: Mapping[str, Content]) -> bytes:

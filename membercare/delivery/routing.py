@@ -6,8 +6,9 @@ a channel the member did not list is never used), the checks are, in order:
 1. the campaign allows the channel;
 2. the member consented to the channel *for the message's purpose* (marketing or transactional;
    a missing consent row is no consent; transactional messages bypass marketing caps but never consent);
-3. the member is reachable on it: a syntactically valid email, an E.164 mobile number, or a live push
-   token (``devices.invalidated_at IS NULL`` and seen within ``push_token_max_age_days``);
+3. the member is reachable on it: a syntactically valid email, an E.164 mobile number, a live push
+   token (``devices.invalidated_at IS NULL`` and seen within ``push_token_max_age_days``), or a LINE
+   user id (``U`` + 32 hex digits; a member who blocked the account is suppressed, step 4);
 4. the address is not suppressed (hard bounce, complaint, unsubscribe, invalid; by address hash, or
    for the member on that channel or on every channel).
 
@@ -32,10 +33,11 @@ from sqlalchemy.engine import Connection
 
 from membercare.delivery.models import Decision, OutboxState, Suppression, address_hash
 from membercare.delivery.sqlutil import any_of, chunk_size
-from membercare.models import Channel, Consent, Device, Member
+from membercare.models import LINE_USER_ID_PATTERN, Channel, Consent, Device, Member
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+LINE_USER_ID = re.compile(LINE_USER_ID_PATTERN)
 
 CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel)
 
@@ -49,6 +51,7 @@ class MemberContext:
     email: str | None = None
     phone: str | None = None
     push_token: str | None = None  # the newest live, unsuppressed token
+    line_user_id: str | None = None
     timezone: str | None = None
     consents: Mapping[tuple[str, str], bool] = field(default_factory=dict)  # (channel, purpose) -> granted
     suppressed: Mapping[str, str] = field(default_factory=dict)  # channel -> reason
@@ -56,7 +59,7 @@ class MemberContext:
 
     def address(self, channel: str) -> str | None:
         addresses: dict[str, str | None] = {Channel.EMAIL: self.email, Channel.SMS: self.phone,
-                                            Channel.PUSH: self.push_token}
+                                            Channel.PUSH: self.push_token, Channel.LINE: self.line_user_id}
         return addresses.get(channel)
 
 
@@ -106,6 +109,8 @@ def check_channel(ctx: MemberContext, channel: str, purpose: str) -> Rejection |
         return Rejection(channel, Decision.NO_REACHABLE_CHANNEL, "no valid mobile number")
     if channel == Channel.PUSH and not addr:
         return Rejection(channel, Decision.NO_REACHABLE_CHANNEL, "no live push token")
+    if channel == Channel.LINE and not (addr and LINE_USER_ID.match(addr)):
+        return Rejection(channel, Decision.NO_REACHABLE_CHANNEL, "no LINE user id")
     why = ctx.suppressed.get(channel) or ctx.suppressed.get("any")
     if why:
         return Rejection(channel, Decision.SUPPRESSED, f"suppressed ({why})")
@@ -187,7 +192,8 @@ def _load_chunk(conn, ids, purpose, now, max_age) -> dict[int, MemberContext]:
     # Suppression lookups by address hash (the list holds no plaintext) and by member.
     hashes: dict[str, tuple[int, str]] = {}
     for mid, row in members.items():
-        for ch, addr in ((Channel.EMAIL.value, row["email"]), (Channel.SMS.value, row["phone"])):
+        for ch, addr in ((Channel.EMAIL.value, row["email"]), (Channel.SMS.value, row["phone"]),
+                         (Channel.LINE.value, row.get("line_user_id"))):
             if addr:
                 hashes[address_hash(ch, addr)] = (mid, ch)
         for tok in tokens.get(mid, ()):
@@ -216,7 +222,7 @@ def _load_chunk(conn, ids, purpose, now, max_age) -> dict[int, MemberContext]:
         out[mid] = MemberContext(
             member_id=mid,
             preferred=tuple(x for x in (row["preferred_channels"] or "").split(",") if x),
-            email=row["email"], phone=row["phone"],
+            email=row["email"], phone=row["phone"], line_user_id=row.get("line_user_id"),
             push_token=live[0] if live else (tokens[mid][0] if tokens.get(mid) else None),
             timezone=row["timezone"], consents=consents.get(mid, {}), suppressed=sup, row=row,
         )

@@ -79,8 +79,9 @@ TOUCH_KINDS: dict[TouchLevel, tuple[str, ...]] = {
 
 
 def default_touch() -> dict[str, TouchLevel]:
+    # LINE reports no delivery or read for pushes: its touches are taps (postbacks) and tracked-link clicks.
     return {Channel.EMAIL.value: TouchLevel.OPENED, Channel.PUSH.value: TouchLevel.OPENED,
-            Channel.SMS.value: TouchLevel.DELIVERED}
+            Channel.SMS.value: TouchLevel.DELIVERED, Channel.LINE.value: TouchLevel.CLICKED}
 
 
 @dataclass(frozen=True)

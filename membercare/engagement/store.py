@@ -23,7 +23,11 @@ own unsubscribe pages, and a dispatcher that learns of a dead push token). For a
    resubscribed (email)               email marketing consent granted, source
                                       ``preference_center`` (the member rejoined on the
                                       provider's page)
-   inbound STOP                       SMS marketing consent revoked, source ``sms_stop``
+   inbound STOP                       SMS marketing consent revoked, source ``sms_stop`` (on LINE:
+                                      LINE marketing consent, ``line_stop``)
+   LINE unfollow / follow             LINE marketing consent revoked / granted (``line_unfollow``,
+                                      ``line_follow``); the parser's ``unsubscribe`` suppression of
+                                      the user id makes a blocked member unreachable, a follow lifts it
    rejected ``opted_out`` (21610)     the same: the carrier already blocks us
    inbound START                      SMS marketing consent granted, source ``sms_start``, and an
                                       ``unsubscribe`` suppression of that number lifted
@@ -115,7 +119,7 @@ def _in(conn: Connection, column, values: Sequence):
 
 # The longest address of each channel worth looking up (RFC 5321 caps a path at 256 octets; FCM tokens are
 # a few hundred characters). Longer ones, like ones with control characters, cannot belong to a member.
-_MAX_ADDRESS = {Channel.EMAIL.value: 320, Channel.SMS.value: 64, Channel.PUSH.value: 4096}
+_MAX_ADDRESS = {Channel.EMAIL.value: 320, Channel.SMS.value: 64, Channel.PUSH.value: 4096, Channel.LINE.value: 64}
 _MAX_MESSAGE_ID = 32  # outbox_messages.message_id
 _MAX_KEY = 128  # engagement_events.provider_event_id and provider_message_id
 
@@ -227,6 +231,11 @@ def _members_by_address(conn: Connection, wanted: dict[str, set[str]]) -> dict[t
         query = sa.select(m.c.id, m.c.phone).where(_in(conn, m.c.phone, part)).order_by(m.c.id)
         for member_id, phone in conn.execute(query):
             found[(Channel.SMS.value, phone)].append(member_id)
+    line_ids = sorted(wanted.get(Channel.LINE, ()))
+    for part in _chunks(line_ids):
+        query = sa.select(m.c.id, m.c.line_user_id).where(_in(conn, m.c.line_user_id, part)).order_by(m.c.id)
+        for member_id, line_id in conn.execute(query):
+            found[(Channel.LINE.value, line_id)].append(member_id)
     tokens = sorted(wanted.get(Channel.PUSH, ()))
     for part in _chunks(tokens):
         for member_id, token in conn.execute(sa.select(d.c.member_id, d.c.token).where(_in(conn, d.c.token, part))):
@@ -466,16 +475,19 @@ def _apply_effects(conn: Connection, events: list[EngagementEvent], members: lis
         if reason is not None and addr:
             fx.suppress[(e.channel.value, address_hash(e.channel, addr))] = (reason, f"{e.provider}:{e.kind.value}")
 
-        # The event kind -> consent effect table.
+        # The event kind -> consent effect table. LINE's follow / unfollow arrive as resubscribed /
+        # unsubscribed and its opt-out keywords as inbound STOP, each recorded with its own source.
+        line = e.channel is Channel.LINE
         if e.kind is EventKind.COMPLAINED:
             fx.opt_out(e, member, Channel.EMAIL, ConsentSource.COMPLAINT)
         elif e.kind is EventKind.UNSUBSCRIBED:
-            fx.opt_out(e, member, e.channel, ConsentSource.UNSUBSCRIBE_LINK)
+            fx.opt_out(e, member, e.channel, _LINE_SOURCES[e.kind] if line else ConsentSource.UNSUBSCRIBE_LINK)
         elif e.kind is EventKind.RESUBSCRIBED:
-            fx.opt_in(e, member, e.channel, ConsentSource.PREFERENCE_CENTER)
+            fx.opt_in(e, member, e.channel, _LINE_SOURCES[e.kind] if line else ConsentSource.PREFERENCE_CENTER)
         elif e.kind is EventKind.INBOUND and e.command is InboundCommand.STOP:
-            fx.opt_out(e, member, Channel.SMS, ConsentSource.SMS_STOP)
-        elif e.kind is EventKind.INBOUND and e.command is InboundCommand.START:
+            fx.opt_out(e, member, e.channel if line else Channel.SMS,
+                       ConsentSource.LINE_STOP if line else ConsentSource.SMS_STOP)
+        elif e.kind is EventKind.INBOUND and e.command is InboundCommand.START and not line:
             fx.opt_in(e, member, Channel.SMS, ConsentSource.SMS_START)
         elif e.kind is EventKind.REJECTED and e.channel is Channel.SMS and e.reason == REASON_OPTED_OUT:
             fx.opt_out(e, member, Channel.SMS, ConsentSource.SMS_STOP)
@@ -488,6 +500,9 @@ def _apply_effects(conn: Connection, events: list[EngagementEvent], members: lis
     _write_suppressions(conn, fx.suppress, fx.lift, result)
     if fx.dead_tokens:
         _invalidate_tokens(conn, fx.dead_tokens, result)
+
+
+_LINE_SOURCES = {EventKind.UNSUBSCRIBED: ConsentSource.LINE_UNFOLLOW, EventKind.RESUBSCRIBED: ConsentSource.LINE_FOLLOW}
 
 
 class _Effects:

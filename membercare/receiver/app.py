@@ -11,6 +11,7 @@ SQLAlchemy engine (no globals, so tests and the benchmark run several side by si
     GET  /u/{token}                 unsubscribe + preference page, in the member's language
     GET  /u/{token}/preferences     the same page (the link rendering puts in messages)
     POST /u/{token}                 RFC 8058 one-click (List-Unsubscribe=One-Click) or the page's forms
+    GET  /r/{token}                 tracked short link: the click recorded, redirected to the original URL
     GET  /healthz                   liveness + database check
 
 The provider webhooks are not written out here: each registered provider (``channels.registry``) declares
@@ -65,6 +66,7 @@ from membercare.errors import InputError
 from membercare.links import LinkScope, verify_member_token
 from membercare.models import Channel, ConsentSource, Member
 from membercare.receiver import pages
+from membercare.receiver.clicks import mount_click_redirects
 from membercare.receiver.config import ReceiverConfig
 from membercare.receiver.group_commit import GroupCommit
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
@@ -222,6 +224,7 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
                           methods=[webhook.method], name=f"{provider_name}: {webhook.label}")
 
     _mount_member_pages(app, config, engine)
+    mount_click_redirects(app, config, engine)  # GET /r/{token}: tracked short links
 
     # -- Health -------------------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Reports, each with the file and (where there is one) the line:
   too many loop iterations, too long, macros recursing too deeply); names the limit
 * ``sms-too-long``    more segments than the campaign's ``sms.max_segments``
 * ``push-too-long`` / ``push-payload``   push title/body over the limits, FCM payload of 4 KB or more
+* ``line-too-long``   LINE text over 5,000 characters, Flex altText over 1,500, Flex contents over 30 KB
 * ``bad-link``        a link that is not an absolute http(s)/mailto/tel/app URL, or has spaces or leftovers
 * ``inline``          the email cannot be CSS-inlined without changing it
 * ``layout``          a missing or broken shared layout file
@@ -28,6 +29,7 @@ case per locale) and, with a database connection, against real members.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,7 +42,7 @@ from sqlalchemy.engine import Connection
 
 from membercare.campaigns.definition import CampaignDefinitionError, campaign_names, load_campaign
 from membercare.config import Settings
-from membercare.delivery.contract import EmailContent, PushContent, SmsContent
+from membercare.delivery.contract import EmailContent, LineContent, PushContent, SmsContent
 from membercare.errors import ConfigurationError
 from membercare.links import LinkSigner
 from membercare.models import Channel, Coupon, Member
@@ -262,12 +264,16 @@ class _Checker:
             if verify_inline:
                 self.verify_inline(renderer, locale, content)
         elif isinstance(content, SmsContent):
-            urls += [(u, part_file(Part.SMS), None) for u in _URL_IN_TEXT.findall(content.body)]
+            urls += [(u, part_file(Part.SMS), None) for u in (*_URL_IN_TEXT.findall(content.body), *content.links)]
             m = smslen.measure(content.body)
             if m.encoding == smslen.UCS2 and not locale.startswith(("zh", "ja", "ko")):
                 chars = ", ".join(repr(c) for c in m.non_gsm)
                 self.add("warning", "ucs2-forced", f"characters {chars} force UCS-2 (70 characters per segment){who}",
                          part_file(Part.SMS))
+        elif isinstance(content, LineContent):
+            urls += [(u, part_file(Part.LINE), None) for u in (*_URL_IN_TEXT.findall(content.text), *content.links)]
+            if content.flex_json:
+                urls += [(u, part_file(Part.LINE_FLEX), None) for u in _flex_uris(json.loads(content.flex_json))]
         elif isinstance(content, PushContent):
             data = self.store.get(campaign.name, Part.PUSH_DATA, locale, tv)
             if data is not None:
@@ -377,3 +383,18 @@ def ensure_campaign_ready(name: str, settings: Settings | None = None, *, conn: 
     problems = check_campaign(name, settings, conn=conn, store=store_for(settings))
     if any(p.severity == "error" for p in problems):
         raise TemplateCheckError(name, problems)
+
+
+def _flex_uris(node) -> list[str]:
+    """The ``uri`` of every URI action in a Flex container (``linkUri`` and ``uri`` keys)."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("uri", "linkUri") and isinstance(value, str):
+                found.append(value)
+            else:
+                found += _flex_uris(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _flex_uris(value)
+    return found

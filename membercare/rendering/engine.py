@@ -10,6 +10,10 @@ Files of a campaign folder (``templates/<campaign>/``), one per channel part and
     push_title.<loc>.txt        required for push
     push_body.<loc>.txt         required for push
     push_data.<loc>.json        optional (or locale-free push_data.json): FCM data, values are templates
+    line.<loc>.txt              required for LINE: the text message (at most 5,000 characters)
+    line_flex.<loc>.json        optional (or locale-free line_flex.json): a Flex message sent after the text,
+                                ``{"altText": ..., "contents": <bubble or carousel>}``; every string in it
+                                is a template (``{{ message_id }}`` in a postback's data reports taps)
 
 A campaign with a variant test (``optimise.variants`` in campaign.yaml) may override any part for one
 variant with ``<part>@<variant>.<locale>.<ext>`` (``email_subject@b.en.txt``); a part the variant does not
@@ -67,18 +71,23 @@ class Part(StrEnum):
     PUSH_TITLE = "push_title"
     PUSH_BODY = "push_body"
     PUSH_DATA = "push_data"
+    LINE = "line"
+    LINE_FLEX = "line_flex"
 
 
-EXTENSIONS = {Part.EMAIL_HTML: "html", Part.PUSH_DATA: "json"}
+EXTENSIONS = {Part.EMAIL_HTML: "html", Part.PUSH_DATA: "json", Part.LINE_FLEX: "json"}
+LOCALE_FREE = (Part.PUSH_DATA, Part.LINE_FLEX)  # parts that may also come as one file for every locale
 REQUIRED: dict[Channel, tuple[Part, ...]] = {
     Channel.EMAIL: (Part.EMAIL_SUBJECT, Part.EMAIL_HTML),
     Channel.SMS: (Part.SMS,),
     Channel.PUSH: (Part.PUSH_TITLE, Part.PUSH_BODY),
+    Channel.LINE: (Part.LINE,),
 }
 OPTIONAL: dict[Channel, tuple[Part, ...]] = {
     Channel.EMAIL: (Part.EMAIL_PREHEADER, Part.EMAIL_TEXT),
     Channel.SMS: (),
     Channel.PUSH: (Part.PUSH_DATA,),
+    Channel.LINE: (Part.LINE_FLEX,),
 }
 
 
@@ -103,7 +112,7 @@ def parse_template_filename(name: str) -> tuple[Part, str | None, str | None] | 
     if ext != EXTENSIONS.get(part, "txt"):
         return None
     if not loc:
-        return (part, None, variant or None) if part == Part.PUSH_DATA else None
+        return (part, None, variant or None) if part in LOCALE_FREE else None
     try:
         return part, normalise_locale(loc), variant or None
     except ValueError:
@@ -243,7 +252,7 @@ class TemplateStore:
             names = [(part, locale)]
             if part == Part.EMAIL_TEXT:
                 names.append((Part.EMAIL_HTML, locale))
-            elif part == Part.PUSH_DATA:
+            elif part in LOCALE_FREE:
                 names.append((part, None))
             hit = any(self.path(campaign, p, loc, variant).is_file() for p, loc in names)
             self._overridden[key] = hit
@@ -313,7 +322,7 @@ class TemplateStore:
     def _build(self, campaign: str, part: Part, locale: str | None, shop_locale: str,
                variant: str | None = None) -> Compiled | None:
         path = self.path(campaign, part, locale, variant)
-        if part == Part.PUSH_DATA and not path.is_file():
+        if part in LOCALE_FREE and not path.is_file():
             path = self.path(campaign, part, None, variant)
         if part == Part.EMAIL_TEXT:
             return self._text(campaign, locale, shop_locale, path, variant)
@@ -325,6 +334,8 @@ class TemplateStore:
             return self._html(campaign, locale, shop_locale, rel, src)
         if part == Part.PUSH_DATA:
             return self._push_data(campaign, locale, rel, src)
+        if part == Part.LINE_FLEX:
+            return self._line_flex(campaign, locale, rel, src)
         return Compiled(campaign, part, locale, _compile(TEXT_ENV, src, name, rel), (rel,), src)
 
     def _html(self, campaign: str, locale: str | None, shop_locale: str, rel: str, body: str) -> Compiled:
@@ -375,6 +386,35 @@ class TemplateStore:
             except RenderError as exc:
                 raise RenderError(exc.detail, file=rel, line=line, code="syntax") from None
         return Compiled(campaign, Part.PUSH_DATA, locale, compiled, (rel,), src)
+
+    def _line_flex(self, campaign: str, locale: str | None, rel: str, src: str) -> Compiled:
+        """A Flex message file: its JSON skeleton and every string in it compiled as a template, with the
+        path to put the result back (``Compiled.template`` is ``(skeleton, [(path, template, line)])``)."""
+        try:
+            data = json.loads(src)
+        except json.JSONDecodeError as exc:
+            raise RenderError(f"not valid JSON: {exc.msg}", file=rel, line=exc.lineno, code="syntax") from None
+        if not (isinstance(data, dict) and isinstance(data.get("altText"), str)
+                and isinstance(data.get("contents"), dict) and data["contents"].get("type") in ("bubble", "carousel")):
+            raise RenderError('a Flex message file is {"altText": "...", "contents": {"type": "bubble" or '
+                              '"carousel", ...}}', file=rel, line=1, code="syntax")
+        lines = src.splitlines()
+        leaves: list[tuple[tuple, Any, int]] = []
+
+        def walk(node: Any, path: tuple) -> None:
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for key, value in items:
+                if isinstance(value, str) and ("{{" in value or "{%" in value):
+                    line = next((i + 1 for i, text in enumerate(lines) if value in text.replace('\\"', '"')), 1)
+                    try:
+                        leaves.append((path + (key,), _compile(TEXT_ENV, value, f"{rel}#{len(leaves)}", rel), line))
+                    except RenderError as exc:
+                        raise RenderError(exc.detail, file=rel, line=line, code="syntax") from None
+                else:
+                    walk(value, path + (key,))
+
+        walk(data, ())
+        return Compiled(campaign, Part.LINE_FLEX, locale, (data, leaves), (rel,), src)
 
     def layout_text(self, name: str, locale: str, shop_locale: str | None = None) -> tuple[str, str]:
         path, _ = self.layout_locale(name, locale, shop_locale or self.shop_locale)

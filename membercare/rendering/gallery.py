@@ -13,7 +13,7 @@ from pathlib import Path
 
 from membercare.campaigns.definition import campaign_names, load_campaign
 from membercare.config import Settings
-from membercare.delivery.contract import EmailContent, PushContent, SmsContent
+from membercare.delivery.contract import EmailContent, LineContent, PushContent, SmsContent
 from membercare.links import LinkSigner
 from membercare.rendering.check import Problem, check_campaign
 from membercare.rendering.engine import RenderError, TemplateStore
@@ -39,7 +39,7 @@ section.campaign > h2 { margin: 0 0 4px 0; font-size: 20px; }
 .badge.transactional { background: #e3f2ec; color: #1f5e4b; }
 .badge.ok { background: #e3f2ec; color: #1f5e4b; }
 .badge.err { background: #fce8e6; color: #a61b1b; }
-.locale { display: grid; grid-template-columns: minmax(320px, 640px) 300px 340px; gap: 20px; align-items: start;
+.locale { display: grid; grid-template-columns: minmax(320px, 640px) 300px 340px 300px; gap: 20px; align-items: start;
           padding: 16px 0; border-top: 1px solid #e4e7eb; }
 .locale > h3 { grid-column: 1 / -1; margin: 0; font-size: 15px; color: #52606d; }
 .label { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; color: #7b8794; margin: 0 0 6px 0; }
@@ -87,6 +87,13 @@ def _push(c: PushContent, app: str) -> str:
             f"<div class='data'>{_e(data)}</div></div></div>")
 
 
+def _line(c: LineContent) -> str:
+    flex = (f"<div class='data'>+ Flex message ({_e(c.alt_text or '')}, {len(c.flex_json.encode('utf-8'))} bytes)"
+            f"</div>" if c.flex_json else "")
+    return (f"<div><p class='label'>LINE</p><div class='phone'><div class='bubble line'>{_e(c.text)}</div>"
+            f"<div class='smsmeta'>{len(c.text)} characters</div>{flex}</div></div>")
+
+
 def build_gallery(settings: Settings | None = None, *, campaigns: list[str] | None = None,
                   variant: str = "typical") -> str:
     """The gallery page as a string."""
@@ -121,7 +128,7 @@ def build_gallery(settings: Settings | None = None, *, campaigns: list[str] | No
         for locale in campaign.locales:
             ctx = sample_context(renderer.builder, locale, variant)
             cells = {}
-            for channel in ("email", "sms", "push"):
+            for channel in ("email", "sms", "push", "line"):
                 if channel not in [c.value for c in campaign.channels]:
                     cells[channel] = f"<div><p class='label'>{channel}</p><p class='none'>not used</p></div>"
                     continue
@@ -135,10 +142,12 @@ def build_gallery(settings: Settings | None = None, *, campaigns: list[str] | No
                 elif isinstance(c, SmsContent):
                     fmt = renderer.formatter(locale, locale, None)
                     cells[channel] = _sms(c, fmt.money(renderer.sms_cost_minor(c)))
+                elif isinstance(c, LineContent):
+                    cells[channel] = _line(c)
                 else:
                     cells[channel] = _push(c, app)
             blocks.append(f"<div class='locale'><h3>{_e(locale)} · sample member "
-                          f"{_e(ctx['member']['name'])}</h3>{cells['email']}{cells['sms']}{cells['push']}</div>")
+                          f"{_e(ctx['member']['name'])}</h3>{''.join(cells.values())}</div>")
         sections.append(f"<section class='campaign' id='{_e(name)}'>{head}{''.join(blocks)}</section>")
     summary = (f"{len(names)} campaigns · {total_errors} template error(s)" if total_errors
                else f"{len(names)} campaigns · all templates pass the check")

@@ -36,7 +36,7 @@ from membercare.links import add_utm
 from membercare.rendering.locales import days_until
 
 # Which utm_medium each channel reports as.
-UTM_MEDIUM = {"email": "email", "sms": "sms", "push": "push"}
+UTM_MEDIUM = {"email": "email", "sms": "sms", "push": "push", "line": "line"}
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:

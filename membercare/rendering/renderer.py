@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 
 from membercare.campaigns.definition import Campaign, load_campaign
 from membercare.config import Settings
-from membercare.delivery.contract import Content, EmailContent, PushContent, SmsContent
+from membercare.delivery.contract import Content, EmailContent, LineContent, PushContent, SmsContent
 from membercare.links import LinkSigner
 from membercare.models import Channel
 from membercare.rendering import helpers
@@ -50,9 +50,12 @@ from membercare.rendering.engine import (
 )
 from membercare.rendering.limits import DEFAULT_LIMITS, RenderLimits, TemplateLimitError
 from membercare.rendering.locales import Formatter, fallback_chain, language_of
+from membercare.rendering.shortlinks import Shortener
 from membercare.timeutil import utcnow
 
 FCM_PAYLOAD_LIMIT = 4096  # bytes, notification + data
+# LINE Messaging API limits: a text message, a Flex message's altText and its contents (JSON bytes).
+LINE_TEXT_MAX, LINE_ALT_TEXT_MAX, LINE_FLEX_BYTES_MAX = 5000, 1500, 30_000
 MESSAGE_ID_PLACEHOLDER = "0" * 36  # reserve room for the id the engine adds, when checking sizes
 _WS = re.compile(r"\s+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -244,6 +247,8 @@ class CampaignRenderer:
             return self.render_sms(locale, variables, variant=variant)
         if channel == Channel.PUSH:
             return self.render_push(locale, variables, message_id, variant=variant)
+        if channel == Channel.LINE:
+            return self.render_line(locale, variables, variant=variant)
         return self.render_email(locale, variables, variant=variant)
 
     def render_email(self, locale: str, v: dict, *, variant: str | None = None) -> EmailContent:
@@ -276,9 +281,16 @@ class CampaignRenderer:
             self._optout[locale] = text = text.strip()
         return text
 
+    def _shortener(self, v: dict) -> Shortener | None:
+        """Tracked short links for this message when the campaign asks for them (``short_links``)."""
+        return Shortener(self.signer, v["message_id"] or "preview") if self.campaign.short_links else None
+
     def render_sms(self, locale: str, v: dict, *, variant: str | None = None) -> SmsContent:
         compiled = self._required(Part.SMS, locale, variant)
         body = self._run(compiled, v).strip()
+        shortener = self._shortener(v)
+        if shortener is not None:
+            body = shortener.text(body)
         if self.campaign.is_marketing:
             optout = self.sms_optout(locale)
             if optout and optout not in body:
@@ -290,7 +302,8 @@ class CampaignRenderer:
                 f"max_segments {self.campaign.sms.max_segments}", file=compiled.files[0], code="sms-too-long")
         if not body:
             raise ContentLimitError("SMS renders empty", file=compiled.files[0], code="empty")
-        return SmsContent(body=body, encoding=m.encoding, segments=m.segments)
+        return SmsContent(body=body, encoding=m.encoding, segments=m.segments,
+                          links=_links(shortener))
 
     def render_push(self, locale: str, v: dict, message_id: str | None = None, *,
                     variant: str | None = None) -> PushContent:
@@ -324,9 +337,49 @@ class CampaignRenderer:
                                     file=(dc or bc).files[0], code="push-payload")
         return PushContent(title=title, body=body, data=data)
 
+    def render_line(self, locale: str, v: dict, *, variant: str | None = None) -> LineContent:
+        """The LINE text (``line.<loc>.txt``) and, when the campaign has ``line_flex``, its Flex message."""
+        compiled = self._required(Part.LINE, locale, variant)
+        text = self._run(compiled, v).strip()
+        if not text:
+            raise ContentLimitError("LINE text renders empty", file=compiled.files[0], code="empty")
+        if len(text) > LINE_TEXT_MAX:
+            raise ContentLimitError(f"LINE text is {len(text)} characters, over LINE's {LINE_TEXT_MAX}",
+                                    file=compiled.files[0], code="line-too-long")
+        shortener = self._shortener(v)
+        if shortener is not None:
+            text = shortener.text(text)
+        flex = self._part(Part.LINE_FLEX, locale, variant)
+        if flex is None:
+            return LineContent(text=text, links=_links(shortener))
+        skeleton, leaves = flex.template
+        data = json.loads(json.dumps(skeleton))  # a fresh copy of the skeleton for this member
+        for path, tpl, line in leaves:
+            try:
+                value = render_bounded(tpl, v, self.limits).strip()
+            except Exception as exc:  # noqa: BLE001 - located below
+                raise _render_error(exc, flex.files[0], line) from None
+            target = data
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+        body = shortener.flex(data["contents"]) if shortener is not None else data["contents"]
+        alt, contents = data["altText"], json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        if not alt or len(alt) > LINE_ALT_TEXT_MAX:
+            raise ContentLimitError(f"LINE Flex altText must be 1 to {LINE_ALT_TEXT_MAX} characters, not {len(alt)}",
+                                    file=flex.files[0], code="line-too-long")
+        if len(contents.encode("utf-8")) > LINE_FLEX_BYTES_MAX:
+            raise ContentLimitError(f"LINE Flex contents are {len(contents.encode('utf-8'))} bytes, over "
+                                    f"{LINE_FLEX_BYTES_MAX}", file=flex.files[0], code="line-too-long")
+        return LineContent(text=text, flex_json=contents, alt_text=alt, links=_links(shortener))
+
     def sms_cost_minor(self, content: SmsContent) -> int:
         """Estimated carrier cost (shop.yaml ``sms.price_per_segment_minor`` per segment)."""
         return smslen.cost_minor(content.segments, self.sms_price_minor)
+
+
+def _links(shortener: Shortener | None) -> tuple[str, ...]:
+    return tuple(shortener.links) if shortener is not None else ()
 
 
 def _render_error(exc: BaseException, file: str, line: int | None) -> RenderError:

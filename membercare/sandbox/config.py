@@ -15,7 +15,7 @@ from typing import Any
 
 from membercare.errors import ConfigurationError
 
-CHANNELS = ("email", "sms", "push")
+CHANNELS = ("email", "sms", "push", "line")
 
 
 class ConfigError(ConfigurationError, ValueError):
@@ -80,6 +80,8 @@ def default_engagement() -> dict[str, EngagementRates]:
         "email": EngagementRates(delivered=0.98, opened=0.25, clicked=0.12, unsubscribed=0.003, complained=0.0005),
         "sms": EngagementRates(delivered=0.97, unsubscribed=0.01),
         "push": EngagementRates(delivered=0.92, opened=0.08, unsubscribed=0.01),
+        # LINE: read by most, a tap on the Flex message's postback is the click; unsubscribe = block or "取消".
+        "line": EngagementRates(delivered=0.99, opened=0.6, clicked=0.2, unsubscribed=0.01),
     }
 
 
@@ -111,6 +113,7 @@ class SandboxConfig:
     email: ChannelBehaviour = field(default_factory=ChannelBehaviour)
     sms: ChannelBehaviour = field(default_factory=ChannelBehaviour)
     push: ChannelBehaviour = field(default_factory=ChannelBehaviour)
+    line: ChannelBehaviour = field(default_factory=ChannelBehaviour)
     timeout_hold_s: float = 30.0
 
     # Credentials the sandbox accepts. Empty: any non-empty credential is accepted.
@@ -119,11 +122,14 @@ class SandboxConfig:
     # client_email -> PEM public key: when present, JWT assertions of that service account are verified.
     fcm_service_accounts: dict[str, str] = field(default_factory=dict)
     fcm_require_known_service_account: bool = False
+    line_access_tokens: list[str] = field(default_factory=list)  # LINE channel access tokens
 
     # Provider-side recipient state.
     twilio_opted_out: list[str] = field(default_factory=list)  # numbers that replied STOP
     fcm_unregistered_tokens: list[str] = field(default_factory=list)
     fcm_stale_prefix: str = "stale-"  # tokens starting with this are UNREGISTERED
+    line_invalid_user_ids: list[str] = field(default_factory=list)  # refused like ids of another channel
+    line_quota: int | None = None  # the monthly message quota; None: no limit
 
     # Keep the raw bodies of the last N provider requests (contract tests); 0: keep none.
     capture_requests: int = 0
@@ -134,6 +140,9 @@ class SandboxConfig:
     twilio_inbound_url: str | None = None  # default {webhook_url}/webhooks/twilio/inbound
     push_tracking_url: str | None = None  # default {webhook_url}/track/push
     push_tracking_secret: str | None = None
+    line_webhook_url: str | None = None  # default {webhook_url}/webhooks/line
+    line_channel_secret: str | None = None  # signs the LINE webhooks (X-Line-Signature)
+    line_destination: str = "U" + "0" * 32  # the bot's user id in LINE webhook bodies
     engagement: dict[str, EngagementRates] = field(default_factory=default_engagement)
     engagement_rules: list[EngagementRule] = field(default_factory=list)
     engagement_delay_ms: float = 0.0  # before a message's first event
@@ -149,13 +158,13 @@ class SandboxConfig:
 
     def endpoint(self, kind: str) -> str | None:
         explicit = {"sendgrid": self.sendgrid_webhook_url, "twilio_inbound": self.twilio_inbound_url,
-                    "push": self.push_tracking_url}[kind]
+                    "push": self.push_tracking_url, "line": self.line_webhook_url}[kind]
         if explicit:
             return explicit
         if not self.webhook_url:
             return None
         path = {"sendgrid": "/webhooks/sendgrid", "twilio_inbound": "/webhooks/twilio/inbound",
-                "push": "/track/push"}[kind]
+                "push": "/track/push", "line": "/webhooks/line"}[kind]
         return self.webhook_url.rstrip("/") + path
 
     def validate(self) -> SandboxConfig:
@@ -167,6 +176,8 @@ class SandboxConfig:
             rates.validate(f"engagement.{channel}")
         for i, rule in enumerate(self.engagement_rules):
             rule.validate(f"engagement_rules[{i}]")
+        if self.line_quota is not None and self.line_quota < 0:
+            raise ConfigError("line_quota must not be negative")
         if self.timeout_hold_s <= 0 or self.capture_requests < 0:
             raise ConfigError("timeout_hold_s must be positive and capture_requests not negative")
         if not 1 <= self.sendgrid_batch_size <= 10_000 or self.webhook_max_attempts < 1 or self.webhook_concurrency < 1:
@@ -176,8 +187,10 @@ class SandboxConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["twilio_accounts"] = {sid: "***" for sid in self.twilio_accounts}  # never echo secrets
-        if self.push_tracking_secret:
-            data["push_tracking_secret"] = "***"
+        for secret in ("push_tracking_secret", "line_channel_secret"):
+            if getattr(self, secret):
+                data[secret] = "***"
+        data["line_access_tokens"] = ["***" for _ in self.line_access_tokens]
         return data
 
 
@@ -211,14 +224,14 @@ def _convert(cls, name: str, value: Any, where: str):  # noqa: C901 - a table: o
             raise ConfigError(f"{where} must be a list")
         return [_build(EngagementRule, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if value is None:
-        if default is None or name in ("rate_limit", "burst"):
+        if default is None or name in ("rate_limit", "burst", "line_quota"):
             return None
         raise ConfigError(f"{where} must not be null")
     if isinstance(default, bool) or name.startswith("fcm_require"):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")
         return value
-    if isinstance(default, int) and not isinstance(default, bool) and name not in ("latency_ms",):
+    if name == "line_quota" or isinstance(default, int) and not isinstance(default, bool) and name != "latency_ms":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer")
         return value
@@ -271,7 +284,7 @@ def _merge(into: dict, patch: dict, where: str) -> None:
             into[key] = value
 
 
-_RATE = re.compile(r"^\s*(email|sms|push)\s*=\s*([0-9]*\.?[0-9]+)\s*(?:/\s*(s|sec|second|m|min|minute))?\s*$")
+_RATE = re.compile(r"^\s*(email|sms|push|line)\s*=\s*([0-9]*\.?[0-9]+)\s*(?:/\s*(s|sec|second|m|min|minute))?\s*$")
 
 
 def parse_rate_limit(spec: str) -> tuple[str, float]:

@@ -9,6 +9,9 @@ project's webhooks back the way SendGrid, Twilio and the shop's app would.
   replied STOP is refused with 21610 afterwards, as Twilio does.
 * Push: app reports (received, opened, dismissed) to ``/track/push`` with an HMAC; an uninstall makes the
   token UNREGISTERED for later sends.
+* LINE: signed webhooks (``X-Line-Signature``) to ``/webhooks/line``: a click taps the Flex message's
+  postback action (``postback`` with our message id), an unsubscribe blocks the account (``unfollow``) or
+  writes "取消" (``message``); ``follow`` and other messages come from :meth:`Recipients.line_user_event`.
 
 Every POST is retried with exponential backoff on non-2xx or connection errors. What a recipient does
 depends only on the seed and our message id, so a run is reproducible whatever the request order.
@@ -38,6 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 from channels.fcm.webhooks import SIGNATURE_HEADER as PUSH_SIGNATURE_HEADER
 from channels.fcm.webhooks import sign_push_tracking
+from channels.line.sandbox import webhook_body, webhook_event
+from channels.line.webhooks import SIGNATURE_HEADER as LINE_SIGNATURE_HEADER
+from channels.line.webhooks import line_signature
 from channels.sendgrid.webhooks import SendGridWebhookSigner
 from channels.twilio.webhooks import SIGNATURE_HEADER as TWILIO_SIGNATURE_HEADER
 from channels.twilio.webhooks import twilio_signature
@@ -91,6 +97,11 @@ def _matches(ctx: RecipientContext, key: str, expected: str) -> bool:
     return value is not None and (expected == "*" or str(value) == str(expected))
 
 
+def _ulid_like(hex_id: str) -> str:
+    """A 26-character upper-case id shaped like LINE's ``webhookEventId`` (a ULID)."""
+    return hex_id[:26].upper()
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -112,6 +123,7 @@ class Recipients:
         self._pending = 0  # webhook deliveries scheduled and not finished
         self._flusher: asyncio.Task | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._line_events = 0  # control-API LINE events so far (their ids differ)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -187,6 +199,9 @@ class Recipients:
                 if delivered and unsubscribed:
                     self._state.opted_out.add(rec.to)
                 self._state.stats.events[f"sms.{'delivered' if delivered else 'undelivered'}"] += 1
+        elif rec.channel == "line":
+            if cfg.endpoint("line") and cfg.line_channel_secret:
+                self._spawn(self._line(cfg, rec, outcome, rng.random(), ctx))
         elif rec.channel == "push":
             if unsubscribed:
                 self._state.unregistered.add(rec.to)  # uninstalled: the token is dead from now on
@@ -331,6 +346,41 @@ class Recipients:
             body = json.dumps(payload, separators=(",", ":")).encode()
             await self._post("push", url, body, lambda b: {"Content-Type": "application/json",
                                                            PUSH_SIGNATURE_HEADER: sign_push_tracking(secret, b)})
+
+    # ---------------------------------------------------------------- LINE
+
+    async def _line(self, cfg: SandboxConfig, rec: MessageRecord, o: dict[str, bool], block_draw: float,
+                    ctx: RecipientContext | None = None) -> None:
+        await self._delay(cfg)
+        events: list[tuple[str, dict[str, str]]] = []
+        if o["delivered"] and o["clicked"] and rec.message_id:
+            events.append(("postback", {"data": f"mid={rec.message_id}&action=open"}))
+        if o["delivered"] and o["unsubscribed"]:
+            events.append(("unfollow", {}) if block_draw < 0.5 else ("message", {"text": "取消"}))
+        for i, (kind, extra) in enumerate(events):
+            at = self.clock(ctx, kind) if self.clock is not None and ctx is not None else time.time()
+            event = webhook_event(kind, rec.to, event_id=_ulid_like(stable_id(cfg.seed, "line-ev", rec.seq, i)),
+                                  at=at, text=extra.get("text"), postback_data=extra.get("data"))
+            await self._post_line(cfg, [event], f"line.{kind}")
+
+    def line_user_event(self, kind: str, user_id: str, *, text: str | None = None, data: str | None = None) -> bool:
+        """A simulated LINE user follows, unfollows, writes ``text`` or taps a postback with ``data``, now.
+        False when no LINE webhook URL or channel secret is configured (nothing is posted)."""
+        cfg = self._get_config()
+        if not (cfg.endpoint("line") and cfg.line_channel_secret):
+            return False
+        self._line_events += 1
+        event = webhook_event(kind, user_id, at=time.time(), text=text, postback_data=data,
+                              event_id=_ulid_like(stable_id(cfg.seed, "line-user", user_id, self._line_events)))
+        self._spawn(self._post_line(cfg, [event], f"line.{kind}"))
+        return True
+
+    async def _post_line(self, cfg: SandboxConfig, events: list[dict[str, Any]], stat: str) -> None:
+        self._state.stats.events[stat] += 1
+        secret = cfg.line_channel_secret or ""
+        body = webhook_body(cfg.line_destination, events)
+        await self._post("line", cfg.endpoint("line") or "", body, lambda b: {
+            "Content-Type": "application/json", LINE_SIGNATURE_HEADER: line_signature(secret, b)})
 
     # ---------------------------------------------------------------- transport
 

@@ -204,7 +204,7 @@ def _generate_block(ctx: Context, block: int, first: int, n: int) -> dict[str, l
         member_id.tolist(), [f"M{i:07d}" for i in member_id.tolist()], people["name"], people["email"],
         people["phone"], people["country"], people["locale"], people["timezone"], people["birthday"],
         people["age_group"], people["region"], people["city"], joined_s, tier.tolist(), balance.tolist(),
-        pref.tolist(), joined_s, [as_of_s] * n, strict=True,
+        pref.tolist(), joined_s, [as_of_s] * n, [None] * n, strict=True,
     ))
     return {
         "members": member_rows, "consent_events": events, "consents": consents, "devices": devices,

@@ -28,7 +28,7 @@ from membercare.models import (
 _COLUMNS: dict[str, tuple[str, ...]] = {
     "members": ("id", "external_id", "name", "email", "phone", "country", "locale", "timezone", "birthday",
                 "age_group", "region", "city", "joined_at", "tier", "points_balance", "preferred_channels",
-                "created_at", "updated_at"),
+                "created_at", "updated_at", "line_user_id"),
     "products": ("id", "sku", "name", "category", "price_minor", "currency"),
     "consent_events": ("id", "member_id", "channel", "purpose", "granted", "source", "occurred_at", "recorded_at",
                        "detail"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from typing import Any
 
@@ -24,18 +25,39 @@ from membercare.data.importer.handler import (
 )
 from membercare.data.importer.reading import Row
 from membercare.db import insert_for
-from membercare.models import Channel, ConsentEvent, ConsentSource, Device, Member, Platform, Purpose
+from membercare.models import (
+    LINE_USER_ID_PATTERN,
+    Channel,
+    ConsentEvent,
+    ConsentSource,
+    Device,
+    Member,
+    Platform,
+    Purpose,
+)
+
+LINE_USER_ID = re.compile(LINE_USER_ID_PATTERN)
+
+
+def _line_user_id(values: dict[str, str], present) -> dict[str, str | None]:
+    """The ``line_user_id`` column when the file has it; one used by another member is refused by the database."""
+    if "line_user_id" not in present:
+        return {}
+    value = values.get("line_user_id", "") or None
+    if value is not None and not LINE_USER_ID.match(value):
+        raise v.ValidationError("line_user_id must be a LINE user id: U and 32 hexadecimal digits")
+    return {"line_user_id": value}
 
 
 class MembersHandler(Handler):
     kind = "members"
     required = ("member_id", "name", "joined_at")
     optional = ("email", "phone", "country", "locale", "timezone", "birthday", "tier", "points_balance",
-                "region", "city", "age_group", "preferred_channels")
+                "region", "city", "age_group", "preferred_channels", "line_user_id")
     key_column = "member_id"
     free_text = ("name",)
     compared = ("name", "email", "phone", "country", "locale", "timezone", "birthday", "joined_at", "tier",
-                "points_balance", "region", "city", "age_group", "preferred_channels")
+                "points_balance", "region", "city", "age_group", "preferred_channels", "line_user_id")
 
     def parse(self, unit: Unit, ctx: Context) -> dict:
         vals, present, s = unit.rows[0].values, ctx.present, ctx.settings
@@ -75,6 +97,7 @@ class MembersHandler(Handler):
         if "preferred_channels" in present:
             rec["preferred_channels"] = (v.parse_channel_order(vals["preferred_channels"])
                                          if vals.get("preferred_channels") else _DEFAULT_CHANNELS)
+        rec.update(_line_user_id(vals, present))
         return rec
 
     def write(self, conn: Connection, units: list[Unit], ctx: Context) -> None:
@@ -87,7 +110,7 @@ class MembersHandler(Handler):
         s = ctx.settings
         defaults = dict(email=None, phone=None, country=s.shop_country, locale=s.shop_locale, timezone=s.shop_timezone,
                         birthday=None, tier=ctx.entry_tier, points_balance=0, region=None, city=None, age_group=None,
-                        preferred_channels=_DEFAULT_CHANNELS)
+                        preferred_channels=_DEFAULT_CHANNELS, line_user_id=None)
         writes = []
         for u in units:
             u.outcome, row = classify(u.parsed, existing.get(u.parsed["external_id"]), self.compared, defaults)
