@@ -1,0 +1,61 @@
+"""Journeys end to end through the provider sandbox with the real SDKs, on a simulated clock.
+
+The shipped abandoned-cart journey: nothing for a member who ordered within the hour, exactly one reminder
+(the email) for one who did not, and the push a day later only when the email was not clicked.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from journey_helpers import (
+    OB,
+    advance,
+    dispatch,
+    instance_of,
+    members,
+    outbox_by_member,
+    place_order,
+    sandbox_channels,
+    send_event,
+    settings_for,
+    steps_of,
+)
+from sandbox_fixtures import *  # noqa: F403
+
+
+def test_abandoned_cart_sends_nothing_after_an_order_and_exactly_one_reminder_otherwise(engine, sandbox, adapters,
+                                                                                         clock, tmp_path):
+    settings = settings_for(tmp_path)
+    ordered, waiting = members(engine, 2, clock(), journey="abandoned_cart", settings=settings)
+    t0 = clock()
+    for mid in (ordered, waiting):
+        send_event(engine, settings, "cart.updated", mid, t0, f"cart-{mid}", items=2)
+    assert advance(engine, settings, clock).steps == {}  # both now wait an hour
+    clock.advance(minutes=30)
+    place_order(engine, ordered, clock(), "O-journey-1")
+    clock.advance(minutes=31)
+    rep = advance(engine, settings, clock)
+    assert rep.exited == {"purchased": 1} and rep.sends == {"planned": 1}
+    dispatch(engine, adapters, clock, rep.run_ids)
+    assert sandbox_channels(sandbox) == {"email": 1}
+    # Advancing again (the same minute, an hour later) adds nothing: the member waits for a click.
+    assert advance(engine, settings, clock).sends == {}
+    clock.advance(hours=1)
+    assert advance(engine, settings, clock).sends == {}
+    assert outbox_by_member(engine) == {waiting: [("abandoned_cart_email", "sent", "email")]}
+    assert instance_of(engine, "abandoned_cart", ordered).exit_reason == "purchased"
+    assert steps_of(engine, instance_of(engine, "abandoned_cart", ordered).id) == []
+
+    clock.advance(hours=23)  # 24 h after the email, no click: the push
+    rep = advance(engine, settings, clock)
+    dispatch(engine, adapters, clock, rep.run_ids)
+    assert sandbox_channels(sandbox) == {"email": 1, "push": 1}
+    inst = instance_of(engine, "abandoned_cart", waiting)
+    assert inst.status == "completed"
+    assert steps_of(engine, inst.id) == [("wait_1h", "waited"), ("email", "planned"), ("wait_click", "timeout"),
+                                         ("push", "planned")]
+    with engine.connect() as conn:
+        keys = conn.execute(sa.select(OB.c.idempotency_key).order_by(OB.c.id)).scalars().all()
+    assert keys == [f"abandoned_cart_email|journey:email|{waiting}|@{inst.id}",
+                    f"abandoned_cart_push|journey:push|{waiting}|@{inst.id}"]
