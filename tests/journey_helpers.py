@@ -106,3 +106,19 @@ def sandbox_channels(sandbox) -> Counter:
 
 def hours(n: float) -> timedelta:
     return timedelta(hours=n)
+
+
+def make_journey(tmp_path: Path, name: str, yaml_text: str, messages: dict[str, str]) -> Settings:
+    """A templates folder with the journey ``name`` and its messages (copies of shipped ones:
+    ``{message name: shipped message folder}``), each re-pointed at ``journey.<name>``."""
+    root = copy_templates(tmp_path, [])
+    for msg, source in messages.items():
+        shutil.copytree(TEMPLATES / source, root / msg, dirs_exist_ok=True)
+        camp = root / msg / "campaign.yaml"
+        text = camp.read_text(encoding="utf-8").replace(f"name: {source}", f"name: {msg}")
+        lines = [f"trigger: {{event: journey.{name}}}" if ln.startswith("trigger:") else ln
+                 for ln in text.splitlines()]
+        camp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / name).mkdir(exist_ok=True)
+    (root / name / "journey.yaml").write_text(yaml_text, encoding="utf-8")
+    return settings_for(tmp_path, root)

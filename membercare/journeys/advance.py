@@ -213,9 +213,10 @@ class Advancer:
         """True when the wait is over (the instance moved on), False when it now waits."""
         assert step.wait is not None
         if st.started is None:
-            until, why = wait_until(conn, step.wait, st.view, now, zone)
+            arrived = _arrival(st, now)
+            until, why = wait_until(conn, step.wait, st.view, arrived, zone)
             if until is not None and until > now:
-                st.started, st.due_at, st.waiting_for = now, until, None
+                st.started, st.due_at, st.waiting_for = arrived, until, None
                 return False
             self._move(journey, step, st, now, "passed", step.next, why)
             return True
@@ -228,9 +229,10 @@ class Advancer:
         w = step.wait_for
         assert w is not None
         if st.started is None:
-            st.started, st.waiting_for = now, w.event
-            st.due_at = now + parse_duration(w.timeout)
-            return False
+            st.started, st.waiting_for = _arrival(st, now), w.event
+            st.due_at = st.started + parse_duration(w.timeout)
+            if st.due_at > now:
+                return False
         deadline = st.started + parse_duration(w.timeout)
         if event_happened(conn, st.view, w.event, st.started, min(now, deadline)):
             self._move(journey, step, st, now, "event", w.then or step.next, f"{w.event} happened")
@@ -289,6 +291,12 @@ class Advancer:
             if done:
                 values.update(active_key=None, finished_at=now, exit_reason=st.exit_reason)
             conn.execute(sa.update(t).where(t.c.id == st.view.id).values(**values))
+
+
+def _arrival(st: _State, now: datetime) -> datetime:
+    """When the instance reached its current step: the instant it became due (an entry's event time, or when
+    the previous step finished), so waits count from there even when the advancer runs late."""
+    return st.due_at if st.due_at is not None and st.due_at <= now else now
 
 
 def replace_step(view: InstanceView, step: str) -> InstanceView:
