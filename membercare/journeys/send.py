@@ -35,6 +35,7 @@ from membercare.delivery.planner import (
     idempotency_key,
     new_message_id,
     plan_batch,
+    prepare_batch,
     refresh_run_counts,
 )
 from membercare.delivery.policies import PolicySettings
@@ -66,6 +67,16 @@ class Sent:
     reason_code: str | None
 
 
+def prepared_message(settings: Settings, step: Step, now: datetime, *, dry_run: bool = False) -> PreparedRun:
+    """The step's message as a prepared campaign occurrence ``(message, "journey:<step>")``."""
+    assert step.send is not None
+    # The journey holds out at entry; the message itself is never held out again.
+    opts = RunOptions(as_of=now, holdout_rate=0.0, channels=step.send.channels, dry_run=dry_run)
+    prepared = prepare(settings, step.send.message, opts, check=False)
+    occ = occurrence_for(step)
+    return replace(prepared, occurrence=occ, spec=replace(prepared.spec, occurrence=occ))
+
+
 class Senders:
     """The send targets of the journeys' send steps, built on first use and kept for the advancer's life."""
 
@@ -76,12 +87,7 @@ class Senders:
     def target(self, journey: Journey, step: Step) -> SendTarget:
         key = (journey.name, step.id)
         if key not in self.targets:
-            assert step.send is not None
-            # The journey holds out at entry; the message itself is never held out again.
-            opts = RunOptions(as_of=self.now, holdout_rate=0.0, channels=step.send.channels)
-            prepared = prepare(self.settings, step.send.message, opts, check=False)
-            occ = occurrence_for(step)
-            prepared = replace(prepared, occurrence=occ, spec=replace(prepared.spec, occurrence=occ))
+            prepared = prepared_message(self.settings, step, self.now)
             self.targets[key] = SendTarget(prepared, make_renderer(prepared), make_plan_hooks(self.engine, prepared),
                                            get_or_create_run(self.engine, prepared.spec, self.now))
         return self.targets[key]
@@ -126,4 +132,22 @@ def plan_sends(conn: Connection, target: SendTarget, instances: Sequence[Instanc
     return out
 
 
-__all__ = ["SendTarget", "Senders", "Sent", "occurrence_for", "plan_sends", "take_plan_lock"]
+def preview_send(conn: Connection, engine: Engine, settings: Settings, step: Step, member_id: int, now: datetime,
+                 policy: PolicySettings) -> str:
+    """What planning would decide for one member now (state, channel, reason), writing nothing: the
+    planner's reads and decisions without its insert, links signed with the preview key."""
+    prepared = prepared_message(settings, step, now, dry_run=True)
+    renderer = make_renderer(prepared, preview=True)
+    hooks = make_plan_hooks(engine, prepared)
+    recipients = recipients_for_batch(conn, prepared, renderer, [AudienceEntry(member_id)], issue_coupons=False)
+    if not recipients:
+        return "the member no longer exists"
+    batch = prepare_batch(conn, prepared.spec, recipients, now, PlannerRenderer(renderer), policy, hooks.assign,
+                          new_message_id, prefer=hooks.prefer, deliver_at=hooks.deliver_at, cap_now=True)
+    row = batch.rows[0]
+    where = f" on {row['channel']}" if row.get("channel") else ""
+    return f"{row['state']}{where}: {row['reason']}"
+
+
+__all__ = ["SendTarget", "Senders", "Sent", "occurrence_for", "plan_sends", "prepared_message", "preview_send",
+           "take_plan_lock"]
