@@ -18,6 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -28,6 +29,8 @@ from membercare.journeys.definition import Journey
 from membercare.journeys.models import InstanceStatus, JourneyInstance
 from membercare.optimise.assignment import in_holdout
 from membercare.timeutil import ensure_utc
+from segments.base import context as segment_context
+from segments.base import ref as segment_ref
 
 ONCE = "once"
 
@@ -53,6 +56,21 @@ def enter(conn: Connection, journey: Journey, member_id: int, *, entry_key: str,
     return conn.execute(insert_for(conn, t).values(**row).on_conflict_do_nothing().returning(t.c.id)).scalar()
 
 
+def enter_from_segment(conn: Connection, journey: Journey, now: datetime, shop_timezone: str) -> int:
+    """Enter the members of the journey's entry segment at ``now`` (its SQL, streamed); how many entered.
+
+    The entry key is the shop-local date (``once`` under ``reentry: never``): run several times a day, a
+    member enters once that day, and only when not already in the journey.
+    """
+    seg = journey.entry.segment
+    if seg is None:
+        return 0
+    day = now.astimezone(ZoneInfo(shop_timezone)).date().isoformat()
+    q = segment_ref(seg.name, **seg.params).select(segment_context(conn, now, shop_timezone)).subquery()
+    ids = list(conn.execute(sa.select(q.c.member_id).distinct()).scalars())
+    return sum(1 for mid in ids if enter(conn, journey, int(mid), entry_key=f"seg:{day}", at=now) is not None)
+
+
 def wake_waiting(conn: Connection, member_id: int, names: Sequence[str], now: datetime) -> int:
     """Make the member's instances that wait for one of ``names`` due now (they check the event when advanced)."""
     waits = set(names)
@@ -64,4 +82,4 @@ def wake_waiting(conn: Connection, member_id: int, names: Sequence[str], now: da
                         .values(due_at=now)).rowcount or 0
 
 
-__all__ = ["ONCE", "enter", "holdout_domain", "wake_waiting"]
+__all__ = ["ONCE", "enter", "enter_from_segment", "holdout_domain", "wake_waiting"]
