@@ -277,6 +277,7 @@ class Advancer:
         if logs:
             # A plain insert: a second row for an instance's step would be a bug, and it fails the batch loudly.
             conn.execute(sa.insert(s), logs)
+        rows = []
         for st in states:
             for row in st.logs:
                 rep.steps[f"{row['kind']}:{row['outcome']}"] += 1
@@ -285,12 +286,16 @@ class Advancer:
                 rep.exited[st.exit_reason or "?"] += 1
             elif st.status == InstanceStatus.COMPLETED.value:
                 rep.completed += 1
-            values: dict[str, Any] = dict(step=st.step, step_started_at=st.started, waiting_for=st.waiting_for,
-                                          due_at=st.due_at, status=st.status, claim_token=None, claimed_at=None,
-                                          updated_at=now)
-            if done:
-                values.update(active_key=None, finished_at=now, exit_reason=st.exit_reason)
-            conn.execute(sa.update(t).where(t.c.id == st.view.id).values(**values))
+            rows.append(dict(_id=st.view.id, _step=st.step, _started=st.started, _waiting=st.waiting_for,
+                             _due=st.due_at, _status=st.status, _active=None if done else st.view.member_id,
+                             _finished=now if done else None, _reason=st.exit_reason if done else None))
+        # One statement for the batch (executemany): rows differ only in their values.
+        conn.execute(sa.update(t).where(t.c.id == sa.bindparam("_id")).values(
+            step=sa.bindparam("_step"), step_started_at=sa.bindparam("_started", type_=t.c.step_started_at.type),
+            waiting_for=sa.bindparam("_waiting"), due_at=sa.bindparam("_due", type_=t.c.due_at.type),
+            status=sa.bindparam("_status"), active_key=sa.bindparam("_active"),
+            finished_at=sa.bindparam("_finished", type_=t.c.finished_at.type), exit_reason=sa.bindparam("_reason"),
+            claim_token=None, claimed_at=None, updated_at=now), rows)
 
 
 def _arrival(st: _State, now: datetime) -> datetime:
