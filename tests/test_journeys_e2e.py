@@ -59,3 +59,19 @@ def test_abandoned_cart_sends_nothing_after_an_order_and_exactly_one_reminder_ot
         keys = conn.execute(sa.select(OB.c.idempotency_key).order_by(OB.c.id)).scalars().all()
     assert keys == [f"abandoned_cart_email|journey:email|{waiting}|@{inst.id}",
                     f"abandoned_cart_push|journey:push|{waiting}|@{inst.id}"]
+
+
+def test_welcome_series_skips_the_nudge_after_a_purchase(engine, clock, tmp_path):
+    settings = settings_for(tmp_path)
+    bought, idle = members(engine, 2, clock(), journey="welcome_series", settings=settings)
+    for mid in (bought, idle):
+        send_event(engine, settings, "member.joined", mid, clock(), f"joined-{mid}")
+    assert advance(engine, settings, clock).sends == {"planned": 2}  # the welcome, at once
+    clock.advance(days=1)
+    place_order(engine, bought, clock(), "O-welcome-1")
+    clock.advance(days=3)  # three days after joining, then the next 10:00 in the member's zone
+    rep = advance(engine, settings, clock)
+    assert rep.sends == {"planned": 1} and rep.completed == 2
+    assert [c for c, _, _ in outbox_by_member(engine)[bought]] == ["welcome_series_hello"]
+    assert [c for c, _, _ in outbox_by_member(engine)[idle]] == ["welcome_series_hello", "welcome_series_nudge"]
+    assert steps_of(engine, instance_of(engine, "welcome_series", bought).id)[-1] == ("bought", "then")

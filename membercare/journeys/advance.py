@@ -203,11 +203,14 @@ class Advancer:
         raise RuntimeError(f"journey {journey.name}: instance {st.view.id} took {MAX_HOPS} steps in one pass")
 
     def _move(self, journey: Journey, step: Step, st: _State, now: datetime, outcome: str, target: str | None,
-              reason: str | None = None, message_key: str | None = None) -> None:
+              reason: str | None = None, message_key: str | None = None, ended: datetime | None = None) -> None:
+        """Log the step and go to ``target``. ``ended``: when the step ended by the book (a wait's end, a
+        timeout), earlier than ``now`` when the advancer runs late; the next step counts from there."""
         st.logs.append(dict(instance_id=st.view.id, journey=journey.name, step=step.id, kind=step.kind,
                             outcome=outcome, reason=(reason or "")[:500] or None, message_key=message_key, at=now))
         st.step = target or journey.following(step.id)
-        st.started, st.waiting_for, st.due_at = None, None, now
+        st.started, st.waiting_for = None, None
+        st.due_at = min(ended, now) if ended is not None else now
 
     def _wait(self, conn: Connection, journey: Journey, step: Step, st: _State, now: datetime, zone: str) -> bool:
         """True when the wait is over (the instance moved on), False when it now waits."""
@@ -218,11 +221,11 @@ class Advancer:
             if until is not None and until > now:
                 st.started, st.due_at, st.waiting_for = arrived, until, None
                 return False
-            self._move(journey, step, st, now, "passed", step.next, why)
+            self._move(journey, step, st, now, "passed", step.next, why, ended=until or arrived)
             return True
         if st.due_at is not None and st.due_at > now:
             return False  # woken early (nothing wakes a plain wait, but be exact)
-        self._move(journey, step, st, now, "waited", step.next)
+        self._move(journey, step, st, now, "waited", step.next, ended=st.due_at)
         return True
 
     def _wait_for(self, conn: Connection, journey: Journey, step: Step, st: _State, now: datetime) -> bool:
@@ -239,7 +242,7 @@ class Advancer:
             return True
         if now >= deadline:
             self._move(journey, step, st, now, "timeout", w.else_ or step.next,
-                       f"no {w.event} within {w.timeout}")
+                       f"no {w.event} within {w.timeout}", ended=deadline)
             return True
         st.due_at = deadline  # woken by another event: keep waiting
         return False
