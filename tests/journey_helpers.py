@@ -45,10 +45,10 @@ def copy_templates(tmp_path: Path, names: list[str]) -> Path:
 
 
 def members(engine, n: int, now: datetime, *, journey: str | None = None, rate: float = 0.1,
-            settings: Settings | None = None) -> list[int]:
+            settings: Settings | None = None, **seed) -> list[int]:
     """``n`` members, none of them held out of ``journey`` (so a test knows who gets messages)."""
     with engine.begin() as conn:
-        ids = seed_members(conn, n * 2 + 10, now=now)
+        ids = seed_members(conn, n * 2 + 10, now=now, **seed)
     if journey is not None and settings is not None:
         j = load_journey(journey, settings)
         ids = [i for i in ids if not in_holdout(i, holdout_domain(j), j.holdout or rate)]

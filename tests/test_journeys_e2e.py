@@ -75,3 +75,45 @@ def test_welcome_series_skips_the_nudge_after_a_purchase(engine, clock, tmp_path
     assert [c for c, _, _ in outbox_by_member(engine)[bought]] == ["welcome_series_hello"]
     assert [c for c, _, _ in outbox_by_member(engine)[idle]] == ["welcome_series_hello", "welcome_series_nudge"]
     assert steps_of(engine, instance_of(engine, "welcome_series", bought).id)[-1] == ("bought", "then")
+
+
+def test_every_shipped_journey_loads_with_its_messages():
+    from membercare.config import Settings
+    from membercare.journeys.definition import list_journeys
+
+    names = {j.name: j.messages for j in list_journeys(Settings())}
+    assert set(names) >= {"welcome_series", "abandoned_cart", "review_recovery", "post_purchase", "points_expiring"}
+
+
+def test_points_expiring_notice_a_week_before_and_a_last_call_unless_the_member_bought(engine, clock, tmp_path):
+    from datetime import UTC, datetime
+
+    settings = settings_for(tmp_path)
+    spends, keeps = members(engine, 2, clock(), journey="points_expiring", settings=settings)
+    for mid in (spends, keeps):
+        send_event(engine, settings, "points.expiring", mid, clock(), f"pts-{mid}", expires_at="2026-12-10",
+                   points=1200)
+    advance(engine, settings, clock)
+    week_before = datetime(2026, 12, 3, 2, tzinfo=UTC)  # 10:00 in Asia/Taipei, 7 days before 12-10
+    assert instance_of(engine, "points_expiring", keeps).due_at == week_before
+    clock.set(week_before)
+    assert advance(engine, settings, clock).sends == {"planned": 2}
+    clock.advance(days=2)
+    place_order(engine, spends, clock(), "O-points-1")
+    clock.set(datetime(2026, 12, 9, 2, tzinfo=UTC))
+    assert advance(engine, settings, clock).sends == {"planned": 1}
+    assert len(outbox_by_member(engine)[spends]) == 1 and len(outbox_by_member(engine)[keeps]) == 2
+
+
+def test_review_recovery_stops_when_the_member_answers(engine, clock, tmp_path):
+    settings = settings_for(tmp_path)
+    answers, silent = members(engine, 2, clock(), consent=(("email", "transactional"), ("sms", "transactional")))
+    for mid in (answers, silent):
+        send_event(engine, settings, "review.negative", mid, clock(), f"rev-{mid}")
+    assert advance(engine, settings, clock).sends == {"planned": 2}  # transactional: no holdout
+    clock.advance(days=2)
+    send_event(engine, settings, "review.answered", answers, clock(), "ans-1")
+    clock.advance(days=5)
+    rep = advance(engine, settings, clock)
+    assert rep.sends == {"planned": 1} and rep.exited == {"event review.answered": 1}
+    assert [c for c, _, _ in outbox_by_member(engine)[silent]] == ["review_recovery_apology", "review_recovery_survey"]
