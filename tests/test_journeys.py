@@ -161,3 +161,47 @@ def test_definition_errors_name_the_file_and_line(tmp_path):
         load_journey("care_test", settings)
     with pytest.raises(UnknownNameError):
         load_journey("missing", settings)
+
+
+SEGMENT_JOURNEY = """\
+description: Segment entry, a birthday wait, leaving the segment.
+entry: {segment: {name: region, params: {region: north}}}
+reentry: never
+exit: {left_segment: {name: region, params: {region: north}}}
+steps:
+  - {id: bday, wait: {until_date: birthday, offset_days: -3, at: "09:00"}}
+  - {id: w, wait: {duration: 1d}}
+"""
+
+
+def test_segment_entry_a_birthday_wait_and_leaving_the_segment(engine, clock, tmp_path):
+    from datetime import date
+
+    from membercare.journeys.entry import enter_from_segment
+
+    settings = make_journey(tmp_path, "seg_test", SEGMENT_JOURNEY, {})
+    stays, leaves, outside = members(engine, 3, clock())
+    m = Member.__table__
+    with engine.begin() as conn:
+        conn.execute(sa.update(m).where(m.c.id.in_([stays, leaves])).values(region="north", birthday=date(1990, 1, 2)))
+        journey = load_journey("seg_test", settings)
+        assert enter_from_segment(conn, journey, clock(), settings.shop_timezone) == 2
+        assert enter_from_segment(conn, journey, clock(), settings.shop_timezone) == 0  # never: once
+    advance(engine, settings, clock)
+    # Three days before the next birthday (2027-01-02), at 09:00 in Asia/Taipei.
+    assert instance_of(engine, "seg_test", stays).due_at == at("2026-12-30T09:00:00+08:00")
+    assert instance_of(engine, "seg_test", outside) is None
+    with engine.begin() as conn:
+        conn.execute(sa.update(m).where(m.c.id == leaves).values(region="south"))
+    clock.set(at("2026-12-30T09:00:00+08:00"))
+    rep = advance(engine, settings, clock)
+    assert rep.exited == {"left segment region": 1} and rep.steps == {"wait:waited": 1}
+
+
+def test_a_journeys_messages_cannot_be_triggered_on_their_own(tmp_path):
+    from membercare.campaigns.triggers import trigger_events
+    from membercare.config import Settings
+
+    events = trigger_events(Settings())
+    assert not [e for e in events if e.startswith("journey.")]
+    assert "abandoned_cart_email" not in [c for names in events.values() for c in names]

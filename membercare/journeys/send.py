@@ -26,7 +26,7 @@ from membercare.campaigns.occurrence import PreparedRun, RunOptions, prepare
 from membercare.campaigns.plan import PlannerRenderer, make_plan_hooks, make_renderer, recipients_for_batch
 from membercare.config import Settings
 from membercare.db import is_sqlite
-from membercare.delivery.models import OutboxMessage
+from membercare.delivery.models import CampaignRun, OutboxMessage, RunStatus
 from membercare.delivery.planner import (
     PLAN_LOCK_KEY,
     PlanHooks,
@@ -36,7 +36,6 @@ from membercare.delivery.planner import (
     new_message_id,
     plan_batch,
     prepare_batch,
-    refresh_run_counts,
 )
 from membercare.delivery.policies import PolicySettings
 from membercare.journeys.conditions import InstanceView
@@ -128,7 +127,11 @@ def plan_sends(conn: Connection, target: SendTarget, instances: Sequence[Instanc
                         .where(o.c.idempotency_key.in_(list(keys)))).all()
     out = {keys[r.idempotency_key]: Sent(r.idempotency_key, r.state, r.reason_code) for r in rows}
     if report.inserted:
-        refresh_run_counts(conn, target.run_id, reopen=True)
+        # Reopen the run if a dispatcher completed it (as refresh_run_counts(reopen=True) does), without recounting
+        # the run's rows every batch: a journey step's run keeps growing, and sync-engagement refreshes counts.
+        r = CampaignRun.__table__
+        conn.execute(sa.update(r).where(r.c.id == target.run_id, r.c.status == RunStatus.COMPLETED.value)
+                     .values(status=RunStatus.PLANNED.value, finished_at=None, updated_at=now))
     return out
 
 
