@@ -117,3 +117,31 @@ def test_review_recovery_stops_when_the_member_answers(engine, clock, tmp_path):
     rep = advance(engine, settings, clock)
     assert rep.sends == {"planned": 1} and rep.exited == {"event review.answered": 1}
     assert [c for c, _, _ in outbox_by_member(engine)[silent]] == ["review_recovery_apology", "review_recovery_survey"]
+
+
+def test_a_click_on_the_cart_email_ends_the_journey_at_once_and_no_push_follows(engine, sandbox, adapters, clock,
+                                                                                tmp_path):
+    from membercare.engagement.events import EngagementEvent
+    from membercare.engagement.store import ingest_events
+
+    settings = settings_for(tmp_path)
+    clicks, ignores = members(engine, 2, clock(), journey="abandoned_cart", settings=settings)
+    for mid in (clicks, ignores):
+        send_event(engine, settings, "cart.updated", mid, clock(), f"cart-{mid}")
+    clock.advance(hours=1)
+    rep = advance(engine, settings, clock)
+    dispatch(engine, adapters, clock, rep.run_ids)
+    with engine.connect() as conn:
+        message_id = conn.execute(sa.select(OB.c.message_id).where(OB.c.member_id == clicks)).scalar_one()
+    clock.advance(minutes=20)
+    ingest_events(engine, [EngagementEvent(provider="sendgrid", dedupe_key=f"click-{message_id}", kind="clicked",
+                                           channel="email", occurred_at=clock(), message_id=message_id,
+                                           member_id=clicks)])
+    rep = advance(engine, settings, clock)  # woken by the click, not 24 h later
+    assert rep.woken == 1 and rep.completed == 1 and rep.steps == {"wait_for:event": 1}
+    clock.advance(hours=24)
+    rep = advance(engine, settings, clock)
+    dispatch(engine, adapters, clock, rep.run_ids)
+    assert [c for c, _, _ in outbox_by_member(engine)[clicks]] == ["abandoned_cart_email"]
+    assert [c for c, _, _ in outbox_by_member(engine)[ignores]] == ["abandoned_cart_email", "abandoned_cart_push"]
+    assert sandbox_channels(sandbox) == {"email": 2, "push": 1}

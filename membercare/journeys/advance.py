@@ -31,7 +31,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -42,6 +42,7 @@ from membercare.db import in_transaction, is_sqlite
 from membercare.delivery.policies import PolicySettings, load_policy
 from membercare.journeys.conditions import InstanceView, evaluate, event_happened, exit_reason
 from membercare.journeys.definition import END, Journey, Step, list_journeys, parse_duration
+from membercare.journeys.entry import wake_engaged
 from membercare.journeys.models import InstanceStatus, JourneyInstance, JourneyStep
 from membercare.journeys.send import Senders, plan_sends, take_plan_lock
 from membercare.journeys.waits import wait_until
@@ -64,6 +65,7 @@ class AdvanceReport:
     sends: Counter = field(default_factory=Counter)  # outbox state of each planned send
     exited: Counter = field(default_factory=Counter)  # exit reason -> instances
     completed: int = 0
+    woken: int = 0  # instances waiting for an open or click that one of their messages got
     run_ids: set[int] = field(default_factory=set)  # outbox runs that got rows (to dispatch)
 
     def add(self, other: AdvanceReport) -> None:
@@ -73,12 +75,13 @@ class AdvanceReport:
         self.sends.update(other.sends)
         self.exited.update(other.exited)
         self.completed += other.completed
+        self.woken += other.woken
         self.run_ids |= other.run_ids
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "claimed": self.claimed, "steps": dict(sorted(self.steps.items())),
                 "sends": dict(sorted(self.sends.items())), "exited": dict(sorted(self.exited.items())),
-                "completed": self.completed, "runs": sorted(self.run_ids)}
+                "completed": self.completed, "woken": self.woken, "runs": sorted(self.run_ids)}
 
 
 @dataclass
@@ -101,7 +104,7 @@ class Advancer:
 
     def __init__(self, engine: Engine, settings: Settings, *, clock: Callable[[], datetime] = utcnow,
                  batch_size: int = DEFAULT_BATCH_SIZE, journeys: Sequence[Journey] | None = None,
-                 policy: PolicySettings | None = None,
+                 policy: PolicySettings | None = None, wake_window: timedelta = timedelta(hours=1),
                  on_claimed: Callable[[list[int]], None] | None = None) -> None:
         self.engine, self.settings, self.clock = engine, settings, clock
         self.batch_size = batch_size
@@ -111,12 +114,16 @@ class Advancer:
                 policy = load_policy(conn)
         self.policy = policy
         self.on_claimed = on_claimed
+        self.wake_window = wake_window
         self.senders = Senders(engine, settings, clock())
         self.senders.warm(list(self.journeys.values()))
 
     def advance(self, max_batches: int | None = None) -> AdvanceReport:
         """Advance batches until none is due (or ``max_batches``); instances moved on to a send run again."""
         total = AdvanceReport()
+        now = self.clock()
+        # Opens and clicks arrive through the provider webhooks: wake the instances waiting for them here.
+        total.woken = in_transaction(self.engine, lambda conn: wake_engaged(conn, now, self.wake_window))
         while max_batches is None or total.batches < max_batches:
             rep = in_transaction(self.engine, self._batch)
             if not rep.claimed:

@@ -30,8 +30,8 @@ from segments.base import ref as segment_ref
 
 PURCHASE_EVENTS = ("order.placed",)
 # Engagement kinds that count as an open or a click of a message (a push open is a click: the member tapped it).
-_CLICK_KINDS = ("clicked", "push_opened")
-_OPEN_KINDS = ("opened", *_CLICK_KINDS)
+CLICK_KINDS = ("clicked", "push_opened")
+OPEN_KINDS = ("opened", *CLICK_KINDS)
 MEMBER_ATTRIBUTES = ("tier", "locale", "region", "city", "country", "age_group", "points_balance", "timezone",
                      "birthday", "joined_at")
 
@@ -76,7 +76,7 @@ def event_happened(conn: Connection, inst: InstanceView, name: str, since: datet
         ob, ev = OutboxMessage.__table__, EngagementEventRow.__table__
         mine = sa.select(ob.c.message_id).where(ob.c.member_id == m,
                                                 ob.c.idempotency_key.like(f"%{inst.key_suffix}"))
-        kinds = _CLICK_KINDS if name == "clicked" else _OPEN_KINDS
+        kinds = CLICK_KINDS if name == "clicked" else OPEN_KINDS
         return conn.execute(sa.select(ev.c.id).where(ev.c.member_id == m, ev.c.kind.in_(kinds),
                                                      ev.c.occurred_at > since, ev.c.occurred_at <= until,
                                                      ev.c.message_id.in_(mine)).limit(1)).first() is not None
@@ -171,5 +171,5 @@ def evaluate(conn: Connection, cond: Condition, inst: InstanceView, now: datetim
     return ok, f"{name} {'happened' if ok else 'did not happen'} since {cond.since}"
 
 
-__all__ = ["InstanceView", "MEMBER_ATTRIBUTES", "PURCHASE_EVENTS", "attribute_value", "evaluate", "event_happened",
-           "exit_reason", "in_segment", "step_time", "unsubscribed"]
+__all__ = ["CLICK_KINDS", "MEMBER_ATTRIBUTES", "OPEN_KINDS", "PURCHASE_EVENTS", "InstanceView", "attribute_value",
+           "evaluate", "event_happened", "exit_reason", "in_segment", "step_time", "unsubscribed"]

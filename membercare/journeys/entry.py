@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -24,7 +24,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from membercare.db import insert_for
-from membercare.journeys.conditions import PURCHASE_EVENTS
+from membercare.delivery.models import OutboxMessage
+from membercare.engagement.models import EngagementEventRow
+from membercare.journeys.conditions import OPEN_KINDS, PURCHASE_EVENTS
 from membercare.journeys.definition import Journey
 from membercare.journeys.models import InstanceStatus, JourneyInstance
 from membercare.optimise.assignment import in_holdout
@@ -82,4 +84,25 @@ def wake_waiting(conn: Connection, member_id: int, names: Sequence[str], now: da
                         .values(due_at=now)).rowcount or 0
 
 
-__all__ = ["ONCE", "enter", "enter_from_segment", "holdout_domain", "wake_waiting"]
+def wake_engaged(conn: Connection, now: datetime, window: timedelta) -> int:
+    """Make instances waiting for ``opened``/``clicked`` due now when one of their messages got such an
+    engagement event in the last ``window`` (the receiver stores those; the instance checks them itself).
+
+    Starts from the recent events (``ix_engagement_events_kind_occurred``) and their outbox rows; the instance
+    is the ``|@<id>`` suffix of a journey message's idempotency key. A wake is harmless: an instance whose
+    event does not count (before its wait began) goes back to waiting for its timeout.
+    """
+    ev, ob, t = EngagementEventRow.__table__, OutboxMessage.__table__, JourneyInstance.__table__
+    keys = conn.execute(sa.select(ob.c.idempotency_key).join(ev, ev.c.message_id == ob.c.message_id)
+                        .where(ev.c.kind.in_(OPEN_KINDS), ev.c.occurred_at > now - window,
+                               ob.c.idempotency_key.like("%|@%"))).scalars()
+    ids = sorted({int(k.rsplit("|@", 1)[1]) for k in keys if k.rsplit("|@", 1)[1].isdigit()})
+    woken = 0
+    for i in range(0, len(ids), 5000):
+        woken += conn.execute(sa.update(t).where(t.c.id.in_(ids[i:i + 5000]), t.c.status == InstanceStatus.ACTIVE.value,
+                                                 t.c.waiting_for.in_(("opened", "clicked")), t.c.due_at > now)
+                              .values(due_at=now)).rowcount or 0
+    return woken
+
+
+__all__ = ["ONCE", "enter", "enter_from_segment", "holdout_domain", "wake_engaged", "wake_waiting"]
