@@ -205,3 +205,10 @@ def test_a_journeys_messages_cannot_be_triggered_on_their_own(tmp_path):
     events = trigger_events(Settings())
     assert not [e for e in events if e.startswith("journey.")]
     assert "abandoned_cart_email" not in [c for names in events.values() for c in names]
+
+
+def test_a_journey_that_sends_a_transactional_message_cannot_hold_members_out(tmp_path):
+    text = "description: x\nentry: {event: a.b}\nholdout: 0.1\nsteps:\n  - {id: s, send: {message: t_apology}}\n"
+    settings = make_journey(tmp_path, "t_test", text, {"t_apology": "review_recovery_apology"})
+    with pytest.raises(JourneyDefinitionError, match="t_apology is transactional"):
+        load_journey("t_test", settings)

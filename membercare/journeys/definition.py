@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from membercare.campaigns.definition import SegmentRef, load_campaign
 from membercare.config import Settings
 from membercare.errors import InputError, UnknownNameError
-from membercare.models import Channel
+from membercare.models import Channel, Purpose
 
 JOURNEY_FILE = "journey.yaml"
 END = "end"
@@ -284,6 +284,9 @@ def _check_messages(journey: Journey, path: Path, settings: Settings) -> None:
         if camp.trigger is None or camp.trigger.event != wanted:
             raise JourneyDefinitionError(f"{path}: steps.{i}.send.message: campaign {camp.name} must have "
                                          f"trigger: {{event: {wanted}}} (it is this journey's message)")
+        if journey.holdout and camp.purpose == Purpose.TRANSACTIONAL:
+            raise JourneyDefinitionError(f"{path}: holdout: {camp.name} is transactional (a member's own service "
+                                         f"message); a journey that sends it cannot hold members out")
         extra = set(s.send.channels or ()) - set(camp.channels)
         if extra:
             raise JourneyDefinitionError(f"{path}: steps.{i}.send.channels: {camp.name} does not use "
