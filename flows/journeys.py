@@ -42,8 +42,8 @@ def enter_segments(settings: Settings) -> int:
 
 
 @task(name="advance", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def advance(settings: Settings, batch_size: int, batches: int) -> AdvanceReport:
-    return Advancer(engine_for(settings), settings, batch_size=batch_size).advance(max_batches=batches)
+def advance(settings: Settings, batch_size: int, batches: int, wake: bool) -> AdvanceReport:
+    return Advancer(engine_for(settings), settings, batch_size=batch_size).advance(max_batches=batches, wake=wake)
 
 
 @flow(name="advance-journeys", log_prints=False)
@@ -56,8 +56,8 @@ def advance_journeys(batch_size: int = 500, batches_per_task: int = 20, max_task
     settings = settings_from(env)
     entered = enter_segments(settings)
     total = AdvanceReport()
-    for _ in range(max_tasks):
-        rep = advance(settings, batch_size, batches_per_task)
+    for i in range(max_tasks):
+        rep = advance(settings, batch_size, batches_per_task, i == 0)
         total.add(rep)
         if rep.batches < batches_per_task or not rep.claimed:
             break  # the last task found nothing more due

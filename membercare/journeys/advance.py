@@ -118,12 +118,15 @@ class Advancer:
         self.senders = Senders(engine, settings, clock())
         self.senders.warm(list(self.journeys.values()))
 
-    def advance(self, max_batches: int | None = None) -> AdvanceReport:
-        """Advance batches until none is due (or ``max_batches``); instances moved on to a send run again."""
+    def advance(self, max_batches: int | None = None, *, wake: bool = True) -> AdvanceReport:
+        """Advance batches until none is due (or ``max_batches``); instances moved on to a send run again.
+
+        ``wake``: first wake the instances waiting for an open or a click that arrived (through the provider
+        webhooks) in the last ``wake_window``; a caller advancing in several calls wakes in the first only."""
         total = AdvanceReport()
-        now = self.clock()
-        # Opens and clicks arrive through the provider webhooks: wake the instances waiting for them here.
-        total.woken = in_transaction(self.engine, lambda conn: wake_engaged(conn, now, self.wake_window))
+        if wake:
+            now = self.clock()
+            total.woken = in_transaction(self.engine, lambda conn: wake_engaged(conn, now, self.wake_window))
         while max_batches is None or total.batches < max_batches:
             rep = in_transaction(self.engine, self._batch)
             if not rep.claimed:
