@@ -75,6 +75,13 @@ def test_welcome_series_skips_the_nudge_after_a_purchase(engine, clock, tmp_path
     assert [c for c, _, _ in outbox_by_member(engine)[bought]] == ["welcome_series_hello"]
     assert [c for c, _, _ in outbox_by_member(engine)[idle]] == ["welcome_series_hello", "welcome_series_nudge"]
     assert steps_of(engine, instance_of(engine, "welcome_series", bought).id)[-1] == ("bought", "then")
+    from membercare.journeys.funnel import funnel
+
+    with engine.connect() as conn:
+        f = funnel(conn, "welcome_series", clock())
+    assert f.entered == 2 and f.by_status == {"completed": 2} and f.converted == {"messaged": 1}
+    assert f.steps["hello"] == {"planned": 2} and f.steps["bought"] == {"then": 1, "else": 1}
+    assert f.rate("messaged") == 0.5 and f.lift is None  # no held-out member among the two
 
 
 def test_every_shipped_journey_loads_with_its_messages():

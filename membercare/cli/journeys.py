@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
-import sqlalchemy as sa
 import typer
 from sqlalchemy.engine import Connection
 
@@ -20,24 +18,12 @@ app.add_typer(journeys_app, name="journeys")
 app.add_typer(events_app, name="events")
 
 
-def _counts(journey: str | None = None) -> tuple[Counter, Counter, Counter]:
-    """Instances by (journey, status), step-log rows by (journey, step, outcome), exits by (journey, reason)."""
-    from membercare.journeys.models import JourneyInstance, JourneyStep
+def _funnel(name: str):
+    from membercare.journeys.funnel import funnel
+    from membercare.timeutil import utcnow
 
-    t, s = JourneyInstance.__table__, JourneyStep.__table__
     with migrated_engine().connect() as conn:
-        q = sa.select(t.c.journey, t.c.status, sa.func.count()).group_by(t.c.journey, t.c.status)
-        ls = sa.select(s.c.journey, s.c.step, s.c.outcome, sa.func.count()).group_by(s.c.journey, s.c.step,
-                                                                                     s.c.outcome)
-        ex = (sa.select(t.c.journey, t.c.exit_reason, sa.func.count()).where(t.c.status == "exited")
-              .group_by(t.c.journey, t.c.exit_reason))
-        if journey:
-            q, ls, ex = q.where(t.c.journey == journey), ls.where(s.c.journey == journey), ex.where(
-                t.c.journey == journey)
-        status = Counter({(j, st): n for j, st, n in conn.execute(q)})
-        steps = Counter({(j, st, o): n for j, st, o, n in conn.execute(ls)})
-        exits = Counter({(j, r): n for j, r, n in conn.execute(ex)})
-    return status, steps, exits
+        return funnel(conn, name, utcnow())
 
 
 @journeys_app.command("list")
@@ -45,11 +31,11 @@ def list_cmd() -> None:
     """Every journey of the templates folder with its entry and its instances by status."""
     from membercare.journeys.definition import list_journeys
 
-    status, _, _ = _counts()
     for j in list_journeys(state.settings):
+        status = _funnel(j.name).by_status
         seg = j.entry.segment.name if j.entry.segment else ""
         entry = f"event {j.entry.event}" if j.entry.event else f"segment {seg}"
-        counts = ", ".join(f"{st} {n}" for (name, st), n in sorted(status.items()) if name == j.name) or "no instances"
+        counts = ", ".join(f"{st} {n}" for st, n in sorted(status.items())) or "no instances"
         console.print(f"{j.name}: {len(j.steps)} steps, enters on {entry}, re-entry {j.reentry}, "
                       f"holdout {j.holdout:.0%} ({counts})")
         console.print(f"  {j.description}")
@@ -61,17 +47,24 @@ def show_cmd(name: str = typer.Argument(..., help="Journey name.")) -> None:
     from membercare.journeys.definition import load_journey
 
     j = load_journey(name, state.settings)
-    status, steps, exits = _counts(name)
+    f = _funnel(name)
     console.print(f"{j.name}: {j.description}")
     console.print(f"entry: {j.entry.model_dump(exclude_none=True)}; re-entry {j.reentry}; holdout {j.holdout:.0%}; "
                   f"exit: {j.exit.model_dump(exclude_defaults=True) or 'none'}")
     for s in j.steps:
         detail = getattr(s, s.kind).model_dump(exclude_none=True, exclude_defaults=True, by_alias=True)
-        taken = ", ".join(f"{o} {n}" for (_, st, o), n in sorted(steps.items()) if st == s.id) or "-"
+        taken = ", ".join(f"{o} {n}" for o, n in sorted(f.steps.get(s.id, {}).items())) or "-"
         console.print(f"  {s.id:<16} {s.kind:<9} {detail}{' -> ' + s.next if s.next else ''}   [{taken}]")
-    console.print("instances: " + (", ".join(f"{st} {n}" for (_, st), n in sorted(status.items())) or "none"))
-    if exits:
-        console.print("exited: " + ", ".join(f"{r} {n}" for (_, r), n in sorted(exits.items())))
+    console.print("instances: " + (", ".join(f"{st} {n}" for st, n in sorted(f.by_status.items())) or "none"))
+    if f.exited:
+        console.print("exited: " + ", ".join(f"{r} {n}" for r, n in sorted(f.exited.items())))
+    for group in ("messaged", "holdout"):
+        rate = f.rate(group)
+        if rate is not None:
+            console.print(f"converted ({group}): {f.converted.get(group, 0)} of "
+                          f"{f.held_out if group == 'holdout' else f.entered} ({rate:.1%})")
+    if f.lift is not None:
+        console.print(f"difference messaged - holdout: {f.lift:+.1%} (counts only; no significance claimed)")
 
 
 @journeys_app.command("simulate")
