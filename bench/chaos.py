@@ -632,9 +632,9 @@ def measure(run: Run) -> None:
 
 def run_once(opts: Options, index: int) -> dict[str, Any]:
     from bench.e2e.harness import start_services
+    from membercare.data.generator import generate_shop
     from membercare.db import make_engine, upgrade
     from membercare.delivery.policies import PolicySettings, save_policy
-    from membercare.generator import generate_shop
 
     t0 = time.monotonic()
     deadline = t0 + opts.timeout_s

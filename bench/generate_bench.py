@@ -31,7 +31,7 @@ import json, resource, sys, time
 from datetime import datetime, timezone
 sys.path.insert(0, {root!r})
 from membercare.db import make_engine, upgrade
-from membercare.generator import generate_shop
+from membercare.data.generator import generate_shop
 
 url, members, seed, batch = {url!r}, {members}, {seed}, {batch}
 upgrade(url)

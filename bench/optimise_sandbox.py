@@ -1,6 +1,6 @@
 """Evidence benchmark (issue 9 item 7): the optimisation strategies through the real pipeline and the sandbox.
 
-A generated shop (``membercare.generator``) whose members have a *hidden truth*
+A generated shop (``membercare.data.generator``) whose members have a *hidden truth*
 (:mod:`membercare.sandbox.simulation`): a truly best channel (their stated preference names it only about a
 third of the time), a best local hour, and a shared appeal of three template variants with a planted
 winner. A weekly campaign runs ``--rounds`` times in simulated time for each *arm*, each arm on its own
@@ -149,10 +149,10 @@ def write_templates(root: Path, arm: str, variants: tuple[str, ...]) -> Path:
 def build_base_shop(work: Path, members: int, seed: int, start: datetime) -> Path:
     """Generate the shop once (then copied per arm): consent to email and push marketing for everyone,
     one live push device each, a delivery policy whose push-token age covers the simulated months."""
+    from membercare.data.generator import generate_shop
+    from membercare.data.importer import import_csv
     from membercare.db import make_engine, upgrade
     from membercare.delivery.policies import PolicySettings, save_policy
-    from membercare.generator import generate_shop
-    from membercare.importer import import_csv
 
     path = work / "base.db"
     if path.exists():
@@ -307,12 +307,12 @@ def run_round(engine, services: Services, sim: ShopSimulation, r: int, as_of: da
     from membercare.campaigns.audience import resolve_audience
     from membercare.campaigns.occurrence import RunOptions, prepare
     from membercare.campaigns.plan import ensure_run, make_renderer, plan_group
+    from membercare.data.importer import import_csv
     from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
     from membercare.delivery.models import OutboxMessage
     from membercare.engagement.attribution import compute_attributions
     from membercare.engagement.attribution_models import Attribution
     from membercare.engagement.models import EngagementEventRow
-    from membercare.importer import import_csv
 
     t0 = time.monotonic()
     settings = services.settings
@@ -404,7 +404,7 @@ def run_round(engine, services: Services, sim: ShopSimulation, r: int, as_of: da
 
 def variant_report(engine, since: datetime, until: datetime) -> dict | None:
     """The variant section of ``membercare report`` for the benchmark campaign (None if the report has none)."""
-    from membercare.reports.core import ReportOptions, build_report
+    from membercare.reports import ReportOptions, build_report
 
     opts = ReportOptions(since=since, until=until, campaign=CAMPAIGN, refresh=False)
     rep = build_report(engine, opts)

@@ -51,6 +51,7 @@ PLANTED_WINNER = "B"
 STATIC_HOUR = 10
 ALLOWED = send_time.AllowedHours(9, 21)
 ARMS = ("static", "bandit", "best_channel", "best_time", "optimised")
+HONEST_ARMS = (*ARMS, "best_fixed_rule")
 
 
 @dataclass
@@ -63,13 +64,20 @@ class Population:
     best_hour: np.ndarray  # (n,) hidden local best hour
     history_member: np.ndarray  # past purchase events before round 1 (member index, local hour)
     history_hour: np.ndarray
+    group_rates: np.ndarray | None = None  # (groups, 3) the groups' channel rates (for the best fixed rule)
+    group_hour: np.ndarray | None = None  # (groups,) the groups' usual hour (for the best fixed rule)
+    shop_hour: int = STATIC_HOUR  # the static send hour
 
     @property
     def n(self) -> int:
         return self.group.size
 
 
-def make_population(n: int, rng: np.random.Generator) -> Population:
+def make_population(n: int, rng: np.random.Generator, honest: bool = False) -> Population:
+    """The simulated members. ``honest`` (issue 17): the stated channel preference is right 65 % of the time
+    (35 % otherwise), past purchases happen at hours that carry no signal of the best hour (uniform over the
+    allowed hours), and the static arm sends at the single hour that suits the members best (a shop that has
+    sent for years has found it) instead of 10:00."""
     ages, segments = 4, 3
     n_groups = ages * segments
     group = rng.integers(0, n_groups, n)
@@ -88,14 +96,21 @@ def make_population(n: int, rng: np.random.Generator) -> Population:
     # Stated preference: 35 % of members put their truly best channel first, the rest an arbitrary order.
     random_order = np.argsort(rng.random((n, 3)), axis=1)
     true_order = np.argsort(-theta, axis=1)
-    knows = rng.random(n) < 0.35
+    knows = rng.random(n) < (0.65 if honest else 0.35)
     preference = np.where(knows[:, None], true_order, random_order)
     typical = np.array([8, 12, 19, 21, 13, 20, 18, 12, 9, 20, 17, 11])[:n_groups]
     best_hour = np.mod(np.round(typical[group] + rng.normal(0, 2.0, n)), 24).astype(np.int64)
     k = rng.poisson(1.5, n)
     hist_member = np.repeat(np.arange(n), k)
-    hist_hour = _activity_hours(best_hour[hist_member], rng)
-    return Population(group, n_groups, theta, eligible, preference, best_hour, hist_member, hist_hour)
+    if honest:
+        hist_hour = rng.integers(ALLOWED.start, ALLOWED.end + 1, hist_member.size)
+        hours = np.arange(ALLOWED.start, ALLOWED.end + 1)
+        shop_hour = int(hours[np.argmax([timing_factor(np.full(n, h), best_hour).mean() for h in hours])])
+    else:
+        hist_hour = _activity_hours(best_hour[hist_member], rng)
+        shop_hour = STATIC_HOUR
+    return Population(group, n_groups, theta, eligible, preference, best_hour, hist_member, hist_hour,
+                      base, np.clip(typical, ALLOWED.start, ALLOWED.end), shop_hour)
 
 
 def _activity_hours(best: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -125,6 +140,7 @@ class ArmState:
     sends: np.ndarray  # (n, 3) per member x channel
     clicks: np.ndarray
     variant_counts: dict = field(default_factory=lambda: {v: [0, 0] for v in VARIANTS})
+    variant_runs: list = field(default_factory=list)  # per round: [VariantStats per variant], for the promotion test
     event_member: list = field(default_factory=list)
     event_hour: list = field(default_factory=list)
     curve: list = field(default_factory=list)
@@ -132,6 +148,8 @@ class ArmState:
     final_clicks: int = 0
     final_conversions: int = 0
     final_sends: int = 0
+    fixed_rule: bool = False  # the best fixed rule: group's best channel, group's usual hour, variant B
+    honest: bool = False  # clicks happen at the hour the message was sent, not around the hidden best hour
 
 
 def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
@@ -140,16 +158,23 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     ids = np.arange(1, n + 1)
     occurrence = f"round-{rnd:02d}"
     # Variants.
-    if arm.use_bandit:
-        report = bandit.allocate(bandit.stats_from_mapping({v: tuple(c) for v, c in arm.variant_counts.items()}),
-                                 goal="click", seed=bandit.seed_for("sim", occurrence))
+    if arm.fixed_rule:
+        shares = {v: 1.0 if v == PLANTED_WINNER else 0.0 for v in VARIANTS}
+    elif arm.use_bandit:
+        # Promotion is final, as in the planner (membercare.optimise.variants): the winner keeps all traffic.
+        promoted = next((r for r in arm.bandit_reports if r.winner), None)
+        report = promoted or bandit.allocate(
+            bandit.stats_from_mapping({v: tuple(c) for v, c in arm.variant_counts.items()}),
+            goal="click", seed=bandit.seed_for("sim", occurrence), runs=arm.variant_runs)
         shares = report.shares
         arm.bandit_reports.append(report)
     else:
         shares = bandit.uniform_shares(VARIANTS)
     variant = assignment.assign_variants(ids, "sim", occurrence, shares)
     # Channel.
-    if arm.use_channel:
+    if arm.fixed_rule and pop.group_rates is not None:
+        channel = np.where(pop.eligible, pop.group_rates[pop.group], -1.0).argmax(axis=1)
+    elif arm.use_channel:
         choice = channel_choice.best_engagement(
             channel_choice.EngagementCounts(arm.sends, arm.clicks), pop.group, pop.eligible,
             rng=rng, n_groups=pop.n_groups, preferred=static_channel(pop))
@@ -157,13 +182,15 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     else:
         channel = static_channel(pop)
     # Send hour.
-    if arm.use_time:
+    if arm.fixed_rule and pop.group_hour is not None:
+        hour = pop.group_hour[pop.group]
+    elif arm.use_time:
         members = np.concatenate([pop.history_member, np.asarray(arm.event_member, np.int64)])
         hours = np.concatenate([pop.history_hour, np.asarray(arm.event_hour, np.int64)])
         H = send_time.hour_histograms(n, members, hours)
         hour = send_time.best_hours(H, pop.group, n_segments=pop.n_groups, allowed=ALLOWED).hour
     else:
-        hour = np.full(n, STATIC_HOUR)
+        hour = np.full(n, pop.shop_hour)
     appeal = np.array([VARIANT_APPEAL[v] for v in variant])
     p_click = np.clip(pop.theta[np.arange(n), channel] * timing_factor(hour, pop.best_hour) * appeal, 0, 1)
     click = rng.random(n) < p_click
@@ -172,13 +199,18 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     # Feedback.
     np.add.at(arm.sends, (np.arange(n), channel), 1)
     np.add.at(arm.clicks, (np.arange(n), channel), click.astype(np.int64))
-    for v in VARIANTS:
+    this_run = []
+    for v in sorted(VARIANTS):
         sel = variant == v
         arm.variant_counts[v][0] += int(sel.sum())
         arm.variant_counts[v][1] += int(click[sel].sum())
+        this_run.append(bandit.VariantStats(v, int(sel.sum()), int(click[sel].sum())))
+    arm.variant_runs.append(this_run)
     clicked = np.flatnonzero(click)
     arm.event_member.extend(clicked.tolist())
-    arm.event_hour.extend(_activity_hours(pop.best_hour[clicked], rng).tolist())
+    # Honest: a click happens when the message is read, right after it arrives, so its hour is the send hour.
+    click_hours = hour[clicked] if arm.honest else _activity_hours(pop.best_hour[clicked], rng)
+    arm.event_hour.extend(np.asarray(click_hours).tolist())
     arm.curve.append({
         "round": rnd, "engagement_rate": float(click.mean()), "conversion_rate": float(conv.mean()),
         "share_on_best_channel": float((channel == np.where(pop.eligible, pop.theta, -1).argmax(axis=1)).mean()),
@@ -192,15 +224,17 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
         arm.final_conversions += int(conv.sum())
 
 
-def simulate(members: int, rounds: int, seed: int, final_rounds: int) -> dict:
+def simulate(members: int, rounds: int, seed: int, final_rounds: int, honest: bool = False) -> dict:
     root = np.random.default_rng(seed)
-    pop = make_population(members, root)
-    seeds = root.integers(0, 2**63 - 1, len(ARMS))
+    pop = make_population(members, root, honest)
+    names = HONEST_ARMS if honest else ARMS
+    seeds = root.integers(0, 2**63 - 1, len(names))
     flags = {"static": (0, 0, 0), "bandit": (1, 0, 0), "best_channel": (0, 1, 0), "best_time": (0, 0, 1),
-             "optimised": (1, 1, 1)}
+             "optimised": (1, 1, 1), "best_fixed_rule": (0, 0, 0)}
     arms = [ArmState(a, *map(bool, flags[a]), np.random.default_rng(int(s)),
-                     np.zeros((members, 3), np.int64), np.zeros((members, 3), np.int64))
-            for a, s in zip(ARMS, seeds, strict=True)]
+                     np.zeros((members, 3), np.int64), np.zeros((members, 3), np.int64),
+                     fixed_rule=a == "best_fixed_rule", honest=honest)
+            for a, s in zip(names, seeds, strict=True)]
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
         for arm in arms:
@@ -213,13 +247,19 @@ def simulate(members: int, rounds: int, seed: int, final_rounds: int) -> dict:
         conv = binary_lift(arm.final_conversions, arm.final_sends, static.final_conversions, static.final_sends)
         lifts[arm.name] = {"engagement": _lift_summary(eng), "conversion": _lift_summary(conv)}
     opt = next(a for a in arms if a.name == "optimised")
+    fixed = next((a for a in arms if a.fixed_rule), None)
+    if fixed is not None:
+        eng = binary_lift(opt.final_clicks, opt.final_sends, fixed.final_clicks, fixed.final_sends)
+        conv = binary_lift(opt.final_conversions, opt.final_sends, fixed.final_conversions, fixed.final_sends)
+        lifts["optimised vs best_fixed_rule"] = {"engagement": _lift_summary(eng), "conversion": _lift_summary(conv)}
     last = opt.bandit_reports[-1]
     promoted_round = next((i + 1 for i, r in enumerate(opt.bandit_reports) if r.winner), None)
     leader = last.winner or max(last.variants, key=lambda v: v.posterior_mean).name
     return {
         "config": {"members": members, "rounds": rounds, "seed": seed, "final_rounds": final_rounds,
                    "variant_appeal": VARIANT_APPEAL, "planted_winner": PLANTED_WINNER,
-                   "static_hour": STATIC_HOUR, "allowed_hours": [ALLOWED.start, ALLOWED.end]},
+                   "static_hour": pop.shop_hour, "allowed_hours": [ALLOWED.start, ALLOWED.end], "honest": honest,
+                   "arms": list(names)},
         "elapsed_seconds": round(elapsed, 2),
         "curves": {a.name: a.curve for a in arms},
         "final": {a.name: {"sends": a.final_sends,
@@ -242,16 +282,17 @@ def _lift_summary(r) -> dict:
 
 def to_markdown(res: dict) -> str:
     cfg = res["config"]
+    arms = cfg["arms"]
     lines = [f"# Optimisation simulation: {cfg['members']:,} members, {cfg['rounds']} rounds, seed {cfg['seed']}", "",
              "Engagement (click) rate per round, %:", "",
-             "| round | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+             "| round | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for i in range(cfg["rounds"]):
-        row = [f"{100 * res['curves'][a][i]['engagement_rate']:.2f}" for a in ARMS]
+        row = [f"{100 * res['curves'][a][i]['engagement_rate']:.2f}" for a in arms]
         lines.append(f"| {i + 1} | " + " | ".join(row) + " |")
-    lines += ["", "Conversion rate per round, %:", "", "| round | " + " | ".join(ARMS) + " |",
-              "|---|" + "---|" * len(ARMS)]
+    lines += ["", "Conversion rate per round, %:", "", "| round | " + " | ".join(arms) + " |",
+              "|---|" + "---|" * len(arms)]
     for i in range(cfg["rounds"]):
-        row = [f"{100 * res['curves'][a][i]['conversion_rate']:.3f}" for a in ARMS]
+        row = [f"{100 * res['curves'][a][i]['conversion_rate']:.3f}" for a in arms]
         lines.append(f"| {i + 1} | " + " | ".join(row) + " |")
     lines += ["", f"Lift over static routing in the last {cfg['final_rounds']} rounds (95 % CI):", "",
               "| strategy | engagement, points | engagement, relative | conversion, points | conversion, relative |",
@@ -283,17 +324,22 @@ def main(argv=None) -> int:
     ap.add_argument("--final-rounds", type=int, default=5, help="rounds pooled for the final lift")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--honest", action="store_true",
+                    help="issue 17's honest scenario: no hidden best-hour signal in event hours, informative stated "
+                         "preference, the shop's best single hour for static, and a best-fixed-rule arm")
     args = ap.parse_args(argv)
     if not 0 < args.final_rounds <= args.rounds:
         ap.error("--final-rounds must be between 1 and --rounds")
-    res = simulate(args.members, args.rounds, args.seed, args.final_rounds)
+    res = simulate(args.members, args.rounds, args.seed, args.final_rounds, args.honest)
     md = to_markdown(res)
     print(md)
-    print(f"simulated {args.members:,} members x {args.rounds} rounds x {len(ARMS)} arms in {res['elapsed_seconds']} s")
+    print(f"simulated {args.members:,} members x {args.rounds} rounds x {len(res['config']['arms'])} arms in "
+          f"{res['elapsed_seconds']} s")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optimise_sim.json").write_text(json.dumps(res, indent=1))
-    (args.out / "optimise_sim.md").write_text(md)
-    print(f"wrote {args.out / 'optimise_sim.json'} and {args.out / 'optimise_sim.md'}")
+    stem = "optimise_sim_honest" if args.honest else "optimise_sim"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"{stem}.md").write_text(md)
+    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
     return 0
 
 

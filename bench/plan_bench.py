@@ -41,7 +41,7 @@ import os, sys, time
 from datetime import datetime
 sys.path.insert(0, {root!r})
 from membercare.db import make_engine, upgrade
-from membercare.generator import generate_shop
+from membercare.data.generator import generate_shop
 url, members = {url!r}, {members}
 upgrade(url)
 engine = make_engine(url)

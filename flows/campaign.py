@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.approval import needs_approval, wait_for_approval
 from flows.common import (
     artifact_key,
     engine_for,
@@ -57,7 +58,7 @@ from membercare.campaigns.plan import PlanOutcome
 from membercare.campaigns.summary import RunSummary
 from membercare.delivery.dispatcher import DispatchConfig
 from membercare.delivery.ratelimit import configured_rates
-from membercare.errors import ConfigurationError
+from membercare.errors import ConfigurationError, InputError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
 
@@ -93,6 +94,9 @@ class CampaignRunParameters(BaseModel):
     resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
     wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                        description="keep sending retries that fall due within this time")
+    approval_timeout_s: int = Field(default=86_400, ge=10, le=7 * 86_400,
+                                    description="campaigns with approval: required: how long to wait for the "
+                                                "decision in the Prefect UI before failing (nothing is sent)")
 
     @field_validator("as_of")
     @classmethod
@@ -325,7 +329,9 @@ def publish(summary: RunSummary, *, prepared: PreparedRun, audience: Audience,
              f"- audience: {audience.source}: **{audience.size:,}** members ({len(audience):,} in this run)",
              f"- purpose: {prepared.campaign.purpose.value}, priority {prepared.campaign.priority}, channels "
              f"{', '.join(c.value for c in prepared.spec.channels)}, holdout {prepared.holdout_rate:.0%}",
-             f"- status: **{summary.status}**; {'would send' if summary.dry_run else 'sent'} "
+             f"- status: **{summary.status}**"
+             + (f" ({summary.status_reason})" if summary.status_reason else "")
+             + f"; {'would send' if summary.dry_run else 'sent'} "
              f"**{summary.sent_total:,}** ({', '.join(f'{k} {v:,}' for k, v in sorted(summary.sent.items())) or '-'})",
              f"- deferred {summary.deferred:,}, suppressed {sum(summary.suppressed.values()):,}, skipped "
              f"{sum(summary.skipped.values()):,}, failed {sum(summary.failed.values()):,}"]
@@ -349,7 +355,9 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     started = utcnow()
     env = resolved_env()
     settings = settings_from(env)
-    prepared = prepare(settings, params.campaign, params.options(settings.shop_timezone))
+    options = params.options(settings.shop_timezone)
+    occurrence_stage.refuse_future_as_of(options)
+    prepared = prepare(settings, params.campaign, options)
     audience = resolve_segment(prepared)
     try:
         preview = file_link(dry_run_stage.write_preview(settings, prepared.name))
@@ -358,7 +366,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         preview = None
 
     if params.dry_run:
-        rep = dry_run(prepared, quote(audience))
+        rep = dry_run(prepared, _quoted(audience))
         summary = summary_stage.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
@@ -366,12 +374,23 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         return {**_asdict(summary), "already_planned": rep.already_planned, "coupons_to_issue": rep.coupons_to_issue,
                 "samples": [vars(s) for s in rep.samples]}
 
+    if needs_approval(settings, prepared, dry_run=False):
+        rep = dry_run(prepared, _quoted(audience))
+        shown = summary_stage.dry_run_summary(rep)
+        publish(shown, prepared=prepared, audience=audience, preview=preview, dry=rep)
+        decision = wait_for_approval(settings, prepared, summary_line=shown.line(),
+                                     timeout_s=params.approval_timeout_s)
+        if not decision.approved:
+            logger.warning("%s/%s: nothing sent (%s)", prepared.name, prepared.occurrence, decision.line())
+            return {**_asdict(shown), "status": "rejected", "status_reason": decision.line(),
+                    "approval": decision.line()}
     adapters = build_adapters(env, prepared.spec.channels)
     try:
         run_id = plan_stage.ensure_run(engine_for(settings), prepared)
+        _refuse_cancelled(settings, run_id)
         planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
-            planned = planned.merge(plan(prepared, quote(group), i))
+            planned = planned.merge(plan(prepared, _quoted(group), i))
         progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
                                                description=f"{prepared.name} {prepared.occurrence}: dispatch")
         limiters = limiters_for(prepared.spec.channels, logger)
@@ -389,6 +408,21 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     if sent.stop_reason:
         logger.warning("run %s stopped: %s", run_id, sent.stop_reason)
     return _asdict(summary)
+
+
+def _quoted(value: Any) -> Any:
+    """``quote(value)``: Prefect passes it to the task as is (no traversal of large inputs). Typed ``Any`` because
+    a task's signature names the value's own type, which a ``quote`` wrapper is not."""
+    return quote(value)
+
+
+def _refuse_cancelled(settings, run_id: int) -> None:
+    """An occurrence an operator cancelled is never planned or sent again (resume included)."""
+    from membercare.delivery.controls import find_run
+
+    info = find_run(engine_for(settings), run_id)
+    if info.cancelled:
+        raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
 
 
 def _asdict(summary: RunSummary) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -51,7 +52,9 @@ def _load_secret(name: str) -> str | None:
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        # Secret.load is sync or async depending on the caller's context (typed as either); here it is sync.
+        block: Any = Secret.load(name)
+        value = block.get()
     except ValueError:  # "Unable to find block document named ..."
         return None
     except Exception as exc:  # noqa: BLE001 - the API is unreachable: say so, then fall back to the env

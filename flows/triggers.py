@@ -30,6 +30,10 @@ def trigger_message(event: str, member: str, order: str | None = None, ref: str 
     results = []
     now = utcnow()
     for tr in plans:
+        if tr.expired:
+            logger.warning("%s for member id %d skipped: %s", tr.campaign, tr.member_id, tr.expired)
+            results.append({"campaign": tr.campaign, "status": "skipped", "reason": tr.expired})
+            continue
         if tr.due_at > now:
             logger.info("%s for member id %d is due %s: the daily run sends it then", tr.campaign, tr.member_id,
                         tr.due_at.isoformat())

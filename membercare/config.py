@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from membercare.errors import ConfigurationError
 
@@ -96,7 +97,8 @@ class Settings:
             ("MEMBERCARE_SECRET_KEY", "secret_key"),
         ):
             if env.get(key):
-                s = replace(s, **{attr: env[key]})
+                change: dict[str, Any] = {attr: env[key]}  # (replace() cannot type a field chosen at run time)
+                s = replace(s, **change)
         if env.get("MEMBERCARE_GLOBAL_CONTROL_RATE"):
             raw = env["MEMBERCARE_GLOBAL_CONTROL_RATE"].strip()
             try:

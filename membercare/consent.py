@@ -18,8 +18,9 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from membercare import signals
 from membercare.db import insert_for
-from membercare.models import Channel, Consent, ConsentEvent, Purpose
+from membercare.models import Channel, Consent, ConsentEvent, ConsentSource, Purpose
 from membercare.timeutil import ensure_utc, utcnow
 
 
@@ -57,7 +58,10 @@ def record_consents(conn: Connection, statements: Sequence[ConsentStatement]) ->
         index_elements=["member_id", "channel", "purpose", "occurred_at", "granted"]
     )
     # RETURNING (batched by SQLAlchemy's insertmanyvalues) tells us which statements were new.
-    new = len(conn.execute(ins.returning(ev.c.id), rows).all())
+    inserted = conn.execute(ins.returning(ev.c.member_id, ev.c.channel, ev.c.purpose, ev.c.granted, ev.c.source),
+                            rows).all()
+    new = len(inserted)
+    _signal_opt_outs_on_commit(conn, [r for r in inserted if not r.granted and r.source not in _BULK_SOURCES])
 
     # Latest statement per key within this batch wins.
     latest: dict[tuple[int, str, str], ConsentStatement] = {}
@@ -81,6 +85,24 @@ def record_consents(conn: Connection, statements: Sequence[ConsentStatement]) ->
         ],
     )
     return new
+
+
+# Sources that change many members at once (a file import, generated data): no signal per member.
+_BULK_SOURCES = frozenset({ConsentSource.IMPORT.value, ConsentSource.GENERATED.value})
+
+
+def _signal_opt_outs_on_commit(conn: Connection, opt_outs: Sequence[sa.Row]) -> None:
+    """Tell operations about members' own opt-outs when the transaction that records them commits (announced as
+    the commit starts: a commit that then fails is rare, and a signal is advisory; a rollback announces nothing)."""
+    if not opt_outs:
+        return
+
+    def emit(_conn: Connection) -> None:
+        for r in opt_outs:
+            signals.emit(signals.MEMBER_UNSUBSCRIBED, signals.member_resource(r.member_id),
+                         {"channel": r.channel, "purpose": r.purpose, "source": r.source})
+
+    sa.event.listen(conn, "commit", emit, once=True)
 
 
 def current_consents(conn: Connection, member_id: int) -> dict[tuple[str, str], bool]:

@@ -14,7 +14,7 @@
     │   ├── CampaignDefinitionError  campaigns.definition       a campaign.yaml that does not parse or validate
     │   ├── JourneyDefinitionError   journeys.definition        a journey.yaml that does not parse or validate
     │   ├── InvalidTokenError        links                      a link token malformed or signed by none of our keys
-    │   └── RunPaused                delivery.dispatcher        the run is paused; resume it explicitly
+    │   └── RunPaused                delivery.dispatch_types    the run is paused; resume it (via delivery.dispatcher)
     ├── DataError                    errors                     stored data breaks an invariant we rely on
     │   └── RenderFailed             campaigns.plan             a member's message cannot be rendered while planning
     ├── RenderError                  errors                     a template error, a missing variant, a channel limit
@@ -24,7 +24,7 @@
     ├── DeliveryError                errors                     sending or settling could not complete (see below)
     │   ├── DispatchProcessError     delivery.pool              a dispatcher process died; also a RuntimeError
     │   └── ProviderLookupError      delivery.provider_records  records not read completely; also a RuntimeError
-    ├── ImportDatabaseError          importer                   the database failed during an import
+    ├── ImportDatabaseError          data.importer.run          the database failed during an import
     └── TemplateCheckFailed          cli.templates              ``membercare templates check`` found errors
 
 Columns: the class, its module (``membercare.`` left out), what it means. "also a ValueError" marks a
@@ -34,7 +34,7 @@ still work. A provider's verdict on one message is not an exception: adapters *r
 problem is raised (``ConfigurationError``).
 
 Private exceptions carry control flow inside one module and are caught there; they never escape it:
-``importer._RecordTooLong``, ``receiver.app._Reject``, ``receiver.app._BodyRefused``.
+``data.importer.reading._RecordTooLong``, ``receiver.app._Reject``, ``receiver.app._BodyRefused``.
 
 ``tests/test_errors.py`` checks that this drawing is exactly the set of exception classes defined in
 ``membercare/``, ``channels/`` and ``segments/``, with these parents, and that each is raised somewhere.

@@ -24,6 +24,17 @@ def ensure_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def shop_today(tz: str, now: datetime | None = None) -> date:
+    """The shop's calendar date (campaigns, segments and reports count days in the shop's zone, not UTC)."""
+    return (now or utcnow()).astimezone(ZoneInfo(tz)).date()
+
+
+def shop_date_label(value: datetime, tz: str, *, with_time: bool = True) -> str:
+    """A timestamp as a person at the shop reads it: ``2026-11-23 10:00 Asia/Taipei`` (or just the date)."""
+    local = ensure_utc(value).astimezone(ZoneInfo(tz))
+    return f"{local:%Y-%m-%d %H:%M} {tz}" if with_time else f"{local:%Y-%m-%d}"
+
+
 def parse_as_of(text: str | None, tz: str = "UTC") -> datetime:
     """Parse a CLI ``--as-of``: a date (start of that day in ``tz``) or an ISO datetime.
 

@@ -8,10 +8,17 @@ optionally within a trailing window):
 * monetary = sum of ``total_minor`` of those purchases.
 
 Each is turned into a quintile score with window functions, computed inside the database:
-``score = 1 + floor(5 * (RANK() OVER (ORDER BY value) - 1) / COUNT(*) OVER ())``. This is the
-NTILE(5) split with one difference: members with *equal* values share a score (plain NTILE splits a
-tie, e.g. the many one-order buyers, across scores arbitrarily, so two identical customers could
-land in different cells). Recency is ranked descending (most days ago = 1).
+``score = 1 + floor(5 * (RANK() OVER (ORDER BY value, tie-breakers) - 1) / COUNT(*) OVER ())``. Equal values are
+ranked by the other two dimensions (frequency: by recency, then spend; recency: by frequency, then spend;
+monetary: by frequency, then recency; better last), so a large block of equal values (the many one-order buyers,
+60 % of CDNOW) is spread over the scores in a meaningful order and no score stays empty: ranking the value alone
+put every one-order buyer in F 1 and the next buyers straight into F 4, leaving F 2 and 3 empty. Customers equal in
+all three values share a rank, hence a score (two identical customers never land in different cells); a score can
+only be empty when more than a fifth of the buyers are identical in recency, frequency and spend.
+Recency is ranked descending (most days ago = 1).
+
+A purchase is an order that was a purchase at ``as_of`` (:func:`purchases_as_of`): a refund or cancellation
+recorded after ``as_of`` does not change an earlier snapshot.
 
 Cells follow the widely used R x F grid (see docs/segments.md for the table):
 
@@ -31,7 +38,7 @@ from datetime import date, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from membercare.models import PURCHASE_STATUSES, Order
+from membercare.models import NON_PURCHASE_STATUSES, PURCHASE_STATUSES, Order
 from membercare.scoring_models import RFMCell, RFMScore
 from segments import sqlfn
 from segments.base import SegmentContext
@@ -77,9 +84,19 @@ class RFMRun:
     cells: dict[str, int]
 
 
+def purchases_as_of(ctx: SegmentContext) -> list[sqlfn.Sql]:
+    """WHERE clauses of the orders that were purchases at ``ctx.as_of``: placed by then, and either a purchase
+    status now or cancelled/refunded only after ``as_of`` (the order's ``updated_at``, the time of its last status
+    change, is later), so a refund never rewrites an earlier snapshot. A refunded order whose row was touched
+    again after ``as_of`` for another reason also counts until then (orders carry no separate refund time)."""
+    return [o.c.placed_at <= ctx.as_of_lit,
+            sa.or_(o.c.status.in_(PURCHASE_STATUSES),
+                   sa.and_(o.c.status.in_(NON_PURCHASE_STATUSES), o.c.updated_at > ctx.as_of_lit))]
+
+
 def rfm_select(ctx: SegmentContext, *, window_days: int | None = None) -> sa.Select:
     """The scoring query: one row per buyer with the columns of ``rfm_scores``."""
-    where = [o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at <= ctx.as_of_lit]
+    where = purchases_as_of(ctx)
     if window_days is not None:
         where.append(sqlfn.mostly_true(ctx.dialect, o.c.placed_at > ctx.days_ago(window_days)))
     agg = (
@@ -96,9 +113,9 @@ def rfm_select(ctx: SegmentContext, *, window_days: int | None = None) -> sa.Sel
     recency = ctx.days_since(agg.c.last_purchase_at)
     n = sa.func.count().over()
 
-    def score(order_by):
+    def score(*order_by):
         # ``//`` is integer (floor) division on both backends; ``/`` would be true division in SQLAlchemy 2.
-        return 1 + (5 * (sa.func.rank().over(order_by=order_by) - 1)) // n
+        return 1 + (5 * (sa.func.rank().over(order_by=list(order_by)) - 1)) // n
 
     ranked = sa.select(
         agg.c.member_id,
@@ -106,9 +123,9 @@ def rfm_select(ctx: SegmentContext, *, window_days: int | None = None) -> sa.Sel
         recency.label("recency_days"),
         agg.c.frequency,
         agg.c.monetary_minor,
-        score(recency.desc()).label("r_score"),
-        score(agg.c.frequency).label("f_score"),
-        score(agg.c.monetary_minor).label("m_score"),
+        score(recency.desc(), agg.c.frequency, agg.c.monetary_minor).label("r_score"),
+        score(agg.c.frequency, recency.desc(), agg.c.monetary_minor).label("f_score"),
+        score(agg.c.monetary_minor, agg.c.frequency, recency.desc()).label("m_score"),
     ).subquery("ranked")
     return sa.select(
         ranked.c.member_id,

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from membercare.models import PURCHASE_STATUSES, Coupon, Member, Order, OrderLine
 from membercare.scoring_models import ChurnModelFit, ChurnScore, RFMCell, RFMScore
-from segments import sqlfn
+from segments import sqlfn, value
 from segments.base import Param, SegmentContext, segment
 
 m = Member.__table__
@@ -124,15 +124,22 @@ def _purchase_stats(ctx: SegmentContext) -> sa.Subquery:
     "Buyers at risk of churning. method=p_alive: repeat buyers (2+ purchase days) whose BG/NBD P(alive) in the "
     "latest churn scores is below `p_alive_below` and who have not bought since; method=overdue: members with "
     "`min_orders`+ purchases whose days since the last one exceed max(`cadence_factor` x their own mean gap, "
-    "`min_gap_days`); method=either (default): both rules, a member matching either.",
-    Param("method", str, "either", "p_alive, overdue or either", choices=("p_alive", "overdue", "either")),
+    "`min_gap_days`); method=either (default): both rules, a member matching either; method=value_at_risk "
+    "(validated on CDNOW, see `membercare churn validate`): buyers, single buyers included, in the top `top_share` "
+    "by P(no purchase in the next `days` days) x discounted expected value, evaluated at as_of.",
+    Param("method", str, "either", "p_alive, overdue, either or value_at_risk",
+          choices=("p_alive", "overdue", "either", "value_at_risk")),
     Param("p_alive_below", float, 0.5, "P(alive) threshold", min=0.0, max=1.0),
     Param("cadence_factor", float, 2.0, "overdue when the gap exceeds this multiple of the mean gap",
           min=1.0, max=100.0),
     Param("min_orders", int, 3, "purchases needed before a cadence is trusted", min=2, max=1000),
     Param("min_gap_days", int, 30, "never overdue before this many days without a purchase", min=1, max=3650),
+    Param("days", int, 90, "value_at_risk: the risk window in days", min=7, max=730),
+    Param("top_share", float, 0.1, "value_at_risk: share of buyers with the most value at risk", min=0.001, max=1.0),
 )
 def churn_risk(ctx: SegmentContext, p: dict) -> sa.Select:
+    if p["method"] == "value_at_risk":
+        return value.value_at_risk_select(ctx, days=p["days"], top_share=p["top_share"])
     st = _purchase_stats(ctx)
     first_d, last_d = ctx.epoch_days(st.c.first_purchase_at), ctx.epoch_days(st.c.last_purchase_at)
     since = sa.literal(ctx.as_of_epoch_days, sa.Float) - last_d

@@ -54,7 +54,7 @@ def test_winner_is_promoted_past_the_threshold_only_with_enough_sends():
     b = next(v for v in clear.variants if v.name == "B")
     assert b.p_best >= 0.95
     # Same rates on tiny samples: a large lead is not enough without min_sends per variant.
-    tiny = allocate(_v(A=(60, 0), B=(60, 12)), seed=2, min_sends=100)
+    tiny = allocate(_v(A=(90, 0), B=(90, 30)), seed=2, min_sends=100)
     assert tiny.winner is None and tiny.notes and tiny.shares["B"] > tiny.shares["A"]
     # Close variants: no promotion.
     close = allocate(_v(A=(3000, 150), B=(3000, 156)), seed=2)
@@ -80,18 +80,37 @@ def test_repeated_runs_converge_on_the_planted_best_variant():
     true = {"A": 0.040, "B": 0.052, "C": 0.045}
     counts = {k: (0, 0) for k in true}
     leader_share = []
-    for run in range(12):
-        report = allocate(stats_from_mapping(counts), seed=seed_for("promo", str(run)))
+    runs: list[list[VariantStats]] = []
+    for run in range(30):
+        report = allocate(stats_from_mapping(counts), seed=seed_for("promo", str(run)), runs=runs)
         leader_share.append(report.shares["B"])
         if report.winner:
             break
         sends = rng.multinomial(6000, [report.shares[k] for k in sorted(true)])
+        this_run = []
         for k, n in zip(sorted(true), sends, strict=True):
+            x = int(rng.binomial(n, true[k]))
             s0, x0 = counts[k]
-            counts[k] = (s0 + int(n), x0 + int(rng.binomial(n, true[k])))
+            counts[k] = (s0 + int(n), x0 + x)
+            this_run.append(VariantStats(k, int(n), x))
+        runs.append(this_run)
     assert report.winner == "B"
     assert leader_share[0] == pytest.approx(1 / 3)
     assert leader_share[-1] == 1.0
+
+
+def test_promotion_is_stratified_per_run_so_drift_is_no_winner():
+    # Identical variants; the base rate halves between the runs while the shares move from A to B.
+    # Pooled, B looks far worse (most of its sends fell in the low run); within each run they are equal.
+    runs = [[VariantStats("A", 9000, 900), VariantStats("B", 1000, 100)],
+            [VariantStats("A", 1000, 50), VariantStats("B", 9000, 450)]]
+    pooled = [VariantStats("A", 10_000, 950), VariantStats("B", 10_000, 550)]
+    assert allocate(pooled, seed=1).winner == "A"  # one stratum: the drift reads as a difference
+    stratified = allocate(pooled, seed=1, runs=runs)
+    assert stratified.winner is None
+    assert stratified.evidence is not None and stratified.evidence["pairs"][0]["difference"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="per-run counts"):
+        allocate(pooled, runs=[[VariantStats("B", 1, 0), VariantStats("A", 1, 0)]])
 
 
 def test_invalid_inputs():

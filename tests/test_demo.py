@@ -49,7 +49,14 @@ def test_demo_runs_the_day_and_a_second_run_sends_nothing(tmp_path):
     assert "messages accepted by the sandbox providers" in out
     assert "message gallery:" in out and (home / "gallery" / "index.html").is_file()
     assert "HTML report:" in out
-    assert f"PREFECT_HOME={home / 'prefect'} prefect server start" in out
+    assert "membercare ui" in out and "prefect server start" not in out
+    assert "send_telemetry_heartbeat" not in first.stderr  # no telemetry error lines
+    # The project configuration: the other commands in this folder use the demo's database and secret key.
+    config = home / "config.toml"
+    assert config.is_file() and oct(config.stat().st_mode)[-3:] == "600" and "project configuration:" in out
+    text = config.read_text(encoding="utf-8")
+    assert "MEMBERCARE_DATABASE_URL" in text and "PREFECT_HOME" in text and (home / "secret_key").read_text(
+        encoding="utf-8").strip() not in text
     assert (home / "prefect" / "prefect.db").is_file(), "the runs must be kept for the Prefect UI"
     assert (home / "secret_key").is_file() and oct((home / "secret_key").stat().st_mode)[-3:] == "600"
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from membercare.data.generator import default_as_of
 from membercare.delivery.models import OutboxMessage
-from membercare.generator import default_as_of
+from membercare.models import Channel
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
@@ -32,8 +33,8 @@ SHOP_DAY = default_as_of()
 
 @pytest.fixture(scope="module")
 def shop_db(tmp_path_factory) -> str:
+    from membercare.data.generator import generate_shop
     from membercare.db import make_engine, upgrade
-    from membercare.generator import generate_shop
 
     path = tmp_path_factory.mktemp("flowshop") / "membercare.db"
     url = f"sqlite:///{path}"
@@ -199,7 +200,32 @@ def test_trigger_message_flow(flow_env, prefect_harness, sandbox, shop_db):
 # ------------------------------------------------------------------------------ blocks and shared rate limits
 
 
-def test_setup_blocks_feeds_the_flows(flow_env, prefect_harness, monkeypatch):
+@pytest.fixture
+def prefect_leaves_no_settings(prefect_harness):
+    """Delete the Secret blocks and global concurrency limits a test created on the session's Prefect server:
+    later flow tests would read them (a block wins over the environment; a global limit replaces the local one)."""
+    yield
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.common import FIREBASE_BLOCK, SECRET_VARIABLES, block_name
+    from flows.ratelimits import limit_name
+
+    for name in [*(block_name(v) for v in SECRET_VARIABLES), FIREBASE_BLOCK]:
+        try:
+            Secret.delete(name)
+        except (ObjectNotFound, ValueError):
+            pass
+    with get_client(sync_client=True) as client:
+        for ch in Channel:
+            try:
+                client.delete_global_concurrency_limit_by_name(limit_name(ch))
+            except ObjectNotFound:
+                pass
+
+
+def test_setup_blocks_feeds_the_flows(flow_env, prefect_leaves_no_settings, monkeypatch):
     import membercare.cli as cli
     import membercare.cli.blocks  # noqa: F401
     from flows.common import resolved_env
@@ -213,14 +239,9 @@ def test_setup_blocks_feeds_the_flows(flow_env, prefect_harness, monkeypatch):
     assert env["MEMBERCARE_SENDGRID_API_KEY"] == "SG.from-block"  # the block wins over the variable
     assert Path(env["MEMBERCARE_FIREBASE_CREDENTIALS"]).read_text() == Path(flow_env["MEMBERCARE_FIREBASE_CREDENTIALS"]
                                                                              ).read_text()
-    from prefect.blocks.system import Secret
-
-    for name in ("membercare-sendgrid-api-key", "membercare-firebase-credentials", "membercare-secret-key"):
-        Secret(value="-").save(name, overwrite=True)  # neutralise for later tests
-    monkeypatch.setenv("MEMBERCARE_NO_SECRET_BLOCKS", "1")
 
 
-def test_shared_rate_limit_paces_threads_across_the_global_limit(prefect_harness):
+def test_shared_rate_limit_paces_threads_across_the_global_limit(prefect_leaves_no_settings):
     from flows.ratelimits import ensure_limits, shared_limiters
 
     ensure_limits({"sms": 20.0})

@@ -13,11 +13,11 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import SQLModel
 
-from membercare import generator_data as D
 from membercare.consent import ConsentStatement, record_consents
+from membercare.data.generator import SHOP_TABLES, clear_shop, default_as_of, generate_shop
+from membercare.data.generator import reference as D
 from membercare.db import make_engine
 from membercare.errors import InputError
-from membercare.generator import SHOP_TABLES, clear_shop, default_as_of, generate_shop
 from membercare.models import PURCHASE_STATUSES, Consent, ConsentEvent, Member
 
 AS_OF = datetime(2026, 3, 10, 16, 0, tzinfo=UTC)  # 2026-03-11 00:00 in Taipei

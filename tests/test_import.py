@@ -21,9 +21,9 @@ import sqlalchemy as sa
 
 from membercare.config import Settings
 from membercare.consent import current_consents
+from membercare.data.importer import default_rejects_path, import_csv
 from membercare.db import make_engine
 from membercare.errors import InputError
-from membercare.importer import default_rejects_path, import_csv
 from membercare.models import (
     ConsentEvent,
     Coupon,

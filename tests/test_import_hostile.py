@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from membercare import validation as v
+from membercare.data.importer import MAX_RECORD_CHARS, ImportDatabaseError, spreadsheet_cell
 from membercare.db import make_engine
 from membercare.errors import InputError
-from membercare.importer import MAX_RECORD_CHARS, ImportDatabaseError, spreadsheet_cell
 from membercare.models import ConsentEvent, ImportRun, Member, Order, OrderLine
 from test_import import MEMBER_HEADER, ORDER_HEADER, SETTINGS, _cli, imp, member_row, read_rejects, write_csv
 
@@ -280,7 +280,7 @@ def test_line_numbers_are_physical_lines(engine, tmp_path):
 def test_a_line_break_split_by_the_read_limit_is_one_line_break():
     import io
 
-    from membercare.importer import _READ_LIMIT, _Lines
+    from membercare.data.importer.reading import _READ_LIMIT, _Lines
 
     # readline(limit) returns the "\r" of an over-long line's "\r\n" as the limit's last character.
     text = "a" * (_READ_LIMIT - 1) + "\r\n" + "b\r\n" + "c" * (_READ_LIMIT - 2) + "\r\n" + "d\n"

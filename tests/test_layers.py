@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "membercare"
 
 # Modules of membercare/campaigns/ from the bottom up: each may import only the modules listed before it.
-CAMPAIGN_ORDER = ("definition", "occurrence", "audience", "offers", "plan", "dry_run", "summary", "dispatch",
-                  "triggers", "run")
+CAMPAIGN_ORDER = ("definition", "occurrence", "audience", "offers", "plan", "dry_run", "estimate", "summary",
+                  "dispatch", "triggers", "seed_send", "run")
 # Packages that start work (commands, HTTP endpoints) and may call the campaign stages.
 ENTRY_POINTS = ("membercare.cli", "membercare.receiver")
 # Stages beside the campaigns: journeys plan their send steps through the campaign stages (plan, occurrence)
@@ -37,6 +37,9 @@ NEVER = {
     "membercare.rendering": ("membercare.optimise", "membercare.engagement", "membercare.reports",
                              "membercare.delivery.planner", "membercare.delivery.dispatcher", *BESIDE_CAMPAIGNS,
                              *ENTRY_POINTS),
+    # Shop data comes in (import, generator) below everything that reads it: storage, consent, validation only.
+    "membercare.data": ("membercare.campaigns", "membercare.optimise", "membercare.engagement", "membercare.delivery",
+                        "membercare.rendering", "membercare.reports", *BESIDE_CAMPAIGNS, *ENTRY_POINTS),
 }
 
 

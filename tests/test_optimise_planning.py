@@ -144,11 +144,15 @@ def test_shares_shift_toward_the_better_variant_and_stay_fixed_for_the_occurrenc
 
 
 def test_winner_is_promoted_at_the_threshold_and_promotion_is_final(engine):
-    plant_variant_history(engine, "promo", "2026-09", T1, {"a": (150, 8), "b": (150, 30)})
+    plant_variant_history(engine, "promo", "2026-09", T1, {"a": (150, 6), "b": (150, 36)})
     alloc = variants.allocation_for(engine, "promo", "2026-10", T2, TEST)
     assert alloc.winner == "b" and alloc.shares == {"a": 0.0, "b": 1.0}
-    assert alloc.reason.startswith("promoted b: P(best)") and ">= 0.95" in alloc.reason
+    # The promotion records its evidence: the sequential test's level, runs, stratified difference.
+    assert alloc.reason.startswith("promoted b: beats every variant") and "false-winner rate 0.05" in alloc.reason
     assert alloc.report["winner"] == "b"
+    ev = alloc.report["evidence"]
+    assert ev["winner"] == "b" and ev["runs"] == 1 and ev["pairs"][0]["difference"] == pytest.approx(0.2)
+    assert ev["pairs"][0]["interval"][0] > 0
     with engine.connect() as conn:
         row = conn.execute(sa.select(variants.VariantAllocation.__table__)
                            .where(variants.VariantAllocation.__table__.c.occurrence == "2026-10")).one()
@@ -156,7 +160,7 @@ def test_winner_is_promoted_at_the_threshold_and_promotion_is_final(engine):
     # Later occurrences send the winner only, without re-running the test.
     nxt = variants.allocation_for(engine, "promo", "2026-11", T3, TEST)
     assert nxt.shares == {"a": 0.0, "b": 1.0} and nxt.winner == "b" and "promoted in occurrence 2026-10" in nxt.reason
-    # The same evidence with a stricter threshold does not promote (P(best) is below 1 - 1e-12).
+    # The same evidence with threshold 1.0 (a fixed split) never promotes.
     strict = VariantTest(names=("a", "b"), promote_at=1.0)
     other = variants.allocation_for(engine, "promo", "2026-10:x", T2, strict, store=False)
     assert other.winner is None and other.shares["a"] >= 0.05
@@ -288,7 +292,7 @@ def test_allowed_hours_follow_the_quiet_hours():
 
 @pytest.fixture
 def shop(engine):
-    from membercare.generator import generate_shop
+    from membercare.data.generator import generate_shop
 
     generate_shop(engine, members=300, seed=11, as_of=AS_OF - timedelta(hours=10))
     return engine

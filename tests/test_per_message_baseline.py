@@ -46,8 +46,8 @@ def _routable_members(url: str, n: int, channels: tuple[str, ...] = ("email", "s
 
 
 def _generate(url: str) -> str:
+    from membercare.data.generator import generate_shop
     from membercare.db import make_engine
-    from membercare.generator import generate_shop
 
     engine = make_engine(url)
     # The shop's history ends at AS_OF, the instant its audience and routing are evaluated at: generated at

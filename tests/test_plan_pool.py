@@ -46,7 +46,7 @@ IGNORED = {"id", "run_id", "created_at", "updated_at"}
 
 @pytest.fixture
 def shop(engine):
-    from membercare.generator import generate_shop
+    from membercare.data.generator import generate_shop
 
     generate_shop(engine, members=MEMBERS, seed=5, as_of=AS_OF - timedelta(hours=10))
     return engine

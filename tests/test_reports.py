@@ -306,7 +306,7 @@ def test_programme_lift_against_the_global_control_group(engine):
 def test_variant_settings_come_from_the_campaigns_optimise_block():
     from types import SimpleNamespace as NS
 
-    from membercare.reports.core import variant_settings_from_campaigns
+    from membercare.reports import variant_settings_from_campaigns
 
     campaigns = [NS(name="plain", optimise=NS(variants=None)),
                  NS(name="promo", optimise=NS(variants=NS(names=("a", "b"), goal="conversion", floor=0.1,

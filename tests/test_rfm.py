@@ -99,3 +99,56 @@ def test_window_days_limits_history(engine):
         score_rfm(conn, AS_OF, window_days=365)
         (row,) = scores(conn).values()
         assert (row["frequency"], row["monetary_minor"]) == (1, 100_00)
+
+
+def test_refund_recorded_after_as_of_does_not_rewrite_the_snapshot(engine):
+    from membercare.models import Order
+
+    with engine.begin() as conn:
+        s = Shop(conn)
+        s.member("a")
+        s.order("a", AS_OF - timedelta(days=30), 100_00)
+        late = s.order("a", AS_OF - timedelta(days=5), 400_00)
+        o = Order.__table__
+        conn.execute(o.update().where(o.c.id == late).values(status="refunded", updated_at=AS_OF + timedelta(days=2)))
+        score_rfm(conn, AS_OF)
+        (row,) = scores(conn).values()
+        assert (row["frequency"], row["monetary_minor"], row["recency_days"]) == (2, 500_00, 5)
+        score_rfm(conn, AS_OF + timedelta(days=3))
+        (row,) = scores(conn, date(2026, 11, 26)).values()
+        assert (row["frequency"], row["monetary_minor"]) == (1, 100_00)
+
+
+def test_no_empty_quintile_on_cdnow_with_its_many_one_order_buyers(engine):
+    # The CDNOW sample (2,357 customers, 60 % bought once): ranking frequency alone put every one-order buyer
+    # in F 1 and the next ones in F 4, so F 2 and F 3 were empty. Tie-breaking by the other values fills them.
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from membercare.models import Member, Order
+
+    rows = [line.split() for line in (Path(__file__).parent / "fixtures" / "cdnow" / "CDNOW_sample.txt")
+            .read_text().splitlines() if line.strip()]
+    t0 = datetime(2020, 1, 1, tzinfo=UTC)
+    customers = sorted({r[1] for r in rows})
+    with engine.begin() as conn:
+        conn.execute(Member.__table__.insert(), [dict(
+            external_id=f"cd{c}", name=f"Member {c}", email=f"cd{c}@example.com", timezone="UTC", joined_at=t0,
+            tier="silver", points_balance=0, preferred_channels="email", country="TW", locale="zh-TW",
+            created_at=t0, updated_at=t0) for c in customers])
+        ids = dict(conn.execute(sa.select(Member.__table__.c.external_id, Member.__table__.c.id)).tuples().all())
+        conn.execute(Order.__table__.insert(), [dict(
+            external_id=f"cdo{i}", member_id=ids[f"cd{r[1]}"],
+            placed_at=datetime.strptime(r[2], "%Y%m%d").replace(hour=12, tzinfo=UTC), status="paid",
+            total_minor=int(round(float(r[4]) * 100)), currency="TWD",
+            updated_at=datetime.strptime(r[2], "%Y%m%d").replace(hour=12, tzinfo=UTC)) for i, r in enumerate(rows)])
+        run = score_rfm(conn, datetime(1998, 7, 1, tzinfo=UTC))
+        assert run.scored == 2357
+        got = list(scores(conn).values())
+        for col in ("r_score", "f_score", "m_score"):
+            counts = [sum(1 for r in got if r[col] == k) for k in range(1, 6)]
+            assert all(0.19 * 2357 <= c <= 0.21 * 2357 for c in counts), (col, counts)
+        # Still monotone: a higher frequency never scores lower.
+        by_f = sorted(got, key=lambda r: r["frequency"])
+        assert all(a["f_score"] <= b["f_score"] for a, b in zip(by_f, by_f[1:], strict=False)
+                   if a["frequency"] < b["frequency"])

@@ -33,7 +33,7 @@ OB, R, C = OutboxMessage.__table__, CampaignRun.__table__, Coupon.__table__
 
 @pytest.fixture
 def shop(engine):
-    from membercare.generator import generate_shop
+    from membercare.data.generator import generate_shop
 
     generate_shop(engine, members=400, seed=11, as_of=AS_OF - timedelta(hours=10))
     return engine

@@ -194,7 +194,7 @@ def test_demo_orders_come_from_a_share_of_clicks_and_taps_deterministically(sqli
     """The demo's simulated purchases: only clicked/tapped messages since ``since`` can convert, each at most
     once, 20-120 s after the first click and never after ``now``; the same seed gives the same orders, and
     importing them twice inserts nothing the second time."""
-    from membercare.importer import import_csv
+    from membercare.data.importer import import_csv
     from membercare.sandbox.simulation import demo_orders, write_orders_csv
     from test_attribution import T0, Shop
 

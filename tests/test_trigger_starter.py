@@ -27,7 +27,7 @@ AS_OF = datetime(2025, 3, 4, 10, 0, tzinfo=UTC)
 
 @pytest.fixture
 def shop(engine):
-    from membercare.generator import generate_shop
+    from membercare.data.generator import generate_shop
 
     generate_shop(engine, members=30, seed=5, as_of=AS_OF - timedelta(hours=10))
     return engine

@@ -141,7 +141,7 @@ def parse_sizes(text: str, what: str) -> list[int]:
 
 
 def shop_as_of() -> datetime:
-    from membercare.generator import default_as_of
+    from membercare.data.generator import default_as_of
 
     return default_as_of(today=SHOP_DATE)
 
@@ -156,8 +156,8 @@ def cached_shop(cache: Path, members: int, seed: int, progress: Progress | None 
     The shop is written to a ``.partial`` file, checkpointed (no WAL left beside it) and renamed, so a
     crash never leaves a half shop that looks complete.
     """
+    from membercare.data.generator import generate_shop
     from membercare.db import make_engine, upgrade
-    from membercare.generator import generate_shop
 
     path = cache_path(cache, members, seed)
     meta_path = path.with_suffix(".json")
@@ -203,7 +203,7 @@ def shop_database(opts: BenchOptions, workdir: Path, members: int, progress: Pro
         cleanup = lambda: [Path(f"{dst}{s}").unlink(missing_ok=True) for s in ("", "-wal", "-shm")]  # noqa: E731
     else:
         url, cleanup = _fresh_postgres(opts.postgres_url, f"mc_bench_{members}_{secrets.token_hex(3)}")
-        from membercare.generator import generate_shop
+        from membercare.data.generator import generate_shop
 
         upgrade(url)
         engine = make_engine(url)
@@ -443,8 +443,20 @@ def start_services(workdir: Path, db_url: str, seed: int, label: str) -> Service
         "MEMBERCARE_SECRET_KEY": secret_key,
         "MEMBERCARE_PUSH_TRACKING_SECRET": push_secret,
         "MEMBERCARE_NO_SECRET_BLOCKS": "1",  # the credentials are these variables; skip block look-ups
+        **bench_rate_limits(),
     }
     return services
+
+
+def bench_rate_limits() -> dict[str, str]:
+    """The per-channel rate limits the campaign runs with.
+
+    The defaults (100 e-mails, 10 SMS, 200 pushes a second) are sized for real providers; the sandbox answers
+    at zero latency with no rate of its own, and this benchmark measures our throughput, so they are lifted
+    to a rate that never binds unless the caller set ``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` itself.
+    """
+    names = (f"MEMBERCARE_RATE_LIMIT_{ch}" for ch in ("EMAIL", "SMS", "PUSH"))
+    return {name: os.environ.get(name) or "1000000" for name in names}
 
 
 @contextmanager
@@ -1058,7 +1070,8 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
                                            "seed": opts.seed, "db": opts.db, "cache": str(opts.cache),
                                            "shop_date": SHOP_DATE.isoformat(), "provider_latency_ms": 0,
                                            "campaign": BENCH_CAMPAIGN, "holdout": 0.10, "quiet_hours": "off",
-                                           "dispatchers": opts.dispatchers, "planning_processes": opts.processes},
+                                           "dispatchers": opts.dispatchers, "planning_processes": opts.processes,
+                                           "rate_limits_per_s": bench_rate_limits()},
                                "machine": machine_facts(opts.db, opts.postgres_url),
                                "load_before": [round(x, 2) for x in os.getloadavg()], "sizes": [], "baseline": []}
     try:

@@ -1,7 +1,8 @@
 """Twilio's Messages API wire format as the provider sandbox speaks it: number checks, resources, error bodies.
 
 Pure functions (no I/O), shaped like the real API, so that they can be unit-tested and read in one place; the
-request pipeline (credentials, faults, rate limits, recording) is the sandbox's (``membercare/sandbox/server.py``).
+request pipeline (credentials, faults, rate limits, recording) is the sandbox's
+(``membercare/sandbox/endpoints.py`` and ``pipeline.py``).
 """
 
 from __future__ import annotations

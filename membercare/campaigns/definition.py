@@ -15,6 +15,7 @@ Example::
     segment: {name: birthday_today}
     priority: 80
     auto_resume_after: 300  # optional: after a provider outage paused the run, probe again in 5 min
+    approval: required      # optional: wait for approve/reject in the Prefect UI before sending
     channels: [push, email, sms]
     occurrence: daily       # the idempotency bucket: hourly|daily|weekly|monthly|once
     message_per: member     # member | coupon | order
@@ -62,12 +63,19 @@ class SegmentRef(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+DEFAULT_VALID_FOR_DAYS = 3
+
+
 class Trigger(BaseModel):
     """For campaigns started by an event (e.g. a bad review) rather than a scheduled segment."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     event: str = Field(pattern=r"^[a-z][a-z0-9_.]*$")
     delay_days: int = Field(default=0, ge=0)
+    # How long after its due time (event + delay_days) the message is still worth sending: an event reported
+    # later than that (an order delivered 53 days ago, a review found a month late) is skipped with this
+    # reason instead of sending a "7 days after delivery" message at once.
+    valid_for_days: int = Field(default=DEFAULT_VALID_FOR_DAYS, ge=0, le=365)
 
 
 class OfferStep(BaseModel):
@@ -147,7 +155,9 @@ class VariantTest(BaseModel):
     names: tuple[str, ...] = Field(min_length=2, max_length=8, description="variant names; the first is the control")
     goal: Literal["click", "conversion"] = Field(default="click", description="what the bandit maximises per message")
     floor: float = Field(default=0.05, ge=0.0, le=0.5, description="minimum share per variant until a winner")
-    promote_at: float = Field(default=0.95, gt=0.5, le=1.0, description="P(best) at which the leader is promoted")
+    promote_at: float = Field(default=0.95, gt=0.5, le=1.0,
+                              description="1 - false-winner rate of the sequential promotion test "
+                                          "(0.95: at most 5 % in an A/A test; 1.0 never promotes)")
 
     @field_validator("names")
     @classmethod
@@ -205,6 +215,9 @@ class Campaign(BaseModel):
     # After the error budget paused a run (a provider outage): resume by itself after this many seconds,
     # doubling each time (see docs/delivery.md). Unset: an operator resumes it.
     auto_resume_after: int | None = Field(default=None, ge=10, le=86_400)
+    # "required": the run-campaign flow plans in memory, publishes the dry-run summary, and waits for an
+    # approve/reject decision in the Prefect UI before it plans or sends anything (docs/campaigns.md).
+    approval: Literal["none", "required"] = "none"
     channels: tuple[Channel, ...] = Field(min_length=1,
                                           description="allowed channels, in the campaign's preference order")
     occurrence: Literal["hourly", "daily", "weekly", "monthly", "once"] = "daily"

@@ -51,6 +51,7 @@ class DryRunReport:
     deferred: dict[str, int] = field(default_factory=dict)  # channel -> deferred (quiet hours)
     by_state: dict[str, int] = field(default_factory=dict)
     by_reason: dict[str, int] = field(default_factory=dict)
+    by_state_reason: dict[tuple[str, str], int] = field(default_factory=dict)  # (state, reason code) -> n
     already_planned: int = 0
     coupons_to_issue: int = 0
     samples: list[RenderedSample] = field(default_factory=list)
@@ -72,6 +73,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     spec = prepared.spec
     rep = DryRunReport(prepared.name, prepared.occurrence, audience.size, len(audience))
     state, reason, send, deferred = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
+    pairs = Counter[tuple[str, str]]()
     o, c = OutboxMessage.__table__, Coupon.__table__
     with engine.connect() as conn:
         pol = policy or load_policy(conn)
@@ -105,6 +107,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
                 for r in created:
                     state[r.state] += 1
                     reason[r.reason_code] += 1
+                    pairs[(r.state, r.reason_code)] += 1
                     if r.state == OutboxState.PLANNED.value:
                         send[r.channel] += 1
                     elif r.state == OutboxState.DEFERRED.value:
@@ -116,6 +119,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
             finally:
                 tx.rollback()
     rep.by_state, rep.by_reason, rep.would_send, rep.deferred = dict(state), dict(reason), dict(send), dict(deferred)
+    rep.by_state_reason = dict(pairs)
     return rep
 
 

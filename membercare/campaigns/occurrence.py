@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -144,6 +144,27 @@ def _event_occurrence(campaign: Campaign, as_of: datetime, timezone: str, option
     return occurrence_key("daily", as_of, timezone)
 
 
+# A real send's as_of may run ahead of this machine's clock by this much (another host's clock, a schedule
+# computed a moment early); anything later is a date that has not happened yet.
+FUTURE_AS_OF_TOLERANCE = timedelta(minutes=5)
+
+
+def refuse_future_as_of(options: RunOptions, now: datetime | None = None) -> None:
+    """Refuse a real send whose ``as_of`` lies in the future.
+
+    Segments are evaluated at ``as_of``: a future one selects members for a day that has not come (birthday
+    greetings three days early, reminders for coupons that are not about to expire) and sends them now.
+    A dry run may look ahead; a real send waits for its day (the schedule runs it then).
+    """
+    if options.dry_run or options.as_of is None:
+        return
+    now = now or utcnow()
+    if ensure_utc(options.as_of) > now + FUTURE_AS_OF_TOLERANCE:
+        raise InputError(f"as_of {ensure_utc(options.as_of).isoformat()} is in the future (now "
+                         f"{now.isoformat(timespec='seconds')}): a real send would message members for a day that "
+                         "has not come yet; preview it with --dry-run, or let the schedule run it on that day")
+
+
 def holdout_rate_for(campaign: Campaign, override: float | None = None) -> float:
     """``override``, else ``params.holdout_rate`` of the campaign, else 10 % for marketing, 0 for transactional."""
     rate = override if override is not None else campaign.params.get("holdout_rate")
@@ -207,5 +228,6 @@ def prepare(settings: Settings, campaign: Campaign | str, options: RunOptions | 
                        settings=settings)
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "MAX_PROCESSES", "PreparedRun", "RunOptions", "holdout_rate_for", "occurrence_key",
+__all__ = ["DEFAULT_BATCH_SIZE", "FUTURE_AS_OF_TOLERANCE", "MAX_PROCESSES", "PreparedRun", "RunOptions",
+           "holdout_rate_for", "occurrence_key", "refuse_future_as_of",
            "prepare", "segment_params_for"]

@@ -39,6 +39,7 @@ class RunSummary:
     failed: dict[str, int] = field(default_factory=dict)  # reason -> n
     sent_now: int = 0  # accepted by providers during this invocation
     dry_run: bool = False
+    status_reason: str | None = None  # why the run is paused (an operator, the error budget), resumed, ...
 
     @property
     def sent_total(self) -> int:
@@ -46,7 +47,9 @@ class RunSummary:
 
     def table(self) -> list[dict[str, Any]]:
         """Rows ``{"metric", "value"}`` for a table artifact or a terminal table."""
-        rows: list[tuple[str, Any]] = [("segment size", self.segment_size), ("planned (ledger rows)", self.planned),
+        rows: list[tuple[str, Any]] = [("status", self.status + (f" ({self.status_reason})"
+                                                                 if self.status_reason else "")),
+                                       ("segment size", self.segment_size), ("planned (ledger rows)", self.planned),
                                        ("newly planned", self.newly_planned)]
         for ch in ("email", "sms", "push"):
             rows.append((f"sent via {ch}", self.sent.get(ch, 0)))
@@ -84,7 +87,8 @@ def summarise(engine: Engine, run_id: int | None, *, campaign: str, occurrence: 
             ).scalar_one()
     sent, suppressed, skipped, failed = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
     with engine.connect() as conn:
-        s.status = conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one()
+        s.status, s.status_reason = conn.execute(sa.select(r.c.status, r.c.status_reason)
+                                                 .where(r.c.id == run_id)).one()
         for state, channel, code, n in conn.execute(
             sa.select(o.c.state, o.c.channel, o.c.reason_code, sa.func.count()).where(o.c.run_id == run_id)
             .group_by(o.c.state, o.c.channel, o.c.reason_code)

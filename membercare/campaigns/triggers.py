@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from membercare.campaigns.definition import list_campaigns, load_campaign
+from membercare.campaigns.definition import DEFAULT_VALID_FOR_DAYS, Trigger, list_campaigns, load_campaign
 from membercare.campaigns.occurrence import RunOptions
 from membercare.config import Settings
 from membercare.errors import InputError, UnknownNameError
@@ -48,6 +48,7 @@ class TriggeredRun:
     member_id: int
     options: RunOptions
     due_at: datetime
+    expired: str | None = None  # why the message is no longer sent (its validity window has passed)
 
 
 def find_member(conn: Connection, member: str | int) -> int:
@@ -68,7 +69,9 @@ def plan_trigger(engine: Engine, settings: Settings, event: str, member: str | i
 
     ``at`` is when the event happened (default now). A campaign with ``delay_days`` is due that many days
     later, counted from the order's delivery for order events; the occurrence key is taken from the due
-    date, so the daily sweep of the same campaign and this trigger share it (never both send).
+    date, so the daily sweep of the same campaign and this trigger share it (never both send). A message
+    whose due time lies more than the trigger's ``valid_for_days`` before ``at`` is ``expired`` (with the
+    reason): callers skip it rather than send a stale "7 days after delivery" message at once.
     """
     events = trigger_events(settings)
     if event not in events:
@@ -94,8 +97,17 @@ def plan_trigger(engine: Engine, settings: Settings, event: str, member: str | i
                           order_ref=order_row.external_id if order_row is not None else None,
                           event_ref=ref or (f"{event}-{order_row.external_id}" if order_row is not None else None),
                           occurrence_at=due)
-        out.append(TriggeredRun(name, member_id, opts, due))
+        out.append(TriggeredRun(name, member_id, opts, due, _expired(camp.trigger, due, at)))
     return out
+
+
+def _expired(trigger: Trigger | None, due: datetime, at: datetime) -> str | None:
+    window = timedelta(days=trigger.valid_for_days if trigger else DEFAULT_VALID_FOR_DAYS)
+    late = at - due
+    if late <= window:
+        return None
+    return (f"expired: due {due.date().isoformat()}, {late.days} days before the event was reported; the message "
+            f"is valid for {window.days} days after it is due (valid_for_days)")
 
 
 __all__ = ["EVENT_ALIASES", "TriggeredRun", "find_member", "plan_trigger", "trigger_events"]

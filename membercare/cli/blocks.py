@@ -67,11 +67,12 @@ def setup_blocks(
         return
 
     from prefect.blocks.system import Secret
+    from pydantic import SecretStr
 
     from flows.ratelimits import ensure_limits
 
     for name, _, value in todo:
-        Secret(value=value).save(name, overwrite=True)
+        Secret(value=SecretStr(value)).save(name, overwrite=True)
     if rates:
         ensure_limits(rates)
     console.print(t)

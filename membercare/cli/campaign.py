@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from membercare.cli import app
-from membercare.cli.common import console, state
+from membercare.cli.common import console, migrated_engine, state
 from membercare.errors import InputError
 
 campaign_app = typer.Typer(help="Run lifecycle campaigns (through the Prefect flows).", no_args_is_help=True)
@@ -51,6 +51,21 @@ def summary_table(result: dict, title: str) -> Table:
     return t
 
 
+def _refuse_future(as_of: str | None, dry_run: bool) -> None:
+    """A real send at a future ``--as-of`` is a usage error, caught before Prefect starts."""
+    from membercare.campaigns.occurrence import RunOptions, refuse_future_as_of
+    from membercare.timeutil import parse_as_of
+
+    if as_of is None:
+        return
+    try:
+        refuse_future_as_of(RunOptions(as_of=parse_as_of(as_of, state.settings.shop_timezone), dry_run=dry_run))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
+    except InputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
+
+
 @campaign_app.command("run")
 def run_cmd(
     name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
@@ -73,6 +88,7 @@ def run_cmd(
         channels = [Channel(c) for c in channel] if channel else None
     except ValueError:
         raise InputError(f"--channel must be one of email, sms, push (got {', '.join(channel)})") from None
+    _refuse_future(as_of, dry_run)
     from flows.campaign import CampaignRunParameters, run_campaign
 
     try:
@@ -91,5 +107,117 @@ def run_cmd(
             for s in result.get("samples", []):
                 console.print(f"[bold]{s['channel']}[/] member id {s['member_id']} · {s['detail']}\n"
                               f"  [italic]{s['headline']}[/]\n  {s['body']}")
-    elif result["newly_planned"] == 0 and result["planned"]:
+    if result.get("status_reason"):
+        console.print(f"run {result['status']}: {result['status_reason']}")
+    if not dry_run and result["newly_planned"] == 0 and result["planned"]:
         console.print("nothing new to send: this occurrence was already planned (the outbox keys prevent duplicates)")
+
+
+@campaign_app.command("estimate")
+def estimate_cmd(
+    name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
+    as_of: str = typer.Option(None, "--as-of",
+                              help="Date (start of that day, shop time) or ISO datetime; default now."),
+    channel: list[str] = typer.Option(None, "--channel", help="Only this channel of the campaign's (repeatable)."),
+    tag: str = typer.Option(None, "--tag", help="Occurrence tag (separates several schedules of one campaign)."),
+    param: list[str] = typer.Option(None, "--param", "-p", help="Segment parameter NAME=VALUE (repeatable)."),
+    render: bool = typer.Option(False, "--render", help="Render every message too (slower; finds template errors)."),
+) -> None:
+    """Who the campaign would reach, per channel, after consent, reachability, holdout, frequency cap and quiet
+    hours, and the smallest lift its holdout can detect. Writes nothing; does not start Prefect."""
+    from membercare.campaigns.estimate import estimate
+    from membercare.campaigns.occurrence import RunOptions, prepare
+    from membercare.models import Channel
+    from membercare.timeutil import parse_as_of
+
+    settings = state.settings
+    try:
+        channels = tuple(Channel(c) for c in channel) if channel else None
+    except ValueError:
+        raise InputError(f"--channel must be one of email, sms, push (got {', '.join(channel)})") from None
+    options = RunOptions(as_of=parse_as_of(as_of, settings.shop_timezone) if as_of else None, dry_run=True,
+                         channels=channels, occurrence_tag=tag, segment_params=parse_params(param or []), samples=0)
+    prepared = prepare(settings, name, options)
+    est = estimate(migrated_engine(), prepared, render=render)
+    console.print(estimate_table(est, settings.shop_timezone))
+    for line in estimate_notes(est):
+        console.print(line)
+
+
+def estimate_table(est, timezone: str) -> Table:
+    from membercare.timeutil import shop_date_label
+
+    t = Table(title=f"{est.campaign} · {est.occurrence} · estimate as of {shop_date_label(est.as_of, timezone)}",
+              show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("segment size", f"{est.segment_size:,}")
+    if est.already_planned:
+        t.add_row("already planned for this occurrence", f"{est.already_planned:,}")
+    for reason, n in sorted(est.excluded.items(), key=lambda kv: -kv[1]):
+        t.add_row(f"  no message: {reason}", f"{n:,}")
+    for ch in ("email", "sms", "push"):
+        if est.now.get(ch) or est.later.get(ch):
+            t.add_row(f"via {ch}", f"{est.now.get(ch, 0) + est.later.get(ch, 0):,}")
+            if est.later.get(ch):
+                t.add_row("  of which later (quiet hours, send time)", f"{est.later[ch]:,}")
+    t.add_row("messages in total", f"{est.messaged:,}")
+    return t
+
+
+def estimate_notes(est) -> list[str]:
+    from membercare.campaigns.estimate import ALPHA, POWER
+
+    lines = []
+    if est.mde is None:
+        lines.append("minimum detectable lift: no holdout in this occurrence, so no lift can be measured")
+    else:
+        rel = f" ({est.mde_relative:.0%} of the baseline)" if est.mde_relative is not None else ""
+        lines.append(f"minimum detectable lift: {est.mde * 100:.2f} points of 7-day conversion{rel} "
+                     f"with {est.holdout:,} held out vs {est.messaged:,} messaged; baseline "
+                     f"{est.baseline_rate:.2%} (alpha {ALPHA:.0%} two-sided, power {POWER:.0%})")
+    lines.append(f"estimated in {est.elapsed_s:.1f} s; nothing was written or sent")
+    return lines
+
+
+@campaign_app.command("test")
+def test_cmd(
+    name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
+    to: list[str] = typer.Option(..., "--to", help="Seed addresses: comma-separated emails, E.164 numbers and "
+                                                   "push:<token>, or @FILE with one per line (repeatable)."),
+    member: str = typer.Option(None, "--member", help="Render for this member (external id or database id); "
+                                                      "default: the template gallery's sample member."),
+) -> None:
+    """Send every channel, locale and variant of a campaign to a seed list through the real providers.
+
+    Marked [TEST]; never written to the ledger, so caps, reports and optimisation never count them."""
+    from channels.registry import build_channels, close_channels
+    from membercare.campaigns import load_campaign
+    from membercare.campaigns.seed_send import parse_seeds, send_test
+    from membercare.campaigns.triggers import find_member
+    from membercare.cli.common import provider_env
+
+    settings = state.settings
+    camp = load_campaign(name, settings)
+    seeds = parse_seeds(to)
+    engine = member_id = None
+    if member is not None:
+        engine = migrated_engine()
+        with engine.connect() as conn:
+            member_id = find_member(conn, member)
+    channels = sorted({s.channel for s in seeds if s.channel in camp.channels})
+    adapters = build_channels(provider_env(), channels=channels) if channels else {}
+    try:
+        sent = send_test(settings, camp, seeds, adapters, engine=engine, member_id=member_id)
+    finally:
+        close_channels(adapters)
+    t = Table(title=f"{name} · test send to {len(seeds)} seed address(es)")
+    for col in ("channel", "locale", "variant", "seed", "outcome", "headline"):
+        t.add_column(col)
+    for s in sent:
+        t.add_row(s.channel, s.locale, s.variant or "-", str(s.seed), s.outcome, s.headline)
+    console.print(t)
+    ok = sum(s.outcome == "accepted" for s in sent)
+    console.print(f"{ok} of {len(sent)} test messages accepted; none is in the ledger, caps or reports")
+    if ok < len(sent):
+        raise typer.Exit(1)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from sqlalchemy.engine import Engine
 
 from membercare.config import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -25,6 +28,11 @@ class _State:
             self._settings = Settings.from_env()
         return self._settings
 
+    def reset(self) -> None:
+        """Forget settings and engine read before the environment changed (the project file was applied)."""
+        self._settings = None
+        self.__dict__.pop("engine", None)
+
     @cached_property
     def engine(self) -> Engine:
         from membercare.db import engine_from_settings
@@ -33,6 +41,13 @@ class _State:
 
 
 state = _State()
+
+
+def provider_env() -> dict[str, str]:
+    """The environment provider adapters are configured from (credentials, sandbox URLs)."""
+    import os
+
+    return dict(os.environ)
 
 
 def migrated_engine() -> Engine:

@@ -8,7 +8,6 @@ import typer
 
 from membercare.cli import app
 from membercare.cli.common import console, state
-from membercare.db import current_revision, head_revision, pending_revisions, upgrade
 
 db_app = typer.Typer(help="Database schema: create or upgrade with Alembic migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -23,6 +22,8 @@ def _redacted(url: str) -> str:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("heads", help="Target revision (default: latest).")) -> None:
     """Create the database or upgrade it to the latest schema, keeping existing data."""
+    from membercare.db import current_revision, upgrade
+
     logging.getLogger("alembic").setLevel(logging.WARNING)
     url = state.settings.db_url
     before = current_revision(state.engine)
@@ -37,6 +38,8 @@ def db_upgrade(revision: str = typer.Argument("heads", help="Target revision (de
 @db_app.command("status")
 def db_status() -> None:
     """Show the database URL (password hidden) and its schema revision."""
+    from membercare.db import current_revision, head_revision, pending_revisions
+
     url = state.settings.db_url
     cur, pending = current_revision(state.engine), pending_revisions(state.engine)
     note = f"needs upgrade to {head_revision()}: run `membercare db upgrade`" if pending else "up to date"

@@ -32,22 +32,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
 import typer
 from rich.table import Table
 
 from membercare.cli import app
 from membercare.cli.common import console, err_console, migrated_engine, state
-from membercare.models import (
-    PURCHASE_STATUSES,
-    Consent,
-    Coupon,
-    Device,
-    Member,
-    Order,
-)
-from membercare.timeutil import utcnow
+
+if TYPE_CHECKING:  # imported where used: `membercare --help` stays fast
+    import sqlalchemy as sa
 
 # The day's lifecycle campaigns, in the order the calendar (prefect.yaml) runs them; extra run parameters.
 DAY_PLAN: tuple[tuple[str, dict], ...] = (
@@ -75,6 +69,11 @@ DEMO_RATES = {"email": 500.0, "sms": 200.0, "push": 500.0}
 
 def shop_overview(conn: sa.Connection, as_of=None) -> list[tuple[str, str]]:
     """Headline figures of the shop, computed in SQL."""
+    import sqlalchemy as sa
+
+    from membercare.models import PURCHASE_STATUSES, Consent, Coupon, Device, Member, Order
+    from membercare.timeutil import utcnow
+
     as_of = as_of or utcnow()
     m, o, c, d, cs = (t.__table__ for t in (Member, Order, Coupon, Device, Consent))
     members = conn.execute(sa.select(sa.func.count()).select_from(m)).scalar_one()
@@ -144,15 +143,16 @@ def prefect_env(home: Path) -> dict[str, str]:
     return env
 
 
-def service_account(home: Path, token_uri: str) -> tuple[Path, str]:
+def service_account(home: Path, token_uri: str, *, name: str = "service-account.json") -> tuple[Path, str]:
     """The demo's FCM service-account key (generated once; its token_uri follows the sandbox's port)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    path = home / "sandbox" / "service-account.json"
+    path = home / "sandbox" / name
+    first = home / "sandbox" / "service-account.json"  # one key for both files
     info = None
-    if path.is_file():
-        info = json.loads(path.read_text(encoding="utf-8"))
+    if first.is_file():
+        info = json.loads(first.read_text(encoding="utf-8"))
         key = serialization.load_pem_private_key(info["private_key"].encode(), password=None)
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -168,10 +168,41 @@ def service_account(home: Path, token_uri: str) -> tuple[Path, str]:
     return path, public_pem
 
 
+def write_demo_config(home: Path, settings) -> Path:
+    """``home/config.toml``: the demo's database, Prefect home and secret key, and provider credentials pointed
+    at the sandbox that ``membercare sandbox`` serves on its default port (see membercare.cli.project)."""
+    from membercare.cli.project import PREFECT_STARTUP_TIMEOUT_S, SANDBOX_PORT, write_project_config
+
+    url = f"http://127.0.0.1:{SANDBOX_PORT}"
+    sa_path, _ = service_account(home, f"{url}/token", name="service-account-standalone.json")
+    env = {
+        "MEMBERCARE_DATABASE_URL": settings.db_url,
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": PREFECT_STARTUP_TIMEOUT_S,
+        "MEMBERCARE_SHOP_TIMEZONE": settings.shop_timezone,
+        "MEMBERCARE_SENDGRID_API_KEY": SENDGRID_KEY,
+        "MEMBERCARE_SENDGRID_FROM": "Good Days Living <hello@gooddays.example>",
+        "MEMBERCARE_SENDGRID_BASE_URL": url,
+        "MEMBERCARE_TWILIO_ACCOUNT_SID": TWILIO_SID,
+        "MEMBERCARE_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "MEMBERCARE_TWILIO_FROM": "+886223456789",
+        "MEMBERCARE_TWILIO_BASE_URL": url,
+        "MEMBERCARE_FIREBASE_CREDENTIALS": str(sa_path),
+        "MEMBERCARE_FCM_BASE_URL": url,
+        "MEMBERCARE_NO_SECRET_BLOCKS": "1",
+    }
+    notes = {"MEMBERCARE_SENDGRID_BASE_URL": "`membercare sandbox` (port 8025); remove for the real SendGrid",
+             "MEMBERCARE_FIREBASE_CREDENTIALS": "demo key whose token_uri is the sandbox's",
+             "MEMBERCARE_NO_SECRET_BLOCKS": "credentials come from here, not from Prefect Secret blocks"}
+    return write_project_config(home, env, secret_key_file="secret_key" if (home / "secret_key").is_file()
+                                else None, comments=notes)
+
+
 @dataclass
 class DemoServices:
-    sandbox: object
-    receiver: object
+    sandbox: Any  # membercare.sandbox.SandboxServer (imported when the demo starts it)
+    receiver: Any  # uvicorn.Server
     receiver_thread: threading.Thread
     receiver_url: str
     env: dict[str, str]
@@ -191,7 +222,7 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
 
     receiver_url = f"http://127.0.0.1:{_free_port()}"
     push_secret = secrets.token_urlsafe(24)
-    base = dict(seed=seed, sendgrid_api_keys=[SENDGRID_KEY], twilio_accounts={TWILIO_SID: TWILIO_TOKEN},
+    base: dict[str, Any] = dict(seed=seed, sendgrid_api_keys=[SENDGRID_KEY], twilio_accounts={TWILIO_SID: TWILIO_TOKEN},
                 webhook_url=receiver_url, push_tracking_secret=push_secret)
     sandbox = SandboxServer(SandboxConfig(**base)).start()
     sa_path, public_pem = service_account(home, sandbox.token_uri)
@@ -207,7 +238,8 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
                                            log_level="critical", access_log=False, server_header=False))
     # (critical: a webhook refused with 5xx while SQLite is busy is retried by the sandbox, and the summary
     # reports any it gave up on; the tracebacks would only bury the progress display.)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - not the main thread
+    # Not the main thread: uvicorn must not install signal handlers.
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.run, name="membercare-receiver", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -239,11 +271,13 @@ def start_services(home: Path, engine, secret_key: str, seed: int) -> DemoServic
 
 
 def engagement_counts(conn: sa.Connection, since) -> dict[str, int]:
+    import sqlalchemy as sa
+
     from membercare.engagement.models import EngagementEventRow
 
     e = EngagementEventRow.__table__
-    return dict(conn.execute(sa.select(e.c.kind, sa.func.count()).where(e.c.received_at >= since)
-                             .group_by(e.c.kind)).all())
+    return {str(kind): int(n) for kind, n in conn.execute(
+        sa.select(e.c.kind, sa.func.count()).where(e.c.received_at >= since).group_by(e.c.kind))}
 
 
 def _report(home: Path, env: dict[str, str]) -> tuple[Path | None, str]:
@@ -275,6 +309,10 @@ def demo(
     drain_timeout: float = typer.Option(60.0, "--drain-timeout", help="Seconds to wait for simulated engagement."),
 ) -> None:
     """Run the main job on embedded defaults: a demo shop, the day's campaigns through Prefect, engagement."""
+    import sqlalchemy as sa
+
+    from membercare.models import Member
+
     started = time.monotonic()
     settings = state.settings
     home = settings.ensure_home()
@@ -295,7 +333,7 @@ def demo(
         if existing:
             console.print(f"using the existing demo shop ({existing:,} members)")
         else:
-            from membercare.generator import generate_shop
+            from membercare.data.generator import generate_shop
 
             gen = progress.add_task(f"generating a demo shop of {members:,} members", total=members)
             summary = generate_shop(engine, members=members, seed=seed,
@@ -305,6 +343,7 @@ def demo(
         svc_task = progress.add_task("starting the provider sandbox and the webhook receiver", total=1)
         services = start_services(home, engine, secret_key, seed)
         os.environ.update(services.env)
+        config = write_demo_config(home, settings)
         progress.update(svc_task, completed=1)
         try:
             results, sync = _run_day(progress, services, drain_timeout, engine=engine, home=home, seed=seed)
@@ -312,10 +351,14 @@ def demo(
             services.stop()
 
     _print_summary(engine, home, results, sync, services, started, rerun=bool(existing))
+    console.print(f"[bold]project configuration:[/] {config} (every membercare command run in this folder uses "
+                  f"this database, Prefect home and secret key; `membercare sandbox` serves its providers)")
 
 
 def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, home: Path, seed: int):
     """The day's flows, in calendar order, each a Prefect flow run."""
+    from membercare.timeutil import utcnow
+
     day_started = utcnow()
     boot = progress.add_task("starting Prefect (local ephemeral mode; first start takes 10-20 s)", total=1)
     from flows.campaign import CampaignRunParameters, run_campaign
@@ -363,8 +406,9 @@ def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int
     """Orders from a share of today's clicks and taps (the sandbox's recipients never buy anything), imported
     through the normal order importer so that sync-engagement attributes them and the report's revenue and
     lift sections have something to show. Order ids are derived from message ids: a rerun imports nothing new."""
-    from membercare.importer import import_csv
+    from membercare.data.importer import import_csv
     from membercare.sandbox.simulation import demo_orders, engaged_since, write_orders_csv
+    from membercare.timeutil import utcnow
 
     engaged = engaged_since(engine, since)
     orders = demo_orders(engine, since, seed=seed, now=utcnow(), engaged=engaged)
@@ -378,11 +422,14 @@ def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int
 
 def _print_summary(engine, home: Path, results, sync, services: DemoServices, started: float, *,
                    rerun: bool = False) -> None:
-    t = Table(title=f"Today's lifecycle campaigns ({utcnow():%Y-%m-%d})")
+    from membercare.timeutil import parse_as_of, shop_today
+
+    t = Table(title=f"Today's lifecycle campaigns ({shop_today(state.settings.shop_timezone)}, "
+                    f"{state.settings.shop_timezone})")
     for col, just in (("campaign", "left"), ("occurrence", "left"), ("segment", "right"), ("new", "right"),
                       ("email", "right"), ("sms", "right"), ("push", "right"), ("deferred", "right"),
                       ("skipped", "right"), ("suppressed", "right"), ("failed", "right"), ("s", "right")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify="left" if just == "left" else "right")
     new_total = sent_now = 0
     for label, r in results:
         new_total += r["newly_planned"]
@@ -393,7 +440,9 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
                   f"{sum(r['failed'].values()):,}", f"{r.get('seconds', 0):.1f}")
     console.print(t)
     with engine.connect() as conn:
-        events = engagement_counts(conn, utcnow().replace(hour=0, minute=0, second=0, microsecond=0))
+        # "Today" is the shop's day, as for the campaigns (between 00:00 and 08:00 Taipei, UTC is a day behind).
+        tz = state.settings.shop_timezone
+        events = engagement_counts(conn, parse_as_of(shop_today(tz).isoformat(), tz))
         rows = shop_overview(conn)
     e = Table(title="Engagement today (simulated recipients, via signed webhooks)", show_header=False)
     e.add_column(style="bold")
@@ -436,7 +485,7 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
     report, why = _report(home, services.env)
     console.print(f"[bold]HTML report:[/] {report}" if report else f"[bold]HTML report:[/] not written ({why})")
     console.print(f"[bold]message gallery:[/] {gallery}")
-    ui = (f"PREFECT_HOME={home / 'prefect'} prefect server start   # then open http://127.0.0.1:4200/runs"
+    ui = ("membercare ui   # starts the Prefect server on this home and prints the address to open"
           if not os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") == str(home / "prefect")
           else f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     console.print(f"[bold]Prefect UI on these runs:[/] {ui}")

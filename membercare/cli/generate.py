@@ -9,8 +9,6 @@ from rich.table import Table
 from membercare.cli import app
 from membercare.cli.common import console, migrated_engine, state
 from membercare.errors import InputError
-from membercare.generator import default_as_of, generate_shop
-from membercare.timeutil import parse_as_of
 
 
 @app.command("generate-shop")
@@ -26,6 +24,9 @@ def generate_shop_command(
                                    help="Members per database transaction (does not change the data)."),
 ) -> None:
     """Generate a demo shop: members, consents, devices, catalogue, orders, coupons, tiers and points."""
+    from membercare.data.generator import default_as_of, generate_shop
+    from membercare.timeutil import parse_as_of, shop_date_label
+
     tz = state.settings.shop_timezone
     try:
         when = parse_as_of(as_of, tz) if as_of else default_as_of(tz)
@@ -41,7 +42,7 @@ def generate_shop_command(
             engine, members=members, seed=seed, as_of=when, batch_size=batch_size, replace=replace,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    console.print(f"[bold]Demo shop[/] seed {seed}, as of {when:%Y-%m-%d %H:%M} UTC")
+    console.print(f"[bold]Demo shop[/] seed {seed}, as of {shop_date_label(when, tz)}")
     table = Table()
     table.add_column("table")
     table.add_column("rows", justify="right")

@@ -19,8 +19,8 @@ from rich.table import Table
 
 from membercare.cli import app
 from membercare.cli.common import console, err_console, migrated_engine, state
+from membercare.data.importer import DEFAULT_BATCH_SIZE, KINDS, ImportReport, columns_for, import_csv
 from membercare.errors import MembercareError
-from membercare.importer import DEFAULT_BATCH_SIZE, KINDS, ImportReport, columns_for, import_csv
 
 EXIT_REJECTS = 3
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from sqlalchemy.engine import Connection
 
 from membercare.cli import app
 from membercare.cli.common import console, migrated_engine, state
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 journeys_app = typer.Typer(help="Multi-step journeys: list, show, simulate a member's path, advance due instances.",
                            no_args_is_help=True)

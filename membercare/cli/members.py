@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import typer
 from rich.table import Table
 
 from membercare.cli import app
 from membercare.cli.common import console, migrated_engine
 from membercare.errors import InputError
-from membercare.members import member_profile
 
 members_app = typer.Typer(help="Look up members: profile, consents, tier, orders and coupons.", no_args_is_help=True)
 app.add_typer(members_app, name="members")
+
+
+def coupon_state(coupon: dict, now: datetime) -> str:
+    """Redeemed, expired or open, as of ``now`` (an expired coupon is no longer open)."""
+    from membercare.timeutil import ensure_utc
+
+    if coupon["redeemed_at"]:
+        return f"redeemed {coupon['redeemed_at']:%Y-%m-%d}"
+    if coupon["expires_at"] is not None and ensure_utc(coupon["expires_at"]) <= now:
+        return "expired"
+    return "open"
 
 
 @members_app.command("show")
@@ -21,6 +33,9 @@ def show(
     reveal: bool = typer.Option(False, "--reveal", help="Show full email and phone (they are masked by default)."),
 ) -> None:
     """Show a member's profile, consents, tier history, recent orders and coupons."""
+    from membercare.members import member_profile
+    from membercare.timeutil import utcnow
+
     with migrated_engine().connect() as conn:
         p = member_profile(conn, member, recent_orders=orders)
     if p is None:
@@ -71,12 +86,13 @@ def show(
                   f"{o['total_minor'] / 100:,.2f} {o['currency']}", o["categories"] or "")
     console.print(t)
 
+    now = utcnow()
     t = Table(title=f"Coupons ({len(p.coupons)})")
     for col in ("code", "value", "expires", "state"):
         t.add_column(col)
     for c in p.coupons:
         value = (f"{c['percent_off']}% off" if c["kind"] == "percent"
                  else f"{c['amount_minor'] / 100:,.0f} {c['currency']}")
-        state = f"redeemed {c['redeemed_at']:%Y-%m-%d}" if c["redeemed_at"] else "open"
+        state = coupon_state(c, now)
         t.add_row(c["code"], value, f"{c['expires_at']:%Y-%m-%d}", state)
     console.print(t)

@@ -74,9 +74,8 @@ def report(
 ) -> None:
     """Funnel per campaign x segment x channel, treated vs holdout lift, variant tests, frequency evidence,
     programme lift, shop KPIs and trends."""
-    from membercare.engagement.attribution import AttributionSettings
-    from membercare.reports import ReportOptions, build_report
-    from membercare.reports.core import variant_settings_from_campaigns
+    from membercare.engagement.attribution import AttributionModel, AttributionSettings
+    from membercare.reports import ReportOptions, build_report, variant_settings_from_campaigns
     from membercare.timeutil import parse_as_of
 
     settings = state.settings
@@ -93,12 +92,13 @@ def report(
         raise InputError(f"--touch must be clicked, opened or delivered, not {touch!r}")
     if not window_days > 0:
         raise InputError("--window-days must be positive")
-    attribution = AttributionSettings(window=timedelta(days=window_days), model=model)
+    attribution = AttributionSettings(window=timedelta(days=window_days), model=AttributionModel(model))
     campaigns = _campaigns(settings)
     if touch:
         attribution = attribution.with_level(touch)
     options = ReportOptions(
-        since=start, until=end, campaign=campaign, granularity=by, timezone=settings.shop_timezone,
+        since=start, until=end, campaign=campaign, granularity="week" if by == "week" else "day",
+        timezone=settings.shop_timezone,
         attribution=attribution, sms_price_minor=_shop_sms_price(settings), currency=settings.shop_currency,
         segments=_segments(campaigns), refresh=refresh, variant_settings=variant_settings_from_campaigns(campaigns),
         max_unsubscribe_rate=max_unsubscribe_rate, max_complaint_rate=max_complaint_rate,
@@ -143,7 +143,10 @@ def _pct(x, digits: int = 1) -> str:
 
 def _print(rep) -> None:
     o, cur = rep.options, rep.options.currency
-    console.print(f"[bold]Campaign report[/] {o.since:%Y-%m-%d %H:%M} - {o.until:%Y-%m-%d %H:%M} UTC"
+    from membercare.timeutil import shop_date_label
+
+    since, until = shop_date_label(o.since, o.timezone), shop_date_label(o.until, o.timezone)
+    console.print(f"[bold]Campaign report[/] {since.rsplit(' ', 1)[0]} - {until}"
                   f"{' · ' + o.campaign if o.campaign else ''} · attribution {o.attribution.model.value}, "
                   f"{o.attribution.window_seconds / 86400:g} d window")
     t = Table(title="Funnel (campaign x segment x channel)")
@@ -163,7 +166,8 @@ def _print(rep) -> None:
     print_experiments(console, rep)  # treated vs holdout (visit, conversion, revenue), programme, variants, frequency
 
     k = rep.kpis
-    t = Table(title=f"Shop KPIs (as of {k.as_of:%Y-%m-%d}, trailing {k.window_days} days)")
+    t = Table(title=f"Shop KPIs (as of {shop_date_label(k.as_of, o.timezone, with_time=False)}, trailing "
+                    f"{k.window_days} days)")
     t.add_column("KPI")
     t.add_column("value", justify="right")
     t.add_row("members", f"{k.members_total:,}")

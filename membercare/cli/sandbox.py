@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import os
@@ -41,6 +40,8 @@ def sandbox(
     MEMBERCARE_FCM_BASE_URL = http://HOST:PORT and a service account whose token_uri is http://HOST:PORT/token.
     Inspect it at /sandbox/messages and /sandbox/stats; change it at runtime with POST /sandbox/config.
     """
+    import asyncio
+
     from membercare.sandbox import ConfigError, apply_patch, config_from_dict, parse_rate_limit
     from membercare.sandbox.server import new_event_loop, serve
 

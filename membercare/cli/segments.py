@@ -13,7 +13,6 @@ from rich.table import Table
 from membercare.cli import app
 from membercare.cli.common import console, err_console, migrated_engine, state
 from membercare.errors import InputError
-from membercare.timeutil import parse_as_of
 
 segments_app = typer.Typer(help="List, count and inspect member segments.", no_args_is_help=True)
 rfm_app = typer.Typer(help="RFM (recency, frequency, monetary) scoring.", no_args_is_help=True)
@@ -30,9 +29,18 @@ PARAM_HELP = "Segment parameter SEGMENT.NAME=VALUE, e.g. new_members.days=7 (rep
 
 def _as_of(text: str | None) -> datetime:
     try:
+        from membercare.timeutil import parse_as_of
+
         return parse_as_of(text, state.settings.shop_timezone)
     except ValueError as exc:
         raise InputError(f"--as-of: {exc}") from None
+
+
+def _shop(when: datetime) -> str:
+    """A date as the shop reads it (segments count days in the shop's zone, not UTC)."""
+    from membercare.timeutil import shop_date_label
+
+    return shop_date_label(when, state.settings.shop_timezone)
 
 
 def _fmt(value) -> str:
@@ -93,7 +101,7 @@ def count_segments(
     when = _as_of(as_of)
     if names:
         todo = _parse_all(names, param)
-        skipped = []
+        skipped: list[tuple[str, str]] = []
     else:
         params = parse_param_options(param)
         todo, skipped = [], []
@@ -107,7 +115,7 @@ def count_segments(
                 skipped.append((d.name, f"needs --param {d.name}.{missing[0]}=..."))
             else:
                 todo.append((d.name, base.ref(d.name, **params.get(d.name, {}))))
-    t = Table(title=f"Segment counts as of {when:%Y-%m-%d %H:%M} UTC")
+    t = Table(title=f"Segment counts as of {_shop(when)}")
     t.add_column("segment")
     t.add_column("members", justify="right")
     t.add_column("seconds", justify="right")
@@ -140,7 +148,7 @@ def show_segment(
         ctx = SegmentContext(conn, when, state.settings.shop_timezone)
         total = count(ctx, seg)
         members = rows(ctx, seg, limit=limit)
-    t = Table(title=f"{name}: {total:,} members as of {when:%Y-%m-%d %H:%M} UTC (showing {len(members)})")
+    t = Table(title=f"{name}: {total:,} members as of {_shop(when)} (showing {len(members)})")
     why = [k for k in (members[0].keys() if members else []) if k not in
            ("external_id", "name", "email", "phone", "timezone", "member_id")]
     for col in ("member", "name", "email", "phone", "timezone", *why):
@@ -254,7 +262,7 @@ def tiers_review(
         if apply_changes:
             tiers.apply(conn, changes, when)
     summary = Counter((c.from_tier, c.to_tier, c.reason) for c in changes)
-    t = Table(title=f"Tier review as of {when:%Y-%m-%d %H:%M} UTC: {len(changes):,} changes"
+    t = Table(title=f"Tier review as of {_shop(when)}: {len(changes):,} changes"
               + (" (applied)" if apply_changes else " (dry run; --apply to write)"))
     for col in ("from", "to", "reason", "members"):
         t.add_column(col, justify="right" if col == "members" else "left")

@@ -29,7 +29,7 @@ def list_cmd() -> None:
     for col in ("campaign", "purpose", "audience", "channels", "occurrence", "priority", "locales"):
         t.add_column(col)
     for c in list_campaigns(state.settings):
-        audience = f"segment {c.segment.name}" if c.segment else f"event {c.trigger.event}"
+        audience = (f"segment {c.segment.name}" if c.segment else f"event {c.trigger.event}" if c.trigger else "-")
         t.add_row(c.name, c.purpose.value, audience, ",".join(ch.value for ch in c.channels),
                   f"{c.occurrence}/{c.message_per}", str(c.priority), ",".join(c.locales))
     console.print(t)

@@ -21,11 +21,18 @@ def trigger_cmd(
     from membercare.timeutil import parse_as_of
 
     # Validate before Prefect starts: unknown events, members and orders are one-line errors.
-    plan_trigger(migrated_engine(), state.settings, event, member, order=order, ref=ref,
-                 at=parse_as_of(at, state.settings.shop_timezone) if at else None)
+    plans = plan_trigger(migrated_engine(), state.settings, event, member, order=order, ref=ref,
+                         at=parse_as_of(at, state.settings.shop_timezone) if at else None)
+    for tr in plans:
+        if tr.expired:
+            console.print(f"{tr.campaign}: skipped, {tr.expired}")
+    if all(tr.expired for tr in plans):
+        return  # nothing to send: Prefect is not started
     from flows.triggers import trigger_message
 
     for r in trigger_message(event=event, member=member, order=order, ref=ref, at=at):
+        if r["status"] == "skipped":
+            continue  # printed above
         if r["status"] == "due later":
             console.print(f"{r['campaign']}: due {r['due_at']}; the daily {r['campaign']} run sends it then")
         else:

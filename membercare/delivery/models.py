@@ -112,6 +112,7 @@ class Decision(StrEnum):
     # A transient failure after which the provider may have accepted the message (TransientFailure.ambiguous):
     AMBIGUOUS = "ambiguous_failure"  # marketing: unknown, settled by reconciliation, never blindly resent
     AMBIGUOUS_RETRY = "ambiguous_retry"  # transactional: retried after a delay, unless records show it sent
+    CANCELLED = "cancelled"  # an operator cancelled the run before this row was sent (delivery.controls)
 
 
 class SuppressionReason(StrEnum):
@@ -140,7 +141,7 @@ class CampaignRun(TableModel, table=True):
     priority: int = Field(default=0, description="higher wins frequency-cap slots")
     as_of: datetime = _ts()
     status: str = Field(default=RunStatus.PLANNED.value, max_length=16)
-    # Pause the run when more than this fraction of recent sends failed (see dispatcher.ErrorBudget).
+    # Pause the run when more than this fraction of recent sends failed (see dispatch_outcomes.ErrorBudget).
     error_budget: float = Field(default=0.5)
     status_reason: str | None = Field(default=None, max_length=500)
     # Paused by the error budget with automatic resumption allowed: the time of the next probe, and how

@@ -83,7 +83,7 @@ class PlanSpec:
     purpose: Purpose
     channels: tuple[Channel, ...]  # the channels the campaign may use
     priority: int = 0  # higher wins frequency-cap slots (see policies)
-    error_budget: float = 0.5  # see dispatcher.ErrorBudget
+    error_budget: float = 0.5  # see dispatch_outcomes.ErrorBudget
     auto_resume_after_s: float | None = None  # after an error-budget pause (see dispatcher); None: an operator
 
     def __post_init__(self) -> None:
@@ -188,7 +188,7 @@ def get_or_create_run(engine: Engine, spec: PlanSpec, as_of: datetime) -> int:
     r = CampaignRun.__table__
     now = utcnow()
 
-    def work(conn: Connection):
+    def work(conn: Connection) -> sa.Row[Any]:
         conn.execute(
             insert_for(conn, r).on_conflict_do_nothing(index_elements=["campaign", "occurrence"]),
             dict(campaign=spec.campaign, occurrence=spec.occurrence, purpose=spec.purpose.value
@@ -344,11 +344,12 @@ def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipie
     rows = batch.rows
     for key, rc in todo.items():
         ctx = contexts.get(rc.member_id)
-        base = dict(message_id=mint(), run_id=run_id, campaign=spec.campaign, occurrence=spec.occurrence,
-                    member_id=rc.member_id, idempotency_key=key, coupon_code=rc.coupon_code, variant=None,
-                    purpose=purpose, priority=spec.priority, channel=None, fallback_channels="", content=None,
-                    attempts=0, transient_failures=0, scheduled_at=as_of, next_attempt_at=None, created_at=now,
-                    updated_at=now)
+        base: dict[str, Any] = dict(
+            message_id=mint(), run_id=run_id, campaign=spec.campaign, occurrence=spec.occurrence,
+            member_id=rc.member_id, idempotency_key=key, coupon_code=rc.coupon_code, variant=None,
+            purpose=purpose, priority=spec.priority, channel=None, fallback_channels="", content=None,
+            attempts=0, transient_failures=0, scheduled_at=as_of, next_attempt_at=None, created_at=now,
+            updated_at=now)
         if ctx is None:
             raise InputError(f"member id {rc.member_id} does not exist")
         variant = assign(ctx, rc) if assign else None
@@ -501,7 +502,7 @@ def _write(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, 
     if pending_preempt:
         recent = _recent_messages(conn, run_id, list({r["member_id"] for r in rows
                                                       if r["idempotency_key"] in pending_preempt}), as_of, policy)
-        _preempt(conn, spec, pending_preempt, rows, recent, None, policy, report)
+        _preempt(conn, spec, pending_preempt, rows, recent, policy, report)
     if not rows:
         return
     if is_sqlite(conn):
@@ -544,7 +545,8 @@ def fast_encode_contents(contents: Mapping[str, Content]) -> bytes:
     return zlib.compress(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), 1)
 
 
-def _preempt(conn, spec, pending, rows, recent, todo, policy, report) -> None:
+def _preempt(conn: Connection, spec: PlanSpec, pending: Mapping[str, tuple[int, ...]], rows: list[dict[str, Any]],
+             recent: Mapping[int, Sequence[RecentMessage]], policy: PolicySettings, report: PlanReport) -> None:
     """Take frequency-cap slots from lower-priority unsent rows; a row a dispatcher claimed meanwhile is kept."""
     o = OutboxMessage.__table__
     wanted = sorted({i for ids in pending.values() for i in ids})

@@ -106,6 +106,12 @@ class _SmsRow:
     member_updated_at: datetime | None
 
 
+
+def _sent_within(m: ListedMessage, start: datetime, end: datetime) -> bool:
+    """The listed message carries a date, and it lies in [start, end]."""
+    return m.at is not None and start <= m.at <= end
+
+
 def _rows(engine: Engine, message_ids: Sequence[str], channel: Channel) -> list[dict[str, Any]]:
     """Outbox rows of ``channel`` among ``message_ids`` with their member's current record."""
     o, m = OutboxMessage.__table__, Member.__table__
@@ -180,7 +186,7 @@ class TwilioListRecords:
         undated = len(dated) < len(free)  # a message without any date could be anyone's: no absence then
         unmatched = []
         for row in sorted(rows, key=lambda r: (r.start, r.id)):
-            match = next((m for m in dated if row.start <= m.at <= row.end and m.body == row.body), None)
+            match = next((m for m in dated if _sent_within(m, row.start, row.end) and m.body == row.body), None)
             if match is None:
                 unmatched.append(row)
                 continue
@@ -192,7 +198,7 @@ class TwilioListRecords:
                 continue
             if row.member_updated_at is None or row.member_updated_at > row.created_at:
                 continue  # the number may have changed since the send: the list we read may be the wrong one
-            if undated or any(row.start <= m.at <= row.end for m in dated):
+            if undated or any(_sent_within(m, row.start, row.end) for m in dated):
                 continue  # something unaccounted for was sent to this number meanwhile: it may be this one
             out.never_received[row.message_id] = (
                 f"Twilio lists no message from our sender to the member's number between "
@@ -297,7 +303,7 @@ class CombinedRecords:
             close()
 
 
-def _unavailable(source, exc: Exception) -> None:
+def _unavailable(source: object, exc: Exception) -> None:
     # Only our own lookup errors are known to carry no address; of anything else, the type alone.
     detail = str(exc) if isinstance(exc, ProviderLookupError) else type(exc).__name__
     log.warning("provider records %s unavailable, nothing concluded from them: %s", type(source).__name__, detail)

@@ -158,7 +158,7 @@ def _minus(when: datetime, seconds: int) -> datetime:
 # The computation
 
 
-def conversions_query(since: datetime, until: datetime) -> sa.Select:
+def conversions_query(since: datetime, until: datetime) -> sa.CompoundSelect:
     """Orders in a purchase state and coupon redemptions (on a purchase, or without a recorded order)."""
     o, c = Order.__table__, Coupon.__table__
     orders = sa.select(

@@ -54,6 +54,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -146,7 +147,7 @@ def _usable(e: EngagementEvent) -> tuple[EngagementEvent, tuple[str, ...]]:
     if (len(mid) <= _MAX_MESSAGE_ID and len(pid) <= _MAX_KEY and 0 < len(key) <= _MAX_KEY
             and len(to) <= _MAX_ADDRESS.get(str(e.channel), 4096) and not has_control(mid + pid + to + key)):
         return e, ()  # the common case, in one scan
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}  # field -> its replacement (fields of several types)
     if e.message_id is not None and usable_id(e.message_id, _MAX_MESSAGE_ID) is None:
         changes["message_id"] = None
     if e.provider_message_id is not None and usable_id(e.provider_message_id, _MAX_KEY) is None:
@@ -210,15 +211,15 @@ def _members_by_address(conn: Connection, wanted: dict[str, set[str]]) -> dict[t
     for part in _chunks(emails):
         # Addresses are usually stored lower-cased: the indexed exact match finds those, and only the
         # rest pay for the case-insensitive comparison (a scan of members).
-        rows = conn.execute(sa.select(m.c.id, m.c.email).where(_in(conn, m.c.email, part)).order_by(m.c.id)).all()
+        rows = list(conn.execute(sa.select(m.c.id, m.c.email).where(_in(conn, m.c.email, part)).order_by(m.c.id)))
         rest = sorted(set(part) - {email for _, email in rows})
         if rest:
-            rows += conn.execute(
+            rows.extend(conn.execute(
                 sa.select(m.c.id, m.c.email)
                 .where(_in(conn, sa.func.lower(m.c.email, type_=m.c.email.type), rest),
                        sa.not_(_in(conn, m.c.email, rest)))
                 .order_by(m.c.id)
-            ).all()
+            ))
         for member_id, email in rows:
             found[(Channel.EMAIL.value, email.strip().lower())].append(member_id)
     phones = sorted(wanted.get(Channel.SMS, ()))

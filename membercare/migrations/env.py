@@ -5,6 +5,7 @@ from sqlmodel import SQLModel
 
 # Imported for their side effect: each registers its tables on SQLModel.metadata.
 from membercare.db import make_engine
+from membercare.errors import ConfigurationError
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -18,7 +19,10 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise ConfigurationError("no database URL: run the migrations through membercare.db.alembic_config")
+    engine = make_engine(url)
     with engine.connect() as connection:
         # render_as_batch: SQLite cannot ALTER most things; batch mode recreates tables safely.
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)

@@ -11,10 +11,15 @@ Before a run the planner asks :func:`allocate` for the shares of the next run:
 2. An exploration floor: ``share = floor + (1 - K * floor) * P(best)``, so every variant keeps at least
    ``floor`` of the traffic (default 5 %) until a winner is promoted. The floor keeps estimates of
    the losers current, which matters when appeal drifts (seasonality, fatigue).
-3. Promotion: when the leader's ``P(best) >= threshold`` (default 0.95) and every variant has at least
-   ``min_sends`` sends, the leader is the winner and gets the whole traffic (the test is over).
-   A threshold of exactly 1.0 never promotes (Monte-Carlo ``P(best)`` can reach 1.0 exactly): use it
-   with ``floor = 1/K`` for a fixed equal split.
+3. Promotion, with error control: the leader is promoted (and gets the whole traffic; the test is over) when the
+   run-stratified always-valid test of :mod:`membercare.optimise.sequential` says it beats every other variant at
+   family-wise level ``alpha = 1 - threshold`` (so the default ``threshold`` 0.95 bounds the false-winner rate of
+   an A/A test by 5 % however many runs look at it) and every variant has at least ``min_sends`` sends.
+   ``P(best)`` only sets the shares: checked after every run it is no stopping rule (it promoted a winner between
+   identical variants in 39-54 % of A/A tests). Pass the per-run counts (``runs``) so drift of the base rate
+   between runs cannot look like a difference; without them the pooled counts are one stratum. The evidence
+   (stratified differences, always-valid intervals, likelihood ratios) is in the report's ``evidence``.
+   A threshold of exactly 1.0 never promotes: use it with ``floor = 1/K`` for a fixed equal split.
 
 Before any data all posteriors are equal and the shares are exactly uniform. The Monte-Carlo error of
 ``P(best)`` with the default 20,000 draws is at most 0.0035 (one standard error); the RNG is seeded from
@@ -31,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from membercare.optimise import sequential
 
 Goal = Literal["click", "conversion"]
 
@@ -76,6 +83,7 @@ class BanditReport:
     draws: int
     seed: int | None
     notes: list[str] = field(default_factory=list)
+    evidence: dict | None = None  # sequential.Evidence.to_dict(): why the winner was (or was not yet) promoted
 
     @property
     def shares(self) -> dict[str, float]:
@@ -146,11 +154,15 @@ def allocate(
     prior: tuple[float, float] = (1.0, 1.0),
     seed: int | None = None,
     confidence: float = 0.95,
+    runs: Sequence[Sequence[VariantStats]] | None = None,
+    lift: float = sequential.DEFAULT_LIFT,
 ) -> BanditReport:
     """Shares for the next run, the promoted winner (if any) and each variant's posterior.
 
     ``variants`` holds cumulative results on ``goal`` (the caller counts clicks or conversions). Names
-    must be unique. With a winner, its share is 1 and the others' 0.
+    must be unique. With a winner, its share is 1 and the others' 0. ``runs`` holds the same counts per earlier
+    run (each a list in the order of ``variants``) for the stratified promotion test; ``lift`` is the relative
+    difference the test is tuned to (:func:`membercare.optimise.sequential.mixture_scale`).
     """
     if not variants:
         raise ValueError("at least one variant is required")
@@ -164,15 +176,19 @@ def allocate(
     p_best = probability_best(alpha, beta, draws=draws, rng=rng)
     notes: list[str] = []
     winner = None
-    lead = int(np.argmax(p_best))
+    evidence = None
     if len(variants) == 1:
         winner = names[0]
-    elif p_best[lead] >= threshold and threshold < 1.0:  # 1.0: never promote (a fixed split)
-        if all(v.sends >= min_sends for v in variants):
-            winner = names[lead]
-        else:
-            notes.append(f"{names[lead]} leads with P(best) {p_best[lead]:.3f} "
-                         f"but some variant has < {min_sends} sends")
+    elif threshold < 1.0:  # 1.0: never promote (a fixed split)
+        ev = sequential.evidence(names, *_run_matrix(variants, runs), alpha=1.0 - threshold, lift=lift)
+        evidence = ev.to_dict()
+        enough = all(v.sends >= min_sends for v in variants)
+        if ev.winner is not None and enough:
+            winner = ev.winner
+        elif ev.winner is not None:
+            notes.append(f"{ev.winner} passes the sequential test but some variant has < {min_sends} sends")
+        elif not enough:
+            notes.append(f"no promotion before every variant has {min_sends} sends")
     if winner is not None:
         shares = np.array([1.0 if n == winner else 0.0 for n in names])
     else:
@@ -193,7 +209,21 @@ def allocate(
         for i, v in enumerate(variants)
     ]
     return BanditReport(goal=goal, variants=reports, winner=winner, threshold=threshold, floor=floor,
-                        draws=draws, seed=seed, notes=notes)
+                        draws=draws, seed=seed, notes=notes, evidence=evidence)
+
+
+def _run_matrix(variants: Sequence[VariantStats],
+                runs: Sequence[Sequence[VariantStats]] | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(sends, successes)`` of shape ``(runs, K)``; the pooled counts as one run when ``runs`` is None."""
+    if runs is None or not runs:
+        runs = [variants]
+    names = [v.name for v in variants]
+    for r in runs:
+        if [v.name for v in r] != names:
+            raise ValueError(f"per-run counts must list the variants {names} in this order")
+    sends = np.array([[v.sends for v in r] for r in runs], dtype=float)
+    successes = np.array([[v.successes for v in r] for r in runs], dtype=float)
+    return sends, successes
 
 
 def uniform_shares(names: Sequence[str]) -> dict[str, float]:

@@ -248,7 +248,9 @@ def _insert(conn: Connection, table: sa.Table, cols: tuple[str, ...], rows: list
     conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
     tmp = f"_hillstrom_{table.name}"
     conn.exec_driver_sql(f"CREATE TEMP TABLE {tmp} AS SELECT {names} FROM {table.name} WITH NO DATA")
-    with conn.connection.driver_connection.cursor() as cur:
+    driver = conn.connection.driver_connection
+    assert driver is not None  # a connection in use holds its psycopg connection
+    with driver.cursor() as cur:
         with cur.copy(f"COPY {tmp} ({names}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
@@ -291,7 +293,9 @@ def _load_batch(conn: Connection, batch: list[Customer], runs: dict[str, int], s
          sent, sent) for c in batch], ("external_id",)))
     ids = _ids(conn, m.c.external_id, m.c.id, [external_id(c.number) for c in batch])
 
-    orders, outbox, events = [], [], []
+    orders: list[tuple[str, int, str, str, int, str, str | None, str]] = []
+    outbox: list[tuple] = []
+    events: list[tuple] = []
     treated_reason, holdout_reason = "Hillstrom e-mail arm", "Hillstrom No E-Mail arm (the randomised control)"
     for c in batch:
         ext, member = external_id(c.number), ids[external_id(c.number)]

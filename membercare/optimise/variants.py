@@ -73,38 +73,53 @@ class Allocation:
     stored: bool  # False for a dry run's allocation that was not written
 
 
-def variant_stats(conn: Connection, campaign: str, names: Sequence[str], goal: str,
-                  before: datetime) -> list[bandit.VariantStats]:
-    """Sends and goal successes per variant over the campaign's occurrences planned for before ``before``.
+def variant_stats_by_run(conn: Connection, campaign: str, names: Sequence[str], goal: str,
+                         before: datetime) -> list[list[bandit.VariantStats]]:
+    """Sends and goal successes per earlier run and variant (runs planned for before ``before``, oldest first).
 
-    Two ``GROUP BY variant`` queries: sends over the earlier runs' outbox rows in state sent (holdout and
+    Two ``GROUP BY run, variant`` queries: sends over the earlier runs' outbox rows in state sent (holdout and
     control rows are never sent, so never counted), and successes, which start from the (far fewer)
     successes: for ``click`` the messages with a clicked or push_opened event, joined to their outbox row;
-    for ``conversion`` the messages credited with a conversion by last-touch attribution.
+    for ``conversion`` the messages credited with a conversion by last-touch attribution. The per-run split
+    is what the promotion test stratifies on (:mod:`membercare.optimise.sequential`).
     """
     o, r = OutboxMessage.__table__, CampaignRun.__table__
     earlier = sa.select(r.c.id).where(r.c.campaign == campaign, r.c.as_of < ensure_utc(before))
     names = list(names)
-    sends = dict(conn.execute(
-        sa.select(o.c.variant, sa.func.count())
+    sends: dict[tuple[int, str], int] = {(int(run), v): int(n) for run, v, n in conn.execute(
+        sa.select(o.c.run_id, o.c.variant, sa.func.count())
         .where(o.c.run_id.in_(earlier), o.c.state == OutboxState.SENT.value, o.c.variant.in_(names))
-        .group_by(o.c.variant)).tuples().all())
+        .group_by(o.c.run_id, o.c.variant)).tuples().all()}
     if goal == "click":
         e = EngagementEventRow.__table__
         clicked = sa.select(e.c.message_id).where(e.c.kind.in_(CLICK_KINDS)).distinct().subquery("clicked")
-        successes = sa.select(o.c.variant, sa.func.count()).select_from(
+        successes = sa.select(o.c.run_id, o.c.variant, sa.func.count()).select_from(
             clicked.join(o, o.c.message_id == clicked.c.message_id)).where(
-            o.c.run_id.in_(earlier), o.c.state == OutboxState.SENT.value, o.c.variant.in_(names))
+            o.c.run_id.in_(earlier), o.c.state == OutboxState.SENT.value, o.c.variant.in_(names)
+        ).group_by(o.c.run_id, o.c.variant)
     elif goal == "conversion":
         a = Attribution.__table__
-        successes = sa.select(a.c.variant, sa.func.count(sa.distinct(a.c.message_id))).where(
+        successes = sa.select(a.c.run_id, a.c.variant, sa.func.count(sa.distinct(a.c.message_id))).where(
             a.c.model == AttributionModel.LAST_TOUCH.value, a.c.campaign == campaign, a.c.run_id.in_(earlier),
-            a.c.variant.in_(names))
+            a.c.variant.in_(names)).group_by(a.c.run_id, a.c.variant)
     else:
         raise InputError(f"unknown variant goal {goal!r}; valid: click, conversion")
-    wins = dict(conn.execute(successes.group_by(successes.selected_columns[0])).tuples().all())
-    return [bandit.VariantStats(n, int(sends.get(n, 0)), min(int(wins.get(n, 0)), int(sends.get(n, 0))))
-            for n in names]
+    wins = {(int(run), v): int(n) for run, v, n in conn.execute(successes).tuples().all()}
+    run_ids = sorted({run for run, _ in sends})
+    return [[bandit.VariantStats(n, sends.get((run, n), 0), min(wins.get((run, n), 0), sends.get((run, n), 0)))
+             for n in names] for run in run_ids]
+
+
+def variant_stats(conn: Connection, campaign: str, names: Sequence[str], goal: str,
+                  before: datetime) -> list[bandit.VariantStats]:
+    """Sends and goal successes per variant over the campaign's occurrences planned for before ``before``
+    (the per-run counts of :func:`variant_stats_by_run`, summed)."""
+    return _pooled(list(names), variant_stats_by_run(conn, campaign, names, goal, before))
+
+
+def _pooled(names: list[str], runs: list[list[bandit.VariantStats]]) -> list[bandit.VariantStats]:
+    return [bandit.VariantStats(n, sum(r[i].sends for r in runs), sum(r[i].successes for r in runs))
+            for i, n in enumerate(names)]
 
 
 def compute_allocation(conn: Connection, campaign: str, occurrence: str, as_of: datetime, test: VariantTest, *,
@@ -124,12 +139,13 @@ def compute_allocation(conn: Connection, campaign: str, occurrence: str, as_of: 
         return Allocation(campaign, occurrence, names, shares, prev.winner,
                           f"winner {prev.winner} promoted in occurrence {prev.occurrence}", json.loads(prev.report),
                           False)
-    stats = variant_stats(conn, campaign, names, test.goal, as_of)
+    runs = variant_stats_by_run(conn, campaign, names, test.goal, as_of)
+    stats = _pooled(list(names), runs)
     rep = bandit.allocate(stats, goal=test.goal, floor=test.floor, threshold=test.promote_at, min_sends=min_sends,
-                          draws=draws, seed=bandit.seed_for(campaign, occurrence))
+                          draws=draws, seed=bandit.seed_for(campaign, occurrence), runs=runs)
     p_best = {v.name: v.p_best for v in rep.variants}
     if rep.winner is not None:
-        reason = f"promoted {rep.winner}: P(best) {p_best[rep.winner]:.3f} >= {test.promote_at}"
+        reason = f"promoted {rep.winner}: {_evidence_line(rep.evidence)}"
     elif sum(s.sends for s in stats) == 0:
         reason = "first occurrence (no sends of earlier occurrences): uniform"
     else:
@@ -138,6 +154,18 @@ def compute_allocation(conn: Connection, campaign: str, occurrence: str, as_of: 
             reason += "; " + "; ".join(rep.notes)
     return Allocation(campaign, occurrence, names, {n: float(rep.shares[n]) for n in names}, rep.winner,
                       reason[:500], rep.to_dict(), False)
+
+
+def _evidence_line(evidence: dict | None) -> str:
+    """One line of the promotion's evidence for ``reason`` (the full evidence is in ``report``)."""
+    if not evidence:
+        return "single variant"
+    worst = min(evidence["pairs"], key=lambda p: p["log_likelihood_ratio"])
+    lo, hi = worst["interval"]
+    return (f"beats every variant in the run-stratified sequential test at false-winner rate {evidence['alpha']:.3g} "
+            f"over {evidence['runs']} runs; weakest pair vs {worst['other']}: difference {worst['difference']:+.4f} "
+            f"(always-valid interval {lo:+.4f} .. {hi:+.4f}), log LR {worst['log_likelihood_ratio']:.2f} >= "
+            f"{worst['bound']:.2f}")
 
 
 def _from_row(row: sa.Row) -> Allocation:
@@ -184,4 +212,4 @@ def allocation_for(engine: Engine, campaign: str, occurrence: str, as_of: dateti
 
 
 __all__ = ["Allocation", "VariantAllocation", "allocation_for", "compute_allocation", "stored_allocation",
-           "variant_stats"]
+           "variant_stats", "variant_stats_by_run"]

@@ -150,7 +150,7 @@ class ContextBuilder:
 
     def model(self, conn: Connection, as_of: datetime) -> CoPurchaseModel:
         # One model per run; a run keeps one as_of, so recompute only if it changes by over a day.
-        if self._model is None or abs((as_of - self._model_as_of).total_seconds()) > 86400:
+        if self._model is None or self._model_as_of is None or abs((as_of - self._model_as_of).total_seconds()) > 86400:
             self._model, self._model_as_of = CoPurchaseModel.load(conn, as_of), as_of
         return self._model
 
@@ -220,14 +220,14 @@ class ContextBuilder:
 
         bought: dict[int, list[int]] = defaultdict(list)
         cats: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for r in conn.execute(
+        for member_id, product_id, category, n in conn.execute(
             sa.select(o.c.member_id, ol.c.product_id, ol.c.category, sa.func.count())
             .join(ol, ol.c.order_id == o.c.id).where(purchase, in_window)
             .group_by(o.c.member_id, ol.c.product_id, ol.c.category)
         ):
-            if r[1] is not None:
-                bought[r[0]].append(r[1])
-            cats[r[0]][r[2]] += r[3]
+            if product_id is not None:
+                bought[member_id].append(product_id)
+            cats[member_id][category] += n
 
         model = self.model(conn, as_of) if self.n_recommendations else None
         tiers = self.tiers(conn)

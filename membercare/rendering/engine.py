@@ -44,8 +44,8 @@ from jinja2 import StrictUndefined, TemplateSyntaxError
 from membercare.errors import RenderError
 from membercare.models import Channel
 from membercare.rendering import helpers
+from membercare.rendering.bounded import BoundedEnvironment
 from membercare.rendering.htmltext import InlineError, html_to_text_template, inline_css
-from membercare.rendering.limits import BoundedEnvironment
 from membercare.rendering.locales import fallback_chain, normalise_locale
 
 LAYOUT_DIR = "_layout"
@@ -215,7 +215,9 @@ class TemplateStore:
     def __init__(self, root: Path, shop_locale: str = "zh-TW"):
         self.root = Path(root)
         self.shop_locale = normalise_locale(shop_locale)
-        self._cache: dict[tuple, Compiled | None] = {}
+        self._cache: dict[tuple, Compiled | None] = {}  # compiled parts (None: no such file)
+        self._overridden: dict[tuple, bool] = {}
+        self._resolved: dict[tuple, str | None] = {}
         self._lock = threading.Lock()
         self._shop: dict | None = None
 
@@ -235,8 +237,8 @@ class TemplateStore:
         The text/plain part counts as overridden when the variant has its own text *or* HTML body (text
         derived from the variant's HTML, never the control's copy); push data also by a locale-free file.
         """
-        key = ("overrides", campaign, part, locale, variant)
-        hit = self._cache.get(key)
+        key = (campaign, part, locale, variant)
+        hit = self._overridden.get(key)
         if hit is None:
             names = [(part, locale)]
             if part == Part.EMAIL_TEXT:
@@ -244,8 +246,8 @@ class TemplateStore:
             elif part == Part.PUSH_DATA:
                 names.append((part, None))
             hit = any(self.path(campaign, p, loc, variant).is_file() for p, loc in names)
-            self._cache[key] = hit  # type: ignore[assignment]
-        return bool(hit)
+            self._overridden[key] = hit
+        return hit
 
     def available(self, campaign: str) -> dict[Part, set[str | None]]:
         found: dict[Part, set[str | None]] = {}
@@ -258,15 +260,15 @@ class TemplateStore:
 
     def resolve_locale(self, campaign: str, channel: Channel, chain: list[str]) -> str | None:
         """The first locale of ``chain`` that has every required part of ``channel``."""
-        key = ("resolve", campaign, channel, tuple(chain))
-        if key in self._cache:
-            return self._cache[key]  # type: ignore[return-value]
+        key = (campaign, channel, tuple(chain))
+        if key in self._resolved:
+            return self._resolved[key]
         found = None
         for loc in chain:
             if all(self.path(campaign, part, loc).is_file() for part in REQUIRED[channel]):
                 found = loc
                 break
-        self._cache[key] = found  # type: ignore[assignment]
+        self._resolved[key] = found
         return found
 
     def shop(self) -> dict:
@@ -280,7 +282,7 @@ class TemplateStore:
             self._shop = data or {}
         return self._shop
 
-    def layout_locale(self, name: str, locale: str, shop_locale: str) -> tuple[Path, str]:
+    def layout_locale(self, name: str, locale: str | None, shop_locale: str) -> tuple[Path, str]:
         for loc in fallback_chain(locale, shop_locale):
             p = self.root / LAYOUT_DIR / name.format(loc=loc)
             if p.is_file():
@@ -325,7 +327,7 @@ class TemplateStore:
             return self._push_data(campaign, locale, rel, src)
         return Compiled(campaign, part, locale, _compile(TEXT_ENV, src, name, rel), (rel,), src)
 
-    def _html(self, campaign: str, locale: str, shop_locale: str, rel: str, body: str) -> Compiled:
+    def _html(self, campaign: str, locale: str | None, shop_locale: str, rel: str, body: str) -> Compiled:
         # Compile the body alone first so that syntax errors point at the campaign's own file.
         _compile(HTML_ENV, body, rel, rel)
         lpath, _ = self.layout_locale("email.{loc}.html", locale, shop_locale)

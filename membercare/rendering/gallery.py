@@ -110,7 +110,8 @@ def build_gallery(settings: Settings | None = None, *, campaigns: list[str] | No
         app = renderer.shop_view(campaign.default_locale).get("name", "")
         status = (f"<span class='badge err'>{len(errors)} error(s)</span>" if errors
                   else "<span class='badge ok'>check passed</span>")
-        target = (f"segment {campaign.segment.name}" if campaign.segment else f"event {campaign.trigger.event}")
+        target = (f"segment {campaign.segment.name}" if campaign.segment
+                  else f"event {campaign.trigger.event}" if campaign.trigger else "no audience")
         head = (f"<h2>{_e(name)}</h2><p class='meta'><span class='badge {campaign.purpose.value}'>"
                 f"{campaign.purpose.value}</span>{status}{_e(campaign.description)} · {_e(target)} · "
                 f"priority {campaign.priority} · {campaign.occurrence} per {campaign.message_per}</p>")

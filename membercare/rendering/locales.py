@@ -74,6 +74,10 @@ def babel_locale(tag: str) -> Locale:
         return Locale.parse(language_of(tag))
 
 
+# In Formatter's body its method ``datetime`` hides the type of that name from the annotations after it.
+_DateTime = datetime
+
+
 class Formatter:
     """Per-locale formatting of money, numbers, dates and coupon values, memoised.
 
@@ -127,7 +131,7 @@ class Formatter:
     def datetime(self, value: datetime, style: str = "short") -> str:
         return format_datetime(value.astimezone(self.tz), style, tzinfo=self.tz, locale=self.locale)
 
-    def local_date(self, value: datetime) -> date:
+    def local_date(self, value: _DateTime) -> date:
         return value.astimezone(self.tz).date()
 
     # -- coupons and offers --------------------------------------------------------------------

@@ -38,6 +38,7 @@ from membercare.links import LinkSigner
 from membercare.models import Channel
 from membercare.rendering import helpers
 from membercare.rendering import sms as smslen
+from membercare.rendering.bounded import render_bounded
 from membercare.rendering.context import ContextBuilder
 from membercare.rendering.engine import (
     Compiled,
@@ -47,7 +48,7 @@ from membercare.rendering.engine import (
     TemplateStore,
     context_line,
 )
-from membercare.rendering.limits import DEFAULT_LIMITS, RenderLimits, TemplateLimitError, render_bounded
+from membercare.rendering.limits import DEFAULT_LIMITS, RenderLimits, TemplateLimitError
 from membercare.rendering.locales import Formatter, fallback_chain, language_of
 from membercare.timeutil import utcnow
 
@@ -210,6 +211,14 @@ class CampaignRenderer:
     def _part(self, part: Part, locale: str, variant: str | None = None) -> Compiled | None:
         return self.store.get(self.campaign.name, part, locale, variant)
 
+    def _required(self, part: Part, locale: str, variant: str | None = None) -> Compiled:
+        """A part every locale that ``template_locale`` resolves has (its file was there when resolved)."""
+        compiled = self._part(part, locale, variant)
+        if compiled is None:
+            raise RenderError(f"no {part.value} template for {locale}", file=f"templates/{self.campaign.name}",
+                              code="missing-locale")
+        return compiled
+
     def _variant(self, variant: str | None) -> str | None:
         """The template variant to use: ``None`` for plain templates (no test, or control rows)."""
         if variant is None:
@@ -238,12 +247,12 @@ class CampaignRenderer:
         return self.render_email(locale, variables, variant=variant)
 
     def render_email(self, locale: str, v: dict, *, variant: str | None = None) -> EmailContent:
-        subject = _WS.sub(" ", self._run(self._part(Part.EMAIL_SUBJECT, locale, variant), v)).strip()
+        subject = _WS.sub(" ", self._run(self._required(Part.EMAIL_SUBJECT, locale, variant), v)).strip()
         pre = self._part(Part.EMAIL_PREHEADER, locale, variant)
         preheader = _WS.sub(" ", self._run(pre, v)).strip() if pre else None
         v = {**v, "subject": subject, "preheader": preheader or ""}
-        html = self._run(self._part(Part.EMAIL_HTML, locale, variant), v)
-        text = self._run(self._part(Part.EMAIL_TEXT, locale, variant), v)
+        html = self._run(self._required(Part.EMAIL_HTML, locale, variant), v)
+        text = self._run(self._required(Part.EMAIL_TEXT, locale, variant), v)
         text = _BLANKS.sub("\n\n", text).strip() + "\n"
         headers: dict[str, str] = {}
         if self.campaign.is_marketing:
@@ -256,7 +265,7 @@ class CampaignRenderer:
             headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         if not subject:
             raise ContentLimitError("email subject renders empty",
-                                    file=self._part(Part.EMAIL_SUBJECT, locale, variant).files[0],
+                                    file=self._required(Part.EMAIL_SUBJECT, locale, variant).files[0],
                                     code="empty")
         return EmailContent(subject=subject, html=html, text=text, preheader=preheader, headers=headers)
 
@@ -268,7 +277,7 @@ class CampaignRenderer:
         return text
 
     def render_sms(self, locale: str, v: dict, *, variant: str | None = None) -> SmsContent:
-        compiled = self._part(Part.SMS, locale, variant)
+        compiled = self._required(Part.SMS, locale, variant)
         body = self._run(compiled, v).strip()
         if self.campaign.is_marketing:
             optout = self.sms_optout(locale)
@@ -285,7 +294,7 @@ class CampaignRenderer:
 
     def render_push(self, locale: str, v: dict, message_id: str | None = None, *,
                     variant: str | None = None) -> PushContent:
-        tc, bc = self._part(Part.PUSH_TITLE, locale, variant), self._part(Part.PUSH_BODY, locale, variant)
+        tc, bc = self._required(Part.PUSH_TITLE, locale, variant), self._required(Part.PUSH_BODY, locale, variant)
         title = _WS.sub(" ", self._run(tc, v)).strip()
         body = self._run(bc, v).strip()
         data: dict[str, str] = {}

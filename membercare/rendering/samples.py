@@ -9,6 +9,7 @@ database, so their shape cannot drift from what real sends see.
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from membercare.models import DEFAULT_TIERS
 from membercare.rendering.context import ContextBuilder, product_view
@@ -56,8 +57,9 @@ def sample_context(builder: ContextBuilder, locale: str, variant: str = "typical
         "birthday": date(1990, as_of.month, as_of.day), "joined_at": as_of - timedelta(days=3),
         "region": "北部" if lang_key == "zh-TW" else "North", "city": "台北市" if lang_key == "zh-TW" else "Taipei",
     }
-    products = [dict(zip(("sku", "name", "category", "price_minor"), p, strict=True), currency="TWD")
-                for p in _PRODUCTS[lang_key]]
+    products: list[dict[str, Any]] = [
+        dict(zip(("sku", "name", "category", "price_minor"), p, strict=True), currency="TWD")
+        for p in _PRODUCTS[lang_key]]
     url = builder.url_pattern
     amount = 99_999_00 if worst else 200_00
     coupons = [{
@@ -72,7 +74,7 @@ def sample_context(builder: ContextBuilder, locale: str, variant: str = "typical
             "min_spend_minor": 0, "issued_at": as_of - timedelta(days=5), "expires_at": as_of + timedelta(days=29),
             "campaign": None,
         })
-    items = [
+    items: list[dict[str, Any]] = [
         {**products[0], "quantity": 1, "amount_minor": products[0]["price_minor"],
          "url": url.format(sku=products[0]["sku"]), "product_id": 1},
         {**products[1], "quantity": 2, "amount_minor": 2 * products[1]["price_minor"],

@@ -85,7 +85,9 @@ def split(text: str) -> list[str]:
     m = measure(text)
     if m.segments == 1:
         return [text]
-    part, used, parts, cur = PART[m.encoding], 0, [], []
+    part, used = PART[m.encoding], 0
+    parts: list[str] = []
+    cur: list[str] = []
     for c in text:
         cost = _cost(c, m.encoding)
         if used + cost > part:

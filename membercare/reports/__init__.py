@@ -5,19 +5,14 @@ aggregates), as text or offline HTML.
 renders it as one self-contained HTML file with charts. Definitions: ``docs/reports.md``.
 """
 
-from membercare.reports.core import (
-    FrequencySection,
-    FunnelRow,
-    HoldoutRow,
-    Kpis,
-    ProgrammeLift,
-    Report,
-    ReportOptions,
-    TrendPoint,
-    VariantRow,
-    VariantSection,
-    build_report,
-)
+from membercare.reports.frequency import FrequencySection
+from membercare.reports.funnel import FunnelRow
+from membercare.reports.kpis import Kpis
+from membercare.reports.lift import HoldoutRow, ProgrammeLift
+from membercare.reports.options import ReportOptions
+from membercare.reports.report import Report, build_report
+from membercare.reports.trends import TrendPoint
+from membercare.reports.variants import VariantRow, VariantSection, variant_settings_from_campaigns
 
 __all__ = ["FrequencySection", "FunnelRow", "HoldoutRow", "Kpis", "ProgrammeLift", "Report", "ReportOptions",
-           "TrendPoint", "VariantRow", "VariantSection", "build_report"]
+           "TrendPoint", "VariantRow", "VariantSection", "build_report", "variant_settings_from_campaigns"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from membercare.reports.core import FunnelRow, Report
+from membercare.reports import FrequencySection, FunnelRow, Report
 
 STAGES = ("planned", "sent", "delivered", "opened", "clicked", "converted")
 CHANNEL_COLOURS = {"email": "#4C78A8", "sms": "#F58518", "push": "#54A24B", "-": "#BAB0AC"}
@@ -82,7 +82,7 @@ def _revenue_chart(rows: list[FunnelRow], currency: str):
     data = [{"campaign": r.campaign, "channel": r.channel, "revenue": r.revenue_minor / 100,
              "conversion_rate": (r.converted / r.sent) if r.sent else 0.0}
             for r in rows if r.sent or r.revenue_minor]
-    channels = sorted({d["channel"] for d in data}) or ["email"]
+    channels = sorted({r.channel for r in rows if r.sent or r.revenue_minor}) or ["email"]
     colour = alt.Color("channel:N", scale=alt.Scale(domain=channels,
                                                     range=[CHANNEL_COLOURS.get(c, "#888") for c in channels]))
     revenue = alt.Chart(alt.Data(values=data)).mark_bar().encode(
@@ -378,10 +378,9 @@ def _variant_section(report: Report) -> str:
     return "".join(parts) + "</section>"
 
 
-def _frequency_chart(report: Report):
+def _frequency_chart(f: FrequencySection):
     import altair as alt
 
-    f = report.frequency
     data = []
     for b in f.buckets:
         if not b.member_weeks:
@@ -431,7 +430,7 @@ def _frequency_section(report: Report) -> str:
             "more messages may differ. The cap is read conservatively from the upper 95 % bounds.</p>"
             f"<p><b>Highest safe weekly frequency</b> (unsubscribes at most {_pct(f.max_unsubscribe_rate, 2)}"
             f"{complaint} per member-week, buckets of at least {f.min_member_weeks} member-weeks): {_e(safe)}</p>"
-            f"<div class='charts'><div class='chart'>{_svg(_frequency_chart(report))}</div>"
+            f"<div class='charts'><div class='chart'>{_svg(_frequency_chart(f))}</div>"
             "<div style='flex:1;min-width:520px'><table><tr>"
             + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head)) + "</tr>"
             + "".join(rows) + "</table></div></div></section>")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from membercare.optimise.lift import BinaryLift, MeanLift
-from membercare.reports.core import FrequencySection, ProgrammeLift, Report, VariantSection
+from membercare.reports import FrequencySection, ProgrammeLift, Report, VariantSection
 
 
 def _pct(x: float | None, digits: int = 2) -> str:

@@ -5,6 +5,7 @@ with ``MEMBERCARE_SENDGRID_BASE_URL`` / ``MEMBERCARE_TWILIO_BASE_URL`` / ``MEMBE
 service account whose ``token_uri`` is ``<sandbox>/token``. See docs/channels.md.
 """
 
+from membercare.sandbox.app import SandboxApp
 from membercare.sandbox.config import (
     ChannelBehaviour,
     ConfigError,
@@ -16,7 +17,7 @@ from membercare.sandbox.config import (
     parse_rate_limit,
 )
 from membercare.sandbox.recipients import EngagementModel, RecipientContext
-from membercare.sandbox.server import SandboxApp, SandboxServer, serve
+from membercare.sandbox.server import SandboxServer, serve
 
 __all__ = [
     "ChannelBehaviour",

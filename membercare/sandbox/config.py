@@ -241,12 +241,12 @@ def _convert(cls, name: str, value: Any, where: str):  # noqa: C901 - a table: o
     raise ConfigError(f"{where}: unsupported setting")
 
 
-def _default_of(cls, name: str):
+def _default_of(cls: type, name: str) -> Any:
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return None
 
 

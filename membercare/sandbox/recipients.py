@@ -190,8 +190,9 @@ class Recipients:
         elif rec.channel == "push":
             if unsubscribed:
                 self._state.unregistered.add(rec.to)  # uninstalled: the token is dead from now on
-            if cfg.endpoint("push") and cfg.push_tracking_secret:
-                self._spawn(self._push(cfg, rec, outcome, rng.random(), ctx))
+            url = cfg.endpoint("push")
+            if url and cfg.push_tracking_secret:
+                self._spawn(self._push(cfg, url, rec, outcome, rng.random(), ctx))
 
     # ---------------------------------------------------------------- SendGrid
 
@@ -310,10 +311,10 @@ class Recipients:
 
     # ---------------------------------------------------------------- push
 
-    async def _push(self, cfg: SandboxConfig, rec: MessageRecord, o: dict[str, bool], dismiss_draw: float,
+    async def _push(self, cfg: SandboxConfig, url: str, rec: MessageRecord, o: dict[str, bool], dismiss_draw: float,
                     ctx: RecipientContext | None = None) -> None:
         await self._delay(cfg)
-        url, secret = cfg.endpoint("push"), cfg.push_tracking_secret or ""
+        secret = cfg.push_tracking_secret or ""
         events = []
         if o["delivered"]:
             events.append("received")

@@ -310,8 +310,9 @@ class ShopSimulation:
     def __call__(self, ctx: RecipientContext) -> EngagementRates:
         """The engagement model: rates for this message from the truth, at the simulated delivery instant."""
         s = self.truth.settings
+        message_id = ctx.message_id or ""
         with self._lock:
-            known = self._messages.get(ctx.message_id or "")
+            known = self._messages.get(message_id)
             if known is None:
                 self.unknown_messages += 1
                 return EngagementRates(delivered=s.delivered)
@@ -319,7 +320,7 @@ class ShopSimulation:
         at = self._now
         p = self.truth.engage_probability(member_id, ctx.channel, variant, at)
         with self._lock:
-            self.deliveries[ctx.message_id] = Delivery(ctx.message_id, member_id, ctx.channel, variant, at, p)
+            self.deliveries[message_id] = Delivery(message_id, member_id, ctx.channel, variant, at, p)
         if ctx.channel == "email":
             opened = min(0.95, s.open_factor * p)
             clicked = p / opened if opened > 0 else 0.0

@@ -1,4 +1,4 @@
-"""Reference data for the demo shop generator (:mod:`membercare.generator`).
+"""Reference data for the demo shop generator (:mod:`membercare.data.generator`).
 
 Plain tuples, so that a change here is a visible, reviewable change of the generated shop. Weights
 are relative frequencies (they need not sum to one). Everything is fictional: names are common

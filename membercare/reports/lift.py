@@ -1,0 +1,175 @@
+"""Lift: treated against untreated members, per campaign (its holdout) and for the whole programme (the global
+control group). Lift with :mod:`membercare.optimise.lift` (Newcombe interval for rates, Welch for revenue per
+member).
+
+* **Holdout vs treated**: intent to treat. Every row of a campaign with a holdout is in an arm (holdout rows vs
+  all others, sent or not; global-control rows in neither); the outcomes are a visit (a click or push tap of the
+  member, on any message or none), a purchase, and the purchases' revenue within the attribution window after
+  the row's ``scheduled_at``.
+* **Programme lift**: members with marketing rows vs the global control group (``global_control`` rows),
+  purchases from the member's first row of the period to ``until``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from membercare.db import is_sqlite
+from membercare.delivery.planner import GLOBAL_CONTROL, HOLDOUT
+from membercare.engagement.attribution import within_window
+from membercare.models import PURCHASE_STATUSES, Order
+from membercare.optimise.lift import BinaryLift, MeanLift, MeanSummary, binary_lift, mean_lift
+from membercare.reports.options import ReportOptions
+from membercare.reports.sql import OB, VISITED, E, flag, scope, sum_if
+
+
+@dataclass
+class HoldoutRow:
+    campaign: str
+    segment: str | None
+    treated_n: int
+    treated_converters: int
+    treated_revenue_minor: int
+    holdout_n: int
+    holdout_converters: int
+    holdout_revenue_minor: int
+    conversion: BinaryLift | None  # None when an arm is empty
+    revenue: MeanLift | None  # revenue per member (minor units); None when an arm has < 2 members
+    treated_visitors: int = 0  # rows whose member visited (a click or push tap) within the window
+    holdout_visitors: int = 0
+    visit: BinaryLift | None = None  # visit (click) rate lift; None when an arm is empty
+
+
+
+@dataclass
+class ProgrammeLift:
+    """Everyone the marketing programme selected versus the global control group (no marketing at all)."""
+
+    treated_n: int
+    treated_converters: int
+    treated_revenue_minor: int
+    control_n: int
+    control_converters: int
+    control_revenue_minor: int
+    conversion: BinaryLift | None
+    revenue: MeanLift | None
+
+
+
+def _visited(conn: Connection, member_id: Any, start: Any, seconds: int) -> sa.Exists:
+    """A visit of the member within ``[start, start + window)``: a click (on any message, or a site visit
+    recorded without one) or a push tap. Correlated ``EXISTS`` on the (member_id, occurred_at) index."""
+    return sa.exists().where(E.c.member_id == member_id, E.c.kind.in_(VISITED),
+                             within_window(conn, E.c.occurred_at, start, seconds))
+
+
+def _arm_lifts(t: Any, c: Any, options: ReportOptions, successes: str = "converters", *, revenue: bool = True) -> tuple[
+        BinaryLift | None, MeanLift | None]:
+    """Binary lift of ``successes`` and (with ``revenue``) Welch lift of revenue per member from two arms'
+    aggregate rows (``n``, successes, ``revenue``, ``revenue_sq``); None where an arm is too small."""
+    tn, cn = (int(t.n) if t else 0), (int(c.n) if c else 0)
+    ts, cs = (int(getattr(t, successes)) if t else 0), (int(getattr(c, successes)) if c else 0)
+    binary = binary_lift(ts, tn, cs, cn, confidence=options.confidence) if tn and cn else None
+    money = None
+    if revenue and tn >= 2 and cn >= 2:
+        money = mean_lift(MeanSummary.from_sums(tn, _num(t.revenue), _num(t.revenue_sq)),
+                          MeanSummary.from_sums(cn, _num(c.revenue), _num(c.revenue_sq)),
+                          confidence=options.confidence)
+    return binary, money
+
+
+def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
+    """Treated vs holdout per campaign with holdout rows (intent to treat; global-control rows are in neither arm)."""
+    o = Order.__table__
+    seconds = options.attribution.window_seconds
+    held = sa.select(OB.c.campaign).where(*scope(options), OB.c.variant == HOLDOUT).distinct()
+    is_holdout = sa.case((OB.c.variant == HOLDOUT, 1), else_=0)
+    per_row = sa.select(
+        OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout.label("holdout"),
+        sa.func.coalesce(sa.func.sum(o.c.total_minor), 0).label("revenue"), sa.func.count(o.c.id).label("orders"),
+    ).select_from(OB.outerjoin(o, sa.and_(
+        o.c.member_id == OB.c.member_id, o.c.status.in_(PURCHASE_STATUSES),
+        within_window(conn, o.c.placed_at, OB.c.scheduled_at, seconds),
+    ))).where(
+        *scope(options), OB.c.campaign.in_(held),
+        sa.or_(OB.c.variant.is_(None), OB.c.variant != GLOBAL_CONTROL),
+    ).group_by(OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout).subquery("per_row")
+    # Squares summed exactly on PostgreSQL (numeric); SQLite has no big integers, so doubles there.
+    big = sa.Float if is_sqlite(conn) else sa.Numeric
+    rev = sa.cast(per_row.c.revenue, big)
+    query = sa.select(
+        per_row.c.campaign, per_row.c.holdout, sa.func.count().label("n"),
+        sum_if(per_row.c.orders > 0).label("converters"),
+        sum_if(_visited(conn, per_row.c.member_id, per_row.c.scheduled_at, seconds)).label("visitors"),
+        sa.func.coalesce(sa.func.sum(per_row.c.revenue), 0).label("revenue"),
+        sa.func.coalesce(sa.func.sum(rev * rev), 0).label("revenue_sq"),
+    ).group_by(per_row.c.campaign, per_row.c.holdout)
+    arms: dict[str, dict[int, Any]] = {}
+    for r in conn.execute(query):
+        arms.setdefault(r.campaign, {})[int(r.holdout)] = r
+    out = []
+    for campaign in sorted(arms):
+        t, h = arms[campaign].get(0), arms[campaign].get(1)
+        conversion, revenue = _arm_lifts(t, h, options)
+        visit, _ = _arm_lifts(t, h, options, "visitors", revenue=False)
+        out.append(HoldoutRow(
+            campaign=campaign, segment=options.segments.get(campaign), treated_n=int(t.n) if t else 0,
+            treated_converters=int(t.converters) if t else 0, treated_revenue_minor=int(t.revenue) if t else 0,
+            holdout_n=int(h.n) if h else 0, holdout_converters=int(h.converters) if h else 0,
+            holdout_revenue_minor=int(h.revenue) if h else 0, conversion=conversion, revenue=revenue,
+            treated_visitors=int(t.visitors) if t else 0, holdout_visitors=int(h.visitors) if h else 0, visit=visit))
+    return out
+
+
+def _num(value: Any) -> int | float:
+    """Sums as exact integers where they are (MeanSummary.from_sums then computes the variance exactly)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    return int(value)  # int, or an integral Decimal from PostgreSQL's numeric
+
+
+
+def _epoch_ms(col: Any) -> sa.ColumnElement[int]:
+    return sa.cast(sa.func.round((sa.func.julianday(col) - 2440587.5) * 86400000.0), sa.BigInteger)
+
+
+def programme_lift(conn: Connection, options: ReportOptions) -> ProgrammeLift | None:
+    """Members with a marketing row in the period, split into the global control group (any
+    ``global_control`` row) and everyone else; outcome: purchases from the member's first row of the
+    period to ``until``. None when the period has no global-control rows. All campaigns count."""
+    period = [OB.c.scheduled_at >= options.since, OB.c.scheduled_at < options.until, OB.c.purpose == "marketing"]
+    if conn.execute(sa.select(OB.c.id).where(*period, OB.c.variant == GLOBAL_CONTROL).limit(1)).first() is None:
+        return None
+    o = Order.__table__
+    pm = sa.select(
+        OB.c.member_id, flag(OB.c.variant == GLOBAL_CONTROL).label("control"),
+        sa.func.min(OB.c.scheduled_at).label("first_at"),
+    ).where(*period).group_by(OB.c.member_id).subquery("programme_members")
+    # Column against column: SQLite's stored text may mix formats, so compare integer milliseconds there.
+    after = (_epoch_ms(o.c.placed_at) >= _epoch_ms(pm.c.first_at)) if is_sqlite(conn) else (
+        o.c.placed_at >= pm.c.first_at)
+    per_member = sa.select(
+        pm.c.member_id, pm.c.control, sa.func.coalesce(sa.func.sum(o.c.total_minor), 0).label("revenue"),
+        sa.func.count(o.c.id).label("orders"),
+    ).select_from(pm.outerjoin(o, sa.and_(
+        o.c.member_id == pm.c.member_id, o.c.status.in_(PURCHASE_STATUSES), after, o.c.placed_at < options.until,
+    ))).group_by(pm.c.member_id, pm.c.control).subquery("programme_outcomes")
+    big = sa.Float if is_sqlite(conn) else sa.Numeric
+    rev = sa.cast(per_member.c.revenue, big)
+    arms = {int(r.control): r for r in conn.execute(sa.select(
+        per_member.c.control, sa.func.count().label("n"), sum_if(per_member.c.orders > 0).label("converters"),
+        sa.func.coalesce(sa.func.sum(per_member.c.revenue), 0).label("revenue"),
+        sa.func.coalesce(sa.func.sum(rev * rev), 0).label("revenue_sq"),
+    ).group_by(per_member.c.control))}
+    t, c = arms.get(0), arms.get(1)
+    conversion, revenue = _arm_lifts(t, c, options)
+    return ProgrammeLift(
+        treated_n=int(t.n) if t else 0, treated_converters=int(t.converters) if t else 0,
+        treated_revenue_minor=int(t.revenue) if t else 0, control_n=int(c.n) if c else 0,
+        control_converters=int(c.converters) if c else 0, control_revenue_minor=int(c.revenue) if c else 0,
+        conversion=conversion, revenue=revenue)
+

@@ -1,0 +1,55 @@
+"""What a report covers: the period, one campaign or all, the buckets of its trends, the attribution settings,
+prices and the thresholds of its statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from membercare.engagement.attribution import AttributionSettings
+from membercare.errors import InputError
+from membercare.timeutil import ensure_utc
+
+Granularity = Literal["day", "week"]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What to report on. ``segments`` maps a campaign to its segment name (from its definition)."""
+
+    since: datetime
+    until: datetime
+    campaign: str | None = None
+    granularity: Granularity = "day"
+    timezone: str = "Asia/Taipei"
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    sms_price_minor: int = 0
+    currency: str = "TWD"
+    segments: Mapping[str, str] = field(default_factory=dict)
+    refresh: bool = True  # recompute attributions and the SMS segment cache first
+    active_days: int = 365
+    default_lifetime_years: float = 3.0
+    max_lifetime_years: float = 10.0
+    min_buyers_for_retention: int = 30
+    confidence: float = 0.95
+    # Variant tests: campaign -> {"goal": "click"|"conversion", "floor": f, "promote_at": p} (campaign.yaml's
+    # optimise.variants); campaigns not listed use the bandit's defaults (click, 5 %, 0.95).
+    variant_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Frequency section: the ceilings of the weekly unsubscribe and complaint rates (per member-week) under
+    # which a weekly message count counts as safe, and the buckets' lower edges.
+    max_unsubscribe_rate: float = 0.005
+    max_complaint_rate: float | None = 0.001
+    frequency_edges: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    min_member_weeks: int = 100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "since", ensure_utc(self.since))
+        object.__setattr__(self, "until", ensure_utc(self.until))
+        if self.until <= self.since:
+            raise InputError("--until must be after --since")
+        if self.granularity not in ("day", "week"):
+            raise InputError("granularity must be day or week")
+        ZoneInfo(self.timezone)
