@@ -12,6 +12,7 @@
     │   ├── MalformedPayload         engagement.events          a body not of the documented shape; also a ValueError
     │   ├── WebhookRejected          channels.base              a provider webhook request refused, with its HTTP status
     │   ├── CampaignDefinitionError  campaigns.definition       a campaign.yaml that does not parse or validate
+    │   ├── JourneyDefinitionError   journeys.definition        a journey.yaml that does not parse or validate
     │   ├── InvalidTokenError        links                      a link token malformed or signed by none of our keys
     │   └── RunPaused                delivery.dispatch_types    the run is paused; resume it (via delivery.dispatcher)
     ├── DataError                    errors                     stored data breaks an invariant we rely on

@@ -31,7 +31,8 @@ def trigger_events(settings: Settings) -> dict[str, list[str]]:
     """Event name -> campaigns started by it (from the campaigns' ``trigger:``), aliases included."""
     events: dict[str, list[str]] = defaultdict(list)
     for camp in list_campaigns(settings):
-        if camp.trigger is not None:
+        # A journey's messages (trigger "journey.<journey>") are sent by the journey's steps only.
+        if camp.trigger is not None and not camp.trigger.event.startswith("journey."):
             events[camp.trigger.event].append(camp.name)
     for alias, target in EVENT_ALIASES.items():
         if target in events:

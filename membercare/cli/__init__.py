@@ -94,6 +94,7 @@ def _register() -> None:
     from membercare.cli import demo as _demo  # noqa: F401
     from membercare.cli import experiments as _experiments  # noqa: F401
     from membercare.cli import generate as _generate  # noqa: F401
+    from membercare.cli import journeys as _journeys  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
     from membercare.cli import report as _report  # noqa: F401
     from membercare.cli import sandbox as _sandbox  # noqa: F401

@@ -101,6 +101,8 @@ class Recipient:
     member_id: int
     coupon_code: str | None = None
     context: Mapping[str, Any] = field(default_factory=dict)  # extra template variables for this member
+    # A journey instance (membercare.journeys): joins the idempotency key, so each instance's step is one row.
+    instance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,9 +173,11 @@ class PlanReport:
         self.by_reason.update(other.by_reason)
 
 
-def idempotency_key(campaign: str, occurrence: str, member_id: int, coupon_code: str | None = None) -> str:
+def idempotency_key(campaign: str, occurrence: str, member_id: int, coupon_code: str | None = None,
+                    instance: str | None = None) -> str:
     key = f"{campaign}|{occurrence}|{member_id}"
-    return f"{key}|{coupon_code}" if coupon_code else key
+    key = f"{key}|{coupon_code}" if coupon_code else key
+    return f"{key}|@{instance}" if instance else key
 
 
 def new_message_id() -> str:
@@ -319,7 +323,8 @@ def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipie
     purpose = spec.purpose.value if isinstance(spec.purpose, Purpose) else spec.purpose
     by_key: dict[str, Recipient] = {}
     for rc in recipients:
-        by_key.setdefault(idempotency_key(spec.campaign, spec.occurrence, rc.member_id, rc.coupon_code), rc)
+        by_key.setdefault(idempotency_key(spec.campaign, spec.occurrence, rc.member_id, rc.coupon_code,
+                                          rc.instance), rc)
     batch = PreparedBatch(list(by_key), [])
     if not by_key:
         return batch

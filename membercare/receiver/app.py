@@ -68,6 +68,8 @@ from membercare.models import Channel, ConsentSource, Member
 from membercare.receiver import pages
 from membercare.receiver.clicks import mount_click_redirects
 from membercare.receiver.config import ReceiverConfig
+from membercare.receiver.events import MAX_BODY as EVENTS_MAX_BODY
+from membercare.receiver.events import build_events_router
 from membercare.receiver.group_commit import GroupCommit
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
@@ -203,7 +205,7 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
     app.add_middleware(
         BodyLimit, default=DEFAULT_MAX_BODY,
         limits=[*webhook_body_limits([w for _, w in webhooks], config.max_body_bytes),
-                ("/triggers/", TRIGGER_MAX_BODY), ("/u/", PAGE_MAX_BODY)],
+                ("/triggers/", TRIGGER_MAX_BODY), ("/events", EVENTS_MAX_BODY), ("/u/", PAGE_MAX_BODY)],
     )
 
     @app.exception_handler(_Reject)
@@ -240,6 +242,8 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
 
     # Event-triggered messages (order delivered, bad review, ...): POST /triggers/{event}.
     app.include_router(build_trigger_router(engine, TriggerConfig(config.trigger_secret), starter=trigger_starter))
+    # Member events (cart updates, orders, reviews, custom): POST /events, feeding the journeys.
+    app.include_router(build_events_router(engine, config.trigger_secret))
     return app
 
 
