@@ -148,8 +148,8 @@ def _dialect(bind):
 def insert_for(bind: Engine | sa.Connection | Session,
                table: sa.Table | type[SQLModel]) -> sqlite.Insert | postgresql.Insert:
     """The dialect's ``INSERT`` (which has ``on_conflict_do_nothing`` / ``on_conflict_do_update``)."""
-    # SQLModel declares ``__table__`` only on the table models (``table=True``), not on the base class.
-    target = table if isinstance(table, sa.Table) else cast(sa.Table, table.__table__)  # type: ignore[attr-defined]
+    # A table model's table, or the table itself (SQLModel declares ``__table__`` only on table models).
+    target = cast(sa.Table, getattr(table, "__table__", table))
     return (sqlite.insert if is_sqlite(bind) else postgresql.insert)(target)
 
 
