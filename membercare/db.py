@@ -13,15 +13,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel
 
 from membercare.config import Settings, normalise_database_url
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -142,13 +145,15 @@ def _dialect(bind):
     return bind.dialect
 
 
-def insert_for(bind, table):
+def insert_for(bind: Engine | sa.Connection | Session,
+               table: sa.Table | type[SQLModel]) -> sqlite.Insert | postgresql.Insert:
     """The dialect's ``INSERT`` (which has ``on_conflict_do_nothing`` / ``on_conflict_do_update``)."""
-    table = getattr(table, "__table__", table)
-    return (sqlite.insert if is_sqlite(bind) else postgresql.insert)(table)
+    # A table model's table, or the table itself (SQLModel declares ``__table__`` only on table models).
+    target = cast(sa.Table, getattr(table, "__table__", table))
+    return (sqlite.insert if is_sqlite(bind) else postgresql.insert)(target)
 
 
-def alembic_config(url: str):
+def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
     cfg = Config()

@@ -40,6 +40,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from channels.base import (
@@ -61,6 +62,9 @@ from channels.base import (
     redact,
     require,
 )
+
+if TYPE_CHECKING:
+    from firebase_admin import messaging  # for the annotation only: the SDK is imported where it is used
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +194,7 @@ class FirebasePushChannel:
             log.warning("firebase-admin internals changed: SDK retries and pool size are the SDK's defaults")
         return service
 
-    def build_message(self, message: OutboundMessage):
+    def build_message(self, message: OutboundMessage) -> messaging.Message:
         """The SDK ``Message`` for ``message`` (public for tests and previews)."""
         content = message.content
         if not isinstance(content, PushContent):

@@ -14,6 +14,7 @@ not the internal address).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from channels.base import (
     Webhook,
@@ -26,6 +27,9 @@ from channels.base import (
 from channels.twilio.adapter import STATUS_CALLBACK_PATH
 from channels.twilio.events import parse_inbound, parse_status_callback, twilio_handles_reply
 from membercare.engagement.events import EngagementEvent, InboundCommand, MalformedPayload
+
+if TYPE_CHECKING:
+    from membercare.engagement.store import IngestResult
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
 INBOUND_PATH = "/webhooks/twilio/inbound"
@@ -82,7 +86,7 @@ class TwilioStatusWebhook(_TwilioWebhook):
             raise WebhookRejected(400, str(exc)) from None
         return WebhookBatch([event])
 
-    async def answer(self, batch, result, context) -> WebhookAnswer:
+    async def answer(self, batch: WebhookBatch, result: IngestResult, context: WebhookContext) -> WebhookAnswer:
         return WebhookAnswer(status=204)
 
 
@@ -100,7 +104,7 @@ class TwilioInboundWebhook(_TwilioWebhook):
             raise WebhookRejected(400, str(exc)) from None
         return WebhookBatch([event])
 
-    async def answer(self, batch, result, context: WebhookContext) -> WebhookAnswer:
+    async def answer(self, batch: WebhookBatch, result: IngestResult, context: WebhookContext) -> WebhookAnswer:
         event = batch.events[0]
         reply = None
         # A sender number that could not be used changed nothing: no confirmation is sent to it.

@@ -138,7 +138,8 @@ def _epoch_ms(col):
     return sa.cast(sa.func.round((sa.func.julianday(col) - 2440587.5) * 86400000.0), sa.BigInteger)
 
 
-def within_window(conn: Connection, converted_at, touched_at, seconds: int):
+def within_window(conn: Connection, converted_at: sa.ColumnElement[datetime],
+                  touched_at: sa.ColumnElement[datetime], seconds: int) -> sa.ColumnElement[bool]:
     """``touched_at <= converted_at < touched_at + seconds``, exact on PostgreSQL, to the ms on SQLite.
 
     SQLite stores timestamps as text; comparing text against ``datetime(x, '+7 days')`` would mix two

@@ -55,7 +55,7 @@ import re
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -407,7 +407,7 @@ _writer_locks: dict[str, threading.Lock] = {}
 _writer_locks_guard = threading.Lock()
 
 
-def writer_lock(engine: Engine):
+def writer_lock(engine: Engine) -> AbstractContextManager[bool | None]:
     """A process-wide lock per SQLite database (SQLite has one writer; queueing in Python is cheaper than
     spinning on ``SQLITE_BUSY``). PostgreSQL needs none: row locks and ON CONFLICT handle concurrency."""
     if not is_sqlite(engine):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import sqlalchemy as sa
@@ -166,7 +166,7 @@ def assign_variants(
     return np.asarray(names, dtype=object)[idx]
 
 
-def variant_picker(campaign: str, occurrence: str, shares: Mapping[str, float]):
+def variant_picker(campaign: str, occurrence: str, shares: Mapping[str, float]) -> Callable[[int | str], str]:
     """:func:`assign_variant` for one run as a fast per-member function (cut points computed once).
 
     ``picker(member_id)`` gives exactly ``assign_variant(member_id, campaign, occurrence, shares)``;
@@ -238,11 +238,12 @@ def install_sql_functions(engine: Engine) -> None:
         event.listen(engine, "connect", _register)
 
 
-def _member_bucket_sql(member_id_col, domain: str, *parts: str):
+def _member_bucket_sql(member_id_col: sa.ColumnElement[int], domain: str, *parts: str) -> bucket_sql:
     return bucket_sql(sa.literal(key_prefix(domain, *parts), sa.Text) + sa.cast(member_id_col, sa.Text))
 
 
-def holdout_clause(member_id_col, campaign: str, rate: float = DEFAULT_HOLDOUT_RATE):
+def holdout_clause(member_id_col: sa.ColumnElement[int], campaign: str,
+                   rate: float = DEFAULT_HOLDOUT_RATE) -> sa.ColumnElement[bool]:
     """A SQL boolean, true for members in ``campaign``'s holdout; agrees exactly with :func:`in_holdout`.
 
     ``member_id_col`` is an integer column (e.g. ``Member.id``): it is cast to text as ``str(int)``
@@ -251,6 +252,7 @@ def holdout_clause(member_id_col, campaign: str, rate: float = DEFAULT_HOLDOUT_R
     return _member_bucket_sql(member_id_col, HOLDOUT, campaign) < threshold(rate)
 
 
-def global_control_clause(member_id_col, programme_salt: str, rate: float = DEFAULT_CONTROL_RATE):
+def global_control_clause(member_id_col: sa.ColumnElement[int], programme_salt: str,
+                          rate: float = DEFAULT_CONTROL_RATE) -> sa.ColumnElement[bool]:
     """A SQL boolean, true for members in the global control group; agrees with :func:`in_global_control`."""
     return _member_bucket_sql(member_id_col, CONTROL, programme_salt) < threshold(rate)

@@ -26,10 +26,12 @@ stops exploring by itself as evidence accumulates; or epsilon-greedy (posterior 
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 DEFAULT_PRIOR_STRENGTH = 5.0
 DEFAULT_GROUP_STRENGTH = 50.0
@@ -52,8 +54,8 @@ class EngagementCounts:
             raise ValueError("need 0 <= engagements <= sends")
 
     @classmethod
-    def from_events(cls, n_members: int, n_channels: int, member_index, channel_index,
-                    sends=None, engagements=None) -> EngagementCounts:
+    def from_events(cls, n_members: int, n_channels: int, member_index: npt.ArrayLike, channel_index: npt.ArrayLike,
+                    sends: npt.ArrayLike | None = None, engagements: npt.ArrayLike | None = None) -> EngagementCounts:
         """Aggregate long-form rows (e.g. one per message, or per member/channel from SQL) into the matrices.
 
         ``sends`` defaults to 1 per row; ``engagements`` to 0. Rows with repeated (member, channel) add up.
@@ -69,7 +71,7 @@ class EngagementCounts:
         return cls(S, E)
 
 
-def group_rates(counts: EngagementCounts, group, n_groups: int | None = None, *,
+def group_rates(counts: EngagementCounts, group: npt.ArrayLike, n_groups: int | None = None, *,
                 group_strength: float = DEFAULT_GROUP_STRENGTH, base_rate: float = 0.05) -> np.ndarray:
     """Engagement rate per group x channel, shrunk toward each channel's overall rate.
 
@@ -108,7 +110,7 @@ def overall_rates(sends: np.ndarray, engagements: np.ndarray, *, base_rate: floa
     return np.where(tot_n > 0, tot_e / np.maximum(tot_n, 1), base_rate)
 
 
-def fit_prior_strength(counts: EngagementCounts, group, rates: np.ndarray, *, min_sends: int = 2,
+def fit_prior_strength(counts: EngagementCounts, group: npt.ArrayLike, rates: np.ndarray, *, min_sends: int = 2,
                        min_members: int = 50, bounds: tuple[float, float] = (1.0, 200.0),
                        default: float = DEFAULT_PRIOR_STRENGTH) -> np.ndarray:
     """Empirical-Bayes prior strength ``κ`` per channel, by the method of moments.
@@ -138,9 +140,9 @@ def fit_prior_strength(counts: EngagementCounts, group, rates: np.ndarray, *, mi
     return out
 
 
-def posterior_params(counts: EngagementCounts, group, rates: np.ndarray, *,
+def posterior_params(counts: EngagementCounts, group: npt.ArrayLike, rates: np.ndarray, *,
                      prior_strength: float | np.ndarray = DEFAULT_PRIOR_STRENGTH,
-                     preferred=None, preference_weight: float = DEFAULT_PREFERENCE_WEIGHT,
+                     preferred: npt.ArrayLike | None = None, preference_weight: float = DEFAULT_PREFERENCE_WEIGHT,
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Beta posterior ``(alpha, beta)`` per member x channel (see the module docstring).
 
@@ -219,7 +221,7 @@ def choose_channels(
 
 def best_engagement(
     counts: EngagementCounts,
-    group,
+    group: npt.ArrayLike,
     eligible: np.ndarray,
     *,
     rng: np.random.Generator,
@@ -228,7 +230,7 @@ def best_engagement(
     group_strength: float = DEFAULT_GROUP_STRENGTH,
     method: Literal["thompson", "epsilon"] = "thompson",
     epsilon: float = DEFAULT_EPSILON,
-    preferred=None,
+    preferred: npt.ArrayLike | None = None,
     preference_weight: float = DEFAULT_PREFERENCE_WEIGHT,
 ) -> ChannelChoice:
     """The whole ``best_engagement`` routing step: group rates -> member posteriors -> choice.
@@ -248,7 +250,7 @@ def best_engagement(
     return choose_channels(alpha, beta, eligible, rng=rng, method=method, epsilon=epsilon)
 
 
-def group_codes(*keys) -> tuple[np.ndarray, list[tuple]]:
+def group_codes(*keys: Iterable[Hashable]) -> tuple[np.ndarray, list[tuple]]:
     """Integer group codes from one or more per-member key arrays (e.g. age group, segment).
 
     Returns ``(codes, labels)`` with ``labels[code]`` the tuple of key values. ``None`` is a valid value

@@ -17,12 +17,14 @@ a randomised cap test (a holdout at a lower cap) answers it causally.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from itertools import pairwise
+from typing import SupportsInt
 
 import numpy as np
+import numpy.typing as npt
 
 from membercare.optimise.lift import wilson_interval
 from membercare.timeutil import ensure_utc
@@ -32,7 +34,7 @@ DEFAULT_EDGES = (1, 2, 3, 4, 5, 6, 8)  # bucket i is [edges[i], edges[i+1]); the
 _EPOCH_MONDAY = np.datetime64("1970-01-05")  # the first Monday after the Unix epoch
 
 
-def week_index(instants) -> np.ndarray:
+def week_index(instants: Iterable[datetime]) -> npt.NDArray[np.int64]:
     """ISO week number since 1970-01-05 (Monday) of aware datetimes, in UTC. Vectorised."""
     arr = np.array([ensure_utc(t).replace(tzinfo=None) for t in instants], dtype="datetime64[s]")
     days = (arr - _EPOCH_MONDAY).astype("timedelta64[D]").astype(np.int64)
@@ -56,8 +58,9 @@ class MemberWeeks:
     complained: np.ndarray  # bool
 
 
-def member_weeks(sent_member, sent_at, unsub_member=(), unsub_at=(), complaint_member=(),
-                 complaint_at=()) -> MemberWeeks:
+def member_weeks(sent_member: Iterable[int], sent_at: Iterable[datetime], unsub_member: Iterable[int] = (),
+                 unsub_at: Iterable[datetime] = (), complaint_member: Iterable[int] = (),
+                 complaint_at: Iterable[datetime] = ()) -> MemberWeeks:
     """Build member-week rows from raw message and outcome events (member ids + aware timestamps).
 
     Unsubscribes/complaints in a week in which the member received no message are not attributed to
@@ -72,7 +75,7 @@ def member_weeks(sent_member, sent_at, unsub_member=(), unsub_at=(), complaint_m
         return MemberWeeks(empty, empty, empty, np.zeros(0, bool), np.zeros(0, bool))
     pairs, counts = np.unique(np.stack([sm, sw], axis=1), axis=0, return_counts=True)
 
-    def flag(members, instants) -> np.ndarray:
+    def flag(members: Iterable[int], instants: Iterable[datetime]) -> np.ndarray:
         m = np.asarray(list(members), dtype=np.int64)
         if m.size == 0:
             return np.zeros(len(pairs), bool)
@@ -108,8 +111,8 @@ class FrequencyBucket:
         return asdict(self)
 
 
-def frequency_table(messages, unsubscribed, complained, *, edges: Sequence[int] = DEFAULT_EDGES,
-                    confidence: float = 0.95) -> list[FrequencyBucket]:
+def frequency_table(messages: npt.ArrayLike, unsubscribed: npt.ArrayLike, complained: npt.ArrayLike, *,
+                    edges: Sequence[int] = DEFAULT_EDGES, confidence: float = 0.95) -> list[FrequencyBucket]:
     """The rate table from per-member-week arrays, one row per bucket (empty buckets included, with nan rates)."""
     msg = np.asarray(messages, dtype=np.int64)
     uns = np.asarray(unsubscribed, dtype=bool)
@@ -126,7 +129,7 @@ def frequency_table(messages, unsubscribed, complained, *, edges: Sequence[int] 
     return frequency_table_from_counts(counts, edges=edges, confidence=confidence)
 
 
-def frequency_table_from_counts(counts, *, edges: Sequence[int] = DEFAULT_EDGES,
+def frequency_table_from_counts(counts: Iterable[Sequence[SupportsInt]], *, edges: Sequence[int] = DEFAULT_EDGES,
                                 confidence: float = 0.95) -> list[FrequencyBucket]:
     """The rate table from aggregates: ``(messages, member_weeks, unsubscribing member-weeks, complaining
     member-weeks)`` per exact weekly message count, as one SQL ``GROUP BY messages`` returns them (the report

@@ -19,11 +19,14 @@ The best hour is the argmax of ``score`` **over allowed hours only** (outside qu
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
+from typing import SupportsInt
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import numpy.typing as npt
 
 from membercare.timeutil import UTC, ensure_utc
 
@@ -94,7 +97,8 @@ def kernel_matrix(bandwidth: float = DEFAULT_BANDWIDTH) -> np.ndarray:
     return k / k.sum(axis=0, keepdims=True)
 
 
-def hour_histograms(n_members: int, member_index, local_hour, weight=None) -> np.ndarray:
+def hour_histograms(n_members: int, member_index: npt.ArrayLike, local_hour: npt.ArrayLike,
+                    weight: npt.ArrayLike | None = None) -> npt.NDArray[np.float64]:
     """``(members, 24)`` weighted counts from long-form events (member index, local hour 0-23, weight)."""
     mi = np.asarray(member_index, dtype=np.int64)
     h = np.asarray(local_hour, dtype=np.int64)
@@ -106,13 +110,13 @@ def hour_histograms(n_members: int, member_index, local_hour, weight=None) -> np
     return out
 
 
-def event_weights(kinds, weights: dict[str, float] | None = None) -> np.ndarray:
+def event_weights(kinds: Iterable[str], weights: Mapping[str, float] | None = None) -> npt.NDArray[np.float64]:
     """Per-event weights from event kinds (``open``/``click``/``purchase``); unknown kinds weigh 1."""
     table = DEFAULT_WEIGHTS if weights is None else weights
     return np.array([float(table.get(k, 1.0)) for k in kinds])
 
 
-def local_hours(instants_utc, timezones) -> np.ndarray:
+def local_hours(instants_utc: Iterable[datetime], timezones: Iterable[str]) -> npt.NDArray[np.int64]:
     """The local hour of each aware instant in the matching IANA zone (vectorised per zone)."""
     instants = list(instants_utc)
     tzs = np.asarray(list(timezones), dtype=object)
@@ -169,7 +173,7 @@ def profiles_from_totals(totals: np.ndarray, *, allowed: AllowedHours = AllowedH
 
 def best_hours(
     histograms: np.ndarray,
-    segment,
+    segment: npt.ArrayLike,
     *,
     n_segments: int | None = None,
     allowed: AllowedHours = AllowedHours(),
@@ -237,7 +241,7 @@ def next_delivery_at(now: datetime, timezone: str, hour: int, *, minute: int = 0
     return datetime(d.year, d.month, d.day, hour, minute, tzinfo=zone).astimezone(UTC)
 
 
-def next_delivery_times(now: datetime, timezones, hours) -> list[datetime]:
+def next_delivery_times(now: datetime, timezones: Iterable[str], hours: Iterable[SupportsInt]) -> list[datetime]:
     """:func:`next_delivery_at` for many members; computed once per distinct (timezone, hour)."""
     tzs, hs = list(timezones), [int(h) for h in hours]
     if len(tzs) != len(hs):

@@ -244,24 +244,26 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             check_printf(lim, left, right)
         return check_value(lim, self.binop_table[operator](left, right))
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         # SandboxedEnvironment.call inlined (this runs for every call in every template): a step of the
-        # budget, the size checks before and after, and the sandbox's own safety check.
-        budget = __context.budget
+        # budget, the size checks before and after, and the sandbox's own safety check. Positional-only, as
+        # Jinja's ``__self, __context, __obj``, so that a template may pass keyword arguments of those names.
+        # ``context`` is a BoundedContext, but Jinja's signature (which an override may not narrow) says Context.
+        budget = context.budget
         if budget is not None:
             budget.steps -= 1
             if not budget.steps & 15:
                 budget.check()
-        if not __self.is_safe_callable(__obj):
-            raise SecurityError(f"{__obj!r} is not safely callable")
-        kind = type(__obj)
+        if not self.is_safe_callable(obj):
+            raise SecurityError(f"{obj!r} is not safely callable")
+        kind = type(obj)
         if kind is not _BUILTIN_METHOD and kind is not _METHOD:
             # Helpers, macros and Jinja's globals: their results are bounded by their inputs, by the
             # output limit of macros, or by their own checks (range, lipsum).
-            return __context.call(__obj, *args, **kwargs)
-        lim = budget.limits if budget is not None else __self.limits
-        args = precheck_call(lim, __obj, args, kwargs)
-        rv = __context.call(__obj, *args, **kwargs)
+            return context.call(obj, *args, **kwargs)
+        lim = budget.limits if budget is not None else self.limits
+        args = precheck_call(lim, obj, args, kwargs)
+        rv = context.call(obj, *args, **kwargs)
         if isinstance(rv, SIZED) and len(rv) > lim.max_value:
             raise too_big("a value", len(rv), lim.max_value)
         return rv

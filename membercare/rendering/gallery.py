@@ -157,9 +157,11 @@ def build_gallery(settings: Settings | None = None, *, campaigns: list[str] | No
             f"</header><nav>{''.join(nav)}</nav>{''.join(sections)}</body></html>")
 
 
-def write_gallery(out: Path, settings: Settings | None = None, **kw) -> Path:
+def write_gallery(out: Path, settings: Settings | None = None, *, campaigns: list[str] | None = None,
+                  variant: str = "typical") -> Path:
+    """:func:`build_gallery` written to ``out/index.html`` (``out`` is created); returns that path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "index.html"
-    path.write_text(build_gallery(settings, **kw), encoding="utf-8")
+    path.write_text(build_gallery(settings, campaigns=campaigns, variant=variant), encoding="utf-8")
     return path

@@ -27,13 +27,20 @@ Functions::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, TypeAlias
 
 from jinja2 import pass_context
+from jinja2.runtime import Context
 
 from membercare.links import add_utm
 from membercare.rendering.locales import days_until
+
+# A template value whose fields the helpers read: a dict (sample data, offers) or an object with
+# attributes (a model row); see :func:`_get`.
+Record: TypeAlias = Mapping[str, Any] | object
 
 # Which utm_medium each channel reports as.
 UTM_MEDIUM = {"email": "email", "sms": "sms", "push": "push", "line": "line"}
@@ -46,22 +53,22 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
 
 
 @pass_context
-def money(ctx, amount_minor: int, currency: str | None = None) -> str:
+def money(ctx: Context, amount_minor: int, currency: str | None = None) -> str:
     return ctx["_fmt"].money(int(amount_minor), currency)
 
 
 @pass_context
-def number(ctx, value, digits: int | None = None) -> str:
+def number(ctx: Context, value: int | float | Decimal, digits: int | None = None) -> str:
     return ctx["_fmt"].number(value, digits)
 
 
 @pass_context
-def date_filter(ctx, value: date | datetime, style: str = "long") -> str:
+def date_filter(ctx: Context, value: date | datetime, style: str = "long") -> str:
     return ctx["_fmt"].date(value, style)
 
 
 @pass_context
-def discount(ctx, coupon, style: str = "discount") -> str:
+def discount(ctx: Context, coupon: Record, style: str = "discount") -> str:
     """A coupon's or an offer's value, the way shoppers in the member's language read it."""
     return ctx["_fmt"].discount(kind=_get(coupon, "kind"), amount_minor=_get(coupon, "amount_minor"),
                                 percent_off=_get(coupon, "percent_off"), currency=_get(coupon, "currency"),
@@ -69,22 +76,22 @@ def discount(ctx, coupon, style: str = "discount") -> str:
 
 
 @pass_context
-def voucher(ctx, coupon) -> str:
+def voucher(ctx: Context, coupon: Record) -> str:
     return discount(ctx, coupon, "voucher")
 
 
 @pass_context
-def min_spend(ctx, coupon) -> str:
+def min_spend(ctx: Context, coupon: Record) -> str:
     return ctx["_fmt"].min_spend(int(_get(coupon, "min_spend_minor", 0) or 0), _get(coupon, "currency"))
 
 
 @pass_context
-def days_left(ctx, when: datetime | date) -> int:
+def days_left(ctx: Context, when: datetime | date) -> int:
     return days_until(when, ctx["_as_of"], ctx["_fmt"].tz)
 
 
 @pass_context
-def in_days(ctx, n: int) -> str:
+def in_days(ctx: Context, n: int) -> str:
     zh = ctx["_fmt"].language == "zh"
     if n <= 0:
         return "今天" if zh else "today"
@@ -94,13 +101,13 @@ def in_days(ctx, n: int) -> str:
 
 
 @pass_context
-def tier_name(ctx, code: str) -> str:
+def tier_name(ctx: Context, code: str) -> str:
     names = (ctx["shop"].get("tiers") or {}).get(code) or {}
     return names.get(ctx["_locale"]) or names.get(ctx["_fmt"].language) or code.title()
 
 
 @pass_context
-def salutation(ctx, member) -> str:
+def salutation(ctx: Context, member: Record) -> str:
     """A greeting line in the member's language; falls back gracefully when the name is missing."""
     zh = ctx["_fmt"].language == "zh"
     name = (_get(member, "name") or "").strip()
@@ -111,7 +118,7 @@ def salutation(ctx, member) -> str:
 
 
 @pass_context
-def link(ctx, url: str, content: str | None = None) -> str:
+def link(ctx: Context, url: str, content: str | None = None) -> str:
     """``url`` tagged with UTM parameters for this campaign and channel."""
     channel = ctx["_channel"]
     return add_utm(str(url), source="membercare", medium=UTM_MEDIUM.get(channel, channel),
@@ -119,12 +126,12 @@ def link(ctx, url: str, content: str | None = None) -> str:
 
 
 @pass_context
-def product_url(ctx, product, content: str | None = "product") -> str:
+def product_url(ctx: Context, product: Record, content: str | None = "product") -> str:
     return link(ctx, _get(product, "url"), content)
 
 
 @pass_context
-def app_link(ctx, path: str) -> str:
+def app_link(ctx: Context, path: str) -> str:
     scheme = ctx["shop"].get("app_scheme") or "app"
     return f"{scheme}://{str(path).lstrip('/')}"
 
