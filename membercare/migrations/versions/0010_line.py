@@ -10,7 +10,7 @@ SQLite cannot alter a CHECK constraint in place: batch mode copies the table, an
 its triggers, so the send-gate triggers of ``consents`` and ``suppressions`` are created again after it.
 
 Revision ID: 0010_line
-Revises: 0008_send_gate
+Revises: 0009_journeys
 Create Date: 2026-12-05 00:30:00
 """
 import warnings
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010_line"
-down_revision = "0008_send_gate"
+down_revision = "0009_journeys"
 branch_labels = None
 depends_on = None
 
