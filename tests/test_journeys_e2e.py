@@ -66,7 +66,12 @@ def test_welcome_series_skips_the_nudge_after_a_purchase(engine, clock, tmp_path
     bought, idle = members(engine, 2, clock(), journey="welcome_series", settings=settings)
     for mid in (bought, idle):
         send_event(engine, settings, "member.joined", mid, clock(), f"joined-{mid}")
-    assert advance(engine, settings, clock).sends == {"planned": 2}  # the welcome, at once
+    from membercare import signals
+
+    with signals.installed(signals.MemorySink()) as sink:
+        assert advance(engine, settings, clock).sends == {"planned": 2}  # the welcome, at once
+    due, = sink.named(signals.JOURNEY_STEPS_DUE)  # operations see each advance that found due steps
+    assert due.payload["claimed"] >= 2 and due.payload["sends"] == 2  # claimed again after moving to a send
     clock.advance(days=1)
     place_order(engine, bought, clock(), "O-welcome-1")
     clock.advance(days=3)  # three days after joining, then the next 10:00 in the member's zone

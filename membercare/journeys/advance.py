@@ -37,6 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from membercare import signals
 from membercare.config import Settings
 from membercare.db import in_transaction, is_sqlite
 from membercare.delivery.policies import PolicySettings, load_policy
@@ -132,6 +133,10 @@ class Advancer:
             if not rep.claimed:
                 break
             total.add(rep)
+        if total.claimed:
+            signals.emit(signals.JOURNEY_STEPS_DUE, "membercare.journeys", {
+                "claimed": total.claimed, "batches": total.batches, "completed": total.completed,
+                "sends": sum(total.sends.values()), "exited": sum(total.exited.values()), "woken": total.woken})
         return total
 
     # ------------------------------------------------------------------------------------------ one batch
