@@ -52,6 +52,9 @@ from membercare.errors import ConfigurationError, InputError
 from membercare.models import Channel, Purpose
 
 if TYPE_CHECKING:
+    import requests
+    import urllib3
+
     from membercare.engagement.events import EngagementEvent
     from membercare.engagement.store import IngestResult
 
@@ -428,7 +431,7 @@ def transport_failure(exc: BaseException) -> TransientFailure:
     return TransientFailure(reason=f"request error: {name}")
 
 
-def resolve_environment_once(session, url: str) -> None:
+def resolve_environment_once(session: requests.Session, url: str) -> None:
     """Read the proxy and CA-bundle environment for ``url`` once instead of on every request.
 
     A ``requests`` session with ``trust_env`` re-reads the whole process environment (proxies, no_proxy,
@@ -499,7 +502,8 @@ class KeepAliveTransport:
         proxy = get_environ_proxies(base_url).get(scheme) or get_environ_proxies(base_url).get("all")
         self._pool = urllib3.ProxyManager(proxy, **kwargs) if proxy else urllib3.PoolManager(**kwargs)
 
-    def request(self, method: str, url: str, *, body: bytes | None, headers: Mapping[str, str]):
+    def request(self, method: str, url: str, *, body: bytes | None,
+                headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
         """Send one request; returns the ``urllib3`` response with its body read (the connection goes back
         to the pool). Raises ``urllib3.exceptions.HTTPError`` subclasses on transport errors."""
         return self._pool.urlopen(method, url, body=body, headers=dict(headers), retries=False, redirect=False,
@@ -557,7 +561,7 @@ def _requests_error(exc: BaseException, request):
     return requests.RequestException(exc, request=request)
 
 
-def keep_alive_adapter(transport: KeepAliveTransport):
+def keep_alive_adapter(transport: KeepAliveTransport) -> requests.adapters.BaseAdapter:
     """A ``requests`` transport adapter that sends through :class:`KeepAliveTransport`.
 
     For SDKs that own a ``requests`` session we cannot replace (firebase-admin's ``AuthorizedSession``, which
@@ -584,7 +588,7 @@ def keep_alive_adapter(transport: KeepAliveTransport):
                 raise _requests_error(exc, request) from exc
             response = requests.Response()
             response.status_code = raw.status
-            response.reason = raw.reason
+            response.reason = raw.reason or ""
             response.headers = CaseInsensitiveDict(raw.headers)
             response.encoding = get_encoding_from_headers(response.headers)
             response._content = raw.data

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from channels import fcm, line, sendgrid, twilio
 from channels.base import ChannelAdapter, ConfigurationError, Provider
@@ -63,12 +64,12 @@ def provider_for(channel: Channel | str, env: Mapping[str, str] | None = None) -
     raise ConfigurationError(f"no provider registered for channel {channel.value!r}")
 
 
-def config_from_env(channel: Channel, env: Mapping[str, str]):
+def config_from_env(channel: Channel, env: Mapping[str, str]) -> Any:
     """The config object of ``channel``'s provider read from ``env`` (raises ConfigurationError naming a variable)."""
     return provider_for(channel, env).config_from_env(env)
 
 
-def adapter_for(config) -> ChannelAdapter:
+def adapter_for(config: object) -> ChannelAdapter:
     """The adapter for one config object (the provider whose ``config_type`` it is builds it)."""
     for provider in PROVIDERS.values():
         if isinstance(config, provider.config_type):

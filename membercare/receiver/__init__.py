@@ -1,11 +1,21 @@
 """The webhook receiver (FastAPI): ``create_app(config, engine)``; see :mod:`membercare.receiver.app`."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from membercare.receiver.config import ReceiverConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from sqlalchemy.engine import Engine
+
+    from membercare.receiver.triggers import TriggerStarter
 
 __all__ = ["ReceiverConfig", "create_app"]
 
 
-def create_app(config, engine, trigger_starter=None):
+def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerStarter | None = None) -> FastAPI:
     # Imported lazily so that reading the configuration does not import FastAPI.
     from membercare.receiver.app import create_app as _create_app
 
