@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import date, timedelta
 
 import pytest
@@ -313,3 +314,85 @@ def test_variant_settings_come_from_the_campaigns_optimise_block():
                                                           promote_at=0.9)))]
     assert variant_settings_from_campaigns(campaigns) == {
         "promo": {"names": ["a", "b"], "goal": "conversion", "floor": 0.1, "promote_at": 0.9}}
+
+
+def build_recurring(engine) -> Shop:
+    """Eight weekly occurrences (no overlapping windows) of one campaign to the same 12 treated and 6 held-out
+    members; the same four treated members and one held-out member buy after every occurrence."""
+    s = Shop(engine)
+    treated, held = [s.member() for _ in range(12)], [s.member() for _ in range(6)]
+    for k in range(8):
+        at = T0 + timedelta(days=8 * k)
+        run = s.run("weekly", occurrence=f"w{k}")
+        for m in treated:
+            s.message(run, m, at=at)
+        for m in held:
+            s.message(run, m, channel=None, variant="holdout", state="skipped", at=at)
+        for m in treated[:4] + held[:1]:
+            s.order(m, at + timedelta(hours=5), total=1_000)
+    return s
+
+
+def test_recurring_campaign_intervals_are_member_clustered(engine):
+    from membercare.reports.stats import minimum_detectable_effect
+
+    s = build_recurring(engine)
+    until = T0 + timedelta(days=64)
+    (h,) = report(s.engine, until=until, holdout_rates={"weekly": 1 / 3}).holdouts
+    assert (h.treated_n, h.treated_members, h.treated_converters) == (96, 12, 32)
+    assert (h.holdout_n, h.holdout_members, h.holdout_converters) == (48, 6, 8)
+    c = h.checks.metric("conversion")
+    assert c.role == "primary" and c.difference == pytest.approx(32 / 96 - 8 / 48)
+    # The same members in every occurrence (here with perfectly repeated outcomes): the report's interval is the
+    # member-clustered one, much wider than the rows-as-independent interval.
+    width = c.interval[1] - c.interval[0]
+    assert width > 2 * (c.naive_interval[1] - c.naive_interval[0])
+    assert width > h.conversion.absolute_lift_ci[1] - h.conversion.absolute_lift_ci[0]
+    assert c.design_effect > 4
+    assert c.mde == pytest.approx(minimum_detectable_effect(96, 48, 8 / 48, design_effect=c.design_effect))
+    assert c.underpowered and h.checks.verdict == "no effect shown (underpowered)"
+    assert {m.role for m in h.checks.metrics[1:]} == {"secondary"}
+    # Eight runs at the configured third held out: no sample-ratio mismatch.
+    assert len(h.sample_ratio) == 8 and not h.mismatched_runs
+
+
+def test_sample_ratio_mismatch_is_flagged_per_run_and_voids_the_verdict(engine):
+    s = build_recurring(engine)
+    (h,) = report(s.engine, until=T0 + timedelta(days=64), refresh=False, holdout_rates={"weekly": 0.02}).holdouts
+    assert len(h.mismatched_runs) == 8
+    r = h.mismatched_runs[0]
+    assert (r.treated, r.holdout, r.expected_holdout_share) == (12, 6, 0.02) and r.p_value < 0.001
+    assert h.checks.verdict.startswith("not trustworthy")
+
+
+def test_primary_metric_is_judged_alone_and_the_others_are_holm_adjusted(engine):
+    s = build_recurring(engine)
+    (h,) = report(s.engine, until=T0 + timedelta(days=64), refresh=False,
+                  primary_metrics={"weekly": "revenue"}).holdouts
+    first, *rest = h.checks.metrics
+    assert (h.checks.primary, first.metric, first.role) == ("revenue", "revenue", "primary")
+    assert first.adjusted_p == first.p_value
+    assert sorted(m.metric for m in rest) == ["conversion", "visit"]
+    ps = sorted(m.p_value for m in rest if not math.isnan(m.p_value))
+    adjusted = sorted(m.adjusted_p for m in rest if not math.isnan(m.p_value))
+    assert adjusted[0] == pytest.approx(min(1.0, len(ps) * ps[0]))
+    assert all(a >= p for a, p in zip(adjusted, ps, strict=True))
+
+
+def test_a_purchase_counts_for_one_occurrence_only(engine):
+    """Overlapping occurrences of a daily campaign: a purchase is attributed to the latest row of the member's
+    campaign scheduled at or before it (within that row's window), never to two rows."""
+    s = Shop(engine)
+    m1, m2, m3 = s.member(), s.member(), s.member()
+    first, second = s.run("daily", occurrence="d1"), s.run("daily", occurrence="d2")
+    day = timedelta(days=1)
+    for run, at in ((first, T0), (second, T0 + day)):
+        s.message(run, m1, at=at)
+        s.message(run, m2, at=at)
+        s.message(run, m3, channel=None, variant="holdout", state="skipped", at=at)
+    s.order(m1, T0 + 2 * day, total=10_000)  # after both rows, in both windows: the second row only
+    s.order(m2, T0 + day / 2, total=7_000)  # before the second row: the first row only
+    s.order(m3, T0 + 3 * day, total=3_000)  # a holdout purchase: once too
+    (h,) = report(engine).holdouts
+    assert (h.treated_n, h.treated_converters, h.treated_revenue_minor) == (4, 2, 17_000)
+    assert (h.holdout_n, h.holdout_converters, h.holdout_revenue_minor) == (2, 1, 3_000)
