@@ -396,3 +396,21 @@ def test_a_purchase_counts_for_one_occurrence_only(engine):
     (h,) = report(engine).holdouts
     assert (h.treated_n, h.treated_converters, h.treated_revenue_minor) == (4, 2, 17_000)
     assert (h.holdout_n, h.holdout_converters, h.holdout_revenue_minor) == (2, 1, 3_000)
+
+
+def test_primary_metric_and_holdout_rate_come_from_campaign_yaml(tmp_path):
+    from membercare.campaigns.definition import CampaignDefinitionError, parse_campaign
+
+    def campaign(name: str, extra: str):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "campaign.yaml"
+        path.write_text(f"description: d\npurpose: marketing\nsegment: {{name: s}}\nchannels: [email]\n{extra}")
+        return parse_campaign(path)
+
+    plain = campaign("plain", "")
+    revenue = campaign("spend", "primary_metric: revenue\nparams: {holdout_rate: 0.2}\n")
+    assert (plain.primary_metric, revenue.primary_metric) == ("conversion", "revenue")
+    assert ReportOptions.campaign_fields([plain, revenue]) == {
+        "primary_metrics": {"plain": "conversion", "spend": "revenue"}, "holdout_rates": {"spend": 0.2}}
+    with pytest.raises(CampaignDefinitionError, match="primary_metric"):
+        campaign("bad", "primary_metric: opens\n")
