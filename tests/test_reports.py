@@ -414,3 +414,50 @@ def test_primary_metric_and_holdout_rate_come_from_campaign_yaml(tmp_path):
         "primary_metrics": {"plain": "conversion", "spend": "revenue"}, "holdout_rates": {"spend": 0.2}}
     with pytest.raises(CampaignDefinitionError, match="primary_metric"):
         campaign("bad", "primary_metric: opens\n")
+
+
+def _bulk_variant_run(engine, run: int, occurrence: str, members: list[int], variants: list[str],
+                      clicked: list[bool], at) -> None:
+    rows, events = [], []
+    for i, (m, v, c) in enumerate(zip(members, variants, clicked, strict=True)):
+        mid = f"{occurrence}-{i}"
+        rows.append(dict(message_id=mid, run_id=run, campaign="drift", occurrence=occurrence, member_id=m,
+                         idempotency_key=f"drift|{occurrence}|{m}", variant=v, purpose="marketing", priority=0,
+                         channel="email", fallback_channels="", state="sent", reason_code="sent", reason="test",
+                         attempts=1, transient_failures=0, scheduled_at=at, sent_at=at, created_at=at, updated_at=at))
+        if c:
+            events.append(dict(provider="sendgrid", provider_event_id=f"ev-{mid}", kind="clicked", channel="email",
+                               message_id=mid, member_id=m, occurred_at=at + timedelta(hours=1),
+                               received_at=at + timedelta(hours=1), raw="{}"))
+    with engine.begin() as c:
+        c.execute(sa.insert(OutboxMessage.__table__), rows)
+        c.execute(sa.insert(EngagementEventRow.__table__), events)
+
+
+def test_variant_test_is_stratified_per_run_so_drift_is_no_winner(engine):
+    """Two identical variants; the click rate falls from 40 % to 5 % between runs while the bandit moves the
+    shares from 90/10 to 10/90. Pooled, a looks far better (36.5 % vs 8.5 %); within each run they are equal."""
+    from membercare.optimise import bandit
+
+    s = Shop(engine)
+    with engine.begin() as c:
+        members = list(c.execute(sa.insert(Member.__table__).returning(Member.__table__.c.id), [
+            dict(external_id=f"D{i}", name=f"D {i}", email=f"d{i}@example.test", joined_at=T0 - timedelta(days=99))
+            for i in range(400)]).scalars())
+    for k, (share_a, rate) in enumerate(((0.9, 0.4), (0.1, 0.05))):
+        occurrence = f"2026-11-0{k + 1}"
+        run = s.run("drift", occurrence=occurrence)
+        n_a = int(400 * share_a)
+        variants = ["a"] * n_a + ["b"] * (400 - n_a)
+        clicked = [i < round(rate * n_a) for i in range(n_a)] + [i < round(rate * (400 - n_a))
+                                                                for i in range(400 - n_a)]
+        _bulk_variant_run(engine, run, occurrence, members, variants, clicked, T0 + timedelta(days=k))
+    (v,) = report(engine, refresh=False).variants
+    a, b = v.variants
+    assert (a.sends, a.clicks, b.sends, b.clicks) == (400, 146, 400, 34)
+    assert v.runs == 2 and v.winner is None
+    assert v.evidence is not None and v.evidence["runs"] == 2
+    assert v.evidence["pairs"][0]["difference"] == pytest.approx(0.0, abs=1e-12)
+    # The same counts pooled into one run would have promoted a.
+    pooled = bandit.allocate([bandit.VariantStats("a", 400, 146), bandit.VariantStats("b", 400, 34)])
+    assert pooled.winner == "a"
