@@ -461,3 +461,17 @@ def test_variant_test_is_stratified_per_run_so_drift_is_no_winner(engine):
     # The same counts pooled into one run would have promoted a.
     pooled = bandit.allocate([bandit.VariantStats("a", 400, 146), bandit.VariantStats("b", 400, 34)])
     assert pooled.winner == "a"
+
+
+def test_text_report_shows_the_checks(engine):
+    from rich.console import Console
+
+    from membercare.reports.text import print_experiments
+
+    s = build_recurring(engine)
+    console = Console(record=True, width=250)
+    print_experiments(console, report(s.engine, until=T0 + timedelta(days=64), holdout_rates={"weekly": 0.02}))
+    out = console.export_text()
+    for text in ("member-clustered CI", "naive CI", "Holm p", "(primary)", "SAMPLE-RATIO MISMATCH in 8 of 8",
+                 "not trustworthy: sample ratio mismatch", "larger than the observed effect", "primary)"):
+        assert text in out, text
