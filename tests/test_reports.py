@@ -411,7 +411,7 @@ def test_primary_metric_and_holdout_rate_come_from_campaign_yaml(tmp_path):
     revenue = campaign("spend", "primary_metric: revenue\nparams: {holdout_rate: 0.2}\n")
     assert (plain.primary_metric, revenue.primary_metric) == ("conversion", "revenue")
     assert ReportOptions.campaign_fields([plain, revenue]) == {
-        "primary_metrics": {"plain": "conversion", "spend": "revenue"}, "holdout_rates": {"spend": 0.2}}
+        "primary_metrics": {"plain": "conversion", "spend": "revenue"}, "holdout_rates": {"plain": 0.1, "spend": 0.2}}
     with pytest.raises(CampaignDefinitionError, match="primary_metric"):
         campaign("bad", "primary_metric: opens\n")
 

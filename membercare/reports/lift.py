@@ -22,7 +22,6 @@ from membercare.db import is_sqlite
 from membercare.delivery.planner import GLOBAL_CONTROL, HOLDOUT
 from membercare.engagement.attribution import within_window
 from membercare.models import PURCHASE_STATUSES, Order
-from membercare.optimise.assignment import DEFAULT_HOLDOUT_RATE
 from membercare.optimise.lift import BinaryLift, MeanLift, MeanSummary, binary_lift, mean_lift
 from membercare.reports.checks import DEFAULT_PRIMARY, METRICS, ExperimentChecks, experiment_checks, per_member_sums
 from membercare.reports.options import ReportOptions
@@ -196,18 +195,21 @@ def _cluster_sums(arm: Any, metric: str) -> ClusterSums | None:
 
 
 def run_sample_ratios(conn: Connection, options: ReportOptions, campaigns: list[str]) -> dict[str, list[RunRatio]]:
-    """Per campaign and run: holdout rows against the expected holdout share of the campaign
-    (``options.holdout_rates``, default 10 %), chi-square goodness of fit (:func:`sample_ratio_mismatch`)."""
+    """Per campaign and run: holdout rows against the campaign's configured holdout share (``options.holdout_rates``;
+    campaigns without one are not checked), chi-square goodness of fit (:func:`sample_ratio_mismatch`)."""
     r = sa.table("campaign_runs", sa.column("id"), sa.column("occurrence"))
+    campaigns = [c for c in campaigns if c in options.holdout_rates]
+    if not campaigns:
+        return {}
     q = sa.select(OB.c.campaign, r.c.occurrence, sum_if(OB.c.variant == HOLDOUT).label("holdout"),
                   sa.func.count().label("rows")).select_from(OB.join(r, r.c.id == OB.c.run_id)).where(
         *scope(options), OB.c.campaign.in_(campaigns), sa.or_(OB.c.variant.is_(None), OB.c.variant != GLOBAL_CONTROL),
     ).group_by(OB.c.campaign, r.c.occurrence).order_by(OB.c.campaign, r.c.occurrence)
     out: dict[str, list[RunRatio]] = {}
     for row in conn.execute(q):
-        rate = float(options.holdout_rates.get(row.campaign, DEFAULT_HOLDOUT_RATE))
+        rate = options.holdout_rates.get(row.campaign)
         held, total = int(row.holdout), int(row.rows)
-        if not 0.0 < rate < 1.0:
+        if rate is None or not 0.0 < rate < 1.0:
             continue
         check = sample_ratio_mismatch({"holdout": held, "treated": total - held},
                                       {"holdout": rate, "treated": 1.0 - rate})

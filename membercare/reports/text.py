@@ -90,8 +90,10 @@ def _print_holdouts(console: Console, rep: Report, conf: str) -> None:
 def _clustered(h: HoldoutRow, metric: str, cur: str) -> tuple[str, str]:
     """The lift with its member-clustered interval, and whether it is significant (Holm-adjusted if secondary)."""
     m = h.checks.metric(metric) if h.checks else None
-    if m is None:
-        return "-", "-"
+    if m is None:  # fewer than two members in an arm: no clustered variance, the naive interval says so
+        naive = {"visit": h.visit, "conversion": h.conversion, "revenue": h.revenue}[metric]
+        shown = money_lift(naive, cur) if isinstance(naive, MeanLift) else points(naive)
+        return (shown + " (naive: too few members to cluster)" if naive else "-"), _verdict(naive)
     lo, hi = m.interval
     p = m.p_value if m.role == "primary" else m.adjusted_p
     return (f"{amount(metric, m.difference, cur)} [{amount(metric, lo, cur)}, {amount(metric, hi, cur)}]",
