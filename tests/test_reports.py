@@ -475,3 +475,35 @@ def test_text_report_shows_the_checks(engine):
     for text in ("member-clustered CI", "naive CI", "Holm p", "(primary)", "SAMPLE-RATIO MISMATCH in 8 of 8",
                  "not trustworthy: sample ratio mismatch", "larger than the observed effect", "primary)"):
         assert text in out, text
+
+
+def test_variant_arms_against_the_holdout_are_holm_adjusted(engine):
+    s = Shop(engine)
+    a_members, b_members, held = ([s.member() for _ in range(6)] for _ in range(3))
+    for k in range(3):
+        at = T0 + timedelta(days=8 * k)
+        run = s.run("ab", occurrence=f"w{k}")
+        for arm, members in (("a", a_members), ("b", b_members), ("holdout", held)):
+            for m in members:
+                s.message(run, m, at=at, variant=arm, **({"channel": None, "state": "skipped"} if arm == "holdout"
+                                                          else {}))
+        for m in a_members[:4] + b_members[:1]:
+            s.order(m, at + timedelta(hours=5), total=1_000)
+    (h,) = report(engine, until=T0 + timedelta(days=30)).holdouts
+    assert (h.treated_n, h.treated_converters, h.holdout_converters) == (36, 15, 0)
+    assert [x.arm for x in h.arms] == ["a", "b"]
+    a, b = (x.check for x in h.arms)
+    assert (a.metric, a.role) == ("conversion", "arm vs holdout")
+    assert a.difference == pytest.approx(4 / 6) and b.difference == pytest.approx(1 / 6)
+    assert a.adjusted_p == pytest.approx(min(1.0, 2 * a.p_value)) and b.adjusted_p >= b.p_value
+    assert a.significant
+    from rich.console import Console
+
+    from membercare.reports.html import render_html
+    from membercare.reports.text import print_experiments
+
+    console = Console(record=True, width=250)
+    rep = report(engine, until=T0 + timedelta(days=30), refresh=False)
+    print_experiments(console, rep)
+    assert "ab: variants vs holdout on conversion rate, Holm across 2 arms" in console.export_text()
+    assert "Holm-adjusted p (across arms)" in render_html(rep)

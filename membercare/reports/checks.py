@@ -117,10 +117,39 @@ def experiment_checks(sums: Mapping[str, tuple[ClusterSums | None, ClusterSums |
     return ExperimentChecks(primary, alpha, verdict, ordered)
 
 
+@dataclass
+class ArmCheck:
+    """One template variant against the holdout on the campaign's primary metric (Holm-adjusted across arms)."""
+
+    arm: str
+    check: MetricCheck
+
+
+def arm_checks(sums: Mapping[str, tuple[ClusterSums | None, ClusterSums | None]], metric: str,
+               confidence: float) -> list[ArmCheck]:
+    """Several arms against one control: each arm's clustered difference on ``metric``, p-values Holm-adjusted
+    across the arms (valid under any dependence, so also for the shared control; Dunnett would be a little
+    more powerful)."""
+    out = []
+    for arm, (t, c) in sums.items():
+        one = _check(metric, t, c, confidence) if t is not None and c is not None else None
+        if one is not None:
+            one.role = "arm vs holdout"
+            out.append(ArmCheck(arm, one))
+    ps = {a.arm: a.check.p_value for a in out if not math.isnan(a.check.p_value)}
+    if ps:
+        adjusted = {r.name: r for r in holm(ps, alpha=1.0 - confidence)}
+        for a in out:
+            if a.arm in adjusted:
+                a.check.adjusted_p = adjusted[a.arm].adjusted
+                a.check.significant = a.check.adjusted_p < 1.0 - confidence
+    return out
+
+
 def per_member_sums(members: int, successes: float, squares: float) -> ClusterSums:
     """Sums of a comparison whose unit is already the member (one row each): ``m_i = 1``."""
     return ClusterSums(members, float(members), float(successes), float(members), float(successes), float(squares))
 
 
-__all__ = ["DEFAULT_PRIMARY", "METRICS", "PRIMARY_METRICS", "ExperimentChecks", "MetricCheck", "experiment_checks",
-           "per_member_sums"]
+__all__ = ["DEFAULT_PRIMARY", "METRICS", "PRIMARY_METRICS", "ArmCheck", "ExperimentChecks", "MetricCheck",
+           "arm_checks", "experiment_checks", "per_member_sums"]

@@ -100,7 +100,24 @@ def holdout_checks(holdouts: list[HoldoutRow], currency: str) -> str:
                      f"{h.treated_n:,} / {h.holdout_n:,} rows</p>" + srm_note(h))
         if h.checks is not None:
             parts.append(checks_table(h.checks, currency))
+        if h.arms:
+            parts.append(arms_table(h, currency))
     return "".join(parts)
+
+
+def arms_table(h: HoldoutRow, currency: str) -> str:
+    """Each template variant against the holdout on the primary metric, Holm-adjusted across the variants."""
+    head = ("variant", "difference vs holdout", "member-clustered interval", "p", "Holm-adjusted p (across arms)",
+            "significant", "MDE (80 % power)")
+    metric = h.arms[0].check.metric
+    rows = "".join("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(c)}</td>" for i, c in enumerate((
+        a.arm, amount(metric, a.check.difference, currency), interval(metric, a.check.interval, currency),
+        p_text(a.check.p_value), p_text(a.check.adjusted_p), "yes" if a.check.significant else "no",
+        mde_text(a.check, currency)))) + "</tr>" for a in h.arms)
+    return (f"<p class='note'>Variants against the holdout on {_e(LABELS[metric])}, Holm across the "
+            f"{len(h.arms)} arms:</p><table><tr>"
+            + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(x)}</th>" for i, x in enumerate(head)) + "</tr>"
+            + rows + "</table>")
 
 
 def programme_checks(checks: ExperimentChecks | None, currency: str) -> str:
@@ -129,4 +146,4 @@ def variant_evidence(v: VariantSection) -> str:
             + rows + "</table>")
 
 
-__all__ = ["checks_table", "holdout_checks", "programme_checks", "variant_evidence", "verdict_html"]
+__all__ = ["arms_table", "checks_table", "holdout_checks", "programme_checks", "variant_evidence", "verdict_html"]

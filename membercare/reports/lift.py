@@ -23,9 +23,17 @@ from membercare.delivery.planner import GLOBAL_CONTROL, HOLDOUT
 from membercare.engagement.attribution import within_window
 from membercare.models import PURCHASE_STATUSES, Order
 from membercare.optimise.lift import BinaryLift, MeanLift, MeanSummary, binary_lift, mean_lift
-from membercare.reports.checks import DEFAULT_PRIMARY, METRICS, ExperimentChecks, experiment_checks, per_member_sums
+from membercare.reports.checks import (
+    DEFAULT_PRIMARY,
+    METRICS,
+    ArmCheck,
+    ExperimentChecks,
+    arm_checks,
+    experiment_checks,
+    per_member_sums,
+)
 from membercare.reports.options import ReportOptions
-from membercare.reports.sql import OB, VISITED, E, flag, scope, sum_if
+from membercare.reports.sql import CONTROLS, OB, VISITED, E, flag, scope, sum_if
 from membercare.reports.stats import ClusterSums, sample_ratio_mismatch
 
 
@@ -48,6 +56,8 @@ class HoldoutRow:
     holdout_members: int = 0
     sample_ratio: list[RunRatio] = field(default_factory=list)  # one check per run of the period
     checks: ExperimentChecks | None = None  # clustered intervals, MDE, primary verdict, Holm-adjusted secondaries
+    # With two or more template variants: each variant against the holdout on the primary metric, Holm across arms.
+    arms: list[ArmCheck] = field(default_factory=list)
 
     @property
     def mismatched_runs(self) -> list[RunRatio]:
@@ -130,8 +140,9 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
     seconds = options.attribution.window_seconds
     held = sa.select(OB.c.campaign).where(*scope(options), OB.c.variant == HOLDOUT).distinct()
     is_holdout = sa.case((OB.c.variant == HOLDOUT, 1), else_=0)
+    arm = sa.func.coalesce(OB.c.variant, "")
     per_row = sa.select(
-        OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout.label("holdout"),
+        OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout.label("holdout"), arm.label("arm"),
         sa.func.coalesce(sa.func.sum(o.c.total_minor), 0).label("revenue"), sa.func.count(o.c.id).label("orders"),
     ).select_from(OB.outerjoin(o, sa.and_(
         o.c.member_id == OB.c.member_id, o.c.status.in_(PURCHASE_STATUSES),
@@ -140,29 +151,16 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
     ))).where(
         *scope(options), OB.c.campaign.in_(held),
         sa.or_(OB.c.variant.is_(None), OB.c.variant != GLOBAL_CONTROL),
-    ).group_by(OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout).subquery("per_row")
-    # Squares summed exactly on PostgreSQL (numeric); SQLite has no big integers, so doubles there.
-    big = sa.Float if is_sqlite(conn) else sa.Numeric
-    row_rev = sa.cast(per_row.c.revenue, big)
-    per_member = sa.select(
-        per_row.c.campaign, per_row.c.holdout, per_row.c.member_id, sa.func.count().label("m"),
-        sum_if(per_row.c.orders > 0).label("conv"),
-        sum_if(_visited(conn, per_row.c.member_id, per_row.c.scheduled_at, seconds)).label("vis"),
-        sa.func.coalesce(sa.func.sum(row_rev), 0).label("rev"),
-        sa.func.coalesce(sa.func.sum(row_rev * row_rev), 0).label("rev_sq"),
-    ).group_by(per_row.c.campaign, per_row.c.holdout, per_row.c.member_id).subquery("per_member")
-    pm = per_member.c
-    cols: list[Any] = [pm.campaign, pm.holdout, sa.func.count().label("members"), sa.func.sum(pm.m).label("n"),
-                       sa.func.sum(pm.m * pm.m).label("mm"), sa.func.coalesce(sa.func.sum(pm.rev_sq), 0).label(
-                           "revenue_sq")]
-    for name, y in (("converters", pm.conv), ("visitors", pm.vis), ("revenue", pm.rev)):
-        yf = sa.cast(y, big)
-        cols += [sa.func.coalesce(sa.func.sum(y), 0).label(name),
-                 sa.func.coalesce(sa.func.sum(yf * pm.m), 0).label(f"{name}_ym"),
-                 sa.func.coalesce(sa.func.sum(yf * yf), 0).label(f"{name}_yy")]
+    ).group_by(OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout, arm).subquery("per_row")
     arms: dict[str, dict[int, Any]] = {}
-    for r in conn.execute(sa.select(*cols).group_by(pm.campaign, pm.holdout)):
+    for r in conn.execute(_arm_sums(conn, per_row, seconds, by_variant=False)):
         arms.setdefault(r.campaign, {})[int(r.holdout)] = r
+    variant_arms: dict[str, dict[str, Any]] = {}
+    if conn.execute(sa.select(OB.c.id).where(*scope(options), OB.c.campaign.in_(held), OB.c.variant.is_not(None),
+                                             OB.c.variant.not_in(CONTROLS)).limit(1)).first() is not None:
+        for r in conn.execute(_arm_sums(conn, per_row, seconds, by_variant=True)):
+            if not int(r.holdout) and r.arm:
+                variant_arms.setdefault(r.campaign, {})[r.arm] = r
     srm = run_sample_ratios(conn, options, sorted(arms))
     out = []
     for campaign in sorted(arms):
@@ -181,8 +179,41 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
             {m: (_cluster_sums(t, m), _cluster_sums(h, m)) for m in METRICS},
             options.primary_metrics.get(campaign, DEFAULT_PRIMARY), options.confidence,
             mismatch=bool(row.mismatched_runs))
+        if len(variant_arms.get(campaign, {})) > 1 and h is not None:
+            primary = row.checks.primary if row.checks else DEFAULT_PRIMARY
+            row.arms = arm_checks({a: (_cluster_sums(r, primary), _cluster_sums(h, primary))
+                                   for a, r in sorted(variant_arms[campaign].items())}, primary, options.confidence)
         out.append(row)
     return out
+
+
+def _arm_sums(conn: Connection, per_row: Any, seconds: int, *, by_variant: bool) -> sa.Select[Any]:
+    """Per campaign and arm (treated or holdout, and with ``by_variant`` the template variant): the per-member
+    sums of :class:`ClusterSums` for each metric, the number of members and rows, and the rows' revenue squares.
+    Members are grouped within the arm, so a member drawn into different variants in different runs is a
+    cluster in each."""
+    # Squares summed exactly on PostgreSQL (numeric); SQLite has no big integers, so doubles there.
+    big = sa.Float if is_sqlite(conn) else sa.Numeric
+    row_rev = sa.cast(per_row.c.revenue, big)
+    keys = [per_row.c.campaign, per_row.c.holdout] + ([per_row.c.arm] if by_variant else [])
+    per_member = sa.select(
+        *keys, per_row.c.member_id, sa.func.count().label("m"),
+        sum_if(per_row.c.orders > 0).label("conv"),
+        sum_if(_visited(conn, per_row.c.member_id, per_row.c.scheduled_at, seconds)).label("vis"),
+        sa.func.coalesce(sa.func.sum(row_rev), 0).label("rev"),
+        sa.func.coalesce(sa.func.sum(row_rev * row_rev), 0).label("rev_sq"),
+    ).group_by(*keys, per_row.c.member_id).subquery("per_member")
+    pm = per_member.c
+    groups = [pm.campaign, pm.holdout] + ([pm.arm] if by_variant else [])
+    cols: list[Any] = [*groups, sa.func.count().label("members"), sa.func.sum(pm.m).label("n"),
+                       sa.func.sum(pm.m * pm.m).label("mm"),
+                       sa.func.coalesce(sa.func.sum(pm.rev_sq), 0).label("revenue_sq")]
+    for name, y in (("converters", pm.conv), ("visitors", pm.vis), ("revenue", pm.rev)):
+        yf = sa.cast(y, big)
+        cols += [sa.func.coalesce(sa.func.sum(y), 0).label(name),
+                 sa.func.coalesce(sa.func.sum(yf * pm.m), 0).label(f"{name}_ym"),
+                 sa.func.coalesce(sa.func.sum(yf * yf), 0).label(f"{name}_yy")]
+    return sa.select(*cols).group_by(*groups)
 
 
 def _cluster_sums(arm: Any, metric: str) -> ClusterSums | None:

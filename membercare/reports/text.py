@@ -55,6 +55,7 @@ def print_experiments(console: Console, rep: Report) -> None:
         _print_holdouts(console, rep, conf)
         for h in rep.holdouts:
             _print_checks(console, h.campaign, h.checks, rep.options.currency, _srm_line(h))
+            _print_arms(console, h, rep.options.currency)
     if rep.programme is not None:
         _print_programme(console, rep.programme, rep.options.currency, conf)
         _print_checks(console, "programme", rep.programme.checks, rep.options.currency,
@@ -156,6 +157,20 @@ def _srm_line(h: HoldoutRow) -> str:
     runs = ", ".join(f"{r.occurrence} {r.holdout:,}/{r.treated + r.holdout:,} p={r.p_value:.1e}" for r in bad[:5])
     return (f"SAMPLE-RATIO MISMATCH in {len(bad)} of {len(h.sample_ratio)} run(s) against the configured {share:.0%} "
             f"holdout ({runs}): the assignment or logging is broken, do not trust this comparison")
+
+
+def _print_arms(console: Console, h: HoldoutRow, cur: str) -> None:
+    if not h.arms:
+        return
+    metric = h.arms[0].check.metric
+    t = Table(title=f"{h.campaign}: variants vs holdout on {LABELS[metric]}, Holm across {len(h.arms)} arms")
+    for col in ("variant", "difference", "member-clustered CI", "p", "Holm p", "significant", "MDE"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for a in h.arms:
+        m = a.check
+        t.add_row(a.arm, amount(metric, m.difference, cur), interval(metric, m.interval, cur), p_text(m.p_value),
+                  p_text(m.adjusted_p), "yes" if m.significant else "no", mde_text(m, cur))
+    console.print(t)
 
 
 def _print_checks(console: Console, name: str, checks: ExperimentChecks | None, cur: str, note: str) -> None:
