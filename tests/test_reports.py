@@ -408,6 +408,8 @@ def test_primary_metric_and_holdout_rate_come_from_campaign_yaml(tmp_path):
         return parse_campaign(path)
 
     plain = campaign("plain", "")
+    assert ReportOptions.campaign_fields([campaign("none", "params: {holdout_rate: 0}\n")])["holdout_rates"] == {
+        "none": 0.0}
     revenue = campaign("spend", "primary_metric: revenue\nparams: {holdout_rate: 0.2}\n")
     assert (plain.primary_metric, revenue.primary_metric) == ("conversion", "revenue")
     assert ReportOptions.campaign_fields([plain, revenue]) == {

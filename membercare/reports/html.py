@@ -148,11 +148,12 @@ def _holdout_chart(report: Report):
         return None
     base = alt.Chart(alt.Data(values=data))
     colour = alt.Color("arm:N", scale=alt.Scale(domain=["treated", "holdout"], range=["#4C78A8", "#BAB0AC"]))
+    title = "conversion rate (95 % Wilson, rows as independent)"
     bars = base.mark_bar().encode(y=alt.Y("campaign:N", title=None), yOffset="arm:N",
-                                  x=alt.X("rate:Q", title="conversion rate (95 % interval)", axis=alt.Axis(format="%")),
+                                  x=alt.X("rate:Q", title=title, axis=alt.Axis(format="%")),
                                   color=colour, tooltip=["campaign:N", "arm:N", alt.Tooltip("rate:Q", format=".2%")])
     errs = base.mark_errorbar(color="#1f2933").encode(
-        y=alt.Y("campaign:N"), yOffset="arm:N", x=alt.X("lo:Q", title="conversion rate (95 % interval)"), x2="hi:Q")
+        y=alt.Y("campaign:N"), yOffset="arm:N", x=alt.X("lo:Q", title=title), x2="hi:Q")
     return (bars + errs).properties(width=520, height=max(70, 44 * len({d["campaign"] for d in data})),
                                     title="Treated vs holdout")
 

@@ -57,7 +57,8 @@ class ReportOptions:
         ``params.holdout_rate``), as keyword arguments of ReportOptions."""
         campaigns = list(campaigns)
         return {"primary_metrics": {c.name: getattr(c, "primary_metric", "conversion") for c in campaigns},
-                "holdout_rates": {c.name: float(c.params.get("holdout_rate") or DEFAULT_HOLDOUT_RATE)
+                "holdout_rates": {c.name: float(DEFAULT_HOLDOUT_RATE if c.params.get("holdout_rate") is None
+                                                else c.params["holdout_rate"])
                                   for c in campaigns if getattr(c, "is_marketing", False)}}
 
     def __post_init__(self) -> None:
