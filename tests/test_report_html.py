@@ -61,8 +61,13 @@ def test_html_is_self_contained_with_charts_and_figures(html_report):
     for figure in ("Funnel by campaign and channel", "Treated vs holdout", "Members by tier", "TWD 220", "TWD 3",
                    "spring", "Lift with 95 % intervals", "visit lift (points)", "Variant tests", "promo",
                    "P(best)", "no winner yet", "Opt-outs by weekly frequency", "Highest safe weekly frequency",
-                   "global control"):
+                   "global control", "Decision checks", "member-clustered interval", "MDE (80 % power)",
+                   "(primary)", "Holm-adjusted p", "Sample ratio", "Promotion test", "within each of 2 run(s)"):
         assert figure in text, figure
+    # The page fits 1280 px: main's padding is inside its max-width, and every table scrolls inside its section.
+    assert "max-width:1280px;box-sizing:border-box" in text and ".scroll{max-width:100%;overflow-x:auto}" in text
+    assert text.count("<table") == text.count("<div class='scroll'><table") > 5
+    assert not re.search(r"(?<!max-)width:\s*(1[3-9]\d\d|[2-9]\d\d\d)px", text.split("<svg")[0])
 
 
 @pytest.mark.slow  # several CLI processes, each importing the application

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import date, timedelta
 
 import pytest
@@ -313,3 +314,198 @@ def test_variant_settings_come_from_the_campaigns_optimise_block():
                                                           promote_at=0.9)))]
     assert variant_settings_from_campaigns(campaigns) == {
         "promo": {"names": ["a", "b"], "goal": "conversion", "floor": 0.1, "promote_at": 0.9}}
+
+
+def build_recurring(engine) -> Shop:
+    """Eight weekly occurrences (no overlapping windows) of one campaign to the same 12 treated and 6 held-out
+    members; the same four treated members and one held-out member buy after every occurrence."""
+    s = Shop(engine)
+    treated, held = [s.member() for _ in range(12)], [s.member() for _ in range(6)]
+    for k in range(8):
+        at = T0 + timedelta(days=8 * k)
+        run = s.run("weekly", occurrence=f"w{k}")
+        for m in treated:
+            s.message(run, m, at=at)
+        for m in held:
+            s.message(run, m, channel=None, variant="holdout", state="skipped", at=at)
+        for m in treated[:4] + held[:1]:
+            s.order(m, at + timedelta(hours=5), total=1_000)
+    return s
+
+
+def test_recurring_campaign_intervals_are_member_clustered(engine):
+    from membercare.reports.stats import minimum_detectable_effect
+
+    s = build_recurring(engine)
+    until = T0 + timedelta(days=64)
+    (h,) = report(s.engine, until=until, holdout_rates={"weekly": 1 / 3}).holdouts
+    assert (h.treated_n, h.treated_members, h.treated_converters) == (96, 12, 32)
+    assert (h.holdout_n, h.holdout_members, h.holdout_converters) == (48, 6, 8)
+    c = h.checks.metric("conversion")
+    assert c.role == "primary" and c.difference == pytest.approx(32 / 96 - 8 / 48)
+    # The same members in every occurrence (here with perfectly repeated outcomes): the report's interval is the
+    # member-clustered one, much wider than the rows-as-independent interval.
+    width = c.interval[1] - c.interval[0]
+    assert width > 2 * (c.naive_interval[1] - c.naive_interval[0])
+    assert width > h.conversion.absolute_lift_ci[1] - h.conversion.absolute_lift_ci[0]
+    assert c.design_effect > 4
+    assert c.mde == pytest.approx(minimum_detectable_effect(96, 48, 8 / 48, design_effect=c.design_effect))
+    assert c.underpowered and h.checks.verdict == "no effect shown (underpowered)"
+    assert {m.role for m in h.checks.metrics[1:]} == {"secondary"}
+    # Eight runs at the configured third held out: no sample-ratio mismatch.
+    assert len(h.sample_ratio) == 8 and not h.mismatched_runs
+
+
+def test_sample_ratio_mismatch_is_flagged_per_run_and_voids_the_verdict(engine):
+    s = build_recurring(engine)
+    (h,) = report(s.engine, until=T0 + timedelta(days=64), refresh=False, holdout_rates={"weekly": 0.02}).holdouts
+    assert len(h.mismatched_runs) == 8
+    r = h.mismatched_runs[0]
+    assert (r.treated, r.holdout, r.expected_holdout_share) == (12, 6, 0.02) and r.p_value < 0.001
+    assert h.checks.verdict.startswith("not trustworthy")
+
+
+def test_primary_metric_is_judged_alone_and_the_others_are_holm_adjusted(engine):
+    s = build_recurring(engine)
+    (h,) = report(s.engine, until=T0 + timedelta(days=64), refresh=False,
+                  primary_metrics={"weekly": "revenue"}).holdouts
+    first, *rest = h.checks.metrics
+    assert (h.checks.primary, first.metric, first.role) == ("revenue", "revenue", "primary")
+    assert first.adjusted_p == first.p_value
+    assert sorted(m.metric for m in rest) == ["conversion", "visit"]
+    ps = sorted(m.p_value for m in rest if not math.isnan(m.p_value))
+    adjusted = sorted(m.adjusted_p for m in rest if not math.isnan(m.p_value))
+    assert adjusted[0] == pytest.approx(min(1.0, len(ps) * ps[0]))
+    assert all(a >= p for a, p in zip(adjusted, ps, strict=True))
+
+
+def test_a_purchase_counts_for_one_occurrence_only(engine):
+    """Overlapping occurrences of a daily campaign: a purchase is attributed to the latest row of the member's
+    campaign scheduled at or before it (within that row's window), never to two rows."""
+    s = Shop(engine)
+    m1, m2, m3 = s.member(), s.member(), s.member()
+    first, second = s.run("daily", occurrence="d1"), s.run("daily", occurrence="d2")
+    day = timedelta(days=1)
+    for run, at in ((first, T0), (second, T0 + day)):
+        s.message(run, m1, at=at)
+        s.message(run, m2, at=at)
+        s.message(run, m3, channel=None, variant="holdout", state="skipped", at=at)
+    s.order(m1, T0 + 2 * day, total=10_000)  # after both rows, in both windows: the second row only
+    s.order(m2, T0 + day / 2, total=7_000)  # before the second row: the first row only
+    s.order(m3, T0 + 3 * day, total=3_000)  # a holdout purchase: once too
+    (h,) = report(engine).holdouts
+    assert (h.treated_n, h.treated_converters, h.treated_revenue_minor) == (4, 2, 17_000)
+    assert (h.holdout_n, h.holdout_converters, h.holdout_revenue_minor) == (2, 1, 3_000)
+
+
+def test_primary_metric_and_holdout_rate_come_from_campaign_yaml(tmp_path):
+    from membercare.campaigns.definition import CampaignDefinitionError, parse_campaign
+
+    def campaign(name: str, extra: str):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "campaign.yaml"
+        path.write_text(f"description: d\npurpose: marketing\nsegment: {{name: s}}\nchannels: [email]\n{extra}")
+        return parse_campaign(path)
+
+    plain = campaign("plain", "")
+    assert ReportOptions.campaign_fields([campaign("none", "params: {holdout_rate: 0}\n")])["holdout_rates"] == {
+        "none": 0.0}
+    revenue = campaign("spend", "primary_metric: revenue\nparams: {holdout_rate: 0.2}\n")
+    assert (plain.primary_metric, revenue.primary_metric) == ("conversion", "revenue")
+    assert ReportOptions.campaign_fields([plain, revenue]) == {
+        "primary_metrics": {"plain": "conversion", "spend": "revenue"}, "holdout_rates": {"plain": 0.1, "spend": 0.2}}
+    with pytest.raises(CampaignDefinitionError, match="primary_metric"):
+        campaign("bad", "primary_metric: opens\n")
+
+
+def _bulk_variant_run(engine, run: int, occurrence: str, members: list[int], variants: list[str],
+                      clicked: list[bool], at) -> None:
+    rows, events = [], []
+    for i, (m, v, c) in enumerate(zip(members, variants, clicked, strict=True)):
+        mid = f"{occurrence}-{i}"
+        rows.append(dict(message_id=mid, run_id=run, campaign="drift", occurrence=occurrence, member_id=m,
+                         idempotency_key=f"drift|{occurrence}|{m}", variant=v, purpose="marketing", priority=0,
+                         channel="email", fallback_channels="", state="sent", reason_code="sent", reason="test",
+                         attempts=1, transient_failures=0, scheduled_at=at, sent_at=at, created_at=at, updated_at=at))
+        if c:
+            events.append(dict(provider="sendgrid", provider_event_id=f"ev-{mid}", kind="clicked", channel="email",
+                               message_id=mid, member_id=m, occurred_at=at + timedelta(hours=1),
+                               received_at=at + timedelta(hours=1), raw="{}"))
+    with engine.begin() as c:
+        c.execute(sa.insert(OutboxMessage.__table__), rows)
+        c.execute(sa.insert(EngagementEventRow.__table__), events)
+
+
+def test_variant_test_is_stratified_per_run_so_drift_is_no_winner(engine):
+    """Two identical variants; the click rate falls from 40 % to 5 % between runs while the bandit moves the
+    shares from 90/10 to 10/90. Pooled, a looks far better (36.5 % vs 8.5 %); within each run they are equal."""
+    from membercare.optimise import bandit
+
+    s = Shop(engine)
+    with engine.begin() as c:
+        members = list(c.execute(sa.insert(Member.__table__).returning(Member.__table__.c.id), [
+            dict(external_id=f"D{i}", name=f"D {i}", email=f"d{i}@example.test", joined_at=T0 - timedelta(days=99))
+            for i in range(400)]).scalars())
+    for k, (share_a, rate) in enumerate(((0.9, 0.4), (0.1, 0.05))):
+        occurrence = f"2026-11-0{k + 1}"
+        run = s.run("drift", occurrence=occurrence)
+        n_a = int(400 * share_a)
+        variants = ["a"] * n_a + ["b"] * (400 - n_a)
+        clicked = [i < round(rate * n_a) for i in range(n_a)] + [i < round(rate * (400 - n_a))
+                                                                for i in range(400 - n_a)]
+        _bulk_variant_run(engine, run, occurrence, members, variants, clicked, T0 + timedelta(days=k))
+    (v,) = report(engine, refresh=False).variants
+    a, b = v.variants
+    assert (a.sends, a.clicks, b.sends, b.clicks) == (400, 146, 400, 34)
+    assert v.runs == 2 and v.winner is None
+    assert v.evidence is not None and v.evidence["runs"] == 2
+    assert v.evidence["pairs"][0]["difference"] == pytest.approx(0.0, abs=1e-12)
+    # The same counts pooled into one run would have promoted a.
+    pooled = bandit.allocate([bandit.VariantStats("a", 400, 146), bandit.VariantStats("b", 400, 34)])
+    assert pooled.winner == "a"
+
+
+def test_text_report_shows_the_checks(engine):
+    from rich.console import Console
+
+    from membercare.reports.text import print_experiments
+
+    s = build_recurring(engine)
+    console = Console(record=True, width=250)
+    print_experiments(console, report(s.engine, until=T0 + timedelta(days=64), holdout_rates={"weekly": 0.02}))
+    out = console.export_text()
+    for text in ("member-clustered CI", "naive CI", "Holm p", "(primary)", "SAMPLE-RATIO MISMATCH in 8 of 8",
+                 "not trustworthy: sample ratio mismatch", "larger than the observed effect", "primary)"):
+        assert text in out, text
+
+
+def test_variant_arms_against_the_holdout_are_holm_adjusted(engine):
+    s = Shop(engine)
+    a_members, b_members, held = ([s.member() for _ in range(6)] for _ in range(3))
+    for k in range(3):
+        at = T0 + timedelta(days=8 * k)
+        run = s.run("ab", occurrence=f"w{k}")
+        for arm, members in (("a", a_members), ("b", b_members), ("holdout", held)):
+            for m in members:
+                s.message(run, m, at=at, variant=arm, **({"channel": None, "state": "skipped"} if arm == "holdout"
+                                                          else {}))
+        for m in a_members[:4] + b_members[:1]:
+            s.order(m, at + timedelta(hours=5), total=1_000)
+    (h,) = report(engine, until=T0 + timedelta(days=30)).holdouts
+    assert (h.treated_n, h.treated_converters, h.holdout_converters) == (36, 15, 0)
+    assert [x.arm for x in h.arms] == ["a", "b"]
+    a, b = (x.check for x in h.arms)
+    assert (a.metric, a.role) == ("conversion", "arm vs holdout")
+    assert a.difference == pytest.approx(4 / 6) and b.difference == pytest.approx(1 / 6)
+    assert a.adjusted_p == pytest.approx(min(1.0, 2 * a.p_value)) and b.adjusted_p >= b.p_value
+    assert a.significant
+    from rich.console import Console
+
+    from membercare.reports.html import render_html
+    from membercare.reports.text import print_experiments
+
+    console = Console(record=True, width=250)
+    rep = report(engine, until=T0 + timedelta(days=30), refresh=False)
+    print_experiments(console, rep)
+    assert "ab: variants vs holdout on conversion rate, Holm across 2 arms" in console.export_text()
+    assert "Holm-adjusted p (across arms)" in render_html(rep)

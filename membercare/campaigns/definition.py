@@ -236,6 +236,8 @@ class Campaign(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     # Opt-in optimisation: routing strategy, send time, variant test (see Optimise).
     optimise: Optimise = Field(default_factory=Optimise)
+    # The metric its holdout verdict rests on, declared before the test (docs/reports.md); the others are secondary.
+    primary_metric: Literal["conversion", "visit", "revenue"] = "conversion"
     directory: Path | None = Field(default=None, exclude=True)
 
     @field_validator("channels")

@@ -102,6 +102,7 @@ def report(
         attribution=attribution, sms_price_minor=_shop_sms_price(settings), currency=settings.shop_currency,
         segments=_segments(campaigns), refresh=refresh, variant_settings=variant_settings_from_campaigns(campaigns),
         max_unsubscribe_rate=max_unsubscribe_rate, max_complaint_rate=max_complaint_rate,
+        **ReportOptions.campaign_fields(campaigns),
     )
     engine = migrated_engine()
     if campaign:

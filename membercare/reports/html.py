@@ -16,6 +16,15 @@ import html
 from pathlib import Path
 
 from membercare.reports import FrequencySection, FunnelRow, Report
+from membercare.reports.html_checks import (
+    LABELS,
+    amount,
+    holdout_checks,
+    interval,
+    programme_checks,
+    variant_evidence,
+    verdict_html,
+)
 
 STAGES = ("planned", "sent", "delivered", "opened", "clicked", "converted")
 CHANNEL_COLOURS = {"email": "#4C78A8", "sms": "#F58518", "push": "#54A24B", "-": "#BAB0AC"}
@@ -23,7 +32,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans TC","PingFang TC","Microsoft JhengHei",sans-serif;
 margin:0;background:#f6f7f9;color:#1f2933}
 header{background:#1f2933;color:#fff;padding:20px 32px}header h1{margin:0 0 4px;font-size:22px}
-header p{margin:0;color:#cbd2d9;font-size:13px}main{padding:20px 32px;max-width:1280px}
+header p{margin:0;color:#cbd2d9;font-size:13px}main{padding:20px 32px;max-width:1280px;box-sizing:border-box}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:12px;margin-bottom:20px}
 .card{background:#fff;border-radius:8px;padding:12px 14px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 .card .v{font-size:24px;font-weight:600}.card .l{font-size:12px;color:#616e7c;text-transform:uppercase;
@@ -31,7 +40,9 @@ letter-spacing:.04em}.card .s{font-size:12px;color:#7b8794}
 section{background:#fff;border-radius:8px;padding:16px 18px;margin-bottom:18px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 section h2{font-size:16px;margin:0 0 4px}section h3{font-size:14px;margin:12px 0 2px}
 section p.note{font-size:12px;color:#616e7c;margin:0 0 10px}
-.charts{display:flex;flex-wrap:wrap;gap:18px}.chart svg{max-width:100%;height:auto}
+.charts{display:flex;flex-wrap:wrap;gap:18px}.chart{max-width:100%;overflow-x:auto}
+.chart svg{max-width:100%;height:auto}
+.scroll{max-width:100%;overflow-x:auto}.charts>div{max-width:100%}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{padding:5px 8px;text-align:right;
 border-bottom:1px solid #e4e7eb}th{background:#f5f7fa;font-weight:600}td.t,th.t{text-align:left}
 .good{color:#1b7f3b;font-weight:600}.bad{color:#b42318;font-weight:600}.muted{color:#7b8794}
@@ -137,11 +148,12 @@ def _holdout_chart(report: Report):
         return None
     base = alt.Chart(alt.Data(values=data))
     colour = alt.Color("arm:N", scale=alt.Scale(domain=["treated", "holdout"], range=["#4C78A8", "#BAB0AC"]))
+    title = "conversion rate (95 % Wilson, rows as independent)"
     bars = base.mark_bar().encode(y=alt.Y("campaign:N", title=None), yOffset="arm:N",
-                                  x=alt.X("rate:Q", title="conversion rate (95 % interval)", axis=alt.Axis(format="%")),
+                                  x=alt.X("rate:Q", title=title, axis=alt.Axis(format="%")),
                                   color=colour, tooltip=["campaign:N", "arm:N", alt.Tooltip("rate:Q", format=".2%")])
     errs = base.mark_errorbar(color="#1f2933").encode(
-        y=alt.Y("campaign:N"), yOffset="arm:N", x=alt.X("lo:Q", title="conversion rate (95 % interval)"), x2="hi:Q")
+        y=alt.Y("campaign:N"), yOffset="arm:N", x=alt.X("lo:Q", title=title), x2="hi:Q")
     return (bars + errs).properties(width=520, height=max(70, 44 * len({d["campaign"] for d in data})),
                                     title="Treated vs holdout")
 
@@ -199,26 +211,20 @@ def _funnel_table(report: Report) -> str:
 
 def _holdout_table(report: Report) -> str:
     cur = report.options.currency
-    head = ("campaign", "treated", "conv.", "holdout", "conv.", "lift (points)", "95 % interval", "relative",
-            "revenue / member lift", "verdict")
+    head = ("campaign", "treated", "conv.", "holdout", "conv.", "lift (points)", "member-clustered interval",
+            "relative", "revenue / member lift", "verdict")
     out = ["<table><tr>" + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
            + "</tr>"]
     for h in report.holdouts:
         c = h.conversion
-        if c is None:
-            verdict, lift, ci, rel = "<span class='muted'>an arm is empty</span>", "–", "–", "–"
-        else:
-            lift = f"{100 * c.absolute_lift:+.2f}"
-            ci = f"{100 * c.absolute_lift_ci[0]:+.2f} … {100 * c.absolute_lift_ci[1]:+.2f}"
-            rel = _pct(c.relative_lift) if c.relative_lift is not None else "–"
-            if c.significant:
-                verdict = ("<span class='good'>works</span>" if c.absolute_lift > 0
-                           else "<span class='bad'>hurts</span>")
-            else:
-                verdict = "<span class='muted'>not shown yet</span>"
-        rev = "–" if h.revenue is None else (
-            f"{_money(h.revenue.absolute_lift, cur)} ({_money(h.revenue.absolute_lift_ci[0], cur)} … "
-            f"{_money(h.revenue.absolute_lift_ci[1], cur)})")
+        conv = h.checks.metric("conversion") if h.checks else None
+        money = h.checks.metric("revenue") if h.checks else None
+        lift = f"{100 * c.absolute_lift:+.2f}" if c else "–"
+        ci = interval("conversion", conv.interval, cur) if conv else "–"
+        rel = _pct(c.relative_lift) if c and c.relative_lift is not None else "–"
+        verdict = verdict_html(h.checks)
+        rev = "–" if money is None else (
+            f"{amount('revenue', money.difference, cur)} ({interval('revenue', money.interval, cur)})")
         cells = [_e(h.campaign), f"{h.treated_n:,}", _e(_pct(c.treated_rate, 2) if c else "–"), f"{h.holdout_n:,}",
                  _e(_pct(c.control_rate, 2) if c else "–"), _e(lift), _e(ci), _e(rel), _e(rev), verdict]
         out.append("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{v}</td>"
@@ -257,17 +263,17 @@ def _lift_chart(report: Report):
 
     data = []
     for h in report.holdouts:
-        for metric, lift in (("visit rate", h.visit), ("conversion rate", h.conversion)):
-            if lift is None:
+        for m in (h.checks.metrics if h.checks else []):
+            if m.metric == "revenue":
                 continue
-            data.append({"campaign": h.campaign, "metric": metric, "lift": 100 * lift.absolute_lift,
-                         "lo": 100 * lift.absolute_lift_ci[0], "hi": 100 * lift.absolute_lift_ci[1]})
+            data.append({"campaign": h.campaign, "metric": LABELS[m.metric], "lift": 100 * m.difference,
+                         "lo": 100 * m.interval[0], "hi": 100 * m.interval[1]})
     if not data:
         return None
     base = alt.Chart(alt.Data(values=data))
     colour = alt.Color("metric:N", scale=alt.Scale(domain=["visit rate", "conversion rate"],
                                                    range=["#72B7B2", "#4C78A8"]))
-    title = "lift vs holdout, percentage points (95 % interval)"
+    title = "lift vs holdout, percentage points (member-clustered 95 % interval)"
     x = alt.X("lift:Q", title=title)
     points = base.mark_point(filled=True, size=70).encode(
         y=alt.Y("campaign:N", title=None), yOffset="metric:N", x=x, color=colour,
@@ -280,25 +286,20 @@ def _lift_chart(report: Report):
         width=520, height=max(70, 50 * len({d["campaign"] for d in data})), title="Lift with 95 % intervals")
 
 
-def _lift_cells(lift) -> tuple[str, str]:
-    if lift is None:
-        return "–", "–"
-    lo, hi = lift.absolute_lift_ci
-    return f"{100 * lift.absolute_lift:+.2f}", f"{100 * lo:+.2f} … {100 * hi:+.2f}"
-
-
 def _visit_table(report: Report) -> str:
-    head = ("campaign", "treated visited", "holdout visited", "visit lift (points)", "95 % interval", "relative",
-            "significant")
+    head = ("campaign", "treated visited", "holdout visited", "visit lift (points)", "member-clustered interval",
+            "relative", "significant (Holm-adjusted if secondary)")
     out = ["<table><tr>" + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
            + "</tr>"]
     for h in report.holdouts:
         v = h.visit
-        lift, ci = _lift_cells(v)
+        check = h.checks.metric("visit") if h.checks else None
+        lift = f"{100 * v.absolute_lift:+.2f}" if v else "–"
         cells = [h.campaign, f"{h.treated_visitors:,} ({_pct(v.treated_rate, 2) if v else '–'})",
-                 f"{h.holdout_visitors:,} ({_pct(v.control_rate, 2) if v else '–'})", lift, ci,
+                 f"{h.holdout_visitors:,} ({_pct(v.control_rate, 2) if v else '–'})", lift,
+                 interval("visit", check.interval, report.options.currency) if check else "–",
                  _pct(v.relative_lift) if v and v.relative_lift is not None else "–",
-                 ("yes" if v.significant else "no") if v else "–"]
+                 ("yes" if check.significant else "no") if check else "–"]
         out.append("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(c)}</td>" for i, c in enumerate(cells))
                    + "</tr>")
     return "".join(out) + "</table>"
@@ -309,19 +310,16 @@ def _programme_section(report: Report) -> str:
     if p is None:
         return ""
     c, r = p.conversion, p.revenue
-    lift, ci = _lift_cells(c)
     rows = [
-        ("members", f"{p.treated_n:,}", f"{p.control_n:,}", "", ""),
-        ("conversion rate", _pct(c.treated_rate, 2) if c else "–", _pct(c.control_rate, 2) if c else "–",
-         f"{lift} points ({ci})" if c else "–", ("yes" if c.significant else "no") if c else "–"),
-        ("revenue per member", _money(r.treated.mean, cur) if r else "–", _money(r.control.mean, cur) if r else "–",
-         f"{_money(r.absolute_lift, cur)} ({_money(r.absolute_lift_ci[0], cur)} … {_money(r.absolute_lift_ci[1], cur)})"
-         if r else "–", ("yes" if r.significant else "no") if r else "–"),
+        ("members", f"{p.treated_n:,}", f"{p.control_n:,}"),
+        ("conversion rate", _pct(c.treated_rate, 2) if c else "–", _pct(c.control_rate, 2) if c else "–"),
+        ("revenue per member", _money(r.treated.mean, cur) if r else "–", _money(r.control.mean, cur) if r else "–"),
     ]
-    head = ("", "marketed", "global control", "lift (95 % interval)", "significant")
+    head = ("", "marketed", "global control")
     table = ("<table><tr>" + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
              + "</tr>" + "".join("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(v)}</td>"
-                                                  for i, v in enumerate(row)) + "</tr>" for row in rows) + "</table>")
+                                                  for i, v in enumerate(row)) + "</tr>" for row in rows) + "</table>"
+             + programme_checks(p.checks, cur))
     return ("<section><h2>Does the programme work? Marketed members vs the global control group</h2>"
             "<p class='note'>Members in the global control group get no marketing at all. Everyone a marketing "
             "campaign selected in the period is compared with them: purchases from the member's first planned "
@@ -349,7 +347,8 @@ def _variant_section(report: Report) -> str:
         return ""
     parts = ["<section><h2>Variant tests</h2><p class='note'>Each variant's goal rate has a Beta posterior "
              "(uniform prior); P(best) is the probability that it has the highest rate. The next run's shares "
-             "follow P(best) with an exploration floor until a variant passes the promotion threshold.</p>"]
+             "follow P(best) with an exploration floor until a variant passes the run-stratified promotion test below."
+             "</p>"]
     head = ("variant", "sends", "clicks", "conversions", "posterior Beta(a, b)", "mean", "95 % credible",
             "P(best)", "latest share", "next share")
     for v in report.variants:
@@ -374,7 +373,7 @@ def _variant_section(report: Report) -> str:
                      f"{row.p_best:.3f}", _pct(share), _pct(row.next_share)]
             parts.append("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(c)}</td>"
                                           for i, c in enumerate(cells)) + "</tr>")
-        parts.append("</table></div></div>")
+        parts.append("</table></div></div>" + variant_evidence(v))
     return "".join(parts) + "</section>"
 
 
@@ -460,8 +459,8 @@ def render_html(report: Report) -> str:
     if report.holdouts:
         parts.append("<section><h2>Did it work? Treated vs holdout</h2><p class='note'>Members held out of a "
                      "campaign are compared with everyone else it selected (intent to treat): a purchase within the "
-                     "attribution window after the planned send. The lift is significant when its 95 % interval "
-                     "excludes zero.</p>")
+                     "attribution window after the planned send. Intervals are member-clustered; the verdict rests "
+                     "on the campaign's primary metric (decision checks below).</p>")
         lift = _lift_chart(report)
         charts = [c for c in (holdout, lift) if c is not None]
         if charts:
@@ -469,7 +468,7 @@ def render_html(report: Report) -> str:
                          + "</div>")
         parts.append(_holdout_table(report) + "<p class='note'>Visits: the member clicked a link (of any message, "
                      "or a site visit recorded without one) or tapped a push within the window.</p>"
-                     + _visit_table(report) + "</section>")
+                     + _visit_table(report) + holdout_checks(report.holdouts, o.currency) + "</section>")
     parts.append(_programme_section(report))
     parts.append(_variant_section(report))
     parts.append(_frequency_section(report))
@@ -480,7 +479,8 @@ def render_html(report: Report) -> str:
                  "</div></section>")
     parts.append(f"<section><h2>Funnel details</h2>{_funnel_table(report)}</section>")
     parts.append("</main></body></html>")
-    return "".join(parts)
+    # Every table scrolls inside its section, so a wide one never widens the page past 1280 px.
+    return "".join(parts).replace("<table", "<div class='scroll'><table").replace("</table>", "</table></div>")
 
 
 def write_html(report: Report, path: Path | str) -> Path:

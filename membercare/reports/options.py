@@ -3,7 +3,7 @@ prices and the thresholds of its statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 from membercare.engagement.attribution import AttributionSettings
 from membercare.errors import InputError
+from membercare.optimise.assignment import DEFAULT_HOLDOUT_RATE
 from membercare.timeutil import ensure_utc
 
 Granularity = Literal["day", "week"]
@@ -44,6 +45,21 @@ class ReportOptions:
     max_complaint_rate: float | None = 0.001
     frequency_edges: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
     min_member_weeks: int = 100
+    # campaign -> its pre-declared primary metric (conversion, visit or revenue; default conversion) and its
+    # configured holdout rate (params.holdout_rate, else 10 %), see ReportOptions.campaign_fields. A campaign without
+    # a definition (e.g. a loaded experiment) has no expected rate, so no sample-ratio check.
+    primary_metrics: Mapping[str, str] = field(default_factory=dict)
+    holdout_rates: Mapping[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def campaign_fields(campaigns: Iterable[Any]) -> dict[str, Any]:
+        """``primary_metrics`` and ``holdout_rates`` from campaign definitions (``primary_metric`` and
+        ``params.holdout_rate``), as keyword arguments of ReportOptions."""
+        campaigns = list(campaigns)
+        return {"primary_metrics": {c.name: getattr(c, "primary_metric", "conversion") for c in campaigns},
+                "holdout_rates": {c.name: float(DEFAULT_HOLDOUT_RATE if c.params.get("holdout_rate") is None
+                                                else c.params["holdout_rate"])
+                                  for c in campaigns if getattr(c, "is_marketing", False)}}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "since", ensure_utc(self.since))

@@ -29,7 +29,7 @@ VISITED = (EventKind.CLICKED.value, EventKind.PUSH_OPENED.value)
 CONTROLS = (HOLDOUT, GLOBAL_CONTROL)
 
 
-def scope(options: ReportOptions, table: sa.Table = OB) -> list[sa.ColumnElement[bool]]:
+def scope(options: ReportOptions, table: sa.FromClause = OB) -> list[sa.ColumnElement[bool]]:
     """Outbox rows scheduled in ``[since, until)`` (of ``options.campaign`` when one is given)."""
     cond = [table.c.scheduled_at >= options.since, table.c.scheduled_at < options.until]
     if options.campaign:

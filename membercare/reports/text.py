@@ -14,6 +14,9 @@ from rich.table import Table
 
 from membercare.optimise.lift import BinaryLift, MeanLift
 from membercare.reports import FrequencySection, ProgrammeLift, Report, VariantSection
+from membercare.reports.checks import ExperimentChecks
+from membercare.reports.html_checks import LABELS, amount, interval, mde_text, p_text
+from membercare.reports.lift import HoldoutRow
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
@@ -50,8 +53,13 @@ def print_experiments(console: Console, rep: Report) -> None:
     conf = f"{100 * rep.options.confidence:g}%"
     if rep.holdouts:
         _print_holdouts(console, rep, conf)
+        for h in rep.holdouts:
+            _print_checks(console, h.campaign, h.checks, rep.options.currency, _srm_line(h))
+            _print_arms(console, h, rep.options.currency)
     if rep.programme is not None:
         _print_programme(console, rep.programme, rep.options.currency, conf)
+        _print_checks(console, "programme", rep.programme.checks, rep.options.currency,
+                      "one outcome per member: clustered and naive intervals agree")
     for v in rep.variants:
         _print_variants(console, v)
     if rep.frequency is not None and rep.frequency.member_weeks:
@@ -63,22 +71,34 @@ def _print_holdouts(console: Console, rep: Report, conf: str) -> None:
     days = rep.options.attribution.window_seconds / 86400
     t = Table(title=f"Treated vs holdout (intent to treat; outcomes within the {days:g}-day window after the "
                     f"planned send; {conf} CI)")
-    for col in ("campaign", "arm sizes", "metric", "treated", "holdout", "absolute lift", "relative",
-                "significant"):
+    for col in ("campaign", "arm sizes", "metric", "treated", "holdout", "absolute lift [member-clustered CI]",
+                "significant", "relative"):
         t.add_column(col, justify="left" if col in ("campaign", "metric") else "right")
     for h in rep.holdouts:
         sizes = f"{h.treated_n:,} / {h.holdout_n:,}"
-        for i, (name, lift) in enumerate((("visit rate", h.visit), ("conversion rate", h.conversion))):
+        for i, (key, lift) in enumerate((("visit", h.visit), ("conversion", h.conversion))):
             rel = _pct(lift.relative_lift, 1) if lift and lift.relative_lift is not None else "-"
-            t.add_row(h.campaign if i == 0 else "", sizes if i == 0 else "", name,
+            t.add_row(h.campaign if i == 0 else "", sizes if i == 0 else "", LABELS[key],
                       _pct(lift.treated_rate) if lift else "-", _pct(lift.control_rate) if lift else "-",
-                      points(lift), rel, _verdict(lift))
+                      *_clustered(h, key, cur), rel)
         r = h.revenue
         t.add_row("", "", "revenue / member", _money(r.treated.mean, cur) if r else "-",
-                  _money(r.control.mean, cur) if r else "-", money_lift(r, cur),
-                  _pct(r.relative_lift, 1) if r and r.relative_lift is not None else "-", _verdict(r),
-                  end_section=True)
+                  _money(r.control.mean, cur) if r else "-", *_clustered(h, "revenue", cur),
+                  _pct(r.relative_lift, 1) if r and r.relative_lift is not None else "-", end_section=True)
     console.print(t)
+
+
+def _clustered(h: HoldoutRow, metric: str, cur: str) -> tuple[str, str]:
+    """The lift with its member-clustered interval, and whether it is significant (Holm-adjusted if secondary)."""
+    m = h.checks.metric(metric) if h.checks else None
+    if m is None:  # fewer than two members in an arm: no clustered variance, the naive interval says so
+        naive = {"visit": h.visit, "conversion": h.conversion, "revenue": h.revenue}[metric]
+        shown = money_lift(naive, cur) if isinstance(naive, MeanLift) else points(naive)
+        return (shown + " (naive: too few members to cluster)" if naive else "-"), _verdict(naive)
+    lo, hi = m.interval
+    p = m.p_value if m.role == "primary" else m.adjusted_p
+    return (f"{amount(metric, m.difference, cur)} [{amount(metric, lo, cur)}, {amount(metric, hi, cur)}]",
+            f"{'yes' if m.significant else 'no'} (p={p_text(p)}{', primary' if m.role == 'primary' else ''})")
 
 
 def _print_programme(console: Console, p: ProgrammeLift, cur: str, conf: str) -> None:
@@ -116,6 +136,60 @@ def _print_variants(console: Console, v: VariantSection) -> None:
     if v.plan_reason:
         state += f"; latest shares: {v.plan_reason}"
     console.print(f"  {state}" + "".join(f"; {n}" for n in v.notes))
+    ev = v.evidence
+    if ev:
+        console.print(f"  promotion test: {ev.get('rule', '')}, alpha {ev.get('alpha', 0):g}, within each of {v.runs} "
+                      "run(s) (not pooled across runs; the posteriors above pool them and only describe)")
+        for p in ev.get("pairs", []):
+            lo, hi = p["interval"]
+            console.print(f"    {p['better']} vs {p['other']}: {100 * p['difference']:+.2f} pts "
+                          f"[{100 * lo:+.2f}, {100 * hi:+.2f}] always-valid; log LR {p['log_likelihood_ratio']:.2f} "
+                          f"(bound {p['bound']:.2f})")
+
+
+def _srm_line(h: HoldoutRow) -> str:
+    if not h.sample_ratio:
+        return "sample ratio: no configured holdout rate to check against"
+    bad = h.mismatched_runs
+    share = h.sample_ratio[0].expected_holdout_share
+    if not bad:
+        return f"sample ratio: {len(h.sample_ratio)} run(s) match the configured {share:.0%} holdout (p >= 0.001)"
+    runs = ", ".join(f"{r.occurrence} {r.holdout:,}/{r.treated + r.holdout:,} p={r.p_value:.1e}" for r in bad[:5])
+    return (f"SAMPLE-RATIO MISMATCH in {len(bad)} of {len(h.sample_ratio)} run(s) against the configured {share:.0%} "
+            f"holdout ({runs}): the assignment or logging is broken, do not trust this comparison")
+
+
+def _print_arms(console: Console, h: HoldoutRow, cur: str) -> None:
+    if not h.arms:
+        return
+    metric = h.arms[0].check.metric
+    t = Table(title=f"{h.campaign}: variants vs holdout on {LABELS[metric]}, Holm across {len(h.arms)} arms")
+    for col in ("variant", "difference", "member-clustered CI", "p", "Holm p", "significant", "MDE"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for a in h.arms:
+        m = a.check
+        t.add_row(a.arm, amount(metric, m.difference, cur), interval(metric, m.interval, cur), p_text(m.p_value),
+                  p_text(m.adjusted_p), "yes" if m.significant else "no", mde_text(m, cur))
+    console.print(t)
+
+
+def _print_checks(console: Console, name: str, checks: ExperimentChecks | None, cur: str, note: str) -> None:
+    """The decision checks of one comparison: verdict on the primary metric, member-clustered intervals,
+    Holm-adjusted secondary metrics and the minimum detectable effect (80 % power)."""
+    if checks is None:
+        console.print(f"  {name}: no decision (an arm has fewer than two members); {note}")
+        return
+    t = Table(title=f"{name}: {checks.verdict} on {LABELS[checks.primary]} (primary); {note}")
+    for col in ("metric", "role", "difference", "member-clustered CI", "naive CI", "deff", "p", "Holm p",
+                "significant", "MDE"):
+        t.add_column(col, justify="left" if col in ("metric", "role") else "right")
+    for m in checks.metrics:
+        t.add_row(LABELS[m.metric], m.role, amount(m.metric, m.difference, cur), interval(m.metric, m.interval, cur),
+                  interval(m.metric, m.naive_interval, cur),
+                  "-" if math.isnan(m.design_effect) else f"{m.design_effect:.2f}", p_text(m.p_value),
+                  p_text(m.adjusted_p) if m.role == "secondary" else "alone", "yes" if m.significant else "no",
+                  mde_text(m, cur))
+    console.print(t)
 
 
 def _print_frequency(console: Console, f: FrequencySection, conf: str) -> None:

@@ -1,5 +1,9 @@
 """Variant (A/B/n) tests: per campaign with template variants, sends, clicks and credited conversions per
-variant, Beta posteriors on the goal, P(best), realised and next shares (:mod:`membercare.optimise.bandit`)."""
+variant, Beta posteriors on the goal, P(best), realised and next shares (:mod:`membercare.optimise.bandit`).
+
+The winner is the bandit's: the run-stratified always-valid test of :mod:`membercare.optimise.sequential`, fed
+with the counts of each run separately (pooling runs while the shares change lets a drift of the base rate pass
+for a difference between variants). The pooled posteriors and P(best) are shown as a description only."""
 
 from __future__ import annotations
 
@@ -50,6 +54,23 @@ class VariantSection:
     variants: list[VariantRow]
     notes: list[str] = field(default_factory=list)
     plan_reason: str | None = None  # how planning decided the latest run's shares (uniform, bandit, promoted)
+    # The run-stratified always-valid test (membercare.optimise.sequential.Evidence.to_dict()): the leader against
+    # every other variant, each pair at 2 alpha / K; None for a single variant or a fixed split.
+    evidence: dict[str, Any] | None = None
+    runs: int = 0  # runs of the period the test is stratified over
+
+
+@dataclass
+class _Counts:
+    rows: int = 0
+    sends: int = 0
+    clicks: int = 0
+    conversions: int = 0
+    revenue: int = 0
+
+    def add(self, other: _Counts) -> None:
+        for name in ("rows", "sends", "clicks", "conversions", "revenue"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 
@@ -101,11 +122,16 @@ def variant_sections(conn: Connection, options: ReportOptions) -> list[VariantSe
         sum_if(sa.and_(sent, clicked)).label("clicks"),
         sum_if(sa.and_(sent, credit.c.orders > 0)).label("conversions"),
         sa.func.coalesce(sa.func.sum(credit.c.revenue), 0).label("revenue"),
-    ).select_from(OB.outerjoin(credit, credit.c.message_id == OB.c.message_id)).where(
-        *scope(options), *is_variant).group_by(OB.c.campaign, OB.c.variant)
-    per_campaign: dict[str, dict[str, Any]] = {}
+    ).add_columns(OB.c.run_id).select_from(OB.outerjoin(credit, credit.c.message_id == OB.c.message_id)).where(
+        *scope(options), *is_variant).group_by(OB.c.campaign, OB.c.run_id, OB.c.variant).order_by(OB.c.run_id)
+    # Counts per run (the stratified test compares variants within a run, while the shares change between runs)
+    # and their totals over the period (the posteriors, which describe; they decide nothing).
+    per_campaign: dict[str, dict[str, _Counts]] = {}
+    per_run: dict[str, dict[int, dict[str, _Counts]]] = {}
     for row in conn.execute(query):
-        per_campaign.setdefault(row.campaign, {})[row.variant] = row
+        counts = _Counts(int(row.rows), int(row.sends), int(row.clicks), int(row.conversions), int(row.revenue))
+        per_run.setdefault(row.campaign, {}).setdefault(int(row.run_id), {})[row.variant] = counts
+        per_campaign.setdefault(row.campaign, {}).setdefault(row.variant, _Counts()).add(counts)
     if not per_campaign:
         return []
     latest_ids = sa.select(OB.c.campaign, sa.func.max(OB.c.run_id).label("run_id")).where(
@@ -128,12 +154,14 @@ def variant_sections(conn: Connection, options: ReportOptions) -> list[VariantSe
         configured = [n for n in conf.get("names", ()) if n in found]
         names = configured + sorted(n for n in found if n not in configured)
         successes = "clicks" if goal == "click" else "conversions"
-        stats_ = [bandit.VariantStats(n, int(found[n].sends), int(getattr(found[n], successes))) for n in names]
+        stats_ = [bandit.VariantStats(n, found[n].sends, getattr(found[n], successes)) for n in names]
+        runs = [[bandit.VariantStats(n, run[n].sends if n in run else 0, getattr(run[n], successes) if n in run else 0)
+                 for n in names] for run in per_run[campaign].values()]
         floor = min(float(conf.get("floor", bandit.DEFAULT_FLOOR)), 1.0 / len(names))
         threshold = float(conf.get("promote_at", bandit.DEFAULT_THRESHOLD))
         alloc = bandit.allocate(stats_, goal=goal, floor=floor, threshold=threshold,
                                 seed=bandit.seed_for(campaign, f"report:{options.until.isoformat()}"),
-                                confidence=options.confidence)
+                                confidence=options.confidence, runs=runs)
         info = latest.get(campaign, {"occurrence": None, "rows": {}})
         total = sum(info["rows"].values())
         plan = recorded.get((campaign, info["occurrence"]))
@@ -142,8 +170,8 @@ def variant_sections(conn: Connection, options: ReportOptions) -> list[VariantSe
         for v in alloc.variants:
             f = found[v.name]
             rows.append(VariantRow(
-                name=v.name, rows=int(f.rows), sends=int(f.sends), clicks=int(f.clicks), conversions=int(f.conversions),
-                revenue_minor=int(f.revenue), posterior_alpha=v.posterior_alpha, posterior_beta=v.posterior_beta,
+                name=v.name, rows=f.rows, sends=f.sends, clicks=f.clicks, conversions=f.conversions,
+                revenue_minor=f.revenue, posterior_alpha=v.posterior_alpha, posterior_beta=v.posterior_beta,
                 posterior_mean=v.posterior_mean, credible_interval=v.credible_interval, p_best=v.p_best,
                 next_share=v.share, latest_share=info["rows"].get(v.name, 0) / total if total else None,
                 planned_share=planned.get(v.name)))
@@ -151,6 +179,7 @@ def variant_sections(conn: Connection, options: ReportOptions) -> list[VariantSe
                                   latest_occurrence=info["occurrence"], winner=alloc.winner if len(names) > 1 else None,
                                   promoted=plan.winner if plan is not None else None,
                                   plan_reason=plan.reason if plan is not None else None,
-                                  variants=rows, notes=list(alloc.notes)))
+                                  variants=rows, notes=list(alloc.notes), evidence=alloc.evidence,
+                                  runs=len(runs)))
     return out
 
