@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from membercare.config import default_templates_dir
+from membercare.data.generator import default_as_of
 from membercare.delivery.controls import find_run
 from membercare.delivery.models import OutboxMessage
-from membercare.generator import default_as_of
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
@@ -24,8 +24,8 @@ SHOP_DAY = default_as_of()
 
 @pytest.fixture
 def approval_env(monkeypatch, sandbox, service_account, tmp_path):
+    from membercare.data.generator import generate_shop
     from membercare.db import make_engine, upgrade
-    from membercare.generator import generate_shop
 
     templates = tmp_path / "templates"
     shutil.copytree(default_templates_dir(), templates)

@@ -62,7 +62,7 @@ def test_the_cli_imports_no_heavy_module_until_a_command_needs_it():
     database, model, template or orchestration library (measured on the 2-core dev machine: 0.4 s CPU, was 1.3 s)."""
     code = ("import sys, membercare.cli\n"
             "print(sorted(m for m in ('sqlalchemy', 'sqlmodel', 'pydantic', 'prefect', 'jinja2', 'asyncio',"
-            " 'membercare.models', 'membercare.db', 'membercare.importer') if m in sys.modules))")
+            " 'membercare.models', 'membercare.db', 'membercare.data.importer') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert out.stdout.strip() == "[]"

@@ -47,7 +47,7 @@ def test_no_control_no_detectable_lift():
 
 @pytest.fixture
 def shop(engine):
-    from membercare.generator import generate_shop
+    from membercare.data.generator import generate_shop
 
     generate_shop(engine, members=400, seed=11, as_of=AS_OF - timedelta(hours=10))
     return engine
