@@ -68,6 +68,9 @@ def dispatch_run(run_id: int, channels: list[str] | None = None, wait_for_deferr
                        resume=resume)
     finally:
         close_channels(adapters)
+    # One line per dispatch-run with its own count: the per-worker split of a fanned-out run, in the run's logs.
+    logger.info("dispatch-run on run %s: sent %d (outcomes %s)%s", run_id, out.outcomes.get("sent", 0),
+                dict(sorted(out.outcomes.items())), f", stopped: {out.stop_reason}" if out.stop_reason else "")
     return {"run_id": run_id, "attempts": out.attempts, "outcomes": out.outcomes, "status": out.status,
             "stop_reason": out.stop_reason, "recovered_unknown": out.recovered_unknown}
 

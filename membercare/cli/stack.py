@@ -98,25 +98,64 @@ def _spawn(state: Path, name: str, cmd: list[str], env: dict[str, str], port: in
     return comp
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc). A process worker starts each flow run in a session of its
+    own (Prefect isolates them from group-wide signals), so a worker's process group does not hold its flow
+    runs: they are found as its children."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parent = _parent(int(entry.name))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """``sig`` to the process group of ``pid`` and to the process group of each of its descendants."""
+    groups = {pid}
+    for p in descendants(pid):
+        try:
+            groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop_component(c: Component, state: Path, timeout: float = 15.0) -> str:
-    """SIGTERM to the component's process group, SIGKILL after ``timeout``; removes its pid file."""
+    """SIGTERM to the component's process group and its descendants' groups, SIGKILL after ``timeout``;
+    removes its pid file."""
     outcome = "not running"
     if alive(c):
         outcome = "stopped"
-        try:
-            os.killpg(c.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        tree = [(p, _start_time(p)) for p in descendants(c.pid)]
+        signal_tree(c.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while alive(c) and time.monotonic() < deadline:
             _reap(c.pid)
             time.sleep(0.2)
         if alive(c):
             outcome = "killed"
-        try:  # the group may outlive its leader (a flow run mid-send): kill what is left either way
-            os.killpg(c.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_tree(c.pid, signal.SIGKILL)  # the group may outlive its leader (a flow run mid-send)
+        for p, started in tree:  # descendants orphaned meanwhile (re-parented, no longer under the leader)
+            if started is not None and _start_time(p) == started:  # the same process, not a reused pid
+                signal_tree(p, signal.SIGKILL)
         _reap(c.pid)
     (state / f"{c.name}.pid").unlink(missing_ok=True)
     return outcome
