@@ -101,19 +101,24 @@ class _Watch:
         self.last = -1
         self.moved = time.monotonic()
         self.sweeps = 0
+        self.waiting = 0  # runs not started yet (no worker has taken them, or still starting)
 
     def poll_states(self, client) -> None:
+        self.waiting = 0
         for fid in list(self.pending):
             state = client.read_flow_run(fid).state
-            if state is not None and state.is_final():
+            if state is None or state.is_scheduled() or state.is_pending():
+                self.waiting += 1
+            elif state.is_final():
                 self.pending.discard(fid)
                 if not state.is_completed() and self.stop is None:
                     self.stop = f"dispatch run {fid} ended {state.type.value}: {state.message or ''}".strip()
 
     def stalled(self, left: int) -> bool:
-        """True when ``left`` has not changed for longer than the stall time (and restarts the clock)."""
+        """True when ``left`` has not changed for longer than the stall time while every dispatch run had started
+        (runs waiting for a worker, or starting up on a busy one, are not a stall); restarts the clock."""
         now = time.monotonic()
-        if left != self.last:
+        if left != self.last or self.waiting:
             self.last, self.moved = left, now
             return False
         if now - self.moved > self.stall_s:
