@@ -49,17 +49,17 @@ def dispatch_lease(env: dict[str, str] | None = None) -> timedelta:
 def dispatch_run(run_id: int, channels: list[str] | None = None, wait_for_deferred_s: float = 0.0,
                  resume: bool = False) -> dict[str, Any]:
     """Send the run's due rows with one dispatcher (shared rate limits) until nothing is due within
-    ``wait_for_deferred_s``; ``channels``: the campaign's channels (default: every configured channel)."""
-    from channels.registry import close_channels
+    ``wait_for_deferred_s``; ``channels``: the campaign's channels (each must be configured; default: every
+    channel configured in the worker's environment)."""
+    from channels.registry import build_channels, close_channels
     from flows.campaign import build_adapters, dispatch, limiters_for, local_rate_config
     from membercare.models import Channel
 
     logger = run_logger()
     env = resolved_env()
     settings = settings_from(env)
-    if channels is None:
-        channels = [c.value for c in Channel]
-    adapters = build_adapters(env, channels)
+    adapters = build_adapters(env, channels) if channels is not None else build_channels(env)
+    channels = [Channel(c).value for c in adapters]
     try:
         limiters = limiters_for(channels, logger)
         config = DispatchConfig(rate_limits=local_rate_config(adapters, limiters).rate_limits,
