@@ -91,6 +91,9 @@ class CampaignRunParameters(BaseModel):
     dispatchers: int = Field(default=1, ge=1, le=16,
                              description="dispatcher processes on the run (2 on a 2-core machine uses both cores; "
                                          "rate limits are shared between them); 1: in the task's process")
+    fan_out: int = Field(default=0, ge=0, le=64,
+                         description="dispatch through this many `dispatch-run` flow runs that any worker of the "
+                                     "pool can take (flows/dispatch.py); 0: dispatch in this flow run")
     resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
     wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                        description="keep sending retries that fall due within this time")
@@ -395,9 +398,16 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
                                                description=f"{prepared.name} {prepared.occurrence}: dispatch")
         limiters = limiters_for(prepared.spec.channels, logger)
-        sent = dispatch_until_settled(settings, run_id, adapters, limiters, dispatchers=params.dispatchers,
-                                      wait_for_deferred_s=params.wait_for_deferred_s, progress_id=progress_id,
-                                      resume=params.resume)
+        if params.fan_out:
+            from flows.dispatch import fan_out_dispatch
+
+            sent = fan_out_dispatch(settings, run_id, [c.value for c in prepared.spec.channels], params.fan_out,
+                                    wait_for_deferred_s=params.wait_for_deferred_s, resume=params.resume,
+                                    on_poll=lambda: _update_progress(engine_for(settings), run_id, progress_id))
+        else:
+            sent = dispatch_until_settled(settings, run_id, adapters, limiters, dispatchers=params.dispatchers,
+                                          wait_for_deferred_s=params.wait_for_deferred_s, progress_id=progress_id,
+                                          resume=params.resume)
         _update_progress(engine_for(settings), run_id, progress_id)
     finally:
         from channels.registry import close_channels

@@ -100,6 +100,7 @@ def _register() -> None:
     from membercare.cli import sandbox as _sandbox  # noqa: F401
     from membercare.cli import segments as _segments  # noqa: F401
     from membercare.cli import serve as _serve  # noqa: F401
+    from membercare.cli import stack as _stack  # noqa: F401
     from membercare.cli import templates as _templates  # noqa: F401
     from membercare.cli import trigger as _trigger  # noqa: F401
     from membercare.cli import ui as _ui  # noqa: F401
