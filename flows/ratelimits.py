@@ -9,7 +9,7 @@ them from ``MEMBERCARE_RATE_LIMIT_<CHANNEL>`` (messages/s; defaults below).
 
 :class:`SharedRateLimiter` plugs into the dispatcher in place of its local token bucket. Asking the
 Prefect API for every single message would cost a round trip per message, so it takes slots in small
-chunks (about a fifth of a second's worth, never more than the burst) and hands them out locally; the
+chunks (about a tenth of a second's worth, never more than the burst) and hands them out locally; the
 limit still holds across workers because every chunk is taken from the shared limit.
 
 ``rate_limit(..., strict=True)`` is used throughout: without ``strict`` Prefect silently does nothing when
@@ -38,8 +38,11 @@ def limit_name(channel: Channel | str) -> str:
 
 
 def burst_for(rate: float) -> int:
-    """Slots of the global limit: one second's worth (at least 1) lets a fresh worker start smoothly."""
-    return max(1, int(round(rate)))
+    """Slots of the global limit: a tenth of a second's worth (at least 1), as the local token bucket's burst.
+
+    The limit admits at most ``rate x T + slots`` messages in any window of T seconds, whichever worker
+    sends them: with a second's worth of slots one second could carry twice the provider's rate."""
+    return max(1, int(round(rate / 10)))
 
 
 def ensure_limits(rates: Mapping[str, float]) -> list[str]:
@@ -61,8 +64,8 @@ class SharedRateLimiter:
     def __init__(self, name: str, *, limit: int, rate: float):
         self.name = name
         self.rate = float(rate)
-        # Chunk: about 0.2 s worth of slots, at most the limit (a chunk larger than the limit never fits).
-        self.chunk = max(1, min(int(limit), int(round(self.rate / 5)) or 1))
+        # Chunk: about 0.1 s worth of slots, at most the limit (a chunk larger than the limit never fits).
+        self.chunk = max(1, min(int(limit), int(round(self.rate / 10)) or 1))
         self._tokens = 0
         self._paused_until = 0.0
         self._lock = threading.Lock()
