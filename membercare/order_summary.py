@@ -1,0 +1,147 @@
+"""The per-member order summary (``order_summary``): its triggers, and a rebuild from scratch.
+
+Segments and RFM scoring aggregate every member's purchases. Folding five million orders per query is
+what made them 5-40x slower than DuckDB on SQLite, so the fold is kept up to date as orders are written:
+
+* Database triggers on ``orders`` maintain it, so every writer (the importer, the generator's bulk
+  load, the Hillstrom loader, tests, a future ingestion path, raw SQL) keeps it current without
+  knowing it exists. An INSERT folds the new order into the member's row in O(1) (the bulk-load
+  case); an UPDATE of a counted column or a DELETE recomputes the member's row from their orders
+  (a refund can move the last purchase back, which no running fold can undo).
+* :func:`rebuild` recomputes the whole table (after a restore, or to check the triggers:
+  ``tests/test_order_summary.py`` asserts that incremental maintenance equals a rebuild).
+
+The SQL lives here as text because the triggers need it as text; the migration that installs them
+imports it, so the trigger bodies and :func:`rebuild` cannot drift apart. Epoch days are computed
+with exactly the expression :func:`segments.sqlfn.epoch_days` uses, so arithmetic on the stored values
+equals arithmetic on the aggregated timestamps bit for bit.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from membercare.models import PURCHASE_STATUSES
+
+TABLE = "order_summary"
+COLUMNS = ("member_id", "orders", "spend_minor", "first_purchase_at", "last_purchase_at",
+           "first_purchase_days", "last_purchase_days", "changed_at")
+_PG_FUNCTION = "membercare_order_summary"
+# (name, event, WHEN condition or None, body over OLD/NEW) for SQLite; PostgreSQL uses one function.
+_SQLITE_TRIGGERS = (
+    ("trg_order_summary_insert", "INSERT", None, "insert"),
+    ("trg_order_summary_update", "UPDATE OF member_id, placed_at, status, total_minor, updated_at", None, "NEW"),
+    ("trg_order_summary_moved", "UPDATE OF member_id", "OLD.member_id <> NEW.member_id", "OLD"),
+    ("trg_order_summary_delete", "DELETE", None, "OLD"),
+)
+
+
+def _purchase(col: str = "status") -> str:
+    return f"{col} IN ({', '.join(repr(s) for s in PURCHASE_STATUSES)})"
+
+
+def epoch_days_sql(dialect: str, expr: str) -> str:
+    """Fractional days since 1970-01-01T00:00Z of a stored timestamp (as :func:`segments.sqlfn.epoch_days`)."""
+    if dialect == "sqlite":
+        return f"(julianday({expr}) - 2440587.5)"
+    return f"(EXTRACT(epoch FROM {expr}) / 86400.0)"
+
+
+def aggregate_sql(dialect: str, where: str) -> str:
+    """``SELECT <the summary columns> FROM orders WHERE <where> GROUP BY member_id``."""
+    p = _purchase()
+    first, last = f"min(CASE WHEN {p} THEN placed_at END)", f"max(CASE WHEN {p} THEN placed_at END)"
+    void_touched = f"max(CASE WHEN NOT ({p}) THEN updated_at END)"
+    return (
+        f"SELECT member_id, sum(CASE WHEN {p} THEN 1 ELSE 0 END), sum(CASE WHEN {p} THEN total_minor ELSE 0 END), "
+        f"{first}, {last}, {epoch_days_sql(dialect, first)}, {epoch_days_sql(dialect, last)}, "
+        f"CASE WHEN {void_touched} > max(placed_at) THEN {void_touched} ELSE max(placed_at) END "
+        f"FROM orders WHERE {where} GROUP BY member_id"
+    )
+
+
+def _upsert(select_sql: str, set_clause: str) -> str:
+    return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) {select_sql} ON CONFLICT (member_id) DO UPDATE SET {set_clause}"
+
+
+def refresh_member_sql(dialect: str, member: str) -> list[str]:
+    """Statements recomputing one member's row (``member`` is SQL: ``OLD.member_id``, a bind, ...)."""
+    replace_all = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+    return [
+        _upsert(aggregate_sql(dialect, f"member_id = {member}"), replace_all),
+        f"DELETE FROM {TABLE} WHERE member_id = {member} AND NOT EXISTS "
+        f"(SELECT 1 FROM orders WHERE member_id = {member})",
+    ]
+
+
+def fold_new_order_sql(dialect: str) -> str:
+    """The INSERT trigger's statement: fold ``NEW`` into its member's row without reading other orders."""
+    p = _purchase("NEW.status")
+    placed = f"CASE WHEN {p} THEN NEW.placed_at END"
+    values = (f"SELECT NEW.member_id, CASE WHEN {p} THEN 1 ELSE 0 END, CASE WHEN {p} THEN NEW.total_minor ELSE 0 END, "
+              f"{placed}, {placed}, CASE WHEN {p} THEN {epoch_days_sql(dialect, 'NEW.placed_at')} END, "
+              f"CASE WHEN {p} THEN {epoch_days_sql(dialect, 'NEW.placed_at')} END, "
+              f"CASE WHEN NOT ({p}) AND NEW.updated_at > NEW.placed_at THEN NEW.updated_at ELSE NEW.placed_at END "
+              "WHERE true")  # SQLite needs a WHERE to parse INSERT ... SELECT ... ON CONFLICT
+    s = TABLE
+
+    def pick(col: str, better: str, days: str) -> str:
+        # The days column follows its timestamp, judged on the old values (SET sees the row before the update).
+        cond = f"{s}.{col} IS NULL OR excluded.{col} {better} {s}.{col}"
+        return (f"{col} = CASE WHEN {cond} THEN excluded.{col} ELSE {s}.{col} END, "
+                f"{days} = CASE WHEN {cond} THEN excluded.{days} ELSE {s}.{days} END")
+
+    return _upsert(values, ", ".join((
+        f"orders = {s}.orders + excluded.orders",
+        f"spend_minor = {s}.spend_minor + excluded.spend_minor",
+        pick("first_purchase_at", "<", "first_purchase_days"),
+        pick("last_purchase_at", ">", "last_purchase_days"),
+        f"changed_at = CASE WHEN excluded.changed_at > {s}.changed_at THEN excluded.changed_at ELSE {s}.changed_at END",
+    )))
+
+
+def install_triggers_sql(dialect: str) -> list[str]:
+    """DDL creating the maintenance triggers (used by migration 0012_order_summary)."""
+    if dialect == "postgresql":
+        refresh_old = "; ".join(refresh_member_sql(dialect, "OLD.member_id"))
+        refresh_new = "; ".join(refresh_member_sql(dialect, "NEW.member_id"))
+        return [
+            f"""CREATE FUNCTION {_PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF TG_OP = 'INSERT' THEN {fold_new_order_sql(dialect)}; RETURN NULL; END IF;
+              IF TG_OP = 'DELETE' THEN {refresh_old}; RETURN NULL; END IF;
+              IF OLD.member_id <> NEW.member_id THEN {refresh_old}; END IF;
+              {refresh_new};
+              RETURN NULL;
+            END $$""",
+            f"CREATE TRIGGER trg_order_summary AFTER INSERT OR DELETE OR UPDATE OF member_id, placed_at, status, "
+            f"total_minor, updated_at ON orders FOR EACH ROW EXECUTE FUNCTION {_PG_FUNCTION}()",
+        ]
+    out = []
+    for name, event, cond, body in _SQLITE_TRIGGERS:
+        stmts = [fold_new_order_sql(dialect)] if body == "insert" else refresh_member_sql(dialect, f"{body}.member_id")
+        when = f" WHEN {cond}" if cond else ""
+        out.append(f"CREATE TRIGGER {name} AFTER {event} ON orders FOR EACH ROW{when} BEGIN "
+                   + "".join(f"{s}; " for s in stmts) + "END")
+    return out
+
+
+def drop_triggers_sql(dialect: str) -> list[str]:
+    if dialect == "postgresql":
+        return ["DROP TRIGGER IF EXISTS trg_order_summary ON orders", f"DROP FUNCTION IF EXISTS {_PG_FUNCTION}()"]
+    return [f"DROP TRIGGER IF EXISTS {name}" for name, *_ in _SQLITE_TRIGGERS]
+
+
+def rebuild(conn: Connection) -> int:
+    """Recompute ``order_summary`` from ``orders`` in the caller's transaction; returns the rows written.
+
+    The triggers keep the table current; this is for repair (a restore that bypassed them) and checks.
+    """
+    conn.execute(sa.text(f"DELETE FROM {TABLE}"))
+    conn.execute(sa.text(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) {aggregate_sql(conn.dialect.name, 'true')}"))
+    return int(conn.execute(sa.text(f"SELECT count(*) FROM {TABLE}")).scalar_one())
+
+
+__all__ = ["COLUMNS", "TABLE", "aggregate_sql", "drop_triggers_sql", "epoch_days_sql", "install_triggers_sql",
+           "rebuild", "refresh_member_sql"]
