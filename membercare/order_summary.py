@@ -104,8 +104,12 @@ def fold_new_order_sql(dialect: str) -> str:
 def install_triggers_sql(dialect: str) -> list[str]:
     """DDL creating the maintenance triggers (used by migration 0012_order_summary)."""
     if dialect == "postgresql":
-        refresh_old = "; ".join(refresh_member_sql(dialect, "OLD.member_id"))
-        refresh_new = "; ".join(refresh_member_sql(dialect, "NEW.member_id"))
+        # Lock the member's row before aggregating: under READ COMMITTED the aggregate's snapshot is then
+        # taken after any concurrent writer of this member committed, so no recompute loses its change.
+        # (The INSERT fold is additive on the latest row version and needs no lock; SQLite has one writer.)
+        lock = "PERFORM 1 FROM order_summary WHERE member_id = {} FOR UPDATE; "
+        refresh_old = lock.format("OLD.member_id") + "; ".join(refresh_member_sql(dialect, "OLD.member_id"))
+        refresh_new = lock.format("NEW.member_id") + "; ".join(refresh_member_sql(dialect, "NEW.member_id"))
         return [
             f"""CREATE FUNCTION {_PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN

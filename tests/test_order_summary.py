@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 
@@ -98,4 +100,38 @@ def test_migration_backfills_existing_orders(tmp_path):
     command.downgrade(alembic_config(url), "0008_send_gate")
     with eng.connect() as conn:
         assert not sa.inspect(conn).has_table("order_summary")
+    eng.dispose()
+
+
+@pytest.mark.postgres
+def test_concurrent_refunds_of_one_members_orders_are_both_counted(pg_url, tmp_path):
+    """Two transactions refund different orders of one member: the later recompute must see the earlier one."""
+    eng = make_engine(pg_url)
+    imp(eng, "members", write_csv(tmp_path / "m.csv", MEMBER_HEADER, [member_row(1)]))
+    imp(eng, "orders", write_csv(tmp_path / "o.csv", ORDER_HEADER, [_line("A", "M000001"), _line("B", "M000001")]))
+    refund = "UPDATE orders SET status = 'refunded' WHERE external_id = :x"
+    first = eng.connect()
+    first.begin()
+    first.execute(sa.text(refund), {"x": "A"})
+    pid = first.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with eng.begin() as conn:
+                conn.execute(sa.text(refund), {"x": "B"})
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=second)
+    t.start()
+    with eng.connect() as watch:  # wait (by state, not time) until the second writer is blocked behind the first
+        blocked = sa.text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
+        while not watch.execute(blocked, {"pid": pid}).scalar() and t.is_alive():
+            watch.rollback()
+    first.commit()
+    first.close()
+    t.join()
+    assert not errors
+    assert [r[1:3] for r in assert_equals_rebuild(eng)] == [(0, 0)]
     eng.dispose()
