@@ -244,7 +244,9 @@ class OrderSummary(TableModel, table=True):
 
     __tablename__ = "order_summary"
 
-    member_id: int = Field(primary_key=True, sa_type=ID, sa_column_kwargs={"autoincrement": False})
+    # The foreign key also makes clear_shop's TRUNCATE ... CASCADE (which fires no row triggers) empty it.
+    member_id: int = Field(primary_key=True, foreign_key="members.id", sa_type=ID,
+                           sa_column_kwargs={"autoincrement": False})
     orders: int = Field(description="purchases (PURCHASE_STATUSES)")
     spend_minor: int = Field(sa_type=sa.BigInteger, description="sum of total_minor of the purchases")
     first_purchase_at: datetime | None = _ts(nullable=True, default=None)

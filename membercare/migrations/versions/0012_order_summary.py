@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("first_purchase_days", sa.Float(), nullable=True),
         sa.Column("last_purchase_days", sa.Float(), nullable=True),
         sa.Column("changed_at", ts, nullable=False),
+        sa.ForeignKeyConstraint(["member_id"], ["members.id"]),
         sa.PrimaryKeyConstraint("member_id"),
     )
     op.create_index("ix_order_summary_changed_at", "order_summary", ["changed_at"], unique=False)
