@@ -19,12 +19,18 @@ equals arithmetic on the aggregated timestamps bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from membercare.models import PURCHASE_STATUSES
 
 TABLE = "order_summary"
+# A bulk writer inserts a row here inside its transaction to skip the per-order fold, then folds its batch
+# set-based (see :func:`deferred_fold`); invisible to other transactions, so they keep folding.
+DEFERRED = "order_summary_deferred"
 COLUMNS = ("member_id", "orders", "spend_minor", "first_purchase_at", "last_purchase_at",
            "first_purchase_days", "last_purchase_days", "changed_at")
 _PG_FUNCTION = "membercare_order_summary"
@@ -65,11 +71,16 @@ def _upsert(select_sql: str, set_clause: str) -> str:
     return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) {select_sql} ON CONFLICT (member_id) DO UPDATE SET {set_clause}"
 
 
+def recompute_sql(dialect: str, where: str) -> str:
+    """Upsert the recomputed rows of the members whose orders match ``where`` (rows of members left with no
+    orders are not deleted by this statement)."""
+    return _upsert(aggregate_sql(dialect, where), ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:]))
+
+
 def refresh_member_sql(dialect: str, member: str) -> list[str]:
     """Statements recomputing one member's row (``member`` is SQL: ``OLD.member_id``, a bind, ...)."""
-    replace_all = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
     return [
-        _upsert(aggregate_sql(dialect, f"member_id = {member}"), replace_all),
+        recompute_sql(dialect, f"member_id = {member}"),
         f"DELETE FROM {TABLE} WHERE member_id = {member} AND NOT EXISTS "
         f"(SELECT 1 FROM orders WHERE member_id = {member})",
     ]
@@ -113,6 +124,7 @@ def install_triggers_sql(dialect: str) -> list[str]:
         return [
             f"""CREATE FUNCTION {_PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
+              IF EXISTS (SELECT 1 FROM {DEFERRED}) THEN RETURN NULL; END IF;
               IF TG_OP = 'INSERT' THEN {fold_new_order_sql(dialect)}; RETURN NULL; END IF;
               IF TG_OP = 'DELETE' THEN {refresh_old}; RETURN NULL; END IF;
               IF OLD.member_id <> NEW.member_id THEN {refresh_old}; END IF;
@@ -125,7 +137,8 @@ def install_triggers_sql(dialect: str) -> list[str]:
     out = []
     for name, event, cond, body in _SQLITE_TRIGGERS:
         stmts = [fold_new_order_sql(dialect)] if body == "insert" else refresh_member_sql(dialect, f"{body}.member_id")
-        when = f" WHEN {cond}" if cond else ""
+        live = f"NOT EXISTS (SELECT 1 FROM {DEFERRED})"
+        when = f" WHEN {live} AND ({cond})" if cond else f" WHEN {live}"
         out.append(f"CREATE TRIGGER {name} AFTER {event} ON orders FOR EACH ROW{when} BEGIN "
                    + "".join(f"{s}; " for s in stmts) + "END")
     return out
@@ -135,6 +148,24 @@ def drop_triggers_sql(dialect: str) -> list[str]:
     if dialect == "postgresql":
         return ["DROP TRIGGER IF EXISTS trg_order_summary ON orders", f"DROP FUNCTION IF EXISTS {_PG_FUNCTION}()"]
     return [f"DROP TRIGGER IF EXISTS {name}" for name, *_ in _SQLITE_TRIGGERS]
+
+
+@contextmanager
+def deferred_fold(conn: Connection, member_ids: Sequence[int]) -> Iterator[None]:
+    """Write orders of ``member_ids`` in the block with the triggers off, then recompute those members at once.
+
+    For bulk writers (the generator's load, clearing a shop): one set-based recompute instead of trigger work
+    per order. Must run inside the caller's transaction (other transactions do not see the flag row and keep
+    their triggers); every order changed in the block must belong to ``member_ids``' id range, or be deleted
+    together with its member's summary row.
+    """
+    conn.execute(sa.text(f"INSERT INTO {DEFERRED} (id) VALUES (1)"))
+    yield
+    conn.execute(sa.text(f"DELETE FROM {DEFERRED}"))
+    if member_ids:
+        # A recompute is exact for any member in the range, so the range need not be only theirs.
+        conn.execute(sa.text(recompute_sql(conn.dialect.name, "member_id BETWEEN :lo AND :hi")),
+                     {"lo": min(member_ids), "hi": max(member_ids)})
 
 
 def rebuild(conn: Connection) -> int:
@@ -147,5 +178,5 @@ def rebuild(conn: Connection) -> int:
     return int(conn.execute(sa.text(f"SELECT count(*) FROM {TABLE}")).scalar_one())
 
 
-__all__ = ["COLUMNS", "TABLE", "aggregate_sql", "drop_triggers_sql", "epoch_days_sql", "install_triggers_sql",
-           "rebuild", "refresh_member_sql"]
+__all__ = ["COLUMNS", "DEFERRED", "TABLE", "aggregate_sql", "deferred_fold", "drop_triggers_sql", "epoch_days_sql",
+           "install_triggers_sql", "rebuild", "recompute_sql", "refresh_member_sql"]

@@ -37,6 +37,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("member_id"),
     )
     op.create_index("ix_order_summary_changed_at", "order_summary", ["changed_at"], unique=False)
+    # Holds a row only inside a bulk writer's transaction (order_summary.deferred_fold).
+    op.create_table(order_summary.DEFERRED, sa.Column("id", sa.Integer(), nullable=False),
+                    sa.PrimaryKeyConstraint("id"))
     dialect = op.get_bind().dialect.name
     # Backfill before the triggers exist (one set-based pass), then hand over to the triggers.
     op.execute(f"INSERT INTO order_summary ({', '.join(order_summary.COLUMNS)}) "
@@ -48,5 +51,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     for stmt in order_summary.drop_triggers_sql(op.get_bind().dialect.name):
         op.execute(stmt)
+    op.drop_table(order_summary.DEFERRED)
     op.drop_index("ix_order_summary_changed_at", table_name="order_summary")
     op.drop_table("order_summary")
