@@ -8,6 +8,8 @@ what made them 5-40x slower than DuckDB on SQLite, so the fold is kept up to dat
   knowing it exists. An INSERT folds the new order into the member's row in O(1) (the bulk-load
   case); an UPDATE of a counted column or a DELETE recomputes the member's row from their orders
   (a refund can move the last purchase back, which no running fold can undo).
+* Bulk writers (the generator, clearing a shop) turn the triggers off inside their own transaction with
+  :func:`deferred_fold` and recompute the batch's members in one statement.
 * :func:`rebuild` recomputes the whole table (after a restore, or to check the triggers:
   ``tests/test_order_summary.py`` asserts that incremental maintenance equals a rebuild).
 
