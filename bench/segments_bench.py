@@ -38,6 +38,7 @@ from membercare.db import make_engine, upgrade
 from segments import base
 from segments.churn_scoring import score_churn
 from segments.rfm import rfm_select, score_rfm
+from segments.summary import AllOrdersContext
 
 AS_OF = datetime(2026, 11, 23, 16, 0, tzinfo=UTC)  # midnight Nov 24 in the shop's zone (Asia/Taipei)
 SHOP_TZ = "Asia/Taipei"
@@ -59,7 +60,7 @@ class Peak:
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._sample, daemon=True)
         self._t.start()
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         return self
 
     def _sample(self):
@@ -68,6 +69,8 @@ class Peak:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+        # CPU of this process (all threads: DuckDB's workers count): fairer than wall on a shared machine.
+        self.cpu_seconds = time.process_time() - self.cpu0
         self._stop.set()
         self._t.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
@@ -185,7 +188,7 @@ class DuckConnection:
 
 _DUCK_TYPES = {"INTEGER": "BIGINT", "BIGINT": "BIGINT", "FLOAT": "DOUBLE", "BOOLEAN": "BOOLEAN", "DATE": "DATE"}
 _TABLES = ("members", "orders", "order_lines", "coupons", "tiers", "tier_history", "rfm_scores",
-           "churn_model_fits", "churn_scores")
+           "churn_model_fits", "churn_scores", "order_summary")
 
 
 def load_duckdb(sqlite_path: Path, duck_path: Path, workdir: Path) -> float:
@@ -237,25 +240,39 @@ def load_duckdb(sqlite_path: Path, duck_path: Path, workdir: Path) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run_backend(label: str, conn_factory, n: int, *, skip_churn: bool, repeat: int = 1) -> dict:
+def run_backend(label: str, conn_factory, n: int, *, skip_churn: bool, repeat: int = 1,
+                context: type[base.SegmentContext] = base.SegmentContext) -> dict:
     """Score and count on one backend; returns {step: {seconds, count, peak_mb}}.
 
     Segment counts run ``repeat`` times; ``seconds`` is the best run (warm cache), ``first_seconds``
-    the first one (cold pages right after generation or scoring).
+    the first one (cold pages right after generation or scoring). ``context`` is
+    :class:`segments.summary.AllOrdersContext` for the reference that aggregates every order.
+    "rfm compute" counts the scoring query's rows without storing them (like for like with DuckDB).
     """
     out: dict[str, dict] = {}
     with conn_factory() as conn:
-        if label == "duckdb":
-            ctx = base.SegmentContext(conn, AS_OF, SHOP_TZ)
+        computes = []
+        for _ in range(repeat):
+            query = sa.select(sa.func.count()).select_from(rfm_select(context(conn, AS_OF, SHOP_TZ)).subquery())
+            with Peak() as p:
+                scored = conn.execute(query).scalar()
+            computes.append(p)
+        out["rfm compute"] = {"seconds": min(r.seconds for r in computes),
+                              "cpu_seconds": min(r.cpu_seconds for r in computes), "count": scored,
+                              "peak_mb": max(r.peak_mb for r in computes)}
+        if label.startswith("duckdb"):
+            ctx = context(conn, AS_OF, SHOP_TZ)
             with Peak() as p:
                 conn.execute(f"CREATE OR REPLACE TEMP TABLE rfm_bench AS {conn.sql(rfm_select(ctx))}")
             scored = conn.execute("SELECT count(*) FROM rfm_bench").scalar()
-            out["rfm score"] = {"seconds": p.seconds, "count": scored, "peak_mb": p.peak_mb}
-        else:
+            out["rfm score"] = {"seconds": p.seconds, "cpu_seconds": p.cpu_seconds, "count": scored,
+                                "peak_mb": p.peak_mb}
+        elif context is base.SegmentContext:  # scoring reads the summary; the all-orders variant only computes
             with Peak() as p:
                 run = score_rfm(conn, AS_OF, shop_timezone=SHOP_TZ)
                 conn.commit()
-            out["rfm score"] = {"seconds": p.seconds, "count": run.scored, "peak_mb": p.peak_mb}
+            out["rfm score"] = {"seconds": p.seconds, "cpu_seconds": p.cpu_seconds, "count": run.scored,
+                                "peak_mb": p.peak_mb}
             if not skip_churn:
                 with Peak() as p:
                     crun = score_churn(conn, AS_OF, shop_timezone=SHOP_TZ)
@@ -265,12 +282,13 @@ def run_backend(label: str, conn_factory, n: int, *, skip_churn: bool, repeat: i
         for name, seg in _segments(conn):
             runs = []
             for _ in range(repeat):
-                ctx = base.SegmentContext(conn, AS_OF, SHOP_TZ)
+                ctx = context(conn, AS_OF, SHOP_TZ)
                 with Peak() as p:
                     count = base.count(ctx, seg)
                 runs.append(p)
             best = min(runs, key=lambda r: r.seconds)
-            out[name] = {"seconds": best.seconds, "first_seconds": runs[0].seconds, "count": count,
+            out[name] = {"seconds": best.seconds, "first_seconds": runs[0].seconds,
+                         "cpu_seconds": min(r.cpu_seconds for r in runs), "count": count,
                          "peak_mb": max(r.peak_mb for r in runs)}
             print(f"    {label:8} {name:32} {count:>9,} {best.seconds:8.2f} s (first run {runs[0].seconds:.2f} s)",
                   flush=True)
@@ -285,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="regenerate shops even if cached")
     ap.add_argument("--skip-churn", action="store_true")
+    ap.add_argument("--sqlite-raw", action="store_true",
+                    help="also run SQLite on the all-orders SQL (without order_summary), for before/after")
     ap.add_argument("--repeat", type=int, default=2, help="runs per segment count; the best is reported")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
@@ -304,6 +324,9 @@ def main(argv=None) -> int:
         if "sqlite" in backends or "duckdb" in backends:
             eng, gen["sqlite"] = _generate(f"sqlite:///{sqlite_path}", n, args.seed, args.fresh)
             res["sqlite"] = run_backend("sqlite", eng.connect, n, skip_churn=args.skip_churn, repeat=args.repeat)
+            if args.sqlite_raw:  # the queries before order_summary, same run: the before/after comparison
+                res["sqlite_raw"] = run_backend("sqlite_raw", eng.connect, n, skip_churn=True, repeat=args.repeat,
+                                                context=AllOrdersContext)
             eng.dispose()
         if "postgres" in backends:
             eng, gen["postgres"] = _generate(_pg_url(pg_admin, n), n, args.seed, args.fresh)
@@ -325,6 +348,9 @@ def main(argv=None) -> int:
                     return False
 
             res["duckdb"] = run_backend("duckdb", _Ctx, n, skip_churn=True, repeat=args.repeat)
+            # DuckDB folding every order itself (the SQL before order_summary): the hardware reference.
+            res["duckdb_raw"] = run_backend("duckdb_raw", _Ctx, n, skip_churn=True, repeat=args.repeat,
+                                            context=AllOrdersContext)
             duck.close()
         results["sizes"][n] = {"generation_seconds": gen, "results": res}
         _report(n, res)
@@ -333,19 +359,33 @@ def main(argv=None) -> int:
     return 0
 
 
+# (column, numerator engine, denominator engine, measure): wall ratios, then CPU ratios.
+_RATIOS = (("sqlite/duck", "sqlite", "duckdb", "seconds"), ("/duck_raw", "sqlite", "duckdb_raw", "seconds"),
+           ("cpu:/duck", "sqlite", "duckdb", "cpu_seconds"), ("/duck_raw", "sqlite", "duckdb_raw", "cpu_seconds"),
+           ("raw:cpu/raw", "sqlite_raw", "duckdb_raw", "cpu_seconds"))
+
+
+def _ratio(res: dict, step: str, num: str, den: str, key: str) -> str:
+    a, b = res.get(num, {}).get(step), res.get(den, {}).get(step)
+    if not a or not b or a.get(key) is None or not b.get(key):
+        return "-"
+    return f"{a[key] / b[key]:.1f}"
+
+
 def _report(n: int, res: dict) -> None:
+    """A table per size: seconds and peak MB per engine, then ratios (wall and CPU; ``raw`` = all-orders SQL)."""
     engines = list(res)
     steps = list(dict.fromkeys(s for e in engines for s in res[e]))
-    head = (f"{'step':32}" + "".join(f"{e + ' s':>12}{'MB':>7}" for e in engines)
-            + f"{'sqlite/duck':>12}{'members/s (sqlite)':>20}  counts")
+    head = (f"{'step':32}" + "".join(f"{e + ' s':>14}{'MB':>7}" for e in engines)
+            + "".join(f"{label:>12}" for label, *_ in _RATIOS) + f"{'members/s (sqlite)':>20}  counts")
     print(f"\n-- {n:,} members\n{head}")
     for s in steps:
         line = f"{s:32}"
         for e in engines:
             r = res[e].get(s)
-            line += f"{r['seconds']:12.2f}{r['peak_mb']:7.0f}" if r else f"{'-':>12}{'':>7}"
-        sq, dk = res.get("sqlite", {}).get(s), res.get("duckdb", {}).get(s)
-        line += f"{sq['seconds'] / dk['seconds']:12.1f}" if sq and dk and dk["seconds"] > 0 else f"{'-':>12}"
+            line += f"{r['seconds']:14.2f}{r['peak_mb']:7.0f}" if r else f"{'-':>14}{'':>7}"
+        line += "".join(f"{_ratio(res, s, *spec[1:]):>12}" for spec in _RATIOS)
+        sq = res.get("sqlite", {}).get(s)
         line += f"{n / sq['seconds']:20,.0f}" if sq and sq["seconds"] > 0 else f"{'-':>20}"
         counts = {e: res[e][s]["count"] for e in engines if s in res[e]}
         same = len(set(counts.values())) <= 1

@@ -245,6 +245,29 @@ class Order(TableModel, table=True):
     updated_at: datetime = _ts(default_factory=utcnow)
 
 
+class OrderSummary(TableModel, table=True):
+    """One row per member with orders: their purchases folded up, kept current by database triggers.
+
+    Maintained by triggers on ``orders`` (every writer: importer, generator, loaders, raw SQL), rebuilt by
+    :func:`membercare.order_summary.rebuild`. ``changed_at`` is the latest ``placed_at`` of any of the
+    member's orders and ``updated_at`` of their cancelled/refunded ones: the row answers a question
+    "as of T" exactly when ``changed_at <= T`` (see :mod:`segments.summary`).
+    """
+
+    __tablename__ = "order_summary"
+
+    # The foreign key also makes clear_shop's TRUNCATE ... CASCADE (which fires no row triggers) empty it.
+    member_id: int = Field(primary_key=True, foreign_key="members.id", sa_type=ID,
+                           sa_column_kwargs={"autoincrement": False})
+    orders: int = Field(description="purchases (PURCHASE_STATUSES)")
+    spend_minor: int = Field(sa_type=sa.BigInteger, description="sum of total_minor of the purchases")
+    first_purchase_at: datetime | None = _ts(nullable=True, default=None)
+    last_purchase_at: datetime | None = _ts(nullable=True, default=None)
+    first_purchase_days: float | None = Field(default=None, description="epoch days of first_purchase_at")
+    last_purchase_days: float | None = Field(default=None, description="epoch days of last_purchase_at")
+    changed_at: datetime = _ts(index=True)
+
+
 class OrderLine(TableModel, table=True):
     __tablename__ = "order_lines"
     __table_args__ = (

@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection
 
 from membercare.models import NON_PURCHASE_STATUSES, PURCHASE_STATUSES, Order
 from membercare.scoring_models import RFMCell, RFMScore
-from segments import sqlfn
+from segments import sqlfn, summary
 from segments.base import SegmentContext
 
 o = Order.__table__
@@ -99,18 +99,11 @@ def rfm_select(ctx: SegmentContext, *, window_days: int | None = None) -> sa.Sel
     where = purchases_as_of(ctx)
     if window_days is not None:
         where.append(sqlfn.mostly_true(ctx.dialect, o.c.placed_at > ctx.days_ago(window_days)))
-    agg = (
-        sa.select(
-            o.c.member_id,
-            sa.func.max(o.c.placed_at).label("last_purchase_at"),
-            sa.func.count().label("frequency"),
-            sa.func.sum(o.c.total_minor).label("monetary_minor"),
-        )
-        .where(*where)
-        .group_by(o.c.member_id)
-        .subquery("agg")
-    )
-    recency = ctx.days_since(agg.c.last_purchase_at)
+    # Members quiet since as_of come from order_summary, the others from their orders (segments.summary);
+    # a trailing window is not something the lifetime summary can answer.
+    agg = summary.purchase_stats(ctx, where, name="agg", lifetime=window_days is None)
+    last_days, frequency, monetary = agg.c.last_purchase_days, agg.c.orders, agg.c.spend_minor
+    recency = sqlfn.floor_int(ctx.dialect, sa.literal(ctx.as_of_epoch_days, sa.Float) - last_days)
     n = sa.func.count().over()
 
     def score(*order_by):
@@ -121,11 +114,11 @@ def rfm_select(ctx: SegmentContext, *, window_days: int | None = None) -> sa.Sel
         agg.c.member_id,
         agg.c.last_purchase_at,
         recency.label("recency_days"),
-        agg.c.frequency,
-        agg.c.monetary_minor,
-        score(recency.desc(), agg.c.frequency, agg.c.monetary_minor).label("r_score"),
-        score(agg.c.frequency, recency.desc(), agg.c.monetary_minor).label("f_score"),
-        score(agg.c.monetary_minor, agg.c.frequency, recency.desc()).label("m_score"),
+        frequency.label("frequency"),
+        monetary.label("monetary_minor"),
+        score(recency.desc(), frequency, monetary).label("r_score"),
+        score(frequency, recency.desc(), monetary).label("f_score"),
+        score(monetary, frequency, recency.desc()).label("m_score"),
     ).subquery("ranked")
     return sa.select(
         ranked.c.member_id,

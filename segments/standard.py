@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from membercare.models import PURCHASE_STATUSES, Coupon, Member, Order, OrderLine
 from membercare.scoring_models import ChurnModelFit, ChurnScore, RFMCell, RFMScore
-from segments import sqlfn, value
+from segments import sqlfn, summary, value
 from segments.base import Param, SegmentContext, segment
 
 m = Member.__table__
@@ -106,17 +106,8 @@ def vip(ctx: SegmentContext, p: dict) -> sa.Select:
 
 
 def _purchase_stats(ctx: SegmentContext) -> sa.Subquery:
-    return (
-        sa.select(
-            o.c.member_id,
-            sa.func.count().label("orders"),
-            sa.func.min(o.c.placed_at).label("first_purchase_at"),
-            sa.func.max(o.c.placed_at).label("last_purchase_at"),
-        )
-        .where(*purchases(ctx))
-        .group_by(o.c.member_id)
-        .subquery("stats")
-    )
+    # Read from order_summary for members quiet since as_of, from orders for the others (segments.summary).
+    return summary.purchase_stats(ctx, purchases(ctx))
 
 
 @segment(
@@ -141,7 +132,7 @@ def churn_risk(ctx: SegmentContext, p: dict) -> sa.Select:
     if p["method"] == "value_at_risk":
         return value.value_at_risk_select(ctx, days=p["days"], top_share=p["top_share"])
     st = _purchase_stats(ctx)
-    first_d, last_d = ctx.epoch_days(st.c.first_purchase_at), ctx.epoch_days(st.c.last_purchase_at)
+    first_d, last_d = st.c.first_purchase_days, st.c.last_purchase_days
     since = sa.literal(ctx.as_of_epoch_days, sa.Float) - last_d
     mean_gap = (last_d - first_d) / sa.func.nullif(st.c.orders - 1, 0)
     overdue = sa.and_(
@@ -373,7 +364,9 @@ def lapsed_after_first_purchase(ctx: SegmentContext, p: dict) -> sa.Select:
         raise InputError("segment 'lapsed_after_first_purchase': max_days must be >= min_days")
     st = _purchase_stats(ctx)
     return sa.select(
-        st.c.member_id, st.c.first_purchase_at, ctx.days_since(st.c.first_purchase_at).label("days_since_purchase")
+        st.c.member_id, st.c.first_purchase_at,
+        sqlfn.floor_int(ctx.dialect, sa.literal(ctx.as_of_epoch_days, sa.Float) - st.c.first_purchase_days
+                        ).label("days_since_purchase")
     ).where(
         st.c.orders == 1,
         st.c.first_purchase_at <= ctx.days_ago(p["min_days"]),
