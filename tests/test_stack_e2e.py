@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from flows.ratelimits import burst_for
 from membercare.cli.stack import signal_tree
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
-from flows.ratelimits import burst_for
 from test_rate_limits import max_in_window
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -5,7 +5,7 @@ and segments/summary.py). The triggers come from membercare.order_summary so tha
 ``rebuild`` share one definition; existing orders are folded in here (backfill).
 
 Revision ID: 0012_order_summary
-Revises: 0008_send_gate
+Revises: 0010_line
 Create Date: 2026-12-05 01:00:00
 """
 import sqlalchemy as sa
@@ -15,7 +15,7 @@ import membercare.timeutil
 from membercare import order_summary
 
 revision = "0012_order_summary"
-down_revision = "0008_send_gate"
+down_revision = "0010_line"
 branch_labels = None
 depends_on = None
 
