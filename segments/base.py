@@ -161,10 +161,10 @@ class SegmentContext:
     def as_of_epoch_days(self) -> float:
         return sqlfn.py_epoch_days(self.as_of)
 
-    def epoch_days(self, expr) -> sa.ColumnElement:
+    def epoch_days(self, expr: sqlfn.Sql) -> sa.ColumnElement:
         return sqlfn.epoch_days(self.dialect, expr)
 
-    def days_since(self, expr) -> sa.ColumnElement:
+    def days_since(self, expr: sqlfn.Sql) -> sa.ColumnElement:
         """Whole days between ``expr`` (a stored timestamp) and ``as_of``."""
         return sqlfn.floor_int(self.dialect, sa.literal(self.as_of_epoch_days, sa.Float) - self.epoch_days(expr))
 

@@ -263,7 +263,7 @@ def _rfm_value(ctx: SegmentContext, lo: int | None, hi: int | None) -> sa.Select
     "Buyers whose latest RFM total (R + F + M, each 1-5) is at least `min_total`.",
     Param("min_total", int, 12, "lowest R+F+M total", min=3, max=15),
 )
-def high_value(ctx, p):
+def high_value(ctx: SegmentContext, p: dict) -> sa.Select:
     return _rfm_value(ctx, p["min_total"], None)
 
 
@@ -273,7 +273,7 @@ def high_value(ctx, p):
     Param("min_total", int, 8, "lowest R+F+M total", min=3, max=15),
     Param("max_total", int, 11, "highest R+F+M total", min=3, max=15),
 )
-def mid_value(ctx, p):
+def mid_value(ctx: SegmentContext, p: dict) -> sa.Select:
     return _rfm_value(ctx, p["min_total"], p["max_total"])
 
 
@@ -282,7 +282,7 @@ def mid_value(ctx, p):
     "Buyers whose latest RFM total (R + F + M) is at most `max_total`.",
     Param("max_total", int, 7, "highest R+F+M total", min=3, max=15),
 )
-def low_value(ctx, p):
+def low_value(ctx: SegmentContext, p: dict) -> sa.Select:
     return _rfm_value(ctx, None, p["max_total"])
 
 

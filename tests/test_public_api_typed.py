@@ -14,16 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("membercare", "segments", "channels")
 
-# Functions still unannotated, by "path::qualified name", in files other engineers were editing when this
-# test was added (issue 15). Annotate one, then delete its line: the test fails on a stale entry, so the
-# list only shrinks. Never add to it.
-ALLOWED_UNANNOTATED = {
-    "segments/base.py::SegmentContext.epoch_days",
-    "segments/base.py::SegmentContext.days_since",
-    "segments/standard.py::high_value",
-    "segments/standard.py::mid_value",
-    "segments/standard.py::low_value",
-}
+# Functions allowed to stay unannotated, by "path::qualified name": none. The test fails on a stale entry, so
+# this can only stay empty.
+ALLOWED_UNANNOTATED: set[str] = set()
 
 _FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 
