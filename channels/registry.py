@@ -77,6 +77,15 @@ def adapter_for(config: object) -> ChannelAdapter:
     raise ConfigurationError(f"no adapter for {type(config).__name__}")
 
 
+def unconfigured_channels(channels: Iterable[Channel | str], env: Mapping[str, str]) -> list[Channel]:
+    """The channels whose provider is not set up at all: its primary variable is unset or blank.
+
+    A shop that does not use a provider (LINE, say) never configures it; a campaign that lists that channel
+    then runs on its other channels (the flow says so in its log). A provider that is set up only in part
+    still fails with the :class:`ConfigurationError` naming the missing variable when it is built."""
+    return [Channel(c) for c in channels if not (env.get(provider_for(Channel(c), env).primary_env) or "").strip()]
+
+
 def build_channels(
     env: Mapping[str, str] | None = None,
     *,

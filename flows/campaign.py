@@ -19,9 +19,10 @@ idempotency key makes a second run (or a rerun after a crash) send nothing twice
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -360,7 +361,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     settings = settings_from(env)
     options = params.options(settings.shop_timezone)
     occurrence_stage.refuse_future_as_of(options)
-    prepared = prepare(settings, params.campaign, options)
+    prepared = without_unconfigured_channels(prepare(settings, params.campaign, options), env, logger)
     audience = resolve_segment(prepared)
     try:
         preview = file_link(dry_run_stage.write_preview(settings, prepared.name))
@@ -419,6 +420,21 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     if sent.stop_reason:
         logger.warning("run %s stopped: %s", run_id, sent.stop_reason)
     return _asdict(summary)
+
+
+def without_unconfigured_channels(prepared: PreparedRun, env: Mapping[str, str], logger: Any) -> PreparedRun:
+    """The run without the channels whose provider this shop has not set up (see
+    :func:`channels.registry.unconfigured_channels`); members route to their next channel. A campaign left with
+    no channel keeps them all, and building its adapters then names the missing variable."""
+    from channels.registry import unconfigured_channels
+
+    missing = unconfigured_channels(prepared.spec.channels, env)
+    keep = tuple(c for c in prepared.spec.channels if c not in missing)
+    if not missing or not keep:
+        return prepared
+    logger.warning("%s: %s not set up (no provider credentials), so this run uses %s", prepared.name,
+                   ", ".join(c.value for c in missing), ", ".join(c.value for c in keep))
+    return dataclasses.replace(prepared, spec=dataclasses.replace(prepared.spec, channels=keep))
 
 
 def _quoted(value: Any) -> Any:

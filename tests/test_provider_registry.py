@@ -211,3 +211,11 @@ def test_reconciliation_asks_twilio_and_sendgrid_only_about_their_own_channels(r
     records = provider_records_from_env(engine, {k: v for k, v in env.items() if k != "MEMBERCARE_PROVIDER_SMS"})
     assert records is not None and [type(s) for s in records.sources] == [TwilioListRecords, SendGridEventRecords]
     records.close()
+
+
+def test_a_channel_whose_provider_is_not_set_up_at_all_is_reported_unconfigured():
+    from channels.registry import unconfigured_channels
+
+    env = {"MEMBERCARE_SENDGRID_API_KEY": "SG.x", "MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN": "  "}
+    assert unconfigured_channels(["email", "line", "sms"], env) == [Channel.LINE, Channel.SMS]
+    assert unconfigured_channels(["email"], env) == []
