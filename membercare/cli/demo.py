@@ -138,8 +138,14 @@ def demo_secret_key(home: Path) -> str:
 
 
 def prefect_env(home: Path) -> dict[str, str]:
-    """Prefect settings of the demo: local ephemeral mode with a persistent home (unless an API is configured)."""
-    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+    """Prefect settings of the demo: local ephemeral mode with a persistent home (unless an API is configured).
+
+    Runs log at INFO (counts and reasons, never personal data) so that their pages in the Prefect UI show what
+    happened; only the console handler is raised to WARNING, which keeps the demo's terminal quiet. (With
+    ``PREFECT_LOGGING_LEVEL=WARNING`` every run page said "This run didn't generate logs".)
+    """
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
+           "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
     if not os.environ.get("PREFECT_API_URL"):
         env["PREFECT_HOME"] = str(home / "prefect")
