@@ -274,3 +274,19 @@ def test_routing_reaches_line_by_user_id_with_consent_and_no_suppression():
     assert route(ctx(consents={("email", "marketing"): True}), order, "marketing").chain == ("email",)
     blocked = route(ctx(suppressed={"line": "unsubscribe"}), order, "marketing")
     assert blocked.chain == ("email",) and blocked.rejected[0].code == Decision.SUPPRESSED
+
+
+def test_the_estimate_warns_when_a_campaign_would_pass_the_monthly_line_quota(line, sandbox):
+    from types import SimpleNamespace
+
+    from membercare.cli.campaign import line_quota_note
+
+    env = {ENV_ACCESS_TOKEN: LINE_TOKEN, "MEMBERCARE_LINE_BASE_URL": sandbox.url}
+    est = SimpleNamespace(now={"line": 4, "email": 10}, later={"line": 1})
+    assert line_quota_note(est, env) == "LINE quota: no monthly limit set (0 messages sent this month)"
+    sandbox.configure(line_quota=100)
+    assert line_quota_note(est, env) == "LINE quota: 5 of the 100 messages left this month"
+    sandbox.configure(line_quota=3)
+    assert "5 LINE messages wanted but only 3 of 3 left this month" in line_quota_note(est, env)
+    assert line_quota_note(SimpleNamespace(now={"email": 3}, later={}), env) is None  # no LINE: no lookup
+    assert line_quota_note(est, {}) == "LINE quota not checked (ConfigurationError)"

@@ -125,8 +125,12 @@ def estimate_cmd(
 ) -> None:
     """Who the campaign would reach, per channel, after consent, reachability, holdout, frequency cap and quiet
     hours, and the smallest lift its holdout can detect. Writes nothing; does not start Prefect."""
+    import dataclasses
+
+    from channels.registry import unconfigured_channels
     from membercare.campaigns.estimate import estimate
     from membercare.campaigns.occurrence import RunOptions, prepare
+    from membercare.cli.common import provider_env
     from membercare.models import Channel
     from membercare.timeutil import parse_as_of
 
@@ -134,14 +138,53 @@ def estimate_cmd(
     try:
         channels = tuple(Channel(c) for c in channel) if channel else None
     except ValueError:
-        raise InputError(f"--channel must be one of email, sms, push (got {', '.join(channel)})") from None
+        known = ", ".join(c.value for c in Channel)
+        raise InputError(f"--channel must be one of {known} (got {', '.join(channel)})") from None
     options = RunOptions(as_of=parse_as_of(as_of, settings.shop_timezone) if as_of else None, dry_run=True,
                          channels=channels, occurrence_tag=tag, segment_params=parse_params(param or []), samples=0)
     prepared = prepare(settings, name, options)
+    env = provider_env()
+    # As the run does: a channel whose provider this shop has not set up is not used.
+    missing = unconfigured_channels(prepared.spec.channels, env)
+    keep = tuple(c for c in prepared.spec.channels if c not in missing)
+    if missing and keep:
+        prepared = dataclasses.replace(prepared, spec=dataclasses.replace(prepared.spec, channels=keep))
     est = estimate(migrated_engine(), prepared, render=render)
     console.print(estimate_table(est, settings.shop_timezone))
     for line in estimate_notes(est):
         console.print(line)
+    if missing and keep:
+        console.print(f"not used: {', '.join(c.value for c in missing)} (no provider credentials set up)")
+    quota_note = line_quota_note(est, env)
+    if quota_note:
+        console.print(quota_note)
+
+
+def line_quota_note(est, env: dict[str, str]) -> str | None:
+    """LINE counts messages against a monthly quota: say when this occurrence would go over what is left."""
+    wanted = est.now.get("line", 0) + est.later.get("line", 0)
+    if not wanted:
+        return None
+    from channels.registry import build_channels, close_channels
+    from membercare.models import Channel
+
+    try:
+        built = build_channels(env, channels=[Channel.LINE])
+    except Exception as exc:  # noqa: BLE001 - the estimate stands without the quota; say why it is missing
+        return f"LINE quota not checked ({type(exc).__name__})"
+    try:
+        quota = built[Channel.LINE].quota()  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - as above
+        return f"LINE quota not checked ({type(exc).__name__})"
+    finally:
+        close_channels(built)
+    if quota.remaining is None:
+        return f"LINE quota: no monthly limit set ({quota.used:,} messages sent this month)"
+    if wanted > quota.remaining:
+        return (f"[bold red]LINE quota: {wanted:,} LINE messages wanted but only {quota.remaining:,} of "
+                f"{quota.limit:,} left this month[/]: LINE refuses messages beyond it (HTTP 429); narrow the "
+                f"audience or raise the plan")
+    return f"LINE quota: {wanted:,} of the {quota.remaining:,} messages left this month"
 
 
 def estimate_table(est, timezone: str) -> Table:
@@ -156,7 +199,9 @@ def estimate_table(est, timezone: str) -> Table:
         t.add_row("already planned for this occurrence", f"{est.already_planned:,}")
     for reason, n in sorted(est.excluded.items(), key=lambda kv: -kv[1]):
         t.add_row(f"  no message: {reason}", f"{n:,}")
-    for ch in ("email", "sms", "push"):
+    from membercare.models import Channel
+
+    for ch in (c.value for c in Channel):
         if est.now.get(ch) or est.later.get(ch):
             t.add_row(f"via {ch}", f"{est.now.get(ch, 0) + est.later.get(ch, 0):,}")
             if est.later.get(ch):
