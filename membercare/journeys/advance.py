@@ -147,15 +147,15 @@ class Advancer:
                .order_by(t.c.due_at, t.c.id).limit(self.batch_size))
         if is_sqlite(conn):
             token = uuid.uuid4().hex
-            conn.execute(sa.update(t).where(t.c.id.in_(due.scalar_subquery())).values(claim_token=token,
-                                                                                      claimed_at=now))
-            where = t.c.claim_token == token
+            # The claimed ids come back from the UPDATE itself: selecting them again by token would scan every
+            # instance (claim_token has no index), once per batch.
+            ids = list(conn.execute(sa.update(t).where(t.c.id.in_(due.scalar_subquery()))
+                                    .values(claim_token=token, claimed_at=now).returning(t.c.id)).scalars())
         else:
             ids = list(conn.execute(due.with_for_update(skip_locked=True, of=t)).scalars())
-            if not ids:
-                return []
-            where = t.c.id.in_(ids)
-        return list(conn.execute(sa.select(t).where(where).order_by(t.c.due_at, t.c.id)).all())
+        if not ids:
+            return []
+        return list(conn.execute(sa.select(t).where(t.c.id.in_(ids)).order_by(t.c.due_at, t.c.id)).all())
 
     def _batch(self, conn: Connection) -> AdvanceReport:
         now = self.clock()
