@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -105,6 +106,10 @@ def _shared(campaign: str, as_of: datetime, occurrence_tag: str) -> SimpleNamesp
             settings = settings_from(env)
             engine = engine_for(settings)
             prepared = prepare(settings, campaign, RunOptions(as_of=as_of, occurrence_tag=occurrence_tag))
+            # Same channels as the campaign flow: a provider the shop has not set up is not used.
+            from flows.campaign import without_unconfigured_channels
+
+            prepared = without_unconfigured_channels(prepared, env, logging.getLogger("membercare.bench"))
             with engine.connect() as conn:
                 policy = load_policy(conn)
             shared = SimpleNamespace(
