@@ -26,6 +26,7 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -353,3 +354,5 @@ def _check(api: Api, stack, sandbox, shop_db, run_id, states, campaign_id, run_o
         any_=[campaign_id])))
     assert {"table", "markdown"} <= {a.type for a in arts}
     assert stack["ui_url"].startswith("http://127.0.0.1:")
+    # The UI in a browser finds the API it is served with (not Prefect's default 127.0.0.1:4200).
+    assert httpx.get(stack["ui_url"] + "/ui-settings", timeout=10).json()["api_url"] == stack["api_url"]

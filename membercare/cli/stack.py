@@ -333,6 +333,8 @@ def stack_up(state: Path, opts: UpOptions, say=lambda msg: None) -> dict:
         env = stack_env(state, None)
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database_url(opts.postgres, opts.database)
         env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "true" if opts.scheduler else "false"
+        # The UI asks the API at 127.0.0.1:4200 unless told otherwise; ours is on a free port.
+        env["PREFECT_UI_API_URL"] = api_url
         server = _spawn(state, "server", [prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port",
                                           str(port)], env, port)
         data["components"].append(server)
