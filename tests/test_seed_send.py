@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from clirun import run_cli
-from fakes import seed_members
+from fakes import FakeAdapter, seed_members
 from membercare.campaigns.seed_send import TEST_CATEGORY, parse_seeds, send_test
 from membercare.config import Settings
 from membercare.delivery.models import CampaignRun, OutboxMessage
@@ -49,7 +49,7 @@ def test_every_channel_locale_and_variant_reaches_the_seeds_marked_as_a_test(san
     before = _ledger(engine)
     sent = send_test(settings, "churn_winback", parse_seeds(SEEDS), adapters)
     # churn_winback: 3 channels x 2 locales (zh-TW, en) x 2 variants (a, b), one seed per channel.
-    assert len(sent) == 12 and all(s.outcome == "accepted" for s in sent)
+    assert len(sent) == 12 and all(s.outcome == "accepted" for s in sent), [s.outcome for s in sent]
     assert {(s.channel, s.locale, s.variant) for s in sent} == {
         (c, loc, v) for c in ("email", "sms", "push") for loc in ("zh-TW", "en") for v in ("a", "b")}
     assert all(s.headline.startswith("[TEST]") for s in sent)
@@ -78,3 +78,19 @@ def test_campaign_test_command_through_the_sandbox(sandbox, channel_env, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "4 of 4 test messages accepted" in r.stdout and "qa@example.com" not in r.stdout
     assert len(sandbox.messages()) == 4
+
+
+def test_a_transient_failure_is_tried_again_and_a_permanent_one_is_reported(settings, monkeypatch):
+    from membercare.campaigns import seed_send
+    from membercare.delivery.contract import FailureReason, PermanentFailure, TransientFailure
+
+    monkeypatch.setattr(seed_send.time, "sleep", lambda s: None)  # the retry's pause, not the behaviour
+    flaky = FakeAdapter("email", lambda m, n: TransientFailure("connection reset", ambiguous=True) if n == 1 else None)
+    refused = FakeAdapter("sms", lambda m, n: PermanentFailure(FailureReason.INVALID_RECIPIENT, "not a mobile"))
+    down = FakeAdapter("push", lambda m, n: TransientFailure("503 from the provider", status=503))
+    sent = send_test(settings, "churn_winback", parse_seeds(SEEDS),
+                     {Channel.EMAIL: flaky, Channel.SMS: refused, Channel.PUSH: down})
+    by_channel = {ch: {s.outcome for s in sent if s.channel == ch} for ch in ("email", "sms", "push")}
+    assert by_channel["email"] == {"accepted"} and flaky.calls == 5  # 4 messages, the first tried twice
+    assert all(o.startswith("refused:") for o in by_channel["sms"]) and refused.calls == 4  # never retried
+    assert all(o.startswith("refused: 503") for o in by_channel["push"]) and down.calls == 4 * 3

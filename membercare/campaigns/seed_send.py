@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ from membercare.delivery.contract import (
     OutboundMessage,
     PushContent,
     SmsContent,
+    TransientFailure,
 )
 from membercare.errors import InputError, RenderError
 from membercare.links import LinkSigner
@@ -173,6 +175,9 @@ def send_test(settings: Settings, campaign: Campaign | str, seeds: Sequence[Seed
     return out
 
 
+TRANSIENT_RETRIES = 2  # further attempts of a test message after a transient failure
+
+
 def _send_one(camp: Campaign, renderer: CampaignRenderer, adapter: ChannelAdapter, ctx: Mapping[str, Any],
               seed: Seed, index: int, locale: str, variant: str | None, as_of: datetime) -> SeedMessage:
     mid = "test" + uuid.uuid4().hex[:28]
@@ -185,6 +190,13 @@ def _send_one(camp: Campaign, renderer: CampaignRenderer, adapter: ChannelAdapte
                           purpose=camp.purpose, to=seed.to, content=content, campaign=camp.name,
                           categories=(camp.name, TEST_CATEGORY))
     result = adapter.send(msg)
+    for _ in range(TRANSIENT_RETRIES):
+        if not isinstance(result, TransientFailure):
+            break
+        # A dropped keep-alive connection or a throttle: try again. A test goes to the team's own seeds, so a
+        # possible duplicate (an ambiguous failure that was accepted after all) costs less than a missing variant.
+        time.sleep(min(result.retry_after if result.retry_after is not None else 0.5, 5.0))
+        result = adapter.send(msg)
     outcome = "accepted" if isinstance(result, Accepted) else f"refused: {result.reason}"
     log.info("test send %s seed %d: %s", where, index, outcome)
     return SeedMessage(seed.channel.value, locale, variant, index, outcome, _headline(content))
