@@ -45,11 +45,14 @@ def _ledger(engine):
 
 
 def test_every_channel_locale_and_variant_reaches_the_seeds_marked_as_a_test(sandbox, adapters, settings, engine):
-    sandbox.configure(capture_requests=50)
+    # The seeds' simulated handsets never reply STOP here: a STOP to the first SMS would make Twilio refuse the
+    # next ones (21610), as it should, and the test is about what is sent, not about recipients.
+    quiet = {ch: {"unsubscribed": 0.0, "complained": 0.0} for ch in ("email", "sms", "push")}
+    sandbox.configure(capture_requests=50, engagement=quiet)
     before = _ledger(engine)
     sent = send_test(settings, "churn_winback", parse_seeds(SEEDS), adapters)
     # churn_winback: 3 channels x 2 locales (zh-TW, en) x 2 variants (a, b), one seed per channel.
-    assert len(sent) == 12 and all(s.outcome == "accepted" for s in sent), [s.outcome for s in sent]
+    assert len(sent) == 12 and all(s.outcome == "accepted" for s in sent), [s for s in sent if s.outcome != "accepted"]
     assert {(s.channel, s.locale, s.variant) for s in sent} == {
         (c, loc, v) for c in ("email", "sms", "push") for loc in ("zh-TW", "en") for v in ("a", "b")}
     assert all(s.headline.startswith("[TEST]") for s in sent)
