@@ -42,7 +42,7 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -116,25 +116,7 @@ def sign_click_token(message_id: str, index: int, secret: str | bytes) -> str:
 
 def verify_click_token(token: str, secrets: str | bytes | Sequence[str | bytes]) -> ClickClaims:
     """The message and link a short-link token names; :class:`InvalidTokenError` unless we signed it."""
-    if isinstance(secrets, (str, bytes)):
-        secrets = [secrets]
-    keys = [s.encode() if isinstance(s, str) else s for s in secrets if s]
-    if not keys:
-        raise ConfigurationError("no secret configured to verify link tokens")
-    if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
-        raise InvalidTokenError("malformed link token")
-    try:
-        raw = _unb64(token)
-    except (binascii.Error, ValueError):
-        raise InvalidTokenError("malformed link token") from None
-    if len(raw) != _CLICK_PAYLOAD.size + _CLICK_SIG_BYTES:
-        raise InvalidTokenError("malformed link token")
-    payload, sig = raw[: _CLICK_PAYLOAD.size], raw[_CLICK_PAYLOAD.size :]
-    ok = False
-    for key in keys:  # every key, no early exit
-        ok |= hmac.compare_digest(sig, _click_mac(key, payload))
-    if not ok:
-        raise InvalidTokenError("link token signature does not verify")
+    payload = _verified_payload(token, secrets, _CLICK_PAYLOAD.size, _CLICK_SIG_BYTES, _click_mac)
     version, mid, index = _CLICK_PAYLOAD.unpack(payload)
     if version != _VERSION:
         raise InvalidTokenError("unsupported link token")
@@ -191,26 +173,7 @@ def verify_member_token(token: str, secrets: str | bytes | Sequence[str | bytes]
     names an id no member can have (0, or over :data:`MAX_MEMBER_ID`). Comparison is constant-time.
     ``secrets`` may be one secret or a sequence (newest first) during a rotation.
     """
-    if isinstance(secrets, (str, bytes)):
-        secrets = [secrets]
-    keys = [s.encode() if isinstance(s, str) else s for s in secrets if s]
-    if not keys:
-        raise ConfigurationError("no secret configured to verify link tokens")
-    if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
-        raise InvalidTokenError("malformed link token")
-    try:
-        raw = _unb64(token)
-    except (binascii.Error, ValueError):
-        raise InvalidTokenError("malformed link token") from None
-    if len(raw) != _PAYLOAD.size + _SIG_BYTES:
-        raise InvalidTokenError("malformed link token")
-    payload, sig = raw[: _PAYLOAD.size], raw[_PAYLOAD.size :]
-    # Check every key (no early exit) so timing does not reveal which one matched.
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(sig, _mac(key, payload))
-    if not ok:
-        raise InvalidTokenError("link token signature does not verify")
+    payload = _verified_payload(token, secrets, _PAYLOAD.size, _SIG_BYTES, _mac)
     version, member_id, scope_code = _PAYLOAD.unpack(payload)
     if version != _VERSION or scope_code not in _SCOPES_BY_CODE:
         raise InvalidTokenError("unsupported link token")
@@ -294,3 +257,28 @@ def _add_utm(url: str, source: str, medium: str, campaign: str, content: str | N
         extra.append(("utm_content", content))
     query += [(k, v) for k, v in extra if k not in present]
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+def _verified_payload(token: str, secrets: str | bytes | Sequence[str | bytes], payload_size: int, sig_bytes: int,
+                      mac: Callable[[bytes, bytes], bytes]) -> bytes:
+    """The payload of ``token`` when one of ``secrets`` (newest first during a rotation) signed it; else
+    :class:`InvalidTokenError`. Every key is checked, with no early exit, so timing does not reveal which matched."""
+    if isinstance(secrets, (str, bytes)):
+        secrets = [secrets]
+    keys = [s.encode() if isinstance(s, str) else s for s in secrets if s]
+    if not keys:
+        raise ConfigurationError("no secret configured to verify link tokens")
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
+        raise InvalidTokenError("malformed link token")
+    try:
+        raw = _unb64(token)
+    except (binascii.Error, ValueError):
+        raise InvalidTokenError("malformed link token") from None
+    if len(raw) != payload_size + sig_bytes:
+        raise InvalidTokenError("malformed link token")
+    payload, sig = raw[:payload_size], raw[payload_size:]
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(sig, mac(key, payload))
+    if not ok:
+        raise InvalidTokenError("link token signature does not verify")
+    return payload
