@@ -143,7 +143,8 @@ def prepare(settings, campaign: str, options: RunOptions) -> PreparedRun:
       retry_condition_fn=retry_transient)
 def resolve_segment(prepared: PreparedRun) -> Audience:
     engine = engine_for(prepared.settings)
-    audience = audience_stage.resolve_audience(engine, prepared)
+    # A snapshot: this process keeps page bounds, not a million keys (released once planned).
+    audience = audience_stage.resolve_audience(engine, prepared, snapshot=True)
     run_logger().info("%s/%s: %s has %d members (%d in this run)", prepared.name, prepared.occurrence,
                           audience.source, audience.size, len(audience))
     return audience
@@ -371,6 +372,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
 
     if params.dry_run:
         rep = dry_run(prepared, _quoted(audience))
+        audience.release(engine_for(settings))
         summary = summary_stage.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
@@ -385,6 +387,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         decision = wait_for_approval(settings, prepared, summary_line=shown.line(),
                                      timeout_s=params.approval_timeout_s)
         if not decision.approved:
+            audience.release(engine_for(settings))
             logger.warning("%s/%s: nothing sent (%s)", prepared.name, prepared.occurrence, decision.line())
             return {**_asdict(shown), "status": "rejected", "status_reason": decision.line(),
                     "approval": decision.line()}
@@ -395,6 +398,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
             planned = planned.merge(plan(prepared, _quoted(group), i))
+        audience.release(engine_for(settings))
         plan_stage.announce_planned(prepared, planned, audience.size)
         progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
                                                description=f"{prepared.name} {prepared.occurrence}: dispatch")

@@ -78,7 +78,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     with engine.connect() as conn:
         pol = policy or load_policy(conn)
         conn.rollback()
-    for batch in audience.batches(prepared.options.batch_size):
+    for batch in audience.batches(prepared.options.batch_size, engine):
         with engine.connect() as conn:
             tx = conn.begin()
             try:
