@@ -76,7 +76,7 @@ class Dispatcher:
     ``sleep`` and ``rng`` drive waiting and backoff jitter. ``records`` (optional) is consulted before a
     transactional message is resent after an ambiguous failure: found there, it is settled as sent.
     ``limiters`` (channel -> rate limiter, metering entry to the send gate) may be replaced per channel
-    after construction, e.g. by limiters shared between processes.
+    after construction with :meth:`use_limiters`, e.g. by limiters shared between processes.
     """
 
     def __init__(self, engine: Engine, adapters: Mapping[str, ChannelAdapter], *,
@@ -105,6 +105,19 @@ class Dispatcher:
         self._claimer = Claimer(engine, self.worker_id, self.adapters, self._outcomes, clock, records)
         self._sender = GatedSender(engine, self.adapters, self.config, self._outcomes, self.limiters, self.pacers,
                                    clock, sleep, gate_batch=self._gate_batch)
+
+    def use_limiters(self, limiters: Mapping[str, Any]) -> None:
+        """Meter these channels' entry to the gate with ``limiters`` (``acquire``, ``reserve``, ``pause``).
+
+        A limiter with a ``rate`` (per second) also gets a local pacer at that rate after the gate if the
+        channel has none: a limiter shared between workers hands out slots a chunk at a time (a tenth of a
+        second's worth), which would otherwise leave this worker as one burst."""
+        for channel, limiter in limiters.items():
+            ch = str(Channel(channel).value)
+            self.limiters[ch] = limiter
+            rate = getattr(limiter, "rate", None)
+            if rate and ch not in self.pacers:
+                self.pacers[ch] = TokenBucket(float(rate), self.config.bursts.get(ch), sleep=self.sleep)
 
     def _gate_batch(self, jobs: Sequence[Job]) -> dict[Job, Any]:
         """The send gate for one group of jobs (:meth:`GatedSender.gate_batch`). The worker threads reach
