@@ -329,6 +329,16 @@ def _exercise(api: Api, stack: dict, workers: dict[int, str], sandbox, shop_db: 
 
     state = _wait(campaign_done, 900, "the campaign flow run to finish")
     assert state.is_completed(), state.message
+    # The lost worker's runs stop sending heartbeats: the stack's automation marks them Crashed (not "Running"
+    # for ever). Proactive triggers fire 90 s after the last heartbeat, evaluated every few seconds.
+    victim_runs = [fr for fr, w in run_owner.items() if w == workers[victim_pid]]
+    assert victim_runs, "the killed worker ran no flow run we saw"
+    # Runs it finished before the kill are Completed; the ones it was running must not stay Running.
+    _wait(lambda: all((s := api.state(fr)) is not None and s.is_final() for fr in victim_runs), 300,
+          "the killed worker's flow runs to be marked Crashed")
+    crashed = sum(api.state(fr).is_crashed() for fr in victim_runs)
+    assert crashed, "none of the killed worker's flow runs was marked Crashed"
+    _say(f"{crashed} flow run(s) of the killed worker marked Crashed ({time.monotonic() - started:.0f} s)")
     # Rows the dead dispatchers may have handed to the provider are unknown: the provider's records settle them.
     sync = api.run_deployment("sync-engagement/sync-engagement",
                               {"records_url": sandbox.url, "grace_minutes": 0.0, "lease_minutes": LEASE_S / 60,
