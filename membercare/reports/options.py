@@ -50,6 +50,10 @@ class ReportOptions:
     # a definition (e.g. a loaded experiment) has no expected rate, so no sample-ratio check.
     primary_metrics: Mapping[str, str] = field(default_factory=dict)
     holdout_rates: Mapping[str, float] = field(default_factory=dict)
+    # CUPED (``--cuped``): treated-vs-holdout conversion and revenue per member also shown adjusted for each member's
+    # purchases in the ``cuped_pre_days`` before the run's as_of (membercare.reports.cuped).
+    cuped: bool = False
+    cuped_pre_days: int = 90
 
     @staticmethod
     def campaign_fields(campaigns: Iterable[Any]) -> dict[str, Any]:
@@ -69,3 +73,5 @@ class ReportOptions:
         if self.granularity not in ("day", "week"):
             raise InputError("granularity must be day or week")
         ZoneInfo(self.timezone)
+        if not 1 <= self.cuped_pre_days <= 3660:
+            raise InputError("the CUPED pre-period must be 1 to 3660 days")

@@ -56,6 +56,7 @@ def print_experiments(console: Console, rep: Report) -> None:
         for h in rep.holdouts:
             _print_checks(console, h.campaign, h.checks, rep.options.currency, _srm_line(h))
             _print_arms(console, h, rep.options.currency)
+            _print_cuped(console, h, rep.options.currency)
     if rep.programme is not None:
         _print_programme(console, rep.programme, rep.options.currency, conf)
         _print_checks(console, "programme", rep.programme.checks, rep.options.currency,
@@ -170,6 +171,26 @@ def _print_arms(console: Console, h: HoldoutRow, cur: str) -> None:
         m = a.check
         t.add_row(a.arm, amount(metric, m.difference, cur), interval(metric, m.interval, cur), p_text(m.p_value),
                   p_text(m.adjusted_p), "yes" if m.significant else "no", mde_text(m, cur))
+    console.print(t)
+
+
+def _print_cuped(console: Console, h: HoldoutRow, cur: str) -> None:
+    """CUPED (``--cuped``): each adjusted lift beside the unadjusted member-clustered one."""
+    if not h.cuped:
+        return
+    t = Table(title=f"{h.campaign}: CUPED, adjusted for the {h.cuped[0].pre_days} days before each run's as_of "
+                    "(pre-period covariate; member-clustered CIs)")
+    for col in ("metric", "covariate", "covariate per row (treated / holdout)", "unadjusted lift [CI]",
+                "CUPED lift [CI]", "variance reduction", "theta", "p"):
+        t.add_column(col, justify="left" if col in ("metric", "covariate") else "right")
+    for c in h.cuped:
+        cov = (f"{amount('revenue', c.covariate_treated, cur).lstrip('+')} / "
+               f"{amount('revenue', c.covariate_control, cur).lstrip('+')}" if c.metric == "revenue"
+               else f"{_pct(c.covariate_treated, 1)} / {_pct(c.covariate_control, 1)}")
+        t.add_row(LABELS[c.metric], c.covariate, cov,
+                  f"{amount(c.metric, c.unadjusted_difference, cur)} {interval(c.metric, c.unadjusted_interval, cur)}",
+                  f"{amount(c.metric, c.difference, cur)} {interval(c.metric, c.interval, cur)}",
+                  _pct(c.variance_reduction, 1), f"{c.theta:.3g}", p_text(c.p_value))
     console.print(t)
 
 
