@@ -54,6 +54,11 @@ class ReportOptions:
     # purchases in the ``cuped_pre_days`` before the run's as_of (membercare.reports.cuped).
     cuped: bool = False
     cuped_pre_days: int = 90
+    # ``--cltv``: each holdout comparison's arms by expected residual lifetime value (membercare.reports.cltv),
+    # evaluated at ``since`` over ``cltv_months`` with ``cltv_discount`` a year.
+    cltv: bool = False
+    cltv_months: int = 12
+    cltv_discount: float = 0.10
 
     @staticmethod
     def campaign_fields(campaigns: Iterable[Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def _money(minor: float | None, currency: str) -> str:
-    return "-" if minor is None else f"{minor / 100:,.2f} {currency}"
+    return "-" if minor is None or math.isnan(minor) else f"{minor / 100:,.2f} {currency}"
 
 
 def points(lift: BinaryLift | None) -> str:
@@ -57,6 +57,7 @@ def print_experiments(console: Console, rep: Report) -> None:
             _print_checks(console, h.campaign, h.checks, rep.options.currency, _srm_line(h))
             _print_arms(console, h, rep.options.currency)
             _print_cuped(console, h, rep.options.currency)
+            _print_cltv(console, h, rep.options.currency)
     if rep.programme is not None:
         _print_programme(console, rep.programme, rep.options.currency, conf)
         _print_checks(console, "programme", rep.programme.checks, rep.options.currency,
@@ -191,6 +192,24 @@ def _print_cuped(console: Console, h: HoldoutRow, cur: str) -> None:
                   f"{amount(c.metric, c.unadjusted_difference, cur)} {interval(c.metric, c.unadjusted_interval, cur)}",
                   f"{amount(c.metric, c.difference, cur)} {interval(c.metric, c.interval, cur)}",
                   _pct(c.variance_reduction, 1), f"{c.theta:.3g}", p_text(c.p_value))
+    console.print(t)
+
+
+def _print_cltv(console: Console, h: HoldoutRow, cur: str) -> None:
+    """``--cltv``: the arms' expected residual lifetime value, and that of the members who converted."""
+    if not h.cltv:
+        if h.cltv_note:
+            console.print(f"  {h.campaign}: {h.cltv_note}")
+        return
+    t = Table(title=f"{h.campaign}: expected residual lifetime value per arm ({h.cltv_note})")
+    for col in ("arm", "members", "with history", "mean", "p25", "median", "p75", "p90", "mean P(alive)",
+                "converted", "converters' mean", "converters' median"):
+        t.add_column(col, justify="left" if col == "arm" else "right")
+    for a in h.cltv:
+        v, c = a.value, a.converted_value
+        t.add_row(a.arm, f"{a.members:,}", f"{a.with_history:,}", *(_money(v.get(k), cur) for k in (
+            "mean", "p25", "median", "p75", "p90")), _pct(a.mean_p_alive, 0), f"{a.converted:,}",
+                  _money(c.get("mean"), cur), _money(c.get("median"), cur))
     console.print(t)
 
 
