@@ -142,7 +142,7 @@ def cuped_table(h: HoldoutRow, currency: str) -> str:
         cells = (LABELS[c.metric], c.covariate, cov, amount(c.metric, c.unadjusted_difference, currency),
                  interval(c.metric, c.unadjusted_interval, currency), amount(c.metric, c.difference, currency),
                  interval(c.metric, c.interval, currency),
-                 "–" if math.isnan(c.variance_reduction) else f"{100 * c.variance_reduction:.1f} %",
+                 "–" if math.isnan(c.variance_reduction) else f"{100 * c.variance_reduction:.2f} %",
                  f"{c.theta:.3g}", p_text(c.p_value))
         rows.append("<tr>" + "".join(f"<td class='{'t' if i < 2 else ''}'>{_e(x)}</td>" for i, x in enumerate(cells))
                     + "</tr>")

@@ -191,7 +191,7 @@ def _print_cuped(console: Console, h: HoldoutRow, cur: str) -> None:
         t.add_row(LABELS[c.metric], c.covariate, cov,
                   f"{amount(c.metric, c.unadjusted_difference, cur)} {interval(c.metric, c.unadjusted_interval, cur)}",
                   f"{amount(c.metric, c.difference, cur)} {interval(c.metric, c.interval, cur)}",
-                  _pct(c.variance_reduction, 1), f"{c.theta:.3g}", p_text(c.p_value))
+                  _pct(c.variance_reduction, 2), f"{c.theta:.3g}", p_text(c.p_value))
     console.print(t)
 
 
