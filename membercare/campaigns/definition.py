@@ -92,37 +92,80 @@ class OfferStep(BaseModel):
         return self
 
 
-class Offer(BaseModel):
-    """A coupon offer scaled to the member's value (trailing 365-day spend).
+class CltvTier(BaseModel):
+    """One tier of an offer sized by CLTV: members whose expected residual value is at least ``min_cltv_minor``."""
 
-    The step with the highest ``min_spend_minor`` not above the member's spend applies. The flow
-    that issues coupons uses :meth:`for_spend`; templates get the chosen step as ``offer``.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_cltv_minor: int = Field(ge=0, description="expected residual lifetime value at or above which this applies")
+    amount_minor: int | None = Field(default=None, gt=0)
+    percent_off: int | None = Field(default=None, gt=0, le=100)
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _one_value(self) -> CltvTier:
+        if (self.amount_minor is None) == (self.percent_off is None):
+            raise ValueError("give exactly one of amount_minor or percent_off")
+        return self
+
+
+class Offer(BaseModel):
+    """A coupon offer scaled to the member's value.
+
+    ``size_by: spend`` (the default): the step with the highest ``min_spend_minor`` not above the member's
+    trailing 365-day spend applies (:meth:`for_spend`). ``size_by: cltv``: the tier with the highest
+    ``min_cltv_minor`` not above the member's discounted expected residual lifetime value at the run's as_of
+    (``cltv_months`` ahead, ``cltv_discount`` a year; :mod:`membercare.lifetime_value`, fitted once per run) applies
+    (:meth:`for_cltv`); members without a purchase get the first tier. Templates get the chosen step as ``offer``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: CouponKind
-    steps: tuple[OfferStep, ...] = Field(min_length=1)
+    size_by: Literal["spend", "cltv"] = "spend"
+    steps: tuple[OfferStep, ...] = ()
+    tiers: tuple[CltvTier, ...] = ()
+    cltv_months: int = Field(default=12, ge=1, le=120)
+    cltv_discount: float = Field(default=0.10, ge=0.0, le=1.0)
     valid_days: int = Field(default=14, gt=0, le=366)
     min_spend_minor: int = Field(default=0, ge=0, description="minimum order value to redeem")
     currency: str = Field(default="TWD", pattern=r"^[A-Z]{3}$")
 
     @model_validator(mode="after")
     def _consistent(self) -> Offer:
-        for s in self.steps:
+        if self.size_by == "spend" and (not self.steps or self.tiers):
+            raise ValueError("an offer sized by spend needs steps (and no tiers)")
+        if self.size_by == "cltv" and (not self.tiers or self.steps):
+            raise ValueError("an offer sized by cltv needs tiers (and no steps)")
+        values: list[OfferStep | CltvTier] = [*self.steps, *self.tiers]
+        for s in values:
             if (self.kind == CouponKind.AMOUNT) != (s.amount_minor is not None):
                 raise ValueError(f"offer kind is {self.kind.value} but a step gives the other value")
-        mins = [s.min_spend_minor for s in self.steps]
-        if mins != sorted(mins) or len(set(mins)) != len(mins):
-            raise ValueError("offer steps must be sorted by strictly increasing min_spend_minor")
-        if mins[0] != 0:
-            raise ValueError("the first offer step must start at min_spend_minor: 0")
+        for what, mins in (("steps", [s.min_spend_minor for s in self.steps]),
+                           ("tiers", [t.min_cltv_minor for t in self.tiers])):
+            if not mins:
+                continue
+            field_name = "min_spend_minor" if what == "steps" else "min_cltv_minor"
+            if mins != sorted(mins) or len(set(mins)) != len(mins):
+                raise ValueError(f"offer {what} must be sorted by strictly increasing {field_name}")
+            if mins[0] != 0:
+                raise ValueError(f"the first offer {what[:-1]} must start at {field_name}: 0")
         return self
 
-    def for_spend(self, spend_minor: int) -> OfferStep:
+    def for_spend(self, spend_minor: int) -> OfferStep | CltvTier:
+        """The step for a trailing 365-day spend (an offer sized by CLTV: its first tier, the no-history one)."""
+        if self.size_by == "cltv":
+            return self.tiers[0]
         chosen = self.steps[0]
         for s in self.steps:
             if spend_minor >= s.min_spend_minor:
                 chosen = s
+        return chosen
+
+    def for_cltv(self, value_minor: float) -> CltvTier:
+        """The tier for an expected residual lifetime value (minor units)."""
+        chosen = self.tiers[0]
+        for t in self.tiers:
+            if value_minor >= t.min_cltv_minor:
+                chosen = t
         return chosen
 
 
@@ -341,6 +384,7 @@ def list_campaigns(settings: Settings | None = None) -> list[Campaign]:
 
 __all__ = [
     "CAMPAIGN_FILE", "NAME_PATTERN", "RESERVED_VARIANT_NAMES", "VARIANT_NAME_PATTERN", "Campaign",
-    "CampaignDefinitionError", "Offer", "OfferStep", "Optimise", "PushRules", "SegmentRef", "SmsRules", "Trigger",
+    "CampaignDefinitionError", "CltvTier", "Offer", "OfferStep", "Optimise", "PushRules", "SegmentRef", "SmsRules",
+    "Trigger",
     "VariantTest", "campaign_names", "list_campaigns", "load_campaign", "parse_campaign",
 ]

@@ -275,6 +275,10 @@ class ContextBuilder:
         offer = None
         if self.campaign.offer is not None:
             step = self.campaign.offer.for_spend(stats["spend_365_minor"])
+            if self.campaign.offer.size_by == "cltv" and coupon is not None:
+                # Sized by lifetime value at planning (offers.py): the issued coupon carries the tier's value.
+                step = next((t for t in self.campaign.offer.tiers if t.amount_minor == coupon.get("amount_minor")
+                             and t.percent_off == coupon.get("percent_off")), step)
             offer = {"kind": self.campaign.offer.kind.value, "amount_minor": step.amount_minor,
                      "percent_off": step.percent_off, "currency": self.campaign.offer.currency,
                      "min_spend_minor": self.campaign.offer.min_spend_minor,

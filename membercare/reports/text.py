@@ -24,7 +24,7 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def _money(minor: float | None, currency: str) -> str:
-    return "-" if minor is None else f"{minor / 100:,.2f} {currency}"
+    return "-" if minor is None or math.isnan(minor) else f"{minor / 100:,.2f} {currency}"
 
 
 def points(lift: BinaryLift | None) -> str:
@@ -56,6 +56,8 @@ def print_experiments(console: Console, rep: Report) -> None:
         for h in rep.holdouts:
             _print_checks(console, h.campaign, h.checks, rep.options.currency, _srm_line(h))
             _print_arms(console, h, rep.options.currency)
+            _print_cuped(console, h, rep.options.currency)
+            _print_cltv(console, h, rep.options.currency)
     if rep.programme is not None:
         _print_programme(console, rep.programme, rep.options.currency, conf)
         _print_checks(console, "programme", rep.programme.checks, rep.options.currency,
@@ -170,6 +172,44 @@ def _print_arms(console: Console, h: HoldoutRow, cur: str) -> None:
         m = a.check
         t.add_row(a.arm, amount(metric, m.difference, cur), interval(metric, m.interval, cur), p_text(m.p_value),
                   p_text(m.adjusted_p), "yes" if m.significant else "no", mde_text(m, cur))
+    console.print(t)
+
+
+def _print_cuped(console: Console, h: HoldoutRow, cur: str) -> None:
+    """CUPED (``--cuped``): each adjusted lift beside the unadjusted member-clustered one."""
+    if not h.cuped:
+        return
+    t = Table(title=f"{h.campaign}: CUPED, adjusted for the {h.cuped[0].pre_days} days before each run's as_of "
+                    "(pre-period covariate; member-clustered CIs)")
+    for col in ("metric", "covariate", "covariate per row (treated / holdout)", "unadjusted lift [CI]",
+                "CUPED lift [CI]", "variance reduction", "theta", "p"):
+        t.add_column(col, justify="left" if col in ("metric", "covariate") else "right")
+    for c in h.cuped:
+        cov = (f"{amount('revenue', c.covariate_treated, cur).lstrip('+')} / "
+               f"{amount('revenue', c.covariate_control, cur).lstrip('+')}" if c.metric == "revenue"
+               else f"{_pct(c.covariate_treated, 1)} / {_pct(c.covariate_control, 1)}")
+        t.add_row(LABELS[c.metric], c.covariate, cov,
+                  f"{amount(c.metric, c.unadjusted_difference, cur)} {interval(c.metric, c.unadjusted_interval, cur)}",
+                  f"{amount(c.metric, c.difference, cur)} {interval(c.metric, c.interval, cur)}",
+                  _pct(c.variance_reduction, 2), f"{c.theta:.3g}", p_text(c.p_value))
+    console.print(t)
+
+
+def _print_cltv(console: Console, h: HoldoutRow, cur: str) -> None:
+    """``--cltv``: the arms' expected residual lifetime value, and that of the members who converted."""
+    if not h.cltv:
+        if h.cltv_note:
+            console.print(f"  {h.campaign}: {h.cltv_note}")
+        return
+    t = Table(title=f"{h.campaign}: expected residual lifetime value per arm ({h.cltv_note})")
+    for col in ("arm", "members", "with history", "mean", "p25", "median", "p75", "p90", "mean P(alive)",
+                "converted", "converters' mean", "converters' median"):
+        t.add_column(col, justify="left" if col == "arm" else "right")
+    for a in h.cltv:
+        v, c = a.value, a.converted_value
+        t.add_row(a.arm, f"{a.members:,}", f"{a.with_history:,}", *(_money(v.get(k), cur) for k in (
+            "mean", "p25", "median", "p75", "p90")), _pct(a.mean_p_alive, 0), f"{a.converted:,}",
+                  _money(c.get("mean"), cur), _money(c.get("median"), cur))
     console.print(t)
 
 
