@@ -338,3 +338,36 @@ def test_a_member_who_opted_out_after_a_lost_multicast_is_left_out_of_the_repeat
     Dispatcher(engine, {"line": line}, config=FAST, policy=NOPOLICY).dispatch(run_id)
     row = ledger(engine, run_id)[leaving]
     assert row["state"] == "skipped" and delivered(sandbox)[user_id(leaving)] == 0
+
+
+@pytest.mark.parametrize("purpose", [Purpose.MARKETING, Purpose.TRANSACTIONAL])
+def test_a_multicast_whose_answer_was_lost_is_unknown_with_its_key_and_reconciled_once(engine, line, sandbox, purpose):
+    ids = seed_line(engine, 4, datetime.now(UTC))
+    run_id = plan(engine, ids, same_for_all, purpose=purpose)
+    sandbox.configure(line={"ghost_rate": 1.0})  # LINE accepts the multicast, then the connection drops
+    report = Dispatcher(engine, {"line": line}, config=FAST, policy=NOPOLICY).dispatch(run_id)
+    sandbox.configure(line={"ghost_rate": 0.0})
+    assert report.outcomes["unknown"] == 4
+    rows = ledger(engine, run_id)
+    # Transactional too: a resend row by row would carry other retry keys and could deliver twice.
+    assert {(r["state"], r["reason_code"]) for r in rows.values()} == {("unknown", "ambiguous_failure")}
+    [batch] = {r["provider_message_id"] for r in rows.values()}
+    assert batch.startswith(BATCH_KEY_PREFIX)
+    rep = reconcile(engine, line, run_id)
+    assert rep.found_sent == 4 and rep.requeued == 0
+    assert all("409" in r["reason"] and "ambiguous failure" in r["reason"] for r in ledger(engine, run_id).values())
+    assert delivered(sandbox) == Counter({user_id(m): 1 for m in ids})
+
+
+def test_a_multicast_refused_for_one_invalid_user_id_is_sent_one_by_one(engine, line, sandbox):
+    ids = seed_line(engine, 4, datetime.now(UTC))
+    run_id = plan(engine, ids, same_for_all)
+    bad = ids[1]
+    sandbox.configure(line_invalid_user_ids=[user_id(bad)])
+    Dispatcher(engine, {"line": line}, config=FAST, policy=NOPOLICY).dispatch(run_id)
+    assert len(requests(sandbox, MULTICAST_PATH)) == 1 and len(requests(sandbox, PUSH_PATH)) == 4
+    rows = ledger(engine, run_id)
+    assert rows[bad]["state"] == "failed" and "invalid_recipient" in rows[bad]["reason"]
+    assert {rows[m]["state"] for m in ids if m != bad} == {"sent"}
+    assert all(not (rows[m]["provider_message_id"] or "").startswith(BATCH_KEY_PREFIX) for m in ids)
+    assert delivered(sandbox) == Counter({user_id(m): 1 for m in ids if m != bad})
