@@ -371,3 +371,23 @@ def test_a_multicast_refused_for_one_invalid_user_id_is_sent_one_by_one(engine, 
     assert {rows[m]["state"] for m in ids if m != bad} == {"sent"}
     assert all(not (rows[m]["provider_message_id"] or "").startswith(BATCH_KEY_PREFIX) for m in ids)
     assert delivered(sandbox) == Counter({user_id(m): 1 for m in ids if m != bad})
+
+
+def test_the_sync_flows_records_include_line_and_ask_it_only_about_what_others_did_not_find(engine, line, sandbox):
+    from membercare.delivery.provider_records import provider_records_from_env
+    from membercare.delivery.reconcile import StaticRecords
+
+    ids = seed_line(engine, 1, datetime.now(UTC))
+    run_id = plan(engine, ids, personal)
+    crash(engine, Crashing(line, after=True), run_id)
+    unknown = list(ledger(engine, run_id).values())
+    env = {"MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN": LINE_TOKEN, "MEMBERCARE_LINE_BASE_URL": sandbox.url}
+    records = provider_records_from_env(engine, env, also=[StaticRecords({unknown[0]["message_id"]: "export"})])
+    assert records is not None and [type(s).__name__ for s in records.sources] == ["StaticRecords", "RetryKeyRecords"]
+    try:
+        before = len(sandbox.captured())
+        verdict = records.settle([unknown[0]["message_id"]], now=datetime.now(UTC))
+        assert verdict.found == {unknown[0]["message_id"]: "export"}
+        assert len(sandbox.captured()) == before  # found already: LINE was not asked (no repeat sent)
+    finally:
+        records.close()

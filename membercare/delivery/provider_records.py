@@ -288,9 +288,13 @@ class CombinedRecords:
     def settle(self, message_ids: Sequence[str], *, now: datetime) -> Settlement:
         out = Settlement()
         for source in self.sources:
+            # A source is asked only about what no source before it found: some settle by sending (LINE).
+            ids = [m for m in message_ids if m not in out.found]
+            if not ids:
+                break
             try:
-                part = (source.settle(message_ids, now=now) if isinstance(source, ProviderVerdicts)
-                        else Settlement(found=dict(source.lookup(message_ids))))
+                part = (source.settle(ids, now=now) if isinstance(source, ProviderVerdicts)
+                        else Settlement(found=dict(source.lookup(ids))))
             except Exception as exc:  # noqa: BLE001 - logged; the other sources still answer
                 _unavailable(source, exc)
                 continue
