@@ -135,8 +135,9 @@ def crash(engine, adapter, run_id: int) -> None:
     assert recover_stale(engine, lease=timedelta(0), run_id=run_id).unknown == len(ledger(engine, run_id))
 
 
-def reconcile(engine, line, run_id: int, now: datetime | None = None, batch_size: int = 500):
-    return reconcile_unknown(engine, run_id=run_id, records=RetryKeyRecords(engine, line),
+def reconcile(engine, line, run_id: int, now: datetime | None = None, batch_size: int = 500,
+              policy: PolicySettings = NOPOLICY):
+    return reconcile_unknown(engine, run_id=run_id, records=RetryKeyRecords(engine, line, policy=policy),
                              grace=timedelta(0), now=now or datetime.now(UTC), batch_size=batch_size)
 
 
@@ -238,6 +239,25 @@ def test_a_repeat_waits_while_sending_is_paused_and_the_member_must_still_allow_
     rep = reconcile(engine, line, run_id)
     assert rep.pending == 1 and not delivered(sandbox)  # a repeat could deliver: not to an opted-out member
     assert ledger(engine, run_id)[ids[0]]["state"] == "unknown"
+
+
+def test_a_repeat_that_could_deliver_waits_for_the_end_of_the_members_quiet_hours(engine, line, sandbox):
+    from zoneinfo import ZoneInfo
+
+    from membercare.delivery.policies import QuietHours
+
+    ids = seed_line(engine, 1, datetime.now(UTC))
+    run_id = plan(engine, ids, personal)
+    crash(engine, Crashing(line, after=False), run_id)
+    now = datetime.now(UTC)
+    local = now.astimezone(ZoneInfo("Asia/Taipei"))  # the seeded members' zone
+    quiet = PolicySettings(marketing_cap=None, quiet_hours=QuietHours(
+        (local - timedelta(hours=1)).time().replace(microsecond=0),
+        (local + timedelta(hours=1)).time().replace(microsecond=0), frozenset({"line"})))
+    rep = reconcile(engine, line, run_id, now=now, policy=quiet)
+    assert rep.pending == 1 and not delivered(sandbox)
+    rep = reconcile(engine, line, run_id, now=now + timedelta(hours=2), policy=quiet)
+    assert rep.found_sent == 1 and delivered(sandbox) == Counter({user_id(ids[0]): 1})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ request*: 409 -> it was sent; 200 -> it had not arrived and is sent now, once. E
   ``unknown`` row of that batch at once, with the batch's key, and all of them are settled together.
 * **The send gate still holds.** A repeat may deliver the message, so it is made only when sending is
   allowed right now: not while the kill switch is on or the run is paused or cancelled, and only to
-  members whose consent, suppression and LINE link still allow a LINE message (checked in one gate
-  transaction right before the request). A member who is no longer allowed is left out of the repeated
-  request: 409 settles them ``sent`` too (the first request reached them); 200 means the first request
-  never arrived, so they were never sent and go back to ``planned`` (the dispatcher's pre-send check then
-  settles them ``skipped`` or ``suppressed``). With nobody left to send to, the row waits.
+  members whose consent, suppression and LINE link still allow a LINE message and who are outside their
+  quiet hours (checked in one gate transaction right before the request). A member who is no longer
+  allowed is left out of the repeated request: 409 settles them ``sent`` too (the first request reached
+  them); 200 means the first request never arrived, so they were never sent and go back to ``planned``
+  (the dispatcher's pre-send check then settles them ``skipped`` or ``suppressed``, or defers them past
+  their quiet hours). With nobody left to send to, the row waits.
 * **Only within the key's validity.** The 24 hours run from the first request that carried the key. We
   bound that moment from below (``attempt_started_at`` of a crashed attempt, the outcome time of an
   ambiguous one, the row's creation when it had attempts before with the same key) and stop ``margin``
@@ -53,7 +54,7 @@ from membercare.delivery.dispatch_batch import BATCH_KEY_PREFIX
 from membercare.delivery.dispatch_claim import load_member_contexts
 from membercare.delivery.gate import lock_for_gate, read_gate
 from membercare.delivery.models import Decision, OutboxMessage, OutboxState, RunStatus, decode_contents
-from membercare.delivery.policies import PolicySettings, load_policy
+from membercare.delivery.policies import PolicySettings, load_policy, member_zone, quiet_hours_until
 from membercare.delivery.reconcile import Settlement
 from membercare.delivery.routing import route
 from membercare.delivery.sqlutil import any_of
@@ -234,11 +235,14 @@ class RetryKeyRecords:
                 if ctx is None or not ctx.address(ch):
                     continue
                 rt = route(ctx, [ch], r.purpose)
-                if rt.chain and rt.chain[0] == ch:
+                quiet = quiet_hours_until(now, ch, r.purpose, member_zone(ctx.timezone, policy.fallback_timezone),
+                                          policy)
+                if rt.chain and rt.chain[0] == ch and quiet is None:
                     r.to = ctx.address(ch) or ""
                     allowed.append(r)
             if not allowed:
-                return [], f"not repeated now: no member of the request may receive {ch} messages now"
+                return [], (f"not repeated now: no member of the request may receive {ch} messages now "
+                            "(consent, suppression, link or quiet hours)")
             return allowed, None
 
         return in_transaction(self.engine, work)
