@@ -196,7 +196,7 @@ def test_a_push_that_never_arrived_is_sent_once_by_reconciliation(engine, line, 
     rep = reconcile(engine, line, run_id)
     assert rep.found_sent == 1
     row = ledger(engine, run_id)[ids[0]]
-    assert row["state"] == "sent" and "had not reached line" in row["reason"]
+    assert row["state"] == "sent" and "had not reached LINE" in row["reason"]
     assert delivered(sandbox) == Counter({user_id(ids[0]): 1})
     assert reconcile(engine, line, run_id).checked == 0  # settled: nothing left to repeat
     assert delivered(sandbox) == Counter({user_id(ids[0]): 1})

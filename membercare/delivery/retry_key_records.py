@@ -144,7 +144,7 @@ class RetryKeyRecords:
 
     def _settle_unit(self, rows: list[_Row], now: datetime, out: Settlement) -> None:
         """One request: its rows are settled together."""
-        ch = self.channel.value
+        name = self.channel.value.upper() if self.channel is Channel.LINE else self.channel.value
         if any(r.reason_code == Decision.UNKNOWN_NOT_RESENT.value for r in rows):
             # Already reported (by us after the key expired, or by the grace period before this source was
             # configured: its ``updated_at`` no longer dates the request). Never repeated.
@@ -153,9 +153,9 @@ class RetryKeyRecords:
             return
         deadline = min(r.first_request_after() for r in rows) + self.validity - self.margin
         if now >= deadline:
-            why = (f"outcome unknown and {ch}'s retry key has expired (it deduplicates a repeated request for "
+            why = (f"outcome unknown and {name}'s retry key has expired (it deduplicates a repeated request for "
                    f"{self.validity} after the first; the request began no earlier than "
-                   f"{deadline - self.validity + self.margin:%Y-%m-%d %H:%M} UTC): {ch} has no lookup for a sent "
+                   f"{deadline - self.validity + self.margin:%Y-%m-%d %H:%M} UTC): {name} has no lookup for a sent "
                    "message, so it cannot be settled and is not resent; an operator decides (e.g. from the "
                    "LINE Official Account Manager's message history)")
             for r in rows:
@@ -172,7 +172,7 @@ class RetryKeyRecords:
         except ConfigurationError:
             raise
         except Exception as exc:  # noqa: BLE001 - a repeat is idempotent: the next pass tries again
-            log.warning("repeating a %s request with its retry key failed (%s); tried again later", ch,
+            log.warning("repeating a %s request with its retry key failed (%s); tried again later", name,
                         type(exc).__name__)
             result = None
         if not isinstance(result, Accepted):
@@ -185,16 +185,16 @@ class RetryKeyRecords:
         for r in rows:
             if result.status == 409:
                 out.found[r.message_id] = result.provider_message_id
-                out.notes[r.message_id] = (f"{ch} answered 409 to the same request with the same retry key after "
+                out.notes[r.message_id] = (f"{name} answered 409 to the same request with the same retry key after "
                                            f"a {how}: the first request was accepted, nothing was sent again")
             elif r.id in sent_ids:
                 out.found[r.message_id] = result.provider_message_id
-                out.notes[r.message_id] = (f"the request had not reached {ch} before the {how}: sent now by "
+                out.notes[r.message_id] = (f"the request had not reached {name} before the {how}: sent now by "
                                            "reconciliation with the same retry key (once)")
             else:
                 out.never_received[r.message_id] = (
-                    f"the request had not reached {ch} (a repeat with its retry key was accepted as new) and the "
-                    f"member may no longer receive {ch} messages, so they were left out of the repeat")
+                    f"the request had not reached {name} (a repeat with its retry key was accepted as new) and the "
+                    f"member may not receive {name} messages now, so they were left out of the repeat")
 
     def _repeat(self, rows: list[_Row], batch: str | None) -> SendResult | None:
         """Send the same request again, with the same key, to the members still allowed."""
@@ -218,6 +218,7 @@ class RetryKeyRecords:
         """The rows whose member may receive this channel's message right now (with the address), or why
         no repeat may be made now."""
         ch = self.channel.value
+        name = ch.upper() if self.channel is Channel.LINE else ch
 
         def work(conn: Connection) -> tuple[list[_Row], str | None]:
             lock_for_gate(conn)
@@ -241,7 +242,7 @@ class RetryKeyRecords:
                     r.to = ctx.address(ch) or ""
                     allowed.append(r)
             if not allowed:
-                return [], (f"not repeated now: no member of the request may receive {ch} messages now "
+                return [], (f"not repeated now: no member of the request may receive {name} messages now "
                             "(consent, suppression, link or quiet hours)")
             return allowed, None
 
