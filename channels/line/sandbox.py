@@ -3,8 +3,11 @@
 Endpoints (as ``line-bot-sdk`` v3 calls them, Bearer channel access token):
 
 * ``POST /v2/bot/message/push`` and ``POST /v2/bot/message/multicast``: 200 with ``sentMessages`` (push) or
-  ``{}`` (multicast); ``X-Line-Retry-Key`` honoured like LINE: a key seen before answers 409 with
-  ``X-Line-Accepted-Request-Id`` and sends nothing again; 400 blaming ``to`` for a user id that is not
+  ``{}`` (multicast), one record per recipient; ``X-Line-Retry-Key`` honoured like LINE: a key that an
+  accepted request carried less than 24 hours ago (:data:`RETRY_KEY_VALIDITY_S`, on the injectable
+  :attr:`LineSandbox.clock`) answers 409 with ``X-Line-Accepted-Request-Id`` and sends nothing again,
+  whatever the body; a key whose request was refused (4xx, 5xx, 429) stays free; an older key is a new
+  request. 400 blaming ``to`` for a user id that is not
   ``U`` + 32 hex digits or is listed in ``line_invalid_user_ids``; 400 for a text over 5,000 characters or
   more than 5 messages; 429 with ``Retry-After`` when rate limited, and 429 "You have reached your monthly
   limit." once ``line_quota`` messages were sent.
@@ -27,6 +30,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -44,6 +48,8 @@ QUOTA_PATH = "/v2/bot/message/quota"
 CONSUMPTION_PATH = "/v2/bot/message/quota/consumption"
 USER_ID = re.compile(r"^U[0-9a-f]{32}$")
 MAX_MESSAGES = 5
+# LINE keeps a retry key for 24 hours after the request that carried it.
+RETRY_KEY_VALIDITY_S = 24 * 3600.0
 
 
 def line_error(message: str, details: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -123,10 +129,24 @@ def webhook_body(destination: str, events: list[dict[str, Any]]) -> bytes:
 class LineSandbox:
     """The Messaging API handlers, run inside one :class:`~membercare.sandbox.server.SandboxApp`."""
 
-    def __init__(self, app: SandboxApp):
+    def __init__(self, app: SandboxApp, clock: Callable[[], float] = time.time):
         self.app = app
-        self.retry_keys: dict[str, str] = {}  # X-Line-Retry-Key -> the request id that was accepted
+        # X-Line-Retry-Key -> (the id of the request that was accepted with it, when, on ``clock``)
+        self.retry_keys: dict[str, tuple[str, float]] = {}
         self.consumed = 0  # messages sent this "month" (since the last reset)
+        # When "now" is for the retry keys' 24 h (seconds since the epoch). Tests replace it (through
+        # ``SandboxServer.call``) to move past the window without waiting.
+        self.clock = self._initial_clock = clock
+
+    def accepted_request(self, key: str) -> str | None:
+        """The id of the request accepted with retry key ``key`` in the last 24 hours, else ``None``."""
+        seen = self.retry_keys.get(key)
+        if seen is None:
+            return None
+        if self.clock() - seen[1] >= RETRY_KEY_VALIDITY_S:
+            del self.retry_keys[key]  # expired: LINE treats the key as never seen
+            return None
+        return seen[0]
 
     def routes(self) -> list[web.RouteDef]:
         from aiohttp import web
@@ -138,6 +158,7 @@ class LineSandbox:
     def reset(self) -> None:
         self.retry_keys.clear()
         self.consumed = 0
+        self.clock = self._initial_clock
 
     def _authorised(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
@@ -171,10 +192,11 @@ class LineSandbox:
             except ValueError:
                 return web.json_response(line_error("The value for the 'X-Line-Retry-Key' header is invalid"),
                                          status=400)
-            if key in self.retry_keys:
+            accepted = self.accepted_request(key)
+            if accepted is not None:
                 app.state.stats.events["line.retry_key_conflict"] += 1
                 return web.json_response(line_error("The retry key is already accepted"), status=409,
-                                         headers={ACCEPTED_REQUEST_HEADER: self.retry_keys[key]})
+                                         headers={ACCEPTED_REQUEST_HEADER: accepted})
         gate = await app.gate(request, "line", raw)
         if isinstance(gate, Fault):
             kind, value = gate
@@ -204,7 +226,7 @@ class LineSandbox:
         self.consumed += len(targets) * len(messages)
         request_id = str(uuid.uuid5(uuid.NAMESPACE_OID, stable_id(app.config.seed, "line-req", app.state.seq + 1)))
         if key is not None:
-            self.retry_keys[key] = request_id
+            self.retry_keys[key] = (request_id, self.clock())
         mid = postback_message_id(messages)
         sent = []
         for user in targets:

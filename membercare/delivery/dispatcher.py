@@ -18,7 +18,9 @@ guarantees of its step:
   and the global kill switch are checked again and ``attempt_started_at`` is committed. A claimed row that
   never passed the gate was never attempted: after a crash it is sent, not lost.
 * **Sending**: a fixed pool of worker threads (:mod:`membercare.delivery.dispatch_pool`, bounded
-  concurrency). The main thread (:meth:`Dispatcher.dispatch`) keeps the pool fed by claiming the next batch
+  concurrency). Rows of one content on a channel whose adapter can send many in one request (LINE
+  multicast) share a request (:mod:`membercare.delivery.dispatch_batch`); each still passes the gate.
+  The main thread (:meth:`Dispatcher.dispatch`) keeps the pool fed by claiming the next batch
   when the in-flight count falls to half a batch.
 * **Outcomes**, their **recording** guarded by the claim token, and the **error budget**
   (:mod:`membercare.delivery.dispatch_outcomes`).
@@ -49,6 +51,7 @@ from sqlalchemy.engine import Engine
 from membercare import signals
 from membercare.db import in_transaction
 from membercare.delivery.contract import ChannelAdapter
+from membercare.delivery.dispatch_batch import BatchJob, finish_batch, group_batches, members_of, rows_in_flight
 from membercare.delivery.dispatch_claim import Claimer
 from membercare.delivery.dispatch_outcomes import ErrorBudget, Outcomes, record_outcomes
 from membercare.delivery.dispatch_pool import SendPool, drain
@@ -147,7 +150,7 @@ class Dispatcher:
         pool = SendPool(cfg.workers, self._sender.send, completed)
         try:
             while True:
-                if stop is None and not drained and len(inflight) <= cfg.batch_size // 2:
+                if stop is None and not drained and rows_in_flight(inflight) <= cfg.batch_size // 2:
                     stop, claim_error, drained = self._top_up(run, policy, buffer, inflight, pool)
                     config_error = config_error or claim_error
                 if inflight:
@@ -200,7 +203,7 @@ class Dispatcher:
             jobs = self._claimer.claim(run, self.config.batch_size, policy, buffer)
         except ConfigurationError as exc:
             return f"configuration error: {exc}", exc, not buffer
-        for job in jobs:
+        for job in group_batches(jobs, self.adapters):
             inflight.add(job)
             pool.submit(job)
         return None, None, not jobs and not buffer
@@ -210,7 +213,7 @@ class Dispatcher:
         for job in list(inflight):
             if pool.cancel(job):
                 inflight.discard(job)
-                buffer.append(self._outcomes.release(job, "not sent: dispatch stopped"))
+                buffer.extend(self._outcomes.release(m, "not sent: dispatch stopped") for m in members_of(job))
 
     def _wait_for_deferred(self, run_id: int, rep: DispatchReport) -> bool:
         """Nothing is due now: sleep until the next deferred row is due when that is within
@@ -229,6 +232,8 @@ class Dispatcher:
                   buffer: list[Outcome]) -> ConfigurationError | None:
         """Record one finished job's outcome in ``buffer``; returns its configuration error, if that is what
         it raised (the row is then released, not attempted)."""
+        if isinstance(job, BatchJob):
+            return finish_batch(job, self._outcomes, budget, rep, buffer, self._take_gated)
         result = job.result
         if job.gated is not None:  # stopped by the send gate: never attempted
             self._take_gated(job, buffer)
@@ -274,7 +279,10 @@ class Dispatcher:
         pool.shutdown()
         for job in list(inflight):
             if job.cancelled:
-                buffer.append(self._outcomes.release(job, "not sent: dispatcher stopped"))
+                buffer.extend(self._outcomes.release(m, "not sent: dispatcher stopped") for m in members_of(job))
+            elif isinstance(job, BatchJob):
+                if job.error is None:
+                    finish_batch(job, self._outcomes, None, None, buffer, self._take_gated)
             elif job.gated is not None:
                 self._take_gated(job, buffer)
             elif job.error is None:
