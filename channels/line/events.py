@@ -16,7 +16,7 @@ LINE ``type``       kind
                     insensitive: 取消, 退訂, 取消訂閱, STOP, UNSUBSCRIBE) has ``command`` ``stop``
 ``postback``        ``clicked``: the user tapped a postback action of our Flex message; its ``data``
                     carries our message id (``mid=<message id>``)
-``accountLink``     ``unknown`` with the reason ``account link ok`` / ``account link failed``; the receiver
+``accountLink``     ``unknown`` with the reason ``accountLink ok`` / ``accountLink failed``; the receiver
                     then spends ``link.nonce`` and links the user id (:func:`account_link`,
                     :mod:`membercare.receiver.line_link`)
 anything else       ``unknown`` (``join``, ``beacon``, ...), the raw event kept
@@ -162,7 +162,7 @@ def parse_event(event: Any) -> EngagementEvent:
         suppress = UNSUBSCRIBE_SUPPRESSION if user_id else None
     elif kind_name == ACCOUNT_LINK:
         link = account_link(event)
-        reason = f"account link {'ok' if link and link.ok else 'failed'}"
+        reason = f"accountLink {'ok' if link and link.ok else 'failed'}"
     elif kind is EventKind.UNKNOWN:
         reason = clip(f"unmapped LINE event type {kind_name!r}", 500)
     return EngagementEvent(provider=PROVIDER, dedupe_key=key, kind=kind, channel=Channel.LINE,
