@@ -255,3 +255,36 @@ def test_the_shop_backend_and_the_member_link_start_the_link_and_the_webhook_spe
     r = post_line(receiver, [link_event(uid(2), via_member_link, 5)])
     assert r.json()["account_link"] == {"expired": 1}
     assert line_id(engine, bob) is None and line_id(engine, alice) == uid(1)
+
+
+def test_the_preference_page_shows_line_and_switches_its_marketing_consent(engine, clock, receiver):
+    from membercare.engagement.models import EngagementEventRow
+    from membercare.models import ConsentEvent
+
+    with engine.begin() as c:
+        linked, unlinked = seed_members(c, 2, push=False, now=clock(),
+                                        consent=(("email", "marketing"), ("line", "marketing")))
+        c.execute(sa.update(M).where(M.c.id == linked).values(line_user_id=uid(11)))
+    token = sign_member_token(linked, LINK_SECRET)
+    page = receiver.get(f"/u/{token}").text
+    assert 'name="consent.line.marketing"' in page and "LINE 帳號已綁定" in page
+    assert 'aria-label="LINE 優惠與活動" checked' in page
+    assert "尚未綁定" in receiver.get(f"/u/{sign_member_token(unlinked, LINK_SECRET)}").text
+
+    r = receiver.post(f"/u/{token}", data={"action": "save", "consent.email.marketing": "on"})
+    assert r.status_code == 200 and 'aria-label="LINE 優惠與活動" checked' not in r.text
+    with engine.connect() as c:
+        assert current_consents(c, linked)[("line", "marketing")] is False
+        assert current_consents(c, linked)[("email", "marketing")] is True
+        ev = ConsentEvent.__table__
+        assert c.execute(sa.select(ev.c.source).where(ev.c.member_id == linked, ev.c.channel == "line")
+                         .order_by(ev.c.id.desc())).scalar() == "preference_center"
+        e = EngagementEventRow.__table__
+        assert c.execute(sa.select(e.c.kind, e.c.channel)).all() == [("unsubscribed", "line")]
+    receiver.post(f"/u/{token}", data={"action": "save", "consent.line.marketing": "on"})
+    with engine.connect() as c:
+        assert current_consents(c, linked)[("line", "marketing")] is True
+    # "Unsubscribe from all offers" includes LINE.
+    receiver.post(f"/u/{token}", data={"action": "unsubscribe"})
+    with engine.connect() as c:
+        assert current_consents(c, linked)[("line", "marketing")] is False

@@ -273,6 +273,7 @@ def _mount_member_pages(app: FastAPI, config: ReceiverConfig, engine: Engine) ->
             name=member.name if member else "",
             account=redact(member.email) if member and member.email else (redact(member.phone) if member else ""),
             scope=scope, state=member.consents if member else None, notice=notice, error_key=error_key,
+            line_linked=member.line_linked if member else None,
         )
         headers = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex", "Referrer-Policy": "no-referrer"}
         return HTMLResponse(pages.render_page(model), status_code=status, headers=headers)
