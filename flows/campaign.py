@@ -265,6 +265,24 @@ def build_adapters(env: dict[str, str], channels):
         raise ConfigurationError(f"{exc} (set it in the environment or run `membercare setup-blocks`)") from None
 
 
+def with_line_quota(rep: DryRunReport, env: Mapping[str, str], logger: Any) -> DryRunReport:
+    """The dry run checked against LINE's monthly quota (read through the LINE adapter) when it would send on
+    LINE; a quota that would be exceeded is logged as a warning."""
+    from channels.registry import build_channels, close_channels
+
+    def read_quota():
+        built = build_channels(dict(env), channels=[Channel.LINE])
+        try:
+            return built[Channel.LINE].quota()  # type: ignore[attr-defined]
+        finally:
+            close_channels(built)
+
+    rep = dry_run_stage.with_line_quota(rep, read_quota)
+    if rep.line_quota is not None and (rep.line_quota.exceeded or rep.line_quota.error):
+        logger.warning("%s/%s: %s", rep.campaign, rep.occurrence, rep.line_quota.line())
+    return rep
+
+
 def limiters_for(channels, logger) -> dict:
     from flows.ratelimits import shared_limiters
 
@@ -343,6 +361,9 @@ def publish(summary: RunSummary, *, prepared: PreparedRun, audience: Audience,
         lines.append("- nothing new: every member of this occurrence was already planned by an earlier run")
     if dry is not None and dry.already_planned:
         lines.append(f"- {dry.already_planned:,} members already planned for this occurrence (would get nothing)")
+    if dry is not None and dry.line_quota is not None:
+        mark = "**" if dry.line_quota.exceeded else ""
+        lines.append(f"- {mark}{dry.line_quota.line()}{mark}")
     if preview:
         lines += ["", f"[Rendered preview of the templates]({preview}) (sample members, preview-only links)"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(prepared.name, "report"),
@@ -370,16 +391,18 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         preview = None
 
     if params.dry_run:
-        rep = dry_run(prepared, _quoted(audience))
+        rep = with_line_quota(dry_run(prepared, _quoted(audience)), env, logger)
         summary = summary_stage.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
         # Samples stay in this process (the caller's terminal); they are never logged or put in artifacts.
         return {**_asdict(summary), "already_planned": rep.already_planned, "coupons_to_issue": rep.coupons_to_issue,
-                "samples": [vars(s) for s in rep.samples]}
+                "samples": [vars(s) for s in rep.samples],
+                **({"line_quota": rep.line_quota.line(), "line_quota_exceeded": rep.line_quota.exceeded}
+                   if rep.line_quota else {})}
 
     if needs_approval(settings, prepared, dry_run=False):
-        rep = dry_run(prepared, _quoted(audience))
+        rep = with_line_quota(dry_run(prepared, _quoted(audience)), env, logger)
         shown = summary_stage.dry_run_summary(rep)
         publish(shown, prepared=prepared, audience=audience, preview=preview, dry=rep)
         decision = wait_for_approval(settings, prepared, summary_line=shown.line(),

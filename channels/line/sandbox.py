@@ -7,7 +7,8 @@ Endpoints (as ``line-bot-sdk`` v3 calls them, Bearer channel access token):
   ``X-Line-Accepted-Request-Id`` and sends nothing again; 400 blaming ``to`` for a user id that is not
   ``U`` + 32 hex digits or is listed in ``line_invalid_user_ids``; 400 for a text over 5,000 characters or
   more than 5 messages; 429 with ``Retry-After`` when rate limited, and 429 "You have reached your monthly
-  limit." once ``line_quota`` messages were sent.
+  limit." once ``line_quota`` messages were sent (counted as LINE does: one per recipient and request,
+  however many message objects; replies are free).
 * ``GET /v2/bot/message/quota`` and ``GET /v2/bot/message/quota/consumption``.
 * ``POST /v2/bot/user/{userId}/linkToken``: a link token for a valid user id, valid 10 minutes, once.
 * ``POST /v2/bot/message/reply``: a reply token is accepted once (400 "Invalid reply token" after); replies
@@ -224,10 +225,11 @@ class LineSandbox:
             app.reject("line", "invalid_recipient")
             return web.json_response(invalid_user(), status=400)
         quota = app.config.line_quota
-        if quota is not None and self.consumed + len(targets) * len(messages) > quota:
+        # LINE counts one message per recipient and request, however many message objects it holds.
+        if quota is not None and self.consumed + len(targets) > quota:
             app.reject("line", "quota")
             return web.json_response(line_error("You have reached your monthly limit."), status=429)
-        self.consumed += len(targets) * len(messages)
+        self.consumed += len(targets)
         request_id = str(uuid.uuid5(uuid.NAMESPACE_OID, stable_id(app.config.seed, "line-req", app.state.seq + 1)))
         if key is not None:
             self.retry_keys[key] = request_id
