@@ -7,17 +7,8 @@ Endpoints (as ``line-bot-sdk`` v3 calls them, Bearer channel access token):
   ``X-Line-Accepted-Request-Id`` and sends nothing again; 400 blaming ``to`` for a user id that is not
   ``U`` + 32 hex digits or is listed in ``line_invalid_user_ids``; 400 for a text over 5,000 characters or
   more than 5 messages; 429 with ``Retry-After`` when rate limited, and 429 "You have reached your monthly
-  limit." once ``line_quota`` messages were sent (counted as LINE does: one per recipient and request,
-  however many message objects; replies are free).
+  limit." once ``line_quota`` messages were sent.
 * ``GET /v2/bot/message/quota`` and ``GET /v2/bot/message/quota/consumption``.
-* ``POST /v2/bot/user/{userId}/linkToken``: a link token for a valid user id, valid 10 minutes, once.
-* ``POST /v2/bot/message/reply``: a reply token is accepted once (400 "Invalid reply token" after); replies
-  are kept apart from pushes (``GET /sandbox/line/replies``), free like LINE's, and draw no simulated
-  engagement.
-* ``GET /dialog/bot/accountLink?linkToken=&nonce=``: LINE's account-link dialog (``access.line.me``), as
-  if the user confirmed it: the signed ``accountLink`` webhook is posted before the answer, ``result``
-  ``ok`` for a link token issued here and unused for under 10 minutes, ``failed`` for a used or expired one
-  (400 and no webhook for a token never issued: LINE would not know the user).
 
 Webhooks (``POST {webhook_url}/webhooks/line``, ``X-Line-Signature`` under ``line_channel_secret``):
 ``follow``, ``unfollow``, ``message`` and ``postback`` events built by :func:`webhook_event`. Simulated
@@ -145,26 +136,17 @@ class LineSandbox:
         self.app = app
         self.retry_keys: dict[str, str] = {}  # X-Line-Retry-Key -> the request id that was accepted
         self.consumed = 0  # messages sent this "month" (since the last reset)
-        self.link_tokens: dict[str, tuple[str, float, bool]] = {}  # token -> (user id, issued at, used)
-        self.used_reply_tokens: set[str] = set()
-        self.replies: list[dict[str, Any]] = []
-        self.account_links = 0
 
     def routes(self) -> list[web.RouteDef]:
         from aiohttp import web
 
         return [web.post(PUSH_PATH, self.push), web.post(MULTICAST_PATH, self.multicast),
                 web.get(QUOTA_PATH, self.quota), web.get(CONSUMPTION_PATH, self.consumption),
-                web.post(REPLY_PATH, self.reply), web.post(LINK_TOKEN_PATH, self.link_token),
-                web.get(DIALOG_PATH, self.account_link_dialog),
-                web.post("/sandbox/line/events", self.user_event), web.get("/sandbox/line/replies", self.get_replies)]
+                web.post("/sandbox/line/events", self.user_event)]
 
     def reset(self) -> None:
         self.retry_keys.clear()
         self.consumed = 0
-        self.link_tokens.clear()
-        self.used_reply_tokens.clear()
-        self.replies.clear()
 
     def _authorised(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
@@ -280,6 +262,42 @@ class LineSandbox:
         if not self.app.recipients.line_user_event(kind, user, text=body.get("text"), data=body.get("data")):
             return web.json_response({"error": "no LINE webhook URL or channel secret configured"}, status=409)
         return web.json_response({"ok": True}, status=202)
+
+
+class LineLinkSandbox:
+    """LINE's account-link endpoints and the reply API, beside :class:`LineSandbox` in one
+    :class:`~membercare.sandbox.server.SandboxApp` (same access tokens, same webhook target):
+
+    * ``POST /v2/bot/user/{userId}/linkToken``: a link token for a valid user id, valid 10 minutes, once;
+    * ``POST /v2/bot/message/reply``: a reply token is accepted once (400 "Invalid reply token" after);
+      replies are kept apart from pushes (``GET /sandbox/line/replies``), free like LINE's (not counted in
+      the quota) and draw no simulated engagement;
+    * ``GET /dialog/bot/accountLink?linkToken=&nonce=``: LINE's account-link dialog (``access.line.me``) as if
+      the user confirmed it: the signed ``accountLink`` webhook is posted, and its receipt awaited, before the
+      answer; ``result`` ``ok`` for a link token issued here and unused for under 10 minutes, ``failed`` for a
+      used or expired one (400 and no webhook for a token never issued: LINE would not know the user).
+    """
+
+    def __init__(self, app: SandboxApp):
+        self.app = app
+        self.link_tokens: dict[str, tuple[str, float, bool]] = {}  # token -> (user id, issued at, used)
+        self.used_reply_tokens: set[str] = set()
+        self.replies: list[dict[str, Any]] = []
+        self.account_links = 0
+
+    def routes(self) -> list[web.RouteDef]:
+        from aiohttp import web
+
+        return [web.post(REPLY_PATH, self.reply), web.post(LINK_TOKEN_PATH, self.link_token),
+                web.get(DIALOG_PATH, self.account_link_dialog), web.get("/sandbox/line/replies", self.get_replies)]
+
+    def reset(self) -> None:
+        self.link_tokens.clear()
+        self.used_reply_tokens.clear()
+        self.replies.clear()
+
+    def _authorised(self, request: web.Request) -> bool:
+        return self.app.line._authorised(request)
 
     async def link_token(self, request: web.Request) -> web.StreamResponse:
         """``POST /v2/bot/user/{userId}/linkToken``: a fresh link token for the user (LINE's are 32 characters)."""

@@ -74,6 +74,7 @@ from membercare.receiver.config import ReceiverConfig
 from membercare.receiver.events import MAX_BODY as EVENTS_MAX_BODY
 from membercare.receiver.events import build_events_router
 from membercare.receiver.group_commit import GroupCommit
+from membercare.receiver.line_link import MAX_BODY as LINE_LINK_MAX_BODY
 from membercare.receiver.line_link import LineLinker, line_linker, mount_line_link
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
@@ -210,7 +211,8 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
     app.add_middleware(
         BodyLimit, default=DEFAULT_MAX_BODY,
         limits=[*webhook_body_limits([w for _, w in webhooks], config.max_body_bytes),
-                ("/triggers/", TRIGGER_MAX_BODY), ("/events", EVENTS_MAX_BODY), ("/u/", PAGE_MAX_BODY)],
+                ("/triggers/", TRIGGER_MAX_BODY), ("/events", EVENTS_MAX_BODY), ("/u/", PAGE_MAX_BODY),
+                ("/line/", LINE_LINK_MAX_BODY)],
     )
 
     @app.exception_handler(_Reject)
