@@ -288,3 +288,32 @@ def test_the_preference_page_shows_line_and_switches_its_marketing_consent(engin
     receiver.post(f"/u/{token}", data={"action": "unsubscribe"})
     with engine.connect() as c:
         assert current_consents(c, linked)[("line", "marketing")] is False
+
+
+def test_old_nonces_are_pruned_when_new_ones_are_minted(engine, clock):
+    with engine.begin() as c:
+        (member,) = seed_members(c, 1, push=False, now=clock())
+        old = mint_nonce(c, member, now=clock())
+    clock.advance(days=7, seconds=601)
+    with engine.begin() as c:
+        fresh = mint_nonce(c, member, now=clock())
+        hashes = set(c.execute(sa.select(NONCES.c.nonce_hash)).scalars())
+        assert hashes == {nonce_hash(fresh)}
+        assert consume_nonce(c, AccountLink(uid(1), old, True), now=clock()).outcome is LinkOutcome.UNKNOWN
+
+
+def test_the_receiver_reads_the_line_link_settings_and_refuses_bad_ones():
+    from membercare.errors import ConfigurationError
+
+    env = {"MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN": "line-access-token-xyz", "MEMBERCARE_LINE_LOGIN_URL": "https://shop.example/login",
+           "MEMBERCARE_LINE_ACCOUNT_LINK_URL": "http://127.0.0.1:8025/dialog/bot/accountLink",
+           "MEMBERCARE_LINE_LINK_TTL_S": "300", "MEMBERCARE_LINE_BASE_URL": "http://127.0.0.1:8025"}
+    config = ReceiverConfig.from_env(env)
+    assert (config.line_access_token, config.line_login_url, config.line_link_ttl_s, config.line_base_url) == (
+        "line-access-token-xyz", "https://shop.example/login", 300.0, "http://127.0.0.1:8025")
+    assert "line-access-token-xyz" not in repr(config)
+    assert ReceiverConfig.from_env({}).line_account_link_url == "https://access.line.me/dialog/bot/accountLink"
+    for name, value in (("MEMBERCARE_LINE_LINK_TTL_S", "0"), ("MEMBERCARE_LINE_LINK_TTL_S", "86400"),
+                        ("MEMBERCARE_LINE_LOGIN_URL", "javascript:alert(1)")):
+        with pytest.raises(ConfigurationError, match=name):
+            ReceiverConfig.from_env({**env, name: value})

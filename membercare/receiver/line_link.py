@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 NONCE_BYTES = 24  # 192 bits: 32 URL-safe characters (LINE takes 10 to 255)
 DEFAULT_TTL_S = 600.0
+KEEP_EXPIRED = timedelta(days=7)  # spent and expired nonces stay this long (who linked what, when)
 
 _meta = sa.MetaData()
 NONCES = sa.Table(
@@ -100,7 +101,11 @@ def nonce_hash(nonce: str) -> str:
 
 
 def mint_nonce(conn: Connection, member_id: int, *, now: datetime, ttl_s: float = DEFAULT_TTL_S) -> str:
-    """A fresh single-use nonce for ``member_id``, valid ``ttl_s`` seconds from ``now`` (its hash is stored)."""
+    """A fresh single-use nonce for ``member_id``, valid ``ttl_s`` seconds from ``now`` (its hash is stored).
+
+    Rows that expired more than :data:`KEEP_EXPIRED` ago go at the same time (used or not: they can never be
+    spent again), so the table holds about a week of link attempts."""
+    conn.execute(sa.delete(NONCES).where(NONCES.c.expires_at < now - KEEP_EXPIRED))
     nonce = secrets.token_urlsafe(NONCE_BYTES)
     conn.execute(sa.insert(NONCES).values(nonce_hash=nonce_hash(nonce), member_id=member_id, created_at=now,
                                           expires_at=now + timedelta(seconds=ttl_s)))
