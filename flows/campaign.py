@@ -161,7 +161,8 @@ def plan(prepared: PreparedRun, group: list, index: int) -> PlanOutcome:
 
 @task(name="dry-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def dry_run(prepared: PreparedRun, audience: Audience) -> DryRunReport:
-    return dry_run_stage.dry_run(engine_for(prepared.settings), prepared, audience)
+    rep = dry_run_stage.dry_run(engine_for(prepared.settings), prepared, audience)
+    return with_line_quota(rep, None, run_logger())
 
 
 @task(name="dispatch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
@@ -265,13 +266,14 @@ def build_adapters(env: dict[str, str], channels):
         raise ConfigurationError(f"{exc} (set it in the environment or run `membercare setup-blocks`)") from None
 
 
-def with_line_quota(rep: DryRunReport, env: Mapping[str, str], logger: Any) -> DryRunReport:
-    """The dry run checked against LINE's monthly quota (read through the LINE adapter) when it would send on
-    LINE; a quota that would be exceeded is logged as a warning."""
+def with_line_quota(rep: DryRunReport, env: Mapping[str, str] | None, logger: Any) -> DryRunReport:
+    """The dry run checked against LINE's monthly quota (read through the LINE adapter, with ``env`` or else
+    the resolved environment, Secret blocks included) when it would send on LINE; a quota that would be
+    exceeded, or could not be read, is logged as a warning."""
     from channels.registry import build_channels, close_channels
 
     def read_quota():
-        built = build_channels(dict(env), channels=[Channel.LINE])
+        built = build_channels(dict(resolved_env() if env is None else env), channels=[Channel.LINE])
         try:
             return built[Channel.LINE].quota()  # type: ignore[attr-defined]
         finally:
@@ -391,7 +393,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         preview = None
 
     if params.dry_run:
-        rep = with_line_quota(dry_run(prepared, _quoted(audience)), env, logger)
+        rep = dry_run(prepared, _quoted(audience))
         summary = summary_stage.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
@@ -402,7 +404,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
                    if rep.line_quota else {})}
 
     if needs_approval(settings, prepared, dry_run=False):
-        rep = with_line_quota(dry_run(prepared, _quoted(audience)), env, logger)
+        rep = dry_run(prepared, _quoted(audience))
         shown = summary_stage.dry_run_summary(rep)
         publish(shown, prepared=prepared, audience=audience, preview=preview, dry=rep)
         decision = wait_for_approval(settings, prepared, summary_line=shown.line(),
