@@ -235,8 +235,8 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
                           methods=[webhook.method], name=f"{provider_name}: {webhook.label}")
 
     _mount_member_pages(app, config, engine)
-    mount_click_redirects(app, config, engine)  # GET /r/{token}: tracked short links
     mount_line_link(app, config, engine, linker)  # POST /line/link, GET /u/{token}/line
+    mount_click_redirects(app, config, engine)  # GET /r/{token}: tracked short links
 
     # -- Health -------------------------------------------------------------------------------------------------------
 
