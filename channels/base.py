@@ -329,6 +329,12 @@ class WebhookContext(Protocol):
         """Our localised SMS answer ``kind`` (``"help"``, ``"stopped"``, ``"started"``) in ``locale``."""
         ...
 
+    async def link_accounts(self, provider: str, events: Sequence[EngagementEvent],
+                            member_ids: Sequence[int | None]) -> Mapping[str, int]:
+        """Act on the committed events that link ``provider``'s user ids to members or ask to (LINE's
+        ``accountLink`` and link requests); counts of what was done, empty when nothing is set up for it."""
+        ...
+
 
 class Webhook:
     """One webhook endpoint of a provider (one subclass per endpoint, as django-anymail has one view each).

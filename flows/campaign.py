@@ -162,7 +162,8 @@ def plan(prepared: PreparedRun, group: list, index: int) -> PlanOutcome:
 
 @task(name="dry-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def dry_run(prepared: PreparedRun, audience: Audience) -> DryRunReport:
-    return dry_run_stage.dry_run(engine_for(prepared.settings), prepared, audience)
+    rep = dry_run_stage.dry_run(engine_for(prepared.settings), prepared, audience)
+    return with_line_quota(rep, None, run_logger())
 
 
 @task(name="dispatch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
@@ -266,6 +267,25 @@ def build_adapters(env: dict[str, str], channels):
         raise ConfigurationError(f"{exc} (set it in the environment or run `membercare setup-blocks`)") from None
 
 
+def with_line_quota(rep: DryRunReport, env: Mapping[str, str] | None, logger: Any) -> DryRunReport:
+    """The dry run checked against LINE's monthly quota (read through the LINE adapter, with ``env`` or else
+    the resolved environment, Secret blocks included) when it would send on LINE; a quota that would be
+    exceeded, or could not be read, is logged as a warning."""
+    from channels.registry import build_channels, close_channels
+
+    def read_quota():
+        built = build_channels(dict(resolved_env() if env is None else env), channels=[Channel.LINE])
+        try:
+            return built[Channel.LINE].quota()  # type: ignore[attr-defined]
+        finally:
+            close_channels(built)
+
+    rep = dry_run_stage.with_line_quota(rep, read_quota)
+    if rep.line_quota is not None and (rep.line_quota.exceeded or rep.line_quota.error):
+        logger.warning("%s/%s: %s", rep.campaign, rep.occurrence, rep.line_quota.line())
+    return rep
+
+
 def limiters_for(channels, logger) -> dict:
     from flows.ratelimits import shared_limiters
 
@@ -344,6 +364,9 @@ def publish(summary: RunSummary, *, prepared: PreparedRun, audience: Audience,
         lines.append("- nothing new: every member of this occurrence was already planned by an earlier run")
     if dry is not None and dry.already_planned:
         lines.append(f"- {dry.already_planned:,} members already planned for this occurrence (would get nothing)")
+    if dry is not None and dry.line_quota is not None:
+        mark = "**" if dry.line_quota.exceeded else ""
+        lines.append(f"- {mark}{dry.line_quota.line()}{mark}")
     if preview:
         lines += ["", f"[Rendered preview of the templates]({preview}) (sample members, preview-only links)"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(prepared.name, "report"),
@@ -378,7 +401,9 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         logger.info("dry run %s", summary.line())
         # Samples stay in this process (the caller's terminal); they are never logged or put in artifacts.
         return {**_asdict(summary), "already_planned": rep.already_planned, "coupons_to_issue": rep.coupons_to_issue,
-                "samples": [vars(s) for s in rep.samples]}
+                "samples": [vars(s) for s in rep.samples],
+                **({"line_quota": rep.line_quota.line(), "line_quota_exceeded": rep.line_quota.exceeded}
+                   if rep.line_quota else {})}
 
     if needs_approval(settings, prepared, dry_run=False):
         rep = dry_run(prepared, _quoted(audience))

@@ -38,6 +38,8 @@ SECRET_VARIABLES: tuple[str, ...] = (
     "MEMBERCARE_PUSH_TRACKING_SECRET",
     "MEMBERCARE_TRIGGER_SECRET",
     "MEMBERCARE_DATABASE_URL",  # holds the database password in production
+    "MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN",  # sends LINE messages and issues account-link tokens
+    "MEMBERCARE_LINE_CHANNEL_SECRET",  # verifies LINE's webhooks (X-Line-Signature)
 )
 FIREBASE_VARIABLE = "MEMBERCARE_FIREBASE_CREDENTIALS"
 FIREBASE_BLOCK = "membercare-firebase-credentials"

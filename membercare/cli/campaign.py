@@ -36,8 +36,9 @@ def summary_table(result: dict, title: str) -> Table:
     if not result.get("dry_run"):
         rows.append(("newly planned", result["newly_planned"]))
     verb = "would send" if result.get("dry_run") else "sent"
-    for ch in ("email", "sms", "push"):
-        rows.append((f"{verb} via {ch}", result["sent"].get(ch, 0)))
+    for ch in ("email", "sms", "push", "line"):
+        if ch != "line" or result["sent"].get(ch):
+            rows.append((f"{verb} via {ch}", result["sent"].get(ch, 0)))
     if not result.get("dry_run"):
         rows.append(("sent in this run", result.get("sent_now", 0)))
     rows.append(("deferred (quiet hours, retries)", result["deferred"]))
@@ -103,6 +104,9 @@ def run_cmd(
         if result.get("already_planned"):
             console.print(f"{result['already_planned']:,} members are already planned for this occurrence "
                           "(a real run sends them nothing)")
+        if result.get("line_quota"):
+            style = "bold red" if result.get("line_quota_exceeded") else "default"
+            console.print(f"[{style}]{result['line_quota']}[/]")
         if samples:
             for s in result.get("samples", []):
                 console.print(f"[bold]{s['channel']}[/] member id {s['member_id']} · {s['detail']}\n"
