@@ -6,7 +6,8 @@ may recommend. Per member, only a short ranking over that pool is left.
 
 The pool (``campaign.yaml`` ``recommendations:``, see :class:`~membercare.campaigns.definition.Recommendations`):
 
-* never a product that is out of stock (``stock`` 0; unknown stock counts as available);
+* never a product that is out of stock (``stock`` 0; unknown stock counts as available), nor one that has
+  not arrived yet (``arrived_at`` after as_of);
 * with ``category``: only products of those categories;
 * with ``only: new_arrivals``: only products that arrived within ``within_days`` before as_of (and not after
   it); ``only: back_in_stock``: only products restocked within ``within_days``.
@@ -126,6 +127,8 @@ class Recommender:
         for pid, p in model.products.items():
             if p.get("stock") == 0 or (cats and p["category"] not in cats):
                 continue
+            if p.get("arrived_at") is not None and ensure_utc(p["arrived_at"]) > self.as_of:
+                continue  # not offered yet
             if rules.only == "new_arrivals" and not _in_window(p.get("arrived_at"), self.as_of, rules.within_days):
                 continue
             if rules.only == "back_in_stock" and not _in_window(p.get("restocked_at"), self.as_of,
