@@ -271,3 +271,13 @@ def test_a_campaigns_category_restricts_recommendations_and_never_names_out_of_s
     assert [r["sku"] for r in ctx[ids["nobody"]]["recommendations"]] == ["COF-OLD", "COF-NEW"]
     email = coffee.render(Channel.EMAIL, ctx[ids["coffee_buyer"]], as_of=AS_OF)
     assert "Geisha Beans" in email.text and "Setting Powder" not in email.text and "Earbuds" not in email.text
+
+
+def test_the_documented_products_example_imports(engine, tmp_path):
+    src = Path(__file__).parent / "fixtures" / "import" / "products.csv"
+    shutil.copyfile(src, tmp_path / "products.csv")
+    report = import_csv(engine, "products", tmp_path / "products.csv", settings=Settings(), now=AS_OF)
+    assert (report.inserted, report.rejected) == (2, 0)
+    with engine.connect() as conn:
+        got = {r.sku: r for r in conn.execute(sa.select(p))}
+    assert got["COF-GEISHA"].stock == 40 and got["COF-DRIP"].stock == 0 and got["COF-GEISHA"].price_minor == 98000
