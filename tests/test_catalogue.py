@@ -281,3 +281,45 @@ def test_the_documented_products_example_imports(engine, tmp_path):
     with engine.connect() as conn:
         got = {r.sku: r for r in conn.execute(sa.select(p))}
     assert got["COF-GEISHA"].stock == 40 and got["COF-DRIP"].stock == 0 and got["COF-GEISHA"].price_minor == 98000
+
+
+def test_a_sold_out_co_purchase_is_never_recommended(engine):
+    with engine.begin() as conn:
+        ids = _shop(conn)
+        conn.execute(p.update().where(p.c.sku == "MKP-1").values(stock=0))
+    with engine.connect() as conn:
+        ctx = _renderer("recommendations").build_context(conn, [ids["coffee_buyer"]], AS_OF)[ids["coffee_buyer"]]
+    skus = [r["sku"] for r in ctx["recommendations"]]
+    assert skus[0] == "ELA-1" and "MKP-1" not in skus and "COF-GONE" not in skus and "COF-SOON" not in skus
+
+
+@pytest.mark.parametrize("block, message", [
+    ("{category: 7}", "category 7 must be a non-empty text"),
+    ("{category: [coffee, coffee]}", "listed twice"),
+    ("{category: ''}", "non-empty text"),
+    ("{only: bestsellers}", "only"),
+    ("{within_days: 0}", "within_days"),
+    ("{categories: coffee}", "categories"),
+])
+def test_the_recommendations_block_is_validated(tmp_path, block, message):
+    from membercare.campaigns.definition import CampaignDefinitionError, load_campaign
+
+    (tmp_path / "coffee_lovers").mkdir()
+    (tmp_path / "coffee_lovers" / "campaign.yaml").write_text(
+        COFFEE_LOVERS.replace("recommendations: {category: coffee}", f"recommendations: {block}"), encoding="utf-8")
+    with pytest.raises(CampaignDefinitionError, match=message) as info:
+        load_campaign("coffee_lovers", Settings(templates_dir=tmp_path))
+    assert "recommendations" in str(info.value)
+
+
+def test_a_category_may_be_one_name_or_a_list(tmp_path):
+    from membercare.campaigns.definition import load_campaign
+
+    (tmp_path / "coffee_lovers").mkdir()
+    path = tmp_path / "coffee_lovers" / "campaign.yaml"
+    path.write_text(COFFEE_LOVERS, encoding="utf-8")
+    assert load_campaign("coffee_lovers", Settings(templates_dir=tmp_path)).recommendations.category == ("coffee",)
+    path.write_text(COFFEE_LOVERS.replace("{category: coffee}", "{category: [coffee, tea], only: back_in_stock}"),
+                    encoding="utf-8")
+    rules = load_campaign("coffee_lovers", Settings(templates_dir=tmp_path)).recommendations
+    assert rules.category == ("coffee", "tea") and rules.only == "back_in_stock" and rules.within_days == 14

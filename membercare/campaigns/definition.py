@@ -204,9 +204,7 @@ class Recommendations(BaseModel):
     @field_validator("category", mode="before")
     @classmethod
     def _categories(cls, v: Any) -> Any:
-        items = [v] if isinstance(v, str) else v
-        if not isinstance(items, list | tuple):
-            return v
+        items = v if isinstance(v, list | tuple) else [v]
         out = []
         for c in items:
             if not isinstance(c, str) or not c.strip() or len(c.strip()) > 64:
