@@ -36,25 +36,36 @@ def _json_text(dialect: str, column: sa.ColumnElement, key: str) -> sa.ColumnEle
     return sa.func.json_extract(column, f"$.{key}")
 
 
-def affinity(ctx: SegmentContext, *, days: int, views: bool = True,
-             member_ids: Sequence[int] | None = None) -> sa.Subquery:
-    """``(member_id, category, strength)``: purchase lines plus product views per member and category."""
-    bought = (sa.select(o.c.member_id, ol.c.category.label("category"), sa.literal(1).label("w"))
+def _affinity_lines(ctx: SegmentContext, *, days: int, views: bool, member_ids: Sequence[int] | None,
+                    categories: Sequence[str] | None) -> list[sa.Select]:
+    """``(member_id, category)`` per purchase line and per product view in the window."""
+    bought = (sa.select(o.c.member_id, ol.c.category.label("category"))
               .join_from(ol, o, o.c.id == ol.c.order_id).where(*purchases(ctx, since_days=days)))
     if member_ids is not None:
         bought = bought.where(o.c.member_id.in_(list(member_ids)))
+    if categories is not None:
+        bought = bought.where(ol.c.category.in_(list(categories)))
     parts = [bought]
     if views:
         sku = _json_text(ctx.dialect, ev.c.properties, "sku")
         category = sa.func.coalesce(p.c.category, _json_text(ctx.dialect, ev.c.properties, "category"))
-        viewed = (sa.select(ev.c.member_id, category.label("category"), sa.literal(1).label("w"))
+        viewed = (sa.select(ev.c.member_id, category.label("category"))
                   .select_from(ev.outerjoin(p, p.c.sku == sku))
                   .where(ev.c.name == VIEW_EVENT, ev.c.occurred_at <= ctx.as_of_lit,
                          ev.c.occurred_at > ctx.days_ago(days)))
         if member_ids is not None:
             viewed = viewed.where(ev.c.member_id.in_(list(member_ids)))
+        if categories is not None:
+            viewed = viewed.where(category.in_(list(categories)))
         parts.append(viewed)
-    both = sa.union_all(*parts).subquery("affinity_lines")
+    return parts
+
+
+def affinity(ctx: SegmentContext, *, days: int, views: bool = True,
+             member_ids: Sequence[int] | None = None) -> sa.Subquery:
+    """``(member_id, category, strength)``: purchase lines plus product views per member and category."""
+    lines = _affinity_lines(ctx, days=days, views=views, member_ids=member_ids, categories=None)
+    both = sa.union_all(*[q.add_columns(sa.literal(1).label("w")) for q in lines]).subquery("affinity_lines")
     return (sa.select(both.c.member_id, both.c.category, sa.func.sum(both.c.w).label("strength"))
             .where(both.c.category.is_not(None)).group_by(both.c.member_id, both.c.category).subquery("affinity"))
 
@@ -63,24 +74,34 @@ def available() -> sa.ColumnElement:
     return sa.or_(p.c.stock.is_(None), p.c.stock > 0)
 
 
-def _fresh(ctx: SegmentContext, column: sa.ColumnElement, days: int, categories: str | None) -> sa.Subquery:
-    where = [column <= ctx.as_of_lit, column > ctx.days_ago(days), available()]
-    if categories:
-        where.append(p.c.category.in_(_csv(categories)))
-    return sa.select(p.c.id, p.c.category, column.label("at")).where(*where).subquery("fresh")
-
-
 def _catalogue_segment(ctx: SegmentContext, prm: dict, column: sa.ColumnElement, label: str) -> sa.Select:
-    aff = affinity(ctx, days=prm["affinity_days"], views=prm["views"])
-    fresh = _fresh(ctx, column, prm["days"], prm["category"])
+    cols = (sa.literal(0).label("categories"), sa.literal(0).label(f"{label}_products"),
+            sa.cast(sa.null(), column.type).label(f"last_{label}_at"))
+    # The fresh products are few: read them first, so that the member side is one pass over the window's
+    # order lines (and views) of those categories only, with per-category facts inlined as CASE constants.
+    where = [column <= ctx.as_of_lit, column > ctx.days_ago(prm["days"]), available()]
+    if prm["category"]:
+        where.append(p.c.category.in_(_csv(prm["category"])))
+    per_cat: dict[str, tuple[int, object]] = {}
+    for cat, n, last in ctx.conn.execute(
+            sa.select(p.c.category, sa.func.count(), sa.func.max(column)).where(*where).group_by(p.c.category)):
+        per_cat[cat] = (int(n), last)
+    if not per_cat:
+        ctx.notes.append(f"no available products with {column.name} within {prm['days']} days before as_of")
+        return ctx.empty(*cols)
+    cats = sorted(per_cat)
+    pairs = sa.union(*_affinity_lines(ctx, days=prm["affinity_days"], views=prm["views"], member_ids=None,
+                                      categories=cats)).subquery("pairs")  # UNION: distinct (member, category)
+    n_products = sa.case({c: per_cat[c][0] for c in cats}, value=pairs.c.category, else_=0)
+    last_at = sa.case({c: sa.literal(per_cat[c][1], column.type) for c in cats}, value=pairs.c.category)
     return (
-        sa.select(aff.c.member_id,
-                  sa.func.count(sa.distinct(fresh.c.category)).label("categories"),
-                  sa.func.count(sa.distinct(fresh.c.id)).label(f"{label}_products"),
-                  sa.func.max(fresh.c.at).label(f"last_{label}_at"))
-        .select_from(aff.join(fresh, fresh.c.category == aff.c.category).join(m, m.c.id == aff.c.member_id))
+        sa.select(pairs.c.member_id,
+                  sa.func.count().label("categories"),
+                  sa.func.sum(n_products).label(f"{label}_products"),
+                  sa.func.max(last_at).label(f"last_{label}_at"))
+        .join_from(pairs, m, m.c.id == pairs.c.member_id)
         .where(is_member(ctx))
-        .group_by(aff.c.member_id)
+        .group_by(pairs.c.member_id)
     )
 
 
