@@ -29,6 +29,9 @@ Example::
       routing: best_engagement      # preference (default) | best_engagement
       send_time: best_hour          # immediate (default) | best_hour
       variants: {names: [a, b], goal: click, floor: 0.05, promote_at: 0.95}
+    recommendations:        # optional: restrict the templates' recommendations (see Recommendations)
+      category: coffee      # or a list; never recommends outside it
+      only: any             # any | new_arrivals | back_in_stock (within within_days of as_of)
 
 Loading validates everything and reports errors with the file and the field.
 """
@@ -227,6 +230,34 @@ class VariantTest(BaseModel):
         return self.names[0]
 
 
+class Recommendations(BaseModel):
+    """What the ``recommendations`` of the campaign's templates may contain (``recommendations:`` block).
+
+    ``category``: one category or a list (``order_lines.category`` / ``products.category`` values); the
+    recommendations never leave it. ``only``: ``any`` (default), ``new_arrivals`` (products that arrived within
+    ``within_days`` before the run's as_of) or ``back_in_stock`` (restocked within ``within_days``). Out-of-stock
+    products (``stock`` 0) are never recommended. The ranking and its fall-backs are in docs/campaigns.md.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    category: tuple[str, ...] = ()
+    only: Literal["any", "new_arrivals", "back_in_stock"] = "any"
+    within_days: int = Field(default=14, ge=1, le=365)
+
+    @field_validator("category", mode="before")
+    @classmethod
+    def _categories(cls, v: Any) -> Any:
+        items = v if isinstance(v, list | tuple) else [v]
+        out = []
+        for c in items:
+            if not isinstance(c, str) or not c.strip() or len(c.strip()) > 64:
+                raise ValueError(f"category {c!r} must be a non-empty text of at most 64 characters")
+            out.append(c.strip())
+        if len(set(out)) != len(out):
+            raise ValueError("a category is listed twice")
+        return tuple(out)
+
+
 class Optimise(BaseModel):
     """The campaign's ``optimise:`` block: opt-in optimisation strategies applied at planning time.
 
@@ -277,6 +308,8 @@ class Campaign(BaseModel):
     short_links: bool = False
     # Free-form knobs for the templates (e.g. how many recommendations to show).
     params: dict[str, Any] = Field(default_factory=dict)
+    # Which products the templates' recommendations may name: a category, new arrivals, back in stock.
+    recommendations: Recommendations = Field(default_factory=Recommendations)
     # Opt-in optimisation: routing strategy, send time, variant test (see Optimise).
     optimise: Optimise = Field(default_factory=Optimise)
     # The metric its holdout verdict rests on, declared before the test (docs/reports.md); the others are secondary.
@@ -384,7 +417,7 @@ def list_campaigns(settings: Settings | None = None) -> list[Campaign]:
 
 __all__ = [
     "CAMPAIGN_FILE", "NAME_PATTERN", "RESERVED_VARIANT_NAMES", "VARIANT_NAME_PATTERN", "Campaign",
-    "CampaignDefinitionError", "CltvTier", "Offer", "OfferStep", "Optimise", "PushRules", "SegmentRef", "SmsRules",
-    "Trigger",
-    "VariantTest", "campaign_names", "list_campaigns", "load_campaign", "parse_campaign",
+    "CampaignDefinitionError", "CltvTier", "Offer", "OfferStep", "Optimise", "PushRules", "Recommendations",
+    "SegmentRef", "SmsRules", "Trigger", "VariantTest", "campaign_names", "list_campaigns", "load_campaign",
+    "parse_campaign",
 ]
