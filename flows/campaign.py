@@ -56,10 +56,11 @@ from membercare.campaigns.dispatch import DispatchOutcome
 from membercare.campaigns.dry_run import DryRunReport
 from membercare.campaigns.occurrence import MAX_PROCESSES, PreparedRun, RunOptions
 from membercare.campaigns.plan import PlanOutcome
+from membercare.campaigns.seed_send import SeedMessage, accepted_count
 from membercare.campaigns.summary import RunSummary
 from membercare.delivery.dispatcher import DispatchConfig
 from membercare.delivery.ratelimit import configured_rates
-from membercare.errors import ConfigurationError, InputError
+from membercare.errors import ConfigurationError, DeliveryError, InputError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
 
@@ -98,6 +99,13 @@ class CampaignRunParameters(BaseModel):
     resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
     wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                        description="keep sending retries that fall due within this time")
+    test_to: str | None = Field(default=None,
+                               description="a test send instead of the run: every channel, locale and variant "
+                                           "to this seed list (its name in seeds/, @FILE or comma-separated "
+                                           "addresses), as `membercare campaign test --to`; marked [TEST], "
+                                           "never in the ledger; nothing else is planned or sent")
+    test_member: str | None = Field(default=None, description="with test_to: render for this member (external "
+                                                              "or database id) instead of the sample member")
     approval_timeout_s: int = Field(default=86_400, ge=10, le=7 * 86_400,
                                     description="campaigns with approval: required: how long to wait for the "
                                                 "decision in the Prefect UI before failing (nothing is sent)")
@@ -126,7 +134,8 @@ def _flow_run_name() -> str:
     params = flow_run.parameters.get("params") or {}
     name = params.get("campaign") if isinstance(params, dict) else getattr(params, "campaign", None)
     dry = params.get("dry_run") if isinstance(params, dict) else getattr(params, "dry_run", False)
-    suffix = "-dry-run" if dry else ""
+    test = params.get("test_to") if isinstance(params, dict) else getattr(params, "test_to", None)
+    suffix = "-test-send" if test else "-dry-run" if dry else ""
     return f"{name or 'campaign'}{suffix}-{utcnow():%Y%m%d-%H%M%S}"
 
 
@@ -244,6 +253,32 @@ def _update_progress(engine, run_id: int, progress_id) -> None:
         pass
 
 
+@task(name="test-send", cache_policy=NO_CACHE)
+def test_send(settings, env: dict[str, str], campaign: str, to: str, member: str | None) -> list[SeedMessage]:
+    """``membercare campaign test``: the campaign to a seed list, marked as a test, never in the ledger."""
+    from channels.registry import close_channels
+    from membercare.campaigns.seed_send import plan_test, send_test
+
+    engine = engine_for(settings) if member is not None else None
+    planned = plan_test(settings, campaign, to, engine=engine, member=member)
+    adapters = build_adapters(env, planned.channels) if planned.channels else {}
+    try:
+        return send_test(settings, planned.campaign, planned.seeds, adapters, engine=engine,
+                         member_id=planned.member_id)
+    finally:
+        close_channels(adapters)
+
+
+def publish_test_send(campaign: str, sent: list[SeedMessage]) -> None:
+    """The test send's artifact: one row per message (channel, locale, variant, seed number, outcome; never the
+    seed's address)."""
+    create_table_artifact([{"channel": s.channel, "locale": s.locale, "variant": s.variant or "-", "seed": s.seed,
+                            "outcome": s.outcome, "headline": s.headline} for s in sent],
+                          key=artifact_key(campaign, "test-send"),
+                          description=f"{campaign}: test send, {accepted_count(sent)} of {len(sent)} accepted "
+                                      "(marked [TEST]; not in the ledger, caps or reports)")
+
+
 @task(name="summarise", cache_policy=NO_CACHE)
 def summarise(prepared: PreparedRun, run_id: int | None, audience_size: int, newly_planned: int,
               sent_since: datetime) -> RunSummary:
@@ -359,6 +394,16 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     started = utcnow()
     env = resolved_env()
     settings = settings_from(env)
+    if params.test_to:
+        tested = test_send(settings, env, params.campaign, params.test_to, params.test_member)
+        publish_test_send(params.campaign, tested)
+        ok = accepted_count(tested)
+        logger.info("%s: test send, %d of %d test messages accepted; nothing else planned or sent", params.campaign,
+                    ok, len(tested))
+        if ok < len(tested):
+            raise DeliveryError(f"{len(tested) - ok} of {len(tested)} test messages of {params.campaign} were "
+                                "refused (see the test-send artifact)")
+        return {"status": "test", "campaign": params.campaign, "accepted": ok, "messages": [vars(s) for s in tested]}
     options = params.options(settings.shop_timezone)
     occurrence_stage.refuse_future_as_of(options)
     prepared = without_unconfigured_channels(prepare(settings, params.campaign, options), env, logger)

@@ -229,7 +229,8 @@ def estimate_notes(est) -> list[str]:
 def test_cmd(
     name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
     to: list[str] = typer.Option(..., "--to", help="Seed addresses: comma-separated emails, E.164 numbers and "
-                                                   "push:<token>, or @FILE with one per line (repeatable)."),
+                                                   "push:<token>, @FILE with one per line, or the NAME of a seed "
+                                                   "list (seeds/NAME.txt) (repeatable)."),
     member: str = typer.Option(None, "--member", help="Render for this member (external id or database id); "
                                                       "default: the template gallery's sample member."),
 ) -> None:
@@ -237,32 +238,24 @@ def test_cmd(
 
     Marked [TEST]; never written to the ledger, so caps, reports and optimisation never count them."""
     from channels.registry import build_channels, close_channels
-    from membercare.campaigns import load_campaign
-    from membercare.campaigns.seed_send import parse_seeds, send_test
-    from membercare.campaigns.triggers import find_member
+    from membercare.campaigns.seed_send import accepted_count, plan_test, send_test
     from membercare.cli.common import provider_env
 
     settings = state.settings
-    camp = load_campaign(name, settings)
-    seeds = parse_seeds(to)
-    engine = member_id = None
-    if member is not None:
-        engine = migrated_engine()
-        with engine.connect() as conn:
-            member_id = find_member(conn, member)
-    channels = sorted({s.channel for s in seeds if s.channel in camp.channels})
-    adapters = build_channels(provider_env(), channels=channels) if channels else {}
+    engine = migrated_engine() if member is not None else None
+    plan = plan_test(settings, name, to, engine=engine, member=member)
+    adapters = build_channels(provider_env(), channels=plan.channels) if plan.channels else {}
     try:
-        sent = send_test(settings, camp, seeds, adapters, engine=engine, member_id=member_id)
+        sent = send_test(settings, plan.campaign, plan.seeds, adapters, engine=engine, member_id=plan.member_id)
     finally:
         close_channels(adapters)
-    t = Table(title=f"{name} · test send to {len(seeds)} seed address(es)")
+    t = Table(title=f"{name} · test send to {len(plan.seeds)} seed address(es)")
     for col in ("channel", "locale", "variant", "seed", "outcome", "headline"):
         t.add_column(col)
     for s in sent:
         t.add_row(s.channel, s.locale, s.variant or "-", str(s.seed), s.outcome, s.headline)
     console.print(t)
-    ok = sum(s.outcome == "accepted" for s in sent)
+    ok = accepted_count(sent)
     console.print(f"{ok} of {len(sent)} test messages accepted; none is in the ledger, caps or reports")
     if ok < len(sent):
         raise typer.Exit(1)
