@@ -63,7 +63,24 @@ def _refuse_future(as_of: str | None, dry_run: bool) -> None:
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
     except InputError as exc:
+        raise typer.BadParameter(f"{exc} (or add --schedule: a Prefect flow run of the campaign's deployment "
+                                 "then sends it at that moment)", param_hint="'--as-of'") from None
+
+
+def _schedule_checks(as_of: str | None, dry_run: bool) -> None:
+    from membercare.timeutil import parse_as_of, utcnow
+
+    if dry_run:
+        raise typer.BadParameter("a dry run sends nothing: there is nothing to schedule", param_hint="'--schedule'")
+    if as_of is None:
+        raise typer.BadParameter("--schedule needs the moment to send at: --as-of DATETIME", param_hint="'--schedule'")
+    try:
+        at = parse_as_of(as_of, state.settings.shop_timezone)
+    except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
+    if at <= utcnow():
+        raise typer.BadParameter(f"{as_of} is not in the future: run it now, without --schedule",
+                                 param_hint="'--as-of'")
 
 
 @campaign_app.command("run")
@@ -78,6 +95,9 @@ def run_cmd(
     param: list[str] = typer.Option(None, "--param", "-p", help="Segment parameter NAME=VALUE (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Resume a run paused by its error budget or an operator."),
     samples: bool = typer.Option(True, "--samples/--no-samples", help="Dry run: show rendered samples."),
+    schedule: bool = typer.Option(False, "--schedule",
+                                  help="With a future --as-of: send nothing now; create a scheduled flow run of "
+                                       "the campaign's deployment at that moment (needs a Prefect server)."),
 ) -> None:
     """Run one occurrence of a campaign: resolve the segment, plan, dispatch, summarise."""
     from membercare.campaigns import load_campaign
@@ -88,7 +108,10 @@ def run_cmd(
         channels = [Channel(c) for c in channel] if channel else None
     except ValueError:
         raise InputError(f"--channel must be one of email, sms, push (got {', '.join(channel)})") from None
-    _refuse_future(as_of, dry_run)
+    if schedule:
+        _schedule_checks(as_of, dry_run)
+    else:
+        _refuse_future(as_of, dry_run)
     from flows.campaign import CampaignRunParameters, run_campaign
 
     try:
@@ -96,6 +119,17 @@ def run_cmd(
                                        occurrence_tag=tag, segment_params=parse_params(param or []), resume=resume)
     except Exception as exc:  # noqa: BLE001 - pydantic ValidationError: one line per problem
         raise InputError(str(exc).replace("\n", "; ")) from None
+    if schedule:
+        from membercare.cli.schedule import schedule_campaign_run
+        from membercare.timeutil import parse_as_of, shop_date_label
+
+        at = parse_as_of(str(as_of), state.settings.shop_timezone)
+        fr, deployment = schedule_campaign_run(params, at)
+        console.print(f"scheduled flow run {fr.name} ({fr.id}) of deployment run-campaign/{deployment} at "
+                      f"{shop_date_label(at, state.settings.shop_timezone)}; nothing was sent now")
+        console.print("it sends when a worker of the deployment's pool runs it; cancel it in the Prefect UI "
+                      "(flow runs, Scheduled) before then to send nothing")
+        return
     result = run_campaign(params)
     title = f"{name} · {result['occurrence']}" + (" · dry run" if dry_run else f" · run {result['status']}")
     console.print(summary_table(result, title))
