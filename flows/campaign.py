@@ -36,7 +36,7 @@ from flows.approval import needs_approval, wait_for_approval
 from flows.common import (
     artifact_key,
     engine_for,
-    file_link,
+    preview_link,
     resolved_env,
     retry_transient,
     run_logger,
@@ -409,7 +409,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     prepared = without_unconfigured_channels(prepare(settings, params.campaign, options), env, logger)
     audience = resolve_segment(prepared)
     try:
-        preview = file_link(dry_run_stage.write_preview(settings, prepared.name))
+        preview = preview_link(settings, dry_run_stage.write_preview(settings, prepared.name))
     except Exception as exc:  # noqa: BLE001 - the preview is a convenience for operators
         logger.warning("could not write the preview of %s: %s", prepared.name, exc)
         preview = None

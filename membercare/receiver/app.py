@@ -72,6 +72,7 @@ from membercare.receiver.events import MAX_BODY as EVENTS_MAX_BODY
 from membercare.receiver.events import build_events_router
 from membercare.receiver.group_commit import GroupCommit
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
+from membercare.receiver.previews import mount_previews
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
 from membercare.receiver.triggers import TriggerConfig, TriggerStarter, build_trigger_router
 from membercare.timeutil import utcnow
@@ -227,6 +228,7 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
 
     _mount_member_pages(app, config, engine)
     mount_click_redirects(app, config, engine)  # GET /r/{token}: tracked short links
+    mount_previews(app, config.link_secrets)  # GET /previews/{token}: a run's preview behind a signed link
 
     # -- Health -------------------------------------------------------------------------------------------------------
 
