@@ -423,6 +423,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         return {**_asdict(summary), "already_planned": rep.already_planned, "coupons_to_issue": rep.coupons_to_issue,
                 "samples": [vars(s) for s in rep.samples]}
 
+    _refuse_cancelled_occurrence(settings, prepared)  # before asking for an approval it could never use
     if needs_approval(settings, prepared, dry_run=False):
         rep = dry_run(prepared, _quoted(audience))
         shown = summary_stage.dry_run_summary(rep)
@@ -493,6 +494,18 @@ def _refuse_cancelled(settings, run_id: int) -> None:
     from membercare.delivery.controls import find_run
 
     info = find_run(engine_for(settings), run_id)
+    if info.cancelled:
+        raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
+
+
+def _refuse_cancelled_occurrence(settings, prepared: PreparedRun) -> None:
+    from membercare.delivery.controls import find_run
+    from membercare.errors import UnknownNameError
+
+    try:
+        info = find_run(engine_for(settings), f"{prepared.name}/{prepared.occurrence}")
+    except UnknownNameError:
+        return
     if info.cancelled:
         raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
 
