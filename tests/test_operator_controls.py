@@ -162,3 +162,17 @@ def test_unknown_run_is_a_usage_error_naming_the_runs(engine, db_url, tmp_path):
     plan(engine, 2)
     r = cli(db_url, tmp_path, "campaign", "pause", "999")
     assert r.returncode == 1 and "unknown campaign run '999'" in r.stderr and "promo/2026-11-23" in r.stderr
+
+
+def test_a_cancelled_run_reads_cancelled_in_its_summary_artifact(engine):
+    """What the run's table and markdown artifacts are built from: the status, the reason, the skipped rows."""
+    from membercare.campaigns.summary import summarise
+    from membercare.delivery.controls import cancel_run
+
+    run_id = plan(engine, 6)
+    cancel_run(engine, run_id, reason="campaign withdrawn", by="mei", settle_wait_s=0)
+    s = summarise(engine, run_id, campaign="promo", occurrence="2026-11-23", segment_size=6)
+    assert s.status == "cancelled" and "cancelled by mei" in (s.status_reason or "")
+    rows = {r["metric"]: r["value"] for r in s.table()}
+    assert rows["status"].startswith("cancelled (cancelled by mei") and rows["skipped: cancelled"] == 6
+    assert s.waiting == 0 and s.deferred == 0
