@@ -36,7 +36,7 @@ from flows.approval import needs_approval, wait_for_approval
 from flows.common import (
     artifact_key,
     engine_for,
-    file_link,
+    preview_link,
     resolved_env,
     retry_transient,
     run_logger,
@@ -56,10 +56,11 @@ from membercare.campaigns.dispatch import DispatchOutcome
 from membercare.campaigns.dry_run import DryRunReport
 from membercare.campaigns.occurrence import MAX_PROCESSES, PreparedRun, RunOptions
 from membercare.campaigns.plan import PlanOutcome
+from membercare.campaigns.seed_send import SeedMessage, accepted_count
 from membercare.campaigns.summary import RunSummary
 from membercare.delivery.dispatcher import DispatchConfig
 from membercare.delivery.ratelimit import configured_rates
-from membercare.errors import ConfigurationError, InputError
+from membercare.errors import ConfigurationError, DeliveryError, InputError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
 
@@ -98,6 +99,13 @@ class CampaignRunParameters(BaseModel):
     resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
     wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                        description="keep sending retries that fall due within this time")
+    test_to: str | None = Field(default=None,
+                               description="a test send instead of the run: every channel, locale and variant "
+                                           "to this seed list (its name in seeds/, @FILE or comma-separated "
+                                           "addresses), as `membercare campaign test --to`; marked [TEST], "
+                                           "never in the ledger; nothing else is planned or sent")
+    test_member: str | None = Field(default=None, description="with test_to: render for this member (external "
+                                                              "or database id) instead of the sample member")
     approval_timeout_s: int = Field(default=86_400, ge=10, le=7 * 86_400,
                                     description="campaigns with approval: required: how long to wait for the "
                                                 "decision in the Prefect UI before failing (nothing is sent)")
@@ -126,7 +134,8 @@ def _flow_run_name() -> str:
     params = flow_run.parameters.get("params") or {}
     name = params.get("campaign") if isinstance(params, dict) else getattr(params, "campaign", None)
     dry = params.get("dry_run") if isinstance(params, dict) else getattr(params, "dry_run", False)
-    suffix = "-dry-run" if dry else ""
+    test = params.get("test_to") if isinstance(params, dict) else getattr(params, "test_to", None)
+    suffix = "-test-send" if test else "-dry-run" if dry else ""
     return f"{name or 'campaign'}{suffix}-{utcnow():%Y%m%d-%H%M%S}"
 
 
@@ -244,6 +253,32 @@ def _update_progress(engine, run_id: int, progress_id) -> None:
         update_progress_artifact(progress_id, 100.0 * done / total if total else 100.0)
     except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a send over it
         pass
+
+
+@task(name="test-send", cache_policy=NO_CACHE)
+def test_send(settings, env: dict[str, str], campaign: str, to: str, member: str | None) -> list[SeedMessage]:
+    """``membercare campaign test``: the campaign to a seed list, marked as a test, never in the ledger."""
+    from channels.registry import close_channels
+    from membercare.campaigns.seed_send import plan_test, send_test
+
+    engine = engine_for(settings) if member is not None else None
+    planned = plan_test(settings, campaign, to, engine=engine, member=member)
+    adapters = build_adapters(env, planned.channels) if planned.channels else {}
+    try:
+        return send_test(settings, planned.campaign, planned.seeds, adapters, engine=engine,
+                         member_id=planned.member_id)
+    finally:
+        close_channels(adapters)
+
+
+def publish_test_send(campaign: str, sent: list[SeedMessage]) -> None:
+    """The test send's artifact: one row per message (channel, locale, variant, seed number, outcome; never the
+    seed's address)."""
+    create_table_artifact([{"channel": s.channel, "locale": s.locale, "variant": s.variant or "-", "seed": s.seed,
+                            "outcome": s.outcome, "headline": s.headline} for s in sent],
+                          key=artifact_key(campaign, "test-send"),
+                          description=f"{campaign}: test send, {accepted_count(sent)} of {len(sent)} accepted "
+                                      "(marked [TEST]; not in the ledger, caps or reports)")
 
 
 @task(name="summarise", cache_policy=NO_CACHE)
@@ -383,12 +418,22 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     started = utcnow()
     env = resolved_env()
     settings = settings_from(env)
+    if params.test_to:
+        tested = test_send(settings, env, params.campaign, params.test_to, params.test_member)
+        publish_test_send(params.campaign, tested)
+        ok = accepted_count(tested)
+        logger.info("%s: test send, %d of %d test messages accepted; nothing else planned or sent", params.campaign,
+                    ok, len(tested))
+        if ok < len(tested):
+            raise DeliveryError(f"{len(tested) - ok} of {len(tested)} test messages of {params.campaign} were "
+                                "refused (see the test-send artifact)")
+        return {"status": "test", "campaign": params.campaign, "accepted": ok, "messages": [vars(s) for s in tested]}
     options = params.options(settings.shop_timezone)
     occurrence_stage.refuse_future_as_of(options)
     prepared = without_unconfigured_channels(prepare(settings, params.campaign, options), env, logger)
     audience = resolve_segment(prepared)
     try:
-        preview = file_link(dry_run_stage.write_preview(settings, prepared.name))
+        preview = preview_link(settings, dry_run_stage.write_preview(settings, prepared.name))
     except Exception as exc:  # noqa: BLE001 - the preview is a convenience for operators
         logger.warning("could not write the preview of %s: %s", prepared.name, exc)
         preview = None
@@ -405,6 +450,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
                 **({"line_quota": rep.line_quota.line(), "line_quota_exceeded": rep.line_quota.exceeded}
                    if rep.line_quota else {})}
 
+    _refuse_cancelled_occurrence(settings, prepared)  # before asking for an approval it could never use
     if needs_approval(settings, prepared, dry_run=False):
         rep = dry_run(prepared, _quoted(audience))
         shown = summary_stage.dry_run_summary(rep)
@@ -477,6 +523,18 @@ def _refuse_cancelled(settings, run_id: int) -> None:
     from membercare.delivery.controls import find_run
 
     info = find_run(engine_for(settings), run_id)
+    if info.cancelled:
+        raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
+
+
+def _refuse_cancelled_occurrence(settings, prepared: PreparedRun) -> None:
+    from membercare.delivery.controls import find_run
+    from membercare.errors import UnknownNameError
+
+    try:
+        info = find_run(engine_for(settings), f"{prepared.name}/{prepared.occurrence}")
+    except UnknownNameError:
+        return
     if info.cancelled:
         raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
 

@@ -54,6 +54,7 @@ class RunStatus(StrEnum):
     PAUSED = "paused"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by an operator: final, never resumed or dispatched again
 
 
 class OutboxState(StrEnum):

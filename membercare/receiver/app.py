@@ -77,6 +77,7 @@ from membercare.receiver.group_commit import GroupCommit
 from membercare.receiver.line_link import MAX_BODY as LINE_LINK_MAX_BODY
 from membercare.receiver.line_link import LineLinker, line_linker, mount_line_link
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
+from membercare.receiver.previews import mount_previews
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
 from membercare.receiver.triggers import TriggerConfig, TriggerStarter, build_trigger_router
 from membercare.timeutil import utcnow
@@ -237,6 +238,7 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
     _mount_member_pages(app, config, engine)
     mount_line_link(app, config, engine, linker)  # POST /line/link, GET /u/{token}/line
     mount_click_redirects(app, config, engine)  # GET /r/{token}: tracked short links
+    mount_previews(app, config.link_secrets)  # GET /previews/{token}: a run's preview behind a signed link
 
     # -- Health -------------------------------------------------------------------------------------------------------
 
