@@ -91,5 +91,5 @@ def test_option_rates_recover_channel_rates_under_confounded_routing():
 
 
 def test_policy_name():
-    assert causal.policy_name("best_engagement", "causal_hour", 0.1) == "best_engagement+causal_hour/explore=0.1/v1"
-    assert causal.policy_name(None, None, 0) == "preference/explore=0/v1"
+    assert causal.policy_name("causal_hour", 0.1) == "causal_hour/explore=0.1/v1"
+    assert causal.policy_name("best_engagement", 0) == "best_engagement/explore=0/v1"

@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import in_transaction, insert_for, is_sqlite
 from membercare.delivery.contract import Content, EmailContent, LineContent, PushContent, SmsContent
+from membercare.delivery.decisions import NO_DECISION, decision_columns
 from membercare.delivery.models import (
     ACTIVE_STATES,
     CampaignRun,
@@ -349,7 +350,7 @@ def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipie
             member_id=rc.member_id, idempotency_key=key, coupon_code=rc.coupon_code, variant=None,
             purpose=purpose, priority=spec.priority, channel=None, fallback_channels="", content=None,
             attempts=0, transient_failures=0, scheduled_at=as_of, next_attempt_at=None, created_at=now,
-            updated_at=now)
+            updated_at=now, **NO_DECISION)
         if ctx is None:
             raise InputError(f"member id {rc.member_id} does not exist")
         variant = assign(ctx, rc) if assign else None
@@ -381,6 +382,8 @@ def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipie
                 reason = f"{reason}; {cap.reason}"
         at = _send_time(deliver_at, ctx, rc, chain[0], as_of)
         _schedule(base, chain, reason, at, ctx.timezone, purpose, as_of, policy)
+        base.update(decision_columns(prefer, deliver_at, rc.member_id, chain[0], base["next_attempt_at"] or as_of,
+                                     member_zone(ctx.timezone, policy.fallback_timezone)))
         if marketing and recent is None:
             batch.pending_cap[key] = (tuple(chain), reason, at, ctx.timezone)
         contents = {

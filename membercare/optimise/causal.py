@@ -135,6 +135,14 @@ def option_rates(group: npt.ArrayLike, option: npt.ArrayLike, engaged: npt.Array
     np.add.at(W, (g, o), w)
     np.add.at(S, (g, o), w * r)
     np.add.at(M, (g, o), 1.0)
+    return rates_from_sums(W, S, M, strength=strength, smooth=smooth)
+
+
+def rates_from_sums(W: np.ndarray, S: np.ndarray, M: np.ndarray, *, strength: float = DEFAULT_STRENGTH,
+                    smooth: np.ndarray | None = None) -> OptionRates:
+    """:func:`option_rates` from sums per group and option (e.g. a SQL ``GROUP BY``): ``W = Σ 1/μ``,
+    ``S = Σ r/μ``, ``M`` = messages."""
+    W, S = np.asarray(W, dtype=float), np.asarray(S, dtype=float)
     if smooth is not None:
         W, S = W @ smooth.T, S @ smooth.T
     overall = float(S.sum() / W.sum()) if W.sum() > 0 else 0.0
@@ -174,11 +182,11 @@ def best_hours(rates: OptionRates, allowed: AllowedHours = DEFAULT_ALLOWED, *, d
     return best_options(rates, mask, default=default, min_weight=min_weight)
 
 
-def policy_name(channel: str | None, hour: str | None, epsilon: float) -> str:
-    """The policy label stored with each decision, e.g. ``best_engagement+best_hour/explore=0.1/v1``."""
-    parts = "+".join(p for p in (channel, hour) if p) or "preference"
-    return f"{parts}/explore={epsilon:g}/v{POLICY_VERSION}"
+def policy_name(strategy: str, epsilon: float) -> str:
+    """The label a hook stores with each decision, e.g. ``causal_hour/explore=0.1/v1``."""
+    return f"{strategy}/explore={epsilon:g}/v{POLICY_VERSION}"
 
 
-__all__ = ["DEFAULT_EXPLORATION", "Explored", "OptionRates", "best_hours", "best_options", "explore", "explore_one",
-           "hour_rates", "option_rates", "policy_name", "propensity", "thompson_probabilities"]
+__all__ = ["DEFAULT_ALLOWED", "DEFAULT_EXPLORATION", "Explored", "OptionRates", "best_hours", "best_options",
+           "explore", "explore_one", "hour_rates", "option_rates", "policy_name", "propensity", "rates_from_sums",
+           "thompson_probabilities"]
