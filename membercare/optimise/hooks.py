@@ -113,7 +113,7 @@ class _ChannelChooser:
         self.prefix = assignment.key_prefix(CHANNEL_DOMAIN, campaign, occurrence)
         self.policy_label = causal.policy_name(self.strategy, self.explore)
         self._rng = random.Random()
-        self._probs: tuple[int, dict[str, float] | None] = (-1, None)
+        self._probs: tuple[int, dict[str, float] | None, str | None] = (-1, None, None)  # member, probs, chosen
 
     def candidates(self, ctx: MemberContext) -> list[str]:
         return [c for c in dict.fromkeys(ctx.preferred)
@@ -121,11 +121,13 @@ class _ChannelChooser:
 
     def propensity(self, member_id: int, option: Any) -> float | None:
         """The probability with which the channel ``option`` was chosen for ``member_id`` (1 when the choice was
-        not randomised; None when the member was not the last one asked or ``option`` was no candidate)."""
-        mid, probs = self._probs
+        not randomised; None when the member was not the last one asked or ``option`` was not this hook's choice)."""
+        mid, probs, chosen = self._probs
         if mid != member_id:
             return None
-        return 1.0 if probs is None else probs.get(str(option))
+        if probs is None:
+            return 1.0
+        return probs.get(str(option)) if str(option) == chosen else None
 
     def _seed(self, member_id: int) -> random.Random:
         self._rng.seed(assignment.bucket_of_text(self.prefix + str(member_id)))
@@ -135,13 +137,13 @@ class _ChannelChooser:
         """ε-greedy around ``greedy``; the chosen channel first, then the member's own order."""
         chosen, _ = causal.explore_one(greedy, cands, self.explore, self._seed(rc.member_id))
         k = len(cands)
-        self._probs = (rc.member_id, {c: float(causal.propensity(self.explore, k, c == greedy)) for c in cands})
+        self._probs = (rc.member_id, {c: float(causal.propensity(self.explore, k, c == greedy)) for c in cands}, chosen)
         return (chosen, *(c for c in ctx.preferred if c != chosen))
 
     def __call__(self, ctx: MemberContext, rc: Recipient) -> Sequence[str] | None:
         cands = self.candidates(ctx)
         if len(cands) < 2 or self.explore <= 0:
-            self._probs = (rc.member_id, None)  # the member's own order: deterministic
+            self._probs = (rc.member_id, None, None)  # the member's own order: deterministic
             return None
         return self._choose(ctx, rc, cands, cands[0])
 
@@ -201,7 +203,7 @@ class BestEngagement(_ChannelChooser):
     def __call__(self, ctx: MemberContext, rc: Recipient) -> Sequence[str] | None:
         cands = self.candidates(ctx)
         if len(cands) < 2:
-            self._probs = (rc.member_id, None)
+            self._probs = (rc.member_id, None, None)
             return None  # nothing to choose: routing takes the member's own order
         post = self.posterior(ctx, cands)
         if self.explore > 0:
@@ -211,7 +213,7 @@ class BestEngagement(_ChannelChooser):
         draws = [rng.betavariate(a, b) for a, b in post]
         best = cands[max(range(len(draws)), key=draws.__getitem__)]
         probs = causal.thompson_probabilities([a for a, _ in post], [b for _, b in post])
-        self._probs = (rc.member_id, {c: float(p) for c, p in zip(cands, probs, strict=True)})
+        self._probs = (rc.member_id, {c: float(p) for c, p in zip(cands, probs, strict=True)}, best)
         return (best, *(c for c in ctx.preferred if c != best))
 
 
@@ -241,7 +243,7 @@ class _HourChooser:
         self.policy_label = causal.policy_name(self.strategy, self.explore)
         self._at: dict[tuple[str, int], datetime] = {}
         self._rng = random.Random()
-        self._last: tuple[int, int] = (-1, -1)  # (member, greedy hour)
+        self._last: tuple[int, int, int] = (-1, -1, -1)  # (member, greedy hour, chosen hour)
 
     def zone_name(self, tz: str | None) -> str:
         try:
@@ -255,8 +257,8 @@ class _HourChooser:
     def propensity(self, member_id: int, option: Any) -> float | None:
         """The probability of the local send hour ``option`` for ``member_id`` (None when it was not this hook's
         choice, e.g. quiet hours of the channel moved it)."""
-        mid, greedy = self._last
-        if mid != member_id or int(option) not in self.options:
+        mid, greedy, chosen = self._last
+        if mid != member_id or int(option) != chosen or chosen not in self.options:
             return None
         return float(causal.propensity(self.explore, len(self.options), int(option) == greedy))
 
@@ -266,7 +268,7 @@ class _HourChooser:
         if self.explore > 0:
             self._rng.seed(assignment.bucket_of_text(self.prefix + str(rc.member_id)))
             hour, _ = causal.explore_one(greedy, self.options, self.explore, self._rng)
-        self._last = (rc.member_id, greedy)
+        self._last = (rc.member_id, greedy, hour)
         key = (zone, hour)
         at = self._at.get(key)
         if at is None:
