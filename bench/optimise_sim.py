@@ -17,7 +17,12 @@ times. Each *arm* is the same population under one strategy, with independent ra
   members assigned to variants by :func:`membercare.optimise.assignment.assign_variants`;
 * ``best_channel``: channel by :func:`membercare.optimise.channel_choice.best_engagement`;
 * ``best_time``: each member's best allowed hour from :func:`membercare.optimise.send_time.best_hours`;
-* ``optimised``: all three together.
+* ``optimised``: all three together;
+* ``--honest`` adds ``best_fixed_rule`` (group's best channel and usual hour, variant B) and two exploring learners
+  (issue 17): ``causal_time`` (10 % of send hours randomised, the group's hour learned from inverse-propensity
+  weighted outcomes of the hours messages were *sent* at) and ``causal`` (the same for channels too, plus the
+  bandit), and evaluates every arm's policy off-policy from the ``causal`` arm's logs (IPS, SNIPS, DR) against the
+  simulator's exact truth.
 
 Reported: engagement (click) and conversion rate per round and arm (the learning curve), the lift of each arm
 over ``static`` in the last ``--final-rounds`` rounds with 95 % intervals
@@ -25,6 +30,7 @@ over ``static`` in the last ``--final-rounds`` rounds with 95 % intervals
 Pure numpy: no database, no providers; the integration step reruns the same scenario through the sandbox.
 
     .venv/bin/python bench/optimise_sim.py [--members 10000] [--rounds 20] [--seed 7] [--out bench/results]
+    .venv/bin/python bench/optimise_sim.py --honest [--explore 0.1]
 """
 
 from __future__ import annotations
