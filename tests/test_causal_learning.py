@@ -40,12 +40,17 @@ def test_explore_vectorised_respects_eligibility():
     assert set(np.round(p0, 6)) == {0.25, 0.75}
 
 
-def test_thompson_probabilities_match_monte_carlo():
-    a, b = [3.0, 5.0, 2.0], [40.0, 45.0, 10.0]
+@pytest.mark.parametrize("a, b", [
+    ([3.0, 5.0, 2.0], [40.0, 45.0, 10.0]),
+    ([0.3, 0.5, 0.25], [4.7, 4.5, 4.75]),  # alpha < 1: densities singular at 0 (members without history)
+    ([200.0, 210.0], [2000.0, 2000.0]),  # concentrated posteriors
+    ([0.25, 60.0], [4.75, 600.0]),
+])
+def test_thompson_probabilities_match_monte_carlo(a, b):
     p = causal.thompson_probabilities(a, b)
     rng = np.random.default_rng(0)
-    draws = rng.beta(np.array(a)[:, None], np.array(b)[:, None], (3, 200_000))
-    mc = np.bincount(draws.argmax(axis=0), minlength=3) / 200_000
+    draws = rng.beta(np.array(a)[:, None], np.array(b)[:, None], (len(a), 400_000))
+    mc = np.bincount(draws.argmax(axis=0), minlength=len(a)) / 400_000
     assert p == pytest.approx(mc, abs=0.005)
 
 

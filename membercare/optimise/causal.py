@@ -35,7 +35,6 @@ from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import beta as beta_dist
 
 from membercare.optimise.send_time import DEFAULT_BANDWIDTH, HOURS, AllowedHours, kernel_matrix
 
@@ -87,19 +86,43 @@ def explore(greedy: npt.ArrayLike, eligible: np.ndarray, epsilon: float, rng: np
     return Explored(np.where(none, -1, choice), np.where(none, np.nan, p), np.asarray(drawn & ~none))
 
 
+_GRIDS: dict[int, np.ndarray] = {}
+
+
+def _grid(n: int) -> np.ndarray:
+    g = _GRIDS.get(n)
+    if g is None:
+        g = _GRIDS[n] = (np.arange(n)[None, :] + 0.5) / n
+    return g
+
+
 def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float], *, grid: int = 400) -> np.ndarray:
     """P(option k has the highest draw) for independent ``Beta(alpha_k, beta_k)`` draws, by numerical
-    integration of ``f_k(x) Π_{j≠k} F_j(x)`` on a grid (accurate to about 1e-3)."""
+    integration of ``f_k(x) Π_{j≠k} F_j(x)`` on a grid (within 0.005 of Monte Carlo in the tests)."""
     a = np.asarray(alpha, dtype=float)[:, None]
     b = np.asarray(beta, dtype=float)[:, None]
     if a.shape[0] == 1:
         return np.ones(1)
-    x = (np.arange(grid) + 0.5) / grid
-    pdf = beta_dist.pdf(x[None, :], a, b)
-    cdf = beta_dist.cdf(x[None, :], a, b)
+    # A grid over where the posteriors have their mass (mean ± 8 sd), linear when that stays above 0, else in
+    # log x down to 1e-12 (a density with alpha < 1 is singular at 0; in log x it is not). Each density is
+    # normalised on the grid and its CDF is the running sum: no incomplete-beta calls, since the planner calls this
+    # once per member.
+    mean = a / (a + b)
+    sd = np.sqrt(a * b / ((a + b) ** 2 * (a + b + 1.0)))
+    lo, hi = float((mean - 8 * sd).min()), min(float((mean + 8 * sd).max()), 1.0 - 1e-12)
+    if lo > 0:
+        x = lo + (hi - lo) * _grid(grid)
+        logpdf = (a - 1.0) * np.log(x) + (b - 1.0) * np.log1p(-x)
+    else:
+        t = np.log(1e-12) + (np.log(hi) - np.log(1e-12)) * _grid(2 * grid)
+        x = np.exp(t)
+        logpdf = a * t + (b - 1.0) * np.log1p(-x)  # density in log x: f(x)·x
+    pdf = np.exp(logpdf - logpdf.max(axis=1, keepdims=True))
+    pdf /= pdf.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(pdf, axis=1) - 0.5 * pdf
     logc = np.log(np.clip(cdf, 1e-300, None))
     others = np.exp(logc.sum(axis=0, keepdims=True) - logc)
-    p = (pdf * others).sum(axis=1) / grid
+    p = (pdf * others).sum(axis=1)
     p = np.clip(p, 0.0, None)
     return p / p.sum() if p.sum() > 0 else np.full(a.shape[0], 1.0 / a.shape[0])
 
