@@ -4,6 +4,7 @@ learning from it (membercare.optimise.causal_history), on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import pickle
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -72,6 +73,8 @@ def test_exploring_campaign_logs_every_decision_with_its_probability(shop, tmp_p
     hooks, rows = _plan(shop, tmp_path, Optimise(routing="best_engagement", send_time="causal_hour", explore=0.3))
     assert isinstance(hooks.prefer, plan_hooks.BestEngagement)
     assert isinstance(hooks.deliver_at, plan_hooks.CausalHour)
+    clone = pickle.loads(pickle.dumps(hooks))  # the planning pool sends hooks to worker processes
+    assert clone.deliver_at.policy_label == hooks.deliver_at.policy_label and clone.prefer.explore == 0.3
     routed = _routed(rows)
     assert len(routed) > 100, Counter(r.reason_code for r in rows)
     explored_hours = 0
