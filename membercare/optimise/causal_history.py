@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from membercare.delivery.models import OutboxMessage, OutboxState
+from membercare.delivery.routing import CHANNELS
 from membercare.engagement.models import EngagementEventRow
 from membercare.models import Member, Purpose
 from membercare.optimise import causal
@@ -88,4 +89,52 @@ def cached_send_hour_rates(engine: Engine, as_of: datetime, *, allowed: AllowedH
     return _cached((_engine_key(engine), "send_hours", as_of, allowed, default_hour), load)
 
 
-__all__ = ["SendHourRates", "cached_send_hour_rates", "load_send_hour_rates"]
+def load_channel_rates(conn: Connection, as_of: datetime, *, lookback: timedelta = DEFAULT_LOOKBACK,
+                       strength: float = causal.DEFAULT_STRENGTH, min_weight: float = DEFAULT_MIN_WEIGHT
+                       ) -> dict[tuple[str | None, str | None], list[float]]:
+    """Inverse-propensity weighted click rate per ``(age_group, tier)`` and channel (columns as
+    :data:`membercare.delivery.routing.CHANNELS`) of the marketing messages sent in ``[as_of - lookback, as_of)``
+    with a logged channel probability, for the groups with at least ``min_weight`` of evidence: the rate each
+    channel would have if the whole group got it, unlike rates of preference-routed history (members who chose a
+    channel differ from those who did not). ``best_engagement`` uses them as the group prior when present."""
+    as_of = ensure_utc(as_of)
+    o, e, m = OutboxMessage.__table__, EngagementEventRow.__table__, Member.__table__
+    clicked = sa.select(e.c.message_id).where(e.c.kind.in_(CLICK_KINDS)).distinct().subquery("clicked")
+    inv = 1.0 / o.c.channel_propensity
+    q = (sa.select(m.c.age_group, m.c.tier, o.c.chosen_channel, sa.func.count(), sa.func.sum(inv),
+                   sa.func.sum(sa.case((clicked.c.message_id.is_not(None), inv), else_=0.0)))
+         .select_from(o.join(m, m.c.id == o.c.member_id)
+                      .outerjoin(clicked, clicked.c.message_id == o.c.message_id))
+         .where(o.c.state == OutboxState.SENT.value, o.c.purpose == Purpose.MARKETING.value,
+                o.c.sent_at >= as_of - lookback, o.c.sent_at < as_of, o.c.chosen_channel == o.c.channel,
+                o.c.channel_propensity > 0)
+         .group_by(m.c.age_group, m.c.tier, o.c.chosen_channel))
+    index = {c: i for i, c in enumerate(CHANNELS)}
+    groups: dict[tuple[str | None, str | None], int] = {}
+    rows = [r for r in conn.execute(q).all() if r[2] in index]
+    for age_group, tier, *_ in rows:
+        groups.setdefault(group_key(age_group, tier), len(groups))
+    G, C = len(groups), len(CHANNELS)
+    W, S, M = np.zeros((G, C)), np.zeros((G, C)), np.zeros((G, C))
+    for age_group, tier, ch, n, w, s in rows:
+        gi = groups[group_key(age_group, tier)]
+        W[gi, index[ch]] += float(w or 0)
+        S[gi, index[ch]] += float(s or 0)
+        M[gi, index[ch]] += int(n)
+    if not G:
+        return {}
+    rates = causal.rates_from_sums(W, S, M, strength=strength)
+    return {g: rates.rate[i].tolist() for g, i in groups.items() if rates.weight[i].sum() >= min_weight}
+
+
+def cached_channel_rates(engine: Engine, as_of: datetime) -> dict[tuple[str | None, str | None], list[float]]:
+    """:func:`load_channel_rates`, cached per database and ``as_of``."""
+    def load() -> dict[tuple[str | None, str | None], list[float]]:
+        with engine.connect() as conn:
+            return load_channel_rates(conn, as_of)
+
+    return _cached((_engine_key(engine), "channel_rates", as_of), load)
+
+
+__all__ = ["SendHourRates", "cached_channel_rates", "cached_send_hour_rates", "load_channel_rates",
+           "load_send_hour_rates"]

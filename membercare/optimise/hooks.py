@@ -35,7 +35,7 @@ from membercare.delivery.policies import PolicySettings, load_policy
 from membercare.delivery.routing import MemberContext, check_channel
 from membercare.models import Channel, Purpose
 from membercare.optimise import assignment, causal, channel_choice, send_time
-from membercare.optimise.causal_history import SendHourRates, cached_send_hour_rates
+from membercare.optimise.causal_history import SendHourRates, cached_channel_rates, cached_send_hour_rates
 from membercare.optimise.history import (
     ChannelHistory,
     HourHistory,
@@ -169,7 +169,8 @@ class BestEngagement(_ChannelChooser):
 
     def __init__(self, history: ChannelHistory, *, campaign: str, occurrence: str, purpose: str,
                  allowed: Sequence[str], prior_strength: float = channel_choice.DEFAULT_PRIOR_STRENGTH,
-                 preference_weight: float = channel_choice.DEFAULT_PREFERENCE_WEIGHT, explore: float = 0.0) -> None:
+                 preference_weight: float = channel_choice.DEFAULT_PREFERENCE_WEIGHT, explore: float = 0.0,
+                 causal_rates: Mapping[tuple[str | None, str | None], Sequence[float]] | None = None) -> None:
         super().__init__(campaign=campaign, occurrence=occurrence, purpose=purpose, allowed=allowed,
                          explore=explore, known=history.channels)
         self.history = history
@@ -180,6 +181,10 @@ class BestEngagement(_ChannelChooser):
         # Per-member work is plain Python on small lists (numpy's per-call overhead would dominate).
         rates = np.clip(history.rates, 1e-6, 1 - 1e-6)
         self._group_rates = {g: rates[i].tolist() for g, i in history.groups.items()}
+        # Inverse-propensity weighted group rates from explored sends (causal_history.load_channel_rates) replace
+        # the preference-routed ones where a group has enough of them.
+        for g, r in (causal_rates or {}).items():
+            self._group_rates[g] = np.clip(np.asarray(r, dtype=float), 1e-6, 1 - 1e-6).tolist()
         self._overall = rates[-1].tolist()
 
     def posterior(self, ctx: MemberContext, channels: Sequence[str]) -> list[tuple[float, float]]:
@@ -355,7 +360,8 @@ def build_hooks(engine: Engine, campaign: Campaign, *, occurrence: str, as_of: d
     chooser: _ChannelChooser | None = None
     if opt.routing == "best_engagement":
         chooser = BestEngagement(cached_channel_history(engine, as_of), purpose=purpose, allowed=channels,
-                                 explore=eps, campaign=name, occurrence=occurrence)
+                                 explore=eps, campaign=name, occurrence=occurrence,
+                                 causal_rates=cached_channel_rates(engine, as_of) if eps > 0 else None)
     elif eps > 0:
         chooser = ExploreChannel(purpose=purpose, allowed=channels, explore=eps, campaign=name, occurrence=occurrence)
     prefer = chooser
