@@ -263,18 +263,23 @@ class Optimise(BaseModel):
 
     ``routing``: ``preference`` (default: the member's stated channel order) or ``best_engagement``
     (the consented, reachable channel most likely to engage this member, from engagement history).
-    ``send_time``: ``immediate`` (default) or ``best_hour`` (deliver within the next 24 h at the
-    member's best local hour, outside quiet hours). ``variants``: an optional :class:`VariantTest`.
+    ``send_time``: ``immediate`` (default), ``best_hour`` (deliver within the next 24 h at the
+    member's best local hour from their engagement hours, outside quiet hours) or ``causal_hour`` (the hour
+    at which messages *sent* to the member's group engaged most, inverse-propensity weighted).
+    ``explore``: the share of channel and send-hour decisions drawn at random among the eligible ones
+    (logged with their probability; see docs/optimisation.md). ``variants``: an optional :class:`VariantTest`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     routing: Literal["preference", "best_engagement"] = "preference"
-    send_time: Literal["immediate", "best_hour"] = "immediate"
+    send_time: Literal["immediate", "best_hour", "causal_hour"] = "immediate"
+    explore: float = Field(default=0.0, ge=0.0, le=0.5)
     variants: VariantTest | None = None
 
     @property
     def is_default(self) -> bool:
-        return self.routing == "preference" and self.send_time == "immediate" and self.variants is None
+        return (self.routing == "preference" and self.send_time == "immediate" and self.variants is None
+                and self.explore == 0.0)
 
 
 class Campaign(BaseModel):
