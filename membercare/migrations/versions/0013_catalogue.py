@@ -4,7 +4,7 @@ All three are nullable: a shop that never sends them keeps working (unknown stoc
 New-arrival and back-in-stock segments and recommendations read them (docs/campaigns.md).
 
 Revision ID: 0013_catalogue
-Revises: 0017_audience_snapshot
+Revises: 0012_order_summary
 Create Date: 2026-12-05 22:30:00
 """
 import sqlalchemy as sa
@@ -13,7 +13,7 @@ from alembic import op
 import membercare.timeutil
 
 revision = "0013_catalogue"
-down_revision = "0017_audience_snapshot"
+down_revision = "0012_order_summary"
 branch_labels = None
 depends_on = None
 

@@ -7,7 +7,7 @@ copy of the table cannot complete anybody's link), the member, when it expires, 
 consuming UPDATE requires it to be NULL).
 
 Revision ID: 0014_line_link
-Revises: 0012_order_summary
+Revises: 0013_catalogue
 Create Date: 2026-12-05 22:30:00
 """
 import sqlalchemy as sa
@@ -16,7 +16,7 @@ from alembic import op
 from membercare.timeutil import UTCDateTime
 
 revision = "0014_line_link"
-down_revision = "0012_order_summary"
+down_revision = "0013_catalogue"
 branch_labels = None
 depends_on = None
 

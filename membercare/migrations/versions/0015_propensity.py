@@ -7,14 +7,14 @@ weight by inverse propensity (membercare.optimise.causal). Nullable: rows planne
 rows that were never routed (holdout, control, skipped), have no decision.
 
 Revision ID: 0015_propensity
-Revises: 0012_order_summary
+Revises: 0014_line_link
 Create Date: 2026-12-05 22:30:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0015_propensity"
-down_revision = "0012_order_summary"
+down_revision = "0014_line_link"
 branch_labels = None
 depends_on = None
 

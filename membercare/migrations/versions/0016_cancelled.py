@@ -13,14 +13,14 @@ rewritten in the schema instead: the procedure SQLite documents for loosening a 
 every connection reads the new definition. The table, its rows and its triggers stay as they are.
 
 Revision ID: 0016_cancelled
-Revises: 0013_catalogue
+Revises: 0015_propensity
 Create Date: 2026-12-05 22:30:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0016_cancelled"
-down_revision = "0013_catalogue"
+down_revision = "0015_propensity"
 branch_labels = None
 depends_on = None
 

@@ -5,14 +5,14 @@ does not grow with the audience (see membercare/campaigns/audience.py). Rows liv
 that died leaves its rows to the next resolve's sweep.
 
 Revision ID: 0017_audience_snapshot
-Revises: 0014_line_link
+Revises: 0016_cancelled
 Create Date: 2026-12-05 22:30:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0017_audience_snapshot"
-down_revision = "0014_line_link"
+down_revision = "0016_cancelled"
 branch_labels = None
 depends_on = None
 
