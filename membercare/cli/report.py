@@ -163,13 +163,18 @@ def _print(rep) -> None:
     for col in ("campaign", "segment", "channel", "planned", "sent", "delivered", "opened", "clicked", "converted",
                 "revenue", "unsub.", "SMS segm.", "SMS cost"):
         t.add_column(col, justify="left" if col in ("campaign", "segment", "channel") else "right")
+    from membercare.reports.funnel import NO_CHANNEL, NO_CHANNEL_NOTE, channel_label
+
     for r in [*rep.funnel, rep.totals]:
-        t.add_row(r.campaign, r.segment or "-", r.channel, f"{r.planned:,}", f"{r.sent:,}", f"{r.delivered:,}",
-                  f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}", _money(r.revenue_minor, cur),
+        t.add_row(r.campaign, r.segment or "-", channel_label(r.channel), f"{r.planned:,}", f"{r.sent:,}",
+                  f"{r.delivered:,}", f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}",
+                  _money(r.revenue_minor, cur),
                   f"{r.unsubscribed:,}", f"{r.sms_segments:,}",
                   _money(r.sms_cost_minor, cur) if r.sms_segments else "-",
                   style="bold" if r is rep.totals else None)
     console.print(t)
+    if any(r.channel == NO_CHANNEL for r in rep.funnel):
+        console.print(f"  {NO_CHANNEL_NOTE}")
 
     from membercare.reports.text import print_experiments
 

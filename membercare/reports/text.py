@@ -248,7 +248,7 @@ def _print_frequency(console: Console, f: FrequencySection, conf: str) -> None:
                   f"{_pct(b.complaint_rate_ci[0], 3)} .. {_pct(b.complaint_rate_ci[1], 3)}",
                   f"{b.unsubscribes_per_1000_messages:.2f}")
     console.print(t)
-    safe = "none (even one message a week is above the ceiling)" if f.highest_safe is None else str(f.highest_safe)
+    safe = f"none ({f.why_none_safe()})" if f.highest_safe is None else str(f.highest_safe)
     console.print(f"  highest weekly frequency whose upper 95% bound keeps unsubscribes <= "
                   f"{_pct(f.max_unsubscribe_rate, 2)}{complaint} (buckets of >= {f.min_member_weeks} "
                   f"member-weeks): {safe}")
