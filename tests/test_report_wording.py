@@ -56,3 +56,14 @@ def test_a_safe_frequency_is_still_shown_as_a_number():
 def test_rows_without_a_channel_are_named_and_explained():
     assert channel_label(NO_CHANNEL) == NO_CHANNEL_LABEL == "none"
     assert channel_label("line") == "line"
+
+
+def test_the_frequency_table_keeps_every_column_whole_at_80_columns():
+    f = section([(1, 50_000, 10, 3), (2, 40_000, 12, 1), (6, 2000, 5, 1), (8, 1_200_000, 900, 200)])
+    out = io.StringIO()
+    _print_frequency(Console(file=out, width=80), f, "95%")
+    table = out.getvalue()
+    assert "…" not in table  # no header or cell cut
+    assert all(len(line) <= 80 for line in table.splitlines())
+    row = next(line for line in table.splitlines() if line.strip().startswith("8+"))
+    assert "0.075 (0.070-0.080)" in row and "0.017 (0.015-0.019)" in row  # the complaint column is whole

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -235,18 +236,20 @@ def _print_checks(console: Console, name: str, checks: ExperimentChecks | None, 
 def _print_frequency(console: Console, f: FrequencySection, conf: str) -> None:
     complaint = "" if f.max_complaint_rate is None else f", complaints <= {_pct(f.max_complaint_rate, 2)}"
     t = Table(title=f"Frequency: opt-outs by marketing messages received per member per week "
-                    f"({f.member_weeks:,} member-weeks, {f.messages:,} messages; Wilson {conf} CI)")
-    for col in ("messages / week", "member-weeks", "unsubscribe rate", "95% CI", "complaint rate", "95% CI",
-                "unsub. / 1000 msgs"):
-        t.add_column(col, justify="left" if col == "messages / week" else "right")
+                    f"({f.member_weeks:,} member-weeks, {f.messages:,} messages; Wilson {conf} CI)",
+              box=box.SIMPLE_HEAD)
+    # Rate and interval share a cell, so the table keeps every column whole in an 80-column terminal.
+    for col in ("msgs/wk", "member-wks", "unsub. % (95% CI)", "complaint % (CI)", "unsub./1k"):
+        t.add_column(col, justify="left" if col == "msgs/wk" else "right", no_wrap=True)
+
+    def rate(x: float, ci: tuple[float, float], digits: int) -> str:
+        return f"{100 * x:.{digits}f} ({100 * ci[0]:.{digits}f}-{100 * ci[1]:.{digits}f})"
+
     for b in f.buckets:
         if not b.member_weeks:
             continue
-        t.add_row(b.label, f"{b.member_weeks:,}", _pct(b.unsubscribe_rate, 3),
-                  f"{_pct(b.unsubscribe_rate_ci[0], 3)} .. {_pct(b.unsubscribe_rate_ci[1], 3)}",
-                  _pct(b.complaint_rate, 3),
-                  f"{_pct(b.complaint_rate_ci[0], 3)} .. {_pct(b.complaint_rate_ci[1], 3)}",
-                  f"{b.unsubscribes_per_1000_messages:.2f}")
+        t.add_row(b.label, f"{b.member_weeks:,}", rate(b.unsubscribe_rate, b.unsubscribe_rate_ci, 3),
+                  rate(b.complaint_rate, b.complaint_rate_ci, 3), f"{b.unsubscribes_per_1000_messages:.2f}")
     console.print(t)
     safe = f"none ({f.why_none_safe()})" if f.highest_safe is None else str(f.highest_safe)
     console.print(f"  highest weekly frequency whose upper 95% bound keeps unsubscribes <= "
