@@ -35,9 +35,12 @@ def test_advance_journeys_flow_sends_once_and_publishes_counts(prefect_harness, 
     ids = members(engine, 3, left, journey="abandoned_cart", settings=settings)
     for mid in ids:
         send_event(engine, settings, "cart.updated", mid, left, f"cart-{mid}")
+    # At an earlier instant (as_of, the demo's simulated clock) the hour is not over: they start waiting.
+    early = advance_journeys(as_of=left + timedelta(minutes=30))
+    assert early["claimed"] == 3 and early["steps"] == {} and early["sent"] == 0
     out = advance_journeys()
     assert out["sends"] == {"planned": 3} and out["sent"] == 3
-    assert out["steps"] == {"wait:passed": 3, "send:planned": 3}  # the hour was over: straight to the email
+    assert out["steps"] == {"wait:waited": 3, "send:planned": 3}  # the hour was over: the email
     assert len(sandbox.messages("email")) == 3
     again = advance_journeys()
     assert again["claimed"] == 0 and again["sent"] == 0
