@@ -51,7 +51,8 @@ def advance(settings: Settings, batch_size: int, batches: int, wake: bool, now: 
 def advance_journeys(batch_size: int = 500, batches_per_task: int = 20, max_tasks: int = 200,
                      send: bool = True, as_of: datetime | None = None) -> dict[str, Any]:
     """Advance every due journey instance (``max_tasks`` x ``batches_per_task`` x ``batch_size`` at most per
-    run; the next run continues), then dispatch the rows the send steps planned (``send``).
+    run; the next run continues), then dispatch the rows the send steps planned, and any journey rows still due
+    from earlier runs (``send``).
 
     ``as_of``: the instant to advance at (default now). The demo replays a month of journeys with it on a
     simulated clock; a schedule leaves it unset."""
@@ -70,14 +71,21 @@ def advance_journeys(batch_size: int = 500, batches_per_task: int = 20, max_task
             break  # the last task found nothing more due
     out = {"entered from segments": entered, **total.as_dict()}
     sent = 0
-    if send and total.run_ids:
+    runs = set(total.run_ids)
+    if send:
+        from membercare.journeys.send import due_journey_runs
+
+        # Also the rows an earlier advance planned but did not dispatch (it crashed, or ran with send=False).
+        with engine_for(settings).connect() as conn:
+            runs |= due_journey_runs(conn, utcnow())
+    if send and runs:
         from channels.registry import build_channels, close_channels
         from flows.campaign import dispatch_until_settled, limiters_for
 
         adapters = build_channels(env)
         try:
             limiters = limiters_for(list(adapters), logger)
-            for run_id in sorted(total.run_ids):
+            for run_id in sorted(runs):
                 res = dispatch_until_settled(settings, run_id, adapters, limiters, dispatchers=1,
                                              wait_for_deferred_s=0.0)
                 sent += res.outcomes.get("sent", 0)
