@@ -98,11 +98,12 @@ def in_segment(conn: Connection, seg: SegmentRef, member_id: int, at: datetime, 
 
 
 def unsubscribed(conn: Connection, member_id: int, since: datetime, until: datetime) -> bool:
-    """A marketing consent of the member was withdrawn in ``[since, until]`` (not after the instant judged at:
-    an advancer or a simulation at an earlier instant must not see a later withdrawal)."""
+    """A marketing consent of the member was withdrawn in ``(since, until]``: after entering (a refusal recorded
+    with the sign-up itself, at the instant the welcome journey enters, is not an unsubscribe) and not after the
+    instant judged at (an advancer or a simulation at an earlier instant must not see a later withdrawal)."""
     c = Consent.__table__
     return conn.execute(sa.select(c.c.id).where(c.c.member_id == member_id, c.c.purpose == Purpose.MARKETING.value,
-                                                c.c.granted.is_(False), c.c.changed_at >= since,
+                                                c.c.granted.is_(False), c.c.changed_at > since,
                                                 c.c.changed_at <= until)
                         .limit(1)).first() is not None
 
