@@ -4,9 +4,10 @@
 * per step, in the order instances first took them: how many instances took it (``reached``), by outcome
   (``planned``, ``waited``, ``then``, ``timeout``, ...), and for a send how many of its outbox rows were sent;
 * exited, by reason;
-* converted: instances whose member placed an order (not cancelled or refunded) after entering, up to
-  ``until`` or, with ``window``, within that long after entering, for the messaged instances and the held-out
-  ones; ``attributed``: messaged instances with an order credited to one of their messages;
+* converted: instances whose member bought after entering (an order, not cancelled or refunded, or an
+  ``order.placed`` member event: a purchase as the journey's exits see one), up to ``until`` or, with
+  ``window``, within that long after entering, for the messaged instances and the held-out ones;
+  ``attributed``: messaged instances with an order credited to one of their messages;
 * per arm, the member-level sums a clustered interval needs (:class:`MemberSums`): a member who re-enters has
   several instances, and they are not independent.
 
@@ -25,7 +26,8 @@ from membercare.db import is_sqlite
 from membercare.delivery.models import OutboxMessage, OutboxState
 from membercare.engagement.attribution import within_window
 from membercare.engagement.attribution_models import Attribution, ConversionType
-from membercare.journeys.models import InstanceStatus, JourneyInstance, JourneyStep
+from membercare.journeys.conditions import PURCHASE_EVENTS
+from membercare.journeys.models import InstanceStatus, JourneyInstance, JourneyStep, MemberEvent
 from membercare.models import PURCHASE_STATUSES, Order
 
 MESSAGED, HOLDOUT = "messaged", "holdout"
@@ -106,12 +108,17 @@ def funnel(conn: Connection, journey: str, until: datetime, *, since: datetime |
     out.exited = dict(conn.execute(sa.select(t.c.exit_reason, sa.func.count())
                                    .where(*scoped, t.c.status == InstanceStatus.EXITED.value)
                                    .group_by(t.c.exit_reason)).tuples().all())
-    if window_seconds is None:
-        when = (_ms(o.c.placed_at) > _ms(t.c.entered_at)) if is_sqlite(conn) else (o.c.placed_at > t.c.entered_at)
-        after = sa.and_(when, o.c.placed_at < until)
-    else:
-        after = within_window(conn, o.c.placed_at, t.c.entered_at, window_seconds)
-    bought = sa.exists().where(o.c.member_id == t.c.member_id, o.c.status.in_(PURCHASE_STATUSES), after)
+    ev = MemberEvent.__table__
+
+    def after(at: sa.ColumnElement[datetime]) -> sa.ColumnElement[bool]:
+        if window_seconds is not None:
+            return within_window(conn, at, t.c.entered_at, window_seconds)
+        return sa.and_((_ms(at) > _ms(t.c.entered_at)) if is_sqlite(conn) else (at > t.c.entered_at), at < until)
+
+    # A purchase as the journeys' exits and branches see one: an order, or an order.placed member event.
+    bought = sa.or_(
+        sa.exists().where(o.c.member_id == t.c.member_id, o.c.status.in_(PURCHASE_STATUSES), after(o.c.placed_at)),
+        sa.exists().where(ev.c.member_id == t.c.member_id, ev.c.name.in_(PURCHASE_EVENTS), after(ev.c.occurred_at)))
     group = sa.case((t.c.status == InstanceStatus.HOLDOUT.value, HOLDOUT), else_=MESSAGED)
     per_instance = sa.select(t.c.member_id, group.label("arm"), sa.case((bought, 1), else_=0).label("y")) \
         .where(*scoped).subquery("per_instance")
