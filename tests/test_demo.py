@@ -95,6 +95,13 @@ def test_demo_runs_the_day_and_a_second_run_sends_nothing(tmp_path):
     sim_orders, attributed = _simulated_orders(engine)
     assert sim_orders == int(said.group(1).replace(",", "")) and attributed == sim_orders, (said.group(0), attributed)
 
+    # Journeys ran on a simulated clock, and their section is in the report.
+    assert "Journeys on a simulated clock" in out and "Journey instances now" in out
+    assert re.search(r"journeys on a simulated clock: \d+ advance-journeys runs, [\d,]+ messages sent", out)
+    assert "Journeys: funnel and lift" in (home / "report.html").read_text(encoding="utf-8")
+    journey_sent = _journey_messages_once(engine)
+    assert journey_sent > 0
+
     second = run_demo(env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "using the existing demo shop (500 members)" in second.stdout
@@ -112,6 +119,7 @@ def test_demo_runs_the_day_and_a_second_run_sends_nothing(tmp_path):
             sa.select(o.c.id, o.c.provider_message_id, o.c.sent_at).where(o.c.state == "sent")).all())
         assert sends_before <= sends_after, "the second run resent messages the first run had sent"
     assert _simulated_orders(engine) == (sim_orders, attributed), "the rerun must not import the orders again"
+    assert _journey_messages_once(engine) >= journey_sent
     engine.dispose()
 
 
@@ -125,3 +133,24 @@ def _simulated_orders(engine) -> tuple[int, int]:
         attributed = conn.execute(sa.select(sa.func.count(sa.distinct(a.c.order_id)))
                                   .where(a.c.order_id.in_(ids), a.c.message_id.is_not(None))).scalar_one() if ids else 0
     return len(ids), attributed
+
+
+def _journey_messages_once(engine) -> int:
+    """Each journey message exactly once: one outbox row per instance and send step (the row its step log
+    names), and never one provider message id for two rows. Returns how many were sent."""
+    from membercare.delivery.models import OutboxMessage
+    from membercare.journeys.models import JourneyStep
+
+    o, js = OutboxMessage.__table__, JourneyStep.__table__
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(o.c.idempotency_key, o.c.occurrence, o.c.state, o.c.provider_message_id)
+                            .where(o.c.occurrence.like("journey:%"))).all()
+        logged = conn.execute(sa.select(js.c.message_key).where(js.c.kind == "send", js.c.message_key.is_not(None))
+                              ).scalars().all()
+    pairs = [(r.occurrence, r.idempotency_key.rsplit("|@", 1)[1]) for r in rows]
+    assert len(pairs) == len(set(pairs)), "an instance's step was planned twice"
+    assert sorted(logged) == sorted(r.idempotency_key for r in rows)
+    sent = [r.provider_message_id for r in rows if r.state == "sent"]
+    ids = [i for i in sent if i is not None]  # (a LINE push or an FCM send may come back without one)
+    assert len(ids) == len(set(ids)), "a provider accepted one journey message twice"
+    return len(sent)

@@ -1,5 +1,6 @@
 """The ``advance-journeys`` flow under Prefect's test harness: it advances due instances, sends what their steps
-planned through the sandbox, publishes its counts as an artifact, and a second run sends nothing again."""
+planned through the sandbox (in the same run, or in the next one when planned with send=False), publishes its counts
+as an artifact, and a further run sends nothing again."""
 
 from __future__ import annotations
 
@@ -35,9 +36,15 @@ def test_advance_journeys_flow_sends_once_and_publishes_counts(prefect_harness, 
     ids = members(engine, 3, left, journey="abandoned_cart", settings=settings)
     for mid in ids:
         send_event(engine, settings, "cart.updated", mid, left, f"cart-{mid}")
-    out = advance_journeys()
-    assert out["sends"] == {"planned": 3} and out["sent"] == 3
-    assert out["steps"] == {"wait:passed": 3, "send:planned": 3}  # the hour was over: straight to the email
+    # At an earlier instant (as_of, the demo's simulated clock) the hour is not over: they start waiting.
+    early = advance_journeys(as_of=left + timedelta(minutes=30))
+    assert early["claimed"] == 3 and early["steps"] == {} and early["sent"] == 0
+    out = advance_journeys(send=False)  # plan only (as the demo's past stops do)
+    assert out["sends"] == {"planned": 3} and out["sent"] == 0 and not sandbox.messages("email")
+    assert out["steps"] == {"wait:waited": 3, "send:planned": 3}  # the hour was over: the email
+    # The next run advances nothing but dispatches the journey rows still due.
+    later = advance_journeys()
+    assert later["claimed"] == 0 and later["sent"] == 3
     assert len(sandbox.messages("email")) == 3
     again = advance_journeys()
     assert again["claimed"] == 0 and again["sent"] == 0

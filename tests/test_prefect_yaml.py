@@ -25,10 +25,13 @@ def load_flow(entrypoint: str):
 def test_names_are_unique_and_expected_jobs_are_scheduled():
     names = [d["name"] for d in DEPLOYMENTS]
     assert len(names) == len(set(names))
-    for required in ("birthday", "coupon-expiry-3d", "coupon-expiry-1d", "welcome-day0", "welcome-day3", "welcome-day7",
-                     "vip-appreciation", "churn-winback", "tier-review", "post-purchase-care", "recommendations",
-                     "score-members", "sync-engagement", "dispatch-due", "trigger-message"):
+    for required in ("birthday", "coupon-expiry-3d", "coupon-expiry-1d", "vip-appreciation", "churn-winback",
+                     "tier-review", "recommendations", "score-members", "sync-engagement", "dispatch-due",
+                     "advance-journeys", "trigger-message"):
         assert required in names
+    # Superseded by the welcome_series and post_purchase journeys: scheduling both would message a member twice.
+    for superseded in ("welcome-day0", "welcome-day3", "welcome-day7", "post-purchase-care"):
+        assert superseded not in names
 
 
 @pytest.mark.parametrize("dep", DEPLOYMENTS, ids=lambda d: d["name"])

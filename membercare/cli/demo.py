@@ -11,7 +11,9 @@ On a fresh machine it uses:
   to the sandbox through the real SDKs (a locally generated service-account key runs firebase-admin's real
   OAuth flow), and the sandbox's simulated recipients post signed engagement webhooks to the receiver.
 
-It runs the day's lifecycle campaigns through the Prefect flows (scoring first), waits until the sandbox's
+It replays a month of the shop's member events through the journeys on a simulated clock (one
+``advance-journeys`` flow run per stop of the clock), runs the day's lifecycle campaigns through the Prefect
+flows (scoring first), waits until the sandbox's
 webhook queue has drained, runs ``sync-engagement``, and ends with a summary table, the paths of the HTML
 report and the template gallery, and the command that opens the Prefect UI on these runs.
 
@@ -44,18 +46,17 @@ if TYPE_CHECKING:  # imported where used: `membercare --help` stays fast
     import sqlalchemy as sa
 
 # The day's lifecycle campaigns, in the order the calendar (prefect.yaml) runs them; extra run parameters.
+# The welcome series and the post-purchase care are journeys now (welcome_series, post_purchase: run before
+# these by the demo, see membercare.cli.demo_journeys), not the superseded welcome_day0/3/7 and
+# post_purchase_care campaigns.
 DAY_PLAN: tuple[tuple[str, dict], ...] = (
     ("birthday", {}),
     ("coupon_expiry", {"occurrence_tag": "d3", "segment_params": {"days": 3}}),
     ("coupon_expiry", {"occurrence_tag": "d1", "segment_params": {"days": 1}}),
-    ("welcome_day0", {}),
-    ("welcome_day3", {}),
-    ("welcome_day7", {}),
     ("vip_appreciation", {}),  # monthly occurrence key: sent once a month, whichever day the demo runs first
     ("tier_upgrade", {}),
     ("churn_winback", {}),
     ("recommendations", {}),
-    ("post_purchase_care", {}),
 )
 # Demo credentials: the sandbox accepts exactly these; they are not secrets anywhere else.
 SENDGRID_KEY = "SG.membercare-demo"
@@ -300,12 +301,19 @@ def _report(home: Path, env: dict[str, str]) -> tuple[Path | None, str]:
 
     if importlib.util.find_spec("membercare.reports") is None:
         return None, "the reports module (membercare.reports) is not installed in this build"
+    from datetime import timedelta
+
+    from membercare.journeys.demo import DAYS
+    from membercare.timeutil import shop_today
+
     path = home / "report.html"
+    # Back to the oldest journey entry the demo replays (the report's default is 30 days).
+    since = (shop_today(state.settings.shop_timezone) - timedelta(days=DAYS + 1)).isoformat()
     # Import the report command explicitly: it works whether or not the CLI registers it yet.
     code = ("import sys, importlib, membercare.cli as c\n"
             "try:\n    importlib.import_module('membercare.cli.report')\nexcept ImportError:\n    pass\n"
             "c.main(sys.argv[1:])")
-    proc = subprocess.run([sys.executable, "-c", code, "report", "--html", str(path)],
+    proc = subprocess.run([sys.executable, "-c", code, "report", "--since", since, "--html", str(path)],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or not path.is_file():
         detail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -364,11 +372,12 @@ def demo(
             if followed:
                 console.print(f"{followed:,} demo members added the shop's LINE account as a friend "
                               "(signed follow webhooks; LINE comes first in their channel order)")
-            results, sync = _run_day(progress, services, drain_timeout, engine=engine, home=home, seed=seed)
+            results, sync, journeys = _run_day(progress, services, drain_timeout, engine=engine, home=home,
+                                               seed=seed)
         finally:
             services.stop()
 
-    _print_summary(engine, home, results, sync, services, started, rerun=bool(existing))
+    _print_summary(engine, home, results, sync, services, started, rerun=bool(existing), journeys=journeys)
     console.print(f"[bold]project configuration:[/] {config} (every membercare command run in this folder uses "
                   f"this database, Prefect home and secret key; `membercare sandbox` serves its providers)")
 
@@ -430,6 +439,12 @@ def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, 
     score_members()
     progress.console.print(f"score-members: {time.monotonic() - t0:.1f} s")
     progress.advance(flows)
+    from membercare.cli.demo_journeys import run_journeys
+
+    t0 = time.monotonic()
+    journeys = run_journeys(progress, engine, seed=seed)
+    progress.console.print(f"journeys on a simulated clock: {len(journeys.stops)} advance-journeys runs, "
+                           f"{journeys.sent:,} messages sent, {time.monotonic() - t0:.1f} s")
     results = []
     for name, extra in DAY_PLAN:
         label = name + (f" ({extra['occurrence_tag']})" if extra.get("occurrence_tag") else "")
@@ -454,7 +469,7 @@ def _run_day(progress, services: DemoServices, drain_timeout: float, *, engine, 
     sync["webhooks"] = services.sandbox.stats().get("webhooks", {})
     progress.advance(flows)
     progress.update(flows, description="done")
-    return results, sync
+    return results, sync, journeys
 
 
 def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int]:
@@ -476,7 +491,7 @@ def simulate_purchases(engine, home: Path, *, since, seed: int) -> dict[str, int
 
 
 def _print_summary(engine, home: Path, results, sync, services: DemoServices, started: float, *,
-                   rerun: bool = False) -> None:
+                   rerun: bool = False, journeys=None) -> None:
     from membercare.timeutil import parse_as_of, shop_today
 
     t = Table(title=f"Today's lifecycle campaigns ({shop_today(state.settings.shop_timezone)}, "
@@ -495,6 +510,10 @@ def _print_summary(engine, home: Path, results, sync, services: DemoServices, st
                   f"{sum(r['skipped'].values()):,}", f"{sum(r['suppressed'].values()):,}",
                   f"{sum(r['failed'].values()):,}", f"{r.get('seconds', 0):.1f}")
     console.print(t)
+    if journeys is not None:
+        from membercare.cli.demo_journeys import print_journeys_summary
+
+        print_journeys_summary(console, journeys)
     with engine.connect() as conn:
         # "Today" is the shop's day, as for the campaigns (between 00:00 and 08:00 Taipei, UTC is a day behind).
         tz = state.settings.shop_timezone

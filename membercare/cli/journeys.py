@@ -47,6 +47,8 @@ def list_cmd() -> None:
 @journeys_app.command("show")
 def show_cmd(name: str = typer.Argument(..., help="Journey name.")) -> None:
     """The journey's steps, and how many instances took each step (by outcome) and left (by reason)."""
+    from rich.markup import escape
+
     from membercare.journeys.definition import load_journey
 
     j = load_journey(name, state.settings)
@@ -57,7 +59,10 @@ def show_cmd(name: str = typer.Argument(..., help="Journey name.")) -> None:
     for s in j.steps:
         detail = getattr(s, s.kind).model_dump(exclude_none=True, exclude_defaults=True, by_alias=True)
         taken = ", ".join(f"{o} {n}" for o, n in sorted(f.steps.get(s.id, {}).items())) or "-"
-        console.print(f"  {s.id:<16} {s.kind:<9} {detail}{' -> ' + s.next if s.next else ''}   [{taken}]")
+        if s.id in f.sent:
+            taken += f"; sent {f.sent[s.id]}"
+        # escape: "[planned 2]" would otherwise be read as Rich markup and vanish
+        console.print(escape(f"  {s.id:<16} {s.kind:<9} {detail}{' -> ' + s.next if s.next else ''}   [{taken}]"))
     console.print("instances: " + (", ".join(f"{st} {n}" for st, n in sorted(f.by_status.items())) or "none"))
     if f.exited:
         console.print("exited: " + ", ".join(f"{r} {n}" for r, n in sorted(f.exited.items())))

@@ -97,11 +97,14 @@ def in_segment(conn: Connection, seg: SegmentRef, member_id: int, at: datetime, 
     return conn.execute(sa.select(q.c.member_id).where(q.c.member_id == member_id).limit(1)).first() is not None
 
 
-def unsubscribed(conn: Connection, member_id: int, since: datetime) -> bool:
-    """A marketing consent of the member was withdrawn since ``since``."""
+def unsubscribed(conn: Connection, member_id: int, since: datetime, until: datetime) -> bool:
+    """A marketing consent of the member was withdrawn in ``(since, until]``: after entering (a refusal recorded
+    with the sign-up itself, at the instant the welcome journey enters, is not an unsubscribe) and not after the
+    instant judged at (an advancer or a simulation at an earlier instant must not see a later withdrawal)."""
     c = Consent.__table__
     return conn.execute(sa.select(c.c.id).where(c.c.member_id == member_id, c.c.purpose == Purpose.MARKETING.value,
-                                                c.c.granted.is_(False), c.c.changed_at >= since)
+                                                c.c.granted.is_(False), c.c.changed_at > since,
+                                                c.c.changed_at <= until)
                         .limit(1)).first() is not None
 
 
@@ -109,7 +112,7 @@ def exit_reason(conn: Connection, rules: Exit, inst: InstanceView, now: datetime
     """Why the instance leaves the journey now, or None: checked before every step."""
     if rules.purchased and event_happened(conn, inst, "purchased", inst.entered_at, now):
         return "purchased"
-    if rules.unsubscribed and unsubscribed(conn, inst.member_id, inst.entered_at):
+    if rules.unsubscribed and unsubscribed(conn, inst.member_id, inst.entered_at, now):
         return "unsubscribed"
     for name in rules.events:
         if event_happened(conn, inst, name, inst.entered_at, now):

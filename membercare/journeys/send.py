@@ -26,7 +26,7 @@ from membercare.campaigns.occurrence import PreparedRun, RunOptions, prepare
 from membercare.campaigns.plan import PlannerRenderer, make_plan_hooks, make_renderer, recipients_for_batch
 from membercare.config import Settings
 from membercare.db import is_sqlite
-from membercare.delivery.models import CampaignRun, OutboxMessage, RunStatus
+from membercare.delivery.models import CLAIMABLE_STATES, CampaignRun, OutboxMessage, RunStatus
 from membercare.delivery.planner import (
     PLAN_LOCK_KEY,
     PlanHooks,
@@ -152,5 +152,14 @@ def preview_send(conn: Connection, engine: Engine, settings: Settings, step: Ste
     return f"{row['state']}{where}: {row['reason']}"
 
 
-__all__ = ["SendTarget", "Senders", "Sent", "occurrence_for", "plan_sends", "prepared_message", "preview_send",
-           "take_plan_lock"]
+def due_journey_runs(conn: Connection, now: datetime) -> set[int]:
+    """The journey steps' runs with rows a dispatcher may send now (planned or deferred, due): rows planned by an
+    advance that was not followed by its dispatch (a crash between the two, or ``send=False``)."""
+    r, o = CampaignRun.__table__, OutboxMessage.__table__
+    due = sa.exists().where(o.c.run_id == r.c.id, o.c.state.in_(CLAIMABLE_STATES),
+                            sa.or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at <= now))
+    return set(conn.execute(sa.select(r.c.id).where(r.c.occurrence.like("journey:%"), due)).scalars())
+
+
+__all__ = ["SendTarget", "Senders", "Sent", "due_journey_runs", "occurrence_for", "plan_sends", "prepared_message",
+           "preview_send", "take_plan_lock"]

@@ -26,6 +26,7 @@ from membercare.reports.html_checks import (
     variant_evidence,
     verdict_html,
 )
+from membercare.reports.journeys import journeys_html
 
 STAGES = ("planned", "sent", "delivered", "opened", "clicked", "converted")
 CHANNEL_COLOURS = {"email": "#4C78A8", "sms": "#F58518", "push": "#54A24B", "line": "#06C755", "none": "#BAB0AC"}
@@ -477,6 +478,7 @@ def render_html(report: Report) -> str:
     parts.append(_programme_section(report))
     parts.append(_variant_section(report))
     parts.append(_frequency_section(report))
+    parts.append(journeys_html(report.journeys, o))
     parts.append(f"<section><h2>Trends</h2><div class='charts'><div class='chart'>{_svg(_trend_chart(report))}</div>"
                  "</div></section>")
     parts.append(f"<section><h2>Members and shop KPIs</h2><div class='charts'><div class='chart'>"

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from membercare.engagement.attribution import AttributionResult, compute_attributions
 from membercare.reports.frequency import FrequencySection, frequency_section
 from membercare.reports.funnel import FunnelRow, funnel_rows
+from membercare.reports.journeys import JourneySection, journey_sections
 from membercare.reports.kpis import Kpis, kpis
 from membercare.reports.lift import HoldoutRow, ProgrammeLift, holdout_rows, programme_lift
 from membercare.reports.options import ReportOptions
@@ -41,6 +42,7 @@ class Report:
     variants: list[VariantSection] = field(default_factory=list)
     frequency: FrequencySection | None = None
     programme: ProgrammeLift | None = None
+    journeys: list[JourneySection] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         o = self.options
@@ -55,6 +57,7 @@ class Report:
             "variants": [asdict(v) for v in self.variants],
             "frequency": asdict(self.frequency) if self.frequency else None,
             "programme": asdict(self.programme) if self.programme else None,
+            "journeys": [asdict(j) for j in self.journeys],
         })
 
 
@@ -88,4 +91,4 @@ def build_report(engine: Engine, options: ReportOptions) -> Report:
                       holdouts=holdout_rows(conn, options), kpis=kpis(conn, options),
                       trends=trends(conn, options), attribution=attribution,
                       variants=variant_sections(conn, options), frequency=frequency_section(conn, options),
-                      programme=programme_lift(conn, options))
+                      programme=programme_lift(conn, options), journeys=journey_sections(conn, options))

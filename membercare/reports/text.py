@@ -17,6 +17,7 @@ from membercare.optimise.lift import BinaryLift, MeanLift
 from membercare.reports import FrequencySection, ProgrammeLift, Report, VariantSection
 from membercare.reports.checks import ExperimentChecks
 from membercare.reports.html_checks import LABELS, amount, interval, mde_text, p_text
+from membercare.reports.journeys import print_journeys
 from membercare.reports.lift import HoldoutRow
 
 
@@ -67,6 +68,7 @@ def print_experiments(console: Console, rep: Report) -> None:
         _print_variants(console, v)
     if rep.frequency is not None and rep.frequency.member_weeks:
         _print_frequency(console, rep.frequency, conf)
+    print_journeys(console, rep.journeys, rep.options)
 
 
 def _print_holdouts(console: Console, rep: Report, conf: str) -> None:
