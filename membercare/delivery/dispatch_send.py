@@ -28,6 +28,7 @@ from membercare.db import in_transaction
 from membercare.delivery.contract import ChannelAdapter, SendResult
 from membercare.delivery.dispatch_claim import load_member_contexts
 from membercare.delivery.dispatch_outcomes import Outcomes
+from membercare.delivery.dispatch_pool import Pending
 from membercare.delivery.dispatch_types import DROP, GO, DispatchConfig, Job, Outcome, outcome_for
 from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate
 from membercare.delivery.models import Decision, OutboxMessage, OutboxState, RunStatus
@@ -60,12 +61,14 @@ class GatedSender:
         self.run_id: int | None = None
         self.policy: PolicySettings | None = None
         self.stop: str | None = None
+        # Set by the dispatcher to its send pool's handoff (the async transport); None: call ``adapter.send``.
+        self.handoff: Callable[[Job, ChannelAdapter], SendResult | Pending] | None = None
 
     def begin(self, run_id: int, policy: PolicySettings) -> None:
         """A dispatch pass over ``run_id`` starts."""
         self.run_id, self.policy, self.stop = run_id, policy, None
 
-    def send(self, job: Job) -> SendResult | None:
+    def send(self, job: Job) -> SendResult | Pending | None:
         """Pass the gate, then call the provider at the channel's rate.
 
         The token is taken *before* the gate so that the threads enter it at the channel's rate. But a
@@ -86,7 +89,10 @@ class GatedSender:
             if wait > self.config.gate_slack and not self.gated(job):
                 return None
         assert job.message is not None  # built when the job was claimed
-        return self.adapters[job.channel].send(job.message)
+        adapter = self.adapters[job.channel]
+        if self.handoff is not None:
+            return self.handoff(job, adapter)  # a result, or PENDING: the send loop finishes the job
+        return adapter.send(job.message)
 
     def gated(self, job: Job) -> bool:
         """True when ``job`` passed the send gate; otherwise ``job.gated`` holds what became of it."""

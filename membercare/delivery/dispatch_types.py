@@ -24,6 +24,9 @@ class RunPaused(InputError):
     """The run is paused (error budget, configuration error or an operator); resume it explicitly."""
 
 
+TRANSPORTS = ("async", "threads")
+
+
 @dataclass(frozen=True)
 class DispatchConfig:
     workers: int = 32  # concurrent provider calls
@@ -53,6 +56,14 @@ class DispatchConfig:
     # A send whose pacing wait after the gate exceeded this many seconds passes the gate again before its
     # provider call, so the gate-to-request window stays short (see GatedSender.send).
     gate_slack: float = 0.1
+    # "async": the worker threads pass the gate and hand each HTTP exchange to one event loop per process
+    # (aiohttp, for adapters with ``send_async``); "threads": each worker thread makes the adapter's blocking
+    # call. Either way at most ``workers`` provider calls are in flight (see dispatch_pool).
+    transport: str = "async"
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise InputError(f"dispatch transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
 
 
 @dataclass

@@ -131,7 +131,8 @@ class Dispatcher:
         stop: str | None = None
         config_error: ConfigurationError | None = None
         drained = False
-        pool = SendPool(cfg.workers, self._sender.send, completed)
+        pool = SendPool(cfg.workers, self._sender.send, completed, asynchronous=cfg.transport == "async")
+        self._sender.handoff = pool.handoff
         try:
             while True:
                 if stop is None and not drained and len(inflight) <= cfg.batch_size // 2:
