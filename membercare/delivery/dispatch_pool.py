@@ -61,7 +61,9 @@ class SendPool:
 
             self._loop = send_loop()
         self._pending = 0
-        self._idle = threading.Condition()
+        self._idle = threading.Condition()  # guards the three below
+        self._handoffs: list[tuple[Job, SendAsync]] = []  # handed off, not yet started on the loop
+        self._scheduled = False  # the loop has a call to _start pending
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._threads = [threading.Thread(target=self._worker, name=f"mc-dispatch-{i}", daemon=True)
                          for i in range(workers)]
@@ -89,7 +91,10 @@ class SendPool:
             return adapter.send(job.message)
         with self._idle:
             self._pending += 1
-        loop.call_soon_threadsafe(self._start, job, send_async)
+            self._handoffs.append((job, send_async))
+            wake, self._scheduled = not self._scheduled, True
+        if wake:  # one wake-up of the loop (a write to its self-pipe) per burst of handed-off jobs
+            loop.call_soon_threadsafe(self._start)
         return PENDING
 
     def shutdown(self) -> None:
@@ -131,11 +136,14 @@ class SendPool:
 
     # -- on the send loop -------------------------------------------------------------------------------
 
-    def _start(self, job: Job, send_async: SendAsync) -> None:
+    def _start(self) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(self._exchange(job, send_async))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        with self._idle:
+            handoffs, self._handoffs, self._scheduled = self._handoffs, [], False
+        for job, send_async in handoffs:
+            task = self._loop.create_task(self._exchange(job, send_async))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _exchange(self, job: Job, send_async: SendAsync) -> None:
         assert job.message is not None
