@@ -50,7 +50,7 @@ class SendPool:
     """
 
     def __init__(self, workers: int, send: Callable[[Job], SendResult | Pending | None],
-                 completed: queue.SimpleQueue[Job], *, asynchronous: bool = False):
+                 completed: queue.SimpleQueue[Job], *, asynchronous: bool = False, threads: int | None = None):
         self._send, self._completed = send, completed
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -66,7 +66,7 @@ class SendPool:
         self._scheduled = False  # the loop has a call to _start pending
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._threads = [threading.Thread(target=self._worker, name=f"mc-dispatch-{i}", daemon=True)
-                         for i in range(workers)]
+                         for i in range(threads or workers)]
         for t in self._threads:
             t.start()
 

@@ -6,7 +6,8 @@
   A claimed row that never passed the gate was never attempted: after a crash it is sent, not lost.
 * **Sending**: each worker thread takes a token from its channel's
   :class:`~membercare.delivery.ratelimit.TokenBucket` before the gate, and a second bucket of the same
-  rate paces the provider calls after it (see :meth:`GatedSender.send`), then calls ``adapter.send``.
+  rate paces the provider calls after it (see :meth:`GatedSender.send`), then calls ``adapter.send``, or,
+  with the async transport, hands the call to the send loop (``SendPool.handoff`` in dispatch_pool).
 * **Database faults**: the gate runs through :func:`membercare.db.in_transaction`, which runs it again from
   the start after a deadlock or a dropped connection (its writes are conditional on the row's state and
   claim, so a rerun is harmless). A gate that cannot be checked at all stops the dispatch pass; the job is
