@@ -194,9 +194,10 @@ def _make_http_client(config: TwilioConfig):
             self._local.response = None
             # The SDK's request/response logging formats every header eagerly: only when someone listens.
             logging_on = self.logger.isEnabledFor(logging.INFO)
+            method, url, body, wire_headers = _wire_request(self._base, method, url, params, data, headers, auth)
             if logging_on:
-                self.log_request({"method": method.upper(), "url": url, "params": params, "headers": headers})
-            method, url, body, headers = _wire_request(self._base, method, url, params, data, headers, auth)
+                self.log_request({"method": method, "url": url.split("?")[0], "params": params, "headers": headers})
+            headers = wire_headers
             raw = self.transport.request(method, url, body=body, headers=headers)
             response = Response(int(raw.status), raw.data.decode("utf-8", "replace"), raw.headers)
             if logging_on:
@@ -235,12 +236,12 @@ def _make_async_http_client(config: TwilioConfig):
                           allow_redirects=False):
             from twilio.http.response import Response
 
-            method, url, body, headers = _wire_request(self._base, method, url, params, data, headers, auth)
+            method, url, body, wire_headers = _wire_request(self._base, method, url, params, data, headers, auth)
             _last_async_response.set(None)
             logging_on = self.logger.isEnabledFor(logging.INFO)
             if logging_on:
-                self.log_request({"method": method, "url": url, "params": params, "headers": headers})
-            status, answer_headers, raw = await self.transport.request(method, url, body=body, headers=headers)
+                self.log_request({"method": method, "url": url.split("?")[0], "params": params, "headers": headers})
+            status, answer_headers, raw = await self.transport.request(method, url, body=body, headers=wire_headers)
             response = Response(int(status), raw.decode("utf-8", "replace"), answer_headers)
             if logging_on:
                 self.log_response(response.status_code, response)
