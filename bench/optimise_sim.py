@@ -17,7 +17,12 @@ times. Each *arm* is the same population under one strategy, with independent ra
   members assigned to variants by :func:`membercare.optimise.assignment.assign_variants`;
 * ``best_channel``: channel by :func:`membercare.optimise.channel_choice.best_engagement`;
 * ``best_time``: each member's best allowed hour from :func:`membercare.optimise.send_time.best_hours`;
-* ``optimised``: all three together.
+* ``optimised``: all three together;
+* ``--honest`` adds ``best_fixed_rule`` (group's best channel and usual hour, variant B) and two exploring learners
+  (issue 17): ``causal_time`` (10 % of send hours randomised, the group's hour learned from inverse-propensity
+  weighted outcomes of the hours messages were *sent* at) and ``causal`` (the same for channels too, plus the
+  bandit), and evaluates every arm's policy off-policy from the ``causal`` arm's logs (IPS, SNIPS, DR) against the
+  simulator's exact truth.
 
 Reported: engagement (click) and conversion rate per round and arm (the learning curve), the lift of each arm
 over ``static`` in the last ``--final-rounds`` rounds with 95 % intervals
@@ -25,6 +30,7 @@ over ``static`` in the last ``--final-rounds`` rounds with 95 % intervals
 Pure numpy: no database, no providers; the integration step reruns the same scenario through the sandbox.
 
     .venv/bin/python bench/optimise_sim.py [--members 10000] [--rounds 20] [--seed 7] [--out bench/results]
+    .venv/bin/python bench/optimise_sim.py --honest [--explore 0.1]
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from membercare.optimise import assignment, bandit, channel_choice, send_time
+from membercare.optimise import assignment, bandit, causal, channel_choice, offpolicy, send_time
 from membercare.optimise.lift import binary_lift
 
 CHANNELS = ("email", "sms", "push")
@@ -51,7 +57,8 @@ PLANTED_WINNER = "B"
 STATIC_HOUR = 10
 ALLOWED = send_time.AllowedHours(9, 21)
 ARMS = ("static", "bandit", "best_channel", "best_time", "optimised")
-HONEST_ARMS = (*ARMS, "best_fixed_rule")
+HONEST_ARMS = (*ARMS, "best_fixed_rule", "causal_time", "causal")
+HOURS_ALLOWED = np.flatnonzero(ALLOWED.mask())
 
 
 @dataclass
@@ -103,14 +110,14 @@ def make_population(n: int, rng: np.random.Generator, honest: bool = False) -> P
     k = rng.poisson(1.5, n)
     hist_member = np.repeat(np.arange(n), k)
     if honest:
-        hist_hour = rng.integers(ALLOWED.start, ALLOWED.end + 1, hist_member.size)
-        hours = np.arange(ALLOWED.start, ALLOWED.end + 1)
+        hist_hour = rng.integers(ALLOWED.start, ALLOWED.end, hist_member.size)
+        hours = np.arange(ALLOWED.start, ALLOWED.end)  # quiet hours (21:00-09:00) hold for every arm
         shop_hour = int(hours[np.argmax([timing_factor(np.full(n, h), best_hour).mean() for h in hours])])
     else:
         hist_hour = _activity_hours(best_hour[hist_member], rng)
         shop_hour = STATIC_HOUR
     return Population(group, n_groups, theta, eligible, preference, best_hour, hist_member, hist_hour,
-                      base, np.clip(typical, ALLOWED.start, ALLOWED.end), shop_hour)
+                      base, np.clip(typical, ALLOWED.start, ALLOWED.end - 1), shop_hour)
 
 
 def _activity_hours(best: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -150,6 +157,9 @@ class ArmState:
     final_sends: int = 0
     fixed_rule: bool = False  # the best fixed rule: group's best channel, group's usual hour, variant B
     honest: bool = False  # clicks happen at the hour the message was sent, not around the hidden best hour
+    explore: float = 0.0  # causal arms: the exploration rate of channel and hour (epsilon-greedy, logged)
+    logs: list = field(default_factory=list)  # causal arms, per round: the decision log (see run_round)
+    last: dict = field(default_factory=dict)  # the last round's actions (channel, hour, variant), for off-policy checks
 
 
 def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
@@ -174,6 +184,8 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     # Channel.
     if arm.fixed_rule and pop.group_rates is not None:
         channel = np.where(pop.eligible, pop.group_rates[pop.group], -1.0).argmax(axis=1)
+    elif arm.explore and arm.use_channel:
+        channel, p_channel, greedy_channel = causal_channels(arm, pop)
     elif arm.use_channel:
         choice = channel_choice.best_engagement(
             channel_choice.EngagementCounts(arm.sends, arm.clicks), pop.group, pop.eligible,
@@ -184,6 +196,8 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     # Send hour.
     if arm.fixed_rule and pop.group_hour is not None:
         hour = pop.group_hour[pop.group]
+    elif arm.explore and arm.use_time:
+        hour, p_hour, greedy_hour = causal_hours(arm, pop)
     elif arm.use_time:
         members = np.concatenate([pop.history_member, np.asarray(arm.event_member, np.int64)])
         hours = np.concatenate([pop.history_hour, np.asarray(arm.event_hour, np.int64)])
@@ -196,6 +210,13 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
     click = rng.random(n) < p_click
     p_conv = np.array([VARIANT_CONVERSION[v] for v in variant])
     conv = click & (rng.random(n) < p_conv)
+    if arm.explore:
+        if not arm.use_channel:  # static routing: deterministic, propensity 1
+            p_channel, greedy_channel = np.ones(n), channel
+        arm.logs.append({"channel": channel, "hour": hour, "p_channel": p_channel, "p_hour": p_hour,
+                         "greedy_channel": greedy_channel, "greedy_hour": greedy_hour, "click": click,
+                         "variant": variant})
+    arm.last = {"channel": channel, "hour": hour, "variant": variant}
     # Feedback.
     np.add.at(arm.sends, (np.arange(n), channel), 1)
     np.add.at(arm.clicks, (np.arange(n), channel), click.astype(np.int64))
@@ -224,16 +245,55 @@ def run_round(arm: ArmState, pop: Population, rnd: int, final: bool) -> None:
         arm.final_conversions += int(conv.sum())
 
 
-def simulate(members: int, rounds: int, seed: int, final_rounds: int, honest: bool = False) -> dict:
+def causal_hours(arm: ArmState, pop: Population) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exploring learner's send hours: per group, the allowed hour with the highest inverse-propensity weighted
+    click rate of the messages *sent* at that hour (membercare.optimise.causal.hour_rates) over all rounds so far
+    (the shop's hour until there is evidence), and a uniformly random allowed hour with probability epsilon."""
+    if arm.logs:
+        g = np.concatenate([pop.group for _ in arm.logs])
+        h = np.concatenate([lg["hour"] for lg in arm.logs])
+        r = np.concatenate([lg["click"] for lg in arm.logs])
+        mu = np.concatenate([lg["p_hour"] for lg in arm.logs])
+        rates = causal.hour_rates(g, h, r, mu, pop.n_groups)
+        best = causal.best_hours(rates, ALLOWED)
+    else:
+        best = np.full(pop.n_groups, pop.shop_hour)
+    greedy = np.searchsorted(HOURS_ALLOWED, best[pop.group])
+    ex = causal.explore(greedy, np.ones((pop.n, HOURS_ALLOWED.size), bool), arm.explore, arm.rng)
+    return HOURS_ALLOWED[ex.choice], ex.propensity, HOURS_ALLOWED[greedy]
+
+
+def causal_channels(arm: ArmState, pop: Population) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exploring learner's channels: the member's Beta posterior (channel_choice.posterior_params, their own
+    history and stated preference) around their group's inverse-propensity weighted channel rates, greedy, and a
+    uniformly random eligible channel with probability epsilon."""
+    if arm.logs:
+        g = np.concatenate([pop.group for _ in arm.logs])
+        c = np.concatenate([lg["channel"] for lg in arm.logs])
+        r = np.concatenate([lg["click"] for lg in arm.logs])
+        mu = np.concatenate([lg["p_channel"] for lg in arm.logs])
+        rates = causal.option_rates(g, c, r, mu, pop.n_groups, len(CHANNELS)).rate
+    else:
+        rates = np.full((pop.n_groups, len(CHANNELS)), 0.05)
+    alpha, beta = channel_choice.posterior_params(channel_choice.EngagementCounts(arm.sends, arm.clicks), pop.group,
+                                                  rates, preferred=static_channel(pop))
+    greedy = np.where(pop.eligible, alpha / (alpha + beta), -np.inf).argmax(axis=1)
+    ex = causal.explore(greedy, pop.eligible, arm.explore, arm.rng)
+    return ex.choice, ex.propensity, greedy
+
+
+def simulate(members: int, rounds: int, seed: int, final_rounds: int, honest: bool = False,
+             explore: float = causal.DEFAULT_EXPLORATION) -> dict:
     root = np.random.default_rng(seed)
     pop = make_population(members, root, honest)
     names = HONEST_ARMS if honest else ARMS
     seeds = root.integers(0, 2**63 - 1, len(names))
     flags = {"static": (0, 0, 0), "bandit": (1, 0, 0), "best_channel": (0, 1, 0), "best_time": (0, 0, 1),
-             "optimised": (1, 1, 1), "best_fixed_rule": (0, 0, 0)}
+             "optimised": (1, 1, 1), "best_fixed_rule": (0, 0, 0), "causal_time": (0, 0, 1), "causal": (1, 1, 1)}
     arms = [ArmState(a, *map(bool, flags[a]), np.random.default_rng(int(s)),
                      np.zeros((members, 3), np.int64), np.zeros((members, 3), np.int64),
-                     fixed_rule=a == "best_fixed_rule", honest=honest)
+                     fixed_rule=a == "best_fixed_rule", honest=honest,
+                     explore=explore if a.startswith("causal") else 0.0)
             for a, s in zip(names, seeds, strict=True)]
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
@@ -249,9 +309,13 @@ def simulate(members: int, rounds: int, seed: int, final_rounds: int, honest: bo
     opt = next(a for a in arms if a.name == "optimised")
     fixed = next((a for a in arms if a.fixed_rule), None)
     if fixed is not None:
-        eng = binary_lift(opt.final_clicks, opt.final_sends, fixed.final_clicks, fixed.final_sends)
-        conv = binary_lift(opt.final_conversions, opt.final_sends, fixed.final_conversions, fixed.final_sends)
-        lifts["optimised vs best_fixed_rule"] = {"engagement": _lift_summary(eng), "conversion": _lift_summary(conv)}
+        for arm in arms:
+            if arm.name in ("optimised", "causal_time", "causal"):
+                eng = binary_lift(arm.final_clicks, arm.final_sends, fixed.final_clicks, fixed.final_sends)
+                conv = binary_lift(arm.final_conversions, arm.final_sends, fixed.final_conversions, fixed.final_sends)
+                lifts[f"{arm.name} vs best_fixed_rule"] = {"engagement": _lift_summary(eng),
+                                                           "conversion": _lift_summary(conv)}
+    ope = offpolicy_check(arms, pop, final_rounds) if any(a.logs for a in arms) else None
     last = opt.bandit_reports[-1]
     promoted_round = next((i + 1 for i, r in enumerate(opt.bandit_reports) if r.winner), None)
     leader = last.winner or max(last.variants, key=lambda v: v.posterior_mean).name
@@ -259,6 +323,7 @@ def simulate(members: int, rounds: int, seed: int, final_rounds: int, honest: bo
         "config": {"members": members, "rounds": rounds, "seed": seed, "final_rounds": final_rounds,
                    "variant_appeal": VARIANT_APPEAL, "planted_winner": PLANTED_WINNER,
                    "static_hour": pop.shop_hour, "allowed_hours": [ALLOWED.start, ALLOWED.end], "honest": honest,
+                   "explore": explore,
                    "arms": list(names)},
         "elapsed_seconds": round(elapsed, 2),
         "curves": {a.name: a.curve for a in arms},
@@ -266,12 +331,64 @@ def simulate(members: int, rounds: int, seed: int, final_rounds: int, honest: bo
                            "engagement_rate": a.final_clicks / a.final_sends,
                            "conversion_rate": a.final_conversions / a.final_sends} for a in arms},
         "lift_over_static": lifts,
+        "offpolicy": ope,
         "variant_test": {
             "winner": last.winner, "promoted_in_round": promoted_round, "leader": leader,
             "recovered_planted_winner": leader == PLANTED_WINNER,
             "report": last.to_dict(),
         },
     }
+
+
+def true_click_probability(pop: Population, member: np.ndarray, channel: np.ndarray, hour: np.ndarray,
+                           variant: np.ndarray) -> np.ndarray:
+    appeal = np.array([VARIANT_APPEAL[v] for v in variant])
+    return np.clip(pop.theta[member, channel] * timing_factor(hour, pop.best_hour[member]) * appeal, 0, 1)
+
+
+def offpolicy_check(arms: list[ArmState], pop: Population, final_rounds: int) -> dict:
+    """Evaluate every arm's last-round policy (its channel and hour per member) off-policy from the ``causal`` arm's
+    logged decisions of all rounds (membercare.optimise.offpolicy: IPS, SNIPS and DR with a
+    separable group x channel x hour outcome model; intervals clustered by member), and compare with the truth: the
+    exact expected click rate of that policy on the logged rows (same members, same variants), and with the arm's
+    realised rate in those rounds (its own variant mix)."""
+    logger = next(a for a in arms if a.name == "causal")
+    logs = logger.logs
+    n = pop.n
+    member = np.tile(np.arange(n), len(logs))
+    g = pop.group[member]
+    c = np.concatenate([lg["channel"] for lg in logs])
+    h = np.concatenate([lg["hour"] for lg in logs])
+    r = np.concatenate([lg["click"] for lg in logs]).astype(float)
+    v = np.concatenate([lg["variant"] for lg in logs])
+    mu = np.concatenate([lg["p_channel"] * lg["p_hour"] for lg in logs])
+    # Outcome model for DR: group x channel rate times the group's relative hour curve (both inverse-propensity
+    # weighted rates of the logged data).
+    rc = causal.option_rates(g, c, r, np.concatenate([lg["p_channel"] for lg in logs]), pop.n_groups, 3).rate
+    rh = causal.hour_rates(g, h, r, np.concatenate([lg["p_hour"] for lg in logs]), pop.n_groups)
+    rel = rh.rate / np.maximum((rh.rate * ALLOWED.mask()).sum(axis=1, keepdims=True) / ALLOWED.mask().sum(), 1e-9)
+
+    def q(chan: np.ndarray, hr: np.ndarray) -> np.ndarray:
+        return rc[g, chan] * rel[g, hr]
+
+    out = {}
+    for arm in arms:
+        if arm.explore:
+            # An exploring arm is evaluated by its greedy part (what it would do with exploration switched off),
+            # round by round: each round's greedy choice was fixed before that round's outcomes. (Its last-round
+            # greedy policy was learned from these very logs, so scoring it on them would be optimistic.)
+            tc = np.concatenate([lg["greedy_channel"] for lg in arm.logs])
+            th = np.concatenate([lg["greedy_hour"] for lg in arm.logs])
+        else:
+            tc, th = arm.last["channel"][member], arm.last["hour"][member]
+        pi = ((c == tc) & (h == th)).astype(float)
+        qt = q(tc, th)
+        truth = float(true_click_probability(pop, member, tc, th, v).mean())
+        est = offpolicy.evaluate(r, mu, pi, q_logged=q(c, h), q_target=qt, cluster=member)
+        out[arm.name] = {"truth": truth, "greedy_part": bool(arm.explore),
+                         "realised": arm.final_clicks / arm.final_sends if arm.final_sends else None,
+                         **{k: e.to_dict() for k, e in est.items()}}
+    return out
 
 
 def _lift_summary(r) -> dict:
@@ -304,6 +421,18 @@ def to_markdown(res: dict) -> str:
             f" | {100 * e['relative']:+.1f} % [{100 * e['relative_ci'][0]:+.1f}, {100 * e['relative_ci'][1]:+.1f}]"
             f" | {100 * c['absolute']:+.3f} [{100 * c['absolute_ci'][0]:+.3f}, {100 * c['absolute_ci'][1]:+.3f}]"
             f" | {100 * c['relative']:+.1f} % [{100 * c['relative_ci'][0]:+.1f}, {100 * c['relative_ci'][1]:+.1f}] |")
+    if res.get("offpolicy"):
+        lines += ["", "Off-policy check: each arm's last-round channel and hour policy (an exploring arm's greedy "
+                  f"part), estimated from the causal arm's logs of all {cfg['rounds']} rounds (95 % CI, clustered by "
+                  "member) "
+                  f"against its true expected rate on those rows, and its realised rate in the last "
+                  f"{cfg['final_rounds']} rounds (own variant mix and, for exploring arms, exploration), %:", "",
+                  "| arm | truth | IPS | SNIPS | DR | effective n | realised |", "|---|---|---|---|---|---|---|"]
+        for arm, o in res["offpolicy"].items():
+            cells = [f"{100 * o[k]['value']:.2f} [{100 * o[k]['ci'][0]:.2f}, {100 * o[k]['ci'][1]:.2f}]"
+                     for k in ("ips", "snips", "dr")]
+            lines.append(f"| {arm} | {100 * o['truth']:.2f} | " + " | ".join(cells)
+                         + f" | {o['ips']['effective_n']:,.0f} | {100 * o['realised']:.2f} |")
     vt = res["variant_test"]
     lines += ["", f"Variant test (optimised arm): planted winner {cfg['planted_winner']}, "
               f"promoted winner {vt['winner']} in round {vt['promoted_in_round']}, "
@@ -327,10 +456,12 @@ def main(argv=None) -> int:
     ap.add_argument("--honest", action="store_true",
                     help="issue 17's honest scenario: no hidden best-hour signal in event hours, informative stated "
                          "preference, the shop's best single hour for static, and a best-fixed-rule arm")
+    ap.add_argument("--explore", type=float, default=causal.DEFAULT_EXPLORATION,
+                    help="exploration rate of the causal arms (honest scenario)")
     args = ap.parse_args(argv)
     if not 0 < args.final_rounds <= args.rounds:
         ap.error("--final-rounds must be between 1 and --rounds")
-    res = simulate(args.members, args.rounds, args.seed, args.final_rounds, args.honest)
+    res = simulate(args.members, args.rounds, args.seed, args.final_rounds, args.honest, args.explore)
     md = to_markdown(res)
     print(md)
     print(f"simulated {args.members:,} members x {args.rounds} rounds x {len(res['config']['arms'])} arms in "

@@ -220,17 +220,20 @@ def load_duckdb(sqlite_path: Path, duck_path: Path, workdir: Path) -> float:
         duck.execute(f'CREATE TABLE "{name}" ({", ".join(defs)})')
         path = workdir / f"{name}.csv"
         cur = src.execute(f'SELECT {", ".join(chr(34) + c + chr(34) for c in cols)} FROM "{name}"')
+        rows = 0
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             while True:
                 part = cur.fetchmany(50_000)
                 if not part:
                     break
+                rows += len(part)
                 if bools:
                     part = [tuple(("true" if v else "false") if i in bools and v is not None else v
                                   for i, v in enumerate(r)) for r in part]
                 w.writerows(part)
-        duck.execute(f"COPY \"{name}\" FROM '{path}' (FORMAT csv, HEADER false, NULLSTR '')")
+        if rows:  # DuckDB refuses to read an empty file (e.g. no churn scores under --skip-churn)
+            duck.execute(f"COPY \"{name}\" FROM '{path}' (FORMAT csv, HEADER false, NULLSTR '')")
         path.unlink()
     src.close()
     duck.close()

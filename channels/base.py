@@ -13,6 +13,10 @@ Our ids in provider requests (engagement maps back through them, see docs/channe
 * Twilio: the ``StatusCallback`` URL query ``?mid=<message id>&ik=<idempotency key>``.
 * FCM: the ``data`` payload ``{MESSAGE_ID_ARG: ..., IDEMPOTENCY_KEY_ARG: ...}``.
 
+An adapter may also have the optional :class:`BatchSender` capability (``max_batch`` and
+``send_many(messages, batch_key)``: one request carrying one content to many recipients, LINE's
+multicast); the dispatcher uses it for rows of byte-identical content and otherwise calls ``send``.
+
 Providers are plug-ins (see docs/channels.md, "Adding a provider"): each lives in its own folder
 (``channels/<name>/``) and exposes one object satisfying :class:`Provider`; ``channels.registry`` maps
 names to them. A provider's webhooks follow one shape, learnt from django-anymail's webhook views:
@@ -36,6 +40,7 @@ from urllib.parse import parse_qsl
 
 from membercare.delivery.contract import (
     Accepted,
+    BatchSender,
     ChannelAdapter,
     Content,
     EmailContent,
@@ -120,6 +125,7 @@ def normalise_base_url(url: str | None, variable: str) -> str | None:
 
 __all__ = [
     "Accepted",
+    "BatchSender",
     "CALLBACK_IDEMPOTENCY_KEY_PARAM",
     "CALLBACK_MESSAGE_ID_PARAM",
     "Channel",
@@ -321,6 +327,12 @@ class WebhookContext(Protocol):
 
     def reply_text(self, kind: str, locale: str) -> str:
         """Our localised SMS answer ``kind`` (``"help"``, ``"stopped"``, ``"started"``) in ``locale``."""
+        ...
+
+    async def link_accounts(self, provider: str, events: Sequence[EngagementEvent],
+                            member_ids: Sequence[int | None]) -> Mapping[str, int]:
+        """Act on the committed events that link ``provider``'s user ids to members or ask to (LINE's
+        ``accountLink`` and link requests); counts of what was done, empty when nothing is set up for it."""
         ...
 
 

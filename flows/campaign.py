@@ -36,7 +36,7 @@ from flows.approval import needs_approval, wait_for_approval
 from flows.common import (
     artifact_key,
     engine_for,
-    file_link,
+    preview_link,
     resolved_env,
     retry_transient,
     run_logger,
@@ -56,10 +56,11 @@ from membercare.campaigns.dispatch import DispatchOutcome
 from membercare.campaigns.dry_run import DryRunReport
 from membercare.campaigns.occurrence import MAX_PROCESSES, PreparedRun, RunOptions
 from membercare.campaigns.plan import PlanOutcome
+from membercare.campaigns.seed_send import SeedMessage, accepted_count
 from membercare.campaigns.summary import RunSummary
 from membercare.delivery.dispatcher import DispatchConfig
 from membercare.delivery.ratelimit import configured_rates
-from membercare.errors import ConfigurationError, InputError
+from membercare.errors import ConfigurationError, DeliveryError, InputError
 from membercare.models import Channel
 from membercare.timeutil import parse_as_of, utcnow
 
@@ -98,6 +99,13 @@ class CampaignRunParameters(BaseModel):
     resume: bool = Field(default=False, description="resume a run paused by its error budget or an operator")
     wait_for_deferred_s: float = Field(default=30.0, ge=0.0, le=3600.0,
                                        description="keep sending retries that fall due within this time")
+    test_to: str | None = Field(default=None,
+                               description="a test send instead of the run: every channel, locale and variant "
+                                           "to this seed list (its name in seeds/, @FILE or comma-separated "
+                                           "addresses), as `membercare campaign test --to`; marked [TEST], "
+                                           "never in the ledger; nothing else is planned or sent")
+    test_member: str | None = Field(default=None, description="with test_to: render for this member (external "
+                                                              "or database id) instead of the sample member")
     approval_timeout_s: int = Field(default=86_400, ge=10, le=7 * 86_400,
                                     description="campaigns with approval: required: how long to wait for the "
                                                 "decision in the Prefect UI before failing (nothing is sent)")
@@ -126,7 +134,8 @@ def _flow_run_name() -> str:
     params = flow_run.parameters.get("params") or {}
     name = params.get("campaign") if isinstance(params, dict) else getattr(params, "campaign", None)
     dry = params.get("dry_run") if isinstance(params, dict) else getattr(params, "dry_run", False)
-    suffix = "-dry-run" if dry else ""
+    test = params.get("test_to") if isinstance(params, dict) else getattr(params, "test_to", None)
+    suffix = "-test-send" if test else "-dry-run" if dry else ""
     return f"{name or 'campaign'}{suffix}-{utcnow():%Y%m%d-%H%M%S}"
 
 
@@ -143,7 +152,8 @@ def prepare(settings, campaign: str, options: RunOptions) -> PreparedRun:
       retry_condition_fn=retry_transient)
 def resolve_segment(prepared: PreparedRun) -> Audience:
     engine = engine_for(prepared.settings)
-    audience = audience_stage.resolve_audience(engine, prepared)
+    # A snapshot: this process keeps page bounds, not a million keys (released once planned).
+    audience = audience_stage.resolve_audience(engine, prepared, snapshot=True)
     run_logger().info("%s/%s: %s has %d members (%d in this run)", prepared.name, prepared.occurrence,
                           audience.source, audience.size, len(audience))
     return audience
@@ -161,7 +171,8 @@ def plan(prepared: PreparedRun, group: list, index: int) -> PlanOutcome:
 
 @task(name="dry-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def dry_run(prepared: PreparedRun, audience: Audience) -> DryRunReport:
-    return dry_run_stage.dry_run(engine_for(prepared.settings), prepared, audience)
+    rep = dry_run_stage.dry_run(engine_for(prepared.settings), prepared, audience)
+    return with_line_quota(rep, None, run_logger())
 
 
 @task(name="dispatch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60],
@@ -244,6 +255,32 @@ def _update_progress(engine, run_id: int, progress_id) -> None:
         pass
 
 
+@task(name="test-send", cache_policy=NO_CACHE)
+def test_send(settings, env: dict[str, str], campaign: str, to: str, member: str | None) -> list[SeedMessage]:
+    """``membercare campaign test``: the campaign to a seed list, marked as a test, never in the ledger."""
+    from channels.registry import close_channels
+    from membercare.campaigns.seed_send import plan_test, send_test
+
+    engine = engine_for(settings) if member is not None else None
+    planned = plan_test(settings, campaign, to, engine=engine, member=member)
+    adapters = build_adapters(env, planned.channels) if planned.channels else {}
+    try:
+        return send_test(settings, planned.campaign, planned.seeds, adapters, engine=engine,
+                         member_id=planned.member_id)
+    finally:
+        close_channels(adapters)
+
+
+def publish_test_send(campaign: str, sent: list[SeedMessage]) -> None:
+    """The test send's artifact: one row per message (channel, locale, variant, seed number, outcome; never the
+    seed's address)."""
+    create_table_artifact([{"channel": s.channel, "locale": s.locale, "variant": s.variant or "-", "seed": s.seed,
+                            "outcome": s.outcome, "headline": s.headline} for s in sent],
+                          key=artifact_key(campaign, "test-send"),
+                          description=f"{campaign}: test send, {accepted_count(sent)} of {len(sent)} accepted "
+                                      "(marked [TEST]; not in the ledger, caps or reports)")
+
+
 @task(name="summarise", cache_policy=NO_CACHE)
 def summarise(prepared: PreparedRun, run_id: int | None, audience_size: int, newly_planned: int,
               sent_since: datetime) -> RunSummary:
@@ -263,6 +300,25 @@ def build_adapters(env: dict[str, str], channels):
         return build_channels(env, channels=[Channel(c) for c in channels])
     except ConfigurationError as exc:
         raise ConfigurationError(f"{exc} (set it in the environment or run `membercare setup-blocks`)") from None
+
+
+def with_line_quota(rep: DryRunReport, env: Mapping[str, str] | None, logger: Any) -> DryRunReport:
+    """The dry run checked against LINE's monthly quota (read through the LINE adapter, with ``env`` or else
+    the resolved environment, Secret blocks included) when it would send on LINE; a quota that would be
+    exceeded, or could not be read, is logged as a warning."""
+    from channels.registry import build_channels, close_channels
+
+    def read_quota():
+        built = build_channels(dict(resolved_env() if env is None else env), channels=[Channel.LINE])
+        try:
+            return built[Channel.LINE].quota()  # type: ignore[attr-defined]
+        finally:
+            close_channels(built)
+
+    rep = dry_run_stage.with_line_quota(rep, read_quota)
+    if rep.line_quota is not None and (rep.line_quota.exceeded or rep.line_quota.error):
+        logger.warning("%s/%s: %s", rep.campaign, rep.occurrence, rep.line_quota.line())
+    return rep
 
 
 def limiters_for(channels, logger) -> dict:
@@ -343,6 +399,9 @@ def publish(summary: RunSummary, *, prepared: PreparedRun, audience: Audience,
         lines.append("- nothing new: every member of this occurrence was already planned by an earlier run")
     if dry is not None and dry.already_planned:
         lines.append(f"- {dry.already_planned:,} members already planned for this occurrence (would get nothing)")
+    if dry is not None and dry.line_quota is not None:
+        mark = "**" if dry.line_quota.exceeded else ""
+        lines.append(f"- {mark}{dry.line_quota.line()}{mark}")
     if preview:
         lines += ["", f"[Rendered preview of the templates]({preview}) (sample members, preview-only links)"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(prepared.name, "report"),
@@ -359,25 +418,39 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
     started = utcnow()
     env = resolved_env()
     settings = settings_from(env)
+    if params.test_to:
+        tested = test_send(settings, env, params.campaign, params.test_to, params.test_member)
+        publish_test_send(params.campaign, tested)
+        ok = accepted_count(tested)
+        logger.info("%s: test send, %d of %d test messages accepted; nothing else planned or sent", params.campaign,
+                    ok, len(tested))
+        if ok < len(tested):
+            raise DeliveryError(f"{len(tested) - ok} of {len(tested)} test messages of {params.campaign} were "
+                                "refused (see the test-send artifact)")
+        return {"status": "test", "campaign": params.campaign, "accepted": ok, "messages": [vars(s) for s in tested]}
     options = params.options(settings.shop_timezone)
     occurrence_stage.refuse_future_as_of(options)
     prepared = without_unconfigured_channels(prepare(settings, params.campaign, options), env, logger)
     audience = resolve_segment(prepared)
     try:
-        preview = file_link(dry_run_stage.write_preview(settings, prepared.name))
+        preview = preview_link(settings, dry_run_stage.write_preview(settings, prepared.name))
     except Exception as exc:  # noqa: BLE001 - the preview is a convenience for operators
         logger.warning("could not write the preview of %s: %s", prepared.name, exc)
         preview = None
 
     if params.dry_run:
         rep = dry_run(prepared, _quoted(audience))
+        audience.release(engine_for(settings))
         summary = summary_stage.dry_run_summary(rep)
         publish(summary, prepared=prepared, audience=audience, preview=preview, dry=rep)
         logger.info("dry run %s", summary.line())
         # Samples stay in this process (the caller's terminal); they are never logged or put in artifacts.
         return {**_asdict(summary), "already_planned": rep.already_planned, "coupons_to_issue": rep.coupons_to_issue,
-                "samples": [vars(s) for s in rep.samples]}
+                "samples": [vars(s) for s in rep.samples],
+                **({"line_quota": rep.line_quota.line(), "line_quota_exceeded": rep.line_quota.exceeded}
+                   if rep.line_quota else {})}
 
+    _refuse_cancelled_occurrence(settings, prepared)  # before asking for an approval it could never use
     if needs_approval(settings, prepared, dry_run=False):
         rep = dry_run(prepared, _quoted(audience))
         shown = summary_stage.dry_run_summary(rep)
@@ -385,6 +458,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         decision = wait_for_approval(settings, prepared, summary_line=shown.line(),
                                      timeout_s=params.approval_timeout_s)
         if not decision.approved:
+            audience.release(engine_for(settings))
             logger.warning("%s/%s: nothing sent (%s)", prepared.name, prepared.occurrence, decision.line())
             return {**_asdict(shown), "status": "rejected", "status_reason": decision.line(),
                     "approval": decision.line()}
@@ -395,6 +469,7 @@ def run_campaign(params: CampaignRunParameters) -> dict[str, Any]:
         planned = PlanOutcome(run_id)
         for i, group in enumerate(audience.groups(params.group_size), 1):
             planned = planned.merge(plan(prepared, _quoted(group), i))
+        audience.release(engine_for(settings))
         plan_stage.announce_planned(prepared, planned, audience.size)
         progress_id = create_progress_artifact(0.0, key=artifact_key(prepared.name, "progress"),
                                                description=f"{prepared.name} {prepared.occurrence}: dispatch")
@@ -448,6 +523,18 @@ def _refuse_cancelled(settings, run_id: int) -> None:
     from membercare.delivery.controls import find_run
 
     info = find_run(engine_for(settings), run_id)
+    if info.cancelled:
+        raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
+
+
+def _refuse_cancelled_occurrence(settings, prepared: PreparedRun) -> None:
+    from membercare.delivery.controls import find_run
+    from membercare.errors import UnknownNameError
+
+    try:
+        info = find_run(engine_for(settings), f"{prepared.name}/{prepared.occurrence}")
+    except UnknownNameError:
+        return
     if info.cancelled:
         raise InputError(f"{info.label} was cancelled ({info.reason}); it is never sent again")
 

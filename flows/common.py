@@ -38,6 +38,8 @@ SECRET_VARIABLES: tuple[str, ...] = (
     "MEMBERCARE_PUSH_TRACKING_SECRET",
     "MEMBERCARE_TRIGGER_SECRET",
     "MEMBERCARE_DATABASE_URL",  # holds the database password in production
+    "MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN",  # sends LINE messages and issues account-link tokens
+    "MEMBERCARE_LINE_CHANNEL_SECRET",  # verifies LINE's webhooks (X-Line-Signature)
 )
 FIREBASE_VARIABLE = "MEMBERCARE_FIREBASE_CREDENTIALS"
 FIREBASE_BLOCK = "membercare-firebase-credentials"
@@ -146,9 +148,24 @@ def file_link(path: Path) -> str:
     return Path(path).resolve().as_uri()
 
 
+def preview_link(settings, path: Path) -> str:
+    """The link a run's artifact gives to its rendered preview ``path`` (``<home>/previews/<name>/index.html``):
+    ``{public_url}/previews/{token}``, served by the receiver behind a signed, expiring token
+    (membercare.receiver.previews), so it opens from any host; a ``file://`` path only when no secret key is
+    configured (a local dry run)."""
+    import time
+
+    from membercare.links import PREVIEW_SECRET, preview_url
+
+    key = settings.secret_key
+    if not key or key == PREVIEW_SECRET:
+        return file_link(path)
+    return preview_url(settings.public_url, Path(path).parent.name, key, time.time())
+
+
 __all__ = [
     "SECRET_VARIABLES", "run_logger", "artifact_key", "block_name", "engine_for",
-    "file_link", "is_transient", "resolved_env", "retry_transient", "settings_from",
+    "file_link", "is_transient", "preview_link", "resolved_env", "retry_transient", "settings_from",
 ]
 
 

@@ -76,7 +76,7 @@ def dispatch_run(run_id: int, channels: list[str] | None = None, wait_for_deferr
 
 
 def unsettled(engine, run_id: int, within_s: float = 0.0) -> tuple[int, int, str | None]:
-    """(rows due now or within ``within_s``, rows being sent, the pause reason if the run is paused)."""
+    """(rows due now or within ``within_s``, rows being sent, the reason if the run is paused or cancelled)."""
     from membercare.delivery.models import CLAIMABLE_STATES, CampaignRun, OutboxMessage, OutboxState, RunStatus
 
     o, r = OutboxMessage.__table__, CampaignRun.__table__
@@ -88,7 +88,8 @@ def unsettled(engine, run_id: int, within_s: float = 0.0) -> tuple[int, int, str
             o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES),
             sa.or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at <= due))).scalar_one()
         status, reason = conn.execute(sa.select(r.c.status, r.c.status_reason).where(r.c.id == run_id)).one()
-    return int(claimable), int(sending), (reason or "paused") if status == RunStatus.PAUSED.value else None
+    stopped = status in (RunStatus.PAUSED.value, RunStatus.CANCELLED.value)
+    return int(claimable), int(sending), (reason or str(status)) if stopped else None
 
 
 class _Watch:

@@ -95,6 +95,7 @@ def due_runs(engine) -> list[int]:
         return list(conn.execute(
             sa.select(o.c.run_id).join(r, r.c.id == o.c.run_id)
             .where(o.c.state.in_(CLAIMABLE_STATES), sa.or_(o.c.next_attempt_at.is_(None), o.c.next_attempt_at <= now),
+                   r.c.status != RunStatus.CANCELLED.value,
                    sa.or_(r.c.status != RunStatus.PAUSED.value, r.c.auto_resume_at <= now))
             .group_by(o.c.run_id).order_by(o.c.run_id)).scalars())
 

@@ -123,6 +123,54 @@ def verify_click_token(token: str, secrets: str | bytes | Sequence[str | bytes])
     return ClickClaims(message_id=mid.hex(), index=index)
 
 
+_PREVIEW_DOMAIN = b"membercare.preview"
+_PREVIEW_PAYLOAD = struct.Struct(">BI8s")  # version, expiry (unix seconds), the preview's name digest
+PREVIEW_LINK_TTL_S = 14 * 24 * 3600  # a run's artifact stays readable for two weeks
+
+
+def preview_digest(name: str) -> bytes:
+    """The 8 bytes a preview token names a preview by (its folder name's SHA-256 prefix): the token carries
+    no path, so the receiver can only serve a folder it lists itself."""
+    return hashlib.sha256(name.encode("utf-8")).digest()[:8]
+
+
+def _preview_mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, _PREVIEW_DOMAIN + payload, hashlib.sha256).digest()[:_SIG_BYTES]
+
+
+def sign_preview_token(name: str, expires_at: int, secret: str | bytes) -> str:
+    """A token for the rendered preview ``name`` (a campaign's preview folder) valid until ``expires_at``
+    (unix seconds): ``{public_url}/previews/{token}`` on the receiver (``membercare serve``)."""
+    if not 0 < int(expires_at) < 2**32:
+        raise InputError("preview link expiry out of range")
+    key = secret.encode() if isinstance(secret, str) else secret
+    if not key:
+        raise ConfigurationError("no secret configured to sign preview links")
+    payload = _PREVIEW_PAYLOAD.pack(_VERSION, int(expires_at), preview_digest(name))
+    return _b64(payload + _preview_mac(key, payload))
+
+
+def preview_url(public_url: str, name: str, secret: str | bytes, now: float, ttl_s: int = PREVIEW_LINK_TTL_S) -> str:
+    """``{public_url}/previews/{token}``: the preview ``name`` on the receiver, for ``ttl_s`` from ``now``."""
+    return f"{public_url.rstrip('/')}/previews/{sign_preview_token(name, int(now) + ttl_s, secret)}"
+
+
+@dataclass(frozen=True)
+class PreviewClaims:
+    digest: bytes
+    expires_at: int
+
+
+def verify_preview_token(token: str, secrets: str | bytes | Sequence[str | bytes]) -> PreviewClaims:
+    """The claims of a preview token one of ``secrets`` signed (expiry not checked here: the caller's clock
+    decides); :class:`InvalidTokenError` otherwise."""
+    payload = _verified_payload(token, secrets, _PREVIEW_PAYLOAD.size, _SIG_BYTES, _preview_mac)
+    version, expires_at, digest = _PREVIEW_PAYLOAD.unpack(payload)
+    if version != _VERSION:
+        raise InvalidTokenError("unknown preview token version")
+    return PreviewClaims(digest, int(expires_at))
+
+
 class InvalidTokenError(InputError):
     """A link token that is malformed or not signed by any of our secrets."""
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from membercare.errors import InputError
 from membercare.models import (
     PURCHASE_STATUSES,
     Consent,
@@ -75,3 +77,35 @@ def member_profile(conn: Connection, external_id: str, *, recent_orders: int = 5
         purchase_count=int(agg[0]), purchase_total=int(agg[1]), currency=agg[2] or "TWD",
         live_devices=int(live or 0), dead_devices=int(dead or 0),
     )
+
+
+@dataclass
+class MemberValue:
+    """A member's expected residual lifetime value and P(alive) at ``as_of`` (``known`` False: no purchase up to
+    then, or ``note`` says why the shop's models could not be fitted)."""
+
+    as_of: datetime
+    months: int
+    annual_discount: float
+    known: bool
+    value_minor: float | None = None
+    p_alive: float | None = None
+    purchase_days: int = 0
+    note: str = ""
+
+
+def member_value(conn: Connection, member_id: int, as_of: datetime, *, months: int = 12,
+                 annual_discount: float = 0.10) -> MemberValue:
+    """Fit the shop's BG/NBD and Gamma-Gamma models at ``as_of`` (:mod:`membercare.lifetime_value`) and read one
+    member's figures. The fit covers every buyer (about 1.5 s at 10,000 members)."""
+    from membercare.lifetime_value import value_snapshot
+
+    try:
+        snap = value_snapshot(conn, as_of, months=months, annual_discount=annual_discount)
+    except InputError as exc:
+        return MemberValue(as_of, months, annual_discount, False, note=f"no value model: {exc}")
+    value, alive, known = snap.lookup([member_id])
+    if not bool(known[0]):
+        return MemberValue(snap.as_of, months, annual_discount, False, note="no purchase up to as_of")
+    days = int(snap.purchases[snap.member_id.searchsorted(member_id)])
+    return MemberValue(snap.as_of, months, annual_discount, True, float(value[0]), float(alive[0]), days)

@@ -215,8 +215,14 @@ class Device(TableModel, table=True):
 
 
 class Product(TableModel, table=True):
+    """A catalogue item. ``stock`` is the current number on hand (``None``: the shop does not say, treated as
+    available); ``arrived_at`` is when it was first offered; ``restocked_at`` is the last time its stock went
+    from 0 to above 0 (set by the products import, see docs/import-formats.md). Stock has no history: segments
+    "as of" a past date still read today's stock."""
+
     __tablename__ = "products"
-    __table_args__ = (sa.CheckConstraint("price_minor >= 0", name="ck_products_price_nonneg"),)
+    __table_args__ = (sa.CheckConstraint("price_minor >= 0", name="ck_products_price_nonneg"),
+                      sa.CheckConstraint("stock IS NULL OR stock >= 0", name="ck_products_stock_nonneg"))
 
     id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     sku: str = Field(max_length=64, unique=True)
@@ -224,6 +230,9 @@ class Product(TableModel, table=True):
     category: str = Field(max_length=64, index=True)
     price_minor: int = Field(sa_type=sa.BigInteger)
     currency: str = Field(default="TWD", max_length=3)
+    arrived_at: datetime | None = _ts(nullable=True, default=None)
+    stock: int | None = Field(default=None)
+    restocked_at: datetime | None = _ts(nullable=True, default=None)
 
 
 class Order(TableModel, table=True):

@@ -276,6 +276,7 @@ def get(name: str) -> SegmentDefinition:
 
 
 def _load_standard() -> None:
+    import segments.catalogue  # (registers new_arrivals and back_in_stock)
     import segments.standard  # noqa: F401  (registers the standard set)
 
 

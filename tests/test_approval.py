@@ -85,7 +85,7 @@ def _rows(engine, occurrence):
 def test_approved_sends_rejected_sends_nothing_and_the_decision_is_recorded(approval_env, prefect_harness, sandbox):
     from prefect.flow_runs import resume_flow_run
 
-    from flows.campaign import CampaignRunParameters
+    from flows.campaign import CampaignRunParameters, run_campaign
 
     engine = approval_env
     as_of = SHOP_DAY.isoformat()
@@ -103,6 +103,10 @@ def test_approved_sends_rejected_sends_nothing_and_the_decision_is_recorded(appr
     run = find_run(engine, info.id)
     assert run.cancelled and "rejected in the Prefect UI: wrong month" in (run.reason or "")
     assert sandbox.stats()["accepted_total"] == 0 and _rows(engine, run.occurrence) == 0
+    # A rerun of the rejected occurrence is refused at once, without asking for an approval again.
+    with pytest.raises(Exception, match="it is never sent again"):
+        run_campaign(CampaignRunParameters(campaign="vip_appreciation", as_of=as_of, occurrence_tag="no",
+                                           wait_for_deferred_s=0))
 
     # Approved: planned and sent after the decision; who and when recorded.
     t, out = _run_in_thread(CampaignRunParameters(campaign="vip_appreciation", as_of=as_of, occurrence_tag="ok",

@@ -6,10 +6,12 @@ The shop is a generated SQLite database; providers are the in-process sandbox th
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -137,7 +139,18 @@ def test_run_campaign_flow_sends_once_and_leaves_artifacts(flow_env, prefect_har
     table = _artifacts("coupon-expiry-run")
     assert table and table[0].type == "table"
     md = _artifacts("coupon-expiry-report")
-    assert md and "file://" in md[0].data and "previews" in md[0].data
+    # The preview is linked through the receiver behind a signed token, not as a path on the worker's disk.
+    assert md and "file://" not in md[0].data
+    link = re.search(r"\((https?://[^)]+/previews/[^)]+)\)", md[0].data)
+    assert link, md[0].data
+    from fastapi.testclient import TestClient
+
+    from membercare.receiver import ReceiverConfig, create_app
+
+    receiver = TestClient(create_app(ReceiverConfig(secret_key=SECRET), sa.create_engine(
+        flow_env["MEMBERCARE_DATABASE_URL"])))
+    page = receiver.get(urlsplit(link.group(1)).path)
+    assert page.status_code == 200 and "coupon_expiry" in page.text
     progress = _artifacts("coupon-expiry-progress")
     # The settled share of the messages meant to be sent. What is still waiting depends on the hour the flow
     # ran at (SMS and push wait out quiet hours, 21:00-09:00 in the member's zone; email never does), so the

@@ -31,7 +31,9 @@ def test_gallery_has_every_campaign_channel_and_locale(gallery):
     campaigns = list_campaigns(Settings(templates_dir=PROJECT_TEMPLATES))
     for c in campaigns:
         assert f"id='{c.name}'" in page
-    expected = {ch: sum(len(c.locales) for c in campaigns if ch in [x.value for x in c.channels])
+    # One row per locale and template variant.
+    expected = {ch: sum(len(c.locales) * (len(c.optimise.variants.names) if c.optimise.variants else 1)
+                        for c in campaigns if ch in [x.value for x in c.channels])
                 for ch in ("email", "sms", "push", "line")}
     assert page.count("<iframe") == expected["email"]
     assert page.count("class='bubble'") == expected["sms"]

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from clirun import run_cli
 from fakes import FakeAdapter, seed_members, simple_renderer
 from membercare.delivery.controls import find_run
-from membercare.delivery.dispatcher import DispatchConfig, Dispatcher
+from membercare.delivery.dispatcher import DispatchConfig, Dispatcher, RunPaused
 from membercare.delivery.models import OutboxMessage
 from membercare.delivery.planner import PlanSpec, plan_run
 from membercare.delivery.policies import PolicySettings
@@ -115,14 +115,27 @@ def test_cancel_mid_dispatch_skips_what_is_left_and_is_never_resumed(engine, db_
 
     d = Dispatcher(engine, ads, config=CFG, policy=NOPOLICY, clock=lambda: NOW)
     d.limiters["sms"] = After(6, cancel)
-    d.dispatch(run_id)
-    # The row released by the gate after the cancel is settled by a second cancel (idempotent) or the sweep.
-    cli(db_url, tmp_path, "campaign", "cancel", str(run_id), "--settle-wait", "0")
+    rep = d.dispatch(run_id)
+    assert "the run is cancelled" in (rep.stop_reason or "") and "typo in subject" in (rep.stop_reason or "")
+    # The row the gate handed back after the cancel was settled when the dispatcher's pass ended: nothing is
+    # left waiting for a dispatcher that will never come.
     assert states(engine, run_id) == {"sent": 5, "skipped": 15}
     with engine.connect() as conn:
         assert set(conn.execute(sa.select(OB.c.reason_code).where(OB.c.state == "skipped")).scalars()) == {"cancelled"}
+    info = find_run(engine, run_id)
+    assert info.status == "cancelled" and info.cancelled and "typo in subject" in (info.reason or "")
+    status = cli(db_url, tmp_path, "campaign", "status", str(run_id))
+    assert "cancelled" in status.stdout and "skipped 15" in status.stdout
     r = cli(db_url, tmp_path, "campaign", "resume", str(run_id))
     assert r.returncode == 1 and "never resumed" in r.stderr
+    r = cli(db_url, tmp_path, "campaign", "pause", str(run_id))
+    assert r.returncode == 1 and "cancelled" in r.stderr
+    # No dispatcher starts it again (a rerun, dispatch-due), not even with resume.
+    with pytest.raises(RunPaused, match="cancelled"):
+        Dispatcher(engine, ads, config=CFG, policy=NOPOLICY, clock=lambda: NOW).dispatch(run_id, resume=True)
+    assert len(ads["sms"].accepted) + len(ads["email"].accepted) == 5
+    assert cli(db_url, tmp_path, "campaign", "cancel", str(run_id), "--settle-wait", "0").returncode == 0  # idempotent
+    assert find_run(engine, run_id).reason == info.reason
 
 
 @pytest.mark.slow  # several CLI processes
@@ -149,3 +162,17 @@ def test_unknown_run_is_a_usage_error_naming_the_runs(engine, db_url, tmp_path):
     plan(engine, 2)
     r = cli(db_url, tmp_path, "campaign", "pause", "999")
     assert r.returncode == 1 and "unknown campaign run '999'" in r.stderr and "promo/2026-11-23" in r.stderr
+
+
+def test_a_cancelled_run_reads_cancelled_in_its_summary_artifact(engine):
+    """What the run's table and markdown artifacts are built from: the status, the reason, the skipped rows."""
+    from membercare.campaigns.summary import summarise
+    from membercare.delivery.controls import cancel_run
+
+    run_id = plan(engine, 6)
+    cancel_run(engine, run_id, reason="campaign withdrawn", by="mei", settle_wait_s=0)
+    s = summarise(engine, run_id, campaign="promo", occurrence="2026-11-23", segment_size=6)
+    assert s.status == "cancelled" and "cancelled by mei" in (s.status_reason or "")
+    rows = {r["metric"]: r["value"] for r in s.table()}
+    assert rows["status"].startswith("cancelled (cancelled by mei") and rows["skipped: cancelled"] == 6
+    assert s.waiting == 0 and s.deferred == 0

@@ -69,3 +69,13 @@ def test_coupon_expiry_reminders_do_not_share_an_occurrence():
     tags = {d["parameters"]["params"].get("occurrence_tag") for d in DEPLOYMENTS
             if d.get("parameters", {}).get("params", {}).get("campaign") == "coupon_expiry"}
     assert tags == {"d3", "d1"}
+
+
+def test_the_test_send_deployment_sends_a_test_to_a_seed_list_that_exists():
+    from flows.campaign import CampaignRunParameters
+    from membercare.campaigns.seed_send import parse_seeds
+
+    dep = next(d for d in DEPLOYMENTS if d["name"] == "campaign-test-send")
+    assert not dep.get("schedules")
+    params = CampaignRunParameters.model_validate(dep["parameters"]["params"])
+    assert params.test_to and parse_seeds(params.test_to, lists_dir=Path(__file__).resolve().parent.parent)

@@ -43,3 +43,28 @@ def test_commands_in_the_folder_use_the_configured_database(sqlite_url, tmp_path
     r = run_cli("campaign", "status", home=home)
     assert r.returncode == 0, r.stderr
     assert "promo/2026-11-23" in r.stdout and "checking the config" in r.stdout
+
+
+def test_prefect_start_up_timeout_is_one_line_saying_what_to_do(monkeypatch, capsys, sqlite_url, tmp_path):
+    """The ephemeral server's start-up timeout (`campaign run` failed 2 of 4 times with it on a busy machine)
+    is reported as one line naming the setting and the alternative, not as a traceback."""
+    import pytest
+
+    import flows.campaign
+    from membercare.cli import main
+    from membercare.cli.project import PREFECT_TIMEOUT_MESSAGE
+
+    def slow_server(params):
+        raise RuntimeError(f"{PREFECT_TIMEOUT_MESSAGE} at http://127.0.0.1:8123/api")
+
+    monkeypatch.setattr(flows.campaign, "run_campaign", slow_server)
+    monkeypatch.setenv("MEMBERCARE_HOME", str(tmp_path))
+    monkeypatch.setenv("MEMBERCARE_DATABASE_URL", sqlite_url)
+    for k, v in PREFECT_DEFAULTS.items():  # main() fills them in; monkeypatch puts the environment back after
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exited:
+        main(["campaign", "run", "birthday"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "Traceback" not in err
+    assert "did not answer within 180 s" in err and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in err
+    assert "membercare ui" in err

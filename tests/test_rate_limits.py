@@ -7,6 +7,7 @@ seconds by nature (a rate is a rate), and assert with the token bucket's exact b
 """
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -114,3 +115,48 @@ def test_a_stalled_gate_does_not_release_a_burst(engine, clock):
     assert d.gate_calls > d.stall_at  # the stall happened mid-run
     # The bucket's bound (rate x T + burst), plus one call of scheduling jitter and 10 % for thread wake-ups.
     assert max_in_window(sent_at, 1.0) <= rate * 1.1 + burst + 1
+
+
+class _ChunkLimiter:
+    """A limiter that hands out slots a chunk at a time, as a limit shared between workers does: the first
+    caller of each chunk waits for it, the rest of the chunk is free. Here a whole second's worth per chunk."""
+
+    def __init__(self, rate: float):
+        self.rate, self.chunk = rate, int(rate)
+        self._tokens, self._next = 0, time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        with self._lock:
+            if self._tokens <= 0:
+                time.sleep(max(0.0, self._next - time.monotonic()))
+                self._next = time.monotonic() + self.chunk / self.rate
+                self._tokens = self.chunk
+            self._tokens -= 1
+        return 0.0
+
+    def reserve(self) -> float:
+        return 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._tokens = 0
+
+
+@pytest.mark.slow  # 60 messages at 20/s: seconds of real pacing
+def test_a_chunked_shared_limiter_is_paced_after_the_gate(engine, clock):
+    rate, n = 20.0, 60
+    sent_at: list[float] = []
+    with engine.begin() as conn:
+        ids = seed_members(conn, n, preferred="sms", consent=[("sms", "marketing")], now=clock())
+    run_id = plan_run(engine, PlanSpec("chunk", "2026-11-23", Purpose.MARKETING, (Channel.SMS,)), [ids],
+                      clock(), simple_renderer, policy=NOPOLICY).run_id
+    # No local rate for SMS: the shared limiter is the only one, as on a stack with global limits.
+    cfg = DispatchConfig(workers=16, batch_size=60, rate_limits={}, flush_interval=0.05)
+    d = Dispatcher(engine, {"sms": FakeAdapter("sms", lambda m, c: sent_at.append(time.monotonic()))},
+                   config=cfg, policy=NOPOLICY, clock=clock)
+    d.use_limiters({"sms": _ChunkLimiter(rate)})
+    rep = d.dispatch(run_id)
+    assert rep.outcomes["sent"] == n and len(sent_at) == n
+    # Without the pacer each chunk (20 slots) leaves at once: 20 calls within a few milliseconds.
+    burst = max(1.0, rate / 10)
+    assert max_in_window(sent_at, 0.25) <= rate * 0.25 * 1.1 + burst + 1

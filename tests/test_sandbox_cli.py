@@ -99,3 +99,31 @@ def test_receiver_stops_on_sigint_even_when_started_with_sigint_ignored(tmp_path
     finally:
         rc, err = _stop(proc, signal.SIGINT)
     assert rc == 0 and "Application shutdown complete" in err, err
+
+
+def test_write_config_makes_every_command_in_the_folder_send_to_the_sandbox(tmp_path):
+    """`membercare sandbox --write-config` in a fresh folder, then `campaign test` there with no membercare
+    variable set: it reaches this sandbox (on a port other than the default, so the file follows the port)."""
+    from membercare.cli.project import read_project_config
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MEMBERCARE_", "PREFECT_"))}
+    env = {**clean, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", CODE.format(mod="sandbox"), "sandbox", "--port", "0",
+                             "--write-config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env, cwd=tmp_path)
+    try:
+        url = _banner_url(proc, r"listening on (http://\S+)")
+        path = tmp_path / ".membercare" / "config.toml"
+        assert path.is_file() and oct(path.stat().st_mode)[-3:] == "600"
+        cfg = read_project_config(path)
+        assert cfg["MEMBERCARE_SENDGRID_BASE_URL"] == url and cfg["MEMBERCARE_TWILIO_BASE_URL"] == url
+        assert len(cfg["MEMBERCARE_SECRET_KEY"]) >= 32 and cfg["MEMBERCARE_SECRET_KEY"] not in path.read_text()
+        r = subprocess.run([sys.executable, "-c", CODE.format(mod="campaign"), "campaign", "test",
+                            "vip_appreciation", "--to", "qa@example.com"], capture_output=True, text=True,
+                           env={**env, "COLUMNS": "200"}, cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "2 of 2 test messages accepted" in r.stdout
+        records = httpx.get(url + "/sandbox/messages", timeout=10).json()
+        assert len(records["messages"] if isinstance(records, dict) else records) == 2
+    finally:
+        _stop(proc, signal.SIGTERM)

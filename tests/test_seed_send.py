@@ -97,3 +97,13 @@ def test_a_transient_failure_is_tried_again_and_a_permanent_one_is_reported(sett
     assert by_channel["email"] == {"accepted"} and flaky.calls == 5  # 4 messages, the first tried twice
     assert all(o.startswith("refused:") for o in by_channel["sms"]) and refused.calls == 4  # never retried
     assert all(o.startswith("refused: 503") for o in by_channel["push"]) and down.calls == 4 * 3
+
+
+def test_a_seed_list_can_be_named(tmp_path):
+    (tmp_path / "seeds").mkdir()
+    (tmp_path / "seeds" / "team.txt").write_text("mei@example.com # Mei\n+886912345679\n", encoding="utf-8")
+    seeds = parse_seeds(["team", "push:tok"], lists_dir=tmp_path)
+    assert [(s.channel, s.to) for s in seeds] == [(Channel.EMAIL, "mei@example.com"), (Channel.SMS, "+886912345679"),
+                                                  (Channel.PUSH, "tok")]
+    with pytest.raises(InputError, match="no seed list named 'nobody'"):
+        parse_seeds("nobody", lists_dir=tmp_path)

@@ -247,7 +247,7 @@ def test_composition_and_text_form(engine):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: base.ref("nope"), UnknownNameError, "valid choices: birthday_today, category_affinity"),
+        (lambda: base.ref("nope"), UnknownNameError, "valid choices: back_in_stock, birthday_today, category_affinity"),
         (lambda: base.ref("new_members", weeks=2), UnknownNameError, "valid choices: day, days"),
         (lambda: base.ref("new_members", days="abc"), InputError, "must be a int"),
         (lambda: base.ref("new_members", days=0), InputError, "between 1 and 3650"),

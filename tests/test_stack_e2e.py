@@ -195,6 +195,31 @@ def _states(db_url: str, run_id: int) -> dict[str, int]:
     return {**states, "_settled_without_reason": unexplained, "_unknown_not_resent": not_resent}
 
 
+def _claims_under(db_url: str, run_id: int, ancestor: int) -> int:
+    """Rows of the run claimed right now by dispatcher processes descending from process ``ancestor`` (claims
+    name their process: ``host:pid:tag/...``)."""
+    from membercare.db import make_engine
+    from membercare.delivery.models import OutboxMessage
+
+    engine = make_engine(db_url)
+    o = OutboxMessage.__table__
+    try:
+        with engine.connect() as conn:
+            claims = conn.execute(sa.select(o.c.claimed_by, sa.func.count()).where(
+                o.c.run_id == run_id, o.c.state == "sending").group_by(o.c.claimed_by)).all()
+    finally:
+        engine.dispose()
+    total = 0
+    for claim, n in claims:
+        pid: int | None = int(str(claim).split("/", 1)[0].split(":")[1])
+        for _ in range(6):  # dispatcher -> flow-run process -> worker, a level or two of wrappers between
+            if pid is None or pid == ancestor:
+                break
+            pid = _parent(pid)
+        total += n if pid == ancestor else 0
+    return total
+
+
 def _run_id(db_url: str) -> int | None:
     from membercare.db import make_engine
     from membercare.delivery.models import CampaignRun
@@ -275,14 +300,24 @@ def _exercise(api: Api, stack: dict, workers: dict[int, str], sandbox, shop_db: 
 
     run_id = _wait(lambda: _run_id(shop_db), 600, "the campaign run to be planned")
 
+    def victim_worker() -> int | None:
+        """The worker that does not run the campaign flow (the one to lose), once that is known."""
+        pid = api.client.read_flow_run(campaign.id).infrastructure_pid
+        run_by = owner.get(int(str(pid).rsplit(":", 1)[-1])) if pid else None
+        return next((p for p, n in workers.items() if n != run_by), None) if run_by else None
+
     def both_dispatching() -> bool:
         note_owners()
-        return len(dispatching) == 2 and sandbox.stats()["accepted_total"] >= MEMBERS * 0.15
+        if len(dispatching) < 2 or sandbox.stats()["accepted_total"] < MEMBERS * 0.15:
+            return False
+        # The victim must be sending when it dies (its dispatchers hold claims), else the kill tests nothing.
+        victim = victim_worker()
+        return victim is not None and _claims_under(shop_db, run_id, victim) > 0
 
-    _wait(both_dispatching, 600, "dispatch-run flow runs on both workers", poll=0.5)
-    campaign_fr = api.client.read_flow_run(campaign.id)
-    survivor = owner[int(str(campaign_fr.infrastructure_pid).rsplit(":", 1)[-1])]
-    victim_pid = next(p for p, n in workers.items() if n != survivor)
+    _wait(both_dispatching, 600, "dispatch-run flow runs on both workers, the victim's sending", poll=0.5)
+    victim_pid = victim_worker()
+    assert victim_pid is not None
+    survivor = next(n for p, n in workers.items() if p != victim_pid)
     sent_at_kill = sandbox.stats()["accepted_total"]
     signal_tree(victim_pid, signal.SIGKILL)  # a lost host: the worker and its flow runs, no goodbye
     _say(f"killed {workers[victim_pid]} after {sent_at_kill:,} accepted messages ({time.monotonic() - started:.0f} s)")
@@ -294,6 +329,16 @@ def _exercise(api: Api, stack: dict, workers: dict[int, str], sandbox, shop_db: 
 
     state = _wait(campaign_done, 900, "the campaign flow run to finish")
     assert state.is_completed(), state.message
+    # The lost worker's runs stop sending heartbeats: the stack's automation marks them Crashed (not "Running"
+    # for ever). Proactive triggers fire 90 s after the last heartbeat, evaluated every few seconds.
+    victim_runs = [fr for fr, w in run_owner.items() if w == workers[victim_pid]]
+    assert victim_runs, "the killed worker ran no flow run we saw"
+    # Runs it finished before the kill are Completed; the ones it was running must not stay Running.
+    _wait(lambda: all((s := api.state(fr)) is not None and s.is_final() for fr in victim_runs), 300,
+          "the killed worker's flow runs to be marked Crashed")
+    crashed = sum(api.state(fr).is_crashed() for fr in victim_runs)
+    assert crashed, "none of the killed worker's flow runs was marked Crashed"
+    _say(f"{crashed} flow run(s) of the killed worker marked Crashed ({time.monotonic() - started:.0f} s)")
     # Rows the dead dispatchers may have handed to the provider are unknown: the provider's records settle them.
     sync = api.run_deployment("sync-engagement/sync-engagement",
                               {"records_url": sandbox.url, "grace_minutes": 0.0, "lease_minutes": LEASE_S / 60,

@@ -161,7 +161,7 @@ class LineChannel:
     def multicast(self, user_ids: Sequence[str], content: LineContent, idempotency_key: str) -> SendResult:
         """One content to up to 500 users in one request (``POST /v2/bot/message/multicast``), with the retry
         key of ``idempotency_key``. LINE returns no message ids for a multicast: ``Accepted`` carries the
-        retry key. Not used by the dispatcher, which sends one outbox row per request."""
+        retry key (``Accepted.status`` 409 when LINE had accepted that key before)."""
         from linebot.v3.messaging import MulticastRequest
 
         if not 1 <= len(user_ids) <= MULTICAST_MAX:
@@ -171,7 +171,27 @@ class LineChannel:
         result = self._call(lambda: self._api.multicast(request, x_line_retry_key=key,
                                                         _request_timeout=self.config.timeout_s),
                             f"{len(user_ids)} users", idempotency_key)
-        return Accepted(provider_message_id=key, status=200) if isinstance(result, Accepted) else result
+        # 409: a request with this key was accepted before (nothing sent again); the status tells it apart.
+        return Accepted(provider_message_id=key, status=result.status) if isinstance(result, Accepted) else result
+
+    max_batch = MULTICAST_MAX  # channels.base.BatchSender
+
+    def send_many(self, messages: Sequence[OutboundMessage], batch_key: str) -> list[SendResult | None]:
+        """:class:`channels.base.BatchSender`: the dispatcher's rows of one content as one multicast, its
+        ``X-Line-Retry-Key`` derived from ``batch_key`` (the same rows give the same key, so a retried or
+        reconciled batch is not delivered twice). One result per message; ``None`` for every message when
+        LINE refused the whole request because of one user id (it does not say which): nothing was sent,
+        and the dispatcher sends each of them on its own."""
+        first = messages[0].content if messages else None
+        if not isinstance(first, LineContent) or any(m.content != first for m in messages):
+            raise TypeError("LineChannel.send_many sends one LineContent to every message")
+        try:
+            result = self.multicast([m.to for m in messages], first, batch_key)
+        except ValueError as exc:  # the SDK's models refuse the content (a malformed Flex container)
+            result = PermanentFailure(FailureReason.REJECTED, detail=f"LINE message refused by the SDK: {exc}"[:500])
+        if isinstance(result, PermanentFailure) and result.reason is FailureReason.INVALID_RECIPIENT:
+            return [None] * len(messages)
+        return [result] * len(messages)
 
     def quota(self) -> Quota:
         """This month's quota (``GET /v2/bot/message/quota`` and ``/quota/consumption``); raises

@@ -16,14 +16,21 @@ LINE ``type``       kind
                     insensitive: 取消, 退訂, 取消訂閱, STOP, UNSUBSCRIBE) has ``command`` ``stop``
 ``postback``        ``clicked``: the user tapped a postback action of our Flex message; its ``data``
                     carries our message id (``mid=<message id>``)
-anything else       ``unknown`` (``accountLink``, ``join``, ``beacon``, ...), the raw event kept
+``accountLink``     ``unknown`` with the reason ``accountLink ok`` / ``accountLink failed``; the receiver
+                    then spends ``link.nonce`` and links the user id (:func:`account_link`,
+                    :mod:`membercare.receiver.line_link`)
+anything else       ``unknown`` (``join``, ``beacon``, ...), the raw event kept
 ==================  =====================================================================================
+
+A follower asks to link their member account by writing one of :data:`LINK_KEYWORDS` (綁定, "link"), or by
+following the account while no member has their user id (:func:`link_request`).
 """
 
 from __future__ import annotations
 
 import unicodedata
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -43,15 +50,77 @@ from membercare.timeutil import utcnow
 PROVIDER = "line"
 POSTBACK_MESSAGE_ID = "mid"  # our message id in a postback action's data: "mid=<message id>&..."
 STOP_KEYWORDS = frozenset({"取消", "退訂", "取消訂閱", "stop", "unsubscribe"})
+LINK_KEYWORDS = frozenset({"綁定", "綁定帳號", "帳號綁定", "連結帳號", "link", "link account"})
+ACCOUNT_LINK = "accountLink"
+MAX_NONCE = 255  # LINE: a nonce is 10 to 255 characters
 _TRIM = " \t\r\n.!?。！？,，;；:：'\"“”「」"
 _KINDS = {"follow": EventKind.RESUBSCRIBED, "unfollow": EventKind.UNSUBSCRIBED, "message": EventKind.INBOUND,
           "postback": EventKind.CLICKED}
 UNSUBSCRIBE_SUPPRESSION = "unsubscribe"  # membercare.delivery.models.SuppressionReason.UNSUBSCRIBE
 
 
+def _keyword(text: str | None) -> str:
+    return unicodedata.normalize("NFKC", text or "").strip(_TRIM).casefold()
+
+
 def is_stop_keyword(text: str | None) -> bool:
     """Whether a member's message is an opt-out: the whole text (NFKC, trimmed, case-folded) is a keyword."""
-    return unicodedata.normalize("NFKC", text or "").strip(_TRIM).casefold() in STOP_KEYWORDS
+    return _keyword(text) in STOP_KEYWORDS
+
+
+def is_link_keyword(text: str | None) -> bool:
+    """Whether a follower's message asks to link their member account (the whole text is a keyword)."""
+    return _keyword(text) in LINK_KEYWORDS
+
+
+@dataclass(frozen=True)
+class AccountLink:
+    """An ``accountLink`` event: the LINE user, whether LINE linked (``ok``), and our nonce."""
+
+    user_id: str | None
+    nonce: str | None
+    ok: bool
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    """A follower to send the login link to: their user id, the event's reply token, and why."""
+
+    user_id: str
+    reply_token: str | None
+    reason: str  # "keyword" or "follow"
+
+
+def _user_id(event: Mapping[str, Any]) -> str | None:
+    source = event.get("source")
+    user = source.get("userId") if isinstance(source, dict) else None
+    return usable_id(user, 64) if isinstance(user, str) else None
+
+
+def account_link(event: Mapping[str, Any]) -> AccountLink | None:
+    """The account link an event reports, or ``None`` when it is not an ``accountLink`` event."""
+    if event.get("type") != ACCOUNT_LINK:
+        return None
+    link: Mapping[str, Any] = event["link"] if isinstance(event.get("link"), dict) else {}
+    nonce = link.get("nonce") if isinstance(link.get("nonce"), str) else None
+    return AccountLink(user_id=_user_id(event), nonce=usable_id(nonce, MAX_NONCE) if nonce else None,
+                       ok=link.get("result") == "ok")
+
+
+def link_request(event: Mapping[str, Any], linked: bool) -> LinkRequest | None:
+    """The follower to prompt with the login link: one who wrote a link keyword, or who followed while
+    not ``linked`` to a member. ``None`` for anything else and for a redelivered event (it was answered)."""
+    user = _user_id(event)
+    context = event.get("deliveryContext")
+    if user is None or (isinstance(context, dict) and context.get("isRedelivery") is True):
+        return None
+    token = event.get("replyToken") if isinstance(event.get("replyToken"), str) else None
+    message: Mapping[str, Any] = event["message"] if isinstance(event.get("message"), dict) else {}
+    if event.get("type") == "message" and message.get("type") == "text" and is_link_keyword(message.get("text")):
+        return LinkRequest(user, token, "keyword")
+    if event.get("type") == "follow" and not linked:
+        return LinkRequest(user, token, "follow")
+    return None
 
 
 def _occurred(event: Mapping[str, Any]) -> datetime:
@@ -91,6 +160,9 @@ def parse_event(event: Any) -> EngagementEvent:
         reason = clip("postback", 500)
     elif kind is EventKind.UNSUBSCRIBED:
         suppress = UNSUBSCRIBE_SUPPRESSION if user_id else None
+    elif kind_name == ACCOUNT_LINK:
+        link = account_link(event)
+        reason = f"accountLink {'ok' if link and link.ok else 'failed'}"
     elif kind is EventKind.UNKNOWN:
         reason = clip(f"unmapped LINE event type {kind_name!r}", 500)
     return EngagementEvent(provider=PROVIDER, dedupe_key=key, kind=kind, channel=Channel.LINE,

@@ -3,8 +3,11 @@
 Endpoints (as ``line-bot-sdk`` v3 calls them, Bearer channel access token):
 
 * ``POST /v2/bot/message/push`` and ``POST /v2/bot/message/multicast``: 200 with ``sentMessages`` (push) or
-  ``{}`` (multicast); ``X-Line-Retry-Key`` honoured like LINE: a key seen before answers 409 with
-  ``X-Line-Accepted-Request-Id`` and sends nothing again; 400 blaming ``to`` for a user id that is not
+  ``{}`` (multicast), one record per recipient; ``X-Line-Retry-Key`` honoured like LINE: a key that an
+  accepted request carried less than 24 hours ago (:data:`RETRY_KEY_VALIDITY_S`, on the injectable
+  :attr:`LineSandbox.clock`) answers 409 with ``X-Line-Accepted-Request-Id`` and sends nothing again,
+  whatever the body; a key whose request was refused (4xx, 5xx, 429) stays free; an older key is a new
+  request. 400 blaming ``to`` for a user id that is not
   ``U`` + 32 hex digits or is listed in ``line_invalid_user_ids``; 400 for a text over 5,000 characters or
   more than 5 messages; 429 with ``Retry-After`` when rate limited, and 429 "You have reached your monthly
   limit." once ``line_quota`` messages were sent.
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -42,8 +47,14 @@ PUSH_PATH = "/v2/bot/message/push"
 MULTICAST_PATH = "/v2/bot/message/multicast"
 QUOTA_PATH = "/v2/bot/message/quota"
 CONSUMPTION_PATH = "/v2/bot/message/quota/consumption"
+REPLY_PATH = "/v2/bot/message/reply"
+LINK_TOKEN_PATH = "/v2/bot/user/{userId}/linkToken"
+DIALOG_PATH = "/dialog/bot/accountLink"
+LINK_TOKEN_TTL_S = 600.0
 USER_ID = re.compile(r"^U[0-9a-f]{32}$")
 MAX_MESSAGES = 5
+# LINE keeps a retry key for 24 hours after the request that carried it.
+RETRY_KEY_VALIDITY_S = 24 * 3600.0
 
 
 def line_error(message: str, details: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -98,12 +109,14 @@ def postback_message_id(messages: list[dict[str, Any]]) -> str | None:
 
 
 def webhook_event(kind: str, user_id: str, *, event_id: str, at: float, text: str | None = None,
-                  postback_data: str | None = None, redelivery: bool = False) -> dict[str, Any]:
-    """One LINE webhook event of ``kind`` (follow, unfollow, message, postback) from ``user_id``."""
+                  postback_data: str | None = None, redelivery: bool = False,
+                  link: dict[str, str] | None = None) -> dict[str, Any]:
+    """One LINE webhook event of ``kind`` (follow, unfollow, message, postback, accountLink with ``link``
+    ``{"result": "ok"|"failed", "nonce": ...}``) from ``user_id``."""
     event: dict[str, Any] = {"type": kind, "mode": "active", "timestamp": int(at * 1000),
                              "source": {"type": "user", "userId": user_id}, "webhookEventId": event_id,
                              "deliveryContext": {"isRedelivery": redelivery}}
-    if kind in ("follow", "message", "postback"):
+    if kind in ("follow", "message", "postback", "accountLink"):
         event["replyToken"] = uuid.uuid5(uuid.NAMESPACE_URL, event_id).hex
     if kind == "follow":
         event["follow"] = {"isUnblocked": False}
@@ -112,6 +125,8 @@ def webhook_event(kind: str, user_id: str, *, event_id: str, at: float, text: st
                             "quoteToken": event_id, "text": text or ""}
     elif kind == "postback":
         event["postback"] = {"data": postback_data or ""}
+    elif kind == "accountLink":
+        event["link"] = dict(link or {})
     return event
 
 
@@ -123,10 +138,24 @@ def webhook_body(destination: str, events: list[dict[str, Any]]) -> bytes:
 class LineSandbox:
     """The Messaging API handlers, run inside one :class:`~membercare.sandbox.server.SandboxApp`."""
 
-    def __init__(self, app: SandboxApp):
+    def __init__(self, app: SandboxApp, clock: Callable[[], float] = time.time):
         self.app = app
-        self.retry_keys: dict[str, str] = {}  # X-Line-Retry-Key -> the request id that was accepted
+        # X-Line-Retry-Key -> (the id of the request that was accepted with it, when, on ``clock``)
+        self.retry_keys: dict[str, tuple[str, float]] = {}
         self.consumed = 0  # messages sent this "month" (since the last reset)
+        # When "now" is for the retry keys' 24 h (seconds since the epoch). Tests replace it (through
+        # ``SandboxServer.call``) to move past the window without waiting.
+        self.clock = self._initial_clock = clock
+
+    def accepted_request(self, key: str) -> str | None:
+        """The id of the request accepted with retry key ``key`` in the last 24 hours, else ``None``."""
+        seen = self.retry_keys.get(key)
+        if seen is None:
+            return None
+        if self.clock() - seen[1] >= RETRY_KEY_VALIDITY_S:
+            del self.retry_keys[key]  # expired: LINE treats the key as never seen
+            return None
+        return seen[0]
 
     def routes(self) -> list[web.RouteDef]:
         from aiohttp import web
@@ -138,6 +167,7 @@ class LineSandbox:
     def reset(self) -> None:
         self.retry_keys.clear()
         self.consumed = 0
+        self.clock = self._initial_clock
 
     def _authorised(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
@@ -171,10 +201,11 @@ class LineSandbox:
             except ValueError:
                 return web.json_response(line_error("The value for the 'X-Line-Retry-Key' header is invalid"),
                                          status=400)
-            if key in self.retry_keys:
+            accepted = self.accepted_request(key)
+            if accepted is not None:
                 app.state.stats.events["line.retry_key_conflict"] += 1
                 return web.json_response(line_error("The retry key is already accepted"), status=409,
-                                         headers={ACCEPTED_REQUEST_HEADER: self.retry_keys[key]})
+                                         headers={ACCEPTED_REQUEST_HEADER: accepted})
         gate = await app.gate(request, "line", raw)
         if isinstance(gate, Fault):
             kind, value = gate
@@ -198,13 +229,14 @@ class LineSandbox:
             app.reject("line", "invalid_recipient")
             return web.json_response(invalid_user(), status=400)
         quota = app.config.line_quota
-        if quota is not None and self.consumed + len(targets) * len(messages) > quota:
+        # LINE counts one message per recipient and request, however many message objects it holds.
+        if quota is not None and self.consumed + len(targets) > quota:
             app.reject("line", "quota")
             return web.json_response(line_error("You have reached your monthly limit."), status=429)
-        self.consumed += len(targets) * len(messages)
+        self.consumed += len(targets)
         request_id = str(uuid.uuid5(uuid.NAMESPACE_OID, stable_id(app.config.seed, "line-req", app.state.seq + 1)))
         if key is not None:
-            self.retry_keys[key] = request_id
+            self.retry_keys[key] = (request_id, self.clock())
         mid = postback_message_id(messages)
         sent = []
         for user in targets:
@@ -252,3 +284,100 @@ class LineSandbox:
         if not self.app.recipients.line_user_event(kind, user, text=body.get("text"), data=body.get("data")):
             return web.json_response({"error": "no LINE webhook URL or channel secret configured"}, status=409)
         return web.json_response({"ok": True}, status=202)
+
+
+class LineLinkSandbox:
+    """LINE's account-link endpoints and the reply API, beside :class:`LineSandbox` in one
+    :class:`~membercare.sandbox.server.SandboxApp` (same access tokens, same webhook target):
+
+    * ``POST /v2/bot/user/{userId}/linkToken``: a link token for a valid user id, valid 10 minutes, once;
+    * ``POST /v2/bot/message/reply``: a reply token is accepted once (400 "Invalid reply token" after);
+      replies are kept apart from pushes (``GET /sandbox/line/replies``), free like LINE's (not counted in
+      the quota) and draw no simulated engagement;
+    * ``GET /dialog/bot/accountLink?linkToken=&nonce=``: LINE's account-link dialog (``access.line.me``) as if
+      the user confirmed it: the signed ``accountLink`` webhook is posted, and its receipt awaited, before the
+      answer; ``result`` ``ok`` for a link token issued here and unused for under 10 minutes, ``failed`` for a
+      used or expired one (400 and no webhook for a token never issued: LINE would not know the user).
+    """
+
+    def __init__(self, app: SandboxApp):
+        self.app = app
+        self.link_tokens: dict[str, tuple[str, float, bool]] = {}  # token -> (user id, issued at, used)
+        self.used_reply_tokens: set[str] = set()
+        self.replies: list[dict[str, Any]] = []
+        self.account_links = 0
+
+    def routes(self) -> list[web.RouteDef]:
+        from aiohttp import web
+
+        return [web.post(REPLY_PATH, self.reply), web.post(LINK_TOKEN_PATH, self.link_token),
+                web.get(DIALOG_PATH, self.account_link_dialog), web.get("/sandbox/line/replies", self.get_replies)]
+
+    def reset(self) -> None:
+        self.link_tokens.clear()
+        self.used_reply_tokens.clear()
+        self.replies.clear()
+
+    def _authorised(self, request: web.Request) -> bool:
+        return self.app.line._authorised(request)
+
+    async def link_token(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v2/bot/user/{userId}/linkToken``: a fresh link token for the user (LINE's are 32 characters)."""
+        from aiohttp import web
+
+        if not self._authorised(request):
+            return web.json_response(line_error("Authentication failed."), status=401)
+        user = request.match_info["userId"]
+        if not USER_ID.match(user) or user in self.app.config.line_invalid_user_ids:
+            return web.json_response(line_error("The user ID is invalid"), status=400)
+        token = secrets.token_urlsafe(24)[:32]
+        self.link_tokens[token] = (user, time.time(), False)
+        self.app.state.stats.lookups["line"] += 1
+        return web.json_response({"linkToken": token})
+
+    async def reply(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v2/bot/message/reply``: each reply token once; kept in :attr:`replies`."""
+        from aiohttp import web
+
+        if not self._authorised(request):
+            return web.json_response(line_error("Authentication failed."), status=401)
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+        messages, error = validate_messages(body)
+        if error or messages is None or not isinstance(body, dict):
+            return web.json_response(line_error(error or "The request body has 1 error(s)"), status=400)
+        token = body.get("replyToken")
+        if not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]{32}", token) or token in self.used_reply_tokens:
+            return web.json_response(line_error("Invalid reply token"), status=400)
+        self.used_reply_tokens.add(token)
+        self.replies.append({"replyToken": token, "messages": messages, "at": time.time()})
+        return web.json_response({"sentMessages": [{"id": str(len(self.replies)), "quoteToken": token}]})
+
+    async def get_replies(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        return web.json_response(self.replies)
+
+    async def account_link_dialog(self, request: web.Request) -> web.StreamResponse:
+        """LINE's account-link dialog, confirmed at once: the signed ``accountLink`` event is posted and its
+        receipt awaited; the answer says which result was sent and whether the receiver took it."""
+        from aiohttp import web
+
+        from membercare.sandbox.state import stable_id
+
+        token, nonce = request.query.get("linkToken", ""), request.query.get("nonce", "")
+        issued = self.link_tokens.get(token)
+        if issued is None or not nonce:
+            return web.json_response({"error": "unknown link token or no nonce"}, status=400)
+        user, at, used = issued
+        ok = not used and time.time() - at < LINK_TOKEN_TTL_S
+        self.link_tokens[token] = (user, at, True)
+        self.account_links += 1
+        event_id = stable_id(self.app.config.seed, "line-link", token, self.account_links)[:26].upper()
+        event = webhook_event("accountLink", user, event_id=event_id, at=time.time(),
+                              link={"result": "ok" if ok else "failed", "nonce": nonce})
+        posted = await self.app.recipients.post_line_now([event], "line.accountLink")
+        return web.json_response({"result": "ok" if ok else "failed", "webhook_delivered": posted},
+                                 status=200 if posted else 502)

@@ -16,10 +16,22 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from channels.base import Webhook, WebhookBatch, WebhookRejected, WebhookRequest
-from channels.line.events import parse_body
+from channels.base import (
+    Webhook,
+    WebhookAnswer,
+    WebhookBatch,
+    WebhookContext,
+    WebhookRejected,
+    WebhookRequest,
+    counts,
+)
+from channels.line.events import ACCOUNT_LINK, LINK_KEYWORDS, parse_body
 from membercare.engagement.events import MalformedPayload, loads_json
+
+if TYPE_CHECKING:
+    from membercare.engagement.store import IngestResult
 
 SIGNATURE_HEADER = "X-Line-Signature"
 WEBHOOK_PATH = "/webhooks/line"
@@ -67,3 +79,23 @@ class LineWebhook(Webhook):
             raise WebhookRejected(400, str(exc)) from None
         return WebhookBatch(events, rejected=rejected, positions=positions,
                             fields={"recipient": "source.userId", "message_id": "postback.data mid"})
+
+    async def answer(self, batch: WebhookBatch, result: IngestResult, context: WebhookContext) -> WebhookAnswer:
+        """Counts, plus what the account-link flow did once the events were committed: ``accountLink``
+        events spend their nonce (and link the member), follows and link keywords get the login link."""
+        body = counts(batch, result)
+        if any(_may_link(e.raw) for e in batch.events):
+            done = await context.link_accounts("line", batch.events, result.member_ids)
+            if done:
+                body["account_link"] = dict(done)
+        return WebhookAnswer(json=body)
+
+
+def _may_link(raw: object) -> bool:
+    if not isinstance(raw, dict):
+        return False
+    if raw.get("type") in (ACCOUNT_LINK, "follow"):
+        return True
+    message = raw.get("message")
+    return (raw.get("type") == "message" and isinstance(message, dict) and isinstance(message.get("text"), str)
+            and len(message["text"]) <= 40 and any(k in message["text"].casefold() for k in LINK_KEYWORDS))

@@ -4,12 +4,20 @@
 streamed), an explicit member list (event triggers), or the orders delivered ``delay_days`` before the
 run's shop-local date (post-purchase campaigns). The result holds member ids, plus the coupon code or the
 order reference a message is about where the campaign sends one message per coupon or per order.
+
+**Snapshots.** With ``snapshot=True`` a segment audience is not held in memory: one ``INSERT ... SELECT``
+writes its keys to ``audience_snapshots`` (numbered in member order), and :meth:`Audience.groups` hands out
+:class:`AudiencePage` bounds that a planning task loads itself. The process that resolves the audience
+then holds a few integers whatever the audience's size, and every group of one run reads the same
+audience even if members join the segment meanwhile. :meth:`Audience.release` deletes the rows when the
+run is over; rows of a run that died are swept by the next resolve after :data:`SNAPSHOT_TTL`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -19,13 +27,19 @@ from sqlalchemy.engine import Engine
 from membercare.campaigns.occurrence import DEFAULT_BATCH_SIZE, PreparedRun
 from membercare.errors import InputError
 from membercare.models import Member, Order, OrderStatus
-from membercare.timeutil import UTC
+from membercare.timeutil import UTC, utcnow
 from segments.base import Ref
 from segments.base import context as segment_context
 from segments.base import count as segment_count
 from segments.base import ref as segment_ref
 
 DEFAULT_GROUP_SIZE = 20_000  # members per planning task in the flow (a few seconds of work)
+
+
+SNAPSHOT_TTL = timedelta(days=2)  # a snapshot older than this belongs to a run that died: swept
+
+_SNAPSHOTS = sa.table("audience_snapshots", sa.column("snapshot", sa.String), sa.column("seq", sa.Integer),
+                      sa.column("member_id", sa.Integer), sa.column("coupon_codes", sa.Text))
 
 
 @dataclass(frozen=True)
@@ -37,31 +51,94 @@ class AudienceEntry:
     order_ref: str | None = None
 
 
+@dataclass(frozen=True)
+class AudiencePage:
+    """Entries ``first`` to ``last`` (inclusive, numbered from 1 in member order) of a snapshot audience."""
+
+    snapshot: str
+    first: int
+    last: int
+    per_coupon: bool = False
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def load(self, engine: Engine) -> list[AudienceEntry]:
+        """The page's entries, in member order (one indexed range read)."""
+        s = _SNAPSHOTS
+        stmt = (sa.select(s.c.member_id, s.c.coupon_codes)
+                .where(s.c.snapshot == self.snapshot, s.c.seq >= self.first, s.c.seq <= self.last)
+                .order_by(s.c.seq))
+        with engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        return [AudienceEntry(int(r[0]), coupon_code=_first_coupon(r[1]) if self.per_coupon else None)
+                for r in rows]
+
+
+def entries_of(engine: Engine, group: Sequence[AudienceEntry] | AudiencePage) -> Sequence[AudienceEntry]:
+    """A group's entries: the group itself, or a snapshot page read from the database."""
+    return group.load(engine) if isinstance(group, AudiencePage) else group
+
+
 @dataclass
 class Audience:
     """Who the run is for: keys only (member ids, coupon codes, order references), never contact data.
 
-    ``size`` is the full segment size; ``entries`` may be cut by ``RunOptions.limit``.
+    ``size`` is the full segment size; the run's entries may be cut by ``RunOptions.limit``. A snapshot
+    audience (``snapshot`` set) keeps its ``count`` entries in the database, not in ``entries``.
     """
 
     size: int
     entries: list[AudienceEntry]
     source: str  # "segment birthday_today(...)", "members", "orders delivered on 2026-11-16"
+    snapshot: str | None = None
+    count: int = 0
+    per_coupon: bool = field(default=False, repr=False)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self.count if self.snapshot is not None else len(self.entries)
 
-    def batches(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[list[AudienceEntry]]:
+    def batches(self, batch_size: int = DEFAULT_BATCH_SIZE,
+                engine: Engine | None = None) -> Iterator[Sequence[AudienceEntry]]:
+        """Consecutive batches of entries (a snapshot audience reads each from ``engine``)."""
+        if self.snapshot is not None:
+            if engine is None:
+                raise ValueError("a snapshot audience is read from the database: pass the engine")
+            for page in self.pages(batch_size):
+                yield page.load(engine)
+            return
         for i in range(0, len(self.entries), batch_size):
             yield self.entries[i:i + batch_size]
 
-    def groups(self, group_size: int = DEFAULT_GROUP_SIZE) -> list[list[AudienceEntry]]:
-        """Consecutive slices for parallel or separately retried planning (one flow task each)."""
+    def pages(self, size: int) -> list[AudiencePage]:
+        """The snapshot's entries as pages of ``size`` (bounds only)."""
+        if self.snapshot is None:
+            raise ValueError("pages exist for a snapshot audience only")
+        return [AudiencePage(self.snapshot, first, min(first + size - 1, self.count), self.per_coupon)
+                for first in range(1, self.count + 1, size)]
+
+    def groups(self, group_size: int = DEFAULT_GROUP_SIZE) -> list[Sequence[AudienceEntry] | AudiencePage]:
+        """Consecutive slices for parallel or separately retried planning (one flow task each): lists of
+        entries, or page bounds of a snapshot audience (see :func:`entries_of`)."""
+        if self.snapshot is not None:
+            return list(self.pages(group_size))
         return [self.entries[i:i + group_size] for i in range(0, len(self.entries), group_size)]
 
+    def release(self, engine: Engine) -> None:
+        """Delete a snapshot audience's rows (the run is over). Idempotent; nothing to do for a list."""
+        if self.snapshot is None:
+            return
+        with engine.begin() as conn:
+            conn.execute(sa.delete(_SNAPSHOTS).where(_SNAPSHOTS.c.snapshot == self.snapshot))
 
-def resolve_audience(engine: Engine, prepared: PreparedRun) -> Audience:
-    """Evaluate the campaign's audience for ``prepared.as_of``: a segment, explicit members, or due orders."""
+
+def resolve_audience(engine: Engine, prepared: PreparedRun, *, snapshot: bool = False) -> Audience:
+    """Evaluate the campaign's audience for ``prepared.as_of``: a segment, explicit members, or due orders.
+
+    ``snapshot=True`` writes a segment audience to the database instead of returning its entries (see the
+    module docstring); call :meth:`Audience.release` when the run is over. Explicit members and due orders
+    (at most a day's deliveries) stay in memory either way.
+    """
     opts, camp = prepared.options, prepared.campaign
     if opts.members is not None:
         entries = [AudienceEntry(int(m), order_ref=opts.order_ref) for m in dict.fromkeys(opts.members)]
@@ -73,7 +150,7 @@ def resolve_audience(engine: Engine, prepared: PreparedRun) -> Audience:
             raise InputError(f"unknown member id(s): {', '.join(map(str, missing[:10]))}")
         return Audience(len(entries), _limit(entries, opts.limit), "members")
     if camp.segment is not None:
-        return _segment_audience(engine, prepared)
+        return _segment_snapshot(engine, prepared) if snapshot else _segment_audience(engine, prepared)
     if camp.trigger is not None and camp.trigger.event == "order.delivered":
         return _delivered_orders_audience(engine, prepared)
     raise InputError(f"campaign {camp.name} is started by the event {camp.trigger.event if camp.trigger else '?'}: "
@@ -116,16 +193,51 @@ def _segment_audience(engine: Engine, prepared: PreparedRun) -> Audience:
         result = conn.execute(stmt, execution_options={"yield_per": 10_000})
         for part in result.partitions(10_000):
             for row in part:
-                code = None
-                if per_coupon:
-                    # The segment lists a member's coupons soonest-expiring first; the message is about that one
-                    # (the template shows the others too), and the coupon joins the idempotency key.
-                    code = (row[1] or "").split(",")[0].strip() or None
-                entries.append(AudienceEntry(int(row[0]), coupon_code=code))
+                entries.append(AudienceEntry(int(row[0]), coupon_code=_first_coupon(row[1]) if per_coupon else None))
+    return Audience(size, entries, _label(prepared))
+
+
+def _first_coupon(codes: str | None) -> str | None:
+    # The segment lists a member's coupons soonest-expiring first; the message is about that one (the template
+    # shows the others too), and the coupon joins the idempotency key.
+    return (codes or "").split(",")[0].strip() or None
+
+
+def _label(prepared: PreparedRun) -> str:
     label = f"segment {_segment_name(prepared)}"
     if prepared.segment_params:
         label += "(" + ", ".join(f"{k}={v}" for k, v in sorted(prepared.segment_params.items())) + ")"
-    return Audience(size, entries, label)
+    return label
+
+
+def _segment_snapshot(engine: Engine, prepared: PreparedRun) -> Audience:
+    """The segment's keys written to ``audience_snapshots`` in one set-based statement (no rows in Python)."""
+    seg = _segment(prepared)
+    per_coupon = prepared.campaign.per_coupon
+    now = utcnow()
+    name = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(6)}"
+    s = _SNAPSHOTS
+    with engine.begin() as conn:
+        # Names start with their creation time, so one range delete sweeps what dead runs left.
+        conn.execute(sa.delete(s).where(s.c.snapshot < f"{now - SNAPSHOT_TTL:%Y%m%dT%H%M%S}"))
+        ctx = segment_context(conn, prepared.as_of, prepared.settings.shop_timezone)
+        size = segment_count(ctx, seg)
+        q = seg.select(ctx).subquery()
+        if per_coupon and "coupon_codes" not in q.c:
+            raise InputError(f"campaign {prepared.name} sends one message per coupon but segment "
+                             f"{_segment_name(prepared)} does not list coupons")
+        codes = q.c.coupon_codes if per_coupon else sa.null()
+        inner = sa.select(q.c.member_id.label("member_id"), codes.label("coupon_codes")).order_by(q.c.member_id)
+        if prepared.options.limit is not None:
+            inner = inner.limit(prepared.options.limit)
+        sub = inner.subquery()
+        seq = sa.func.row_number().over(order_by=sub.c.member_id)
+        conn.execute(sa.insert(s).from_select(
+            ["snapshot", "seq", "member_id", "coupon_codes"],
+            sa.select(sa.literal(name, sa.String), seq, sub.c.member_id, sub.c.coupon_codes)))
+        # Counted, not the statement's rowcount: a driver may report -1 for INSERT ... SELECT.
+        written = conn.execute(sa.select(sa.func.count()).select_from(s).where(s.c.snapshot == name)).scalar_one()
+    return Audience(size, [], _label(prepared), snapshot=name, count=int(written), per_coupon=per_coupon)
 
 
 def _delivered_orders_audience(engine: Engine, prepared: PreparedRun) -> Audience:
@@ -150,4 +262,5 @@ def _delivered_orders_audience(engine: Engine, prepared: PreparedRun) -> Audienc
     return Audience(len(entries), _limit(entries, prepared.options.limit), f"orders delivered on {day.isoformat()}")
 
 
-__all__ = ["DEFAULT_GROUP_SIZE", "Audience", "AudienceEntry", "resolve_audience"]
+__all__ = ["DEFAULT_GROUP_SIZE", "SNAPSHOT_TTL", "Audience", "AudienceEntry", "AudiencePage", "entries_of",
+           "resolve_audience"]

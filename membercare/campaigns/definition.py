@@ -29,6 +29,9 @@ Example::
       routing: best_engagement      # preference (default) | best_engagement
       send_time: best_hour          # immediate (default) | best_hour
       variants: {names: [a, b], goal: click, floor: 0.05, promote_at: 0.95}
+    recommendations:        # optional: restrict the templates' recommendations (see Recommendations)
+      category: coffee      # or a list; never recommends outside it
+      only: any             # any | new_arrivals | back_in_stock (within within_days of as_of)
 
 Loading validates everything and reports errors with the file and the field.
 """
@@ -92,37 +95,80 @@ class OfferStep(BaseModel):
         return self
 
 
-class Offer(BaseModel):
-    """A coupon offer scaled to the member's value (trailing 365-day spend).
+class CltvTier(BaseModel):
+    """One tier of an offer sized by CLTV: members whose expected residual value is at least ``min_cltv_minor``."""
 
-    The step with the highest ``min_spend_minor`` not above the member's spend applies. The flow
-    that issues coupons uses :meth:`for_spend`; templates get the chosen step as ``offer``.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_cltv_minor: int = Field(ge=0, description="expected residual lifetime value at or above which this applies")
+    amount_minor: int | None = Field(default=None, gt=0)
+    percent_off: int | None = Field(default=None, gt=0, le=100)
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _one_value(self) -> CltvTier:
+        if (self.amount_minor is None) == (self.percent_off is None):
+            raise ValueError("give exactly one of amount_minor or percent_off")
+        return self
+
+
+class Offer(BaseModel):
+    """A coupon offer scaled to the member's value.
+
+    ``size_by: spend`` (the default): the step with the highest ``min_spend_minor`` not above the member's
+    trailing 365-day spend applies (:meth:`for_spend`). ``size_by: cltv``: the tier with the highest
+    ``min_cltv_minor`` not above the member's discounted expected residual lifetime value at the run's as_of
+    (``cltv_months`` ahead, ``cltv_discount`` a year; :mod:`membercare.lifetime_value`, fitted once per run) applies
+    (:meth:`for_cltv`); members without a purchase get the first tier. Templates get the chosen step as ``offer``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: CouponKind
-    steps: tuple[OfferStep, ...] = Field(min_length=1)
+    size_by: Literal["spend", "cltv"] = "spend"
+    steps: tuple[OfferStep, ...] = ()
+    tiers: tuple[CltvTier, ...] = ()
+    cltv_months: int = Field(default=12, ge=1, le=120)
+    cltv_discount: float = Field(default=0.10, ge=0.0, le=1.0)
     valid_days: int = Field(default=14, gt=0, le=366)
     min_spend_minor: int = Field(default=0, ge=0, description="minimum order value to redeem")
     currency: str = Field(default="TWD", pattern=r"^[A-Z]{3}$")
 
     @model_validator(mode="after")
     def _consistent(self) -> Offer:
-        for s in self.steps:
+        if self.size_by == "spend" and (not self.steps or self.tiers):
+            raise ValueError("an offer sized by spend needs steps (and no tiers)")
+        if self.size_by == "cltv" and (not self.tiers or self.steps):
+            raise ValueError("an offer sized by cltv needs tiers (and no steps)")
+        values: list[OfferStep | CltvTier] = [*self.steps, *self.tiers]
+        for s in values:
             if (self.kind == CouponKind.AMOUNT) != (s.amount_minor is not None):
                 raise ValueError(f"offer kind is {self.kind.value} but a step gives the other value")
-        mins = [s.min_spend_minor for s in self.steps]
-        if mins != sorted(mins) or len(set(mins)) != len(mins):
-            raise ValueError("offer steps must be sorted by strictly increasing min_spend_minor")
-        if mins[0] != 0:
-            raise ValueError("the first offer step must start at min_spend_minor: 0")
+        for what, mins in (("steps", [s.min_spend_minor for s in self.steps]),
+                           ("tiers", [t.min_cltv_minor for t in self.tiers])):
+            if not mins:
+                continue
+            field_name = "min_spend_minor" if what == "steps" else "min_cltv_minor"
+            if mins != sorted(mins) or len(set(mins)) != len(mins):
+                raise ValueError(f"offer {what} must be sorted by strictly increasing {field_name}")
+            if mins[0] != 0:
+                raise ValueError(f"the first offer {what[:-1]} must start at {field_name}: 0")
         return self
 
-    def for_spend(self, spend_minor: int) -> OfferStep:
+    def for_spend(self, spend_minor: int) -> OfferStep | CltvTier:
+        """The step for a trailing 365-day spend (an offer sized by CLTV: its first tier, the no-history one)."""
+        if self.size_by == "cltv":
+            return self.tiers[0]
         chosen = self.steps[0]
         for s in self.steps:
             if spend_minor >= s.min_spend_minor:
                 chosen = s
+        return chosen
+
+    def for_cltv(self, value_minor: float) -> CltvTier:
+        """The tier for an expected residual lifetime value (minor units)."""
+        chosen = self.tiers[0]
+        for t in self.tiers:
+            if value_minor >= t.min_cltv_minor:
+                chosen = t
         return chosen
 
 
@@ -184,23 +230,56 @@ class VariantTest(BaseModel):
         return self.names[0]
 
 
+class Recommendations(BaseModel):
+    """What the ``recommendations`` of the campaign's templates may contain (``recommendations:`` block).
+
+    ``category``: one category or a list (``order_lines.category`` / ``products.category`` values); the
+    recommendations never leave it. ``only``: ``any`` (default), ``new_arrivals`` (products that arrived within
+    ``within_days`` before the run's as_of) or ``back_in_stock`` (restocked within ``within_days``). Out-of-stock
+    products (``stock`` 0) are never recommended. The ranking and its fall-backs are in docs/campaigns.md.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    category: tuple[str, ...] = ()
+    only: Literal["any", "new_arrivals", "back_in_stock"] = "any"
+    within_days: int = Field(default=14, ge=1, le=365)
+
+    @field_validator("category", mode="before")
+    @classmethod
+    def _categories(cls, v: Any) -> Any:
+        items = v if isinstance(v, list | tuple) else [v]
+        out = []
+        for c in items:
+            if not isinstance(c, str) or not c.strip() or len(c.strip()) > 64:
+                raise ValueError(f"category {c!r} must be a non-empty text of at most 64 characters")
+            out.append(c.strip())
+        if len(set(out)) != len(out):
+            raise ValueError("a category is listed twice")
+        return tuple(out)
+
+
 class Optimise(BaseModel):
     """The campaign's ``optimise:`` block: opt-in optimisation strategies applied at planning time.
 
     ``routing``: ``preference`` (default: the member's stated channel order) or ``best_engagement``
     (the consented, reachable channel most likely to engage this member, from engagement history).
-    ``send_time``: ``immediate`` (default) or ``best_hour`` (deliver within the next 24 h at the
-    member's best local hour, outside quiet hours). ``variants``: an optional :class:`VariantTest`.
+    ``send_time``: ``immediate`` (default), ``best_hour`` (deliver within the next 24 h at the
+    member's best local hour from their engagement hours, outside quiet hours) or ``causal_hour`` (the hour
+    at which messages *sent* to the member's group engaged most, inverse-propensity weighted).
+    ``explore``: the share of channel and send-hour decisions drawn at random among the eligible ones
+    (logged with their probability; see docs/optimisation.md). ``variants``: an optional :class:`VariantTest`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     routing: Literal["preference", "best_engagement"] = "preference"
-    send_time: Literal["immediate", "best_hour"] = "immediate"
+    send_time: Literal["immediate", "best_hour", "causal_hour"] = "immediate"
+    explore: float = Field(default=0.0, ge=0.0, le=0.5)
     variants: VariantTest | None = None
 
     @property
     def is_default(self) -> bool:
-        return self.routing == "preference" and self.send_time == "immediate" and self.variants is None
+        return (self.routing == "preference" and self.send_time == "immediate" and self.variants is None
+                and self.explore == 0.0)
 
 
 class Campaign(BaseModel):
@@ -234,6 +313,8 @@ class Campaign(BaseModel):
     short_links: bool = False
     # Free-form knobs for the templates (e.g. how many recommendations to show).
     params: dict[str, Any] = Field(default_factory=dict)
+    # Which products the templates' recommendations may name: a category, new arrivals, back in stock.
+    recommendations: Recommendations = Field(default_factory=Recommendations)
     # Opt-in optimisation: routing strategy, send time, variant test (see Optimise).
     optimise: Optimise = Field(default_factory=Optimise)
     # The metric its holdout verdict rests on, declared before the test (docs/reports.md); the others are secondary.
@@ -341,6 +422,7 @@ def list_campaigns(settings: Settings | None = None) -> list[Campaign]:
 
 __all__ = [
     "CAMPAIGN_FILE", "NAME_PATTERN", "RESERVED_VARIANT_NAMES", "VARIANT_NAME_PATTERN", "Campaign",
-    "CampaignDefinitionError", "Offer", "OfferStep", "Optimise", "PushRules", "SegmentRef", "SmsRules", "Trigger",
-    "VariantTest", "campaign_names", "list_campaigns", "load_campaign", "parse_campaign",
+    "CampaignDefinitionError", "CltvTier", "Offer", "OfferStep", "Optimise", "PushRules", "Recommendations",
+    "SegmentRef", "SmsRules", "Trigger", "VariantTest", "campaign_names", "list_campaigns", "load_campaign",
+    "parse_campaign",
 ]

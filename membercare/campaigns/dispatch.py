@@ -60,7 +60,7 @@ def dispatch_round(engine: Engine, run_id: int, adapters: Mapping[str, ChannelAd
     d = Dispatcher(engine, {str(Channel(k).value): v for k, v in adapters.items()}, config=config,
                    records=records, worker_id=worker_id)
     if limiters:
-        d.limiters.update({str(Channel(k).value): v for k, v in limiters.items()})
+        d.use_limiters(limiters)
     rep = d.dispatch(run_id, resume=resume)
     return DispatchOutcome(run_id, rep.attempts, dict(rep.outcomes), rep.status, rep.stop_reason, rep.next_due_at,
                            rep.recovered_unknown, rep.elapsed)

@@ -4,13 +4,21 @@
 :func:`~membercare.delivery.planner.plan_batch`, coupon issuing included) inside transactions that are rolled
 back, and returns what would go out: counts per channel and reason plus a few rendered samples.
 :func:`write_preview` renders the campaign's template gallery for an operator.
+
+LINE's monthly quota: :func:`with_line_quota` takes a way to read it (the flow passes the LINE adapter's
+``quota()``, which asks ``GET /v2/bot/message/quota`` and ``/quota/consumption``) and puts a
+:class:`LineQuotaCheck` in the report: how many LINE messages the occurrence would send (now and deferred; LINE
+counts one message per recipient and request, however many bubbles) against what is left this month, with a
+warning when they would not fit (LINE answers 429 beyond the quota, and those members would fall back or fail).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -41,6 +49,56 @@ class RenderedSample:
     detail: str  # "UCS-2, 2 segments" ...
 
 
+class Quota(Protocol):
+    """What LINE's quota endpoints say (``channels.line.adapter.Quota``): ``None`` limit means no limit."""
+
+    @property
+    def limit(self) -> int | None: ...
+
+    @property
+    def used(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LineQuotaCheck:
+    """The occurrence's LINE messages against this month's quota (``error``: it could not be read)."""
+
+    wanted: int
+    limit: int | None = None
+    used: int = 0
+    error: str | None = None
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.remaining is not None and self.wanted > self.remaining
+
+    def line(self) -> str:
+        """One sentence for the terminal and the run's artifact (counts only)."""
+        if self.error:
+            return f"LINE quota not checked ({self.error}): {self.wanted:,} LINE messages would be sent"
+        if self.limit is None:
+            return f"LINE quota: no monthly limit set ({self.used:,} messages sent this month)"
+        if self.exceeded:
+            return (f"WARNING LINE quota: {self.wanted:,} LINE messages would be sent but only {self.remaining:,} of "
+                    f"{self.limit:,} are left this month: LINE refuses the rest (HTTP 429); narrow the audience or "
+                    f"raise the plan")
+        return f"LINE quota: {self.wanted:,} of the {self.remaining:,} messages left this month"
+
+
+def check_line_quota(wanted: int, read_quota: Callable[[], Quota]) -> LineQuotaCheck:
+    """``wanted`` LINE messages against the quota ``read_quota`` returns; a failed read is reported, not raised
+    (the dry run stands without it)."""
+    try:
+        quota = read_quota()
+    except Exception as exc:  # noqa: BLE001 - any failure to read the quota only makes the check unavailable
+        return LineQuotaCheck(wanted, error=type(exc).__name__)
+    return LineQuotaCheck(wanted, limit=quota.limit, used=quota.used)
+
+
 @dataclass
 class DryRunReport:
     campaign: str
@@ -55,6 +113,7 @@ class DryRunReport:
     already_planned: int = 0
     coupons_to_issue: int = 0
     samples: list[RenderedSample] = field(default_factory=list)
+    line_quota: LineQuotaCheck | None = None  # when the run would send LINE messages and the quota was asked
 
 
 def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, renderer: CampaignRenderer | None = None,
@@ -64,7 +123,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     Each batch runs the planner's own batch function (routing, policies, holdouts, rendering) plus coupon
     issuing inside one transaction, reads back what it would have inserted, and rolls back. Locks are those
     of a real planning batch, held as briefly. Members already planned for this occurrence are counted in
-    ``already_planned`` (a rerun would send them nothing).
+    ``already_planned`` (a rerun would send them nothing). :func:`with_line_quota` adds the LINE quota check.
     """
     if renderer is None:
         renderer = make_renderer(prepared, preview=not prepared.settings.secret_key)
@@ -78,7 +137,7 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     with engine.connect() as conn:
         pol = policy or load_policy(conn)
         conn.rollback()
-    for batch in audience.batches(prepared.options.batch_size):
+    for batch in audience.batches(prepared.options.batch_size, engine):
         with engine.connect() as conn:
             tx = conn.begin()
             try:
@@ -123,6 +182,15 @@ def dry_run(engine: Engine, prepared: PreparedRun, audience: Audience, *, render
     return rep
 
 
+def with_line_quota(rep: DryRunReport, read_quota: Callable[[], Quota]) -> DryRunReport:
+    """``rep`` with its LINE messages (sent now and deferred) checked against the month's quota; the quota is
+    not read when the run would send nothing on LINE."""
+    wanted = rep.would_send.get("line", 0) + rep.deferred.get("line", 0)
+    if wanted:
+        rep.line_quota = check_line_quota(wanted, read_quota)
+    return rep
+
+
 def _run_row_in(conn: Connection, prepared: PreparedRun) -> int:
     r = CampaignRun.__table__
     now = utcnow()
@@ -162,4 +230,5 @@ def write_preview(settings: Settings, campaign: str) -> Path:
     return write_gallery(settings.ensure_home() / "previews" / campaign, settings, campaigns=[campaign])
 
 
-__all__ = ["DryRunReport", "RenderedSample", "dry_run", "write_preview"]
+__all__ = ["DryRunReport", "LineQuotaCheck", "RenderedSample", "check_line_quota", "dry_run", "with_line_quota",
+           "write_preview"]

@@ -1,7 +1,10 @@
 """Offer coupons: the coupon a campaign occurrence issues to each member it messages.
 
 A campaign with an ``offer:`` issues each member of a planning batch a coupon before the batch is rendered
-(the templates show it), scaled to the member's trailing-365-day spend (``Offer.for_spend``). Codes are
+(the templates show it), scaled to the member's trailing-365-day spend (``Offer.for_spend``) or, with
+``size_by: cltv``, to the member's expected residual lifetime value at the run's as_of (``Offer.for_cltv``; the
+models are fitted once per run and process, :func:`membercare.lifetime_value.run_snapshot`, and every batch looks
+its members up in that fit; a shop too small to fit gives everyone the first tier). Codes are
 deterministic per (campaign, occurrence, member), so a rerun or a second worker issues the same coupon, which
 the unique ``coupons.code`` turns into a no-op. Held-out members (campaign holdout, global control) get none.
 """
@@ -10,16 +13,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from membercare.campaigns.definition import CltvTier, OfferStep
 from membercare.campaigns.occurrence import PreparedRun
 from membercare.db import insert_for
+from membercare.errors import InputError
+from membercare.lifetime_value import run_snapshot
 from membercare.models import PURCHASE_STATUSES, Coupon, Order, Purpose
 from membercare.optimise.hooks import in_control_or_holdout
+
+log = logging.getLogger(__name__)
 
 
 def coupon_code(campaign: str, occurrence: str, member_id: int) -> str:
@@ -45,14 +54,20 @@ def issue_offer_coupons(conn: Connection, prepared: PreparedRun, member_ids: Seq
         return 0
     o, c = Order.__table__, Coupon.__table__
     as_of = prepared.as_of
-    spend: dict[int, int] = dict(conn.execute(
-        sa.select(o.c.member_id, sa.func.coalesce(sa.func.sum(o.c.total_minor), 0))
-        .where(o.c.member_id.in_(list(member_ids)), o.c.status.in_(PURCHASE_STATUSES),
-               o.c.placed_at <= as_of, o.c.placed_at > as_of - timedelta(days=365))
-        .group_by(o.c.member_id)).tuples().all())
+    steps: dict[int, OfferStep | CltvTier]
+    if offer.size_by == "cltv":
+        values = cltv_values(conn, prepared, member_ids)
+        steps = {mid: offer.for_cltv(values.get(mid, 0.0)) for mid in member_ids}
+    else:
+        spend: dict[int, int] = dict(conn.execute(
+            sa.select(o.c.member_id, sa.func.coalesce(sa.func.sum(o.c.total_minor), 0))
+            .where(o.c.member_id.in_(list(member_ids)), o.c.status.in_(PURCHASE_STATUSES),
+                   o.c.placed_at <= as_of, o.c.placed_at > as_of - timedelta(days=365))
+            .group_by(o.c.member_id)).tuples().all())
+        steps = {mid: offer.for_spend(int(spend.get(mid, 0))) for mid in member_ids}
     rows = []
     for mid in member_ids:
-        step = offer.for_spend(int(spend.get(mid, 0)))
+        step = steps[mid]
         rows.append(dict(
             code=coupon_code(prepared.name, prepared.occurrence, mid), member_id=mid, kind=offer.kind.value,
             amount_minor=step.amount_minor, percent_off=step.percent_off, currency=offer.currency,
@@ -61,6 +76,23 @@ def issue_offer_coupons(conn: Connection, prepared: PreparedRun, member_ids: Seq
             campaign=prepared.name))
     ins = insert_for(conn, c).on_conflict_do_nothing(index_elements=["code"]).returning(c.c.code)
     return len(conn.execute(ins, rows).scalars().all())
+
+
+def cltv_values(conn: Connection, prepared: PreparedRun, member_ids: Sequence[int]) -> dict[int, float]:
+    """Member -> expected residual lifetime value (minor units) at the run's as_of, for members with a purchase
+    up to then; empty when the shop is too small to fit the models (everyone then gets the first tier)."""
+    offer = prepared.campaign.offer
+    if offer is None or not member_ids:
+        return {}
+    try:
+        snap = run_snapshot(conn, f"{prepared.name}|{prepared.occurrence}", prepared.as_of,
+                            months=offer.cltv_months, annual_discount=offer.cltv_discount)
+    except InputError as exc:
+        log.warning("campaign %s: offer sized by CLTV, but no value model (%s): first tier for everyone",
+                    prepared.name, exc)
+        return {}
+    value, _, known = snap.lookup(list(member_ids))
+    return {int(m): float(v) for m, v, k in zip(member_ids, value, known, strict=True) if k}
 
 
 def held_out(prepared: PreparedRun, ids: Sequence[int]) -> list[int]:
@@ -83,4 +115,4 @@ def issue_batch_coupons(conn: Connection, prepared: PreparedRun, member_ids: Seq
     return issue_offer_coupons(conn, prepared, [m for m in member_ids if m not in held])
 
 
-__all__ = ["coupon_code", "held_out", "issue_batch_coupons", "issue_offer_coupons"]
+__all__ = ["coupon_code", "cltv_values", "held_out", "issue_batch_coupons", "issue_offer_coupons"]

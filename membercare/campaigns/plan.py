@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from membercare import signals
-from membercare.campaigns.audience import AudienceEntry
+from membercare.campaigns.audience import AudienceEntry, AudiencePage, entries_of
 from membercare.campaigns.occurrence import PreparedRun, RunOptions
 from membercare.campaigns.offers import issue_batch_coupons
 from membercare.config import Settings
@@ -168,7 +168,7 @@ class PlanOutcome:
                            dict(st), dict(rs))
 
 
-def plan_group(engine: Engine, prepared: PreparedRun, entries: Sequence[AudienceEntry], *,
+def plan_group(engine: Engine, prepared: PreparedRun, group: Sequence[AudienceEntry] | AudiencePage, *,
                renderer: CampaignRenderer | None = None, policy: PolicySettings | None = None,
                message_ids: Callable[[], str] = new_message_id) -> PlanOutcome:
     """Plan (and render) outbox rows for a group of audience entries, batch by batch. Idempotent.
@@ -177,8 +177,10 @@ def plan_group(engine: Engine, prepared: PreparedRun, entries: Sequence[Audience
     (template and routing contexts, already planned keys) and its rendering run in a worker while this
     process issues coupons and writes earlier batches; this process keeps every write. Otherwise the
     whole batch runs here, as :func:`~membercare.delivery.planner.plan_run` does. ``renderer`` (default: the
-    campaign's, :func:`make_renderer`) is used on that serial path only.
+    campaign's, :func:`make_renderer`) is used on that serial path only. A snapshot page (``group``, see
+    :class:`~membercare.campaigns.audience.AudiencePage`) is read here, so only one group is ever in memory.
     """
+    entries = entries_of(engine, group)
     processes = planning_processes(engine, prepared.options, len(entries))
     if processes:
         return _plan_group_pooled(engine, prepared, entries, processes, policy=policy, message_ids=message_ids)

@@ -52,18 +52,21 @@ def run_campaign(engine: Engine, settings: Settings, campaign: Campaign | str, o
     options = options or RunOptions()
     started = utcnow()
     prepared = prepare(settings, campaign, options)
-    audience = resolve_audience(engine, prepared)
-    if options.dry_run:
-        rep = dry_run(engine, prepared, audience)
-        return CampaignResult(dry_run_summary(rep), dry=rep)
-    run_id = ensure_run(engine, prepared)
-    plan = PlanOutcome(run_id)
-    renderer = make_renderer(prepared)
-    groups = audience.groups()
-    for i, group in enumerate(groups, 1):
-        plan = plan.merge(plan_group(engine, prepared, group, renderer=renderer))
-        if progress:
-            progress("plan", i, len(groups))
+    audience = resolve_audience(engine, prepared, snapshot=True)
+    try:
+        if options.dry_run:
+            rep = dry_run(engine, prepared, audience)
+            return CampaignResult(dry_run_summary(rep), dry=rep)
+        run_id = ensure_run(engine, prepared)
+        plan = PlanOutcome(run_id)
+        renderer = make_renderer(prepared)
+        groups = audience.groups()
+        for i, group in enumerate(groups, 1):
+            plan = plan.merge(plan_group(engine, prepared, group, renderer=renderer))
+            if progress:
+                progress("plan", i, len(groups))
+    finally:
+        audience.release(engine)
     outcome = None
     if adapters is not None:
         outcome = dispatch_round(engine, run_id, adapters, config=dispatch_config)

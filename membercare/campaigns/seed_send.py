@@ -73,8 +73,17 @@ class SeedMessage:
     headline: str
 
 
-def parse_seeds(spec: str | Sequence[str]) -> list[Seed]:
-    """Seed addresses from ``--to``: comma-separated entries or lines of a file given as ``@path``.
+SEED_LISTS_DIR = "seeds"  # named seed lists: <project>/seeds/<name>.txt
+_LIST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def _read_list(path: Path) -> list[str]:
+    return [ln.split("#", 1)[0] for ln in path.read_text(encoding="utf-8").splitlines()]
+
+
+def parse_seeds(spec: str | Sequence[str], *, lists_dir: Path | None = None) -> list[Seed]:
+    """Seed addresses from ``--to``: comma-separated entries, lines of a file given as ``@path``, or the name
+    of a seed list (``team`` reads ``seeds/team.txt`` under ``lists_dir``, default the working directory).
 
     ``name@example.com`` is an email, ``+886912345678`` (E.164) an SMS number, ``push:<token>`` a push token.
     """
@@ -85,7 +94,13 @@ def parse_seeds(spec: str | Sequence[str]) -> list[Seed]:
             path = Path(item[1:]).expanduser()
             if not path.is_file():
                 raise InputError(f"seed list file {path} does not exist")
-            parts += [ln.split("#", 1)[0] for ln in path.read_text(encoding="utf-8").splitlines()]
+            parts += _read_list(path)
+        elif _LIST_NAME.match(item) and not item.startswith("push:"):
+            path = (lists_dir if lists_dir is not None else Path.cwd()) / SEED_LISTS_DIR / f"{item}.txt"
+            if not path.is_file():
+                raise InputError(f"no seed list named {item!r} ({path} does not exist); give addresses, @FILE "
+                                 "or the name of a file in seeds/")
+            parts += _read_list(path)
         else:
             parts += item.split(",")
     seeds = []
@@ -175,6 +190,40 @@ def send_test(settings: Settings, campaign: Campaign | str, seeds: Sequence[Seed
     return out
 
 
+@dataclass(frozen=True)
+class TestPlan:
+    """What a test send needs before its adapters exist: the campaign, the seeds, the channels to build."""
+
+    __test__ = False  # not a pytest test class
+
+    campaign: Campaign
+    seeds: list[Seed]
+    channels: list[Channel]
+    member_id: int | None
+
+
+def plan_test(settings: Settings, campaign: str, to: str | Sequence[str], *, engine: Engine | None = None,
+              member: str | None = None, lists_dir: Path | None = None) -> TestPlan:
+    """Load the campaign, parse the seeds and find the sample member (``member``: external or database id;
+    ``engine`` required then). ``membercare campaign test`` and the ``run-campaign`` flow's ``test_to`` share it."""
+    from membercare.campaigns.triggers import find_member
+
+    camp = load_campaign(campaign, settings)
+    seeds = parse_seeds(to, lists_dir=lists_dir)
+    member_id = None
+    if member is not None:
+        if engine is None:
+            raise InputError("a sample member needs the database")
+        with engine.connect() as conn:
+            member_id = find_member(conn, member)
+    channels = sorted({s.channel for s in seeds if s.channel in camp.channels})
+    return TestPlan(camp, seeds, channels, member_id)
+
+
+def accepted_count(sent: Sequence[SeedMessage]) -> int:
+    return sum(s.outcome == "accepted" for s in sent)
+
+
 TRANSIENT_RETRIES = 2  # further attempts of a test message after a transient failure
 
 
@@ -202,4 +251,5 @@ def _send_one(camp: Campaign, renderer: CampaignRenderer, adapter: ChannelAdapte
     return SeedMessage(seed.channel.value, locale, variant, index, outcome, _headline(content))
 
 
-__all__ = ["Seed", "TEST_CATEGORY", "TEST_MARK", "SeedMessage", "mark", "parse_seeds", "send_test", "variants_of"]
+__all__ = ["SEED_LISTS_DIR", "Seed", "TEST_CATEGORY", "TEST_MARK", "SeedMessage", "TestPlan", "accepted_count", "mark",
+           "parse_seeds", "plan_test", "send_test", "variants_of"]

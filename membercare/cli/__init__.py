@@ -96,6 +96,7 @@ def _register() -> None:
     from membercare.cli import generate as _generate  # noqa: F401
     from membercare.cli import journeys as _journeys  # noqa: F401
     from membercare.cli import members as _members  # noqa: F401
+    from membercare.cli import optimise as _optimise  # noqa: F401
     from membercare.cli import report as _report  # noqa: F401
     from membercare.cli import sandbox as _sandbox  # noqa: F401
     from membercare.cli import segments as _segments  # noqa: F401

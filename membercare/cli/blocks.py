@@ -1,7 +1,9 @@
 """``membercare setup-blocks``: Prefect Secret blocks and global concurrency limits from the environment.
 
-For each credential variable that is set (``MEMBERCARE_SENDGRID_API_KEY`` ...), a Secret block named after
-it (``membercare-sendgrid-api-key``) is created or overwritten; the FCM service account file named by
+For each credential variable that is set (``MEMBERCARE_SENDGRID_API_KEY``, ..., LINE's
+``MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN`` and ``MEMBERCARE_LINE_CHANNEL_SECRET``; the list is
+``flows.common.SECRET_VARIABLES``), a Secret block named after it (``membercare-sendgrid-api-key``,
+``membercare-line-channel-access-token``) is created or overwritten; the FCM service account file named by
 ``MEMBERCARE_FIREBASE_CREDENTIALS`` is stored as ``membercare-firebase-credentials`` (its JSON). Flows read
 the blocks first and fall back to the variables, so workers need no secrets in their environment.
 

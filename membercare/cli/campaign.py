@@ -36,8 +36,9 @@ def summary_table(result: dict, title: str) -> Table:
     if not result.get("dry_run"):
         rows.append(("newly planned", result["newly_planned"]))
     verb = "would send" if result.get("dry_run") else "sent"
-    for ch in ("email", "sms", "push"):
-        rows.append((f"{verb} via {ch}", result["sent"].get(ch, 0)))
+    for ch in ("email", "sms", "push", "line"):
+        if ch != "line" or result["sent"].get(ch):
+            rows.append((f"{verb} via {ch}", result["sent"].get(ch, 0)))
     if not result.get("dry_run"):
         rows.append(("sent in this run", result.get("sent_now", 0)))
     rows.append(("deferred (quiet hours, retries)", result["deferred"]))
@@ -63,7 +64,24 @@ def _refuse_future(as_of: str | None, dry_run: bool) -> None:
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
     except InputError as exc:
+        raise typer.BadParameter(f"{exc} (or add --schedule: a Prefect flow run of the campaign's deployment "
+                                 "then sends it at that moment)", param_hint="'--as-of'") from None
+
+
+def _schedule_checks(as_of: str | None, dry_run: bool) -> None:
+    from membercare.timeutil import parse_as_of, utcnow
+
+    if dry_run:
+        raise typer.BadParameter("a dry run sends nothing: there is nothing to schedule", param_hint="'--schedule'")
+    if as_of is None:
+        raise typer.BadParameter("--schedule needs the moment to send at: --as-of DATETIME", param_hint="'--schedule'")
+    try:
+        at = parse_as_of(as_of, state.settings.shop_timezone)
+    except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--as-of'") from None
+    if at <= utcnow():
+        raise typer.BadParameter(f"{as_of} is not in the future: run it now, without --schedule",
+                                 param_hint="'--as-of'")
 
 
 @campaign_app.command("run")
@@ -78,6 +96,9 @@ def run_cmd(
     param: list[str] = typer.Option(None, "--param", "-p", help="Segment parameter NAME=VALUE (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Resume a run paused by its error budget or an operator."),
     samples: bool = typer.Option(True, "--samples/--no-samples", help="Dry run: show rendered samples."),
+    schedule: bool = typer.Option(False, "--schedule",
+                                  help="With a future --as-of: send nothing now; create a scheduled flow run of "
+                                       "the campaign's deployment at that moment (needs a Prefect server)."),
 ) -> None:
     """Run one occurrence of a campaign: resolve the segment, plan, dispatch, summarise."""
     from membercare.campaigns import load_campaign
@@ -88,7 +109,10 @@ def run_cmd(
         channels = [Channel(c) for c in channel] if channel else None
     except ValueError:
         raise InputError(f"--channel must be one of email, sms, push (got {', '.join(channel)})") from None
-    _refuse_future(as_of, dry_run)
+    if schedule:
+        _schedule_checks(as_of, dry_run)
+    else:
+        _refuse_future(as_of, dry_run)
     from flows.campaign import CampaignRunParameters, run_campaign
 
     try:
@@ -96,6 +120,17 @@ def run_cmd(
                                        occurrence_tag=tag, segment_params=parse_params(param or []), resume=resume)
     except Exception as exc:  # noqa: BLE001 - pydantic ValidationError: one line per problem
         raise InputError(str(exc).replace("\n", "; ")) from None
+    if schedule:
+        from membercare.cli.schedule import schedule_campaign_run
+        from membercare.timeutil import parse_as_of, shop_date_label
+
+        at = parse_as_of(str(as_of), state.settings.shop_timezone)
+        fr, deployment = schedule_campaign_run(params, at)
+        console.print(f"scheduled flow run {fr.name} ({fr.id}) of deployment run-campaign/{deployment} at "
+                      f"{shop_date_label(at, state.settings.shop_timezone)}; nothing was sent now")
+        console.print("it sends when a worker of the deployment's pool runs it; cancel it in the Prefect UI "
+                      "(flow runs, Scheduled) before then to send nothing")
+        return
     result = run_campaign(params)
     title = f"{name} · {result['occurrence']}" + (" · dry run" if dry_run else f" · run {result['status']}")
     console.print(summary_table(result, title))
@@ -103,6 +138,9 @@ def run_cmd(
         if result.get("already_planned"):
             console.print(f"{result['already_planned']:,} members are already planned for this occurrence "
                           "(a real run sends them nothing)")
+        if result.get("line_quota"):
+            style = "bold red" if result.get("line_quota_exceeded") else "default"
+            console.print(f"[{style}]{result['line_quota']}[/]")
         if samples:
             for s in result.get("samples", []):
                 console.print(f"[bold]{s['channel']}[/] member id {s['member_id']} · {s['detail']}\n"
@@ -229,7 +267,8 @@ def estimate_notes(est) -> list[str]:
 def test_cmd(
     name: str = typer.Argument(..., help="Campaign name (a folder of templates/)."),
     to: list[str] = typer.Option(..., "--to", help="Seed addresses: comma-separated emails, E.164 numbers and "
-                                                   "push:<token>, or @FILE with one per line (repeatable)."),
+                                                   "push:<token>, @FILE with one per line, or the NAME of a seed "
+                                                   "list (seeds/NAME.txt) (repeatable)."),
     member: str = typer.Option(None, "--member", help="Render for this member (external id or database id); "
                                                       "default: the template gallery's sample member."),
 ) -> None:
@@ -237,32 +276,24 @@ def test_cmd(
 
     Marked [TEST]; never written to the ledger, so caps, reports and optimisation never count them."""
     from channels.registry import build_channels, close_channels
-    from membercare.campaigns import load_campaign
-    from membercare.campaigns.seed_send import parse_seeds, send_test
-    from membercare.campaigns.triggers import find_member
+    from membercare.campaigns.seed_send import accepted_count, plan_test, send_test
     from membercare.cli.common import provider_env
 
     settings = state.settings
-    camp = load_campaign(name, settings)
-    seeds = parse_seeds(to)
-    engine = member_id = None
-    if member is not None:
-        engine = migrated_engine()
-        with engine.connect() as conn:
-            member_id = find_member(conn, member)
-    channels = sorted({s.channel for s in seeds if s.channel in camp.channels})
-    adapters = build_channels(provider_env(), channels=channels) if channels else {}
+    engine = migrated_engine() if member is not None else None
+    plan = plan_test(settings, name, to, engine=engine, member=member)
+    adapters = build_channels(provider_env(), channels=plan.channels) if plan.channels else {}
     try:
-        sent = send_test(settings, camp, seeds, adapters, engine=engine, member_id=member_id)
+        sent = send_test(settings, plan.campaign, plan.seeds, adapters, engine=engine, member_id=plan.member_id)
     finally:
         close_channels(adapters)
-    t = Table(title=f"{name} · test send to {len(seeds)} seed address(es)")
+    t = Table(title=f"{name} · test send to {len(plan.seeds)} seed address(es)")
     for col in ("channel", "locale", "variant", "seed", "outcome", "headline"):
         t.add_column(col)
     for s in sent:
         t.add_row(s.channel, s.locale, s.variant or "-", str(s.seed), s.outcome, s.headline)
     console.print(t)
-    ok = sum(s.outcome == "accepted" for s in sent)
+    ok = accepted_count(sent)
     console.print(f"{ok} of {len(sent)} test messages accepted; none is in the ledger, caps or reports")
     if ok < len(sent):
         raise typer.Exit(1)

@@ -26,18 +26,41 @@ def coupon_state(coupon: dict, now: datetime) -> str:
     return "open"
 
 
+def _value_text(mv, currency: str) -> str:
+    """Expected residual lifetime value and P(alive) at as_of, or why there is none."""
+    when = f"{mv.as_of:%Y-%m-%d %H:%M} UTC"
+    if not mv.known:
+        return f"- ({mv.note}; as of {when})"
+    return (f"{mv.value_minor / 100:,.2f} {currency} expected, P(alive) {mv.p_alive:.0%}, "
+            f"{mv.purchase_days} purchase day(s) (BG/NBD + Gamma-Gamma as of {when})")
+
+
 @members_app.command("show")
 def show(
     member: str = typer.Argument(..., help="The shop's member id (external id)."),
     orders: int = typer.Option(5, "--orders", help="How many recent orders to list."),
     reveal: bool = typer.Option(False, "--reveal", help="Show full email and phone (they are masked by default)."),
+    show_value: bool = typer.Option(True, "--value/--no-value", help="Show the expected residual lifetime value and "
+                               "P(alive) (fits the shop's purchase and spend models at --as-of)."),
+    as_of: str | None = typer.Option(None, "--as-of", help="Evaluate the lifetime value at this date or ISO "
+                                     "datetime (shop timezone; default now)."),
+    months: int = typer.Option(12, "--value-months", min=1, max=120, help="Lifetime value horizon in months."),
+    discount: float = typer.Option(0.10, "--value-discount", min=0.0, max=1.0,
+                                   help="Annual discount rate of future value."),
 ) -> None:
-    """Show a member's profile, consents, tier history, recent orders and coupons."""
-    from membercare.members import member_profile
-    from membercare.timeutil import utcnow
+    """Show a member's profile, consents, tier history, recent orders, coupons and expected lifetime value."""
+    from membercare.cli.common import state as cli_state
+    from membercare.members import member_profile, member_value
+    from membercare.timeutil import parse_as_of, utcnow
 
+    try:
+        when = parse_as_of(as_of, cli_state.settings.shop_timezone)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     with migrated_engine().connect() as conn:
         p = member_profile(conn, member, recent_orders=orders)
+        mv = member_value(conn, p.member["id"], when, months=months, annual_discount=discount) if (
+            p is not None and show_value) else None
     if p is None:
         raise InputError(f"no member with id {member!r}")
     m = p.member
@@ -57,6 +80,8 @@ def show(
         ("channel preference", m["preferred_channels"].replace(",", " > ")),
         ("purchases", f"{p.purchase_count} orders, {p.purchase_total / 100:,.2f} {p.currency} in total"),
         ("push devices", f"{p.live_devices} live, {p.dead_devices} invalidated"),
+        *([] if mv is None else [(f"lifetime value ({mv.months} mo, {mv.annual_discount:.0%}/y discount)",
+                                  _value_text(mv, p.currency))]),
     ]:
         head.add_row(f"[bold]{label}[/]", str(value))
     console.print(head)

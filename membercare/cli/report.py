@@ -71,6 +71,15 @@ def report(
                                                help="Frequency section: weekly unsubscribe-rate ceiling per member."),
     max_complaint_rate: float = typer.Option(0.001, "--max-complaint-rate", min=0.0, max=1.0,
                                              help="Frequency section: weekly complaint-rate ceiling per member."),
+    cuped: bool = typer.Option(False, "--cuped", help="Also show treated-vs-holdout conversion and revenue per member "
+                               "adjusted for each member's purchases before the run (CUPED), with the variance "
+                               "reduction beside the unadjusted interval."),
+    cuped_days: int = typer.Option(90, "--cuped-days", min=1, max=3660,
+                                   help="CUPED pre-period: the days before each run's as_of whose purchases are the "
+                                   "covariate."),
+    cltv: bool = typer.Option(False, "--cltv", help="Also show each holdout comparison's arms by expected residual "
+                              "lifetime value (fitted on purchases before --since) and the value of the members "
+                              "who converted."),
 ) -> None:
     """Funnel per campaign x segment x channel, treated vs holdout lift, variant tests, frequency evidence,
     programme lift, shop KPIs and trends."""
@@ -101,8 +110,8 @@ def report(
         timezone=settings.shop_timezone,
         attribution=attribution, sms_price_minor=_shop_sms_price(settings), currency=settings.shop_currency,
         segments=_segments(campaigns), refresh=refresh, variant_settings=variant_settings_from_campaigns(campaigns),
-        max_unsubscribe_rate=max_unsubscribe_rate, max_complaint_rate=max_complaint_rate,
-        **ReportOptions.campaign_fields(campaigns),
+        max_unsubscribe_rate=max_unsubscribe_rate, max_complaint_rate=max_complaint_rate, cuped=cuped,
+        cuped_pre_days=cuped_days, cltv=cltv, **ReportOptions.campaign_fields(campaigns),
     )
     engine = migrated_engine()
     if campaign:
@@ -154,13 +163,18 @@ def _print(rep) -> None:
     for col in ("campaign", "segment", "channel", "planned", "sent", "delivered", "opened", "clicked", "converted",
                 "revenue", "unsub.", "SMS segm.", "SMS cost"):
         t.add_column(col, justify="left" if col in ("campaign", "segment", "channel") else "right")
+    from membercare.reports.funnel import NO_CHANNEL, NO_CHANNEL_NOTE, channel_label
+
     for r in [*rep.funnel, rep.totals]:
-        t.add_row(r.campaign, r.segment or "-", r.channel, f"{r.planned:,}", f"{r.sent:,}", f"{r.delivered:,}",
-                  f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}", _money(r.revenue_minor, cur),
+        t.add_row(r.campaign, r.segment or "-", channel_label(r.channel), f"{r.planned:,}", f"{r.sent:,}",
+                  f"{r.delivered:,}", f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}",
+                  _money(r.revenue_minor, cur),
                   f"{r.unsubscribed:,}", f"{r.sms_segments:,}",
                   _money(r.sms_cost_minor, cur) if r.sms_segments else "-",
                   style="bold" if r is rep.totals else None)
     console.print(t)
+    if any(r.channel == NO_CHANNEL for r in rep.funnel):
+        console.print(f"  {NO_CHANNEL_NOTE}")
 
     from membercare.reports.text import print_experiments
 

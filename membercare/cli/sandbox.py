@@ -33,6 +33,10 @@ def sandbox(
                                             help="JSON file with any sandbox settings (see docs/channels.md)."),
     allow_remote: bool = typer.Option(False, "--allow-remote",
                                       help="Allow a non-loopback --host (the sandbox accepts test credentials)."),
+    write_config: bool = typer.Option(False, "--write-config",
+                                      help="Write the project configuration (.membercare/config.toml, as "
+                                           "`membercare demo` does) pointing every provider at this sandbox, so "
+                                           "every membercare command in this folder sends to it."),
 ) -> None:
     """Run a local stand-in for SendGrid, Twilio, FCM and LINE until interrupted.
 
@@ -40,6 +44,7 @@ def sandbox(
     MEMBERCARE_FCM_BASE_URL / MEMBERCARE_LINE_BASE_URL = http://HOST:PORT and a service account whose token_uri
     is http://HOST:PORT/token.
     Inspect it at /sandbox/messages and /sandbox/stats; change it at runtime with POST /sandbox/config.
+    With --write-config, the project file does all of that for the commands run in this folder.
     """
     import asyncio
 
@@ -80,17 +85,7 @@ def sandbox(
         raise InputError(f"sandbox settings: {exc}") from None
 
     def ready(sandbox_app, bound: int) -> None:
-        url = f"http://{host}:{bound}"
-        console.print(f"[bold]membercare sandbox[/] listening on {url}")
-        console.print(f"  SendGrid  POST {url}/v3/mail/send")
-        console.print(f"  Twilio    POST {url}/2010-04-01/Accounts/{{AccountSid}}/Messages.json")
-        console.print(f"  FCM       POST {url}/v1/projects/{{project}}/messages:send   (token_uri {url}/token)")
-        console.print(f"  LINE      POST {url}/v2/bot/message/push")
-        console.print(f"  records   GET  {url}/sandbox/messages   GET {url}/sandbox/stats")
-        console.print(f"  SendGrid webhook public key: {sandbox_app.signer.public_key_b64}")
-        if not config.webhook_url:
-            err_console.print("no --webhook-url: simulated engagement is not posted anywhere")
-        sys.stdout.flush()  # the banner is how scripts learn the port (--port 0)
+        _banner(sandbox_app, f"http://{host}:{bound}", write_config=write_config, webhook=bool(config.webhook_url))
 
     runner = asyncio.Runner(loop_factory=new_event_loop)
     try:
@@ -99,3 +94,46 @@ def sandbox(
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     finally:
         runner.close()
+
+
+def _banner(sandbox_app, url: str, *, write_config: bool, webhook: bool) -> None:
+    # The file is written before the banner: a script that waits for the banner may use it at once.
+    path = write_sandbox_config(url) if write_config else None
+    console.print(f"[bold]membercare sandbox[/] listening on {url}")
+    console.print(f"  SendGrid  POST {url}/v3/mail/send")
+    console.print(f"  Twilio    POST {url}/2010-04-01/Accounts/{{AccountSid}}/Messages.json")
+    console.print(f"  FCM       POST {url}/v1/projects/{{project}}/messages:send   (token_uri {url}/token)")
+    console.print(f"  LINE      POST {url}/v2/bot/message/push")
+    console.print(f"  records   GET  {url}/sandbox/messages   GET {url}/sandbox/stats")
+    console.print(f"  SendGrid webhook public key: {sandbox_app.signer.public_key_b64}")
+    if path is not None:
+        console.print(f"  wrote {path}: every membercare command in this folder now sends to this sandbox")
+    if not webhook:
+        err_console.print("no --webhook-url: simulated engagement is not posted anywhere")
+    sys.stdout.flush()  # the banner is how scripts learn the port (--port 0)
+
+
+def write_sandbox_config(url: str) -> Path:
+    """The project file ``membercare demo`` writes (database, Prefect home, secret key, sandbox credentials),
+    with the providers pointed at the sandbox at ``url``; a secret key is generated once if none is set."""
+    import tomllib
+
+    from membercare.cli.common import state
+    from membercare.cli.demo import demo_secret_key, service_account, write_demo_config
+    from membercare.cli.project import SANDBOX_PORT, config_path, write_project_config
+
+    home = config_path().parent
+    home.mkdir(parents=True, exist_ok=True)
+    demo_secret_key(home)
+    path = write_demo_config(home, state.settings)
+    default = f"http://127.0.0.1:{SANDBOX_PORT}"
+    if url == default:
+        return path
+    # Another port or address: the same file with this sandbox's URL, and a service-account key whose
+    # token_uri is this sandbox's (firebase-admin fetches its OAuth token there).
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    service_account(home, f"{url}/token", name="service-account-standalone.json")
+    env = {k: str(v).replace(default, url) for k, v in data["env"].items()}
+    key_file = (data.get("membercare") or {}).get("secret_key_file")
+    return write_project_config(home, env, secret_key_file=key_file,
+                                comments={"MEMBERCARE_SENDGRID_BASE_URL": f"`membercare sandbox` at {url}"})

@@ -20,7 +20,8 @@ def serve(
 
     Providers must reach it at MEMBERCARE_PUBLIC_URL (Twilio signatures cover that exact URL). Secrets:
     MEMBERCARE_SENDGRID_WEBHOOK_PUBLIC_KEY, MEMBERCARE_TWILIO_AUTH_TOKEN, MEMBERCARE_PUSH_TRACKING_SECRET,
-    MEMBERCARE_SECRET_KEY; an endpoint whose secret is missing answers 503.
+    MEMBERCARE_SECRET_KEY, MEMBERCARE_LINE_CHANNEL_SECRET; an endpoint whose secret is missing answers 503.
+    LINE account link: MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN and MEMBERCARE_LINE_LOGIN_URL (docs/line.md).
     """
     import uvicorn
 

@@ -289,6 +289,25 @@ def create_limits(api_url: str, env: dict[str, str]) -> dict[str, float]:
     return rates
 
 
+ZOMBIE_AUTOMATION = PROJECT_DIR / "deploy" / "automations" / "crash-unresponsive-runs.yaml"
+HEARTBEAT_SECONDS = "30"  # Prefect's minimum; the automation crashes a run after 90 s without one
+
+
+def create_automations(api_url: str) -> list[str]:
+    """The automation that marks runs of a lost worker Crashed (flow runs send heartbeats on the stack), unless
+    the server already has one of that name (a stack brought up again on its database)."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    spec = yaml.safe_load(ZOMBIE_AUTOMATION.read_text())
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        if not client.read_automations_by_name(name=spec["name"]):
+            client.create_automation(AutomationCore.model_validate(spec))
+    return [spec["name"]]
+
+
 def load_state(state: Path) -> dict:
     path = state / STATE_FILE
     if not path.is_file():
@@ -358,7 +377,9 @@ def _start_the_rest(state: Path, opts: UpOptions, data: dict, api_url: str, say)
         names = [a for n in opts.deployments for a in ("--name", n)] or ["--all"]
         _run_prefect(["--no-prompt", "deploy", *names], env, "prefect deploy")
         say(f"deployed {', '.join(opts.deployments) or 'every deployment of prefect.yaml'}")
-    worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": env.get("PREFECT_WORKER_QUERY_SECONDS", "2")}
+    say("automations: " + ", ".join(create_automations(api_url)))
+    worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": env.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
+                  "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_SECONDS)}
     for i in range(1, opts.workers + 1):
         cmd = [prefect_bin(), "worker", "start", "--pool", POOL, "--type", "process", "--name", f"stack-worker-{i}"]
         if opts.worker_limit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -10,6 +11,9 @@ from rich.table import Table
 from membercare.cli import app
 from membercare.cli.common import console, err_console, state
 from membercare.errors import InputError, MembercareError
+
+if TYPE_CHECKING:
+    from membercare.campaigns.definition import Campaign
 
 
 class TemplateCheckFailed(MembercareError):
@@ -76,6 +80,19 @@ def check_cmd(
         raise TemplateCheckFailed(f"template check failed: {errors} error(s) in {failed} campaign(s)")
 
 
+def _check_variant(campaign: Campaign, variant: str | None) -> None:
+    """A usage error (exit 2) for a variant the campaign does not declare, naming the ones it does."""
+    if variant is None:
+        return
+    test = campaign.optimise.variants
+    if test is None:
+        raise typer.BadParameter(f"campaign {campaign.name} has no variant test (optimise.variants), so no variant "
+                                 f"{variant!r}; preview without --variant", param_hint="'--variant'")
+    if variant not in test.names:
+        raise typer.BadParameter(f"campaign {campaign.name} has no variant {variant!r}; its variants are "
+                                 f"{', '.join(test.names)}", param_hint="'--variant'")
+
+
 @templates_app.command("preview")
 def preview_cmd(
     campaign: str = typer.Argument(..., help="Campaign name."),
@@ -84,6 +101,8 @@ def preview_cmd(
     channel: str = typer.Option(None, "--channel", help="email, sms or push (default: every channel of the campaign)."),
     html: Path = typer.Option(None, "--html", help="Also write the email HTML to this file."),
     as_of: str = typer.Option(None, "--as-of", help="Render as of this date/time (default now)."),
+    variant: str = typer.Option(None, "--variant", help="A template variant of the campaign's variant test "
+                                "(optimise.variants.names): render its parts (@VARIANT files), not the plain ones."),
 ) -> None:
     """Print a campaign's message for one member: subject and text, SMS with segments, push."""
     from membercare.campaigns import load_campaign
@@ -96,6 +115,7 @@ def preview_cmd(
 
     settings = state.settings
     c = load_campaign(campaign, settings)
+    _check_variant(c, variant)
     signer = LinkSigner.from_settings(settings, allow_preview=True)
     renderer = CampaignRenderer(c, settings, signer=signer)
     if (member is None) == (sample is None):
@@ -118,9 +138,9 @@ def preview_cmd(
         ctx = sample_context(renderer.builder, sample, "typical", when)
     channels = [Channel(channel)] if channel else list(c.channels)
     for ch in channels:
-        content = renderer.render(ch, ctx, as_of=when, message_id="preview")
+        content = renderer.render(ch, ctx, as_of=when, message_id="preview", variant=variant)
         locale = renderer.template_locale(ch, ctx["member"].get("locale"))
-        console.rule(f"{c.name} · {ch.value} · {locale}")
+        console.rule(f"{c.name} · {ch.value} · {locale}" + (f" · variant {variant}" if variant else ""))
         if isinstance(content, EmailContent):
             console.print(f"[bold]Subject:[/] {content.subject}", highlight=False)
             if content.preheader:

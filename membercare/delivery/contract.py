@@ -29,7 +29,7 @@ Adapters never log full addresses, tokens or secrets; use :func:`redact`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -144,6 +144,31 @@ class ChannelAdapter(Protocol):
 
     def close(self) -> None:
         """Release connections and pools."""
+        ...
+
+
+@runtime_checkable
+class BatchSender(Protocol):
+    """Optional capability of a :class:`ChannelAdapter`: one provider request carries one content to many
+    recipients (LINE's multicast). The dispatcher uses it only for rows of one run whose rendered content
+    is byte-identical (no per-member text, token or link), and only when the adapter has it.
+
+    ``send_many(messages, batch_key)`` sends ``messages`` (1 to :attr:`max_batch` of them, one recipient
+    each, all with equal ``content``, ``channel`` and ``purpose``) as one request and returns one
+    :data:`SendResult` per message, in order, or ``None`` for a message the request did not carry because
+    the provider refused the whole request for one recipient it does not name (nothing was sent: the
+    dispatcher then sends those messages one by one with ``send``). ``batch_key`` is the dispatcher's
+    deterministic key for exactly this set of rows: the adapter must derive the provider's idempotency
+    key from it alone, so that the same batch sent again (a retry, or reconciliation after a crash) is
+    deduplicated by the provider. Every row of the batch passed the send gate right before the call; the provider's rate
+    limit counts the request once. Same rules as ``send``: thread-safe, ``ConfigurationError`` raised,
+    ``ambiguous`` when the request may have been accepted.
+    """
+
+    max_batch: int
+
+    def send_many(self, messages: Sequence[OutboundMessage], batch_key: str) -> list[SendResult | None]:
+        """Send one content to every recipient of ``messages`` in one request; one result per message."""
         ...
 
 

@@ -10,14 +10,13 @@ thread: rows already claimed go back to ``planned`` without being attempted, cal
 * **resume**: a paused run goes back to ``planned`` (``resumed by <who> at <when>``); the next dispatcher
   pass (``dispatch-due``, ``membercare campaign resume --send``, or the rerun flow) sends what is left,
   each row exactly once (the ledger's states, not the orchestrator, guarantee it).
-* **cancel**: the run is paused with a reason starting ``cancelled``, then every row still waiting
-  (``planned``/``deferred``) is settled ``skipped`` with reason code ``cancelled``. A cancelled run is
-  never resumed (:func:`resume_run` refuses it). Rows a dispatcher releases after the cancel (those that
-  were between their claim and the gate) are settled by a second sweep once no row is ``sending``, or by
-  the next :func:`cancel_run` (it is idempotent).
-
-There is no ``cancelled`` run status: the status column's check constraint predates it, and a paused run
-with every row settled behaves exactly as a cancelled one should (nothing can send it).
+* **cancel**: the run becomes ``cancelled`` (a final status: ``cancelled by <who> at <when>: <why>``),
+  then every row still waiting (``planned``/``deferred``) is settled ``skipped`` with reason code
+  ``cancelled``. A cancelled run is never resumed, paused or dispatched again (:func:`resume_run`, the
+  dispatcher's start and ``dispatch-due`` refuse it). Rows a dispatcher hands back after the cancel (those
+  between their claim and the gate) are settled when that dispatcher's pass ends (see
+  :func:`membercare.delivery.dispatch_run.finish_run`), and by a second sweep here once no row is
+  ``sending``; :func:`cancel_run` is idempotent.
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import in_transaction
+from membercare.delivery.dispatch_run import skip_cancelled
 from membercare.delivery.models import (
-    CLAIMABLE_STATES,
     CampaignRun,
     Decision,
     OutboxMessage,
@@ -65,8 +64,9 @@ class RunInfo:
         return f"run {self.id} ({self.campaign}/{self.occurrence})"
 
 
-def is_cancelled(status: str | None, reason: str | None) -> bool:
-    return status == RunStatus.PAUSED.value and (reason or "").startswith(CANCELLED)
+def is_cancelled(status: str | None, reason: str | None = None) -> bool:
+    """Whether a run with this status was cancelled (``reason`` is accepted for older callers)."""
+    return status == RunStatus.CANCELLED.value
 
 
 def find_run(engine: Engine, ref: str | int) -> RunInfo:
@@ -121,7 +121,8 @@ def pause_run(engine: Engine, ref: str | int, *, reason: str | None = None, by: 
     now = now or utcnow()
     why = _stamp("paused", by, now, reason or "operator pause")
     r = CampaignRun.__table__
-    in_transaction(engine, lambda conn: conn.execute(sa.update(r).where(r.c.id == run.id).values(
+    in_transaction(engine, lambda conn: conn.execute(sa.update(r).where(
+        r.c.id == run.id, r.c.status != RunStatus.CANCELLED.value).values(
         status=RunStatus.PAUSED.value, status_reason=why[:500], auto_resume_at=None, updated_at=now)))
     return find_run(engine, run.id)
 
@@ -145,7 +146,7 @@ def resume_run(engine: Engine, ref: str | int, *, by: str | None = None, now: da
 
 def cancel_run(engine: Engine, ref: str | int, *, reason: str | None = None, by: str | None = None,
                now: datetime | None = None, settle_wait_s: float = 10.0) -> RunInfo:
-    """Stop a run for good: paused as ``cancelled``, every waiting row settled ``skipped`` (``cancelled``).
+    """Stop a run for good: status ``cancelled``, every waiting row settled ``skipped`` (``cancelled``).
 
     Waits up to ``settle_wait_s`` for rows in flight (``sending``) to be answered or released by the send
     gate, then settles what they left waiting; rows still ``sending`` after that belong to a dead dispatcher
@@ -157,8 +158,10 @@ def cancel_run(engine: Engine, ref: str | int, *, reason: str | None = None, by:
     now = now or utcnow()
     why = run.reason if run.cancelled else _stamp(CANCELLED, by, now, reason or "operator cancel")
     r = CampaignRun.__table__
-    in_transaction(engine, lambda conn: conn.execute(sa.update(r).where(r.c.id == run.id).values(
-        status=RunStatus.PAUSED.value, status_reason=(why or CANCELLED)[:500], auto_resume_at=None, updated_at=now)))
+    in_transaction(engine, lambda conn: conn.execute(sa.update(r).where(
+        r.c.id == run.id, r.c.status != RunStatus.COMPLETED.value).values(
+        status=RunStatus.CANCELLED.value, status_reason=(why or CANCELLED)[:500], auto_resume_at=None,
+        updated_at=now)))
     _skip_waiting(engine, run.id, now)
     deadline = time.monotonic() + settle_wait_s
     while _sending(engine, run.id) and time.monotonic() < deadline:
@@ -168,12 +171,8 @@ def cancel_run(engine: Engine, ref: str | int, *, reason: str | None = None, by:
 
 
 def _skip_waiting(engine: Engine, run_id: int, now: datetime) -> None:
-    o = OutboxMessage.__table__
-
     def work(conn: Connection) -> None:
-        conn.execute(sa.update(o).where(o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES)).values(
-            state=OutboxState.SKIPPED.value, reason_code=Decision.CANCELLED.value,
-            reason="the run was cancelled by an operator", next_attempt_at=None, updated_at=now))
+        skip_cancelled(conn, run_id, now)
         refresh_run_counts(conn, run_id)
 
     in_transaction(engine, work)

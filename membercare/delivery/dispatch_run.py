@@ -16,7 +16,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import in_transaction
 from membercare.delivery.dispatch_types import RunPaused
-from membercare.delivery.models import CLAIMABLE_STATES, CampaignRun, OutboxMessage, OutboxState, RunStatus
+from membercare.delivery.models import (
+    CLAIMABLE_STATES,
+    CampaignRun,
+    Decision,
+    OutboxMessage,
+    OutboxState,
+    RunStatus,
+)
 from membercare.delivery.planner import refresh_run_counts
 from membercare.errors import ConfigurationError, InputError
 from membercare.timeutil import UTC
@@ -46,6 +53,9 @@ def start_run(engine: Engine, run_id: int, resume: bool, now: datetime) -> sa.Ro
             raise InputError(f"no campaign run with id {run_id}")
         values: dict[str, Any] = dict(status=RunStatus.DISPATCHING.value, status_reason=None, updated_at=now,
                                       started_at=sa.func.coalesce(r.c.started_at, now), auto_resume_at=None)
+        if run.status == RunStatus.CANCELLED:
+            raise RunPaused(f"run {run.campaign}/{run.occurrence} was cancelled ({run.status_reason}); a "
+                            "cancelled run is never sent again")
         if run.status == RunStatus.PAUSED and not resume:
             due = run.auto_resume_at
             if due is None or due > now:
@@ -102,9 +112,13 @@ def finish_run(engine: Engine, run_id: int, config_error: ConfigurationError | N
     def work(conn: Connection) -> str:
         take_write_lock(conn, run_id, now)
         if config_error is not None:
-            conn.execute(sa.update(r).where(r.c.id == run_id).values(
+            conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status != RunStatus.CANCELLED.value).values(
                 status=RunStatus.PAUSED.value, updated_at=now,
                 status_reason=f"configuration error: {config_error}"[:500]))
+        if conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one() == RunStatus.CANCELLED:
+            # Rows the send gate handed back after the cancel (claimed, never attempted): settled now, so
+            # nothing of a cancelled run waits for a dispatcher that will never come.
+            skip_cancelled(conn, run_id, now)
         open_rows = conn.execute(sa.select(sa.func.count()).where(
             o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES + (OutboxState.SENDING.value,)))).scalar_one()
         if open_rows == 0:
@@ -114,6 +128,18 @@ def finish_run(engine: Engine, run_id: int, config_error: ConfigurationError | N
         return conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar_one()
 
     return in_transaction(engine, work)
+
+
+CANCELLED_REASON = "the run was cancelled by an operator"
+
+
+def skip_cancelled(conn: Connection, run_id: int, now: datetime) -> int:
+    """Settle every waiting row of a cancelled run ``skipped`` with reason code ``cancelled``; their number."""
+    o = OutboxMessage.__table__
+    n = conn.execute(sa.update(o).where(o.c.run_id == run_id, o.c.state.in_(CLAIMABLE_STATES)).values(
+        state=OutboxState.SKIPPED.value, reason_code=Decision.CANCELLED.value, reason=CANCELLED_REASON,
+        next_attempt_at=None, updated_at=now)).rowcount
+    return int(n or 0)
 
 
 def next_due(engine: Engine, run_id: int, clock: Callable[[], datetime]) -> datetime | None:

@@ -7,7 +7,8 @@
 * **Sending**: each worker thread takes a token from its channel's
   :class:`~membercare.delivery.ratelimit.TokenBucket` before the gate, and a second bucket of the same
   rate paces the provider calls after it (see :meth:`GatedSender.send`), then calls ``adapter.send``, or,
-  with the async transport, hands the call to the send loop (``SendPool.handoff`` in dispatch_pool).
+  with the async transport, hands the call to the send loop (``SendPool.handoff`` in dispatch_pool);
+  rows that share one request (LINE multicast) are sent by :mod:`membercare.delivery.dispatch_batch`.
 * **Database faults**: the gate runs through :func:`membercare.db.in_transaction`, which runs it again from
   the start after a deadlock or a dropped connection (its writes are conditional on the row's state and
   claim, so a rerun is harmless). A gate that cannot be checked at all stops the dispatch pass; the job is
@@ -27,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import in_transaction
 from membercare.delivery.contract import ChannelAdapter, SendResult
+from membercare.delivery.dispatch_batch import BatchJob, send_batch
 from membercare.delivery.dispatch_claim import load_member_contexts
 from membercare.delivery.dispatch_outcomes import Outcomes
 from membercare.delivery.dispatch_pool import Pending
@@ -58,7 +60,8 @@ class GatedSender:
                  gate_batch: GateBatch | None = None):
         self.engine, self.adapters, self.config, self.outcomes = engine, adapters, config, outcomes
         self.limiters, self.pacers, self.clock, self.sleep = limiters, pacers, clock, sleep
-        self.gate: GroupCommit[Job, Any] = GroupCommit(gate_batch or self.gate_batch)
+        self.gate_fn: GateBatch = gate_batch or self.gate_batch  # also run directly for a batch's members
+        self.gate: GroupCommit[Job, Any] = GroupCommit(self.gate_fn)
         self.run_id: int | None = None
         self.policy: PolicySettings | None = None
         self.stop: str | None = None
@@ -78,7 +81,13 @@ class GatedSender:
         bucket with the same rate paces the calls themselves after the gate; a call that had to wait
         there longer than ``gate_slack`` passes the gate again first, so that consent, suppression and
         pause are still read right before the request.
+
+        A :class:`~membercare.delivery.dispatch_batch.BatchJob` (rows sharing one request) goes through
+        :func:`~membercare.delivery.dispatch_batch.send_batch`, which does the same for the request.
         """
+        if isinstance(job, BatchJob):
+            send_batch(self, job)
+            return None
         self.limiters[job.channel].acquire()
         if not self.gated(job):
             return None

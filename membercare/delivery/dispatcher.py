@@ -18,7 +18,9 @@ guarantees of its step:
   and the global kill switch are checked again and ``attempt_started_at`` is committed. A claimed row that
   never passed the gate was never attempted: after a crash it is sent, not lost.
 * **Sending**: a fixed pool of worker threads (:mod:`membercare.delivery.dispatch_pool`, bounded
-  concurrency). The main thread (:meth:`Dispatcher.dispatch`) keeps the pool fed by claiming the next batch
+  concurrency). Rows of one content on a channel whose adapter can send many in one request (LINE
+  multicast) share a request (:mod:`membercare.delivery.dispatch_batch`); each still passes the gate.
+  The main thread (:meth:`Dispatcher.dispatch`) keeps the pool fed by claiming the next batch
   when the in-flight count falls to half a batch.
 * **Outcomes**, their **recording** guarded by the claim token, and the **error budget**
   (:mod:`membercare.delivery.dispatch_outcomes`).
@@ -49,6 +51,7 @@ from sqlalchemy.engine import Engine
 from membercare import signals
 from membercare.db import in_transaction
 from membercare.delivery.contract import ChannelAdapter
+from membercare.delivery.dispatch_batch import BatchJob, finish_batch, group_batches, members_of, rows_in_flight
 from membercare.delivery.dispatch_claim import Claimer
 from membercare.delivery.dispatch_outcomes import ErrorBudget, Outcomes, record_outcomes
 from membercare.delivery.dispatch_pool import SendPool, drain
@@ -76,7 +79,7 @@ class Dispatcher:
     ``sleep`` and ``rng`` drive waiting and backoff jitter. ``records`` (optional) is consulted before a
     transactional message is resent after an ambiguous failure: found there, it is settled as sent.
     ``limiters`` (channel -> rate limiter, metering entry to the send gate) may be replaced per channel
-    after construction, e.g. by limiters shared between processes.
+    after construction with :meth:`use_limiters`, e.g. by limiters shared between processes.
     """
 
     def __init__(self, engine: Engine, adapters: Mapping[str, ChannelAdapter], *,
@@ -105,6 +108,19 @@ class Dispatcher:
         self._claimer = Claimer(engine, self.worker_id, self.adapters, self._outcomes, clock, records)
         self._sender = GatedSender(engine, self.adapters, self.config, self._outcomes, self.limiters, self.pacers,
                                    clock, sleep, gate_batch=self._gate_batch)
+
+    def use_limiters(self, limiters: Mapping[str, Any]) -> None:
+        """Meter these channels' entry to the gate with ``limiters`` (``acquire``, ``reserve``, ``pause``).
+
+        A limiter with a ``rate`` (per second) also gets a local pacer at that rate after the gate if the
+        channel has none: a limiter shared between workers hands out slots a chunk at a time (a tenth of a
+        second's worth), which would otherwise leave this worker as one burst."""
+        for channel, limiter in limiters.items():
+            ch = str(Channel(channel).value)
+            self.limiters[ch] = limiter
+            rate = getattr(limiter, "rate", None)
+            if rate and ch not in self.pacers:
+                self.pacers[ch] = TokenBucket(float(rate), self.config.bursts.get(ch), sleep=self.sleep)
 
     def _gate_batch(self, jobs: Sequence[Job]) -> dict[Job, Any]:
         """The send gate for one group of jobs (:meth:`GatedSender.gate_batch`). The worker threads reach
@@ -139,7 +155,7 @@ class Dispatcher:
         self._sender.handoff = pool.handoff
         try:
             while True:
-                if stop is None and not drained and len(inflight) <= cfg.batch_size // 2:
+                if stop is None and not drained and rows_in_flight(inflight) <= cfg.batch_size // 2:
                     stop, claim_error, drained = self._top_up(run, policy, buffer, inflight, pool)
                     config_error = config_error or claim_error
                 if inflight:
@@ -192,7 +208,7 @@ class Dispatcher:
             jobs = self._claimer.claim(run, self.config.batch_size, policy, buffer)
         except ConfigurationError as exc:
             return f"configuration error: {exc}", exc, not buffer
-        for job in jobs:
+        for job in group_batches(jobs, self.adapters):
             inflight.add(job)
             pool.submit(job)
         return None, None, not jobs and not buffer
@@ -202,7 +218,7 @@ class Dispatcher:
         for job in list(inflight):
             if pool.cancel(job):
                 inflight.discard(job)
-                buffer.append(self._outcomes.release(job, "not sent: dispatch stopped"))
+                buffer.extend(self._outcomes.release(m, "not sent: dispatch stopped") for m in members_of(job))
 
     def _wait_for_deferred(self, run_id: int, rep: DispatchReport) -> bool:
         """Nothing is due now: sleep until the next deferred row is due when that is within
@@ -221,6 +237,8 @@ class Dispatcher:
                   buffer: list[Outcome]) -> ConfigurationError | None:
         """Record one finished job's outcome in ``buffer``; returns its configuration error, if that is what
         it raised (the row is then released, not attempted)."""
+        if isinstance(job, BatchJob):
+            return finish_batch(job, self._outcomes, budget, rep, buffer, self._take_gated)
         result = job.result
         if job.gated is not None:  # stopped by the send gate: never attempted
             self._take_gated(job, buffer)
@@ -266,7 +284,10 @@ class Dispatcher:
         pool.shutdown()
         for job in list(inflight):
             if job.cancelled:
-                buffer.append(self._outcomes.release(job, "not sent: dispatcher stopped"))
+                buffer.extend(self._outcomes.release(m, "not sent: dispatcher stopped") for m in members_of(job))
+            elif isinstance(job, BatchJob):
+                if job.error is None:
+                    finish_batch(job, self._outcomes, None, None, buffer, self._take_gated)
             elif job.gated is not None:
                 self._take_gated(job, buffer)
             elif job.error is None:

@@ -54,6 +54,7 @@ class RunStatus(StrEnum):
     PAUSED = "paused"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by an operator: final, never resumed or dispatched again
 
 
 class OutboxState(StrEnum):
@@ -205,6 +206,13 @@ class OutboxMessage(TableModel, table=True):
     sent_at: datetime | None = _ts(nullable=True, default=None)
     created_at: datetime = _ts(default_factory=utcnow)
     updated_at: datetime = _ts(default_factory=utcnow)
+    # The decision log (membercare.optimise.causal): the policy that chose the channel and local send hour, what it
+    # chose and with which probability, so that other policies can be evaluated from the logs (offpolicy).
+    policy: str | None = Field(default=None, max_length=64)
+    chosen_channel: str | None = Field(default=None, max_length=8)
+    channel_propensity: float | None = Field(default=None)
+    send_hour: int | None = Field(default=None, sa_type=sa.SmallInteger)
+    hour_propensity: float | None = Field(default=None)
 
 
 class DeliveryControls(TableModel, table=True):

@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from membercare.db import in_transaction, insert_for, is_sqlite
 from membercare.delivery.contract import Content, EmailContent, LineContent, PushContent, SmsContent
+from membercare.delivery.decisions import NO_DECISION, after_cap, decision_columns
 from membercare.delivery.models import (
     ACTIVE_STATES,
     CampaignRun,
@@ -349,7 +350,7 @@ def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipie
             member_id=rc.member_id, idempotency_key=key, coupon_code=rc.coupon_code, variant=None,
             purpose=purpose, priority=spec.priority, channel=None, fallback_channels="", content=None,
             attempts=0, transient_failures=0, scheduled_at=as_of, next_attempt_at=None, created_at=now,
-            updated_at=now)
+            updated_at=now, **NO_DECISION)
         if ctx is None:
             raise InputError(f"member id {rc.member_id} does not exist")
         variant = assign(ctx, rc) if assign else None
@@ -381,6 +382,8 @@ def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipie
                 reason = f"{reason}; {cap.reason}"
         at = _send_time(deliver_at, ctx, rc, chain[0], as_of)
         _schedule(base, chain, reason, at, ctx.timezone, purpose, as_of, policy)
+        base.update(decision_columns(prefer, deliver_at, rc.member_id, chain[0], base["next_attempt_at"] or as_of,
+                                     member_zone(ctx.timezone, policy.fallback_timezone), routed_channel=rt.chain[0]))
         if marketing and recent is None:
             batch.pending_cap[key] = (tuple(chain), reason, at, ctx.timezone)
         contents = {
@@ -397,7 +400,7 @@ def prepare_batch(conn: Connection, spec: PlanSpec, recipients: Sequence[Recipie
 def _capped(base: dict, cap_reason: str, route_reason: str) -> dict:
     return {**base, "state": OutboxState.SKIPPED.value, "reason_code": Decision.FREQUENCY_CAP.value,
             "reason": f"{cap_reason}; would have gone {route_reason}"[:500], "channel": None, "fallback_channels": "",
-            "content": None, "next_attempt_at": None}
+            "content": None, "next_attempt_at": None, **NO_DECISION}
 
 
 def _send_time(deliver_at: DeliveryTimer | None, ctx: MemberContext, rc: Recipient, first: str,
@@ -477,6 +480,7 @@ def _cap_pending(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedB
         if cap.chain[0] != chain[0] and deliver_at is not None:
             new_head.append(row)  # the send time is the new first channel's: asked again below
         _schedule(row, cap.chain, reason, at, tz, purpose, as_of, policy)
+        after_cap(row, cap.chain[0], row["next_attempt_at"] or as_of, member_zone(tz, policy.fallback_timezone))
         pending[row["idempotency_key"]] = (cap.chain, reason, at, tz)
     if new_head:
         # Rare (a per-channel cap dropped the first channel): the send-time hook needs the routing context.
@@ -487,6 +491,7 @@ def _cap_pending(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedB
             rc = Recipient(row["member_id"], coupon_code=row["coupon_code"])
             at = _send_time(deliver_at, ctxs[row["member_id"]], rc, chain[0], as_of)
             _schedule(row, chain, reason, at, tz, purpose, as_of, policy)
+            after_cap(row, chain[0], row["next_attempt_at"] or as_of, member_zone(tz, policy.fallback_timezone))
 
 
 def _write(conn: Connection, run_id: int, spec: PlanSpec, batch: PreparedBatch, as_of: datetime,

@@ -200,7 +200,7 @@ def _child(job: Mapping[str, Any], make_limiter: LimiterFactory | None = None) -
         for spec in job.get("shared_limits") or ():
             if make_limiter is None:
                 raise ConfigurationError("shared rate limits were given but this process cannot build them")
-            dispatcher.limiters[spec["channel"]] = make_limiter(spec)
+            dispatcher.use_limiters({spec["channel"]: make_limiter(spec)})
         try:
             rep = dispatcher.dispatch(int(job["run_id"]), resume=bool(job.get("resume")))
         except (ConfigurationError, RunPaused) as exc:

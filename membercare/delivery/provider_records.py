@@ -26,6 +26,10 @@ Per provider (details and residual risks in ``docs/delivery.md``, "Reconciliatio
   Webhook is configured with ``processed`` enabled and the receiver is monitored), a row with no event
   at all after ``grace`` (longer than SendGrid's 24 h of webhook retries) is taken as never received, and
   only once the stream has delivered a ``processed`` event received after that row's send (it is live).
+* **LINE** (:class:`~membercare.delivery.retry_key_records.RetryKeyRecords`): no lookup API either, but
+  its retry key is LINE's own idempotency for 24 hours: an ``unknown`` row's request is repeated with the
+  same ``X-Line-Retry-Key`` (409: it was sent; 200: it had not arrived and is sent now, once), after the
+  send gate; past the key's validity the row is reported for an operator and never resent.
 * **FCM**: there is no lookup API. An ``unknown`` push row is settled only by a push-tracking event from
   the app carrying our message id (the webhook receiver does that); otherwise it stays ``unknown``.
 
@@ -284,9 +288,13 @@ class CombinedRecords:
     def settle(self, message_ids: Sequence[str], *, now: datetime) -> Settlement:
         out = Settlement()
         for source in self.sources:
+            # A source is asked only about what no source before it found: some settle by sending (LINE).
+            ids = [m for m in message_ids if m not in out.found]
+            if not ids:
+                break
             try:
-                part = (source.settle(message_ids, now=now) if isinstance(source, ProviderVerdicts)
-                        else Settlement(found=dict(source.lookup(message_ids))))
+                part = (source.settle(ids, now=now) if isinstance(source, ProviderVerdicts)
+                        else Settlement(found=dict(source.lookup(ids))))
             except Exception as exc:  # noqa: BLE001 - logged; the other sources still answer
                 _unavailable(source, exc)
                 continue
@@ -295,6 +303,8 @@ class CombinedRecords:
                 if mid in part.notes:
                     out.notes.setdefault(mid, part.notes[mid])
             out.never_received.update(part.never_received)
+            out.pending.update(part.pending)
+            out.for_operator.update(part.for_operator)
         out.never_received = {m: w for m, w in out.never_received.items() if m not in out.found}
         return out
 
@@ -325,9 +335,9 @@ def trust_sendgrid_events(env: Mapping[str, str]) -> bool:
 
 def provider_records_from_env(engine: Engine, env: Mapping[str, str], *,
                               also: Sequence[ProviderRecords | ProviderVerdicts] = ()) -> CombinedRecords | None:
-    """The provider lookups the configured channels allow (Twilio's list, SendGrid's events), plus ``also``
-    (e.g. a :class:`~membercare.delivery.reconcile.SandboxRecords`). ``None`` when there is none. Call
-    ``close()`` on the result when done (it owns a Twilio adapter)."""
+    """The provider lookups the configured channels allow (Twilio's list, SendGrid's events, LINE's retry
+    keys), plus ``also`` (e.g. a :class:`~membercare.delivery.reconcile.SandboxRecords`). ``None`` when
+    there is none. Call ``close()`` on the result when done (it owns the Twilio and LINE adapters)."""
     from channels.registry import build_channels, provider_for
 
     sources: list = list(also)
@@ -340,6 +350,13 @@ def provider_records_from_env(engine: Engine, env: Mapping[str, str], *,
         closers.append(sms.close)
     if (env.get("MEMBERCARE_SENDGRID_API_KEY") or "").strip() and provider_for(Channel.EMAIL, env).name == "sendgrid":
         sources.append(SendGridEventRecords(engine, trust_event_stream=trust_sendgrid_events(env)))
+    line_token = (env.get("MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN") or "").strip()
+    if line_token and provider_for(Channel.LINE, env).name == "line":
+        from membercare.delivery.retry_key_records import RetryKeyRecords
+
+        line = build_channels(env, channels=[Channel.LINE])[Channel.LINE]
+        sources.append(RetryKeyRecords(engine, line))  # type: ignore[arg-type]
+        closers.append(line.close)
     return CombinedRecords(sources, closers) if sources else None
 
 

@@ -15,7 +15,11 @@ message. Policy (see ``docs/delivery.md``):
 3. A source that can also say which messages the provider **never** received (a
    :class:`ProviderVerdicts`, e.g. Twilio's message list in :mod:`membercare.delivery.provider_records`)
    sends those rows again, marketing included (reason ``never_received``): no duplicate is possible.
-4. After the grace period, rows still without a record stay ``unknown`` for **marketing** (no duplicate
+4. A source can hold rows back from step 5 (``Settlement.pending``: it is still settling them) or report
+   them for an operator for good (``Settlement.for_operator``): LINE's retry keys
+   (:mod:`membercare.delivery.retry_key_records`) settle a row by repeating its request with the same
+   key within the key's 24 hours, and past them nothing may be resent.
+5. After the grace period, rows still without a record stay ``unknown`` for **marketing** (no duplicate
    is preferred to no loss; the reason says so) and go back to ``planned`` for **transactional**
    messages (no loss is preferred: an order confirmation must arrive, and a rare duplicate is the price,
    because none of SendGrid's mail send, Twilio's Messages or FCM's v1 send deduplicates on a client key).
@@ -55,12 +59,18 @@ class Settlement:
     ``found``: ``{message_id: provider_message_id}`` the provider accepted. ``never_received``:
     ``{message_id: why}`` the provider's complete records show it never accepted (the reason is stored
     on the row, so it must name no address). ``notes``: ``{message_id: how it was found}`` (optional
-    prose for the row's reason). An id in none of them is undecided.
+    prose for the row's reason). ``pending``: ``{message_id: why}`` still being settled by the source
+    (the grace-period policy must not touch them yet). ``for_operator``: ``{message_id: why}`` that can
+    never be settled and must never be resent, transactional included (left ``unknown`` with the reason).
+    An id in none of them is undecided. A source may settle ids it was not asked about (the other rows of
+    one multicast request): they are applied too.
     """
 
     found: dict[str, str] = field(default_factory=dict)
     never_received: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)
+    for_operator: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -201,6 +211,8 @@ class ReconcileReport:
     left_unknown: int = 0
     requeued: int = 0
     never_received: int = 0  # the provider confirmed it never accepted them: back to planned
+    pending: int = 0  # a source is still settling them (retried on the next pass)
+    for_operator: int = 0  # can never be settled and are never resent: an operator decides
 
 
 def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
@@ -225,7 +237,9 @@ def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
             return rep
         last_id = rows[-1].id
         rep.checked += len(rows)
-        found, never, notes = _ask(records, [r.message_id for r in rows], now)
+        verdict = _ask(records, [r.message_id for r in rows], now)
+        found, never, notes = verdict.found, verdict.never_received, verdict.notes
+        asked = {r.message_id for r in rows}
         with engine.begin() as conn:
             for r in rows:
                 if r.message_id in found:
@@ -233,7 +247,13 @@ def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
                     rep.found_sent += _mark_sent(conn, r.message_id, found[r.message_id], now, f"reconciled: {how}")
                     continue
                 if r.message_id in never:
-                    rep.never_received += _send_again(conn, r.id, never[r.message_id], now)
+                    rep.never_received += _send_again(conn, r.message_id, never[r.message_id], now)
+                    continue
+                if r.message_id in verdict.for_operator:
+                    rep.for_operator += _report(conn, r.id, r.reason_code, verdict.for_operator[r.message_id], now)
+                    continue
+                if r.message_id in verdict.pending:
+                    rep.pending += 1
                     continue
                 since = r.claimed_at or r.updated_at
                 if since > now - grace:
@@ -254,23 +274,47 @@ def reconcile_unknown(engine: Engine, *, run_id: int | None = None,
                     rep.left_unknown += 1
                 else:
                     rep.left_unknown += 1
+            # Rows settled beside the ones asked about (the other rows of one request), in a later batch
+            # otherwise: applied now, since the source's verdict covers them (e.g. a repeated multicast).
+            for mid in sorted(set(found) - asked):
+                how = notes.get(mid) or "the provider has a record of it"
+                n = _mark_sent(conn, mid, found[mid], now, f"reconciled: {how}", only_unknown=True)
+                rep.found_sent, rep.checked = rep.found_sent + n, rep.checked + n
+            for mid in sorted(set(never) - asked):
+                n = _send_again(conn, mid, never[mid], now)
+                rep.never_received, rep.checked = rep.never_received + n, rep.checked + n
 
 
-def _ask(records, message_ids: list[str], now: datetime) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """``(found, never_received, notes)`` from a :class:`ProviderVerdicts` or a plain :class:`ProviderRecords`."""
+def _ask(records, message_ids: list[str], now: datetime) -> Settlement:
+    """The verdict of a :class:`ProviderVerdicts` or a plain :class:`ProviderRecords` (found only)."""
     if records is None:
-        return {}, {}, {}
+        return Settlement()
     if isinstance(records, ProviderVerdicts):
         verdict = records.settle(message_ids, now=now)
         found = dict(verdict.found)
-        return found, {m: w for m, w in verdict.never_received.items() if m not in found}, dict(verdict.notes)
-    return dict(records.lookup(message_ids)), {}, {}
+        decided = set(found) | set(verdict.never_received)
+        return Settlement(found=found, never_received={m: w for m, w in verdict.never_received.items()
+                                                       if m not in found},
+                          notes=dict(verdict.notes),
+                          pending={m: w for m, w in verdict.pending.items() if m not in decided},
+                          for_operator={m: w for m, w in verdict.for_operator.items() if m not in decided})
+    return Settlement(found=dict(records.lookup(message_ids)))
 
 
-def _send_again(conn: Connection, row_id: int, why: str, now: datetime) -> int:
-    """An ``unknown`` row the provider confirms it never received goes back to ``planned``."""
+def _report(conn: Connection, row_id: int, code: str, why: str, now: datetime) -> int:
+    """An ``unknown`` row that can never be settled: reported for an operator, never resent."""
+    if code == Decision.UNKNOWN_NOT_RESENT:
+        return 1  # already reported; its reason stays as written then
     o = OutboxMessage.__table__
     res = conn.execute(sa.update(o).where(o.c.id == row_id, o.c.state == OutboxState.UNKNOWN.value).values(
+        reason_code=Decision.UNKNOWN_NOT_RESENT.value, updated_at=now, reason=why[:500]))
+    return res.rowcount or 0
+
+
+def _send_again(conn: Connection, message_id: str, why: str, now: datetime) -> int:
+    """An ``unknown`` row the provider confirms it never received goes back to ``planned``."""
+    o = OutboxMessage.__table__
+    res = conn.execute(sa.update(o).where(o.c.message_id == message_id, o.c.state == OutboxState.UNKNOWN.value).values(
         state=OutboxState.PLANNED.value, next_attempt_at=None, claimed_by=None, claimed_at=None,
         attempt_started_at=None, reason_code=Decision.NEVER_RECEIVED.value, updated_at=now,
         reason=(f"outcome was unknown; the provider confirms it never received it ({why}); sending it "
@@ -278,13 +322,15 @@ def _send_again(conn: Connection, row_id: int, why: str, now: datetime) -> int:
     return res.rowcount or 0
 
 
-def _mark_sent(conn: Connection, message_id: str, provider_message_id: str | None, at: datetime, why: str) -> int:
+def _mark_sent(conn: Connection, message_id: str, provider_message_id: str | None, at: datetime, why: str, *,
+               only_unknown: bool = False) -> int:
     o = OutboxMessage.__table__
+    states = sa.or_(o.c.state.in_((OutboxState.UNKNOWN.value, OutboxState.SENDING.value, OutboxState.DEFERRED.value)),
+                    sa.and_(o.c.state == OutboxState.PLANNED.value, o.c.attempts > 0))
     res = conn.execute(
         sa.update(o).where(
             o.c.message_id == message_id,
-            sa.or_(o.c.state.in_((OutboxState.UNKNOWN.value, OutboxState.SENDING.value, OutboxState.DEFERRED.value)),
-                   sa.and_(o.c.state == OutboxState.PLANNED.value, o.c.attempts > 0)),
+            o.c.state == OutboxState.UNKNOWN.value if only_unknown else states,
         ).values(state=OutboxState.SENT.value, reason_code=Decision.RECONCILED.value, reason=why[:500],
                  provider_message_id=sa.func.coalesce(o.c.provider_message_id, provider_message_id or None),
                  sent_at=sa.func.coalesce(o.c.sent_at, at), next_attempt_at=None, updated_at=utcnow())

@@ -40,6 +40,8 @@ class SyncReport:
     left_unknown: int = 0
     requeued: int = 0
     never_received: int = 0  # the provider confirmed it never got them: sent again
+    pending: int = 0  # a source is still settling them (LINE: repeated with the same retry key next time)
+    for_operator: int = 0  # never settled and never resent (LINE past its retry key's 24 hours)
     runs_refreshed: int = 0
 
 
@@ -81,7 +83,7 @@ def sync_engagement(engine: Engine, *, records: ProviderRecords | ProviderVerdic
                                                                      source="engagement event"))
     rec = reconcile_unknown(engine, records=records, grace=grace, now=now)
     rep.reconciled_from_records, rep.left_unknown, rep.requeued = rec.found_sent, rec.left_unknown, rec.requeued
-    rep.never_received = rec.never_received
+    rep.never_received, rep.pending, rep.for_operator = rec.never_received, rec.pending, rec.for_operator
     with engine.begin() as conn:
         ids = conn.execute(sa.select(r.c.id).where(r.c.updated_at >= now - lookback)).scalars().all()
         for run_id in ids:

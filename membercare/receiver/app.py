@@ -12,6 +12,8 @@ SQLAlchemy engine (no globals, so tests and the benchmark run several side by si
     GET  /u/{token}/preferences     the same page (the link rendering puts in messages)
     POST /u/{token}                 RFC 8058 one-click (List-Unsubscribe=One-Click) or the page's forms
     GET  /r/{token}                 tracked short link: the click recorded, redirected to the original URL
+    POST /line/link                 LINE account link: the shop's backend (signed) gets LINE's dialog URL
+    GET  /u/{token}/line            the same from our signed member link (303 to LINE's dialog)
     GET  /healthz                   liveness + database check
 
 The provider webhooks are not written out here: each registered provider (``channels.registry``) declares
@@ -49,7 +51,8 @@ from __future__ import annotations
 import codecs
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
@@ -71,7 +74,10 @@ from membercare.receiver.config import ReceiverConfig
 from membercare.receiver.events import MAX_BODY as EVENTS_MAX_BODY
 from membercare.receiver.events import build_events_router
 from membercare.receiver.group_commit import GroupCommit
+from membercare.receiver.line_link import MAX_BODY as LINE_LINK_MAX_BODY
+from membercare.receiver.line_link import LineLinker, line_linker, mount_line_link
 from membercare.receiver.preferences import desired_from_form, load_member, set_consents, unsubscribe
+from membercare.receiver.previews import mount_previews
 from membercare.receiver.triggers import MAX_BODY as TRIGGER_MAX_BODY
 from membercare.receiver.triggers import TriggerConfig, TriggerStarter, build_trigger_router
 from membercare.timeutil import utcnow
@@ -194,9 +200,10 @@ def _form(body: bytes) -> dict[str, str]:
         raise _Reject(exc.status, exc.detail) from None
 
 
-def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerStarter | None = None) -> FastAPI:
+def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerStarter | None = None,
+               clock: Callable[[], datetime] = utcnow) -> FastAPI:
     """The receiver for ``config`` writing to ``engine`` (already migrated); ``trigger_starter`` runs
-    ``POST /triggers/{event}`` (without one that endpoint answers 503)."""
+    ``POST /triggers/{event}`` (without one that endpoint answers 503); ``clock`` dates LINE link nonces."""
     app = FastAPI(title="membercare receiver", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.engine = engine
@@ -205,7 +212,8 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
     app.add_middleware(
         BodyLimit, default=DEFAULT_MAX_BODY,
         limits=[*webhook_body_limits([w for _, w in webhooks], config.max_body_bytes),
-                ("/triggers/", TRIGGER_MAX_BODY), ("/events", EVENTS_MAX_BODY), ("/u/", PAGE_MAX_BODY)],
+                ("/triggers/", TRIGGER_MAX_BODY), ("/events", EVENTS_MAX_BODY), ("/u/", PAGE_MAX_BODY),
+                ("/line/", LINE_LINK_MAX_BODY)],
     )
 
     @app.exception_handler(_Reject)
@@ -220,13 +228,17 @@ def create_app(config: ReceiverConfig, engine: Engine, trigger_starter: TriggerS
 
     # -- Provider webhooks: every registered provider's endpoints, one handler shape ---------------------------------
 
-    context = _Context(config, engine)
+    linker = line_linker(config, engine, clock)
+    app.state.line_linker = linker
+    context = _Context(config, engine, {"line": linker})
     for provider_name, webhook in webhooks:
         app.add_api_route(webhook.path, _webhook_handler(provider_name, webhook, config, engine, grouped, context),
                           methods=[webhook.method], name=f"{provider_name}: {webhook.label}")
 
     _mount_member_pages(app, config, engine)
+    mount_line_link(app, config, engine, linker)  # POST /line/link, GET /u/{token}/line
     mount_click_redirects(app, config, engine)  # GET /r/{token}: tracked short links
+    mount_previews(app, config.link_secrets)  # GET /previews/{token}: a run's preview behind a signed link
 
     # -- Health -------------------------------------------------------------------------------------------------------
 
@@ -265,6 +277,7 @@ def _mount_member_pages(app: FastAPI, config: ReceiverConfig, engine: Engine) ->
             name=member.name if member else "",
             account=redact(member.email) if member and member.email else (redact(member.phone) if member else ""),
             scope=scope, state=member.consents if member else None, notice=notice, error_key=error_key,
+            line_linked=member.line_linked if member else None,
         )
         headers = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex", "Referrer-Policy": "no-referrer"}
         return HTMLResponse(pages.render_page(model), status_code=status, headers=headers)
@@ -376,8 +389,15 @@ def _response(answer: WebhookAnswer) -> Response:
 class _Context:
     """What webhooks may ask of the receiver (:class:`channels.base.WebhookContext`): replies to members."""
 
-    def __init__(self, config: ReceiverConfig, engine: Engine):
-        self.config, self.engine = config, engine
+    def __init__(self, config: ReceiverConfig, engine: Engine, linkers: Mapping[str, LineLinker]):
+        self.config, self.engine, self.linkers = config, engine, linkers
+
+    async def link_accounts(self, provider: str, events: Sequence[EngagementEvent],
+                            member_ids: Sequence[int | None]) -> Mapping[str, int]:
+        linker = self.linkers.get(provider)
+        if linker is None:
+            return {}
+        return await run_in_threadpool(linker.apply, events, member_ids)
 
     async def member_locale(self, member_id: int | None) -> str:
         locale = await run_in_threadpool(_member_locale, self.engine, member_id)

@@ -18,6 +18,13 @@ variable                                   meaning
                                            queue reports while offline)
 ``MEMBERCARE_SHOP_NAME``                   shown on the preference page and in SMS help replies
 ``MEMBERCARE_SUPPORT_CONTACT``             optional; added to SMS help replies (e.g. a phone number)
+``MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN``   LINE's channel access token: the account-link prompt (link
+                                           tokens, the login link); without it nobody is prompted
+``MEMBERCARE_LINE_BASE_URL``               optional; the Messaging API (tests: the provider sandbox)
+``MEMBERCARE_LINE_LOGIN_URL``              the shop's login page the prompt links to (``?linkToken=``)
+``MEMBERCARE_LINE_ACCOUNT_LINK_URL``       optional; LINE's account-link dialog (default
+                                           ``https://access.line.me/dialog/bot/accountLink``)
+``MEMBERCARE_LINE_LINK_TTL_S``             how long a link nonce is valid (default 600)
 =========================================  ==============================================================
 
 Webhook secrets are per provider (``channels.registry``): each provider names its variable
@@ -34,7 +41,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from channels.registry import PROVIDERS, get_provider
@@ -66,6 +73,12 @@ class ReceiverConfig:
     shop_names: tuple[tuple[str, str], ...] = ()
     shop_locale: str = "zh-TW"
     support_contact: str | None = None
+    # LINE account link (membercare/receiver/line_link.py).
+    line_access_token: str | None = field(default=None, repr=False)
+    line_base_url: str | None = None
+    line_login_url: str | None = None
+    line_account_link_url: str = "https://access.line.me/dialog/bot/accountLink"
+    line_link_ttl_s: float = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "public_url", (self.public_url or DEFAULT_PUBLIC_URL).rstrip("/"))
@@ -75,6 +88,12 @@ class ReceiverConfig:
             raise ConfigurationError("MEMBERCARE_SECRET_KEY is the preview secret: set a real, random secret")
         if self.signature_tolerance_s <= 0 or self.push_max_age_s <= 0:
             raise ConfigurationError("webhook tolerances must be positive")
+        if not 0 < self.line_link_ttl_s <= 3600:
+            raise ConfigurationError("MEMBERCARE_LINE_LINK_TTL_S must be between 1 and 3600 seconds")
+        for name, url in (("MEMBERCARE_LINE_LOGIN_URL", self.line_login_url),
+                          ("MEMBERCARE_LINE_ACCOUNT_LINK_URL", self.line_account_link_url)):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigurationError(f"{name} must be an http(s) URL")
         for name, _secret in self.webhook_secrets:
             if name in NAMED_SECRETS:
                 raise ConfigurationError(f"the {name} webhook secret is set with {NAMED_SECRETS[name]}=")
@@ -138,6 +157,11 @@ class ReceiverConfig:
             shop_names=() if opt("MEMBERCARE_SHOP_NAME") else shop_names,
             shop_locale=opt("MEMBERCARE_SHOP_LOCALE") or getattr(settings, "shop_locale", None) or "zh-TW",
             support_contact=opt("MEMBERCARE_SUPPORT_CONTACT") or (str(support) if support else None),
+            line_access_token=opt("MEMBERCARE_LINE_CHANNEL_ACCESS_TOKEN"),
+            line_base_url=opt("MEMBERCARE_LINE_BASE_URL"),
+            line_login_url=opt("MEMBERCARE_LINE_LOGIN_URL"),
+            line_account_link_url=opt("MEMBERCARE_LINE_ACCOUNT_LINK_URL") or cls.line_account_link_url,
+            line_link_ttl_s=num("MEMBERCARE_LINE_LINK_TTL_S", 600.0),
         )
         return cfg
 

@@ -25,6 +25,9 @@ TEXT: dict[str, dict[str, str]] = {
         "channel.email": "電子郵件",
         "channel.sms": "簡訊",
         "channel.push": "App 推播",
+        "channel.line": "LINE",
+        "line_linked": "LINE 帳號已綁定：勾選的訊息也會透過 LINE 傳送給您。",
+        "line_not_linked": "尚未綁定 LINE 帳號：加入 {shop} 的 LINE 官方帳號並傳送「綁定」，即可綁定。",
         "purpose.marketing": "優惠與活動",
         "purpose.transactional": "訂單與帳戶通知",
         "always": "必要通知，一律寄送",
@@ -45,6 +48,9 @@ TEXT: dict[str, dict[str, str]] = {
         "channel.email": "Email",
         "channel.sms": "SMS",
         "channel.push": "App notifications",
+        "channel.line": "LINE",
+        "line_linked": "Your LINE account is linked: the messages you choose can also reach you on LINE.",
+        "line_not_linked": "LINE is not linked yet: add {shop}'s LINE Official Account and send it \"link\".",
         "purpose.marketing": "Offers and news",
         "purpose.transactional": "Orders and account",
         "always": "Required, always sent",
@@ -77,7 +83,7 @@ SMS_TEXT: dict[str, dict[str, str]] = {
 
 # Transactional email (receipts, password resets) is part of the service: it cannot be switched off.
 LOCKED: frozenset[tuple[str, str]] = frozenset({(Channel.EMAIL.value, Purpose.TRANSACTIONAL.value)})
-CHANNELS = (Channel.EMAIL.value, Channel.SMS.value, Channel.PUSH.value)
+CHANNELS = (Channel.EMAIL.value, Channel.SMS.value, Channel.PUSH.value, Channel.LINE.value)
 PURPOSES = (Purpose.MARKETING.value, Purpose.TRANSACTIONAL.value)
 
 
@@ -147,6 +153,7 @@ _PAGE = _ENV.from_string("""<!doctype html>
   {% endfor %}
   </tbody>
  </table>
+ {% if line_status %}<p class="muted">{{ line_status }}</p>{% endif %}
  <button class="primary" type="submit">{{ t.save }}</button>
 </form>
 {% endif %}
@@ -166,6 +173,7 @@ class PageModel:
     state: Mapping[tuple[str, str], bool] | None = None
     notice: str | None = None
     error_key: str | None = None
+    line_linked: bool | None = None  # None: not shown (no member)
 
 
 def render_page(model: PageModel) -> str:
@@ -180,6 +188,8 @@ def render_page(model: PageModel) -> str:
         hello=t["hello"].format(name=model.name or "", shop=model.shop),
         unsubscribe_label=unsubscribe_label, channels=CHANNELS, purposes=PURPOSES, locked=LOCKED,
         state=dict(model.state or {}), notice=model.notice, error=t[model.error_key] if model.error_key else None,
+        line_status=None if model.line_linked is None else (
+            t["line_linked"] if model.line_linked else t["line_not_linked"].format(shop=model.shop)),
     )
 
 

@@ -31,15 +31,17 @@ class MemberView:
     phone: str | None
     locale: str
     consents: Mapping[tuple[str, str], bool]
+    line_linked: bool = False
 
 
 def load_member(conn: Connection, member_id: int) -> MemberView | None:
     m = Member.__table__
-    row = conn.execute(sa.select(m.c.id, m.c.name, m.c.email, m.c.phone, m.c.locale).where(m.c.id == member_id)).first()
+    row = conn.execute(sa.select(m.c.id, m.c.name, m.c.email, m.c.phone, m.c.locale, m.c.line_user_id)
+                       .where(m.c.id == member_id)).first()
     if row is None:
         return None
     return MemberView(id=row.id, name=row.name, email=row.email, phone=row.phone, locale=row.locale,
-                      consents=current_consents(conn, member_id))
+                      consents=current_consents(conn, member_id), line_linked=row.line_user_id is not None)
 
 
 def set_consents(conn: Connection, member: MemberView, desired: Mapping[tuple[str, str], bool], *,

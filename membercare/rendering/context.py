@@ -3,7 +3,8 @@
 :class:`ContextBuilder` loads, for a batch of member ids, everything the templates use, in six
 queries whatever the batch size (members, open coupons, purchase statistics, last orders with their
 lines, purchased products, campaign coupons) plus two per run that are cached on the builder (the
-tier table and the co-purchase model). Never one query per member.
+tier table and the co-purchase model), and for catalogue campaigns (``recommendations.only``) one more per
+batch for the members' category affinity. Never one query per member.
 
 The context of one member (all plain dicts, lists, ints, strings and datetimes)::
 
@@ -17,7 +18,8 @@ The context of one member (all plain dicts, lists, ints, strings and datetimes):
                     currency, status, lines [{sku, name, category, quantity, amount_minor, url}]
     recent_orders   the last three purchases, newest first (same shape as last_order)
     recent_items    distinct products of the last orders (newest first, up to 6)
-    recommendations products to suggest [{sku, name, category, price_minor, currency, url}]
+    recommendations products to suggest [{sku, name, category, price_minor, currency, url, arrived_at,
+                    restocked_at}], within the campaign's ``recommendations:`` rules (membercare.rendering.recommend)
     tier_progress   next tier and what is missing to reach it, or None at the top tier
     offer           the campaign's offer step for this member's value (campaign.yaml ``offer``), or None
     unsubscribe_url, preferences_url   the member's signed links (membercare.links)
@@ -25,10 +27,8 @@ The context of one member (all plain dicts, lists, ints, strings and datetimes):
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,72 +38,10 @@ from sqlalchemy.engine import Connection
 from membercare.campaigns.definition import Campaign
 from membercare.links import LinkScope, LinkSigner
 from membercare.models import PURCHASE_STATUSES, Coupon, Member, Order, OrderLine, Product, Tier
+from membercare.rendering.recommend import LOOKBACK_DAYS, CoPurchaseModel, Recommender
 
 BATCH = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
-LOOKBACK_DAYS = 365
 RECENT_ORDERS = 3
-
-
-@dataclass
-class CoPurchaseModel:
-    """Item-to-item co-occurrence ("bought together") from order lines, computed in SQL once per run.
-
-    Similarity is the cosine of the order-incidence vectors, ``n(a,b) / sqrt(n(a) * n(b))``, which
-    keeps best-sellers from being everyone's top recommendation. A member's candidates are scored by
-    the summed similarity to what they bought; gaps are filled with best-sellers of their favourite
-    categories, then overall best-sellers.
-    """
-
-    neighbours: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
-    products: dict[int, dict] = field(default_factory=dict)
-    bestsellers: list[int] = field(default_factory=list)  # product ids, most orders first
-    by_category: dict[str, list[int]] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, conn: Connection, as_of: datetime, *, lookback_days: int = LOOKBACK_DAYS,
-             min_support: int = 2, top_k: int = 20) -> CoPurchaseModel:
-        o, a, b, p = Order.__table__, OrderLine.__table__.alias("a"), OrderLine.__table__.alias("b"), Product.__table__
-        since = as_of - timedelta(days=lookback_days)
-        window = sa.and_(o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at >= since, o.c.placed_at <= as_of)
-        counts = dict(conn.execute(
-            sa.select(a.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
-            .join(o, o.c.id == a.c.order_id).where(window, a.c.product_id.is_not(None)).group_by(a.c.product_id)
-        ).tuples().all())
-        pairs = conn.execute(
-            sa.select(a.c.product_id, b.c.product_id, sa.func.count(sa.distinct(a.c.order_id)))
-            .select_from(a.join(b, sa.and_(a.c.order_id == b.c.order_id, a.c.product_id != b.c.product_id))
-                         .join(o, o.c.id == a.c.order_id))
-            .where(window, a.c.product_id.is_not(None), b.c.product_id.is_not(None))
-            .group_by(a.c.product_id, b.c.product_id)
-            .having(sa.func.count(sa.distinct(a.c.order_id)) >= min_support)
-        ).all()
-        neigh: dict[int, list[tuple[int, float]]] = defaultdict(list)
-        for x, y, n in pairs:
-            neigh[x].append((y, n / math.sqrt(counts[x] * counts[y])))
-        neighbours = {x: sorted(v, key=lambda t: (-t[1], t[0]))[:top_k] for x, v in neigh.items()}
-        products = {r.id: dict(r._mapping) for r in conn.execute(
-            sa.select(p.c.id, p.c.sku, p.c.name, p.c.category, p.c.price_minor, p.c.currency))}
-        best = sorted((pid for pid in counts if pid in products), key=lambda pid: (-counts[pid], pid))
-        by_cat: dict[str, list[int]] = defaultdict(list)
-        for pid in best:
-            by_cat[products[pid]["category"]].append(pid)
-        return cls(neighbours, products, best, dict(by_cat))
-
-    def recommend(self, bought: Sequence[int], n: int, categories: Sequence[str] = ()) -> list[int]:
-        owned = set(bought)
-        scores: dict[int, float] = defaultdict(float)
-        for pid in owned:
-            for other, sim in self.neighbours.get(pid, ()):
-                if other not in owned:
-                    scores[other] += sim
-        picked = [pid for pid, _ in sorted(scores.items(), key=lambda t: (-t[1], t[0]))][:n]
-        for pool in [*(self.by_category.get(c, ()) for c in categories), self.bestsellers]:
-            for pid in pool:
-                if len(picked) >= n:
-                    return picked
-                if pid not in owned and pid not in picked:
-                    picked.append(pid)
-        return picked
 
 
 def _chunks(ids: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
@@ -116,6 +54,7 @@ def product_view(product: dict, url_pattern: str) -> dict:
         "sku": product["sku"], "name": product["name"], "category": product["category"],
         "price_minor": product.get("price_minor"), "currency": product.get("currency") or "TWD",
         "url": url_pattern.format(sku=product["sku"]),
+        "arrived_at": product.get("arrived_at"), "restocked_at": product.get("restocked_at"),
     }
 
 
@@ -146,13 +85,34 @@ class ContextBuilder:
         self.url_pattern = shop.get("product_url") or (str(shop.get("website", "")).rstrip("/") + "/products/{sku}")
         self._model: CoPurchaseModel | None = None
         self._model_as_of: datetime | None = None
+        self._recommender: Recommender | None = None
         self._tiers: list[dict] | None = None
 
     def model(self, conn: Connection, as_of: datetime) -> CoPurchaseModel:
         # One model per run; a run keeps one as_of, so recompute only if it changes by over a day.
         if self._model is None or self._model_as_of is None or abs((as_of - self._model_as_of).total_seconds()) > 86400:
             self._model, self._model_as_of = CoPurchaseModel.load(conn, as_of), as_of
+            self._recommender = None
         return self._model
+
+    def recommender(self, conn: Connection, as_of: datetime) -> Recommender:
+        """The campaign's recommendation rules over the run's model (both computed once per run)."""
+        model = self.model(conn, as_of)
+        if self._recommender is None:
+            assert self._model_as_of is not None
+            self._recommender = Recommender(model, self.campaign.recommendations, self._model_as_of)
+        return self._recommender
+
+    def _affinity(self, conn: Connection, ids: Sequence[int], as_of: datetime) -> dict[int, dict[str, int]]:
+        """Category affinity (purchases and product views) of a batch, as the catalogue segments define it."""
+        from segments.base import SegmentContext
+        from segments.catalogue import affinity
+
+        aff = affinity(SegmentContext(conn, as_of), days=LOOKBACK_DAYS, member_ids=ids)
+        out: dict[int, dict[str, int]] = defaultdict(dict)
+        for mid, cat, strength in conn.execute(sa.select(aff.c.member_id, aff.c.category, aff.c.strength)):
+            out[mid][cat] = int(strength)
+        return out
 
     def tiers(self, conn: Connection) -> list[dict]:
         if self._tiers is None:
@@ -229,7 +189,9 @@ class ContextBuilder:
                 bought[member_id].append(product_id)
             cats[member_id][category] += n
 
-        model = self.model(conn, as_of) if self.n_recommendations else None
+        rec = self.recommender(conn, as_of) if self.n_recommendations else None
+        # Only catalogue campaigns rank by affinity (views included): one more query per batch, for them alone.
+        affinity = self._affinity(conn, ids, as_of) if rec is not None and rec.restricted else {}
         tiers = self.tiers(conn)
         out = {}
         for row in members:
@@ -237,9 +199,9 @@ class ContextBuilder:
             st = stats.get(mid)
             fav = sorted(cats[mid], key=lambda k: (-cats[mid][k], k))[:2]
             recs = []
-            if model is not None:
-                recs = [product_view(model.products[pid], self.url_pattern)
-                        for pid in model.recommend(bought[mid], self.n_recommendations, fav)]
+            if rec is not None:
+                recs = [product_view(rec.model.products[pid], self.url_pattern)
+                        for pid in rec.recommend(bought[mid], self.n_recommendations, affinity.get(mid, {}), fav)]
             out[mid] = self.assemble(
                 member=dict(row), coupons=coupons.get(mid, []), orders=list(orders.get(mid, {}).values()),
                 stats={
@@ -275,6 +237,10 @@ class ContextBuilder:
         offer = None
         if self.campaign.offer is not None:
             step = self.campaign.offer.for_spend(stats["spend_365_minor"])
+            if self.campaign.offer.size_by == "cltv" and coupon is not None:
+                # Sized by lifetime value at planning (offers.py): the issued coupon carries the tier's value.
+                step = next((t for t in self.campaign.offer.tiers if t.amount_minor == coupon.get("amount_minor")
+                             and t.percent_off == coupon.get("percent_off")), step)
             offer = {"kind": self.campaign.offer.kind.value, "amount_minor": step.amount_minor,
                      "percent_off": step.percent_off, "currency": self.campaign.offer.currency,
                      "min_spend_minor": self.campaign.offer.min_spend_minor,

@@ -1,9 +1,11 @@
-"""An HTML gallery of every campaign x channel x locale, for marketers to review in a browser.
+"""An HTML gallery of every campaign x channel x locale (x template variant), for marketers to review in a browser.
 
 One self-contained ``index.html``: each email in an ``<iframe srcdoc>`` (so its CSS cannot leak into
 the page) under its subject and preheader, each SMS as a phone bubble with encoding, segment count and
 estimated cost, each push as a notification card. Messages are rendered for the sample members, with
-preview-only links. Template problems are listed at the top and in place of the failing message.
+preview-only links. A campaign with a variant test (``optimise.variants``) gets one row per variant and
+locale, labelled with the variant, so that every copy that can be sent is reviewed before it is.
+Template problems are listed at the top and in place of the failing message.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from membercare.campaigns.definition import campaign_names, load_campaign
+from membercare.campaigns.definition import Campaign, campaign_names, load_campaign
 from membercare.config import Settings
 from membercare.delivery.contract import EmailContent, LineContent, PushContent, SmsContent
 from membercare.links import LinkSigner
@@ -94,6 +96,42 @@ def _line(c: LineContent) -> str:
             f"<div class='smsmeta'>{len(c.text)} characters</div>{flex}</div></div>")
 
 
+def campaign_variants(campaign: Campaign) -> list[str | None]:
+    """The template variants a reviewer must see: every variant of the campaign's test, or the plain copy."""
+    test = campaign.optimise.variants
+    return list(test.names) if test is not None else [None]
+
+
+def _locale_block(renderer: CampaignRenderer, campaign: Campaign, ctx: dict, locale: str, tv: str | None,
+                  app: str) -> str:
+    cells = {}
+    for channel in ("email", "sms", "push", "line"):
+        if channel not in [c.value for c in campaign.channels]:
+            cells[channel] = f"<div><p class='label'>{channel}</p><p class='none'>not used</p></div>"
+            continue
+        try:
+            c = renderer.render(channel, ctx, as_of=SAMPLE_AS_OF, message_id="preview-0001", variant=tv)
+        except RenderError as exc:
+            cells[channel] = f"<div><p class='label'>{channel}</p><div class='problem'>{_e(exc)}</div></div>"
+            continue
+        if isinstance(c, EmailContent):
+            cells[channel] = _email(c)
+        elif isinstance(c, SmsContent):
+            fmt = renderer.formatter(locale, locale, None)
+            cells[channel] = _sms(c, fmt.money(renderer.sms_cost_minor(c)))
+        elif isinstance(c, LineContent):
+            cells[channel] = _line(c)
+        else:
+            cells[channel] = _push(c, app)
+    label = ""
+    if tv is not None:
+        test = campaign.optimise.variants
+        control = " (control)" if test is not None and tv == test.control else ""
+        label = f" · <span class='badge variant' data-variant='{_e(tv)}'>variant {_e(tv)}{control}</span>"
+    return (f"<div class='locale'><h3>{_e(locale)}{label} · sample member "
+            f"{_e(ctx['member']['name'])}</h3>{''.join(cells.values())}</div>")
+
+
 def build_gallery(settings: Settings | None = None, *, campaigns: list[str] | None = None,
                   variant: str = "typical") -> str:
     """The gallery page as a string."""
@@ -125,29 +163,11 @@ def build_gallery(settings: Settings | None = None, *, campaigns: list[str] | No
         if problems:
             head += "<ul class='problems'>" + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>"
         blocks = []
+        variants = campaign_variants(campaign)
         for locale in campaign.locales:
             ctx = sample_context(renderer.builder, locale, variant)
-            cells = {}
-            for channel in ("email", "sms", "push", "line"):
-                if channel not in [c.value for c in campaign.channels]:
-                    cells[channel] = f"<div><p class='label'>{channel}</p><p class='none'>not used</p></div>"
-                    continue
-                try:
-                    c = renderer.render(channel, ctx, as_of=SAMPLE_AS_OF, message_id="preview-0001")
-                except RenderError as exc:
-                    cells[channel] = f"<div><p class='label'>{channel}</p><div class='problem'>{_e(exc)}</div></div>"
-                    continue
-                if isinstance(c, EmailContent):
-                    cells[channel] = _email(c)
-                elif isinstance(c, SmsContent):
-                    fmt = renderer.formatter(locale, locale, None)
-                    cells[channel] = _sms(c, fmt.money(renderer.sms_cost_minor(c)))
-                elif isinstance(c, LineContent):
-                    cells[channel] = _line(c)
-                else:
-                    cells[channel] = _push(c, app)
-            blocks.append(f"<div class='locale'><h3>{_e(locale)} · sample member "
-                          f"{_e(ctx['member']['name'])}</h3>{''.join(cells.values())}</div>")
+            for tv in variants:
+                blocks.append(_locale_block(renderer, campaign, ctx, locale, tv, app))
         sections.append(f"<section class='campaign' id='{_e(name)}'>{head}{''.join(blocks)}</section>")
     summary = (f"{len(names)} campaigns · {total_errors} template error(s)" if total_errors
                else f"{len(names)} campaigns · all templates pass the check")

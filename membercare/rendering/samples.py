@@ -91,7 +91,23 @@ def sample_context(builder: ContextBuilder, locale: str, variant: str = "typical
     spend = 8_620_00 if not worst else 29_990_00
     stats = {"orders_total": 7 if not worst else 42, "orders_365": 5 if not worst else 14, "spend_365_minor": spend,
              "last_order_at": order["placed_at"], "favourite_categories": ["coffee", "kitchen"]}
-    recs = [product_view(p, url) for p in products[2:]]
+    recs = [product_view(p, url) for p in _sample_recommendations(builder, products, as_of)]
     ctx = builder.assemble(member=member, coupons=coupons, orders=[order], stats=stats,
                            recommendations=recs, tiers=[dict(t) for t in DEFAULT_TIERS])
     return ctx
+
+
+def _sample_recommendations(builder: ContextBuilder, products: list[dict[str, Any]],
+                            as_of: datetime) -> list[dict[str, Any]]:
+    """Sample products that obey the campaign's ``recommendations:`` rules, as a real run's would."""
+    rules = builder.campaign.recommendations
+    recs = products[2:]
+    if rules.category:
+        # The samples' own products of that category, else the others relabelled (a category we have no sample of).
+        recs = ([p for p in products if p["category"] in rules.category]
+                or [{**p, "category": rules.category[0]} for p in products[2:]])
+    if rules.only == "new_arrivals":
+        recs = [{**p, "arrived_at": as_of - timedelta(days=2 + i)} for i, p in enumerate(recs)]
+    elif rules.only == "back_in_stock":
+        recs = [{**p, "restocked_at": as_of - timedelta(days=1 + i)} for i, p in enumerate(recs)]
+    return recs[: builder.n_recommendations or len(recs)]

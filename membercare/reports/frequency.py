@@ -28,6 +28,24 @@ class FrequencySection:
     member_weeks: int
     messages: int
 
+    def why_none_safe(self) -> str:
+        """Why no weekly frequency is shown as safe (``highest_safe`` is None), in the reader's terms: too few
+        member-weeks, or which *upper bound* (not the observed rate) crosses which ceiling."""
+        first = next((b for b in self.buckets if b.member_weeks), None)
+        if first is None:
+            return "no member-weeks yet"
+        at = f"at {first.label} message{'s' if first.label != '1' else ''} a week"
+        if first.member_weeks < self.min_member_weeks:
+            return (f"too little evidence: {first.member_weeks:,} member-weeks {at}, "
+                    f"{self.min_member_weeks:,} needed")
+        if first.unsubscribe_rate_ci[1] > self.max_unsubscribe_rate:
+            return (f"not shown yet: {at} unsubscribes are {100 * first.unsubscribe_rate:.2f} %, but the upper 95 % "
+                    f"bound, {100 * first.unsubscribe_rate_ci[1]:.2f} %, is above the "
+                    f"{100 * self.max_unsubscribe_rate:.2f} % ceiling (more member-weeks narrow it)")
+        ceiling = self.max_complaint_rate if self.max_complaint_rate is not None else 0.0
+        return (f"not shown yet: {at} complaints are {100 * first.complaint_rate:.3f} %, but the upper 95 % bound, "
+                f"{100 * first.complaint_rate_ci[1]:.3f} %, is above the {100 * ceiling:.3f} % ceiling")
+
 
 
 def frequency_section(conn: Connection, options: ReportOptions) -> FrequencySection:

@@ -26,6 +26,14 @@ from membercare.reports.options import ReportOptions
 from membercare.reports.sql import CLICKED, CONTROLS, DELIVERED, OB, OPENED, OPTED_OUT, A, E, flag, scope, sum_if
 
 NO_CHANNEL = "-"  # funnel rows of members who got no channel (skipped before routing chose one)
+NO_CHANNEL_LABEL = "none"
+NO_CHANNEL_NOTE = ("channel 'none': members the campaign planned but never sent on any channel: held out for lift "
+                   "measurement, or skipped (no consent, frequency cap, unreachable) before routing chose one")
+
+
+def channel_label(channel: str) -> str:
+    """The channel as a reader sees it: the rows of members who got no channel say so."""
+    return NO_CHANNEL_LABEL if channel == NO_CHANNEL else channel
 
 
 @dataclass

@@ -16,6 +16,7 @@ import html
 from pathlib import Path
 
 from membercare.reports import FrequencySection, FunnelRow, Report
+from membercare.reports.funnel import NO_CHANNEL, NO_CHANNEL_NOTE, channel_label
 from membercare.reports.html_checks import (
     LABELS,
     amount,
@@ -27,7 +28,7 @@ from membercare.reports.html_checks import (
 )
 
 STAGES = ("planned", "sent", "delivered", "opened", "clicked", "converted")
-CHANNEL_COLOURS = {"email": "#4C78A8", "sms": "#F58518", "push": "#54A24B", "-": "#BAB0AC"}
+CHANNEL_COLOURS = {"email": "#4C78A8", "sms": "#F58518", "push": "#54A24B", "line": "#06C755", "none": "#BAB0AC"}
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans TC","PingFang TC","Microsoft JhengHei",sans-serif;
 margin:0;background:#f6f7f9;color:#1f2933}
@@ -72,7 +73,8 @@ def _svg(chart) -> str:
 def _funnel_chart(rows: list[FunnelRow]):
     import altair as alt
 
-    data = [{"campaign": r.campaign, "channel": r.channel, "stage": s, "order": i, "messages": getattr(r, s)}
+    data = [{"campaign": r.campaign, "channel": channel_label(r.channel), "stage": s, "order": i,
+             "messages": getattr(r, s)}
             for r in rows if r.planned for i, s in enumerate(STAGES)]
     channels = sorted({d["channel"] for d in data})
     return alt.Chart(alt.Data(values=data)).mark_bar().encode(
@@ -90,10 +92,10 @@ def _funnel_chart(rows: list[FunnelRow]):
 def _revenue_chart(rows: list[FunnelRow], currency: str):
     import altair as alt
 
-    data = [{"campaign": r.campaign, "channel": r.channel, "revenue": r.revenue_minor / 100,
+    data = [{"campaign": r.campaign, "channel": channel_label(r.channel), "revenue": r.revenue_minor / 100,
              "conversion_rate": (r.converted / r.sent) if r.sent else 0.0}
             for r in rows if r.sent or r.revenue_minor]
-    channels = sorted({r.channel for r in rows if r.sent or r.revenue_minor}) or ["email"]
+    channels = sorted({channel_label(r.channel) for r in rows if r.sent or r.revenue_minor}) or ["email"]
     colour = alt.Color("channel:N", scale=alt.Scale(domain=channels,
                                                     range=[CHANNEL_COLOURS.get(c, "#888") for c in channels]))
     revenue = alt.Chart(alt.Data(values=data)).mark_bar().encode(
@@ -199,14 +201,17 @@ def _funnel_table(report: Report) -> str:
     out = ["<table><tr>" + "".join(f"<th class='{'t' if i < 3 else ''}'>{_e(h)}</th>" for i, h in enumerate(head))
            + "</tr>"]
     for r in [*report.funnel, report.totals]:
-        cells = [r.campaign, r.segment or "–", r.channel, f"{r.planned:,}", f"{r.sent:,}", f"{r.delivered:,}",
-                 f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}", _pct(r.rate("converted"), 2),
+        cells = [r.campaign, r.segment or "–", channel_label(r.channel), f"{r.planned:,}", f"{r.sent:,}",
+                 f"{r.delivered:,}", f"{r.opened:,}", f"{r.clicked:,}", f"{r.converted:,}",
+                 _pct(r.rate("converted"), 2),
                  _money(r.revenue_minor, cur), f"{r.coupons:,}", f"{r.unsubscribed:,}", f"{r.sms_segments:,}",
                  _money(r.sms_cost_minor, cur) if r.sms_segments else "–"]
         style = " style='font-weight:600'" if r is report.totals else ""
         out.append(f"<tr{style}>" + "".join(f"<td class='{'t' if i < 3 else ''}'>{_e(c)}</td>"
                                             for i, c in enumerate(cells)) + "</tr>")
-    return "".join(out) + "</table>"
+    note = (f"<p class='note'>{_e(NO_CHANNEL_NOTE)}</p>" if any(r.channel == NO_CHANNEL for r in report.funnel)
+            else "")
+    return "".join(out) + "</table>" + note
 
 
 def _holdout_table(report: Report) -> str:
@@ -421,7 +426,7 @@ def _frequency_section(report: Report) -> str:
         rows.append("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(c)}</td>" for i, c in enumerate(cells))
                     + "</tr>")
     complaint = "" if f.max_complaint_rate is None else f" and complaints at most {_pct(f.max_complaint_rate, 2)}"
-    safe = ("none: even one message a week is above the ceiling" if f.highest_safe is None
+    safe = (f"none: {f.why_none_safe()}" if f.highest_safe is None
             else f"{f.highest_safe} message{'s' if f.highest_safe != 1 else ''} per week")
     return ("<section><h2>How often? Opt-outs by weekly frequency</h2><p class='note'>Each member-week with at "
             "least one marketing message sent, by how many the member received that week, with the share of those "

@@ -102,7 +102,56 @@ def holdout_checks(holdouts: list[HoldoutRow], currency: str) -> str:
             parts.append(checks_table(h.checks, currency))
         if h.arms:
             parts.append(arms_table(h, currency))
+        if h.cuped:
+            parts.append(cuped_table(h, currency))
+        if h.cltv or h.cltv_note:
+            parts.append(cltv_table(h, currency))
     return "".join(parts)
+
+
+def cltv_table(h: HoldoutRow, currency: str) -> str:
+    """``--cltv``: each arm's expected residual lifetime value distribution and that of its converted members."""
+    if not h.cltv:
+        return f"<p class='note'>Lifetime value: {_e(h.cltv_note)}</p>"
+
+    def money(x: float | None) -> str:
+        return "–" if x is None or math.isnan(x) else f"{x / 100:,.0f} {currency}"
+
+    head = ("arm", "members", "with purchase history", "mean", "p25", "median", "p75", "p90", "mean P(alive)",
+            "converted", "converters' mean", "converters' median")
+    rows = "".join("<tr>" + "".join(f"<td class='{'t' if i == 0 else ''}'>{_e(x)}</td>" for i, x in enumerate((
+        a.arm, f"{a.members:,}", f"{a.with_history:,}", *(money(a.value.get(k)) for k in (
+            "mean", "p25", "median", "p75", "p90")),
+        "–" if math.isnan(a.mean_p_alive) else f"{100 * a.mean_p_alive:.0f} %", f"{a.converted:,}",
+        money(a.converted_value.get("mean")), money(a.converted_value.get("median"))))) + "</tr>" for a in h.cltv)
+    return (f"<p class='note'>Expected residual lifetime value of the targeted members ({_e(h.cltv_note)}): the "
+            "arms differ only by chance; the converters' value shows whom the campaign moved.</p><table><tr>"
+            + "".join(f"<th class='{'t' if i == 0 else ''}'>{_e(x)}</th>" for i, x in enumerate(head)) + "</tr>"
+            + rows + "</table>")
+
+
+def cuped_table(h: HoldoutRow, currency: str) -> str:
+    """CUPED (``--cuped``): each metric adjusted for the pre-period covariate, beside the unadjusted lift."""
+    head = ("metric", "covariate", "covariate per row (treated / holdout)", "unadjusted lift", "unadjusted interval",
+            "CUPED lift", "CUPED interval", "variance reduction", "theta", "p")
+    rows = []
+    for c in h.cuped:
+        cov = (f"{amount('revenue', c.covariate_treated, currency).lstrip('+')} / "
+               f"{amount('revenue', c.covariate_control, currency).lstrip('+')}" if c.metric == "revenue"
+               else f"{100 * c.covariate_treated:.1f}% / {100 * c.covariate_control:.1f}%")
+        cells = (LABELS[c.metric], c.covariate, cov, amount(c.metric, c.unadjusted_difference, currency),
+                 interval(c.metric, c.unadjusted_interval, currency), amount(c.metric, c.difference, currency),
+                 interval(c.metric, c.interval, currency),
+                 "–" if math.isnan(c.variance_reduction) else f"{100 * c.variance_reduction:.2f} %",
+                 f"{c.theta:.3g}", p_text(c.p_value))
+        rows.append("<tr>" + "".join(f"<td class='{'t' if i < 2 else ''}'>{_e(x)}</td>" for i, x in enumerate(cells))
+                    + "</tr>")
+    return (f"<p class='note'>CUPED: each member's purchases in the {h.cuped[0].pre_days} days before the run's "
+            "as_of predict part of the outcome in both arms; removing that part (theta times the covariate, "
+            "pooled over the arms) narrows the interval without biasing the lift. The covariate per row differs "
+            "between the arms only by chance.</p><table><tr>"
+            + "".join(f"<th class='{'t' if i < 2 else ''}'>{_e(x)}</th>" for i, x in enumerate(head)) + "</tr>"
+            + "".join(rows) + "</table>")
 
 
 def arms_table(h: HoldoutRow, currency: str) -> str:
@@ -146,4 +195,5 @@ def variant_evidence(v: VariantSection) -> str:
             + rows + "</table>")
 
 
-__all__ = ["arms_table", "checks_table", "holdout_checks", "programme_checks", "variant_evidence", "verdict_html"]
+__all__ = ["arms_table", "checks_table", "cltv_table", "cuped_table", "holdout_checks", "programme_checks",
+           "variant_evidence", "verdict_html"]

@@ -32,6 +32,8 @@ from membercare.reports.checks import (
     experiment_checks,
     per_member_sums,
 )
+from membercare.reports.cltv import ArmValue, audience_values
+from membercare.reports.cuped import CupedCheck, cuped_checks
 from membercare.reports.options import ReportOptions
 from membercare.reports.sql import CONTROLS, OB, VISITED, E, flag, scope, sum_if
 from membercare.reports.stats import ClusterSums, sample_ratio_mismatch
@@ -58,6 +60,11 @@ class HoldoutRow:
     checks: ExperimentChecks | None = None  # clustered intervals, MDE, primary verdict, Holm-adjusted secondaries
     # With two or more template variants: each variant against the holdout on the primary metric, Holm across arms.
     arms: list[ArmCheck] = field(default_factory=list)
+    # With ``--cuped``: conversion and revenue per member adjusted for the pre-period (beside the unadjusted lift).
+    cuped: list[CupedCheck] = field(default_factory=list)
+    # With ``--cltv``: the arms' lifetime-value distributions (membercare.reports.cltv) and when it was evaluated.
+    cltv: list[ArmValue] = field(default_factory=list)
+    cltv_note: str = ""
 
     @property
     def mismatched_runs(self) -> list[RunRatio]:
@@ -139,6 +146,7 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
     o = Order.__table__
     seconds = options.attribution.window_seconds
     held = sa.select(OB.c.campaign).where(*scope(options), OB.c.variant == HOLDOUT).distinct()
+    in_arms = [*scope(options), OB.c.campaign.in_(held), sa.or_(OB.c.variant.is_(None), OB.c.variant != GLOBAL_CONTROL)]
     is_holdout = sa.case((OB.c.variant == HOLDOUT, 1), else_=0)
     arm = sa.func.coalesce(OB.c.variant, "")
     per_row = sa.select(
@@ -148,10 +156,11 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
         o.c.member_id == OB.c.member_id, o.c.status.in_(PURCHASE_STATUSES),
         within_window(conn, o.c.placed_at, OB.c.scheduled_at, seconds),
         ~_later_occurrence(conn, options, o.c.placed_at),
-    ))).where(
-        *scope(options), OB.c.campaign.in_(held),
-        sa.or_(OB.c.variant.is_(None), OB.c.variant != GLOBAL_CONTROL),
-    ).group_by(OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout, arm).subquery("per_row")
+    ))).where(*in_arms).group_by(OB.c.id, OB.c.campaign, OB.c.member_id, OB.c.scheduled_at, is_holdout,
+                                  arm).subquery("per_row")
+    values, values_note = audience_values(conn, options, per_row) if options.cltv else ({}, "")
+    cuped = (cuped_checks(conn, per_row, sa.select(OB.c.id).where(*in_arms), pre_days=options.cuped_pre_days,
+                          confidence=options.confidence) if options.cuped else {})
     arms: dict[str, dict[int, Any]] = {}
     for r in conn.execute(_arm_sums(conn, per_row, seconds, by_variant=False)):
         arms.setdefault(r.campaign, {})[int(r.holdout)] = r
@@ -174,7 +183,8 @@ def holdout_rows(conn: Connection, options: ReportOptions) -> list[HoldoutRow]:
             holdout_revenue_minor=int(h.revenue) if h else 0, conversion=conversion, revenue=revenue,
             treated_visitors=int(t.visitors) if t else 0, holdout_visitors=int(h.visitors) if h else 0, visit=visit,
             treated_members=int(t.members) if t else 0, holdout_members=int(h.members) if h else 0,
-            sample_ratio=srm.get(campaign, []))
+            sample_ratio=srm.get(campaign, []), cuped=cuped.get(campaign, []), cltv=values.get(campaign, []),
+            cltv_note=values_note)
         row.checks = experiment_checks(
             {m: (_cluster_sums(t, m), _cluster_sums(h, m)) for m in METRICS},
             options.primary_metrics.get(campaign, DEFAULT_PRIMARY), options.confidence,

@@ -50,6 +50,15 @@ class ReportOptions:
     # a definition (e.g. a loaded experiment) has no expected rate, so no sample-ratio check.
     primary_metrics: Mapping[str, str] = field(default_factory=dict)
     holdout_rates: Mapping[str, float] = field(default_factory=dict)
+    # CUPED (``--cuped``): treated-vs-holdout conversion and revenue per member also shown adjusted for each member's
+    # purchases in the ``cuped_pre_days`` before the run's as_of (membercare.reports.cuped).
+    cuped: bool = False
+    cuped_pre_days: int = 90
+    # ``--cltv``: each holdout comparison's arms by expected residual lifetime value (membercare.reports.cltv),
+    # evaluated at ``since`` over ``cltv_months`` with ``cltv_discount`` a year.
+    cltv: bool = False
+    cltv_months: int = 12
+    cltv_discount: float = 0.10
 
     @staticmethod
     def campaign_fields(campaigns: Iterable[Any]) -> dict[str, Any]:
@@ -69,3 +78,5 @@ class ReportOptions:
         if self.granularity not in ("day", "week"):
             raise InputError("granularity must be day or week")
         ZoneInfo(self.timezone)
+        if not 1 <= self.cuped_pre_days <= 3660:
+            raise InputError("the CUPED pre-period must be 1 to 3660 days")

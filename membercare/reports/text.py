@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -24,7 +25,7 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def _money(minor: float | None, currency: str) -> str:
-    return "-" if minor is None else f"{minor / 100:,.2f} {currency}"
+    return "-" if minor is None or math.isnan(minor) else f"{minor / 100:,.2f} {currency}"
 
 
 def points(lift: BinaryLift | None) -> str:
@@ -56,6 +57,8 @@ def print_experiments(console: Console, rep: Report) -> None:
         for h in rep.holdouts:
             _print_checks(console, h.campaign, h.checks, rep.options.currency, _srm_line(h))
             _print_arms(console, h, rep.options.currency)
+            _print_cuped(console, h, rep.options.currency)
+            _print_cltv(console, h, rep.options.currency)
     if rep.programme is not None:
         _print_programme(console, rep.programme, rep.options.currency, conf)
         _print_checks(console, "programme", rep.programme.checks, rep.options.currency,
@@ -173,6 +176,44 @@ def _print_arms(console: Console, h: HoldoutRow, cur: str) -> None:
     console.print(t)
 
 
+def _print_cuped(console: Console, h: HoldoutRow, cur: str) -> None:
+    """CUPED (``--cuped``): each adjusted lift beside the unadjusted member-clustered one."""
+    if not h.cuped:
+        return
+    t = Table(title=f"{h.campaign}: CUPED, adjusted for the {h.cuped[0].pre_days} days before each run's as_of "
+                    "(pre-period covariate; member-clustered CIs)")
+    for col in ("metric", "covariate", "covariate per row (treated / holdout)", "unadjusted lift [CI]",
+                "CUPED lift [CI]", "variance reduction", "theta", "p"):
+        t.add_column(col, justify="left" if col in ("metric", "covariate") else "right")
+    for c in h.cuped:
+        cov = (f"{amount('revenue', c.covariate_treated, cur).lstrip('+')} / "
+               f"{amount('revenue', c.covariate_control, cur).lstrip('+')}" if c.metric == "revenue"
+               else f"{_pct(c.covariate_treated, 1)} / {_pct(c.covariate_control, 1)}")
+        t.add_row(LABELS[c.metric], c.covariate, cov,
+                  f"{amount(c.metric, c.unadjusted_difference, cur)} {interval(c.metric, c.unadjusted_interval, cur)}",
+                  f"{amount(c.metric, c.difference, cur)} {interval(c.metric, c.interval, cur)}",
+                  _pct(c.variance_reduction, 2), f"{c.theta:.3g}", p_text(c.p_value))
+    console.print(t)
+
+
+def _print_cltv(console: Console, h: HoldoutRow, cur: str) -> None:
+    """``--cltv``: the arms' expected residual lifetime value, and that of the members who converted."""
+    if not h.cltv:
+        if h.cltv_note:
+            console.print(f"  {h.campaign}: {h.cltv_note}")
+        return
+    t = Table(title=f"{h.campaign}: expected residual lifetime value per arm ({h.cltv_note})")
+    for col in ("arm", "members", "with history", "mean", "p25", "median", "p75", "p90", "mean P(alive)",
+                "converted", "converters' mean", "converters' median"):
+        t.add_column(col, justify="left" if col == "arm" else "right")
+    for a in h.cltv:
+        v, c = a.value, a.converted_value
+        t.add_row(a.arm, f"{a.members:,}", f"{a.with_history:,}", *(_money(v.get(k), cur) for k in (
+            "mean", "p25", "median", "p75", "p90")), _pct(a.mean_p_alive, 0), f"{a.converted:,}",
+                  _money(c.get("mean"), cur), _money(c.get("median"), cur))
+    console.print(t)
+
+
 def _print_checks(console: Console, name: str, checks: ExperimentChecks | None, cur: str, note: str) -> None:
     """The decision checks of one comparison: verdict on the primary metric, member-clustered intervals,
     Holm-adjusted secondary metrics and the minimum detectable effect (80 % power)."""
@@ -195,20 +236,22 @@ def _print_checks(console: Console, name: str, checks: ExperimentChecks | None, 
 def _print_frequency(console: Console, f: FrequencySection, conf: str) -> None:
     complaint = "" if f.max_complaint_rate is None else f", complaints <= {_pct(f.max_complaint_rate, 2)}"
     t = Table(title=f"Frequency: opt-outs by marketing messages received per member per week "
-                    f"({f.member_weeks:,} member-weeks, {f.messages:,} messages; Wilson {conf} CI)")
-    for col in ("messages / week", "member-weeks", "unsubscribe rate", "95% CI", "complaint rate", "95% CI",
-                "unsub. / 1000 msgs"):
-        t.add_column(col, justify="left" if col == "messages / week" else "right")
+                    f"({f.member_weeks:,} member-weeks, {f.messages:,} messages; Wilson {conf} CI)",
+              box=box.SIMPLE_HEAD)
+    # Rate and interval share a cell, so the table keeps every column whole in an 80-column terminal.
+    for col in ("msgs/wk", "member-wks", "unsub. % (95% CI)", "complaint % (CI)", "unsub./1k"):
+        t.add_column(col, justify="left" if col == "msgs/wk" else "right", no_wrap=True)
+
+    def rate(x: float, ci: tuple[float, float], digits: int) -> str:
+        return f"{100 * x:.{digits}f} ({100 * ci[0]:.{digits}f}-{100 * ci[1]:.{digits}f})"
+
     for b in f.buckets:
         if not b.member_weeks:
             continue
-        t.add_row(b.label, f"{b.member_weeks:,}", _pct(b.unsubscribe_rate, 3),
-                  f"{_pct(b.unsubscribe_rate_ci[0], 3)} .. {_pct(b.unsubscribe_rate_ci[1], 3)}",
-                  _pct(b.complaint_rate, 3),
-                  f"{_pct(b.complaint_rate_ci[0], 3)} .. {_pct(b.complaint_rate_ci[1], 3)}",
-                  f"{b.unsubscribes_per_1000_messages:.2f}")
+        t.add_row(b.label, f"{b.member_weeks:,}", rate(b.unsubscribe_rate, b.unsubscribe_rate_ci, 3),
+                  rate(b.complaint_rate, b.complaint_rate_ci, 3), f"{b.unsubscribes_per_1000_messages:.2f}")
     console.print(t)
-    safe = "none (even one message a week is above the ceiling)" if f.highest_safe is None else str(f.highest_safe)
+    safe = f"none ({f.why_none_safe()})" if f.highest_safe is None else str(f.highest_safe)
     console.print(f"  highest weekly frequency whose upper 95% bound keeps unsubscribes <= "
                   f"{_pct(f.max_unsubscribe_rate, 2)}{complaint} (buckets of >= {f.min_member_weeks} "
                   f"member-weeks): {safe}")

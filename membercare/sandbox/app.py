@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from channels.line.sandbox import LineSandbox
+from channels.line.sandbox import LineLinkSandbox, LineSandbox
 from channels.sendgrid.webhooks import SendGridWebhookSigner
 from membercare.sandbox import pipeline
 from membercare.sandbox.config import CHANNELS, ConfigError, SandboxConfig, apply_patch
@@ -38,10 +38,12 @@ class SandboxApp:
         # OAuth access tokens outlive /sandbox/reset: clients cache them for an hour.
         self.fcm_access_tokens: dict[str, str] = {}
         self.line = LineSandbox(self)  # LINE's Messaging API (channels/line/sandbox.py); keeps retry keys
+        self.line_links = LineLinkSandbox(self)  # LINE's link tokens, replies and account-link dialog
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=32 * 1024**2)
-        for endpoints in (SendGridEndpoints(self), TwilioEndpoints(self), FcmEndpoints(self), self.line):
+        for endpoints in (SendGridEndpoints(self), TwilioEndpoints(self), FcmEndpoints(self), self.line,
+                          self.line_links):
             app.router.add_routes(endpoints.routes())
         r = app.router
         r.add_get("/sandbox/health", self.health)
@@ -76,6 +78,7 @@ class SandboxApp:
     def reset(self, *, config: bool = False) -> None:
         self.state.reset()
         self.line.reset()
+        self.line_links.reset()
         self.recipients.clear()
         if config:
             self.config = self.initial_config

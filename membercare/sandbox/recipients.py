@@ -375,6 +375,18 @@ class Recipients:
         self._spawn(self._post_line(cfg, [event], f"line.{kind}"))
         return True
 
+    async def post_line_now(self, events: list[dict[str, Any]], stat: str) -> bool:
+        """Post LINE webhook ``events`` now and wait for the answer (the account-link dialog does); False when
+        no LINE webhook URL or channel secret is configured, or the receiver never answered 2xx."""
+        cfg = self._get_config()
+        if not (cfg.endpoint("line") and cfg.line_channel_secret):
+            return False
+        self._state.stats.events[stat] += 1
+        secret = cfg.line_channel_secret or ""
+        return await self._post("line", cfg.endpoint("line") or "", webhook_body(cfg.line_destination, events),
+                                lambda b: {"Content-Type": "application/json",
+                                           LINE_SIGNATURE_HEADER: line_signature(secret, b)})
+
     async def _post_line(self, cfg: SandboxConfig, events: list[dict[str, Any]], stat: str) -> None:
         self._state.stats.events[stat] += 1
         secret = cfg.line_channel_secret or ""

@@ -83,7 +83,9 @@ class TruthSettings:
     best_rate: float = 0.20  # mean engagement on the member's best channel (best hour, control variant)
     other_rate: float = 0.05  # mean engagement on the other channels
     concentration: float = 12.0  # Beta strength of the per-member draws around those means
-    stated_matches_best: float = 0.35  # P(the stated preferred channel is the truly best one)
+    # P(the stated preferred channel is the truly best one): informative, as people mostly know (issue 17; was 0.35,
+    # worse than a coin flip, which made the preference baseline a straw man).
+    stated_matches_best: float = 0.65
     best_hours: tuple[int, int] = (11, 20)  # true best local hours are drawn uniformly from [lo, hi]
     hour_floor: float = 0.30  # engagement multiplier far from the best hour
     hour_width: float = 1.5  # hours (Gaussian width of the multiplier)
@@ -92,7 +94,10 @@ class TruthSettings:
     cap: float = 0.90
     open_factor: float = 2.5  # P(open) = min(0.95, open_factor * P(click)) for email
     delivered: float = 0.99
-    read_soon: float = 0.3  # P(an open or tap happens right after delivery); else at the next best hour
+    # P(an open or tap happens right after delivery); else at the member's next best hour. 1.0: event timing is
+    # driven by the send time alone, so event hours carry no planted best-hour signal (issue 17); 0.3 restores the
+    # old leaky scenario, in which a send-time model could read the hidden hour straight from event times.
+    read_soon: float = 1.0
     conversion_per_click: float = 0.15  # P(order | click or tap)
     order_value_minor: tuple[int, int] = (50_000, 300_000)  # uniform order value range (minor units)
 
@@ -334,8 +339,8 @@ class ShopSimulation:
 
         People read when they pay attention: with probability ``read_soon`` an open (or tap) follows the
         delivery within the hour (exponential, mean 12 min, capped at 50 min); otherwise it happens during
-        the member's next best local hour (uniform within it), which is what lets a send-time model learn
-        the hour from event times whatever hour the message was sent at. A click comes 20 s to 4 min
+        the member's next best local hour (uniform within it). The default ``read_soon = 1`` keeps every event
+        near the delivery, so event times say when the shop sent, never the hidden hour. A click comes 20 s to 4 min
         after its open, an unsubscribe or spam report 5 min after it.
         """
         mid = ctx.message_id or ""

@@ -142,7 +142,7 @@ def _generate(engine, members, seed, as_of_dt, progress, batch_size, model, summ
     ctx = Context(
         seed=seed, model=model, as_of=int(as_of_dt.timestamp()),
         today=as_of_dt.astimezone(ZoneInfo(SHOP_TIMEZONE)).date(),
-        catalogue=Catalogue.build(seed), tiers=tiers,
+        catalogue=Catalogue.build(seed, int(as_of_dt.timestamp())), tiers=tiers,
     )
     if progress:
         progress(0, members)

@@ -30,7 +30,7 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     "members": ("id", "external_id", "name", "email", "phone", "country", "locale", "timezone", "birthday",
                 "age_group", "region", "city", "joined_at", "tier", "points_balance", "preferred_channels",
                 "created_at", "updated_at", "line_user_id"),
-    "products": ("id", "sku", "name", "category", "price_minor", "currency"),
+    "products": ("id", "sku", "name", "category", "price_minor", "currency", "arrived_at", "stock", "restocked_at"),
     "consent_events": ("id", "member_id", "channel", "purpose", "granted", "source", "occurred_at", "recorded_at",
                        "detail"),
     "consents": ("id", "member_id", "channel", "purpose", "granted", "source", "changed_at"),

@@ -1,4 +1,4 @@
-"""CSV import of members, orders, coupons, devices and consents (``membercare import KIND FILE``).
+"""CSV import of members, orders, coupons, devices, consents and products (``membercare import KIND FILE``).
 
 How an import runs (the layouts themselves are documented in ``docs/import-formats.md``):
 
@@ -20,7 +20,7 @@ How an import runs (the layouts themselves are documented in ``docs/import-forma
    Should the database still refuse a value (a gap in validation), the batch is applied again one unit
    at a time and only the refused units are rejected.
 4. Importing is idempotent: rows are upserted by the shop's key (member id, order id, coupon code,
-   device token, consent statement), so re-running a file, including after a kill, changes nothing
+   device token, consent statement, SKU), so re-running a file, including after a kill, changes nothing
    that is already there and completes whatever is missing.
 
 Rejected rows never stop the import. They are reported with their line number (the physical line where
@@ -41,7 +41,8 @@ The modules, in the order an import runs through them:
 
 * :mod:`.reading`: the header, the UTF-8 check, rows streamed over numbered physical lines;
 * :mod:`.handler`: the base of a kind and the helpers the kinds share (merge with the stored row, upsert);
-* :mod:`.members` (members, devices, consents) and :mod:`.orders` (orders, coupons): the kinds;
+* :mod:`.members` (members, devices, consents), :mod:`.orders` (orders, coupons) and :mod:`.products`
+  (the catalogue: arrival dates, stock): the kinds;
 * :mod:`.kinds`: the kinds by name;
 * :mod:`.report`: the counters and the rejects file;
 * :mod:`.run`: :func:`import_csv`, batches, transactions, the ``import_runs`` row.

@@ -5,10 +5,12 @@ from __future__ import annotations
 from membercare.data.importer.handler import Handler
 from membercare.data.importer.members import ConsentsHandler, DevicesHandler, MembersHandler
 from membercare.data.importer.orders import CouponsHandler, OrdersHandler
+from membercare.data.importer.products import ProductsHandler
 from membercare.errors import UnknownNameError
 
 HANDLERS: dict[str, type[Handler]] = {
-    h.kind: h for h in (MembersHandler, OrdersHandler, CouponsHandler, DevicesHandler, ConsentsHandler)
+    h.kind: h for h in (MembersHandler, OrdersHandler, CouponsHandler, DevicesHandler, ConsentsHandler,
+                         ProductsHandler)
 }
 KINDS: tuple[str, ...] = tuple(HANDLERS)
 

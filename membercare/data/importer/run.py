@@ -87,12 +87,14 @@ def import_csv(
     allow_extra_columns: bool = False,
     progress: Callable[[int, int], None] | None = None,
     on_batch_committed: Callable[[BatchResult], None] | None = None,
+    now: datetime | None = None,
 ) -> ImportReport:
     """Import one CSV file of ``kind`` (members, orders, coupons, devices, consents) into ``engine``'s database.
 
     ``progress(bytes_read, bytes_total)`` is called after each committed batch; ``on_batch_committed``
     receives each :class:`BatchResult` right after its commit (an exception raised there stops the import
-    with everything up to that batch committed, which is how tests simulate a crash).
+    with everything up to that batch committed, which is how tests simulate a crash). ``now`` (default the
+    clock) is what "in the future" is measured against and the time a product's ``restocked_at`` is set to.
 
     Raises :class:`~membercare.errors.InputError` for problems with the file as a whole (missing, empty,
     not UTF-8, missing or unknown columns), always before anything is written; bad rows (including
@@ -112,7 +114,7 @@ def import_csv(
     try:
         check_encoding(path)
         rejects = RejectsWriter(Path(rejects_path) if rejects_path else default_rejects_path(path), source.header)
-        ctx = Context(settings=settings, present=source.present, now=utcnow(), **_load_tiers(engine))
+        ctx = Context(settings=settings, present=source.present, now=now or utcnow(), **_load_tiers(engine))
         report = _start_run(engine, handler.kind, _source_name(path))
         try:
             _run(engine, handler, source, ctx, report, rejects, batch_size, progress, on_batch_committed)
