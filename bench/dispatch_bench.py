@@ -10,7 +10,7 @@ the dispatching process, and the ratio to the ceiling: the raw request rate a mi
 client (``bench/sandbox_ceiling.py``) reaches against the same sandbox, weighted by the channel mix.
 
     .venv/bin/python bench/dispatch_bench.py [--messages 10000 100000] [--latency-ms 0 50]
-        [--db sqlite postgres] [--workers 128] [--processes 1] [--ceiling-seconds 4]
+        [--db sqlite postgres] [--workers 128] [--processes 1] [--ceiling-seconds 4] [--transport async]
         [--planned-cache DIR] [--profile DIR]
 
 ``--planned-cache`` keeps planned SQLite databases and dispatches from a copy (a 1M plan takes minutes);
@@ -94,7 +94,8 @@ def dispatcher_process(args) -> None:
 
     engine = make_engine(args.url)
     adapters = build_channels(os.environ)
-    cfg = DispatchConfig(workers=args.workers, batch_size=args.batch_size, flush_every=200)
+    cfg = DispatchConfig(workers=args.workers, batch_size=args.batch_size, flush_every=200, transport=args.transport,
+                         gate_threads=args.gate_threads)
     dispatcher = Dispatcher(engine, adapters, config=cfg, policy=PolicySettings(marketing_cap=None, quiet_hours=None))
     prof = None
     if args.profile:
@@ -187,7 +188,8 @@ def run_configuration(db: str, n: int, args, env: dict[str, str], sandbox_pid: i
     processes on the run; CPU seconds of the dispatchers and of the sandbox during dispatch are reported."""
     with planned_database(db, n, args.planned_cache) as (url, run_id, plan_s):
         cmd = [sys.executable, __file__, "--dispatcher", "--url", url, "--run-id", str(run_id),
-               "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+               "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--transport", args.transport,
+               "--gate-threads", str(args.gate_threads)]
         if args.profile:
             cmd += ["--profile", args.profile]
         procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -243,6 +245,9 @@ def main() -> None:
     ap.add_argument("--ceiling-seconds", type=float, default=4.0)
     ap.add_argument("--ceiling-concurrency", type=int, default=64)
     ap.add_argument("--processes", type=int, default=1, help="dispatcher processes on the run")
+    ap.add_argument("--transport", default="async", choices=("async", "threads"),
+                    help="DispatchConfig.transport of the dispatchers")
+    ap.add_argument("--gate-threads", type=int, default=8, help="DispatchConfig.gate_threads (async transport)")
     ap.add_argument("--label", default="")
     ap.add_argument("--planned-cache", type=Path, default=None,
                     help="SQLite: keep planned databases in this folder and dispatch from a copy (1M runs)")
@@ -281,6 +286,7 @@ def main() -> None:
                         stats = httpx.get(url + "/sandbox/stats").json()
                         row = {"label": args.label, "db": db, "messages": n, "latency_ms": latency,
                                "workers": args.workers, "processes": args.processes, "sent": r["sent"],
+                               "transport": args.transport, "gate_threads": args.gate_threads,
                                "sent_per_process": r["sent_per_process"],
                                "dispatch_msgs_per_s": round(n / r["dispatch_s"]),
                                "plan_members_per_s": round(n / r["plan_s"]) if r["plan_s"] else None,

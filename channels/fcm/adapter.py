@@ -33,6 +33,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -192,7 +193,33 @@ class FirebasePushChannel:
             resolve_environment_once(session, url)
         else:  # pragma: no cover - only with an untested SDK version
             log.warning("firebase-admin internals changed: SDK retries and pool size are the SDK's defaults")
+        self._init_async(service)
         return service
+
+    def _init_async(self, service) -> None:
+        """What :meth:`send_async` needs from the SDK, taken once: the service's credential and FCM headers
+        (plus firebase-admin's metrics header, which its HTTP client adds to every request), the token
+        request object of its session, and an aiohttp transport for the FCM host."""
+        from firebase_admin import _http_client
+
+        from channels._aiohttp import AioTransport
+
+        if not all(hasattr(service, a) for a in ("_credential", "_fcm_headers", "_message_data",
+                                                 "_handle_fcm_error")):
+            raise ConfigurationError("this firebase-admin version lacks the message encoding we use: "
+                                     "pin the tested version (see pyproject.toml)")
+        self._credential = service._credential
+        self._aio_headers = {**service._fcm_headers, **_http_client.METRICS_HEADERS,
+                             "Content-Type": "application/json"}
+        session = getattr(getattr(service, "_client", None), "session", None)
+        request = getattr(session, "_auth_request", None)
+        if request is None:  # pragma: no cover - only with an untested SDK version
+            import google.auth.transport.requests as gar
+
+            request = gar.Request()
+        self._auth_request = request
+        self._refresh_lock: asyncio.Lock | None = None
+        self._aio = AioTransport(service._fcm_url, pool_size=self.config.pool_size, timeout_s=self.config.timeout_s)
 
     def build_message(self, message: OutboundMessage) -> messaging.Message:
         """The SDK ``Message`` for ``message`` (public for tests and previews)."""
@@ -226,6 +253,60 @@ class FirebasePushChannel:
         except gauth.TransportError as exc:
             return TransientFailure(reason=f"OAuth token endpoint unreachable: {type(exc).__name__}")
         return Accepted(provider_message_id=name, status=200)
+
+    async def send_async(self, message: OutboundMessage) -> SendResult:
+        """:meth:`send` on the dispatcher's event loop: firebase-admin encodes the message (its
+        ``_MessagingService`` message data and FCM headers, the credential's OAuth token) and maps the
+        error answers (``_handle_fcm_error``, as its ``send`` does); aiohttp carries the request. A token
+        refresh (about once an hour) runs in a thread, one at a time, so the loop never blocks on it."""
+        import google.auth.exceptions as gauth
+        from firebase_admin import exceptions as fx
+
+        from channels._aiohttp import aiohttp_failure, transport_errors
+
+        service = self._service
+        data = service._message_data(self.build_message(message), False)
+        body = json.dumps(data, allow_nan=False).encode("utf-8")  # as requests serialises ``json=``
+        headers = dict(self._aio_headers)
+        try:
+            await self._fresh_token()
+        except gauth.RefreshError as exc:
+            if getattr(exc, "retryable", False):
+                return TransientFailure(reason=f"OAuth token endpoint unavailable: {type(exc).__name__}")
+            raise ConfigurationError(f"FCM OAuth token refused ({exc.args[0] if exc.args else exc}): "
+                                     f"check the service account in {ENV_CREDENTIALS}") from None
+        except gauth.TransportError as exc:
+            return TransientFailure(reason=f"OAuth token endpoint unreachable: {type(exc).__name__}")
+        self._credential.apply(headers)
+        try:
+            status, answer_headers, raw = await self._aio.request("POST", service._fcm_url, body=body,
+                                                                  headers=headers)
+        except transport_errors() as exc:
+            return aiohttp_failure(exc)
+        if status < 300:
+            try:
+                return Accepted(provider_message_id=str(json.loads(raw)["name"]), status=200)
+            except (ValueError, KeyError, TypeError):
+                return TransientFailure(reason=f"FCM answered {status} without a message name", status=status,
+                                        ambiguous=True)
+        error = service._handle_fcm_error(_http_error(status, answer_headers, raw, service._fcm_url))
+        if not isinstance(error, fx.FirebaseError):  # pragma: no cover - the SDK always builds one
+            return TransientFailure(reason=f"FCM {status}", status=status)
+        return self._from_firebase_error(error, message)
+
+    async def _fresh_token(self) -> None:
+        """Refresh the OAuth token when it is missing or about to expire, in a thread (the refresh is a
+        blocking request to the token endpoint) and once for all the exchanges waiting for it."""
+        cred = self._credential
+        if cred.valid:
+            return
+        if self._refresh_lock is None:
+            self._refresh_lock = asyncio.Lock()
+        async with self._refresh_lock:
+            if not cred.valid:
+                url = self._service._fcm_url
+                await asyncio.get_running_loop().run_in_executor(
+                    None, cred.before_request, self._auth_request, "POST", url, {})
 
     def _from_firebase_error(self, exc, message: OutboundMessage) -> SendResult:
         import requests
@@ -277,7 +358,25 @@ class FirebasePushChannel:
     def close(self) -> None:
         import firebase_admin
 
+        aio = getattr(self, "_aio", None)
+        if aio is not None:
+            aio.close()
         try:
             firebase_admin.delete_app(self._app)
         except ValueError:
             pass  # already deleted
+
+
+def _http_error(status: int, headers, body: bytes, url: str):
+    """The ``requests.HTTPError`` firebase-admin's own transport raises for an error answer, built from
+    aiohttp's answer so that the SDK's error mapping (``_handle_fcm_error``) reads the same fields."""
+    import requests
+    from requests.structures import CaseInsensitiveDict
+
+    response = requests.Response()
+    response.status_code = status
+    response.headers = CaseInsensitiveDict(headers)
+    response._content = body
+    response.url = url
+    response.encoding = "utf-8"
+    return requests.HTTPError(f"{status} error from FCM", response=response)

@@ -155,13 +155,16 @@ class SendGridEmailChannel:
         # Propagates to every per-request child client the SDK builds.
         self._client.client.timeout = config.timeout_s
         self._transport = None
+        mail_send = self._client.client.mail.send
+        self._url = mail_send._build_url(None)  # the SDK's own URL: {host}/v3/mail/send
+        self._headers = {**self._client.client.request_headers, "Content-Type": "application/json"}
         if config.transport == "pooled":
             from channels.base import KeepAliveTransport
 
-            mail_send = self._client.client.mail.send
-            self._url = mail_send._build_url(None)  # the SDK's own URL: {host}/v3/mail/send
-            self._headers = {**self._client.client.request_headers, "Content-Type": "application/json"}
             self._transport = KeepAliveTransport(self._url, pool_size=config.pool_size, timeout_s=config.timeout_s)
+        from channels._aiohttp import AioTransport
+
+        self._aio = AioTransport(self._url, pool_size=config.pool_size, timeout_s=config.timeout_s)
 
     def build_payload(self, message: OutboundMessage) -> dict:
         """The Mail Send request body, built with the SDK's helpers (public for tests and previews)."""
@@ -247,6 +250,25 @@ class SendGridEmailChannel:
             provider_id = ""
         return Accepted(provider_message_id=provider_id, status=response.status)
 
+    async def send_async(self, message: OutboundMessage) -> SendResult:
+        """:meth:`send` on the dispatcher's event loop: the same SDK-built request (Mail JSON, URL, headers)
+        sent with aiohttp (:class:`channels._aiohttp.AioTransport`), the answer mapped by the same rules."""
+        from channels._aiohttp import aiohttp_failure, transport_errors
+
+        payload = self.build_payload(message)
+        body = json.dumps(payload).encode("utf-8")  # as the SDK serialises it
+        try:
+            status, headers, data = await self._aio.request("POST", self._url, body=body, headers=self._headers)
+        except transport_errors() as exc:
+            return aiohttp_failure(exc)
+        if status >= 300:
+            return self._from_status(status, headers, data, message)
+        provider_id = headers.get("X-Message-Id")
+        if not provider_id:
+            log.warning("SendGrid accepted %s without X-Message-Id", message.message_id)
+            provider_id = ""
+        return Accepted(provider_message_id=provider_id, status=status)
+
     def _from_http_error(self, exc, message: OutboundMessage) -> SendResult:
         return self._from_status(int(getattr(exc, "status_code", 0) or 0), getattr(exc, "headers", None) or {},
                                  getattr(exc, "body", b""), message)
@@ -281,9 +303,10 @@ class SendGridEmailChannel:
                                 fallback=True)
 
     def close(self) -> None:
-        """Close the keep-alive pool (the SDK transport has nothing to release)."""
+        """Close the keep-alive pools (the SDK transport has nothing to release)."""
         if self._transport is not None:
             self._transport.close()
+        self._aio.close()
 
 
 def _error_list(body) -> list[dict]:

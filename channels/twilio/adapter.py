@@ -40,8 +40,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import date
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from channels.base import (
@@ -187,34 +189,15 @@ def _make_http_client(config: TwilioConfig):
 
         def request(self, method, url, params=None, data=None, headers=None, auth=None, timeout=None,
                     allow_redirects=False):
-            from requests.auth import _basic_auth_str
             from twilio.http.response import Response
 
-            if self._base is not None:
-                parts = urlsplit(url)
-                url = urlunsplit((self._base.scheme, self._base.netloc, self._base.path.rstrip("/") + parts.path,
-                                  parts.query, parts.fragment))
             self._local.response = None
-            method = method.upper()
             # The SDK's request/response logging formats every header eagerly: only when someone listens.
             logging_on = self.logger.isEnabledFor(logging.INFO)
+            method, url, body, wire_headers = _wire_request(self._base, method, url, params, data, headers, auth)
             if logging_on:
-                self.log_request({"method": method, "url": url, "params": params, "headers": headers})
-            query = _form(params)
-            if query:
-                url = f"{url}{'&' if urlsplit(url).query else '?'}{query}"
-            headers = dict(headers or {})
-            if auth is not None:
-                headers["Authorization"] = _basic_auth_str(*auth)
-            body = None
-            if data is not None:
-                if headers.get("Content-Type") in ("application/json", "application/scim+json"):
-                    import json
-
-                    body = json.dumps(data).encode("utf-8")
-                else:
-                    body = _form(data).encode("utf-8")
-                    headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+                self.log_request({"method": method, "url": url.split("?")[0], "params": params, "headers": headers})
+            headers = wire_headers
             raw = self.transport.request(method, url, body=body, headers=headers)
             response = Response(int(raw.status), raw.data.decode("utf-8", "replace"), raw.headers)
             if logging_on:
@@ -227,6 +210,71 @@ def _make_http_client(config: TwilioConfig):
             return getattr(self._local, "response", None)
 
     return _BaseUrlHttpClient()
+
+
+_last_async_response: ContextVar[Any] = ContextVar("twilio_last_async_response", default=None)
+
+
+def _make_async_http_client(config: TwilioConfig):
+    from twilio.http import AsyncHttpClient
+
+    from channels._aiohttp import AioTransport
+
+    class _AioHttpClient(AsyncHttpClient):
+        """The asynchronous twin of ``_BaseUrlHttpClient`` for the SDK's ``*_async`` calls: the same URL
+        rewrite, form encoding and Basic auth, sent with aiohttp on the running loop. The response of the
+        current task is kept in a context variable so that error mapping can read ``Retry-After``.
+        Transport errors surface as aiohttp/asyncio exceptions."""
+
+        def __init__(self) -> None:
+            super().__init__(logger=logging.getLogger("twilio.http_client"), is_async=True, timeout=config.timeout_s)
+            self.transport = AioTransport(config.base_url or "https://api.twilio.com",
+                                          pool_size=config.pool_size, timeout_s=config.timeout_s)
+            self._base = urlsplit(config.base_url) if config.base_url else None
+
+        async def request(self, method, url, params=None, data=None, headers=None, auth=None, timeout=None,
+                          allow_redirects=False):
+            from twilio.http.response import Response
+
+            method, url, body, wire_headers = _wire_request(self._base, method, url, params, data, headers, auth)
+            _last_async_response.set(None)
+            logging_on = self.logger.isEnabledFor(logging.INFO)
+            if logging_on:
+                self.log_request({"method": method, "url": url.split("?")[0], "params": params, "headers": headers})
+            status, answer_headers, raw = await self.transport.request(method, url, body=body, headers=wire_headers)
+            response = Response(int(status), raw.decode("utf-8", "replace"), answer_headers)
+            if logging_on:
+                self.log_response(response.status_code, response)
+            _last_async_response.set(response)
+            return response
+
+    return _AioHttpClient()
+
+
+def _wire_request(base, method, url, params, data, headers, auth):
+    """(method, url, body, headers) on the wire for a request the SDK built: ``base``'s scheme and host (and
+    path prefix), ``params`` in the query, ``data`` form-encoded (or JSON), ``requests``' Basic-auth header."""
+    from requests.auth import _basic_auth_str
+
+    if base is not None:
+        parts = urlsplit(url)
+        url = urlunsplit((base.scheme, base.netloc, base.path.rstrip("/") + parts.path, parts.query, parts.fragment))
+    query = _form(params)
+    if query:
+        url = f"{url}{'&' if urlsplit(url).query else '?'}{query}"
+    headers = dict(headers or {})
+    if auth is not None:
+        headers["Authorization"] = _basic_auth_str(*auth)
+    body = None
+    if data is not None:
+        if headers.get("Content-Type") in ("application/json", "application/scim+json"):
+            import json
+
+            body = json.dumps(data).encode("utf-8")
+        else:
+            body = _form(data).encode("utf-8")
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+    return method.upper(), url, body, headers
 
 
 class TwilioSmsChannel:
@@ -243,12 +291,12 @@ class TwilioSmsChannel:
         # The SDK builds its domain/version/account objects lazily; build them once here so that
         # worker threads never race on that lazy initialisation.
         self._messages = self._client.api.v2010.account.messages
+        # The SDK's own async path (``create_async``) on our aiohttp client, for the dispatcher's event loop.
+        self._aio_http = _make_async_http_client(config)
+        self._aio_client = Client(config.account_sid, config.auth_token, http_client=self._aio_http)
+        self._aio_messages = self._aio_client.api.v2010.account.messages
 
-    def send(self, message: OutboundMessage) -> SendResult:
-        import requests
-        from twilio.base.exceptions import TwilioRestException
-        from urllib3.exceptions import HTTPError
-
+    def _create_kwargs(self, message: OutboundMessage) -> dict:
         content = message.content
         if not isinstance(content, SmsContent):
             raise TypeError(f"TwilioSmsChannel cannot send {type(content).__name__}")
@@ -260,6 +308,30 @@ class TwilioSmsChannel:
         callback = self.config.status_callback(message)
         if callback:
             kwargs["status_callback"] = callback
+        return kwargs
+
+    async def send_async(self, message: OutboundMessage) -> SendResult:
+        """:meth:`send` on the dispatcher's event loop: the SDK's ``messages.create_async`` builds the request
+        and parses the answer (raising the same ``TwilioRestException``), aiohttp carries it."""
+        from twilio.base.exceptions import TwilioRestException
+
+        from channels._aiohttp import aiohttp_failure, transport_errors
+
+        kwargs = self._create_kwargs(message)
+        try:
+            created = await self._aio_messages.create_async(**kwargs)
+        except TwilioRestException as exc:
+            return self._from_rest_error(exc, message, _last_async_response.get())
+        except transport_errors() as exc:
+            return aiohttp_failure(exc)
+        return Accepted(provider_message_id=created.sid, status=201)
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        import requests
+        from twilio.base.exceptions import TwilioRestException
+        from urllib3.exceptions import HTTPError
+
+        kwargs = self._create_kwargs(message)
         try:
             created = self._messages.create(**kwargs)
         except TwilioRestException as exc:
@@ -315,7 +387,7 @@ class TwilioSmsChannel:
                                      sent_at=m.date_sent, created_at=m.date_created))
         return out
 
-    def _from_rest_error(self, exc, message: OutboundMessage) -> SendResult:
+    def _from_rest_error(self, exc, message: OutboundMessage, response=None) -> SendResult:
         status, code = int(exc.status or 0), int(exc.code or 0)
         detail = f"Twilio {code or status}: {exc.msg}"[:500]
         if code in CONFIGURATION_CODES:
@@ -324,7 +396,8 @@ class TwilioSmsChannel:
             raise ConfigurationError(f"Twilio refused the credentials ({status}, code {code}): "
                                      f"check {ENV_ACCOUNT_SID} and {ENV_AUTH_TOKEN}")
         if status == 429 or code in THROTTLE_CODES:
-            response = self._http.last_response_here()
+            if response is None:
+                response = self._http.last_response_here()
             retry_after = parse_retry_after(response.headers.get("Retry-After")) if response is not None else None
             return TransientFailure(reason=detail, throttled=True, retry_after=retry_after, status=status)
         if code in PERMANENT_CODES:
@@ -340,3 +413,4 @@ class TwilioSmsChannel:
 
     def close(self) -> None:
         self._http.transport.close()
+        self._aio_http.transport.close()

@@ -6,7 +6,8 @@
   A claimed row that never passed the gate was never attempted: after a crash it is sent, not lost.
 * **Sending**: each worker thread takes a token from its channel's
   :class:`~membercare.delivery.ratelimit.TokenBucket` before the gate, and a second bucket of the same
-  rate paces the provider calls after it (see :meth:`GatedSender.send`), then calls ``adapter.send``;
+  rate paces the provider calls after it (see :meth:`GatedSender.send`), then calls ``adapter.send``, or,
+  with the async transport, hands the call to the send loop (``SendPool.handoff`` in dispatch_pool);
   rows that share one request (LINE multicast) are sent by :mod:`membercare.delivery.dispatch_batch`.
 * **Database faults**: the gate runs through :func:`membercare.db.in_transaction`, which runs it again from
   the start after a deadlock or a dropped connection (its writes are conditional on the row's state and
@@ -30,6 +31,7 @@ from membercare.delivery.contract import ChannelAdapter, SendResult
 from membercare.delivery.dispatch_batch import BatchJob, send_batch
 from membercare.delivery.dispatch_claim import load_member_contexts
 from membercare.delivery.dispatch_outcomes import Outcomes
+from membercare.delivery.dispatch_pool import Pending
 from membercare.delivery.dispatch_types import DROP, GO, DispatchConfig, Job, Outcome, outcome_for
 from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate
 from membercare.delivery.models import Decision, OutboxMessage, OutboxState, RunStatus
@@ -63,12 +65,14 @@ class GatedSender:
         self.run_id: int | None = None
         self.policy: PolicySettings | None = None
         self.stop: str | None = None
+        # Set by the dispatcher to its send pool's handoff (the async transport); None: call ``adapter.send``.
+        self.handoff: Callable[[Job, ChannelAdapter], SendResult | Pending] | None = None
 
     def begin(self, run_id: int, policy: PolicySettings) -> None:
         """A dispatch pass over ``run_id`` starts."""
         self.run_id, self.policy, self.stop = run_id, policy, None
 
-    def send(self, job: Job) -> SendResult | None:
+    def send(self, job: Job) -> SendResult | Pending | None:
         """Pass the gate, then call the provider at the channel's rate.
 
         The token is taken *before* the gate so that the threads enter it at the channel's rate. But a
@@ -95,7 +99,10 @@ class GatedSender:
             if wait > self.config.gate_slack and not self.gated(job):
                 return None
         assert job.message is not None  # built when the job was claimed
-        return self.adapters[job.channel].send(job.message)
+        adapter = self.adapters[job.channel]
+        if self.handoff is not None:
+            return self.handoff(job, adapter)  # a result, or PENDING: the send loop finishes the job
+        return adapter.send(job.message)
 
     def gated(self, job: Job) -> bool:
         """True when ``job`` passed the send gate; otherwise ``job.gated`` holds what became of it."""

@@ -24,6 +24,9 @@ class RunPaused(InputError):
     """The run is paused (error budget, configuration error or an operator); resume it explicitly."""
 
 
+TRANSPORTS = ("async", "threads")
+
+
 @dataclass(frozen=True)
 class DispatchConfig:
     workers: int = 32  # concurrent provider calls
@@ -53,6 +56,20 @@ class DispatchConfig:
     # A send whose pacing wait after the gate exceeded this many seconds passes the gate again before its
     # provider call, so the gate-to-request window stays short (see GatedSender.send).
     gate_slack: float = 0.1
+    # "async": the worker threads pass the gate and hand each HTTP exchange to one event loop per process
+    # (aiohttp, for adapters with ``send_async``); "threads": each worker thread makes the adapter's blocking
+    # call. Either way at most ``workers`` provider calls are in flight (see dispatch_pool).
+    transport: str = "async"
+    # With the async transport and every adapter offering ``send_async``: the threads that pass the gate and
+    # hand calls to the loop (they do not wait for answers, so a few keep ``workers`` calls in flight, and
+    # fewer threads cost less CPU per message). An adapter without it keeps ``workers`` threads.
+    gate_threads: int = 8
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise InputError(f"dispatch transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
+        if self.workers < 1 or self.gate_threads < 1:
+            raise InputError("workers and gate_threads must be at least 1")
 
 
 @dataclass

@@ -147,7 +147,12 @@ class Dispatcher:
         stop: str | None = None
         config_error: ConfigurationError | None = None
         drained = False
-        pool = SendPool(cfg.workers, self._sender.send, completed)
+        asynchronous = cfg.transport == "async"
+        # A few threads suffice when every adapter answers on the loop; one that blocks keeps a thread per call.
+        few = asynchronous and all(callable(getattr(a, "send_async", None)) for a in self.adapters.values())
+        pool = SendPool(cfg.workers, self._sender.send, completed, asynchronous=asynchronous,
+                        threads=min(cfg.workers, cfg.gate_threads) if few else cfg.workers)
+        self._sender.handoff = pool.handoff
         try:
             while True:
                 if stop is None and not drained and rows_in_flight(inflight) <= cfg.batch_size // 2:
