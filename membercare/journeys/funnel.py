@@ -8,7 +8,7 @@
   ``order.placed`` member event: a purchase as the journey's exits see one), up to ``until`` or, with
   ``window``, within that long after entering, for the messaged instances and the held-out ones;
   ``attributed``: messaged instances with an order credited to one of their messages;
-* per arm, the member-level sums a clustered interval needs (:class:`MemberSums`): a member who re-enters has
+* per arm, the member-level sums a clustered interval needs (:class:`ClusterSums`): a member who re-enters has
   several instances, and they are not independent.
 
 ``journeys show`` prints the counts; ``membercare report`` adds the intervals (:mod:`membercare.reports.journeys`).
@@ -22,6 +22,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from membercare.cluster_sums import ClusterSums
 from membercare.db import is_sqlite
 from membercare.delivery.models import OutboxMessage, OutboxState
 from membercare.engagement.attribution import within_window
@@ -31,19 +32,6 @@ from membercare.journeys.models import InstanceStatus, JourneyInstance, JourneyS
 from membercare.models import PURCHASE_STATUSES, Order
 
 MESSAGED, HOLDOUT = "messaged", "holdout"
-
-
-@dataclass(frozen=True)
-class MemberSums:
-    """One arm over its members ``i`` (``m_i`` instances, ``y_i`` of them converted): ``n`` members and the sums
-    of ``m``, ``y``, ``m^2``, ``y m`` and ``y^2`` (the inputs of a member-clustered variance)."""
-
-    n: int
-    m: float
-    y: float
-    mm: float
-    ym: float
-    yy: float
 
 
 @dataclass
@@ -56,7 +44,7 @@ class Funnel:
     exited: dict[str, int] = field(default_factory=dict)
     converted: dict[str, int] = field(default_factory=dict)  # "messaged" / "holdout" -> instances
     attributed: int = 0  # messaged instances with an order credited to one of their messages
-    members: dict[str, MemberSums] = field(default_factory=dict)  # "messaged" / "holdout" -> member-level sums
+    members: dict[str, ClusterSums] = field(default_factory=dict)  # "messaged" / "holdout" -> member-level sums
 
     @property
     def entered(self) -> int:
@@ -130,7 +118,7 @@ def funnel(conn: Connection, journey: str, until: datetime, *, since: datetime |
                                     sa.func.sum(pm.y).label("y"), sa.func.sum(pm.m * pm.m).label("mm"),
                                     sa.func.sum(pm.y * pm.m).label("ym"), sa.func.sum(pm.y * pm.y).label("yy"))
                           .group_by(pm.arm)):
-        out.members[r.arm] = MemberSums(int(r.n), float(r.m), float(r.y), float(r.mm), float(r.ym), float(r.yy))
+        out.members[r.arm] = ClusterSums(int(r.n), float(r.m), float(r.y), float(r.mm), float(r.ym), float(r.yy))
         if r.y:
             out.converted[r.arm] = int(r.y)
     a = Attribution.__table__
@@ -155,4 +143,4 @@ def journeys_entered(conn: Connection, since: datetime, until: datetime) -> list
                              .distinct().order_by(t.c.journey)).scalars())
 
 
-__all__ = ["HOLDOUT", "MESSAGED", "Funnel", "MemberSums", "funnel", "journeys_entered"]
+__all__ = ["HOLDOUT", "MESSAGED", "Funnel", "funnel", "journeys_entered"]

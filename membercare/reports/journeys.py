@@ -29,12 +29,11 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Connection
 
-from membercare.journeys.funnel import HOLDOUT, MESSAGED, MemberSums, funnel, journeys_entered
+from membercare.journeys.funnel import HOLDOUT, MESSAGED, funnel, journeys_entered
 from membercare.journeys.models import JourneyStep
 from membercare.optimise.lift import BinaryLift, binary_lift
 from membercare.reports.checks import DEFAULT_PRIMARY, ExperimentChecks, experiment_checks
 from membercare.reports.options import ReportOptions
-from membercare.reports.stats import ClusterSums
 
 
 @dataclass
@@ -67,10 +66,6 @@ class JourneySection:
         return x / n if n else None
 
 
-def _cluster(sums: MemberSums | None) -> ClusterSums | None:
-    return None if sums is None else ClusterSums(sums.n, sums.m, sums.y, sums.mm, sums.ym, sums.yy)
-
-
 def journey_sections(conn: Connection, options: ReportOptions) -> list[JourneySection]:
     """One section per journey with instances that entered in ``[since, until)`` (with ``options.campaign``,
     only the journey of that name or whose send steps used that message)."""
@@ -93,7 +88,7 @@ def journey_sections(conn: Connection, options: ReportOptions) -> list[JourneySe
         if sec.entered and sec.held_out:
             sec.conversion = binary_lift(sec.converted, sec.entered, sec.holdout_converted, sec.held_out,
                                          confidence=options.confidence)
-        sec.checks = experiment_checks({"conversion": (_cluster(t), _cluster(c))}, DEFAULT_PRIMARY,
+        sec.checks = experiment_checks({"conversion": (t, c)}, DEFAULT_PRIMARY,
                                        options.confidence)
         out.append(sec)
     return out

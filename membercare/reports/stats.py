@@ -1,7 +1,7 @@
 """Statistics for campaign reports: member-clustered intervals, Holm correction, sample-ratio mismatch, MDE.
 
-Pure numpy/scipy functions of aggregates a report gets from SQL. Not yet wired into the report (core.py is being
-split); the report will call them per campaign (issue 17, "trustworthy reports").
+Pure numpy/scipy functions of aggregates a report gets from SQL; the report calls them per campaign and per
+journey.
 
 * **Member-clustered intervals** (:func:`clustered_lift`). A recurring campaign holds out the same members in every
   occurrence, so the rows of one member are correlated (a member who converts in one run is likely to in the next);
@@ -29,8 +29,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from numpy.typing import ArrayLike
 from scipy import stats
+
+from membercare.cluster_sums import ClusterSums
 
 Interval = tuple[float, float]
 SRM_THRESHOLD = 0.001
@@ -40,43 +41,6 @@ def _z(confidence: float) -> float:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     return float(stats.norm.ppf(0.5 + confidence / 2.0))
-
-
-@dataclass(frozen=True)
-class ClusterSums:
-    """Per-arm sufficient statistics over members: ``n`` members, sums of rows ``m``, successes ``y`` and products."""
-
-    n: int
-    m: float
-    y: float
-    mm: float
-    ym: float
-    yy: float
-
-    @classmethod
-    def from_arrays(cls, successes: ArrayLike, rows: ArrayLike) -> ClusterSums:
-        y, m = np.asarray(successes, dtype=float), np.asarray(rows, dtype=float)
-        if y.shape != m.shape or np.any(m < 0) or np.any(y < 0):
-            raise ValueError("successes and rows need the same shape and no negative counts")
-        return cls(int(y.size), float(m.sum()), float(y.sum()), float((m * m).sum()), float((y * m).sum()),
-                   float((y * y).sum()))
-
-    @property
-    def rate(self) -> float:
-        return self.y / self.m if self.m > 0 else math.nan
-
-    def naive_variance(self) -> float:
-        """Binomial variance of the rate, every row independent."""
-        p = self.rate
-        return p * (1.0 - p) / self.m if self.m > 0 else math.nan
-
-    def clustered_variance(self) -> float:
-        """Cluster-robust (CR1) variance of the ratio estimator, members as clusters."""
-        if self.n < 2 or self.m <= 0:
-            return math.nan
-        p = self.rate
-        resid = max(self.yy - 2.0 * p * self.ym + p * p * self.mm, 0.0)
-        return self.n / (self.n - 1.0) * resid / self.m ** 2
 
 
 @dataclass(frozen=True)
