@@ -319,7 +319,7 @@ def test_cli_count_show_and_one_line_errors(tmp_path, sqlite_url):
     row = next(line for line in counted.stdout.splitlines() if "region or vip" in line)
     assert row.split("│")[2].strip() == "2"
     for args, message in [
-        (("segments", "count", "nope"), "unknown segment 'nope'; valid choices: birthday_today,"),
+        (("segments", "count", "nope"), "unknown segment 'nope'; valid choices: back_in_stock, birthday_today,"),
         (("segments", "show", "new_members", "-p", "new_members.weeks=2"), "valid choices: day, days"),
     ]:
         out = run_cli(*args, home=tmp_path, env=env)
