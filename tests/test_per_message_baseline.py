@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from membercare.delivery.models import OutboxMessage
+from membercare.delivery.models import OutboxMessage, decode_contents
 from sandbox_fixtures import *  # noqa: F403
 from sandbox_fixtures import env_for
 
@@ -21,13 +21,17 @@ CAMPAIGN = "churn_winback"  # email, push and SMS, with an offer coupon issued p
 SECRET = "baseline-test-secret-" + "q" * 24
 
 
-def _routable_members(url: str, n: int, channels: tuple[str, ...] = ("email", "sms", "push")) -> list[int]:
-    """``n`` members of a generated shop whose first consented, reachable channel is one of ``channels``."""
+def _routable_members(url: str, n: int, channels: tuple[str, ...] = ("email", "sms", "push"),
+                      held_out: bool = False) -> list[int]:
+    """``n`` members of a generated shop whose first consented, reachable channel is one of ``channels``, outside
+    the campaign's holdout (inside it with ``held_out``)."""
     from membercare.campaigns import load_campaign
+    from membercare.campaigns.occurrence import holdout_rate_for
     from membercare.config import Settings
     from membercare.db import make_engine
     from membercare.delivery.routing import candidate_order, load_contexts, route
     from membercare.models import Member
+    from membercare.optimise.assignment import in_holdout
 
     camp = load_campaign(CAMPAIGN, Settings())
     engine = make_engine(url)
@@ -39,7 +43,7 @@ def _routable_members(url: str, n: int, channels: tuple[str, ...] = ("email", "s
     for mid in ids:
         order, not_allowed = candidate_order(ctxs[mid].preferred, [c.value for c in camp.channels])
         chain = route(ctxs[mid], order, "marketing", not_allowed).chain
-        if chain and chain[0] in channels:
+        if chain and chain[0] in channels and in_holdout(mid, CAMPAIGN, holdout_rate_for(camp)) == held_out:
             out.append(mid)
     assert len(out) >= n, "the generated shop has too few reachable members"
     return out[:n]
@@ -168,10 +172,28 @@ def test_one_task_run_per_message_each_member_gets_exactly_one_and_a_rerun_sends
     assert {r.provider_message_id for r in rows} == {rec["provider_id"] for rec in records}
     assert {r.message_id for r in rows} == {rec["message_id"] for rec in records}
 
+    # Like a campaign run, every channel of the routed chain was rendered and stored with the row.
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(OB.c.channel, OB.c.fallback_channels, OB.c.content)
+                              .where(OB.c.campaign == CAMPAIGN)).all()
+    engine.dispose()
+    for row in stored:
+        assert set(decode_contents(row.content)) == {row.channel, *filter(None, row.fallback_channels.split(","))}
+
     # A rerun checks the ledger first and sends nothing more.
     again = per_message_baseline(CAMPAIGN, AS_OF, ids)
     assert again["outcomes"] == {"already_sent": 20}
     assert sandbox.stats()["accepted_total"] == 20
+
+    # Members in the campaign's holdout get a skipped row and no message, as in a campaign run.
+    held = _routable_members(shop_url, 2, held_out=True)
+    out = per_message_baseline(CAMPAIGN, AS_OF, held)
+    assert out["outcomes"] == {"skipped": 2} and sandbox.stats()["accepted_total"] == 20
+    with engine.connect() as conn:
+        codes = conn.execute(sa.select(OB.c.reason_code).where(OB.c.member_id.in_(held),
+                                                               OB.c.campaign == CAMPAIGN)).scalars().all()
+    engine.dispose()
+    assert codes == ["holdout", "holdout"]
 
 
 @pytest.mark.slow

@@ -91,6 +91,8 @@ class BenchOptions:
     dispatchers: int = 1  # the flow's ``dispatchers`` parameter (dispatcher processes per pass)
     processes: int | None = None  # the flow's ``processes`` parameter (planning workers; None: the flow's default)
     verify_messages_up_to: int = 20_000  # compare message ids one by one up to this many sent messages
+    ceilings: bool = True  # bare render + insert, raw aiohttp sends (bench/e2e/ceilings.py), per size
+    segments: bool = True  # RFM and every standard segment on SQLite vs DuckDB, per size (SQLite runs only)
 
     def validate(self) -> BenchOptions:
         if not self.members:
@@ -573,6 +575,54 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a live process and of its children it has already waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # After the ")": state is field 3 of stat(5), so utime (14), stime (15), cutime (16), cstime (17) are 11-14.
+    return sum(int(x) for x in fields[11:15]) / _TICKS
+
+
+def cpu_snapshot(services: Mapping[str, int]) -> dict[str, float]:
+    """Cumulative CPU seconds of each process group of a run, for stage deltas.
+
+    * ``flow``: this process (the flow runs in it, all its threads);
+    * ``workers``: planning workers and dispatcher processes: its children already waited for
+      (``os.times``) plus every live descendant outside the services and Prefect's server;
+    * one entry per service (``sandbox``, ``receiver``: the process and its descendants);
+    * ``prefect_server``: Prefect's local server (a child process in ephemeral mode).
+
+    A child that exits moves from the live sum to its parent's waited-for children, so a delta stays whole.
+    """
+    t = os.times()
+    out = {"flow": t.user + t.system, "workers": t.children_user + t.children_system, "prefect_server": 0.0}
+    try:
+        tree = _children_map()
+    except OSError:
+        return out
+    seen: set[int] = set()
+    for name, pid in services.items():
+        group = [pid, *_descendants(pid, tree)]
+        seen.update(group)
+        out[name] = sum(_proc_cpu_s(p) for p in group)
+    for p in _descendants(os.getpid(), tree):
+        if p in seen:
+            continue
+        if _is_prefect_server(p):
+            group = [p, *_descendants(p, tree)]
+            seen.update(group)
+            out["prefect_server"] += sum(_proc_cpu_s(q) for q in group)
+    for p in _descendants(os.getpid(), tree):
+        if p not in seen:
+            out["workers"] += _proc_cpu_s(p)
+    return out
+
+
 def _is_prefect_server(pid: int) -> bool:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -590,8 +640,13 @@ class StageMeter:
     the first two are excluded (measured separately), the Prefect server is reported on its own.
     """
 
-    def __init__(self, exclude: set[int] | None = None, interval: float = 0.5):
-        self.exclude = set(exclude or ())
+    def __init__(self, exclude: set[int] | None = None, interval: float = 0.5,
+                 services: Mapping[str, int] | None = None):
+        self.exclude = set(exclude or ()) | set((services or {}).values())
+        self.services = dict(services or {})
+        # CPU seconds per stage and process group (see cpu_snapshot), from snapshots at every stage change.
+        self.cpu: dict[str, dict[str, float]] = {}
+        self._cpu_last: dict[str, float] | None = None
         self.current: str | None = None
         self.self_peak: dict[str, float] = {}
         self.children_peak: dict[str, float] = {}
@@ -629,6 +684,12 @@ class StageMeter:
                 if not self.can_reset:  # VmHWM is then the process's peak so far, an upper bound
                     peak = max(peak, self.self_peak.get(self.current, 0.0))
                 self.self_peak[self.current] = max(self.self_peak.get(self.current, 0.0), peak)
+            snap = cpu_snapshot(self.services)
+            if self.current is not None and self._cpu_last is not None:
+                acc = self.cpu.setdefault(self.current, {})
+                for k, v in snap.items():
+                    acc[k] = acc.get(k, 0.0) + max(v - self._cpu_last.get(k, 0.0), 0.0)
+            self._cpu_last = snap
             self.current = stage
             if stage is not None:
                 self._reset()
@@ -797,7 +858,7 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
         services = start_services(workdir, db_url, opts.seed, str(members))
         try:
             env = {**services.env, "MEMBERCARE_TEMPLATES_DIR": str(templates)}
-            meter = StageMeter(exclude=services.pids())
+            meter = StageMeter(services={"sandbox": services.sandbox.pid, "receiver": services.receiver.pid})
             timer = DomainTimer(on_call=lambda label: _on_domain_call(meter, label))
             # The flows call these through their modules, so they see the timed wrappers. With --dispatchers > 1 a
             # pass is pool.dispatch_processes (the rounds run in child processes).
@@ -832,6 +893,29 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
             verify = verify_exactly_once(db_url, services, stats, ledger, opts.verify_messages_up_to)
         finally:
             services.stop()
+        # The references run after the campaign, on the same machine state and data (services stopped).
+        references: dict[str, Any] = {}
+        sent_now = ledger["states"].get("sent", 0)
+        if opts.ceilings:
+            from bench.e2e import ceilings
+
+            progress(f"{members:,} members: ceilings (bare render + insert, raw aiohttp sends)")
+            try:
+                references["planning_ceiling"] = ceilings.planning_ceiling(db_url, templates, BENCH_CAMPAIGN,
+                                                                           shop_as_of(), services.env)
+            except Exception as exc:  # noqa: BLE001 - a missing reference is a result, not a lost run
+                references["planning_ceiling"] = {"error": f"{type(exc).__name__}: {exc}"}
+            references["dispatch_ceiling"] = ceilings.dispatch_ceiling(ledger["sent_by_channel"],
+                                                                       messages=min(2000, max(200, sent_now)))
+        if opts.segments and opts.db == "sqlite":
+            from bench.e2e import ceilings
+
+            progress(f"{members:,} members: segments and RFM on SQLite and DuckDB")
+            try:
+                references["segments"] = ceilings.segments_reference(
+                    cache_path(opts.cache, members, opts.seed), members, workdir)
+            except Exception as exc:  # noqa: BLE001
+                references["segments"] = {"error": f"{type(exc).__name__}: {exc}"}
         task_runs = task_runs_by_stage([campaign_run_id, sync_state.state_details.flow_run_id])
     load_after = os.getloadavg()
 
@@ -869,6 +953,14 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
                "task_runs": task_runs.get(name, 0),
                "domain_seconds": _r(dom, 3),
                "prefect_share": round((secs - dom) / secs, 4) if dom is not None and secs > 0 else None}
+        cpu = meter.cpu.get(name, {})
+        row["cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}
+        row["cpu_ms_per_unit"] = ({k: round(1000 * v / units[name], 4) for k, v in cpu.items()}
+                                  if units[name] else {})
+        # "ours": the flow process and its workers (planning workers, dispatchers); Prefect's server, the
+        # sandbox (the providers) and the receiver are listed apart.
+        ours = cpu.get("flow", 0.0) + cpu.get("workers", 0.0)
+        row["ours_cpu_ms_per_unit"] = round(1000 * ours / units[name], 4) if units[name] else None
         stages[name] = row
     # Webhook ingestion runs while dispatch sends: its rate is events over the whole window, dispatch start
     # to drained. Its stage time is the tail after dispatch (what a campaign waits for), plus sync-engagement.
@@ -880,7 +972,13 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
                                "drained": drained, "pending_at_end": pending})
     flow_secs = t1 - t0
     flow_domain = union_seconds(timer.spans(*[label for s in STAGES[:4] for label in domain_labels[s]]), t0, t1)
+    flow_cpu = {k: sum(meter.cpu.get(st, {}).get(k, 0.0) for st in STAGES[:4])
+                for k in ("flow", "workers", "prefect_server", "sandbox", "receiver")}
     flow = {"seconds": round(flow_secs, 3), "messages": sent,
+            "cpu_s": {k: round(v, 3) for k, v in flow_cpu.items()},
+            # CPU per sent message of everything but the providers and the receiver (the baseline's measure)
+            "cpu_ms_per_message": round(1000 * (flow_cpu["flow"] + flow_cpu["workers"] + flow_cpu["prefect_server"])
+                                        / sent, 4) if sent else None,
             "messages_per_s": round(sent / flow_secs, 1) if flow_secs > 0 else None,
             "task_runs": sum(v for k, v in task_runs.items() if k != "webhooks"),
             "domain_seconds": round(flow_domain, 3),
@@ -902,7 +1000,7 @@ def run_size(opts: BenchOptions, workdir: Path, templates: Path, members: int, p
         "clear_refs_reset": meter.can_reset, "verify": verify,
         "sandbox": {k: stats.get(k) for k in ("accepted", "rejected_total", "throttled", "webhooks", "events")},
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
-        "task_runs": task_runs,
+        "task_runs": task_runs, **references,
     }
 
 

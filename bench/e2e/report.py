@@ -17,6 +17,14 @@ PLAN_RENDER_1M_S = 120.0
 DISPATCH_1M_S = 600.0
 MEMORY_1M_MB = 1024.0
 RATIO_AT_10K = 20.0
+# Issue 18's targets: CPU per unit and ratios measured in one run.
+PLAN_CPU_MS = 0.25  # planning + rendering, ms of CPU per member (flow process + planning workers)
+DISPATCH_CPU_MS = 0.30  # our dispatcher side, ms of CPU per sent message (sandbox and receiver excluded)
+CEILING_FACTOR = 2.5  # both within this factor of their ceiling measured in the same run
+CAMPAIGN_1M_S = 480.0  # segment to last send at 1M members
+FLOW_MEMORY_1M_MB = 300.0  # the flow process alone
+CPU_RATIO_AT_10K = 30.0
+SEGMENTS_DUCKDB_FACTOR = 3.0
 # Scaling verdicts: time grows at most this fast (log-log slope), memory at most this fast.
 LINEAR_SLOPE_MAX = 1.15
 FLAT_MEMORY_SLOPE_MAX = 0.10
@@ -61,6 +69,14 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         row.update({"ours_members": ours["members"], "ours_messages_per_s": ours_rate,
                     "baseline_messages_per_s": b["messages_per_s"],
                     "ratio": round(ours_rate / b["messages_per_s"], 1)})
+        # By CPU per sent message: everything but the providers (sandbox) and the receiver, on both sides
+        # (ours: flow process, workers and Prefect's server; theirs: the flow process and Prefect's server).
+        ours_cpu = ours["campaign_flow"].get("cpu_ms_per_message")
+        theirs_cpu = (1000 * ((b.get("cpu_seconds") or 0.0) + (b.get("server_cpu_seconds") or 0.0)) / b["sent"]
+                      if b.get("sent") and b.get("cpu_seconds") else None)
+        if ours_cpu and theirs_cpu:
+            row.update({"ours_cpu_ms_per_message": ours_cpu, "baseline_cpu_ms_per_message": round(theirs_cpu, 3),
+                        "cpu_ratio": round(theirs_cpu / ours_cpu, 1)})
         if b.get("error"):
             # The naive flow ran but went wrong on the way (lost task-run records, failed or duplicate sends):
             # its throughput counts only the sends its ledger recorded, and the ratio carries what went wrong.
@@ -70,13 +86,13 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _verdict(name: str, target: str, figure: float | None, limit: float, unit: str, higher_is_better: bool = False,
-             where: str = "") -> dict[str, Any]:
+             where: str = "", decimals: int = 1) -> dict[str, Any]:
     if figure is None:
         return {"name": name, "target": target, "figure": None, "status": "not measured",
                 "line": f"{target}: not measured{where}"}
-    met = figure >= limit if higher_is_better else figure < limit
-    fig = f"{figure:,.1f}{unit}"
-    return {"name": name, "target": target, "figure": round(figure, 2), "status": "met" if met else "missed",
+    met = figure >= limit if higher_is_better else figure <= limit
+    fig = f"{figure:,.{decimals}f}{unit}"
+    return {"name": name, "target": target, "figure": round(figure, 4), "status": "met" if met else "missed",
             "line": f"{target}: {'met' if met else 'MISSED'} ({fig}{where})"}
 
 
@@ -90,8 +106,65 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         plan = st["segment"]["seconds"] + st["plan_render"]["seconds"]
         disp = st["dispatch"]["seconds"]
         mem = (big["peak_rss_mb"].get("harness") or 0.0) + (big["peak_rss_mb"].get("workers") or 0.0)
-    ratio = next((r.get("ratio") for r in results.get("ratios") or ratios(results) if r.get("messages") == 10_000),
-                 None)
+    ratio_rows = results.get("ratios") or ratios(results)
+    ratio = next((r.get("ratio") for r in ratio_rows if r.get("messages") == 10_000), None)
+    return issue8(plan, disp, mem, ratio, where) + issue18(results, ratio_rows)
+
+
+def _largest(results: dict[str, Any]) -> dict[str, Any] | None:
+    sizes = results.get("sizes", [])
+    return max(sizes, key=lambda s: s["members"]) if sizes else None
+
+
+def issue18(results: dict[str, Any], ratio_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 18's verdicts: CPU per unit against fixed targets and against the ceilings of the same run (at the
+    largest size measured), the 1M wall time and memory, the CPU and wall ratios at 10k, segments vs DuckDB."""
+    out = []
+    top = _largest(results)
+    at = f" at {top['members']:,} members" if top else ""
+    plan_cpu = disp_cpu = plan_x = disp_x = None
+    if top:
+        plan_cpu = top["stages"]["plan_render"].get("ours_cpu_ms_per_unit")
+        disp_cpu = top["stages"]["dispatch"].get("ours_cpu_ms_per_unit")
+        pc = (top.get("planning_ceiling") or {}).get("cpu_ms_per_message")
+        dc = (top.get("dispatch_ceiling") or {}).get("raw_cpu_ms_per_message")
+        plan_x = plan_cpu / pc if plan_cpu and pc else None
+        disp_x = disp_cpu / dc if disp_cpu and dc else None
+    out.append(_verdict("plan_cpu", "planning + rendering CPU per member (flow process + workers) at most "
+                        f"{PLAN_CPU_MS} ms", plan_cpu, PLAN_CPU_MS, " ms", where=at, decimals=3))
+    out.append(_verdict("plan_ceiling", f"planning + rendering within {CEILING_FACTOR}x of bare render + insert "
+                        "(same run)", plan_x, CEILING_FACTOR, "x", where=at))
+    out.append(_verdict("dispatch_cpu", "our dispatcher side's CPU per sent message (sandbox excluded) at most "
+                        f"{DISPATCH_CPU_MS} ms", disp_cpu, DISPATCH_CPU_MS, " ms", where=at, decimals=3))
+    out.append(_verdict("dispatch_ceiling", f"dispatcher side within {CEILING_FACTOR}x of raw aiohttp sends "
+                        "(same run)", disp_x, CEILING_FACTOR, "x", where=at))
+    big = _size(results, 1_000_000)
+    where = " at 1M members" if big else " (no 1M-member run)"
+    wall = big["campaign_flow"]["seconds"] if big else None
+    flow_mem = big["peak_rss_mb"].get("harness") if big else None
+    out.append(_verdict("campaign_1m", f"1M-member campaign, segment to last send, at most {CAMPAIGN_1M_S:.0f} s",
+                        wall, CAMPAIGN_1M_S, " s", where=where))
+    out.append(_verdict("flow_memory_1m", f"flow process memory at most {FLOW_MEMORY_1M_MB:.0f} MB at 1M", flow_mem,
+                        FLOW_MEMORY_1M_MB, " MB", where=where))
+    at10k = next((r for r in ratio_rows if r.get("messages") == 10_000 and r.get("ours_members") == 10_000), None)
+    out.append(_verdict("cpu_ratio_10k", f"at least {CPU_RATIO_AT_10K:.0f}x the plain Prefect flow by CPU per "
+                        "message at 10k, same shop and work", (at10k or {}).get("cpu_ratio"), CPU_RATIO_AT_10K, "x",
+                        higher_is_better=True))
+    out.append(_verdict("wall_ratio_10k", f"at least {RATIO_AT_10K:.0f}x the plain Prefect flow by wall at 10k, "
+                        "same shop and work", (at10k or {}).get("ratio"), RATIO_AT_10K, "x", higher_is_better=True))
+    seg_size = big or top
+    seg = (seg_size or {}).get("segments") or {}
+    worst = (seg.get("worst") or {}).get("ratio")
+    seg_where = (f" at {seg_size['members']:,} members, worst: {seg['worst']['step']}"
+                 if seg_size and seg.get("worst") else "")
+    out.append(_verdict("segments_duckdb", "every standard segment and RFM on SQLite within "
+                        f"{SEGMENTS_DUCKDB_FACTOR:.0f}x of DuckDB", worst, SEGMENTS_DUCKDB_FACTOR, "x",
+                        where=seg_where))
+    return out
+
+
+def issue8(plan: float | None, disp: float | None, mem: float | None, ratio: float | None,
+           where: str) -> list[dict[str, Any]]:
     return [
         _verdict("plan_render_1m", "1M-member campaign segmented, planned and rendered in under 2 minutes", plan,
                  PLAN_RENDER_1M_S, " s", where=where),
@@ -308,6 +381,7 @@ def markdown(results: dict[str, Any], chart: str | None = "scaling.svg") -> str:
                       + (f", by message id: missing {v['missing_at_sandbox']}, unknown {v['unknown_at_sandbox']}, "
                          f"more than once {v['received_more_than_once']}" if v.get("ids_checked") else "")
                       + f" -> {'yes' if v['exactly_once'] else 'NO'}.", ""]
+            lines += _cpu_lines(s)
 
     base = results.get("baseline", [])
     if base:
@@ -326,7 +400,10 @@ def markdown(results: dict[str, Any], chart: str | None = "scaling.svg") -> str:
             else:
                 lines.append(f"- at {r['messages']:,} messages: ours {r['ours_messages_per_s']:,.0f} msg/s "
                              f"(campaign flow on the {r['ours_members']:,}-member shop) vs "
-                             f"{r['baseline_messages_per_s']:,.1f} msg/s: **{r['ratio']:,.1f}x**"
+                             f"{r['baseline_messages_per_s']:,.1f} msg/s: **{r['ratio']:,.1f}x** by wall"
+                             + (f"; CPU per sent message {r['ours_cpu_ms_per_message']:,.2f} ms vs "
+                                f"{r['baseline_cpu_ms_per_message']:,.2f} ms: **{r['cpu_ratio']:,.1f}x** by CPU"
+                                if r.get("cpu_ratio") else "")
                              + (f" (the plain flow: {r['note']})" if r.get("note") else ""))
         lines.append("")
     if chart and sizes:
@@ -335,6 +412,59 @@ def markdown(results: dict[str, Any], chart: str | None = "scaling.svg") -> str:
             lines += [sc["line"], ""]
     lines += ["How to read these figures: docs/benchmark.md.", ""]
     return "\n".join(lines)
+
+
+_CPU_GROUPS = (("flow", "flow process"), ("workers", "workers"), ("prefect_server", "Prefect server"),
+               ("sandbox", "sandbox (providers)"), ("receiver", "receiver"))
+
+
+def _cpu_lines(s: dict[str, Any]) -> list[str]:
+    """CPU ms per unit of each stage and process group, then the ceilings and the segments of the same run."""
+    if not any(s["stages"][n].get("cpu_ms_per_unit") for n in STAGE_ORDER):
+        return []
+    lines = ["CPU ms per unit (member planned, message sent, event stored) by process; \"ours\" is the flow "
+             "process and its workers (planning workers, dispatcher processes):", "",
+             "| stage | unit | " + " | ".join(label for _, label in _CPU_GROUPS) + " | ours |",
+             "|---|---:|" + "---:|" * (len(_CPU_GROUPS) + 1)]
+    for name in STAGE_ORDER:
+        r = s["stages"][name]
+        per = r.get("cpu_ms_per_unit") or {}
+        lines.append(f"| {STAGE_LABELS[name]} | {_f(r['messages'])} | "
+                     + " | ".join(_f(per.get(k), 3) for k, _ in _CPU_GROUPS)
+                     + f" | {_f(r.get('ours_cpu_ms_per_unit'), 3)} |")
+    fl = s["campaign_flow"]
+    if fl.get("cpu_ms_per_message") is not None:
+        lines.append(f"| **campaign flow** | {_f(fl['messages'])} sent | "
+                     + " | ".join(_f(1000 * (fl["cpu_s"].get(k) or 0) / fl["messages"], 3) if fl["messages"] else "-"
+                                  for k, _ in _CPU_GROUPS)
+                     + f" | {_f(fl['cpu_ms_per_message'], 3)} (incl. Prefect server) |")
+    lines.append("")
+    pc, dc, seg = s.get("planning_ceiling"), s.get("dispatch_ceiling"), s.get("segments")
+    plan, disp = s["stages"]["plan_render"].get("ours_cpu_ms_per_unit"), s["stages"]["dispatch"].get(
+        "ours_cpu_ms_per_unit")
+    if pc:
+        lines.append(f"- Planning ceiling (bare compiled render + insert, {_f(pc.get('messages'))} messages): "
+                     + (pc["error"] if pc.get("error") else
+                        f"{_f(pc['cpu_ms_per_message'], 3)} ms CPU per message; planning + rendering "
+                        f"{_f(plan, 3)} ms = {_f(plan / pc['cpu_ms_per_message'] if plan else None, 1)}x it."))
+    if dc:
+        lines.append("- Dispatch ceiling (raw aiohttp, the run's channel mix): "
+                     + (dc["error"] if dc.get("error") else
+                        f"{_f(dc['raw_cpu_ms_per_message'], 3)} ms CPU per message; our SDK transport alone "
+                        f"{_f(dc['sdk_async_cpu_ms_per_message'], 3)} ms; our dispatcher side {_f(disp, 3)} ms = "
+                        f"{_f(disp / dc['raw_cpu_ms_per_message'] if disp else None, 1)}x raw."))
+    if seg:
+        if seg.get("error"):
+            lines.append(f"- Segments vs DuckDB: {seg['error']}")
+        else:
+            lines += ["- Segments and RFM on SQLite vs DuckDB (same data, best of 2): SQLite "
+                      f"{seg['sqlite_total_s']} s in all, DuckDB {seg['duckdb_total_s']} s; counts agree: "
+                      f"{'yes' if seg['all_counts_agree'] else 'NO'}.", "",
+                      "| step | SQLite s | DuckDB s | ratio |", "|---|---:|---:|---:|"]
+            lines += [f"| {st['step']} | {_f(st['sqlite_s'], 3)} | {_f(st['duckdb_s'], 3)} | {_f(st['ratio'], 1)} |"
+                      for st in seg["steps"]]
+    lines.append("")
+    return lines
 
 
 def write_report(out: Path, results: dict[str, Any]) -> dict[str, Path]:

@@ -35,6 +35,10 @@ def bench(
     processes: int | None = typer.Option(None, "--processes",
                                          help="Planning worker processes (the flow's `processes`; default: one "
                                               "per core for large groups; 0: serial)."),
+    ceilings: bool = typer.Option(True, "--ceilings/--no-ceilings",
+                                  help="Measure the bare render + insert and raw aiohttp ceilings per size."),
+    segments: bool = typer.Option(True, "--segments/--no-segments",
+                                  help="Run RFM and every standard segment on SQLite and DuckDB per size."),
 ) -> None:
     """Measure a campaign end to end per shop size, next to the plain Prefect implementation; write
     results.json, results.md and the scaling chart (see docs/benchmark.md)."""
@@ -47,7 +51,7 @@ def bench(
                                 postgres_url=postgres_url or (os.environ.get("MEMBERCARE_DATABASE_URL")
                                                               if db == "postgres" else None),
                                 keep=keep, drain_timeout_s=drain_timeout, dispatchers=dispatchers,
-                                processes=processes).validate()
+                                processes=processes, ceilings=ceilings, segments=segments).validate()
     started = time.monotonic()
 
     def say(msg: str) -> None:
