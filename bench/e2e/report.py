@@ -229,7 +229,8 @@ def scaling_verdict(points: Sequence[tuple[int, float, float]]) -> dict[str, Any
 
 
 def scaling_chart(results: dict[str, Any]):
-    """Altair chart: campaign time per stage vs members (log-log, with the linear fit dashed) and peak RSS."""
+    """Altair chart: campaign time per stage vs members (log-log, with the linear fit dashed), peak RSS, and the
+    CPU per unit of planning and dispatch beside their ceilings of the same run and the targets."""
     import altair as alt
 
     sizes = sorted(results.get("sizes", []), key=lambda s: s["members"])
@@ -269,7 +270,30 @@ def scaling_chart(results: dict[str, Any]):
         x=x, y=alt.Y("peak_rss_mb:Q", title="peak RSS (MB)", scale=alt.Scale(zero=True)),
         color=alt.Color("process:N", title=None), tooltip=["process:N", "members:Q", "peak_rss_mb:Q"],
     ).properties(title="Peak memory vs members", width=300, height=260)
-    return alt.hconcat(left, right).resolve_scale(color="independent")
+    cpu_rows = []
+    for s in sizes:
+        n = s["members"]
+        for st, label in (("plan_render", "plan + render (ours)"), ("dispatch", "dispatch (ours)")):
+            v = s["stages"][st].get("ours_cpu_ms_per_unit")
+            if v:
+                cpu_rows.append({"members": n, "series": label, "cpu_ms": v})
+        for key, field, label in (("planning_ceiling", "cpu_ms_per_message", "ceiling: bare render + insert"),
+                                  ("dispatch_ceiling", "raw_cpu_ms_per_message", "ceiling: raw aiohttp")):
+            v = (s.get(key) or {}).get(field)
+            if v:
+                cpu_rows.append({"members": n, "series": label, "cpu_ms": v})
+    if not cpu_rows:
+        return alt.hconcat(left, right).resolve_scale(color="independent")
+    targets_rows = [{"cpu_ms": PLAN_CPU_MS, "target": "plan target"},
+                    {"cpu_ms": DISPATCH_CPU_MS, "target": "dispatch target"}]
+    cpu = alt.layer(
+        alt.Chart(alt.Data(values=cpu_rows)).mark_line(point=True).encode(
+            x=x, y=alt.Y("cpu_ms:Q", title="CPU ms per member / message", scale=alt.Scale(zero=True)),
+            color=alt.Color("series:N", title=None), tooltip=["series:N", "members:Q", "cpu_ms:Q"]),
+        alt.Chart(alt.Data(values=targets_rows)).mark_rule(strokeDash=[2, 3], color="#b22222").encode(
+            y="cpu_ms:Q", tooltip=["target:N", "cpu_ms:Q"]),
+    ).properties(title="CPU per unit vs members (targets dotted)", width=300, height=260)
+    return alt.hconcat(left, right, cpu).resolve_scale(color="independent")
 
 
 def write_chart(out: Path, results: dict[str, Any]) -> tuple[Path, Path | None]:
