@@ -82,6 +82,9 @@ class Peak:
 # Shops
 
 
+ONLY: set[str] | None = None  # --only: the steps to run (rfm steps and segment names), for iterating
+
+
 def _segments(conn) -> list[tuple[str, base.Segment]]:
     """Every standard segment, with parameters chosen from the shop's own data where needed."""
     cat = conn.execute(sa.text("SELECT category FROM order_lines GROUP BY category "
@@ -96,7 +99,7 @@ def _segments(conn) -> list[tuple[str, base.Segment]]:
            if d.name not in python_side]
     out.append(("new_members(day=3)", base.ref("new_members", day=3)))
     out.append(("birthday_today(days_ahead=7)", base.ref("birthday_today", days_ahead=7)))
-    return out
+    return [(name, seg) for name, seg in out if ONLY is None or name in ONLY]
 
 
 def _member_count(engine) -> int | None:
@@ -188,7 +191,7 @@ class DuckConnection:
 
 _DUCK_TYPES = {"INTEGER": "BIGINT", "BIGINT": "BIGINT", "FLOAT": "DOUBLE", "BOOLEAN": "BOOLEAN", "DATE": "DATE"}
 _TABLES = ("members", "orders", "order_lines", "coupons", "tiers", "tier_history", "rfm_scores",
-           "churn_model_fits", "churn_scores", "order_summary")
+           "churn_model_fits", "churn_scores", "order_summary", "products", "member_events")
 
 
 def load_duckdb(sqlite_path: Path, duck_path: Path, workdir: Path) -> float:
@@ -196,6 +199,7 @@ def load_duckdb(sqlite_path: Path, duck_path: Path, workdir: Path) -> float:
     import duckdb
     from sqlmodel import SQLModel
 
+    import membercare.journeys.models
     import membercare.models
     import membercare.scoring_models  # noqa: F401
 
@@ -310,7 +314,10 @@ def main(argv=None) -> int:
                     help="also run SQLite on the all-orders SQL (without order_summary), for before/after")
     ap.add_argument("--repeat", type=int, default=2, help="runs per segment count; the best is reported")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--only", help="comma-separated segment names to count (default: all)")
     args = ap.parse_args(argv)
+    global ONLY
+    ONLY = set(args.only.split(",")) if args.only else None
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     backends = args.backends.split(",")

@@ -48,7 +48,9 @@ def utc_day_number(dialect: str, expr: Sql) -> Sql:
 def month_day(dialect: str, date_expr: Sql) -> Sql:
     """``'MM-DD'`` of a ``date`` column."""
     if dialect == "sqlite":
-        return sa.func.strftime("%m-%d", date_expr)
+        # SQLite stores a date as ISO text 'YYYY-MM-DD': the characters are the answer, no need to parse the
+        # date per row as strftime() does (a third of birthday_today on 100k members).
+        return sa.func.substr(date_expr, 6, 5)
     if dialect == "duckdb":  # the benchmark's reference engine (PostgreSQL-compatible apart from this)
         return sa.func.strftime(date_expr, "%m-%d")
     return sa.func.to_char(date_expr, "MM-DD")

@@ -300,6 +300,11 @@ def tier_upgrade_candidates(ctx: SegmentContext, p: dict) -> sa.Select:
     windows = sorted({t["window_days"] for t in tiers[1:]})
     sums = []
     for w in windows:
+        if w == windows[-1]:
+            # The WHERE below already keeps only this window's purchases: plain sums, no per-row test.
+            sums.append(sa.func.sum(o.c.total_minor).label(f"spend_{w}"))
+            sums.append(sa.func.count().label(f"orders_{w}"))
+            continue
         in_w = o.c.placed_at > ctx.days_ago(w)
         sums.append(sa.func.sum(sa.case((in_w, o.c.total_minor), else_=0)).label(f"spend_{w}"))
         sums.append(sa.func.sum(sa.case((in_w, 1), else_=0)).label(f"orders_{w}"))
