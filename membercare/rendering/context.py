@@ -245,6 +245,7 @@ class ContextBuilder:
                      "percent_off": step.percent_off, "currency": self.campaign.offer.currency,
                      "min_spend_minor": self.campaign.offer.min_spend_minor,
                      "valid_days": self.campaign.offer.valid_days, "label": step.label}
+        unsubscribe_url, preferences_url = self.signer.member_urls(mid)
         return {
             "member": view,
             "stats": stats,
@@ -257,8 +258,8 @@ class ContextBuilder:
             "tier_progress": tier_progress(tiers, member.get("tier") or "silver", stats["spend_365_minor"],
                                            stats["orders_365"]),
             "offer": offer,
-            "unsubscribe_url": self.signer.unsubscribe_url(mid, LinkScope.ALL),
-            "preferences_url": self.signer.preferences_url(mid),
+            "unsubscribe_url": unsubscribe_url,
+            "preferences_url": preferences_url,
             "email_unsubscribe_url": self.signer.unsubscribe_url(mid, LinkScope.EMAIL),
         }
 
