@@ -26,6 +26,7 @@ gets the pool's newest products, so that the message still names what is new.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -102,7 +103,9 @@ class CoPurchaseModel:
             for other, sim in self.neighbours.get(pid, ()):
                 if other not in owned and (pool is None or other in pool):
                     scores[other] += sim
-        picked = [pid for pid, _ in sorted(scores.items(), key=lambda t: (-t[1], t[0]))][:n]
+        # The n best by (score descending, id): what sorting them all and keeping n gives, without the sort.
+        ranked = [(-score, pid) for pid, score in scores.items()]
+        picked = [pid for _, pid in (heapq.nsmallest(n, ranked) if n >= 0 else sorted(ranked)[:n])]
         rest = fill if fill is not None else [self.bestsellers]
         pools = [*(self.by_category.get(c, ()) for c in categories), *rest]
         for candidates in pools:
@@ -156,7 +159,7 @@ class Recommender:
         self._category_in_pool: dict[str, list[int]] = {}
         # Rankings by (what the member bought, how many, favourite categories): many members share one
         # (everyone who bought nothing in the window gets the same list). Bounded, for million-member runs.
-        self._memo: dict[tuple[frozenset[int], int, tuple[str, ...]], tuple[int, ...]] = {}
+        self._memo: dict[tuple[tuple[int, ...], int, tuple[str, ...]], tuple[int, ...]] = {}
 
     def _in_pool(self, category: str) -> list[int]:
         got = self._category_in_pool.get(category)
@@ -173,7 +176,7 @@ class Recommender:
                   favourites: Sequence[str] = ()) -> list[int]:
         """Up to ``n`` product ids for one member; ``affinity`` is the member's category -> strength."""
         if not self.restricted:
-            key = (frozenset(bought), n, tuple(favourites))
+            key = (tuple(bought), n, tuple(favourites))
             got = self._memo.get(key)
             if got is None:
                 # The same candidates in the same order as categories=favourites, fill=self.fill, less
