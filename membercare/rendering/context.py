@@ -137,14 +137,17 @@ class ContextBuilder:
         members = conn.execute(sa.select(m).where(m.c.id.in_(ids))).mappings().all()
         if not members:
             return {}
+        # Plain tuples, zipped with the column names: a RowMapping per row costs more than the dict built from it.
         coupons: dict[int, list[dict]] = defaultdict(list)
-        for r in conn.execute(
-            sa.select(c.c.member_id, c.c.code, c.c.kind, c.c.amount_minor, c.c.percent_off, c.c.currency,
-                      c.c.min_spend_minor, c.c.issued_at, c.c.expires_at, c.c.campaign)
+        coupon_cols = (c.c.code, c.c.kind, c.c.amount_minor, c.c.percent_off, c.c.currency, c.c.min_spend_minor,
+                       c.c.issued_at, c.c.expires_at, c.c.campaign)
+        coupon_keys = [col.key for col in coupon_cols]
+        for member_id, *values in conn.execute(
+            sa.select(c.c.member_id, *coupon_cols)
             .where(c.c.member_id.in_(ids), c.c.redeemed_at.is_(None), c.c.expires_at > as_of, c.c.issued_at <= as_of)
             .order_by(c.c.member_id, c.c.expires_at, c.c.id)
-        ).mappings():
-            coupons[r["member_id"]].append({k: v for k, v in r.items() if k != "member_id"})
+        ).tuples():
+            coupons[member_id].append(dict(zip(coupon_keys, values, strict=True)))
 
         since = as_of - timedelta(days=LOOKBACK_DAYS)
         purchase = sa.and_(o.c.member_id.in_(ids), o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at <= as_of)
@@ -162,21 +165,27 @@ class ContextBuilder:
         recent = sa.select(o.c.id, o.c.member_id, o.c.external_id, o.c.placed_at, o.c.delivered_at, o.c.status,
                            o.c.total_minor, o.c.currency, rn.label("rn")).where(purchase).subquery()
         orders: dict[int, dict[int, dict]] = defaultdict(dict)
-        for r in conn.execute(
-            sa.select(recent, ol.c.sku, ol.c.category, ol.c.quantity, ol.c.amount_minor, ol.c.product_id,
-                      p.c.name.label("product_name"), p.c.price_minor, ol.c.line_no)
+        url_pattern = self.url_pattern
+        for (order_id, member_id, external_id, placed_at, delivered_at, status, total_minor, currency,
+             sku, category, quantity, amount_minor, product_id, product_name) in conn.execute(
+            sa.select(recent.c.id, recent.c.member_id, recent.c.external_id, recent.c.placed_at,
+                      recent.c.delivered_at, recent.c.status, recent.c.total_minor, recent.c.currency,
+                      ol.c.sku, ol.c.category, ol.c.quantity, ol.c.amount_minor, ol.c.product_id, p.c.name)
             .select_from(recent.outerjoin(ol, ol.c.order_id == recent.c.id).outerjoin(p, p.c.id == ol.c.product_id))
             .where(recent.c.rn <= RECENT_ORDERS)
             .order_by(recent.c.member_id, recent.c.rn, ol.c.line_no)
-        ).mappings():
-            order = orders[r["member_id"]].setdefault(r["id"], {
-                "external_id": r["external_id"], "placed_at": r["placed_at"], "delivered_at": r["delivered_at"],
-                "status": r["status"], "total_minor": r["total_minor"], "currency": r["currency"], "lines": []})
-            if r["sku"] is not None:
+        ).tuples():
+            member_orders = orders[member_id]
+            order = member_orders.get(order_id)
+            if order is None:
+                order = member_orders[order_id] = {
+                    "external_id": external_id, "placed_at": placed_at, "delivered_at": delivered_at,
+                    "status": status, "total_minor": total_minor, "currency": currency, "lines": []}
+            if sku is not None:
                 order["lines"].append({
-                    "sku": r["sku"], "name": r["product_name"] or r["sku"], "category": r["category"],
-                    "quantity": r["quantity"], "amount_minor": r["amount_minor"],
-                    "url": self.url_pattern.format(sku=r["sku"]), "product_id": r["product_id"]})
+                    "sku": sku, "name": product_name or sku, "category": category,
+                    "quantity": quantity, "amount_minor": amount_minor,
+                    "url": url_pattern.format(sku=sku), "product_id": product_id})
 
         bought: dict[int, list[int]] = defaultdict(list)
         cats: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
