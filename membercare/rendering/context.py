@@ -42,6 +42,9 @@ from membercare.rendering.recommend import LOOKBACK_DAYS, CoPurchaseModel, Recom
 
 BATCH = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
 RECENT_ORDERS = 3
+# The member fields of a context (``member`` in templates, before ``first_name``), in this order.
+MEMBER_FIELDS = ("id", "external_id", "name", "locale", "timezone", "tier", "points_balance", "birthday",
+                 "joined_at", "region", "city", "country")
 
 
 def _chunks(ids: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
@@ -134,7 +137,9 @@ class ContextBuilder:
 
     def _build_chunk(self, conn: Connection, ids: Sequence[int], as_of: datetime) -> dict[int, dict]:
         m, c, o, ol, p = Member.__table__, Coupon.__table__, Order.__table__, OrderLine.__table__, Product.__table__
-        members = conn.execute(sa.select(m).where(m.c.id.in_(ids))).mappings().all()
+        # Only the columns a context shows (MEMBER_FIELDS): no addresses, no bookkeeping timestamps to decode.
+        members = [dict(zip(MEMBER_FIELDS, r, strict=True)) for r in conn.execute(
+            sa.select(*(m.c[k] for k in MEMBER_FIELDS)).where(m.c.id.in_(ids))).tuples()]
         if not members:
             return {}
         # Plain tuples, zipped with the column names: a RowMapping per row costs more than the dict built from it.
@@ -212,7 +217,7 @@ class ContextBuilder:
                 recs = [product_view(rec.model.products[pid], self.url_pattern)
                         for pid in rec.recommend(bought[mid], self.n_recommendations, affinity.get(mid, {}), fav)]
             out[mid] = self.assemble(
-                member=dict(row), coupons=coupons.get(mid, []), orders=list(orders.get(mid, {}).values()),
+                member=row, coupons=coupons.get(mid, []), orders=list(orders.get(mid, {}).values()),
                 stats={
                     "orders_total": int(st.orders_total) if st else 0,
                     "orders_365": int(st.orders_365) if st else 0,
@@ -228,8 +233,7 @@ class ContextBuilder:
         """The context of one member from already loaded rows (also used by the sample contexts)."""
         mid = member["id"]
         name = (member.get("name") or "").strip()
-        view = {k: member.get(k) for k in ("id", "external_id", "name", "locale", "timezone", "tier",
-                                           "points_balance", "birthday", "joined_at", "region", "city", "country")}
+        view = {k: member.get(k) for k in MEMBER_FIELDS}
         view["first_name"] = name.split()[0] if name and " " in name else name
         stats = {**stats, "currency": (orders[0]["currency"] if orders else self.shop.get("currency", "TWD"))}
         seen, recent_items = set(), []
