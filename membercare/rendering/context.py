@@ -42,6 +42,9 @@ from membercare.rendering.recommend import LOOKBACK_DAYS, CoPurchaseModel, Recom
 
 BATCH = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
 RECENT_ORDERS = 3
+# The member fields of a context (``member`` in templates, before ``first_name``), in this order.
+MEMBER_FIELDS = ("id", "external_id", "name", "locale", "timezone", "tier", "points_balance", "birthday",
+                 "joined_at", "region", "city", "country")
 
 
 def _chunks(ids: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
@@ -134,17 +137,22 @@ class ContextBuilder:
 
     def _build_chunk(self, conn: Connection, ids: Sequence[int], as_of: datetime) -> dict[int, dict]:
         m, c, o, ol, p = Member.__table__, Coupon.__table__, Order.__table__, OrderLine.__table__, Product.__table__
-        members = conn.execute(sa.select(m).where(m.c.id.in_(ids))).mappings().all()
+        # Only the columns a context shows (MEMBER_FIELDS): no addresses, no bookkeeping timestamps to decode.
+        members = [dict(zip(MEMBER_FIELDS, r, strict=True)) for r in conn.execute(
+            sa.select(*(m.c[k] for k in MEMBER_FIELDS)).where(m.c.id.in_(ids))).tuples()]
         if not members:
             return {}
+        # Plain tuples, zipped with the column names: a RowMapping per row costs more than the dict built from it.
         coupons: dict[int, list[dict]] = defaultdict(list)
-        for r in conn.execute(
-            sa.select(c.c.member_id, c.c.code, c.c.kind, c.c.amount_minor, c.c.percent_off, c.c.currency,
-                      c.c.min_spend_minor, c.c.issued_at, c.c.expires_at, c.c.campaign)
+        coupon_cols = (c.c.code, c.c.kind, c.c.amount_minor, c.c.percent_off, c.c.currency, c.c.min_spend_minor,
+                       c.c.issued_at, c.c.expires_at, c.c.campaign)
+        coupon_keys = [col.key for col in coupon_cols]
+        for member_id, *values in conn.execute(
+            sa.select(c.c.member_id, *coupon_cols)
             .where(c.c.member_id.in_(ids), c.c.redeemed_at.is_(None), c.c.expires_at > as_of, c.c.issued_at <= as_of)
             .order_by(c.c.member_id, c.c.expires_at, c.c.id)
-        ).mappings():
-            coupons[r["member_id"]].append({k: v for k, v in r.items() if k != "member_id"})
+        ).tuples():
+            coupons[member_id].append(dict(zip(coupon_keys, values, strict=True)))
 
         since = as_of - timedelta(days=LOOKBACK_DAYS)
         purchase = sa.and_(o.c.member_id.in_(ids), o.c.status.in_(PURCHASE_STATUSES), o.c.placed_at <= as_of)
@@ -162,21 +170,27 @@ class ContextBuilder:
         recent = sa.select(o.c.id, o.c.member_id, o.c.external_id, o.c.placed_at, o.c.delivered_at, o.c.status,
                            o.c.total_minor, o.c.currency, rn.label("rn")).where(purchase).subquery()
         orders: dict[int, dict[int, dict]] = defaultdict(dict)
-        for r in conn.execute(
-            sa.select(recent, ol.c.sku, ol.c.category, ol.c.quantity, ol.c.amount_minor, ol.c.product_id,
-                      p.c.name.label("product_name"), p.c.price_minor, ol.c.line_no)
+        url_pattern = self.url_pattern
+        for (order_id, member_id, external_id, placed_at, delivered_at, status, total_minor, currency,
+             sku, category, quantity, amount_minor, product_id, product_name) in conn.execute(
+            sa.select(recent.c.id, recent.c.member_id, recent.c.external_id, recent.c.placed_at,
+                      recent.c.delivered_at, recent.c.status, recent.c.total_minor, recent.c.currency,
+                      ol.c.sku, ol.c.category, ol.c.quantity, ol.c.amount_minor, ol.c.product_id, p.c.name)
             .select_from(recent.outerjoin(ol, ol.c.order_id == recent.c.id).outerjoin(p, p.c.id == ol.c.product_id))
             .where(recent.c.rn <= RECENT_ORDERS)
             .order_by(recent.c.member_id, recent.c.rn, ol.c.line_no)
-        ).mappings():
-            order = orders[r["member_id"]].setdefault(r["id"], {
-                "external_id": r["external_id"], "placed_at": r["placed_at"], "delivered_at": r["delivered_at"],
-                "status": r["status"], "total_minor": r["total_minor"], "currency": r["currency"], "lines": []})
-            if r["sku"] is not None:
+        ).tuples():
+            member_orders = orders[member_id]
+            order = member_orders.get(order_id)
+            if order is None:
+                order = member_orders[order_id] = {
+                    "external_id": external_id, "placed_at": placed_at, "delivered_at": delivered_at,
+                    "status": status, "total_minor": total_minor, "currency": currency, "lines": []}
+            if sku is not None:
                 order["lines"].append({
-                    "sku": r["sku"], "name": r["product_name"] or r["sku"], "category": r["category"],
-                    "quantity": r["quantity"], "amount_minor": r["amount_minor"],
-                    "url": self.url_pattern.format(sku=r["sku"]), "product_id": r["product_id"]})
+                    "sku": sku, "name": product_name or sku, "category": category,
+                    "quantity": quantity, "amount_minor": amount_minor,
+                    "url": url_pattern.format(sku=sku), "product_id": product_id})
 
         bought: dict[int, list[int]] = defaultdict(list)
         cats: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -203,7 +217,7 @@ class ContextBuilder:
                 recs = [product_view(rec.model.products[pid], self.url_pattern)
                         for pid in rec.recommend(bought[mid], self.n_recommendations, affinity.get(mid, {}), fav)]
             out[mid] = self.assemble(
-                member=dict(row), coupons=coupons.get(mid, []), orders=list(orders.get(mid, {}).values()),
+                member=row, coupons=coupons.get(mid, []), orders=list(orders.get(mid, {}).values()),
                 stats={
                     "orders_total": int(st.orders_total) if st else 0,
                     "orders_365": int(st.orders_365) if st else 0,
@@ -219,8 +233,7 @@ class ContextBuilder:
         """The context of one member from already loaded rows (also used by the sample contexts)."""
         mid = member["id"]
         name = (member.get("name") or "").strip()
-        view = {k: member.get(k) for k in ("id", "external_id", "name", "locale", "timezone", "tier",
-                                           "points_balance", "birthday", "joined_at", "region", "city", "country")}
+        view = {k: member.get(k) for k in MEMBER_FIELDS}
         view["first_name"] = name.split()[0] if name and " " in name else name
         stats = {**stats, "currency": (orders[0]["currency"] if orders else self.shop.get("currency", "TWD"))}
         seen, recent_items = set(), []
@@ -245,6 +258,7 @@ class ContextBuilder:
                      "percent_off": step.percent_off, "currency": self.campaign.offer.currency,
                      "min_spend_minor": self.campaign.offer.min_spend_minor,
                      "valid_days": self.campaign.offer.valid_days, "label": step.label}
+        unsubscribe_url, preferences_url = self.signer.member_urls(mid)
         return {
             "member": view,
             "stats": stats,
@@ -257,8 +271,8 @@ class ContextBuilder:
             "tier_progress": tier_progress(tiers, member.get("tier") or "silver", stats["spend_365_minor"],
                                            stats["orders_365"]),
             "offer": offer,
-            "unsubscribe_url": self.signer.unsubscribe_url(mid, LinkScope.ALL),
-            "preferences_url": self.signer.preferences_url(mid),
+            "unsubscribe_url": unsubscribe_url,
+            "preferences_url": preferences_url,
             "email_unsubscribe_url": self.signer.unsubscribe_url(mid, LinkScope.EMAIL),
         }
 

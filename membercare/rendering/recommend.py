@@ -26,6 +26,7 @@ gets the pool's newest products, so that the message still names what is new.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ from membercare.models import PURCHASE_STATUSES, Order, OrderLine, Product
 from membercare.timeutil import ensure_utc
 
 LOOKBACK_DAYS = 365
+MEMO_MAX = 20_000  # rankings a Recommender remembers (see Recommender.recommend)
 
 
 @dataclass
@@ -101,7 +103,9 @@ class CoPurchaseModel:
             for other, sim in self.neighbours.get(pid, ()):
                 if other not in owned and (pool is None or other in pool):
                     scores[other] += sim
-        picked = [pid for pid, _ in sorted(scores.items(), key=lambda t: (-t[1], t[0]))][:n]
+        # The n best by (score descending, id): what sorting them all and keeping n gives, without the sort.
+        ranked = [(-score, pid) for pid, score in scores.items()]
+        picked = [pid for _, pid in (heapq.nsmallest(n, ranked) if n >= 0 else sorted(ranked)[:n])]
         rest = fill if fill is not None else [self.bestsellers]
         pools = [*(self.by_category.get(c, ()) for c in categories), *rest]
         for candidates in pools:
@@ -149,6 +153,20 @@ class Recommender:
             self.fill = [*(model.by_category.get(c, ()) for c in rules.category), unsold_newest]
         else:
             self.fill = [model.bestsellers, unsold_newest]
+        # The candidate lists narrowed to the pool once per run: the model's ranking would skip the other
+        # products anyway, and for every member (the shop's best-sellers include every sold-out product).
+        self._fill_in_pool = [[pid for pid in c if pid in pool] for c in self.fill]
+        self._category_in_pool: dict[str, list[int]] = {}
+        # Rankings by (what the member bought, how many, favourite categories): many members share one
+        # (everyone who bought nothing in the window gets the same list). Bounded, for million-member runs.
+        self._memo: dict[tuple[tuple[int, ...], int, tuple[str, ...]], tuple[int, ...]] = {}
+
+    def _in_pool(self, category: str) -> list[int]:
+        got = self._category_in_pool.get(category)
+        if got is None:
+            got = self._category_in_pool[category] = [pid for pid in self.model.by_category.get(category, ())
+                                                       if pid in self.pool]
+        return got
 
     @property
     def restricted(self) -> bool:
@@ -158,7 +176,16 @@ class Recommender:
                   favourites: Sequence[str] = ()) -> list[int]:
         """Up to ``n`` product ids for one member; ``affinity`` is the member's category -> strength."""
         if not self.restricted:
-            return self.model.recommend(bought, n, favourites, pool=self.pool, fill=self.fill)
+            key = (tuple(bought), n, tuple(favourites))
+            got = self._memo.get(key)
+            if got is None:
+                # The same candidates in the same order as categories=favourites, fill=self.fill, less
+                # the products outside the pool that the ranking would skip.
+                fill = [*(self._in_pool(c) for c in favourites), *self._fill_in_pool]
+                got = tuple(self.model.recommend(bought, n, (), pool=self.pool, fill=fill))
+                if len(self._memo) < MEMO_MAX:
+                    self._memo[key] = got
+            return list(got)
         picked: list[int] = []
         for cat in sorted(affinity, key=lambda c: (-affinity[c], c)):
             for pid in self.newest_by_category.get(cat, ()):
