@@ -185,15 +185,23 @@ class GatedSender:
         return None
 
 
+_outbox = OutboxMessage.__table__
+# Built once: the gate runs it for every group of messages (a reused statement skips construction and
+# cache-key generation in SQLAlchemy).
+_MARK = (sa.update(_outbox)
+         .where(_outbox.c.id.in_(sa.bindparam("ids", expanding=True)), _outbox.c.state == OutboxState.SENDING.value,
+                _outbox.c.claimed_by == sa.bindparam("token"))
+         .values(attempt_started_at=sa.bindparam("now", type_=_outbox.c.attempt_started_at.type))
+         .returning(_outbox.c.id))
+
+
 def _mark_attempted(conn: Connection, go: list[Job], now: datetime) -> set[int]:
     """Record the attempt (``attempt_started_at``) of the rows still held under their claim; returns their ids."""
     o = OutboxMessage.__table__
     marked: set[int] = set()
     for token in sorted({j.row["claim"] for j in go}):
-        marked.update(conn.execute(
-            sa.update(o).where(o.c.id.in_([j.row["id"] for j in go if j.row["claim"] == token]),
-                               o.c.state == OutboxState.SENDING.value, o.c.claimed_by == token)
-            .values(attempt_started_at=now).returning(o.c.id)).scalars())
+        marked.update(conn.execute(_MARK, {"ids": [j.row["id"] for j in go if j.row["claim"] == token],
+                                           "token": token, "now": now}).scalars())
     # The pre-send check at claim may have moved a row to another channel: record the channel it
     # is attempted on, so that reconciliation after a crash asks the right provider.
     moved = [j for j in go if j.channel != j.row["channel"] and j.row["id"] in marked]
