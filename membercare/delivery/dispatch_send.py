@@ -33,7 +33,7 @@ from membercare.delivery.dispatch_claim import load_member_contexts
 from membercare.delivery.dispatch_outcomes import Outcomes
 from membercare.delivery.dispatch_pool import Pending
 from membercare.delivery.dispatch_types import DROP, GO, DispatchConfig, Job, Outcome, outcome_for
-from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate
+from membercare.delivery.gate import GroupCommit, enter_gate
 from membercare.delivery.models import Decision, OutboxMessage, OutboxState, RunStatus
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.ratelimit import TokenBucket, Unlimited
@@ -125,8 +125,7 @@ class GatedSender:
         policy = self.policy or PolicySettings()
 
         def work(conn: Connection) -> dict[Job, Any]:
-            lock_for_gate(conn)
-            st = read_gate(conn, self.run_id)
+            st = enter_gate(conn, self.run_id)
             stop = None
             if st.paused_all:
                 stop = f"all sending is paused ({st.paused_reason or 'kill switch'})"
