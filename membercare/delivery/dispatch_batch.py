@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,8 +65,34 @@ def members_of(job: Job) -> list[Job]:
     return job.members if isinstance(job, BatchJob) else [job]
 
 
-def rows_in_flight(jobs: set[Job]) -> int:
-    return sum(len(j.members) if isinstance(j, BatchJob) else 1 for j in jobs)
+class InFlight:
+    """The dispatcher's jobs in flight, and how many rows they stand for (kept as a count: the loop asks
+    for it on every turn, and summing over the set made that cost grow with the number in flight)."""
+
+    __slots__ = ("_jobs", "rows")
+
+    def __init__(self) -> None:
+        self._jobs: set[Job] = set()
+        self.rows = 0
+
+    def add(self, job: Job) -> None:
+        if job not in self._jobs:
+            self._jobs.add(job)
+            self.rows += len(job.members) if isinstance(job, BatchJob) else 1
+
+    def discard(self, job: Job) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+            self.rows -= len(job.members) if isinstance(job, BatchJob) else 1
+
+    def __contains__(self, job: object) -> bool:
+        return job in self._jobs
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._jobs)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
 
 
 def batch_key(jobs: Sequence[Job]) -> str:
@@ -79,9 +105,10 @@ def group_batches(jobs: list[Job], adapters: Mapping[str, ChannelAdapter]) -> li
     """``jobs`` with the rows that can share a request put into :class:`BatchJob` s (see the module docstring)."""
     out: list[Job] = []
     groups: dict[tuple[str, str, str, str], list[Job]] = {}
+    # BatchSender is a runtime-checkable protocol: isinstance inspects its attributes, so ask once per adapter.
+    batching = {ch: isinstance(a, BatchSender) for ch, a in adapters.items()}
     for job in jobs:
-        adapter = adapters.get(job.channel)
-        if (job.message is None or not isinstance(adapter, BatchSender)
+        if (job.message is None or not batching.get(job.channel, False)
                 or job.row["reason_code"] == Decision.AMBIGUOUS_RETRY.value):
             out.append(job)
             continue

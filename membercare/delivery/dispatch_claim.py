@@ -45,7 +45,8 @@ def load_member_contexts(conn: Connection, rows: Sequence[Mapping[str, Any]], no
     contexts: dict[tuple[int, str], MemberContext] = {}
     for purpose in {r["purpose"] for r in rows}:
         ids = sorted({r["member_id"] for r in rows if r["purpose"] == purpose})
-        ctxs = load_contexts(conn, ids, purpose, now, timedelta(days=policy.push_token_max_age_days))
+        ctxs = load_contexts(conn, ids, purpose, now, timedelta(days=policy.push_token_max_age_days),
+                             full_rows=False)
         for mid, ctx in ctxs.items():
             contexts[(mid, purpose)] = ctx
     return contexts
@@ -93,7 +94,9 @@ class Claimer:
                 # The connection dropped during an earlier try, maybe after its commit: rows it claimed for
                 # us (never attempted) would otherwise wait for the lease. Hand them back first.
                 self.release_orphans(conn, run.id, now)
-            return [dict(r) for r in conn.execute(stmt).mappings()]
+            res = conn.execute(stmt)
+            keys = tuple(res.keys())
+            return [dict(zip(keys, r, strict=True)) for r in res.all()]
 
         rows = in_transaction(self.engine, claim)
         if not rows:

@@ -257,6 +257,22 @@ class Outcomes:
         return suppress
 
 
+_UPDATES: dict[tuple[str, ...], sa.Update] = {}
+
+
+def _guarded_update(cols: tuple[str, ...]) -> sa.Update:
+    """``UPDATE outbox SET <cols> WHERE id = :_id AND state = 'sending' AND claimed_by = :_claim``, built once per
+    set of columns (a few kinds of outcome): a reused statement skips construction and cache-key generation."""
+    stmt = _UPDATES.get(cols)
+    if stmt is None:
+        o = OutboxMessage.__table__
+        stmt = (sa.update(o).where(o.c.id == sa.bindparam("_id"), o.c.state == OutboxState.SENDING.value,
+                                   o.c.claimed_by == sa.bindparam("_claim"))
+                .values({c: sa.bindparam(c) for c in cols}))
+        _UPDATES[cols] = stmt  # a racing thread may build it too: either copy is the same statement
+    return stmt
+
+
 def record_outcomes(engine: Engine, outcomes: list[Outcome], rep: DispatchReport) -> None:
     """Write buffered outcomes in one transaction, each guarded by its row's state and claim token."""
     o = OutboxMessage.__table__
@@ -274,10 +290,7 @@ def record_outcomes(engine: Engine, outcomes: list[Outcome], rep: DispatchReport
                 out.side_effect(conn)
         changed = 0
         for cols, params in groups.items():
-            stmt = (sa.update(o).where(o.c.id == sa.bindparam("_id"), o.c.state == OutboxState.SENDING.value,
-                                       o.c.claimed_by == sa.bindparam("_claim"))
-                    .values({c: sa.bindparam(c) for c in cols}))
-            res = conn.execute(stmt, params)
+            res = conn.execute(_guarded_update(cols), params)
             changed += res.rowcount if res.rowcount and res.rowcount > 0 else 0
         settled = 0
         if changed < len(outcomes):

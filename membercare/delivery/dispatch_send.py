@@ -33,7 +33,7 @@ from membercare.delivery.dispatch_claim import load_member_contexts
 from membercare.delivery.dispatch_outcomes import Outcomes
 from membercare.delivery.dispatch_pool import Pending
 from membercare.delivery.dispatch_types import DROP, GO, DispatchConfig, Job, Outcome, outcome_for
-from membercare.delivery.gate import GroupCommit, lock_for_gate, read_gate
+from membercare.delivery.gate import GroupCommit, enter_gate
 from membercare.delivery.models import Decision, OutboxMessage, OutboxState, RunStatus
 from membercare.delivery.policies import PolicySettings
 from membercare.delivery.ratelimit import TokenBucket, Unlimited
@@ -125,8 +125,7 @@ class GatedSender:
         policy = self.policy or PolicySettings()
 
         def work(conn: Connection) -> dict[Job, Any]:
-            lock_for_gate(conn)
-            st = read_gate(conn, self.run_id)
+            st = enter_gate(conn, self.run_id)
             stop = None
             if st.paused_all:
                 stop = f"all sending is paused ({st.paused_reason or 'kill switch'})"
@@ -185,15 +184,23 @@ class GatedSender:
         return None
 
 
+_outbox = OutboxMessage.__table__
+# Built once: the gate runs it for every group of messages (a reused statement skips construction and
+# cache-key generation in SQLAlchemy).
+_MARK = (sa.update(_outbox)
+         .where(_outbox.c.id.in_(sa.bindparam("ids", expanding=True)), _outbox.c.state == OutboxState.SENDING.value,
+                _outbox.c.claimed_by == sa.bindparam("token"))
+         .values(attempt_started_at=sa.bindparam("now", type_=_outbox.c.attempt_started_at.type))
+         .returning(_outbox.c.id))
+
+
 def _mark_attempted(conn: Connection, go: list[Job], now: datetime) -> set[int]:
     """Record the attempt (``attempt_started_at``) of the rows still held under their claim; returns their ids."""
     o = OutboxMessage.__table__
     marked: set[int] = set()
     for token in sorted({j.row["claim"] for j in go}):
-        marked.update(conn.execute(
-            sa.update(o).where(o.c.id.in_([j.row["id"] for j in go if j.row["claim"] == token]),
-                               o.c.state == OutboxState.SENDING.value, o.c.claimed_by == token)
-            .values(attempt_started_at=now).returning(o.c.id)).scalars())
+        marked.update(conn.execute(_MARK, {"ids": [j.row["id"] for j in go if j.row["claim"] == token],
+                                           "token": token, "now": now}).scalars())
     # The pre-send check at claim may have moved a row to another channel: record the channel it
     # is attempted on, so that reconciliation after a crash asks the right provider.
     moved = [j for j in go if j.channel != j.row["channel"] and j.row["id"] in marked]

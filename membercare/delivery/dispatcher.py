@@ -51,7 +51,7 @@ from sqlalchemy.engine import Engine
 from membercare import signals
 from membercare.db import in_transaction
 from membercare.delivery.contract import ChannelAdapter
-from membercare.delivery.dispatch_batch import BatchJob, finish_batch, group_batches, members_of, rows_in_flight
+from membercare.delivery.dispatch_batch import BatchJob, InFlight, finish_batch, group_batches, members_of
 from membercare.delivery.dispatch_claim import Claimer
 from membercare.delivery.dispatch_outcomes import ErrorBudget, Outcomes, record_outcomes
 from membercare.delivery.dispatch_pool import SendPool, drain
@@ -140,7 +140,7 @@ class Dispatcher:
         recovered = recover_stale(self.engine, lease=cfg.lease, run_id=run_id, now=self.clock())
         rep.recovered_unknown, rep.recovered_unattempted = recovered.unknown, recovered.unattempted
         budget = ErrorBudget(run.error_budget, cfg.error_window, cfg.error_min_samples)
-        inflight: set[Job] = set()
+        inflight = InFlight()
         completed: queue.SimpleQueue[Job] = queue.SimpleQueue()
         buffer: list[Outcome] = []
         last_flush = time.monotonic()
@@ -155,7 +155,7 @@ class Dispatcher:
         self._sender.handoff = pool.handoff
         try:
             while True:
-                if stop is None and not drained and rows_in_flight(inflight) <= cfg.batch_size // 2:
+                if stop is None and not drained and inflight.rows <= cfg.batch_size // 2:
                     stop, claim_error, drained = self._top_up(run, policy, buffer, inflight, pool)
                     config_error = config_error or claim_error
                 if inflight:
@@ -198,7 +198,7 @@ class Dispatcher:
             raise config_error
         return rep
 
-    def _top_up(self, run: sa.Row[Any], policy: PolicySettings, buffer: list[Outcome], inflight: set[Job],
+    def _top_up(self, run: sa.Row[Any], policy: PolicySettings, buffer: list[Outcome], inflight: InFlight,
                 pool: SendPool) -> tuple[str | None, ConfigurationError | None, bool]:
         """Claim the next batch of due rows and hand them to the send pool. Returns (why the run must stop,
         the configuration error that stops it, whether nothing was left to claim)."""
@@ -213,7 +213,7 @@ class Dispatcher:
             pool.submit(job)
         return None, None, not jobs and not buffer
 
-    def _cancel_queued(self, inflight: set[Job], pool: SendPool, buffer: list[Outcome]) -> None:
+    def _cancel_queued(self, inflight: InFlight, pool: SendPool, buffer: list[Outcome]) -> None:
         """The run stops: release every job the send pool has not started."""
         for job in list(inflight):
             if pool.cancel(job):
@@ -276,7 +276,7 @@ class Dispatcher:
             return stop
         return None
 
-    def _settle_leftovers(self, inflight: set[Job], pool: SendPool, buffer: list[Outcome]) -> None:
+    def _settle_leftovers(self, inflight: InFlight, pool: SendPool, buffer: list[Outcome]) -> None:
         """The loop has ended: stop the send pool; of the jobs still in flight, anything finished after an
         exception in the loop is recorded and cancelled work is released."""
         for job in inflight:

@@ -166,34 +166,60 @@ def _chunks(seq: Sequence, n: int = 900) -> Iterable[Sequence]:
 
 
 def load_contexts(conn: Connection, member_ids: Sequence[int], purpose: str, now: datetime,
-                  push_token_max_age: timedelta) -> dict[int, MemberContext]:
+                  push_token_max_age: timedelta, *, full_rows: bool = True) -> dict[int, MemberContext]:
     """Routing contexts for a batch of members: five queries per chunk (900 members on SQLite; on
-    PostgreSQL the ids travel as one array parameter, see :mod:`membercare.delivery.sqlutil`)."""
+    PostgreSQL the ids travel as one array parameter, see :mod:`membercare.delivery.sqlutil`).
+
+    ``full_rows=False`` (the dispatcher) reads only the member columns routing needs and leaves
+    ``MemberContext.row`` empty: the whole members row is for planning (renderers, assignment hooks)."""
     out: dict[int, MemberContext] = {}
     for chunk in _chunks(list(dict.fromkeys(member_ids)), chunk_size(conn)):
-        out.update(_load_chunk(conn, chunk, purpose, now, push_token_max_age))
+        out.update(_load_chunk(conn, chunk, purpose, now, push_token_max_age, full_rows))
     return out
 
 
-def _load_chunk(conn, ids, purpose, now, max_age) -> dict[int, MemberContext]:
-    m, c, d, s = Member.__table__, Consent.__table__, Device.__table__, Suppression.__table__
-    members = {r["id"]: r for r in conn.execute(sa.select(m).where(any_of(conn, m.c.id, ids))).mappings()}
+def _load_members(conn: Connection, ids: Sequence[int], full_rows: bool
+                  ) -> tuple[list[tuple], dict[int, Mapping]]:
+    """(id, preferred_channels, email, phone, line_user_id, timezone) of each member, and with ``full_rows``
+    the whole rows by id."""
+    m = Member.__table__
+    if not full_rows:
+        cols = (m.c.id, m.c.preferred_channels, m.c.email, m.c.phone, m.c.line_user_id, m.c.timezone)
+        return [tuple(r) for r in conn.execute(sa.select(*cols).where(any_of(conn, m.c.id, ids))).all()], {}
+    rows = conn.execute(sa.select(m).where(any_of(conn, m.c.id, ids))).mappings().all()
+    full: dict[int, Mapping] = {r["id"]: r for r in rows}
+    return [(mid, r["preferred_channels"], r["email"], r["phone"], r.get("line_user_id"), r["timezone"])
+            for mid, r in full.items()], full
+
+
+def _live_tokens(tokens: list[str] | None, suppressed: set[str]) -> list[str]:
+    if not tokens:
+        return []
+    if not suppressed:  # the usual case: no hashing needed
+        return tokens
+    return [t for t in tokens if address_hash(Channel.PUSH.value, t) not in suppressed]
+
+
+def _load_chunk(conn: Connection, ids: Sequence[int], purpose: str, now: datetime, max_age: timedelta,
+                full_rows: bool) -> dict[int, MemberContext]:
+    c, d, s = Consent.__table__, Device.__table__, Suppression.__table__
+    # Every result is fetched whole (fetchall): iterating a result fetches row by row, which costs more.
+    members, full = _load_members(conn, ids, full_rows)
     consents: dict[int, dict] = defaultdict(dict)
-    for r in conn.execute(sa.select(c.c.member_id, c.c.channel, c.c.purpose, c.c.granted)
-                          .where(any_of(conn, c.c.member_id, ids), c.c.purpose == purpose)):
-        consents[r.member_id][(r.channel, r.purpose)] = bool(r.granted)
+    for mid, ch, pur, granted in conn.execute(sa.select(c.c.member_id, c.c.channel, c.c.purpose, c.c.granted)
+                                              .where(any_of(conn, c.c.member_id, ids), c.c.purpose == purpose)).all():
+        consents[mid][(ch, pur)] = bool(granted)
     tokens: dict[int, list[str]] = defaultdict(list)
-    for r in conn.execute(sa.select(d.c.member_id, d.c.token)
-                          .where(any_of(conn, d.c.member_id, ids), d.c.invalidated_at.is_(None),
-                                 d.c.last_seen_at >= now - max_age)
-                          .order_by(d.c.member_id, d.c.last_seen_at.desc(), d.c.id.desc())):
-        tokens[r.member_id].append(r.token)
+    for mid, token in conn.execute(sa.select(d.c.member_id, d.c.token)
+                                   .where(any_of(conn, d.c.member_id, ids), d.c.invalidated_at.is_(None),
+                                          d.c.last_seen_at >= now - max_age)
+                                   .order_by(d.c.member_id, d.c.last_seen_at.desc(), d.c.id.desc())).all():
+        tokens[mid].append(token)
 
     # Suppression lookups by address hash (the list holds no plaintext) and by member.
     hashes: dict[str, tuple[int, str]] = {}
-    for mid, row in members.items():
-        for ch, addr in ((Channel.EMAIL.value, row["email"]), (Channel.SMS.value, row["phone"]),
-                         (Channel.LINE.value, row.get("line_user_id"))):
+    for mid, _pref, email, phone, line_id, _tz in members:
+        for ch, addr in ((Channel.EMAIL.value, email), (Channel.SMS.value, phone), (Channel.LINE.value, line_id)):
             if addr:
                 hashes[address_hash(ch, addr)] = (mid, ch)
         for tok in tokens.get(mid, ()):
@@ -201,29 +227,31 @@ def _load_chunk(conn, ids, purpose, now, max_age) -> dict[int, MemberContext]:
     suppressed: dict[int, dict[str, str]] = defaultdict(dict)
     suppressed_tokens: set[str] = set()
     for part in _chunks(list(hashes), chunk_size(conn)):
-        for r in conn.execute(sa.select(s.c.address_hash, s.c.channel, s.c.reason)
-                              .where(any_of(conn, s.c.address_hash, part))):
-            mid, ch = hashes[r.address_hash]
-            if r.channel not in (ch, "any"):
+        for h, s_channel, s_reason in conn.execute(sa.select(s.c.address_hash, s.c.channel, s.c.reason)
+                                                   .where(any_of(conn, s.c.address_hash, part))).all():
+            mid, ch = hashes[h]
+            if s_channel not in (ch, "any"):
                 continue
             if ch == Channel.PUSH:
-                suppressed_tokens.add(r.address_hash)  # another live token may still be usable
+                suppressed_tokens.add(h)  # another live token may still be usable
             else:
-                suppressed[mid].setdefault(ch, r.reason)
-    for r in conn.execute(sa.select(s.c.member_id, s.c.channel, s.c.reason).where(any_of(conn, s.c.member_id, ids))):
-        suppressed[r.member_id].setdefault(r.channel, r.reason)
+                suppressed[mid].setdefault(ch, s_reason)
+    for mid, s_channel, s_reason in conn.execute(sa.select(s.c.member_id, s.c.channel, s.c.reason)
+                                                 .where(any_of(conn, s.c.member_id, ids))).all():
+        suppressed[mid].setdefault(s_channel, s_reason)
 
     out = {}
-    for mid, row in members.items():
-        live = [t for t in tokens.get(mid, ()) if address_hash(Channel.PUSH.value, t) not in suppressed_tokens]
+    for mid, pref, email, phone, line_id, tz in members:
+        toks = tokens.get(mid)
+        live = _live_tokens(toks, suppressed_tokens)
         sup = suppressed.get(mid, {})
-        if tokens.get(mid) and not live:
+        if toks and not live:
             sup = {**sup, Channel.PUSH.value: "token suppressed"}
         out[mid] = MemberContext(
             member_id=mid,
-            preferred=tuple(x for x in (row["preferred_channels"] or "").split(",") if x),
-            email=row["email"], phone=row["phone"], line_user_id=row.get("line_user_id"),
-            push_token=live[0] if live else (tokens[mid][0] if tokens.get(mid) else None),
-            timezone=row["timezone"], consents=consents.get(mid, {}), suppressed=sup, row=row,
+            preferred=tuple(x for x in (pref or "").split(",") if x),
+            email=email, phone=phone, line_user_id=line_id,
+            push_token=live[0] if live else (toks[0] if toks else None),
+            timezone=tz, consents=consents.get(mid, {}), suppressed=sup, row=full.get(mid),
         )
     return out
