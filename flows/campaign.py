@@ -209,10 +209,13 @@ def dispatch_processes(settings, run_id: int, channels: list[str], limiters, pro
 
         with get_client(sync_client=True) as client:
             env["PREFECT_API_URL"] = str(client.api_url)
+    # Only shared limits need Prefect in the child; without them the core's own entry point starts in a fraction
+    # of the time (importing Prefect costs each process seconds of CPU).
+    child = "flows.dispatch_process" if shared else "membercare.delivery.pool"
     reports = _with_progress(
         engine, run_id, progress_id,
         lambda: pool.dispatch_processes(settings.db_url, run_id, processes, env=env, config=config, channels=channels,
-                                        resume=resume, shared_limits=shared, child_module="flows.dispatch_process"))
+                                        resume=resume, shared_limits=shared, child_module=child))
     m = pool.merge_reports(reports)
     due = datetime.fromisoformat(m["next_due_at"]) if m["next_due_at"] else None
     out = DispatchOutcome(run_id, m["attempts"], m["outcomes"], m["status"], m["stop_reason"], due,
