@@ -272,13 +272,13 @@ class LinkSigner:
         return f"{self.public_url}/u/{self.token(member_id, scope)}"
 
     def preferences_url(self, member_id: int) -> str:
-        return f"{self.public_url}/u/{self.token(member_id, LinkScope.ALL)}/preferences"
+        return self.member_urls(member_id)[1]
 
     def member_urls(self, member_id: int) -> tuple[str, str]:
         """``unsubscribe_url(member_id)`` (all channels) and ``preferences_url(member_id)``, which carry the
         same token: signed once (every template context has both)."""
-        token = self.token(member_id, LinkScope.ALL)
-        return f"{self.public_url}/u/{token}", f"{self.public_url}/u/{token}/preferences"
+        unsubscribe = self.unsubscribe_url(member_id, LinkScope.ALL)
+        return unsubscribe, f"{unsubscribe}/preferences"
 
     def verify(self, token: str) -> LinkClaims:
         return verify_member_token(token, self.secret)
